@@ -1,0 +1,87 @@
+"""Building models: abstract templates, filling them tensor by tensor, random init on device."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcompress.errors import CheckpointError
+from jaxcompress.models.config import ModelConfig
+from jaxcompress.models.llama import LlamaModel
+
+Path = tuple  # a parameter path such as ('layers', 3, 'self_attn', 'q_proj', 'kernel')
+
+
+def path_str(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def abstract_model(cfg: ModelConfig, param_dtype=jnp.float32, dtype=None) -> LlamaModel:
+    """The model with `ShapeDtypeStruct` leaves: shapes and names, no memory."""
+    return nnx.eval_shape(lambda: LlamaModel(cfg, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def model_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[Path, np.ndarray, str]],
+                       param_dtype=jnp.float32, dtype=None, sharding=None) -> LlamaModel:
+    """Fills an abstract model from (path, host array, source) triples, one tensor at a time.
+
+    Each tensor is checked against the template (name and shape), cast and placed on the
+    device (with `sharding(path)` if given) before the next is read, so the host never holds
+    more than one tensor. Raises `CheckpointError` naming the tensor and its source for an
+    unknown name, a shape mismatch or a missing tensor; no partial model is returned.
+    """
+    graphdef, state = nnx.split(abstract_model(cfg, param_dtype, dtype))
+    slots = {tuple(path): var for path, var in nnx.to_flat_state(state)}
+    filled: set[Path] = set()
+    for path, array, source in tensors:
+        path = tuple(path)
+        if path not in slots:
+            raise CheckpointError(f"{source}: tensor {path_str(path)} has no place in the "
+                                  f"{cfg.model_type} model (unexpected name)")
+        want = slots[path].get_value()
+        if tuple(array.shape) != tuple(want.shape):
+            raise CheckpointError(f"{source}: tensor {path_str(path)} has shape {tuple(array.shape)}, "
+                                  f"the config implies {tuple(want.shape)}")
+        value = jnp.asarray(array, dtype=want.dtype)
+        if sharding is not None:
+            value = jax.device_put(value, sharding(path))
+        slots[path].set_value(value)
+        filled.add(path)
+    missing = sorted(path_str(p) for p in slots if p not in filled)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+    return nnx.merge(graphdef, state)
+
+
+def random_model(cfg: ModelConfig, param_dtype=jnp.bfloat16, dtype=None, seed: int = 0,
+                 out_sharding=None) -> LlamaModel:
+    """A randomly initialised model created directly on the device (no host copy)."""
+    graphdef, abstract_state = nnx.split(abstract_model(cfg, param_dtype, dtype))
+
+    def init():
+        return nnx.state(LlamaModel(cfg, param_dtype=param_dtype, dtype=dtype, rngs=nnx.Rngs(seed)))
+
+    state = jax.jit(init, out_shardings=out_sharding)()
+    return nnx.merge(graphdef, state)
+
+
+def params(model: LlamaModel) -> nnx.State:
+    """The parameter pytree (an `nnx.State`); transforms map over it with key paths."""
+    return nnx.state(model, nnx.Param)
+
+
+def with_params(model: LlamaModel, new_params: nnx.State) -> LlamaModel:
+    """A new model with the given parameters (the input model is left unchanged)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, nnx.merge_state(state, new_params))
+
+
+def flat_params(model_or_state) -> dict[Path, object]:
+    """{path: leaf value} for every parameter; a compressed leaf is one value."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else params(model_or_state)
+    return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
