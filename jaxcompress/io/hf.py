@@ -133,3 +133,13 @@ def export_hf_folder(model, folder: str, tokenizer=None, dtype=None) -> None:
             json.dump(hf, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+
+def load_tokenizer(folder: str):
+    """The folder's tokenizer, or None when it ships none."""
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
