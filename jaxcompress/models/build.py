@@ -85,3 +85,22 @@ def flat_params(model_or_state) -> dict[Path, object]:
     """{path: leaf value} for every parameter; a compressed leaf is one value."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else params(model_or_state)
     return {tuple(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def param_summary(model) -> dict:
+    """Parameter count (logical weights) and storage bytes, in total and per storage dtype."""
+    count, total = 0, 0
+    by_dtype: dict[str, int] = {}
+    for leaf in flat_params(model).values():
+        if hasattr(leaf, "nbytes") and callable(leaf.nbytes):  # compressed leaf
+            shape = getattr(leaf, "shape", None)
+            count += int(np.prod(shape)) if shape else 0
+            nbytes = leaf.nbytes()
+            kind = type(leaf).__name__
+        else:
+            count += int(np.prod(leaf.shape))
+            nbytes = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+            kind = jnp.dtype(leaf.dtype).name
+        total += nbytes
+        by_dtype[kind] = by_dtype.get(kind, 0) + nbytes
+    return {"parameters": count, "bytes": total, "bytes_by_kind": by_dtype}
