@@ -10,6 +10,10 @@ import subprocess
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
+    """HEAD of the checkout (with -dirty), or $JAXCOMPRESS_GIT_COMMIT where there is no .git
+    (the GPU machine receives a copy of the working tree without history)."""
+    if os.environ.get("JAXCOMPRESS_GIT_COMMIT"):
+        return os.environ["JAXCOMPRESS_GIT_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)

@@ -5,6 +5,7 @@ Hugging Face LlamaForCausalLM with that vocabulary, saved together as a checkpoi
 from __future__ import annotations
 
 import os
+import tempfile
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -17,7 +18,7 @@ def train_tokenizer(data_dir: str, vocab_size: int = 384):
     from transformers import PreTrainedTokenizerFast
 
     with open(os.path.join(data_dir, "wikitext2", "wiki.train.subset.txt"), encoding="utf-8") as f:
-        text = f.read(200_000)
+        text = f.read(100_000)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -39,7 +40,7 @@ def build_folder(folder: str, data_dir: str, seed: int = 0, **config) -> tuple[s
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(**{
         "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id, **config})
     model = transformers.LlamaForCausalLM(cfg)
@@ -49,3 +50,16 @@ def build_folder(folder: str, data_dir: str, seed: int = 0, **config) -> tuple[s
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder, model, tokenizer
+
+
+_BUILT: dict = {}
+
+
+def tiny_model() -> tuple[str, object, object]:
+    """The tiny model folder, built once per test session: (folder, hf_model, tokenizer)."""
+    if "tiny" not in _BUILT:
+        from jaxcompress.data.paths import data_dir
+
+        _BUILT["tiny"] = build_folder(os.path.join(tempfile.mkdtemp(prefix="jaxcompress-eval-"), "tiny"),
+                                      data_dir())
+    return _BUILT["tiny"]

@@ -86,12 +86,12 @@ def normalize_number(text: str | None) -> str | None:
 def extract_answer(completion: str) -> tuple[str | None, str | None]:
     """(strict, flexible) final numbers of a chain-of-thought completion.
 
-    strict: the number after the last "The answer is" (the 8-shot exemplars' format);
+    strict: the number after the first "The answer is" (the 8-shot exemplars' format);
     flexible: the last number anywhere in the text. Both normalised with `normalize_number`.
     """
     strict = _STRICT.findall(completion)
     numbers = _ANY_NUMBER.findall(completion)
-    return (normalize_number(strict[-1]) if strict else None,
+    return (normalize_number(strict[0]) if strict else None,
             normalize_number(numbers[-1]) if numbers else None)
 
 

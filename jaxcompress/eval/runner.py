@@ -102,6 +102,25 @@ def cell_key(identity: dict, task: str, opts: TaskOptions, code: str) -> str:
 
 # ------------------------------------------------------------------------------ chunked resume
 _PARTIAL_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("partial_dir", default=None)
+_ARTIFACT_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("artifact_dir", default=None)
+
+
+@contextlib.contextmanager
+def artifacts_in(folder: str | None):
+    """Within this block, `artifact_path` puts task artifacts (plots) in `folder`."""
+    token = _ARTIFACT_DIR.set(folder)
+    try:
+        yield
+    finally:
+        _ARTIFACT_DIR.reset(token)
+
+
+def artifact_path(filename: str) -> str:
+    """Where a task writes a file it makes (a heatmap): beside the results JSON when there is
+    one, else in the cache's artifacts folder."""
+    folder = _ARTIFACT_DIR.get() or os.path.join(default_cache_dir(), "artifacts")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, filename)
 
 
 @contextlib.contextmanager
@@ -205,7 +224,8 @@ def evaluate(load_fn, *, model_spec: str, recipe: str | None, overrides: list[st
     identity = {"model": model_spec, "weights": weights_fingerprint(model_spec, dtype),
                 "recipe": recipe_identity(recipe, overrides), "dtype": dtype}
     ev = Evaluation(load_fn, identity, cache_dir=cache_dir, use_cache=use_cache)
-    results, timing = ev.run(tasks, opts)
+    with artifacts_in(os.path.dirname(os.path.abspath(out)) if out else None):
+        results, timing = ev.run(tasks, opts)
     loaded = ev._loaded
     record = {"model": model_spec, "fingerprint": loaded.fingerprint if loaded else identity["weights"],
               "recipe": loaded.recipe if loaded else recipe, "overrides": overrides, "dtype": dtype,

@@ -34,7 +34,10 @@ from jaxcompress.models.cache import IdentityCodec, KVCache
 
 Tokens = list[int]
 MIN_LENGTH = 16                    # smallest padded length on the flat path
-SHARE_RATIO = 2                    # share a context when it is >= 2x its longest continuation
+# Share a context's forward pass between its continuations when it is long, in absolute terms
+# (fewer programs to compile for the short zero-shot prompts) and against its continuations.
+SHARE_MIN_CONTEXT = 128
+SHARE_RATIO = 2
 
 
 def default_batch_tokens() -> int:
@@ -238,7 +241,7 @@ class Scorer:
             longest = max(len(c) for _, c in g.items)
             fits = len(g.context) + longest <= self.max_length + 1
             if (self.share_context and len(g.items) > 1 and fits
-                    and len(g.context) >= SHARE_RATIO * longest):
+                    and len(g.context) >= max(SHARE_MIN_CONTEXT, SHARE_RATIO * longest)):
                 shared.append(g)
             else:
                 flat.extend((i, g.context, c) for i, c in g.items)

@@ -89,9 +89,9 @@ DOCS = {
                (doc["continuation"],) * len(doc["context_options"]), int(doc["gold"]))
         for doc in _jsonl("zeroshot", "winogrande.jsonl", data_dir=d)],
 }
-# Tasks that report acc only (lm-eval: winogrande's choices share one continuation; siqa's
-# and boolq's are labels, where acc_norm is reported too but means little).
-ACC_ONLY = {"winogrande"}
+# Tasks whose lm-eval configs report acc only (winogrande's choices share one continuation;
+# the others' choices are labels or short alternatives).
+ACC_ONLY = {"winogrande", "boolq", "copa", "siqa"}
 
 
 def limited(items: list, limit: int | None) -> list:

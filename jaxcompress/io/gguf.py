@@ -32,7 +32,7 @@ GGUF_INSTALL = "pip install gguf (on the GPU machine: source scripts/gpu_prelude
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF architecture -> (our model_type, whether q/k rows are permuted for interleaved RoPE).
-ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", True)}
+ARCHITECTURES = {"llama": ("llama", True), "qwen2": ("qwen2", False)}
 
 # GGUF tensor name -> (our path, whether to transpose). `blk.N.` prefixes the per-layer names.
 _GLOBAL_NAMES = {

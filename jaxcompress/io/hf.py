@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxcompress.errors import CheckpointError, UserError
+from jaxcompress.errors import CheckpointError, ConfigError, UserError
 from jaxcompress.models.build import Path, flat_params, model_from_tensors, path_str
 from jaxcompress.models.config import ModelConfig
 
@@ -55,7 +55,10 @@ def read_config(folder: str) -> ModelConfig:
             hf = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf_config(hf)
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def safetensors_files(folder: str) -> list[str]:
@@ -102,7 +105,12 @@ def load_hf_folder(folder: str, param_dtype=None, dtype=None, sharding=None):
         raise UserError(f"{folder}: no such checkpoint folder")
     cfg = read_config(folder)
     param_dtype = param_dtype or jnp.float32
-    model = model_from_tensors(cfg, iter_hf_tensors(folder, cfg), param_dtype, dtype, sharding)
+    try:
+        model = model_from_tensors(cfg, iter_hf_tensors(folder, cfg), param_dtype, dtype, sharding)
+    except CheckpointError as e:
+        if folder in str(e):
+            raise
+        raise CheckpointError(f"{folder}: {e}") from None  # e.g. missing tensors: name the folder
     return model, cfg
 
 

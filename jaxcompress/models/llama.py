@@ -81,20 +81,22 @@ class Attention(nnx.Module):
                 rotate_keys = _slot_rotation(cfg, cache, positions)
             else:
                 k = apply_rope(k, cos, sin)
-            new_layer = codec.write(cache_layer, k, v, cache.index)
+            new_layer = codec.write(cache_layer, k, v, cache.index, positions)
             mask = cache.mask(positions, positions, cfg.sliding_window)
             out = codec.attend(new_layer, q, mask, scale, rotate_keys=rotate_keys)
         return self.o_proj(out.reshape(b, t, -1)), new_layer
 
 
 def _slot_rotation(cfg: ModelConfig, cache: KVCache, positions):
-    """For pre-RoPE codecs: rotates decoded keys by the positions of their slots."""
+    """For pre-RoPE codecs: rotates decoded keys by the positions of their slots. The tables
+    ride along as `rotate.cos_sin` ([B, S, Dh] each) for kernels that rotate in place."""
     slot_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
+    cos, sin = rope_cos_sin(cfg, jnp.maximum(slot_pos, 0))
 
     def rotate(k):
-        cos, sin = rope_cos_sin(cfg, jnp.maximum(slot_pos, 0))
         return apply_rope(k, cos, sin)
 
+    rotate.cos_sin = (cos, sin)
     return rotate
 
 
@@ -158,6 +160,8 @@ class LlamaModel(nnx.Module):
         """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        if cache is not None:
+            cache.check_room(tokens.shape[1])  # a clear error instead of clamped writes (eager only)
         x = self.embed_tokens(tokens).astype(self.dtype)
         cos_sin = rope_cos_sin(self.config, jnp.maximum(positions, 0))
         new_layers = []

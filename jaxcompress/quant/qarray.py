@@ -99,6 +99,33 @@ class QArray:
     shape: tuple[int, int] = dataclasses.field(default=(0, 0), metadata=dict(static=True))
     dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
 
+    @classmethod
+    def from_codes(cls, codes: jax.Array, scale: jax.Array | None, zero: jax.Array | None = None, *,
+                   bits: int, group_size: int, dtype, perm: jax.Array | None = None,
+                   codebook: jax.Array | None = None, outlier_index: jax.Array | None = None,
+                   outlier_value: jax.Array | None = None) -> "QArray":
+        """Packs integer codes [K, N] (storage order) with their grid into a QArray.
+
+        `scale`/`zero` are [num_groups, N], [1, N] (per channel) or [1, 1] (per tensor);
+        `zero` None means symmetric (implied 2**(bits-1)). Checks the shapes against the
+        invariant so that a malformed QArray never leaves the quantizer.
+        """
+        k, n = codes.shape
+        check_quant_args(bits, group_size, k)
+        groups = math.ceil(k / group_size)
+        for name, x in (("scale", scale), ("zero", zero)):
+            if x is not None and tuple(x.shape) not in ((groups, n), (1, n), (1, 1)):
+                raise ValueError(f"QArray {name} has shape {tuple(x.shape)}; expected ({groups}, {n}), "
+                                 f"(1, {n}) or (1, 1) for K={k}, group_size={group_size}")
+        if codebook is not None and tuple(codebook.shape) != (n, 2 ** bits):
+            raise ValueError(f"QArray codebook has shape {tuple(codebook.shape)}, expected ({n}, {2 ** bits})")
+        if perm is not None and tuple(perm.shape) != (k,):
+            raise ValueError(f"QArray perm has shape {tuple(perm.shape)}, expected ({k},)")
+        return cls(codes=pack_codes(codes, bits), scale=scale, zero=zero,
+                   perm=None if perm is None else perm.astype(jnp.int32), codebook=codebook,
+                   outlier_index=outlier_index, outlier_value=outlier_value, bits=bits,
+                   group_size=int(group_size), shape=(int(k), int(n)), dtype=jnp.dtype(dtype).name)
+
     @property
     def num_groups(self) -> int:
         return math.ceil(self.shape[0] / self.group_size)

@@ -32,10 +32,18 @@ class QuantConfig:
     """The weight grid: the QLoRA base (when `recipe` is not given) and the QAT grid."""
 
     bits: int = 4
-    group_size: int = 128            # -1: per output channel
+    group_size: Union[int, str] = 128  # rows per group, or channel (-1) / tensor
     symmetric: bool = False
+    clip: str = "minmax"             # minmax | mse (start grid of qat fixed/learned, QLoRA base)
     scale_dtype: str = "float16"
     targets: Union[str, list] = ALL_PROJECTIONS
+
+    def layer(self):
+        """The grid as the quantizers' `LayerConfig` (validated there)."""
+        from jaxcompress.quant.config import LayerConfig, from_dict
+
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "targets"}
+        return from_dict(LayerConfig, fields, "quant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +132,10 @@ class TrainConfig:
     compute_dtype: str = "auto"      # auto: bfloat16 on GPU, float32 on CPU
     param_dtype: str = "auto"        # storage of the frozen weights (trainable ones are fp32)
     trainable: Union[str, list, None] = None  # extra trainable parameters (regex over names)
-    save: str = "merged"             # merged | adapters | both | none (what OUT/final holds)
+    # What OUT/final holds, any of: merged (adapters folded in; QLoRA re-quantized onto the
+    # base grid; QAT exported as QArrays), model (the trained tree as is: LoRA over its base),
+    # adapters (PEFT layout). None: lora/qat/full -> [merged], qlora -> [model].
+    save: Union[list, None] = None
     lora: LoraConfig = LoraConfig()
     quant: QuantConfig = QuantConfig()
     qat: QatConfig = QatConfig()
@@ -136,7 +147,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("mode", self.mode, MODES)
-        _choice("save", self.save, ("merged", "adapters", "both", "none"))
+        for item in self.save or ():
+            _choice("save[]", item, ("merged", "model", "adapters"))
         _choice("optim.schedule", self.optim.schedule, ("cosine", "linear", "constant"))
         _choice("data.template", self.data.template, ("auto", "chat", "alpaca"))
         if (self.steps is None) == (self.epochs is None):
@@ -147,8 +159,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}={value} must be positive")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs={self.epochs} must be positive")
-        if self.save in ("adapters", "both") and self.mode not in ("lora", "qlora"):
-            raise ConfigError(f"save={self.save!r} needs LoRA adapters; mode {self.mode!r} has none")
+        if "adapters" in (self.save or ()) and self.mode not in ("lora", "qlora"):
+            raise ConfigError(f"save: adapters needs LoRA; mode {self.mode!r} has none")
         for i, src in enumerate(self.data.sources):
             _choice(f"data.sources[{i}].kind", src.kind, ("instruct", "text"))
             if (src.name is None) == (src.path is None):

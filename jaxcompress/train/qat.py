@@ -1,21 +1,20 @@
 """Quantization-aware training: fake quantization with a straight-through estimator.
 
-The grid is the one `QArray` stores (see its docstring): per group of `group_size` input rows
-(the last group narrower when it does not divide K) and per output column,
+The grid is the one every quantizer shares (`jaxcompress.quant.grid`, the invariant of
+`QArray`): per group of `group_size` input rows and per output column,
 
-    code = clip(round(w / scale) + zero, 0, 2**bits - 1),    w_hat = (code - zero) * scale,
+    code = clip(round(w / scale) + zero, 0, 2**bits - 1),    w_hat = (code - zero) * scale.
 
-with `zero = 2**(bits-1)` implied for symmetric grids. Scales are min-max (GPTQ's quantizer:
-asymmetric ranges include 0; symmetric scale = 2 max|w| / (2**bits - 1)), rounded to the
-storage dtype, so that the fake-quantized forward pass is bit-for-bit what the exported
-`QArray` dequantizes to.
+Here the rounding passes gradients straight through (clipped entries get none), and a learned
+scale gets the LSQ gradient that falls out of the same formula by autodiff. Scales are rounded
+to their storage dtype in the forward pass too, so the fake-quantized weight is bit-for-bit
+what the exported `QArray` dequantizes to.
 
 A `FakeQuant` leaf holds the fp32 master weight. Its scales are one of (`SCALE_MODES`)
-  minmax   recomputed from the current weight in every forward pass (no gradient);
-  fixed    frozen at their start value: min-max of the start weight, or a recipe's own scales
-           when the kernel was already a QArray (GPTQ/AWQ clipping is kept);
+  minmax   recomputed (min-max) from the current weight in every forward pass (no gradient);
+  fixed    frozen at their start value: the grid of the start weight (min-max or MSE clip), or a
+           recipe's own scales when the kernel was already a QArray (GPTQ/AWQ clipping is kept);
   learned  start as `fixed`, then trained (LSQ); the integer zero point stays fixed.
-Rounding passes gradients straight through; clipped entries get none.
 """
 
 from __future__ import annotations
@@ -28,115 +27,71 @@ import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.ops.linear import dense_linear, register_linear
-from jaxcompress.quant.qarray import QArray, check_quant_args, group_index, pack_codes
+from jaxcompress.quant.config import LayerConfig
+from jaxcompress.quant.grid import per_row, quantize, weight_params
+from jaxcompress.quant.qarray import QArray
+from jaxcompress.quant.rtn import rtn_quantize, uniform_qarray
 
 Tree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """A uniform weight grid: bits, group size along the input dim (-1 = per output channel)."""
-
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = False
-    scale_dtype: str = "float16"
-
-    def group_for(self, k: int, where: str = "") -> int:
-        gs = k if self.group_size == -1 else self.group_size
-        check_quant_args(self.bits, gs, k, where)
-        return gs
-
-
-def _maxq(bits: int) -> int:
-    return 2 ** bits - 1
-
-
-def _groups(w: jax.Array, group_size: int):
-    k = w.shape[0]
-    gidx = jnp.asarray(group_index(k, group_size))
-    return gidx, -(-k // group_size)
-
-
-def minmax_grid(w: jax.Array, bits: int, group_size: int, symmetric: bool,
-                scale_dtype="float16") -> tuple[jax.Array, jax.Array | None]:
-    """Min-max scale [G, N] (and integer zero [G, N] for asymmetric grids) of w [K, N]."""
-    w = w.astype(jnp.float32)
-    gidx, g = _groups(w, group_size)
-    hi = jax.ops.segment_max(w, gidx, num_segments=g)
-    lo = jax.ops.segment_min(w, gidx, num_segments=g)
-    maxq = _maxq(bits)
-    if symmetric:
-        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        scale = 2.0 * amax / maxq
-    else:
-        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-        scale = (hi - lo) / maxq
-    scale = jnp.where(scale > 0, scale, 1.0).astype(scale_dtype).astype(jnp.float32)
-    if symmetric:
-        return scale, None
-    zero = jnp.clip(jnp.round(-lo / scale), 0, maxq).astype(scale_dtype).astype(jnp.float32)
-    return scale, zero
+SCALE_MODES = ("minmax", "fixed", "learned")
 
 
 def _round_ste(x: jax.Array) -> jax.Array:
     return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
-def fake_quantize(w: jax.Array, scale: jax.Array, zero: jax.Array | None, bits: int,
-                  group_size: int) -> jax.Array:
-    """w_hat [K, N] on the grid (fp32), differentiable: straight-through rounding, LSQ scale grads."""
-    gidx, _ = _groups(w, group_size)
-    s = scale.astype(jnp.float32)[gidx]
-    z = (zero.astype(jnp.float32)[gidx] if zero is not None else jnp.float32(2 ** (bits - 1)))
-    code = jnp.clip(_round_ste(w.astype(jnp.float32) / s) + z, 0, _maxq(bits))
+def fake_quantize_ste(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int, group_size: int) -> jax.Array:
+    """w_hat [K, N] (fp32) on the grid with scale/zero [G, N] (or [1, 1]); differentiable."""
+    k = w.shape[0]
+    s, z = per_row(scale.astype(jnp.float32), k, group_size), per_row(zero.astype(jnp.float32), k, group_size)
+    code = jnp.clip(_round_ste(w.astype(jnp.float32) / s) + z, 0, 2 ** bits - 1)
     return (code - z) * s
 
 
-def quantize(w: jax.Array, spec: QuantSpec, dtype="bfloat16", where: str = "",
-             scale: jax.Array | None = None, zero: jax.Array | None = None) -> QArray:
-    """Round-to-nearest `QArray` of w [K, N] on `spec`'s grid (min-max unless scale is given)."""
-    k, n = w.shape
-    gs = spec.group_for(k, where)
-    if scale is None:
-        scale, zero = minmax_grid(w, spec.bits, gs, spec.symmetric, spec.scale_dtype)
-    gidx, _ = _groups(w, gs)
-    z = zero[gidx] if zero is not None else jnp.float32(2 ** (spec.bits - 1))
-    codes = jnp.clip(jnp.round(w.astype(jnp.float32) / scale.astype(jnp.float32)[gidx]) + z, 0, _maxq(spec.bits))
-    return QArray(codes=pack_codes(codes.astype(jnp.int32), spec.bits), scale=scale.astype(spec.scale_dtype),
-                  zero=None if zero is None else zero.astype(spec.scale_dtype), bits=spec.bits,
-                  group_size=gs, shape=(k, n), dtype=jnp.dtype(dtype).name)
+def _layer(bits: int, group_size: int | str, symmetric: bool, scale_dtype: str, clip: str = "minmax") -> LayerConfig:
+    return LayerConfig(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric, clip=clip,
+                       scale_dtype=scale_dtype)
 
 
-def spec_of(q: QArray) -> QuantSpec:
-    """The grid of an existing QArray (refuses grids this module cannot reproduce)."""
-    if q.codebook is not None or q.perm is not None or q.outlier_index is not None:
-        raise ConfigError("re-quantization supports plain uniform grids only (no codebook, act-order "
-                          "permutation or outliers); merge to dense instead")
-    dtype = q.scale.dtype.name if q.scale is not None else "float16"
-    return QuantSpec(bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, scale_dtype=dtype)
+def grid_of(q: QArray) -> LayerConfig:
+    """The grid of an existing QArray (refuses grids that re-quantization cannot reproduce)."""
+    if q.codebook is not None or q.perm is not None or q.outlier_index is not None or q.scale is None:
+        raise ConfigError("this weight's grid has a codebook, an act-order permutation or outliers; "
+                          "QAT and re-quantization support plain uniform grids (merge to dense instead)")
+    per_tensor = tuple(q.scale.shape) == (1, 1) and q.shape[1] > 1
+    return _layer(q.bits, "tensor" if per_tensor else q.group_size, q.symmetric, q.scale.dtype.name)
+
+
+def _qarray(w: jax.Array, scale, zero, layer: LayerConfig, group_size: int, dtype) -> QArray:
+    k = w.shape[0]
+    codes = quantize(w.astype(jnp.float32), per_row(scale, k, group_size), per_row(zero, k, group_size), layer.bits)
+    return uniform_qarray(codes, scale, zero, layer, group_size, dtype)
 
 
 def requantize_like(w: jax.Array, base: QArray) -> QArray:
-    """w [K, N] quantized (round-to-nearest, fresh min-max scales) on the grid of `base`."""
-    return quantize(w, spec_of(base), dtype=base.dtype)
+    """w [K, N] (e.g. a merged LoRA weight) round-to-nearest on the grid kind of `base`, with
+    fresh min-max scales, stored in `base`'s dtype."""
+    layer = grid_of(base)
+    g = layer.group_for(w.shape[0])
+    scale, zero = weight_params(w.astype(jnp.float32), g, layer.per_tensor, layer.grid())
+    return _qarray(w, scale, zero, layer, g, base.dtype)
 
 
 # ------------------------------------------------------------------------------ the leaf
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class FakeQuant:
-    """A weight trained through fake quantization. Invariant: `dequantize()` is the grid value
-    (and equals `to_qarray().dequantize()`); `w` is the fp32 master weight behind it."""
+    """A weight trained through fake quantization. Invariant: `dequantize()` is the weight on
+    its grid and equals `to_qarray().dequantize()` (in fp32); `w` is the fp32 master behind it."""
 
     w: jax.Array
-    scale: jax.Array | None = None      # [G, N] fixed or learned; None = min-max of w in each forward
-    zero: jax.Array | None = None       # [G, N] integer zero of a stored asymmetric grid
+    scale: jax.Array | None = None      # [G, N] fixed or learned; None: min-max in each forward
+    zero: jax.Array | None = None       # [G, N] integer zero point (with `scale`)
     bits: int = dataclasses.field(default=4, metadata=dict(static=True))
-    group_size: int = dataclasses.field(default=128, metadata=dict(static=True))
+    group_size: int = dataclasses.field(default=128, metadata=dict(static=True))  # rows per group
     symmetric: bool = dataclasses.field(default=False, metadata=dict(static=True))
     scale_dtype: str = dataclasses.field(default="float16", metadata=dict(static=True))
-    dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))  # of the export
     learn_scale: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
@@ -147,25 +102,26 @@ class FakeQuant:
     def ndim(self) -> int:
         return 2
 
-    def grid(self) -> tuple[jax.Array, jax.Array | None]:
-        """fp32 scale and zero as stored: a learned scale is rounded to `scale_dtype` (straight
-        through), so the forward pass sees exactly what `to_qarray` will store."""
-        if self.scale is not None:
-            s = self.scale.astype(jnp.float32)
-            s = s + jax.lax.stop_gradient(s.astype(self.scale_dtype).astype(jnp.float32) - s)
-            return s, self.zero
-        scale, zero = minmax_grid(jax.lax.stop_gradient(self.w), self.bits, self.group_size,
-                                  self.symmetric, self.scale_dtype)
-        return scale, zero
+    def _layer(self) -> LayerConfig:
+        return _layer(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+
+    def grid(self) -> tuple[jax.Array, jax.Array]:
+        """fp32 scale and zero as they will be stored (a learned scale rounded to `scale_dtype`
+        straight through; a dynamic one computed from the weight without gradient)."""
+        if self.scale is None:
+            return weight_params(jax.lax.stop_gradient(self.w).astype(jnp.float32), self.group_size, False,
+                                 self._layer().grid())
+        s = self.scale.astype(jnp.float32)
+        s = s + jax.lax.stop_gradient(s.astype(self.scale_dtype).astype(jnp.float32) - s)
+        return s, self.zero
 
     def dequantize(self) -> jax.Array:
         scale, zero = self.grid()
-        return fake_quantize(self.w, scale, zero, self.bits, self.group_size).astype(self.w.dtype)
+        return fake_quantize_ste(self.w, scale, zero, self.bits, self.group_size)
 
     def to_qarray(self) -> QArray:
-        scale, zero = self.grid()
-        spec = QuantSpec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
-        return quantize(self.w, spec, self.dtype, scale=scale, zero=zero)
+        scale, zero = jax.lax.stop_gradient(self.grid())
+        return _qarray(self.w, scale, zero, self._layer(), self.group_size, self.dtype)
 
 
 @register_linear(FakeQuant)
@@ -182,42 +138,45 @@ def _register():
 _register()
 
 
-SCALE_MODES = ("minmax", "fixed", "learned")
-
-
-def add_fake_quant(tree: Tree, targets: str | list[str], spec: QuantSpec, scales: str = "minmax") -> Tree:
-    """Wraps every kernel matching `targets` in a `FakeQuant` (fp32 master weight).
+# ------------------------------------------------------------------------------ transforms
+def add_fake_quant(tree: Tree, targets: str | list[str], layer: LayerConfig, scales: str = "minmax") -> Tree:
+    """Wraps every kernel matching `targets` in a `FakeQuant` with an fp32 master weight.
 
     A kernel that is already a `QArray` (the output of any weight recipe: RTN, GPTQ, AWQ)
-    starts from its exact dequantized value on its own grid; `spec` applies to dense kernels.
+    starts from its exact dequantized value on its own grid; `layer` (bits, group size,
+    symmetric, clip, scale dtype) is the grid of dense kernels.
     """
     from jaxcompress.train.lora import map_weights, select
 
     if scales not in SCALE_MODES:
         raise ConfigError(f"qat.scales={scales!r}: choose one of {', '.join(SCALE_MODES)}")
-    hits = set(select(targets, tree, "qat.targets"))
+    if scales == "minmax" and layer.per_tensor:
+        raise ConfigError("qat: per-tensor grids need qat.scales fixed or learned")
+    hits = set(select(targets, tree, "quant.targets"))
     learn = scales == "learned"
 
     def wrap(name, w):
         if name not in hits:
             return w
         if isinstance(w, QArray):
-            grid = spec_of(w)
-            master = w.dequantize_storage_order()  # fp32, exact (spec_of refuses permutations)
+            grid = grid_of(w)
+            if scales == "minmax" and grid.per_tensor:
+                raise ConfigError(f"{name}: per-tensor grid; use qat.scales fixed or learned")
+            master = w.dequantize_storage_order()  # fp32 and exact (grid_of refuses permutations)
             scale = zero = None
             if scales != "minmax":
                 scale = w.scale.astype(jnp.float32)
-                zero = w.zero.astype(jnp.float32) if w.zero is not None else None
-            return FakeQuant(master, scale, zero, grid.bits, w.group_size, grid.symmetric, grid.scale_dtype,
-                             w.dtype, learn)
+                zero = (w.zero.astype(jnp.float32) if w.zero is not None
+                        else jnp.full_like(scale, 2 ** (w.bits - 1)))
+            return FakeQuant(master, scale, zero, w.bits, w.group_size, w.symmetric, grid.scale_dtype, w.dtype, learn)
         if hasattr(w, "dequantize"):
             raise ConfigError(f"{name}: QAT wraps dense or QArray weights, not {type(w).__name__}")
-        gs = spec.group_for(w.shape[0], name)
+        g = layer.group_for(w.shape[0], name)
         master = w.astype(jnp.float32)
         scale = zero = None
         if scales != "minmax":
-            scale, zero = minmax_grid(master, spec.bits, gs, spec.symmetric, spec.scale_dtype)
-        return FakeQuant(master, scale, zero, spec.bits, gs, spec.symmetric, spec.scale_dtype,
+            scale, zero = weight_params(master, g, layer.per_tensor, layer.grid())
+        return FakeQuant(master, scale, zero, layer.bits, g, layer.symmetric, layer.scale_dtype,
                          jnp.dtype(w.dtype).name, learn)
 
     return map_weights(wrap, tree)
@@ -230,9 +189,9 @@ def finalize_qat(tree: Tree) -> Tree:
     return map_weights(lambda _, w: w.to_qarray() if isinstance(w, FakeQuant) else w, tree)
 
 
-def quantize_weights(tree: Tree, targets: str | list[str], spec: QuantSpec) -> Tree:
-    """Round-to-nearest quantization of the matching dense kernels (the QLoRA base when no
-    weight recipe is given)."""
+def quantize_weights(tree: Tree, targets: str | list[str], layer: LayerConfig) -> Tree:
+    """Round-to-nearest `QArray`s of the matching dense kernels (the QLoRA base when the run
+    names no weight recipe); kernels that are already compressed stay as they are."""
     from jaxcompress.train.lora import map_weights, select
 
     hits = set(select(targets, tree, "quant.targets"))
@@ -240,6 +199,6 @@ def quantize_weights(tree: Tree, targets: str | list[str], spec: QuantSpec) -> T
     def q(name, w):
         if name not in hits or hasattr(w, "dequantize"):
             return w
-        return quantize(w.astype(jnp.float32), spec, dtype=jnp.dtype(w.dtype).name, where=name)
+        return rtn_quantize(w, layer, name)
 
     return map_weights(q, tree)

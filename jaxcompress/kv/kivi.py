@@ -1,0 +1,161 @@
+"""KIVI (Liu et al., 2024): asymmetric 2-4-bit KV cache with a full-precision residual window.
+
+* Keys are quantized per channel: each channel's scale and zero (fp16) cover a group of G
+  consecutive tokens (outlier channels in keys make per-token grids poor).
+* Values are quantized per token: scale and zero per group of G channels of one head vector.
+* The most recent tokens stay in full precision. Our rule, one for keys and values:
+  slots [0, n_q) are quantized with n_q = floor(max(end - R, 0) / G) * G, so between R and
+  R + G - 1 of the newest tokens (all of them while end < R) are exact, and tokens leave the
+  window a whole group at a time. The paper flushes keys R at a time (0 to R - 1 exact keys)
+  and values one at a time (R exact): ours keeps at least as many exact tokens as the paper
+  for both, at the cost of at most G - 1 extra residual slots (counted in the memory figures).
+
+Keys are quantized after RoPE, as in the paper. Prefill writes many tokens at once; decode one:
+both go through the same write (append to the window, flush whole groups when it overflows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.kv.base import PackedCodec, check_attention_mode
+from jaxcompress.kv.store import (META_DTYPE, QTokens, capacity_for, check_bits, codes_per_word,
+                                  minmax_scale_zero, uniform_codes, write_codes)
+
+
+@dataclasses.dataclass(frozen=True)
+class KIVICodec(PackedCodec):
+    key_bits: int = 2
+    value_bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+    attention: str = "auto"
+
+    def __post_init__(self):
+        check_bits(self.key_bits, "key_bits")
+        check_bits(self.value_bits, "value_bits")
+        check_attention_mode(self.attention)
+        g = self.group_size
+        if not isinstance(g, int) or g < 16 or g % 16:
+            raise ConfigError(f"KIVI group_size={g!r} must be a multiple of 16 (the decode kernel's tile)")
+        if self.residual < g:
+            raise ConfigError(f"KIVI residual={self.residual} must be at least group_size={g}: "
+                              f"the window has to hold a whole group before it is flushed")
+
+    @property
+    def name(self) -> str:
+        return f"kivi-k{self.key_bits}v{self.value_bits}-g{self.group_size}-r{self.residual}"
+
+    @property
+    def rows(self) -> int:
+        return 32 if self.group_size % 32 == 0 else 16
+
+    def check_head_dim(self, head_dim: int) -> None:
+        g = self.group_size
+        if head_dim % g:
+            raise ConfigError(f"KIVI group_size={g} does not divide head_dim={head_dim}: values are "
+                              f"quantized in groups of channels; pick a divisor of {head_dim}")
+        if g & (g - 1):
+            raise ConfigError(f"KIVI group_size={g} must be a power of 2 (value channel tiles)")
+
+    def flushed(self, end):
+        """n_q: slots [0, n_q) are quantized once `end` tokens are written."""
+        g = self.group_size
+        return jnp.maximum(end - self.residual, 0) // g * g
+
+    # ---------------------------------------------------------------- state
+    def window(self, max_len: int) -> int:
+        return min(self.residual + self.group_size - 1, max_len)
+
+    def init(self, batch, max_len, kv_heads, head_dim, dtype):
+        self.check_head_dim(head_dim)
+        g, rows = self.group_size, self.rows
+        cap = capacity_for(max_len, (self.key_bits, self.value_bits), rows, multiple_of=g)
+        meta = lambda shape: jnp.zeros(shape, META_DTYPE)  # noqa: E731
+
+        def words(bits):
+            return jnp.zeros((batch, kv_heads, cap // codes_per_word(bits), head_dim), jnp.int32)
+
+        k = QTokens(words(self.key_bits), meta((batch, kv_heads, cap // g, head_dim)),
+                    meta((batch, kv_heads, cap // g, head_dim)), bits=self.key_bits, rows=rows,
+                    token_group=g, channel_group=1)
+        v = QTokens(words(self.value_bits), meta((batch, kv_heads, cap, head_dim // g)),
+                    meta((batch, kv_heads, cap, head_dim // g)), bits=self.value_bits, rows=rows,
+                    token_group=1, channel_group=g)
+        window = jnp.zeros((batch, self.window(max_len), kv_heads, head_dim), dtype)
+        return {"k": k, "v": v, "res_k": window, "res_v": window, "end": jnp.zeros((), jnp.int32)}
+
+    def write(self, state, k, v, index, positions=None):
+        b, t, kv_heads, d = k.shape
+        g = self.group_size
+        res_k, res_v = state["res_k"], state["res_v"]
+        win = res_k.shape[1]
+        cap = state["k"].capacity
+        n_old, n_new = self.flushed(index), self.flushed(index + t)
+        count = index - n_old  # tokens in the window before this write
+
+        def extend(res, x):  # window + new tokens (+ room to slide), slot n_old first
+            ext = jnp.zeros((b, 2 * win + t, kv_heads, d), res.dtype)
+            ext = jax.lax.dynamic_update_slice(ext, res, (0, 0, 0, 0))
+            return jax.lax.dynamic_update_slice(ext, x.astype(res.dtype), (0, count, 0, 0))
+
+        ext_k, ext_v = extend(res_k, k), extend(res_v, v)
+        # At most ceil(t / g) groups leave the window; quantize that many from slot n_old (the
+        # slots past n_new get provisional codes, overwritten when they are really flushed).
+        flush = min(g * -(-t // g), cap // g * g, (2 * win + t) // g * g)
+        kstore, vstore = state["k"], state["v"]
+        if flush > 0:
+            kstore, vstore = jax.lax.cond(
+                n_new > n_old,
+                lambda: self._flush(kstore, vstore, ext_k[:, :flush], ext_v[:, :flush], n_old),
+                lambda: (kstore, vstore))
+        shift = n_new - n_old
+        slide = lambda ext: jax.lax.dynamic_slice(ext, (0, shift, 0, 0), (b, win, kv_heads, d))  # noqa: E731
+        return {"k": kstore, "v": vstore, "res_k": slide(ext_k), "res_v": slide(ext_v),
+                "end": jnp.asarray(index + t, jnp.int32)}
+
+    def _flush(self, kstore: QTokens, vstore: QTokens, xk, xv, start):
+        """Quantizes xk, xv [B, L, K, D] (L a multiple of G) into slots [start, start + L)."""
+        b, n, kv_heads, d = xk.shape
+        g = self.group_size
+        keys = xk.transpose(0, 2, 1, 3).astype(jnp.float32).reshape(b, kv_heads, n // g, g, d)
+        ks, kz = minmax_scale_zero(keys, (3,), self.key_bits, False)  # per channel, per token group
+        kcodes = uniform_codes(keys, ks, kz, self.key_bits).reshape(b, kv_heads, n, d)
+        vals = xv.transpose(0, 2, 1, 3).astype(jnp.float32).reshape(b, kv_heads, n, d // g, g)
+        vs, vz = minmax_scale_zero(vals, (4,), self.value_bits, False)  # per token, per channel group
+        vcodes = uniform_codes(vals, vs, vz, self.value_bits).reshape(b, kv_heads, n, d)
+        kstart, vstart = (0, 0, start // g, 0), (0, 0, start, 0)
+        kstore = dataclasses.replace(
+            kstore, codes=write_codes(kstore.codes, kcodes, start, kstore.bits, kstore.rows),
+            scale=jax.lax.dynamic_update_slice(kstore.scale, ks[:, :, :, 0], kstart),
+            zero=jax.lax.dynamic_update_slice(kstore.zero, kz[:, :, :, 0], kstart))
+        vstore = dataclasses.replace(
+            vstore, codes=write_codes(vstore.codes, vcodes, start, vstore.bits, vstore.rows),
+            scale=jax.lax.dynamic_update_slice(vstore.scale, vs[..., 0], vstart),
+            zero=jax.lax.dynamic_update_slice(vstore.zero, vz[..., 0], vstart))
+        return kstore, vstore
+
+    def quantized_length(self, state):
+        return self.flushed(state["end"])
+
+    def exact_tokens(self, state):
+        end = state["end"]
+        n_q = self.flushed(end)
+        b, win = state["res_k"].shape[:2]
+        j = jnp.arange(win, dtype=jnp.int32)
+        slots = jnp.broadcast_to(jnp.where(j < end - n_q, n_q + j, -1), (b, win))
+        return state["res_k"], state["res_v"], slots
+
+    # ---------------------------------------------------------------- accounting
+    def bytes_per_token(self, kv_heads, head_dim, dtype=None):
+        """Per token per layer once the context is long: packed codes plus fp16 scales and
+        zeros (keys: per channel per G tokens; values: per G channels per token). The residual
+        window is a fixed cost per layer, in `cache_nbytes`."""
+        g = self.group_size
+        keys = kv_heads * head_dim * (4 / codes_per_word(self.key_bits) + 4 / g)
+        values = kv_heads * head_dim * 4 / codes_per_word(self.value_bits) + kv_heads * (head_dim // g) * 4
+        return keys + values

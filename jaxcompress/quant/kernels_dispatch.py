@@ -1,0 +1,132 @@
+"""`linear()` for packed weights: the fused Pallas kernel on GPUs, the reference elsewhere.
+
+Registered for `QArray` (read as stored) and `TiledQArray` (after `repack_for_gpu`). Per call
+the batch M = prod(x.shape[:-1]) is static, so the choice is made at trace time:
+
+1. `$JAXCOMPRESS_QUANT_KERNEL` = `reference` forces dequantize-then-matmul, `kernel` forces the
+   kernel wherever it can run (errors otherwise), `interpret` runs the kernel in Pallas
+   interpret mode on any device (debugging on a CPU), `auto` (default) decides as below;
+2. the kernel needs an NVIDIA GPU of compute capability >= 8.0, bf16/fp16 activations and a
+   layout it reads (`quant_matmul.layout_problem`);
+3. the measured rule: the tuning table (`pallas_kernels/autotune.py`, measured by
+   `scripts/bench_kernels.py`) holds, per problem and batch bucket, the fastest kernel config
+   and the time of the XLA path beside it; the kernel runs only where it measured faster. A
+   problem not in the table borrows the nearest K, N of its family; with
+   `JAXCOMPRESS_AUTOTUNE=1` it is tuned on the spot (seconds) and cached; otherwise the
+   kernel runs with its default blocks up to batch `UNMEASURED_MAX_M`.
+
+`int8_linear` is the W8A8 / W4A8 entry point for a leaf that asks for int8 activations.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import jax
+
+from jaxcompress.errors import ConfigError, UserError
+from jaxcompress.ops.linear import dense_linear, register_linear
+from jaxcompress.quant.qarray import QArray
+from pallas_kernels import autotune
+from pallas_kernels.int8_matmul import (default_int8_config, int8_layout, int8_matmul,
+                                        int8_matmul_reference, int8_problem)
+from pallas_kernels.layout import TiledQArray, kernel_layout
+from pallas_kernels.quant_matmul import (ACTIVATION_DTYPES, TileConfig, default_config, layout_problem,
+                                         quant_matmul)
+
+log = logging.getLogger(__name__)
+
+MODE_ENV = "JAXCOMPRESS_QUANT_KERNEL"
+MODES = ("auto", "kernel", "reference", "interpret")
+# Without a measurement the kernel is trusted only where decode is memory-bound.
+UNMEASURED_MAX_M = 32
+
+
+def mode() -> str:
+    value = os.environ.get(MODE_ENV, "auto")
+    if value not in MODES:
+        raise ConfigError(f"${MODE_ENV}={value!r} must be one of {MODES}")
+    return value
+
+
+@functools.cache
+def gpu_can_run_kernels() -> bool:
+    """An NVIDIA GPU with bf16 tensor cores (compute capability >= 8.0) is the default device."""
+    if jax.default_backend() != "gpu":
+        return False
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    try:
+        return cc is not None and float(cc) >= 8.0
+    except ValueError:
+        return False
+
+
+def batch_of(x: jax.Array) -> int:
+    m = 1
+    for d in x.shape[:-1]:
+        m *= int(d)
+    return m
+
+
+def choose_config(x: jax.Array, w, *, kind: str = "a16") -> TileConfig | None:
+    """The kernel config for this call, or None for the reference path."""
+    how = mode()
+    if how == "reference":
+        return None
+    problem = int8_problem(w) if kind == "a8" else layout_problem(w)
+    if problem is None and x.dtype not in ACTIVATION_DTYPES:
+        problem = f"activations are {x.dtype}, the kernel takes bfloat16 or float16"
+    if problem is None and how != "interpret" and not gpu_can_run_kernels():
+        problem = "no NVIDIA GPU with compute capability >= 8.0 is the default device"
+    if problem is not None:
+        if how == "kernel":
+            raise UserError(f"${MODE_ENV}=kernel but weight {w.shape} cannot use it: {problem}")
+        return None
+    m = batch_of(x)
+    lay = int8_layout(w) if kind == "a8" else kernel_layout(w)
+    if how == "interpret":
+        return _default(lay, m, kind)
+    entry = autotune.table().lookup(autotune.problem_of(w, m, kind, lay), lay, m, int8=kind == "a8")
+    if entry is None and autotune.autotune_enabled():
+        entry = autotune.tune_and_record(w, m, x.dtype, kind=kind)
+    if entry is not None and (entry.use_kernel or how == "kernel") and entry.config is not None:
+        return _fit_rows(entry.config, m)
+    if entry is None and (m <= UNMEASURED_MAX_M or how == "kernel"):
+        return _default(lay, m, kind)
+    return None
+
+
+def _default(lay, m: int, kind: str) -> TileConfig:
+    if kind == "a8":
+        return default_int8_config(lay, m)
+    return default_config(lay, m, autotune.num_sms())
+
+
+def _fit_rows(cfg: TileConfig, m: int) -> TileConfig:
+    """GEMV configs tuned for a bucket run any batch in it: one accumulator per row, up to 8."""
+    if cfg.use_dot:
+        return cfg
+    return TileConfig(**{**cfg.to_json(), "block_m": min(m, 8)})
+
+
+def quantized_linear(x: jax.Array, w: QArray | TiledQArray) -> jax.Array:
+    cfg = choose_config(x, w)
+    if cfg is None:
+        return dense_linear(x, w.dequantize())
+    return quant_matmul(x, w, config=cfg, interpret=mode() == "interpret")
+
+
+def int8_linear(x: jax.Array, w: QArray | TiledQArray) -> jax.Array:
+    """y ~= x @ W with x quantized to int8 per token (W8A8 / W4A8) where the kernel runs; the
+    same function through XLA elsewhere."""
+    cfg = choose_config(x, w, kind="a8")
+    if cfg is None:
+        return int8_matmul_reference(x, w)
+    return int8_matmul(x, w, config=cfg, interpret=mode() == "interpret")
+
+
+register_linear(QArray)(quantized_linear)
+register_linear(TiledQArray)(quantized_linear)

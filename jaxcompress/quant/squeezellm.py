@@ -1,0 +1,113 @@
+"""SqueezeLLM (Kim et al., 2024): sensitivity-weighted non-uniform quantization.
+
+For each output channel n of a kernel W [K, N], the 2**bits values of its codebook are the
+centroids of a 1-D k-means over the channel's K weights, each weight counted with its
+Fisher information F = sum_s (dL_s/dW)^2 (squared gradients of the LM loss on calibration
+sequences, `calibrate.fisher_diagonal`): the centroids minimise sum_k F_k (w_k - c(w_k))^2,
+a second-order estimate of the loss increase.
+
+Dense-and-sparse: a fraction of the weights (largest |w|, `outlier_fraction`, and largest F,
+`sensitive_fraction`) are kept exactly as sparse outliers; the k-means ignores them.
+
+The k-means is Lloyd's algorithm (`kmeans_iters` iterations, as the reference's sklearn
+max_iter) from weighted-quantile initial centroids. In one dimension the nearest centroid is
+found by comparing with the midpoints of the sorted centroids, so every output channel is
+clustered at once, with O(K * N) memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxcompress.errors import UserError
+from jaxcompress.quant.config import LayerConfig
+from jaxcompress.quant.qarray import QArray
+from jaxcompress.quant.tree import map_params
+
+
+def _assign(values: jax.Array, centroids: jax.Array) -> jax.Array:
+    """Index of the nearest centroid, values [R, K], sorted centroids [R, C] -> codes [R, K]."""
+    mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
+    return jax.vmap(lambda m, v: jnp.searchsorted(m, v, side="left"))(mids, values).astype(jnp.int32)
+
+
+def quantile_init(values: jax.Array, weights: jax.Array, clusters: int) -> jax.Array:
+    """Initial centroids [R, C]: the weighted (j + 1/2) / C quantiles of each row."""
+    order = jnp.argsort(values, axis=1)
+    v = jnp.take_along_axis(values, order, axis=1)
+    cw = jnp.cumsum(jnp.take_along_axis(weights, order, axis=1), axis=1)
+    cw = cw / cw[:, -1:]
+    targets = (jnp.arange(clusters, dtype=jnp.float32) + 0.5) / clusters
+    idx = jax.vmap(lambda c: jnp.searchsorted(c, targets, side="left"))(cw)
+    return jnp.take_along_axis(v, jnp.minimum(idx, values.shape[1] - 1), axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("clusters", "iters"))
+def weighted_kmeans_1d(values: jax.Array, weights: jax.Array, clusters: int, iters: int):
+    """Weighted 1-D k-means of each row: values, weights [R, K] -> (centroids [R, C] sorted, codes [R, K]).
+
+    A row whose weights are all zero is clustered with equal weights; a cluster that loses
+    all its points keeps its centroid.
+    """
+    values = values.astype(jnp.float32)
+    weights = weights.astype(jnp.float32)
+    weights = weights / jnp.maximum(weights.max(axis=1, keepdims=True), 1e-38)  # scale-free, no underflow
+    weights = jnp.where(weights.sum(axis=1, keepdims=True) > 0, weights, 1.0)
+    r = values.shape[0]
+    segments = jnp.arange(r, dtype=jnp.int32)[:, None] * clusters
+
+    def step(_, c):
+        codes = _assign(values, c) + segments
+        total = jax.ops.segment_sum(weights.reshape(-1), codes.reshape(-1), r * clusters).reshape(r, clusters)
+        moment = jax.ops.segment_sum((weights * values).reshape(-1), codes.reshape(-1),
+                                     r * clusters).reshape(r, clusters)
+        c = jnp.where(total > 0, moment / jnp.where(total > 0, total, 1.0), c)
+        return jnp.sort(c, axis=1)
+
+    c = jax.lax.fori_loop(0, iters, step, quantile_init(values, weights, clusters))
+    return c, _assign(values, c)
+
+
+def _top_mask(score: jax.Array, fraction: float) -> jax.Array:
+    """Boolean mask of the round(fraction * size) largest entries of score."""
+    count = int(round(fraction * score.size))
+    mask = jnp.zeros(score.size, bool)
+    if count == 0:
+        return mask.reshape(score.shape)
+    _, idx = jax.lax.top_k(score.reshape(-1), count)
+    return mask.at[idx].set(True).reshape(score.shape)
+
+
+def squeezellm_quantize(w: jax.Array, fisher: jax.Array, cfg: LayerConfig, where: str = "") -> QArray:
+    """Fisher-weighted k-means codebooks per output channel for w [K, N] (+ exact outliers)."""
+    k, n = w.shape
+    cfg.group_for(k, where)  # validates bits
+    if fisher.shape != w.shape:
+        raise UserError(f"{where}: Fisher diagonal has shape {fisher.shape}, expected {w.shape}")
+    opts = cfg.squeezellm
+    wf = w.astype(jnp.float32)
+    outliers = _top_mask(jnp.abs(wf), opts.outlier_fraction) | _top_mask(fisher, opts.sensitive_fraction)
+    weights = jnp.where(outliers, 0.0, fisher)
+    centroids, _ = weighted_kmeans_1d(wf.T, weights.T, 2 ** cfg.bits, opts.kmeans_iters)
+    # The stored codebook is rounded to its dtype: choose codes against what is stored.
+    codebook = jnp.sort(centroids.astype(cfg.scale_dtype), axis=1)
+    codes = _assign(wf.T, codebook.astype(jnp.float32)).T
+    index = value = None
+    if bool(outliers.any()):
+        index = jnp.nonzero(outliers.reshape(-1))[0].astype(jnp.int32)
+        value = w.reshape(-1)[index]  # exactly the original values, in the weight's dtype
+    return QArray.from_codes(codes, None, None, bits=cfg.bits, group_size=k, dtype=w.dtype, codebook=codebook,
+                             outlier_index=index, outlier_value=value)
+
+
+def squeezellm_params(state: nnx.State, fisher: dict[str, jax.Array], policy: dict[str, LayerConfig]) -> nnx.State:
+    """The pure transform: every leaf in `policy` replaced by its SqueezeLLM QArray."""
+    missing = [p for p in policy if p not in fisher]
+    if missing:
+        raise UserError(f"{missing[0]}: no Fisher diagonal for this weight")
+    return map_params(state, {p: (lambda path, w, c=cfg: squeezellm_quantize(w, fisher[path], c, path))
+                              for p, cfg in policy.items()})

@@ -1,0 +1,303 @@
+"""Block sizes per problem: a small autotuner, its timing harness, and the cached choices.
+
+A *problem* is what decides the best blocks: activation kind (bf16/fp16 or int8), bits, group
+size, grid (symmetric / asymmetric / codebook), layout, K, N and the batch bucket (M rounded up
+to 1, 2, 4, ..., 256). For each problem the tuner times a handful of candidates (GEMV and
+tensor-core paths, a few block shapes and K splits) on fresh random weights of the real shape
+and keeps the fastest, together with the time of the XLA path (dequantize, then cuBLAS): the
+dispatch uses the kernel only where it measured faster.
+
+Choices live in JSON tables: `quant_matmul_tuning.json` beside this file (measured on the
+project's GPU by `scripts/bench_kernels.py`, shipped) and a per-user cache
+(`$JAXCOMPRESS_TUNING_CACHE`, default `~/.cache/jaxcompress/quant_matmul_tuning.json`) that
+runtime tuning (`JAXCOMPRESS_AUTOTUNE=1`) adds to.
+
+Timing follows GPU.md: many calls inside one jitted function, each on its own weight buffer
+(so the L2 cache cannot serve the weights) and its own activations, median of several runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.io.atomic import write_json
+from jaxcompress.quant.qarray import QArray
+from pallas_kernels.layout import CodeLayout, TiledQArray, kernel_layout
+from pallas_kernels.quant_matmul import TileConfig, config_problem
+
+log = logging.getLogger(__name__)
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SHIPPED_TABLE = Path(__file__).with_name("quant_matmul_tuning.json")
+CACHE_ENV = "JAXCOMPRESS_TUNING_CACHE"
+AUTOTUNE_ENV = "JAXCOMPRESS_AUTOTUNE"
+L2_DEFEAT_BYTES = 192 << 20  # weights touched per timed call sequence: several times the L2 (50-60 MB)
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (batches above the largest share its entry)."""
+    return next((b for b in M_BUCKETS if b >= m), M_BUCKETS[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    kind: str  # "a16" (bf16/fp16 activations) or "a8" (int8 activations)
+    bits: int
+    group_size: int  # 0 when the whole matrix is one group (per channel / per tensor)
+    grid: str  # "sym", "asym" or "lut"
+    layout: str  # "native" or "tiled"
+    rows: int
+    k: int
+    n: int
+    m: int  # batch bucket
+
+    def family(self) -> tuple:
+        return (self.kind, self.bits, self.group_size, self.grid, self.layout, self.rows)
+
+
+def problem_of(w: QArray | TiledQArray, m: int, kind: str = "a16", lay: CodeLayout | None = None) -> Problem:
+    lay = lay or kernel_layout(w)
+    grid = "lut" if w.codebook is not None else "asym" if w.zero is not None else "sym"
+    return Problem(kind, lay.bits, 0 if lay.num_groups == 1 else lay.group_size, grid,
+                   "native" if lay.interleaved else "tiled", lay.rows, lay.k, lay.n, m_bucket(m))
+
+
+def num_sms() -> int:
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or 132)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates
+# --------------------------------------------------------------------------------------------
+
+
+def _sized(lay: CodeLayout, m: int, bn: int, bm: int, dot: bool, warps: int, stages: int,
+           target_programs: int, max_tiles_per_step: int) -> TileConfig:
+    """A config with split_k raised until the grid has `target_programs` and the largest
+    tiles_per_step <= the cap that divides each split."""
+    programs = -(-m // bm) * max(lay.n // bn, 1)
+    split = 1
+    while programs * split < target_programs and lay.num_tiles % (2 * split) == 0 and split < 16:
+        split *= 2
+    per = lay.num_tiles // split
+    step = max(d for d in range(1, max_tiles_per_step + 1) if per % d == 0)
+    return TileConfig(block_n=bn, block_m=bm, use_dot=dot, split_k=split, tiles_per_step=step,
+                      num_warps=warps, num_stages=stages)
+
+
+def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -> list[TileConfig]:
+    """A few configs worth timing for this layout and batch (all valid)."""
+    min_k = 32 if int8 else 16
+    specs = []  # (block_n, block_m, dot, warps, stages, programs, max tiles per step)
+    if not int8 and (m <= 8 or lay.rows < min_k):
+        bm = min(m, 8)
+        specs += [(32, bm, False, 4, 1, 2 * sms, 4), (64, bm, False, 4, 1, 4 * sms, 4),
+                  (16, bm, False, 2, 1, 2 * sms, 8), (128, bm, False, 4, 1, 4 * sms, 2)]
+    if lay.rows >= min_k and (m >= 4 or int8):
+        if m <= 16:
+            specs += [(64, 16, True, 4, 2, 2 * sms, 2), (128, 16, True, 4, 2, 2 * sms, 2),
+                      (32, 16, True, 4, 2, 4 * sms, 4)]
+        elif m <= 64:
+            bm = 16 if m <= 16 else 32 if m <= 32 else 64
+            specs += [(64, bm, True, 4, 2, 2 * sms, 2), (128, bm, True, 4, 3, 2 * sms, 1),
+                      (64, 16, True, 4, 2, 2 * sms, 2), (128, bm, True, 8, 3, sms, 1)]
+        else:
+            specs += [(128, 64, True, 4, 3, sms, 1), (128, 128, True, 8, 3, sms, 1),
+                      (64, 64, True, 4, 3, sms, 1), (256, 64, True, 8, 3, sms, 1)]
+    out = []
+    for bn, bm, dot, warps, stages, target, steps in specs:
+        while bn > 16 and lay.n % bn:
+            bn //= 2
+        cfg = _sized(lay, m, bn, bm, dot, warps, stages, target, steps)
+        if cfg not in out and config_problem(cfg, lay, m, min_dot_k=min_k) is None:
+            out.append(cfg)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def buffers_for(nbytes: int, cap: int = 64) -> int:
+    """How many distinct weight buffers keep a call sequence out of the L2 cache."""
+    return max(2, min(cap, math.ceil(L2_DEFEAT_BYTES / max(nbytes, 1))))
+
+
+def time_per_call(fn: Callable, xs: Sequence, ws: Sequence, reps: int = 7) -> float:
+    """Seconds per `fn(x, w)` call, timing all pairs in one jitted function (median of reps)."""
+    inner = jax.jit(fn)
+    many = jax.jit(lambda xs, ws: [inner(x, w) for x, w in zip(xs, ws)])
+    jax.block_until_ready(many(xs, ws))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(xs, ws))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(ws)
+
+
+def random_like(w: QArray | TiledQArray, key: jax.Array):
+    """A weight with w's structure and fresh random contents (timing data; any bits are valid codes)."""
+    leaves, treedef = jax.tree_util.tree_flatten(w)
+    keys = jax.random.split(key, len(leaves))
+    new = []
+    for leaf, k in zip(leaves, keys):
+        if leaf.dtype == jnp.uint32:
+            new.append(jax.random.bits(k, leaf.shape, jnp.uint32))
+        elif jnp.issubdtype(leaf.dtype, jnp.integer):  # perm / outlier indices: keep them valid
+            new.append(leaf)
+        else:
+            new.append(jax.random.uniform(k, leaf.shape, jnp.float32, 0.5, 1.5).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def random_inputs(w, m: int, dtype, seed: int = 0, nbytes: int | None = None):
+    """(xs, ws): distinct random activations and weights, enough buffers to defeat the L2."""
+    nbytes = nbytes or sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(w))
+    n = buffers_for(nbytes)
+    keys = jax.random.split(jax.random.key(seed), 2 * n)
+    ws = [random_like(w, keys[i]) for i in range(n)]
+    xs = [jax.random.normal(keys[n + i], (m, w.shape[0]), jnp.float32).astype(dtype) for i in range(n)]
+    return xs, ws
+
+
+def tune(w: QArray | TiledQArray, m: int, dtype=jnp.bfloat16, *, kind: str = "a16",
+         seed: int = 0) -> tuple[TileConfig | None, list[dict]]:
+    """Times every candidate on fresh random data; returns (best config, per-candidate results)."""
+    from pallas_kernels.int8_matmul import int8_layout, int8_matmul
+    from pallas_kernels.quant_matmul import quant_matmul
+
+    int8 = kind == "a8"
+    lay = int8_layout(w) if int8 else kernel_layout(w)
+    matmul = int8_matmul if int8 else quant_matmul
+    xs, ws = random_inputs(w, m, dtype, seed)
+    results = []
+    for cfg in candidates(lay, m, sms=num_sms(), int8=int8):
+        try:
+            sec = time_per_call(lambda x, ww, c=cfg: matmul(x, ww, config=c), xs, ws)
+            results.append({"config": cfg.to_json(), "us": sec * 1e6})
+        except Exception as e:  # a candidate that fails to compile is reported and skipped
+            log.warning("candidate %s failed: %s", cfg, str(e).splitlines()[0][:200])
+            results.append({"config": cfg.to_json(), "error": str(e).splitlines()[0][:300]})
+    ok = [r for r in results if "us" in r]
+    best = TileConfig.from_json(min(ok, key=lambda r: r["us"])["config"]) if ok else None
+    return best, results
+
+
+# --------------------------------------------------------------------------------------------
+# Tables of choices
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Entry:
+    problem: Problem
+    config: TileConfig | None  # None: no candidate ran
+    kernel_us: float | None = None
+    xla_us: float | None = None  # dequantize + XLA dot on the same data
+
+    @property
+    def use_kernel(self) -> bool:
+        if self.config is None:
+            return False
+        return self.xla_us is None or self.kernel_us is None or self.kernel_us <= self.xla_us
+
+    def to_json(self) -> dict:
+        return {"problem": dataclasses.asdict(self.problem),
+                "config": self.config.to_json() if self.config else None,
+                "kernel_us": self.kernel_us, "xla_us": self.xla_us}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Entry":
+        cfg = TileConfig.from_json(d["config"]) if d.get("config") else None
+        return cls(Problem(**d["problem"]), cfg, d.get("kernel_us"), d.get("xla_us"))
+
+
+class TuningTable:
+    """Entries keyed by problem; `lookup` falls back to the nearest K, N of the same family."""
+
+    def __init__(self, entries: Sequence[Entry] = (), meta: dict | None = None):
+        self.entries = {e.problem: e for e in entries}
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TuningTable":
+        if not os.path.exists(path):
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        return cls([Entry.from_json(e) for e in d.get("entries", [])], d.get("meta"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(str(path), {"meta": self.meta,
+                               "entries": [e.to_json() for e in self.entries.values()]})
+
+    def add(self, entry: Entry) -> None:
+        self.entries[entry.problem] = entry
+
+    def merge(self, other: "TuningTable") -> None:
+        self.entries.update(other.entries)
+
+    def lookup(self, p: Problem, lay: CodeLayout, m: int, *, int8: bool = False) -> Entry | None:
+        exact = self.entries.get(p)
+        if exact is not None:
+            return exact
+        same = [e for e in self.entries.values() if e.problem.family() == p.family()
+                and e.problem.m == p.m and e.config is not None]
+        dist = lambda e: abs(math.log(e.problem.k / p.k)) + abs(math.log(e.problem.n / p.n))  # noqa: E731
+        for e in sorted(same, key=dist):
+            if config_problem(e.config, lay, m, min_dot_k=32 if int8 else 16) is None:
+                return e
+        return None
+
+
+_TABLE: TuningTable | None = None
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "jaxcompress" / "quant_matmul_tuning.json"))
+
+
+def table() -> TuningTable:
+    """The shipped table overlaid with the user's cache (loaded once per process)."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = TuningTable.load(SHIPPED_TABLE)
+        _TABLE.merge(TuningTable.load(cache_path()))
+    return _TABLE
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0", "false", "False")
+
+
+def tune_and_record(w, m: int, dtype=jnp.bfloat16, *, kind: str = "a16") -> Entry:
+    """Tunes one problem, times the XLA path beside it, and adds the result to the user cache."""
+    from jaxcompress.ops.linear import dense_linear
+    from pallas_kernels.int8_matmul import int8_layout
+
+    lay = int8_layout(w) if kind == "a8" else kernel_layout(w)
+    best, results = tune(w, m, dtype, kind=kind)
+    xs, ws = random_inputs(w, m, dtype, seed=1)
+    xla = time_per_call(lambda x, ww: dense_linear(x, ww.dequantize()), xs, ws) * 1e6
+    kernel_us = min((r["us"] for r in results if "us" in r), default=None)
+    entry = Entry(problem_of(w, m, kind, lay), best, kernel_us, xla)
+    table().add(entry)
+    user = TuningTable.load(cache_path())
+    user.add(entry)
+    user.save(cache_path())
+    return entry

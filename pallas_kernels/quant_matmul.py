@@ -1,0 +1,387 @@
+"""Fused dequantize + matmul for packed low-bit weights: y[M, N] = x[M, K] @ W[K, N].
+
+The kernel reads the packed codes of a `QArray` (as stored) or a `TiledQArray` (after
+`repack_for_gpu`) directly, never materializing the bf16 weight: at decode the matmul is
+bound by the bytes of W, so reading 4.25 instead of 16 bits per weight is the whole speedup.
+
+Each program owns `block_n` output columns and `block_m` rows of x, and walks its share of K
+(all of it, or 1/split_k) tile by tile (see `layout.py`). Per tile it loads `words` uint32
+blocks of `[rows, block_n]` (coalesced along N) and, for each of the `period` code positions,
+extracts a `[rows, block_n]` slab of codes with a shift and a mask, turns it into exact
+fp32 values `code - zero` (or codebook entries), and multiplies it with the matching
+`[block_m, rows]` slice of x:
+
+* GEMV path (`use_dot=False`, batch 1-8): fp32 FMAs on the CUDA cores, one `[rows, block_n]`
+  accumulator per row of x, reduced once per group;
+* GEMM path (`use_dot=True`): `dot` on the tensor cores in x's dtype with fp32 accumulation
+  (the code values are exact in bf16/fp16).
+
+The group scale multiplies the fp32 partial sum once per group, not every weight. An int to
+float conversion costs a quarter-rate instruction on the GPU, so codes become floats by the
+exponent trick: `bitcast(code | 0x4B000000)` is the float `2**23 + code`, and subtracting
+`2**23 + zero` leaves `code - zero` exactly.
+
+`quant_matmul_reference` (dequantize, then a bf16 matmul with fp32 accumulation) is the
+function every variant must equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxcompress.errors import ConfigError, UserError
+from jaxcompress.ops.linear import dense_linear
+from jaxcompress.quant.qarray import QArray
+from pallas_kernels.layout import CodeLayout, TiledQArray, grid_values_at, kernel_layout
+
+ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16)
+_MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + code
+_TWO23 = 8388608.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch parameters of one kernel instance (what the autotuner picks)."""
+
+    block_n: int = 64
+    block_m: int = 1  # GEMV path: any 1..8 (each row its own accumulator); GEMM: power of two >= 16
+    use_dot: bool = False
+    split_k: int = 1
+    tiles_per_step: int = 1  # tiles loaded before any is used, for more bytes in flight
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TileConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"TileConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+
+def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int = 16) -> str | None:
+    """Why `cfg` cannot run on this layout and batch, or None when it can."""
+    pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
+    if not pow2(cfg.block_n) or cfg.block_n < 16:
+        return f"block_n={cfg.block_n} must be a power of two >= 16"
+    if lay.n % cfg.block_n:
+        return f"N={lay.n} must be a multiple of block_n={cfg.block_n}"
+    if cfg.use_dot:
+        if not pow2(cfg.block_m) or cfg.block_m < 16:
+            return f"block_m={cfg.block_m} must be a power of two >= 16 on the tensor-core path"
+        if lay.rows < min_dot_k:
+            return (f"the tensor-core path needs slabs of >= {min_dot_k} rows, the layout has "
+                    f"rows={lay.rows}; use the GEMV path or repack_for_gpu")
+    elif not 1 <= cfg.block_m <= 8:
+        return f"block_m={cfg.block_m} must be in 1..8 on the GEMV path"
+    per_split, rem = divmod(lay.num_tiles, cfg.split_k)
+    if cfg.split_k < 1 or rem:
+        return (f"K={lay.k_padded} ({lay.num_tiles} tiles of {lay.tile} rows) must split evenly "
+                f"into split_k={cfg.split_k}")
+    if cfg.tiles_per_step < 1 or per_split % cfg.tiles_per_step:
+        return (f"the {per_split} tiles of each K split must be a multiple of "
+                f"tiles_per_step={cfg.tiles_per_step}")
+    if m < 1:
+        return f"M={m} must be >= 1"
+    return None
+
+
+def default_config(lay: CodeLayout, m: int, num_sms: int = 132) -> TileConfig:
+    """A reasonable config without measurements (the autotuner and the tuned table do better)."""
+    if m <= 8 or lay.rows < 16:
+        bn = 32 if lay.n >= 32 else 16
+        cfg = TileConfig(block_n=bn, block_m=min(m, 8), use_dot=False)
+    else:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        bn = 64 if m <= 64 else 128
+        while lay.n % bn:
+            bn //= 2
+        cfg = TileConfig(block_n=bn, block_m=bm, use_dot=True, num_warps=4, num_stages=2)
+    # Split K until there are about two programs per multiprocessor.
+    programs = -(-m // cfg.block_m) * (lay.n // cfg.block_n)
+    split = 1
+    while programs * split < 2 * num_sms and lay.num_tiles % (split * 2) == 0 and split < 8:
+        split *= 2
+    cfg = dataclasses.replace(cfg, split_k=split)
+    per_split = lay.num_tiles // split
+    return dataclasses.replace(cfg, tiles_per_step=2 if per_split % 2 == 0 else 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel body (touches only refs and values; everything static comes through functools.partial)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Operands:
+    has_scale: bool
+    has_zero: bool
+    has_codebook: bool
+
+
+def extract_codes(words: list, j: int, bits: int) -> jax.Array:
+    """Codes of position j of a period from its `words` uint32 blocks (bit stream, low bits first)."""
+    w, off = divmod(j * bits, 32)
+    q = words[w] >> off if off else words[w]
+    if off + bits > 32:  # straddles into the next word
+        q = q | (words[w + 1] << (32 - off))
+    if off + bits != 32:  # unless the code fills the word's top bits exactly
+        q = q & ((1 << bits) - 1)
+    return q
+
+
+def codes_to_float(q: jax.Array, zero_plus_2_23) -> jax.Array:
+    """Exact fp32 `code - zero` with no int->float conversion (see the module docstring)."""
+    return lax.bitcast_convert_type(q | _MAGIC, jnp.float32) - zero_plus_2_23
+
+
+def load_group_row(ref, g, cols):
+    """fp32 [1, block_n] (or [1, 1] per-tensor) row of a per-group tensor for group g."""
+    if ref.shape == (1, 1):
+        return ref[pl.ds(0, 1), pl.ds(0, 1)].astype(jnp.float32)
+    return ref[pl.ds(0 if ref.shape[0] == 1 else g, 1), cols].astype(jnp.float32)
+
+
+def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
+    it = iter(refs)
+    x_ref, codes_ref = next(it), next(it)
+    scale_ref = next(it) if ops.has_scale else None
+    zero_ref = next(it) if ops.has_zero else None
+    cb_ref = next(it) if ops.has_codebook else None
+    o_ref = next(it)
+
+    bm, bn, rows, bits = cfg.block_m, cfg.block_n, lay.rows, lay.bits
+    n0 = pl.program_id(1) * bn
+    cols = pl.ds(n0, bn)
+    m0 = pl.program_id(0) * bm
+    # Rows past M are clamped onto row M-1: they recompute and rewrite row M-1's exact values.
+    row_ids = jnp.minimum(m0 + lax.iota(jnp.int32, bm), m - 1)
+    row_list = [jnp.minimum(m0 + i, m - 1) for i in range(bm)]
+    split_tiles = lay.num_tiles // cfg.split_k
+    first_tile = pl.program_id(2) * split_tiles
+    one_group = lay.num_groups == 1
+    in_dtype = x_ref.dtype
+
+    def zero_plus_2_23(g):
+        if ops.has_codebook:
+            return None
+        if ops.has_zero:
+            return load_group_row(zero_ref, g, cols) + _TWO23
+        return jnp.float32(_TWO23 + 2 ** (bits - 1))
+
+    def slab_weights(words, j, zc):
+        q = extract_codes(words, j, bits)
+        if ops.has_codebook:
+            n_ids = jnp.zeros((rows, bn), jnp.int32) if cb_ref.shape[0] == 1 else (
+                n0 + lax.broadcasted_iota(jnp.int32, (rows, bn), 1))
+            return cb_ref[n_ids, q.astype(jnp.int32)].astype(jnp.float32)
+        return codes_to_float(q, zc)
+
+    def x_cols(t, j):
+        start, stride = lay.x_cols(t, j)
+        if lay.k_padded == lay.k:
+            return pl.ds(start, rows, stride=stride), None
+        ids = start + lax.iota(jnp.int32, rows) * stride  # padded tail: clamp, then zero
+        return jnp.minimum(ids, lay.k - 1), ids < lay.k
+
+    def load_x_rows(t, j):  # [bm, rows] for the tensor cores
+        idx, valid = x_cols(t, j)
+        if valid is None:
+            xs = x_ref[row_ids, idx]
+        else:
+            xs = x_ref[row_ids[:, None], idx[None, :]]
+            xs = jnp.where(valid[None, :], xs, jnp.zeros_like(xs))
+        return xs
+
+    def load_x_col(t, j, i):  # [rows, 1] fp32, row i of the block
+        idx, valid = x_cols(t, j)
+        xs = x_ref[row_list[i], idx].astype(jnp.float32)
+        if valid is not None:
+            xs = jnp.where(valid, xs, 0.0)
+        return xs[:, None]
+
+    def group_of(t, j):
+        start, _ = lay.x_cols(t, j)
+        first_row = start if not lay.interleaved else t * lay.tile
+        return jnp.minimum(first_row // lay.group_size, lay.num_groups - 1)
+
+    fixed_zc = zero_plus_2_23(0) if one_group else None
+
+    def tile_step(t, acc):
+        words = []
+        for w in range(lay.words):
+            start, stride = lay.word_rows(t, w)
+            words.append(codes_ref[pl.ds(start, rows, stride=stride), cols])
+        part = None
+        for j in range(lay.period):
+            if j % lay.slabs_per_group == 0:
+                g = group_of(t, j)
+                zc = fixed_zc if one_group else zero_plus_2_23(g)
+                part = None
+            wts = slab_weights(words, j, zc)
+            if cfg.use_dot:
+                d = jnp.dot(load_x_rows(t, j), wts.astype(in_dtype), preferred_element_type=jnp.float32)
+                part = d if part is None else part + d
+            else:
+                prods = [load_x_col(t, j, i) * wts for i in range(bm)]
+                part = prods if part is None else [p + d for p, d in zip(part, prods)]
+            if (j + 1) % lay.slabs_per_group == 0:
+                s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+                if cfg.use_dot:
+                    acc = acc + (part if s is None else part * s)
+                else:
+                    sums = [jnp.sum(p, axis=0, keepdims=True) for p in part]
+                    acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, sums))
+        return acc
+
+    def body(step, acc):
+        for u in range(cfg.tiles_per_step):
+            acc = tile_step(first_tile + step * cfg.tiles_per_step + u, acc)
+        return acc
+
+    if cfg.use_dot:
+        acc0 = jnp.zeros((bm, bn), jnp.float32)
+    else:
+        acc0 = tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm))
+    acc = lax.fori_loop(0, split_tiles // cfg.tiles_per_step, body, acc0)
+
+    if one_group and scale_ref is not None:
+        s = load_group_row(scale_ref, 0, cols)
+        acc = acc * s if cfg.use_dot else tuple(a * s for a in acc)
+    out_dtype = o_ref.dtype
+    if cfg.split_k == 1:
+        if cfg.use_dot:
+            o_ref[row_ids, cols] = acc.astype(out_dtype)
+        else:
+            for i in range(bm):
+                o_ref[pl.ds(row_list[i], 1), cols] = acc[i].astype(out_dtype)
+    else:
+        k_id = pl.program_id(2)
+        if cfg.use_dot:
+            o_ref[k_id, row_ids, cols] = acc
+        else:
+            for i in range(bm):
+                o_ref[k_id, pl.ds(row_list[i], 1), cols] = acc[i]
+
+
+# --------------------------------------------------------------------------------------------
+# Public wrapper
+# --------------------------------------------------------------------------------------------
+
+
+def check_activations(x: jax.Array, k: int, where: str = "quant_matmul") -> None:
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise UserError(f"{where}: x has shape {x.shape}; its last dimension must be the weight's "
+                        f"input dimension K={k}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise UserError(f"{where}: x dtype {x.dtype} is not supported; the kernel takes bfloat16 or "
+                        f"float16 activations (cast x, or use quant_matmul_reference)")
+
+
+def layout_problem(w) -> str | None:
+    """Why the kernels cannot read weight `w` at all, or None."""
+    if not isinstance(w, (QArray, TiledQArray)):
+        return f"{type(w).__name__} is not a QArray or TiledQArray"
+    if w.codebook is None and w.scale is None:
+        return "a uniform grid needs a scale"
+    if w.codebook is not None and w.codebook.shape[-1] != 2 ** w.bits:
+        return f"codebook has {w.codebook.shape[-1]} entries, bits={w.bits} needs {2 ** w.bits}"
+    if w.codebook is None and w.bits > 8:
+        return f"bits={w.bits} > 8 is not supported"
+    return kernel_layout(w).problem()
+
+
+def quant_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | None = None,
+                 interpret: bool = False, poison: float | None = None) -> jax.Array:
+    """y [..., N] = x [..., K] @ w.dequantize() with the fused kernel (bf16/fp16 x, fp32 accumulation).
+
+    `config` picks the block sizes (default: `default_config`); `interpret=True` runs the
+    kernel in Pallas interpret mode (CPU tests); `poison` pre-fills the kernel's output buffer
+    with that value (tests: NaN left anywhere means an element was never written).
+    """
+    problem = layout_problem(w)
+    if problem:
+        raise UserError(f"quant_matmul: weight {w.shape} cannot use the kernel: {problem}")
+    lay = kernel_layout(w)
+    check_activations(x, lay.k)
+    x2 = x.reshape(-1, lay.k)
+    m = x2.shape[0]
+    if w.perm is not None:  # storage row i holds input feature perm[i]
+        x2 = jnp.take(x2, w.perm, axis=1)
+    cfg = config or default_config(lay, m)
+    problem = config_problem(cfg, lay, m)
+    if problem:
+        raise UserError(f"quant_matmul: weight {w.shape}, batch M={m}: {problem}")
+    y = _fused(x2, w, lay=lay, cfg=cfg, interpret=interpret, poison=poison)
+    if w.outlier_index is not None:
+        y = _add_outliers(y, x2, w)
+    return y.reshape(*x.shape[:-1], lay.n)
+
+
+@functools.partial(jax.jit, static_argnames=("lay", "cfg", "interpret", "poison"))
+def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
+           poison: float | None = None) -> jax.Array:
+    # Jitted so that every projection of a model with the same shapes shares one lowering.
+    m = x2.shape[0]
+    ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
+                    w.codebook is not None)
+    operands = [x2, w.codes]
+    operands += [w.scale] if ops.has_scale else []
+    operands += [w.zero] if ops.has_zero else []
+    operands += [w.codebook] if ops.has_codebook else []
+    if cfg.split_k == 1:
+        out_shape = jax.ShapeDtypeStruct((m, lay.n), x2.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, lay.n), jnp.float32)
+    path = "gemm" if cfg.use_dot else "gemv"
+    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops)
+    aliases = {}
+    if poison is not None:  # the kernel writes into a pre-filled buffer (last operand, aliased)
+        operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
+        aliases = {len(operands) - 1: 0}
+        body = functools.partial(_skip_poison_ref, body)
+    out = pl.pallas_call(
+        body,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        grid=(-(-m // cfg.block_m), lay.n // cfg.block_n, cfg.split_k),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"quant_matmul_w{lay.bits}_{path}",
+    )(*operands)
+    if cfg.split_k > 1:
+        out = out.sum(axis=0).astype(x2.dtype)
+    return out
+
+
+def _skip_poison_ref(body, *refs):
+    *ins, _poisoned_in, out = refs
+    return body(*ins, out)
+
+
+def _add_outliers(y: jax.Array, x2: jax.Array, w) -> jax.Array:
+    """Dense-and-sparse: adds x[:, row] * (outlier - grid value) for each outlier (row, col)."""
+    n = w.shape[1]
+    idx = w.outlier_index
+    delta = w.outlier_value.astype(jnp.float32) - grid_values_at(w, idx)
+    contrib = x2[:, idx // n].astype(jnp.float32) * delta[None, :]
+    return y.astype(jnp.float32).at[:, idx % n].add(contrib).astype(y.dtype)
+
+
+def quant_matmul_reference(x: jax.Array, w: QArray | TiledQArray) -> jax.Array:
+    """The reference: dequantize to the weight dtype, then x @ W with fp32 accumulation."""
+    return dense_linear(x, w.dequantize())

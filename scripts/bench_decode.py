@@ -1,0 +1,127 @@
+"""Prefill and decode throughput of a model on the current device, with a bandwidth roofline.
+
+    PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --out docs/results/decode_h100.json
+    PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --recipe rtn_w4_g128 ...
+
+Decode runs inside one jitted `lax.while_loop` (the same loop `generate` uses) over a cache
+already holding `--context` tokens. Batch-1 decode is memory-bound, so its floor is
+(weight bytes + cache bytes read per step) / copy bandwidth, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxcompress.bench.timing import copy_bandwidth, median_seconds
+from jaxcompress.io.atomic import write_json
+from jaxcompress.io.load import load_model
+from jaxcompress.models.build import param_summary
+from jaxcompress.models.cache import KVCache
+from jaxcompress.models.generate import SamplingConfig, decode_loop, prefill
+from jaxcompress.provenance import provenance
+
+
+def filled_cache(key, cfg, batch, context, max_len, dtype, codec):
+    """A cache whose first `context` slots hold random keys/values (as after a prefill)."""
+    cache = KVCache.create(cfg, batch, max_len, dtype, codec)
+    shape = (batch, context, cfg.num_kv_heads, cfg.head_dim)
+    layers = []
+    for state in cache.layers:
+        key, kk, kv = jax.random.split(key, 3)
+        k = jax.random.normal(kk, shape, dtype)
+        v = jax.random.normal(kv, shape, dtype)
+        layers.append(cache.codec.write(state, k, v, jnp.int32(0)))
+    positions = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    cache = KVCache(tuple(layers), cache.positions, cache.index, cache.codec)
+    return cache.advance(positions)
+
+
+def bench_decode(loaded, batch, context, steps):
+    model = loaded.model
+    cfg = model.config
+    graphdef, state = nnx.split(model)
+    sampling = SamplingConfig(max_new_tokens=steps)
+
+    @jax.jit
+    def run(state, cache, logits):
+        m = nnx.merge(graphdef, state)
+        next_pos = jnp.full((batch,), context, jnp.int32)
+        return decode_loop(m, logits, cache, next_pos, jax.random.key(0), (), sampling)[0]
+
+    # The key is an argument so that XLA cannot constant-fold the random fill at compile time.
+    cache = jax.jit(lambda key: filled_cache(key, cfg, batch, context, context + steps, model.dtype,
+                                             loaded.kv_codec))(jax.random.key(0))
+    logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
+    seconds = median_seconds(run, state, cache, logits, warmup=1, repeats=3)
+    cache_bytes_per_step = batch * context * cfg.num_layers * (loaded.kv_codec.bytes_per_token(
+        cfg.num_kv_heads, cfg.head_dim, model.dtype) if loaded.kv_codec else
+        2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize)
+    return seconds / steps, cache_bytes_per_step
+
+
+def bench_prefill(loaded, context):
+    model = loaded.model
+    cfg = model.config
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens):
+        m = nnx.merge(graphdef, state)
+        cache = KVCache.create(cfg, tokens.shape[0], tokens.shape[1], m.dtype, loaded.kv_codec)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return prefill(m, tokens, positions, cache)[0]
+
+    tokens = jax.random.randint(jax.random.key(2), (1, context), 0, cfg.vocab_size)
+    return median_seconds(run, state, tokens, warmup=1, repeats=3)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:llama2-7b")
+    p.add_argument("--recipe", help="compress first (e.g. rtn_w4_g128)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+
+    dtype = jnp.dtype(args.dtype)
+    loaded = load_model(args.model, dtype=dtype, param_dtype=dtype)
+    if args.recipe:
+        from jaxcompress.experiments.recipes import apply_recipe, load_recipe
+
+        loaded = apply_recipe(loaded, load_recipe(args.recipe, []))
+    weight_bytes = param_summary(loaded.model)["bytes"]
+    bandwidth = copy_bandwidth()
+    record = {"model": args.model, "recipe": args.recipe, "dtype": dtype.name, "context": args.context,
+              "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9, "decode": [], **provenance()}
+    prefill_s = bench_prefill(loaded, args.context)
+    record["prefill"] = {"tokens": args.context, "seconds": prefill_s, "tokens_per_s": args.context / prefill_s}
+    print(f"prefill {args.context} tokens: {prefill_s * 1e3:.1f} ms, {args.context / prefill_s:,.0f} tok/s", flush=True)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        step_s, cache_bytes = bench_decode(loaded, batch, args.context, args.steps)
+        floor = (weight_bytes + cache_bytes) / bandwidth
+        row = {"batch": batch, "ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
+               "bytes_per_step": weight_bytes + cache_bytes, "roofline_ms": floor * 1e3,
+               "roofline_fraction": floor / step_s}
+        record["decode"].append(row)
+        print(f"decode batch {batch}: {row['ms_per_step']:.2f} ms/step, {row['tokens_per_s']:,.1f} tok/s, "
+              f"roofline {row['roofline_ms']:.2f} ms -> {row['roofline_fraction']:.1%}", flush=True)
+    if args.out:
+        write_json(args.out, record)
+    print(f"\n| batch | ms/step | tok/s | roofline fraction |   ({record['device']}, bw {bandwidth / 1e9:.0f} GB/s)")
+    for row in record["decode"]:
+        print(f"| {row['batch']} | {row['ms_per_step']:.2f} | {row['tokens_per_s']:.1f} | {row['roofline_fraction']:.1%} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The fused low-bit matmul kernels in Pallas interpret mode (CPU), against the references.
+
+Every case draws fresh random weights and activations, pre-fills the kernel's output with NaN
+(an element never written stays NaN), and checks the result against both the library
+reference (dequantize to bf16, bf16 matmul with fp32 accumulation) and a float64 host
+product of the exact fp32 weights.
+"""
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError, UserError
+from jaxcompress.ops.linear import dense_linear, linear
+from jaxcompress.quant import kernels_dispatch
+from jaxcompress.quant.qarray import SUPPORTED_BITS
+from pallas_kernels import autotune
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from pallas_kernels.layout import repack_for_gpu
+from pallas_kernels.quant_matmul import (TileConfig, config_problem, default_config, quant_matmul,
+                                         quant_matmul_reference)
+from pallas_kernels.testing import (Variant, float64_reference, random_qarray, random_weight,
+                                    relative_error)
+
+TOL = 1e-2
+GEMV = lambda bn=32, m=1, split=1, step=1: TileConfig(block_n=bn, block_m=m, split_k=split,  # noqa: E731
+                                                       tiles_per_step=step)
+GEMM = lambda bn=32, bm=16, split=1, step=1: TileConfig(block_n=bn, block_m=bm, use_dot=True,  # noqa: E731
+                                                         split_k=split, tiles_per_step=step)
+
+# (variant, K, N, x leading shape, config, activation dtype): each line covers a layout x path x
+# edge case; together they write every output element under NaN poison.
+CASES = [
+    (Variant(4, 128), 256, 64, (2, 3), GEMV(m=6, split=2), jnp.bfloat16),  # [B, T, K] x, split-K partials
+    (Variant(4, 128, "asym"), 256, 64, (5,), GEMM(bn=16, step=2), jnp.float16),  # M < block_m, fp16
+    (Variant(4, 32, "asym", tiled_rows=32), 512, 64, (17,), GEMM(split=2), jnp.bfloat16),  # 2 M blocks
+    (Variant(4, 64), 256, 32, (1,), GEMV(bn=16), jnp.bfloat16),  # native, slabs of 8 rows
+    (Variant(8, 0), 256, 64, (16,), GEMM(split=2), jnp.bfloat16),  # per channel
+    (Variant(3, 128), 256, 32, (1,), GEMV(), jnp.bfloat16),  # codes straddle words
+    (Variant(2, 64, "asym", tiled_rows=16), 320, 32, (16,), GEMM(), jnp.bfloat16),  # K padded to 512
+    (Variant(4, 0, "lut"), 256, 64, (1,), GEMV(), jnp.bfloat16),  # SqueezeLLM codebook
+    (Variant(4, 128, "lut_scaled"), 256, 64, (16,), GEMM(), jnp.bfloat16),  # NF4-style
+    (Variant(4, 128, act_order=True, outliers=40), 256, 64, (2,), GEMV(m=2), jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-M{np.prod(c[3])}-{'dot' if c[4].use_dot else 'fma'}")
+def test_kernel_matches_references(case):
+    v, k, n, lead, cfg, dtype = case
+    key = jax.random.key(zlib.crc32(v.name.encode()))
+    w = random_weight(key, k, n, v)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (*lead, k), jnp.float32).astype(dtype)
+    y = quant_matmul(x, w, config=cfg, interpret=True, poison=float("nan"))
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    assert not np.isnan(np.asarray(y, np.float32)).any(), "an output element was never written"
+    assert relative_error(y, quant_matmul_reference(x, w)) <= TOL
+    assert relative_error(y, float64_reference(x, w)) <= TOL
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_repack_round_trip(bits):
+    """The tiled layout holds the same weight: dequantize() and the codes survive the round trip."""
+    q = random_qarray(jax.random.key(bits), 320, 48, Variant(bits, 64, "asym"))
+    t = repack_for_gpu(q, rows=16)
+    assert t.codes.shape[0] == t.layout.k_padded * bits // 32
+    np.testing.assert_array_equal(np.asarray(t.dequantize(), np.float32), np.asarray(q.dequantize(), np.float32))
+    np.testing.assert_array_equal(np.asarray(t.to_qarray().codes), np.asarray(q.codes))
+
+
+@pytest.mark.parametrize("case", [
+    (Variant(8, 0), 256, 64, 16, GEMM(bn=32)),  # W8A8, the QArray as stored
+    (Variant(4, 128, "asym", tiled_rows=32), 512, 64, 5, GEMM(bn=16, split=2)),  # W4A8, repacked
+], ids=["w8a8", "w4a8-asym-split"])
+def test_int8_activation_kernel(case):
+    v, k, n, m, cfg = case
+    w = random_weight(jax.random.key(7), k, n, v)
+    x = jax.random.normal(jax.random.key(8), (m, k), jnp.float32).astype(jnp.bfloat16)
+    y = int8_matmul(x, w, config=cfg, interpret=True, poison=float("nan"))
+    assert not np.isnan(np.asarray(y, np.float32)).any()
+    assert relative_error(y, int8_matmul_reference(x, w)) <= TOL
+    # Per-token int8 activations cost about 1/127 of each row's range: well under 2e-2 here.
+    assert relative_error(y, float64_reference(x, w)) <= 2e-2
+
+
+def test_errors_name_the_dimension_and_block():
+    w = random_qarray(jax.random.key(0), 256, 48, Variant(4, 128))
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    with pytest.raises(UserError, match=r"N=48 must be a multiple of block_n=32"):
+        quant_matmul(x, w, config=GEMV(bn=32), interpret=True)
+    with pytest.raises(UserError, match=r"dtype float32"):
+        quant_matmul(x.astype(jnp.float32), w, interpret=True)
+    with pytest.raises(UserError, match=r"K=256"):
+        quant_matmul(jnp.ones((1, 128), jnp.bfloat16), w, interpret=True)
+    with pytest.raises(UserError, match=r"block_m=8 must be a power of two >= 16"):
+        quant_matmul(x, w, config=GEMM(bn=16, bm=8), interpret=True)
+    with pytest.raises(UserError, match=r"split_k=3"):
+        quant_matmul(x, w, config=GEMV(bn=16, split=3), interpret=True)
+    g64 = random_qarray(jax.random.key(0), 256, 64, Variant(4, 64))
+    with pytest.raises(UserError, match=r"slabs of >= 16 rows.*rows=8"):
+        quant_matmul(x, g64, config=GEMM(), interpret=True)
+    odd = random_qarray(jax.random.key(0), 196, 64, Variant(4, 0))  # K=196: not whole periods of 8 codes
+    with pytest.raises(UserError, match=r"K=196 must be a multiple of the tile of 8 rows"):
+        quant_matmul(jnp.ones((1, 196), jnp.bfloat16), odd, interpret=True)
+    with pytest.raises(UserError, match=r"slabs of 32 rows.*rows=16.*repack_for_gpu"):
+        int8_matmul(x, w, interpret=True)
+
+
+def test_linear_dispatch_on_cpu(monkeypatch):
+    """On a CPU, linear() runs the reference; `interpret` runs the kernel; `kernel` refuses."""
+    w = random_qarray(jax.random.key(1), 256, 64, Variant(4, 128, "asym"))
+    x = jax.random.normal(jax.random.key(2), (2, 256), jnp.float32).astype(jnp.bfloat16)
+    ref = dense_linear(x, w.dequantize())
+    np.testing.assert_array_equal(np.asarray(linear(x, w), np.float32), np.asarray(ref, np.float32))
+    monkeypatch.setenv(kernels_dispatch.MODE_ENV, "interpret")
+    assert relative_error(linear(x, w), ref) <= TOL
+    monkeypatch.setenv(kernels_dispatch.MODE_ENV, "kernel")
+    with pytest.raises(UserError, match="no NVIDIA GPU"):
+        linear(x, w)
+    monkeypatch.setenv(kernels_dispatch.MODE_ENV, "fast")
+    with pytest.raises(ConfigError, match="must be one of"):
+        linear(x, w)
+
+
+LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
+
+
+@pytest.mark.parametrize("variant", [Variant(4, 128), Variant(8, 0), Variant(3, 128), Variant(2, 128),
+                                     Variant(4, 32, tiled_rows=32), Variant(3, 128, tiled_rows=32)],
+                         ids=lambda v: v.name)
+def test_candidates_valid_for_llama_shapes(variant):
+    """The autotuner proposes only runnable configs, for every 7B shape and batch (no compiling)."""
+    for k, n in LLAMA_SHAPES:
+        w = jax.eval_shape(lambda: random_weight(jax.random.key(0), k, n, variant))
+        lay = autotune.kernel_layout(w)
+        assert lay.problem() is None, (k, n, lay)
+        for m in autotune.M_BUCKETS:
+            cands = autotune.candidates(lay, m)
+            assert cands or lay.rows < 16 and m > 8, (k, n, m)
+            for cfg in cands:
+                assert config_problem(cfg, lay, m) is None
+            assert config_problem(default_config(lay, m), lay, m) is None
+
+
+def test_tuning_table_lookup_and_measured_rule(tmp_path):
+    w = jax.eval_shape(lambda: random_weight(jax.random.key(0), 4096, 4096, Variant(4, 128)))
+    lay = autotune.kernel_layout(w)
+    p1 = autotune.problem_of(w, 1)
+    p64 = autotune.problem_of(w, 50)
+    assert p64.m == 64
+    fast = autotune.Entry(p1, GEMV(bn=64, split=4, step=4), kernel_us=5.0, xla_us=20.0)
+    slow = autotune.Entry(p64, GEMM(bn=128, bm=64), kernel_us=30.0, xla_us=25.0)
+    tab = autotune.TuningTable([fast, slow], {"card": "test"})
+    tab.save(tmp_path / "t.json")
+    tab = autotune.TuningTable.load(tmp_path / "t.json")
+    assert tab.lookup(p1, lay, 1).config == fast.config and tab.lookup(p1, lay, 1).use_kernel
+    assert not tab.lookup(p64, lay, 50).use_kernel  # the XLA path measured faster
+    # Another shape of the same family borrows the nearest entry whose blocks fit it.
+    w2 = jax.eval_shape(lambda: random_weight(jax.random.key(0), 4096, 11008, Variant(4, 128)))
+    lay2 = autotune.kernel_layout(w2)
+    got = tab.lookup(autotune.problem_of(w2, 1), lay2, 1)
+    assert got is not None and got.config == fast.config
+    # A different family has no entry.
+    w3 = jax.eval_shape(lambda: random_weight(jax.random.key(0), 4096, 4096, Variant(8, 0)))
+    assert tab.lookup(autotune.problem_of(w3, 1), autotune.kernel_layout(w3), 1) is None
+
+
+def test_grid_values_at_matches_dequantize():
+    q = random_qarray(jax.random.key(5), 96, 48, Variant(3, 32, "asym"))
+    idx = jnp.asarray([0, 47, 48, 95 * 48 + 47, 1234], jnp.int32)
+    from pallas_kernels.layout import grid_values_at
+
+    want = np.asarray(q.dequantize_storage_order()).reshape(-1)[np.asarray(idx)]
+    np.testing.assert_allclose(np.asarray(grid_values_at(q, idx)), want, rtol=0, atol=0)
+    t = repack_for_gpu(q, rows=16)
+    np.testing.assert_allclose(np.asarray(grid_values_at(t, idx)), want, rtol=0, atol=0)
+
+
+def test_tile_config_json_round_trip():
+    cfg = GEMM(bn=64, bm=32, split=2, step=2)
+    assert TileConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(Exception, match="unknown keys"):
+        TileConfig.from_json({**cfg.to_json(), "block_k": 64})
+    assert dataclasses.replace(cfg, num_warps=8) != cfg
