@@ -15,7 +15,7 @@ import sys
 from jaxcompress.errors import UserError
 
 # Modules that add subcommands: each defines `add_commands(subparsers)`.
-COMMAND_MODULES: list[str] = ["jaxcompress.train.cli"]
+COMMAND_MODULES: list[str] = ["jaxcompress.train.cli", "jaxcompress.quant.cli"]
 
 
 def _add_model_args(p: argparse.ArgumentParser, recipe: bool = True) -> None:

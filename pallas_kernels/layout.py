@@ -20,6 +20,7 @@ positions form *slabs*: code position j of the `rows` word-rows of a tile is one
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -180,6 +181,11 @@ def repack_for_gpu(q: QArray, rows: int = 32) -> TiledQArray:
     """One-time repack of `q` into the tiled layout (slabs of `rows` contiguous input rows)."""
     if rows < 1 or rows & (rows - 1):
         raise ConfigError(f"repack_for_gpu: rows={rows} must be a power of two")
+    return _repack(q, rows)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _repack(q: QArray, rows: int) -> TiledQArray:
     k, n = q.shape
     p = period_of(q.bits)
     tile = p * rows

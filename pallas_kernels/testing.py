@@ -8,6 +8,7 @@ rounding behaves as it would on real weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ class Variant:
         return "_".join(parts)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def random_qarray(key: jax.Array, k: int, n: int, v: Variant, scale_dtype=jnp.float16) -> QArray:
     kc, ks, kz, kb, kp, ko, kv = jax.random.split(key, 7)
     bits = v.bits
@@ -56,8 +58,7 @@ def random_qarray(key: jax.Array, k: int, n: int, v: Variant, scale_dtype=jnp.fl
     if v.act_order:
         perm = jax.random.permutation(kp, k).astype(jnp.int32)
     if v.outliers:
-        oi = jnp.asarray(np.sort(np.random.default_rng(int(jax.random.randint(ko, (), 0, 2**30)))
-                                 .choice(k * n, v.outliers, replace=False)).astype(np.int32))
+        oi = jnp.sort(jax.random.choice(ko, k * n, (v.outliers,), replace=False)).astype(jnp.int32)
         ov = (0.1 * jax.random.normal(kv, (v.outliers,), jnp.float32)).astype(scale_dtype)
     return QArray(pack_codes(codes, bits), scale, zero, perm=perm, codebook=codebook,
                   outlier_index=oi, outlier_value=ov, bits=bits, group_size=group,
@@ -79,7 +80,7 @@ def relative_error(y, ref) -> float:
 def float64_reference(x: jax.Array, w) -> np.ndarray:
     """x @ W in float64 on the host, W the exact fp32 dequantized weight (no bf16 rounding)."""
     qa = w.to_qarray() if isinstance(w, TiledQArray) else w
-    wf = np.asarray(qa.dequantize_storage_order(), np.float64)
+    wf = np.asarray(jax.jit(QArray.dequantize_storage_order)(qa), np.float64)
     xf = np.asarray(jnp.asarray(x, jnp.float32), np.float64).reshape(-1, qa.shape[0])
     if qa.perm is not None:
         xf = xf[:, np.asarray(qa.perm)]

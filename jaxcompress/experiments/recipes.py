@@ -38,7 +38,7 @@ from jaxcompress.quant.config import CALIBRATED, from_dict, parse_weights, to_di
 RECIPES_DIR = os.path.join(PROJECT_ROOT, "configs", "recipes")
 META_KEYS = ("name", "description")
 # Modules that register recipe sections when imported (imported before a recipe is read).
-SECTION_MODULES: list[str] = []
+SECTION_MODULES: list[str] = ["jaxcompress.kv.recipe"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,8 +116,10 @@ class PackedCodec(KVCodec):
             pad = ((0, 0), (0, capacity - cos.shape[1]), (0, 0))
             cos, sin = jnp.pad(cos, pad), jnp.pad(sin, pad)
             rope = (cos[..., : d // 2], sin[..., : d // 2])
+        # fp32 models get fp32 dots (exact); bf16/fp16 ones the tensor cores' bf16 operands.
+        dot_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
         parts = [quantized_decode_partials(qg, kstore, vstore, quant_mask, n_q, scale=scale, rope=rope,
-                                           interpret=self.attention == "interpret"
+                                           dot_dtype=dot_dtype, interpret=self.attention == "interpret"
                                            or jax.default_backend() != "gpu")]
         if exact is not None:
             ke, ve, slots = exact

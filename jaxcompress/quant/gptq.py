@@ -17,7 +17,7 @@ of the current block carry their in-block updates separately, as in the referenc
 `static_groups` every group's grid is fixed up front from the original weights, so act-order
 needs no stored permutation. Per-channel and per-tensor grids are fixed up front too.
 
-Everything per layer runs in two jitted programs (inverse-Hessian factor, quantization loop)
+Each layer runs three jitted programs (preparation, inverse-Hessian factor, quantization loop)
 in fp32 at HIGHEST matmul precision (no TF32), as the reference disables TF32.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 from jaxcompress.calibrate import TRUE_SEQUENTIAL, Hessian, LayerMethod
 from jaxcompress.errors import UserError
 from jaxcompress.quant.config import LayerConfig
-from jaxcompress.quant.grid import GridSpec, group_params, group_rows, weight_params
+from jaxcompress.quant.grid import GridSpec, group_params, weight_params
 from jaxcompress.quant.rtn import uniform_qarray
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -70,49 +70,69 @@ def inverse_hessian_factor(h: jax.Array, damp: float, max_damp: float, where: st
                     f"different calibration data")
 
 
-def _block_size(block_size: int, g: int, dynamic: bool, k: int) -> int:
-    """Rows per lazy block; with per-group grids a block holds whole groups (or a group whole
-    blocks), so every group's grid can be computed at a block boundary."""
-    if not dynamic:
-        return min(block_size, k)
-    if g <= block_size:
-        return min((block_size // g) * g, -(-k // g) * g)
-    divisors = [d for d in range(16, block_size + 1) if g % d == 0]
-    return max(divisors) if divisors else g
+@functools.partial(jax.jit, static_argnames=("act_order", "static", "g", "per_tensor", "spec"))
+def _prepare(w, h, *, act_order: bool, static: bool, g: int, per_tensor: bool, spec: GridSpec):
+    """Dead features zeroed (H_ii = 1, w_i = 0, as the reference), the act-order permutation,
+    and the fixed grids of static mode (from the unpermuted weights)."""
+    k = h.shape[0]
+    diag = jnp.diag(h)
+    dead = diag == 0  # features calibration never activates
+    h = h.at[jnp.arange(k), jnp.arange(k)].set(jnp.where(dead, 1.0, diag))
+    w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
+    perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
+    gscale = gzero = None
+    if static:
+        gscale, gzero = weight_params(w, g, per_tensor, spec)
+    return w[perm], h[perm][:, perm], perm, gscale, gzero
+
+
+def _pad(x, rows, cols=None, diag=0.0):
+    """Zero-pads x to `rows` rows (and `cols` columns with `diag` on the new diagonal)."""
+    if cols is None:
+        return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+    out = jnp.pad(x, ((0, rows - x.shape[0]), (0, cols - x.shape[1])))
+    idx = jnp.arange(x.shape[0], rows)
+    return out.at[idx, idx].set(diag)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "g", "block", "dynamic", "unroll"))
 def _gptq_loop(w, u, gscale, gzero, gidx, *, spec: GridSpec, g: int, block: int, dynamic: bool, unroll: int):
-    """The GPTQ sweep over rows of w [Kp, N] (storage order, zero-padded), U [Kp, Kp].
+    """The GPTQ sweep over the rows of w [K, N] (storage order) with U [K, K].
 
-    Static grids: gscale/gzero [G, N] (or [1, 1]) are given and row r uses group gidx[r].
-    Dynamic grids: gscale/gzero [Kp / g, N] are filled as the sweep reaches each group.
-    Returns codes [Kp, N] int32, gscale, gzero and the reference's loss sum (w - q)^2 / U_ii^2 / 2.
+    Rows are zero-padded (padding rows have U = I and never touch real rows). Static grids:
+    gscale/gzero [G, N] (or [1, 1]) are given and row r uses group gidx[r]. Dynamic grids:
+    at each block start, the grid of every group starting inside the block is computed from
+    the weights as they are then (the reference's behaviour), and row r uses group r // g.
+    Returns codes [K, N] int32, gscale, gzero and the reference's loss sum (w - q)^2 / U_ii^2 / 2.
     """
-    kp, n = w.shape
+    k, n = w.shape
     maxq = spec.maxq
+    blocks = -(-k // block)
+    starts_per_block = -(-block // g)  # at most this many groups start inside one block
+    # Room for the last group windows past the last block (zero rows: grids are unchanged).
+    kp = blocks * block + (-(-(starts_per_block + 1) * g // block) * block if dynamic else 0)
+    w = _pad(w, kp)
+    u = _pad(u, kp, kp, diag=1.0)
+    if dynamic:
+        groups = -(-k // g)
+        gscale = jnp.zeros((groups, n), jnp.float32)
+        gzero = jnp.zeros((groups, n), jnp.float32)
+    else:
+        gidx = jnp.pad(gidx, (0, kp - k))
 
     def block_params(w, gscale, gzero, i1):
+        """Per-row scale and zero [block, N] for the rows of the block starting at i1."""
         if not dynamic:
             rows = jax.lax.dynamic_slice_in_dim(gidx, i1, block)
             return gscale[rows], gzero[rows], gscale, gzero
-        if g <= block:  # the block holds block // g whole groups
-            blk = jax.lax.dynamic_slice_in_dim(w, i1, block)
-            s, z = group_params(blk.reshape(block // g, g, n), spec)
-            gscale = jax.lax.dynamic_update_slice_in_dim(gscale, s, i1 // g, 0)
-            gzero = jax.lax.dynamic_update_slice_in_dim(gzero, z, i1 // g, 0)
-            return jnp.repeat(s, g, axis=0), jnp.repeat(z, g, axis=0), gscale, gzero
-
-        def new_group(args):  # the block starts a group of g rows
-            gscale, gzero = args
-            s, z = group_params(jax.lax.dynamic_slice_in_dim(w, i1, g)[None], spec)
-            return (jax.lax.dynamic_update_slice_in_dim(gscale, s, i1 // g, 0),
-                    jax.lax.dynamic_update_slice_in_dim(gzero, z, i1 // g, 0))
-
-        gscale, gzero = jax.lax.cond(i1 % g == 0, new_group, lambda a: a, (gscale, gzero))
-        s = jnp.broadcast_to(gscale[i1 // g], (block, n))
-        z = jnp.broadcast_to(gzero[i1 // g], (block, n))
-        return s, z, gscale, gzero
+        starts = (i1 + g - 1) // g * g + g * jnp.arange(starts_per_block)
+        windows = jax.vmap(lambda r: jax.lax.dynamic_slice_in_dim(w, r, g))(starts)  # [J, g, N]
+        s, z = group_params(windows, spec)
+        slot = jnp.where((starts < i1 + block) & (starts < k), starts // g, gscale.shape[0])  # else dropped
+        gscale = gscale.at[slot].set(s, mode="drop")
+        gzero = gzero.at[slot].set(z, mode="drop")
+        rows = jnp.minimum((i1 + jnp.arange(block)) // g, gscale.shape[0] - 1)
+        return gscale[rows], gzero[rows], gscale, gzero
 
     def block_step(b, carry):
         w, codes, gscale, gzero, loss = carry
@@ -141,76 +161,45 @@ def _gptq_loop(w, u, gscale, gzero, gidx, *, spec: GridSpec, g: int, block: int,
         return w, codes, gscale, gzero, loss
 
     init = (w, jnp.zeros((kp, n), jnp.int32), gscale, gzero, jnp.zeros((), jnp.float32))
-    _, codes, gscale, gzero, loss = jax.lax.fori_loop(0, kp // block, block_step, init)
-    return codes, gscale, gzero, loss
+    _, codes, gscale, gzero, loss = jax.lax.fori_loop(0, blocks, block_step, init)
+    return codes[:k], gscale, gzero, loss
 
 
-def _pad_to(x: jax.Array, rows: int, cols: int | None = None, diag: float = 0.0) -> jax.Array:
-    """Zero-pads x to `rows` rows (and `cols` columns, with `diag` on the new diagonal)."""
-    pr = rows - x.shape[0]
-    if cols is None:
-        return jnp.pad(x, ((0, pr), (0, 0)))
-    out = jnp.pad(x, ((0, pr), (0, cols - x.shape[1])))
-    if pr:
-        idx = jnp.arange(x.shape[0], rows)
-        out = out.at[idx, idx].set(diag)
-    return out
-
-
-def gptq_quantize(w: jax.Array, h: jax.Array, cfg: LayerConfig, where: str = "", unroll: int = INNER_UNROLL):
+def gptq_quantize(w: jax.Array, h: jax.Array, cfg: LayerConfig, where: str = "", unroll: int | None = None):
     """GPTQ-quantizes a dense kernel w [K, N] given the Hessian h [K, K] of its inputs.
 
     Returns (QArray, info) where info has the damping used and the reference's loss."""
     opts = cfg.gptq
     k, n = w.shape
     g = cfg.group_for(k, where)
+    if tuple(h.shape) != (k, k):
+        raise UserError(f"{where}: Hessian has shape {tuple(h.shape)}, expected ({k}, {k})")
     spec = cfg.grid()
-    dtype = w.dtype
-    w = w.astype(jnp.float32)
-    h = jnp.asarray(h, jnp.float32)
-    if h.shape != (k, k):
-        raise UserError(f"{where}: Hessian has shape {h.shape}, expected ({k}, {k})")
-    dead = jnp.diag(h) == 0  # features never active in calibration: zeroed, as the reference does
-    h = h.at[jnp.arange(k), jnp.arange(k)].set(jnp.where(dead, 1.0, jnp.diag(h)))
-    w = jnp.where(dead[:, None], 0.0, w)
-
-    grouped = g < k and not cfg.per_tensor
-    static = not grouped or opts.static_groups
-    if static:  # grids fixed up front from the original (dead-zeroed) weights
-        gscale, gzero = weight_params(w, g, cfg.per_tensor, spec)
+    # Per-channel / per-tensor grids, and static groups, are fixed before the sweep.
+    static = g == k or cfg.per_tensor or opts.static_groups
+    ws, hs, perm, gscale, gzero = _prepare(w, jnp.asarray(h, jnp.float32), act_order=opts.act_order,
+                                           static=static, g=g, per_tensor=cfg.per_tensor, spec=spec)
+    gidx = None
+    if static:  # group of each storage row
         gidx = np.zeros(k, np.int32) if gscale.shape[0] == 1 else np.arange(k, dtype=np.int32) // g
-    perm = None
-    if opts.act_order:
-        perm = jnp.argsort(-jnp.diag(h), stable=True)
-        w, h = w[perm], h[perm][:, perm]
-        if static:
-            gidx = np.asarray(gidx)[np.asarray(perm)]
-    u, damp = inverse_hessian_factor(h, opts.damp, opts.max_damp, where)
-
-    block = _block_size(opts.block_size, g, not static, k)
-    step = block if static else max(block, g)  # a dynamic group of g > block rows is sliced whole
-    kp = -(-k // step) * step
-    w_p = _pad_to(w, kp)
-    u_p = _pad_to(u, kp, kp, diag=1.0)
-    if static:
-        gidx_p = jnp.asarray(np.pad(gidx, (0, kp - k)))
-    else:
-        gscale = jnp.zeros((kp // g, n), jnp.float32)
-        gzero = jnp.zeros((kp // g, n), jnp.float32)
-        gidx_p = jnp.zeros((kp,), jnp.int32)  # unused
+        gidx = jnp.asarray(gidx)[perm]
+    u, damp = inverse_hessian_factor(hs, opts.damp, opts.max_damp, where)
+    if unroll is None:  # unrolling saves device round trips on GPUs and costs compile time on CPUs
+        unroll = 1 if jax.default_backend() == "cpu" else INNER_UNROLL
     with jax.default_matmul_precision("highest"):
-        codes, gscale, gzero, loss = _gptq_loop(w_p, u_p, gscale, gzero, gidx_p, spec=spec, g=g, block=block,
-                                                dynamic=not static, unroll=unroll)
-    codes = codes[:k]
-    if not static:
-        groups = -(-k // g)
-        gscale, gzero = gscale[:groups], gzero[:groups]
-    store_perm = perm
-    if perm is not None and static:
-        codes = codes[jnp.argsort(perm)]  # back to feature order: static grids need no permutation
+        codes, gscale, gzero, loss = _gptq_loop(ws, u, gscale, gzero, gidx, spec=spec, g=g,
+                                                block=min(opts.block_size, k), dynamic=not static, unroll=unroll)
+    store_perm = perm if opts.act_order else None
+    if opts.act_order and static:
+        codes = _unpermute(codes, perm)  # static grids follow feature order: no permutation to store
         store_perm = None
-    q = uniform_qarray(codes, gscale, gzero, cfg, g, dtype, perm=store_perm)
+    q = uniform_qarray(codes, gscale, gzero, cfg, g, w.dtype, perm=store_perm)
     return q, {"damp": damp, "loss": float(loss)}
+
+
+@jax.jit
+def _unpermute(codes, perm):
+    return jnp.zeros_like(codes).at[perm].set(codes)
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ Invariant (what `dequantize()` computes, the reference every kernel must equal):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -38,6 +39,7 @@ def num_words(k: int, bits: int) -> int:
     return -(-k * bits // 32)
 
 
+@functools.partial(jax.jit, static_argnames=("bits",))  # one compiled program per shape, not one per op
 def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
     """[K, N] integer codes in [0, 2**bits) -> uint32 [ceil(K * bits / 32), N] bit streams."""
     k, n = codes.shape
@@ -55,6 +57,7 @@ def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
     return out[:words]
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "k"))
 def unpack_codes(packed: jax.Array, bits: int, k: int) -> jax.Array:
     """Inverse of `pack_codes`: uint32 bit streams -> int32 codes [K, N]."""
     bit = np.arange(k, dtype=np.int64) * bits
@@ -166,6 +169,9 @@ class QArray:
 
     def dequantize(self) -> jax.Array:
         """The dense [K, N] weight in original feature order, in `dtype`."""
+        return _dequantize(self)
+
+    def _dequantize(self) -> jax.Array:
         w = self.dequantize_storage_order()
         if self.perm is not None:
             w = jnp.zeros_like(w).at[self.perm].set(w)
@@ -178,6 +184,9 @@ class QArray:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.nbytes() / (self.shape[0] * self.shape[1])
+
+
+_dequantize = jax.jit(QArray._dequantize)  # eager callers get one program, traced callers inline it
 
 
 def _register():

@@ -13,6 +13,7 @@ state): `add_lora`, `merge_lora`, `unmerge_lora`, adapter import/export.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -202,16 +203,14 @@ def merge_lora(tree: Tree, requantize: Callable[[jax.Array, Any], Any] | None = 
     With `requantize(w_fp32 [K, N], base) -> leaf`, a quantized base is re-quantized after the
     merge (e.g. `qat.requantize_like`); without it a QLoRA weight merges to dense.
     """
+    return map_weights(lambda _, w: _merge_one(w, requantize) if isinstance(w, LoRA) else w, tree)
 
-    def merge(_, w):
-        if not isinstance(w, LoRA):
-            return w
-        if requantize is not None and hasattr(w.base, "dequantize"):
-            merged = dense_weight(w.base).astype(jnp.float32) + w.delta()
-            return requantize(merged, w.base)
-        return w.dequantize()
 
-    return map_weights(merge, tree)
+@functools.partial(jax.jit, static_argnums=1)
+def _merge_one(w: LoRA, requantize) -> Any:
+    if requantize is not None and hasattr(w.base, "dequantize"):
+        return requantize(dense_weight(w.base).astype(jnp.float32) + w.delta(), w.base)
+    return w.dequantize()
 
 
 def unmerge_lora(merged: Tree, adapters: Tree) -> Tree:

@@ -44,7 +44,10 @@ def fake_quantize_ste(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int
     """w_hat [K, N] (fp32) on the grid with scale/zero [G, N] (or [1, 1]); differentiable."""
     k = w.shape[0]
     s, z = per_row(scale.astype(jnp.float32), k, group_size), per_row(zero.astype(jnp.float32), k, group_size)
-    code = jnp.clip(_round_ste(w.astype(jnp.float32) / s) + z, 0, 2 ** bits - 1)
+    raw = _round_ste(w.astype(jnp.float32) / s) + z
+    # Not jnp.clip: its gradient halves at the bounds, and the bounds are valid codes.
+    maxq = 2 ** bits - 1
+    code = jnp.where(raw < 0, 0.0, jnp.where(raw > maxq, float(maxq), raw))
     return (code - z) * s
 
 
@@ -186,7 +189,10 @@ def finalize_qat(tree: Tree) -> Tree:
     """Replaces every `FakeQuant` by the `QArray` it stands for (the real quantized model)."""
     from jaxcompress.train.lora import map_weights
 
-    return map_weights(lambda _, w: w.to_qarray() if isinstance(w, FakeQuant) else w, tree)
+    return map_weights(lambda _, w: _to_qarray(w) if isinstance(w, FakeQuant) else w, tree)
+
+
+_to_qarray = jax.jit(lambda w: w.to_qarray())
 
 
 def quantize_weights(tree: Tree, targets: str | list[str], layer: LayerConfig) -> Tree:

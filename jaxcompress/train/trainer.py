@@ -196,7 +196,7 @@ def make_step_fn(graphdef, partition: Partition, tx: optax.GradientTransformatio
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": nll / denom, "grad_norm": optax.global_norm(grads), "target_tokens": n,
+        metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "target_tokens": n,
                    "tokens": jnp.sum(batch["positions"] >= 0).astype(jnp.float32)}
         return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
 

@@ -1,0 +1,245 @@
+"""Benchmark of the fused kernels against XLA's bf16 matmul on the same card, in the same run.
+
+For each (variant, K, N, batch M) it records the kernel time (best of the tuned candidates),
+the XLA bf16 `dot` time on a dense weight of the same shape, the XLA dequantize-then-dot time
+(what `linear()` would do without the kernel), the speedup over bf16, the achieved bandwidth
+and the fraction of the roofline: floor / time with floor = max(bytes / copy bandwidth,
+flops / bf16 matmul rate), both ceilings measured in the same run. Before a point is timed,
+the kernel's output on a real random QArray is checked against the reference.
+
+`scripts/bench_kernels.py` is the command line; `write_report` turns the JSON into the
+markdown table and the speedup plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.bench.timing import copy_bandwidth, median_seconds
+from jaxcompress.ops.linear import dense_linear
+from pallas_kernels import autotune
+from pallas_kernels.int8_matmul import int8_layout, int8_matmul, int8_matmul_reference
+from pallas_kernels.layout import kernel_layout
+from pallas_kernels.quant_matmul import TileConfig, quant_matmul, quant_matmul_reference
+from pallas_kernels.testing import Variant, random_weight, relative_error
+
+log = logging.getLogger(__name__)
+
+LLAMA_SHAPES = ((4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096))
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One variant over shapes and batches; configs are tuned at `tune_batches` and reused by
+    the nearest tuned batch elsewhere."""
+
+    variant: Variant
+    shapes: tuple = LLAMA_SHAPES
+    batches: tuple = BATCHES
+    tune_batches: tuple = (1, 4, 16, 64, 256)
+    kind: str = "a16"  # "a8": int8 activations
+
+
+def matmul_peak_flops(n: int = 8192) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n**3 / median_seconds(f, a, b, warmup=2, repeats=10)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+@functools.cache
+def bf16_us(k: int, n: int, m: int) -> float:
+    """XLA bf16 dot (fp32 accumulation, as `linear` does for a dense weight), per call."""
+    n_buf = autotune.buffers_for(2 * k * n)
+    keys = jax.random.split(jax.random.key(11), 2 * n_buf)
+    ws = [jax.random.normal(keys[i], (k, n), jnp.bfloat16) * 0.02 for i in range(n_buf)]
+    xs = [jax.random.normal(keys[n_buf + i], (m, k), jnp.bfloat16) for i in range(n_buf)]
+    return 1e6 * autotune.time_per_call(dense_linear, xs, ws)
+
+
+class Runner:
+    """Holds the ceilings, the deadline and the results of one benchmark run."""
+
+    def __init__(self, deadline_s: float, max_candidates: int = 4, check: bool = True,
+                 interpret: bool = False):
+        self.deadline = time.monotonic() + deadline_s
+        self.max_candidates = max_candidates
+        self.check = check
+        self.interpret = interpret  # a dry run of the harness on a CPU (tiny shapes only)
+        self.records: list[dict] = []
+        self.table = autotune.TuningTable()
+        self.bandwidth = copy_bandwidth(64 << 20 if interpret else 2 << 30)
+        self.flops = matmul_peak_flops(256 if interpret else 8192)
+        log.info("copy bandwidth %.0f GB/s, bf16 matmul %.0f TFLOP/s", self.bandwidth / 1e9, self.flops / 1e12)
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def _matmul(self, kind):
+        fn = int8_matmul if kind == "a8" else quant_matmul
+        return functools.partial(fn, interpret=self.interpret)
+
+    def _time(self, w, m, cfg, kind, xs, ws) -> float:
+        matmul = self._matmul(kind)
+        return 1e6 * autotune.time_per_call(lambda x, ww: matmul(x, ww, config=cfg), xs, ws)
+
+    def tune(self, w, m, kind) -> tuple[TileConfig | None, float | None, list]:
+        lay = int8_layout(w) if kind == "a8" else kernel_layout(w)
+        cands = autotune.candidates(lay, m, sms=autotune.num_sms(), int8=kind == "a8")
+        cands = cands[: self.max_candidates]
+        xs, ws = autotune.random_inputs(w, m, jnp.bfloat16, seed=m)
+        tried = []
+        for cfg in cands:
+            try:
+                tried.append((self._time(w, m, cfg, kind, xs, ws), cfg))
+            except Exception as e:  # reported in the results, never hidden
+                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                log.warning("config %s failed: %s", cfg, msg)
+                tried.append((None, cfg, msg))
+        ok = [t for t in tried if t[0] is not None]
+        if not ok:
+            return None, None, tried
+        us, cfg = min(ok, key=lambda t: t[0])[:2]
+        return cfg, us, tried
+
+    def point(self, sweep: Sweep, k: int, n: int, m: int, cfg_hint: TileConfig | None) -> TileConfig | None:
+        """Tunes (or reuses `cfg_hint`), checks, times and records one (shape, batch) point."""
+        v, kind = sweep.variant, sweep.kind
+        w = random_weight(jax.random.key(k * 7 + n), k, n, v)
+        lay = int8_layout(w) if kind == "a8" else kernel_layout(w)
+        rec = {"variant": v.name, "kind": kind, "bits": v.bits, "group_size": v.group_size or k,
+               "grid": v.grid, "layout": "tiled" if v.tiled_rows else "native", "rows": lay.rows,
+               "m": m, "k": k, "n": n}
+        tuned = m in sweep.tune_batches or cfg_hint is None
+        cfg = cfg_hint
+        if cfg is not None and not tuned and not cfg.use_dot:
+            cfg = dataclasses.replace(cfg, block_m=min(m, 8))
+        if cfg is not None and autotune.config_problem(cfg, lay, m, min_dot_k=32 if kind == "a8" else 16):
+            tuned, cfg = True, None
+        if tuned:
+            cfg, kernel_us, tried = self.tune(w, m, kind)
+            rec["candidates"] = [{"config": t[1].to_json(), "us": t[0], **({"error": t[2]} if len(t) > 2 else {})}
+                                 for t in tried]
+        rec["tuned"] = tuned
+        if cfg is None:
+            rec["error"] = "no candidate config ran"
+            self.records.append(rec)
+            return None
+        rec["config"] = cfg.to_json()
+        matmul = self._matmul(kind)
+        if self.check:
+            x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+            y = jax.jit(lambda x, w: matmul(x, w, config=cfg))(x, w)
+            ref = (int8_matmul_reference if kind == "a8" else quant_matmul_reference)(x, w)
+            rec["rel_err"] = relative_error(y, ref)
+        xs, ws = autotune.random_inputs(w, m, jnp.bfloat16, seed=1000 + m)
+        rec["kernel_us"] = self._time(w, m, cfg, kind, xs, ws)
+        rec["xla_bf16_us"] = bf16_us(k, n, m)
+        if m >= 16:  # the dispatch's alternative; at small batch it never wins
+            rec["xla_dequant_us"] = 1e6 * autotune.time_per_call(lambda x, ww: dense_linear(x, ww.dequantize()), xs, ws)
+        wbytes = _nbytes(w)
+        moved = wbytes + 2 * m * (k + n)
+        floor = max(moved / self.bandwidth, 2 * m * k * n / self.flops)
+        rec["weight_bytes"] = wbytes
+        rec["speedup"] = rec["xla_bf16_us"] / rec["kernel_us"]
+        rec["bandwidth_GBps"] = moved / rec["kernel_us"] / 1e3
+        rec["roofline_fraction"] = floor * 1e6 / rec["kernel_us"]
+        bf16_floor = max((2 * k * n + 2 * m * (k + n)) / self.bandwidth, 2 * m * k * n / self.flops)
+        rec["bf16_roofline_fraction"] = bf16_floor * 1e6 / rec["xla_bf16_us"]
+        self.records.append(rec)
+        entry = autotune.Entry(autotune.problem_of(w, m, kind, lay), cfg, rec["kernel_us"],
+                               rec.get("xla_dequant_us"))
+        self.table.add(entry)
+        log.info("%s K=%d N=%d M=%d: %.1f us vs bf16 %.1f us (%.2fx, %.0f%% roofline) err %.1e",
+                 v.name, k, n, m, rec["kernel_us"], rec["xla_bf16_us"], rec["speedup"],
+                 100 * rec["roofline_fraction"], rec.get("rel_err", float("nan")))
+        return cfg
+
+    def run(self, sweep: Sweep) -> None:
+        for k, n in sweep.shapes:
+            tuned: dict[int, TileConfig] = {}
+            for m in sorted(sweep.batches):
+                if self.out_of_time():
+                    log.warning("deadline reached: skipping the rest of %s", sweep.variant.name)
+                    return
+                near = min(tuned, key=lambda t: abs(t - m), default=None) if tuned else None
+                hint = None if m in sweep.tune_batches else tuned.get(near)
+                try:
+                    cfg = self.point(sweep, k, n, m, hint)
+                except Exception as e:  # keep the other points; the record says what broke
+                    log.exception("point %s K=%d N=%d M=%d failed", sweep.variant.name, k, n, m)
+                    self.records.append({"variant": sweep.variant.name, "kind": sweep.kind,
+                                         "bits": sweep.variant.bits, "m": m, "k": k, "n": n,
+                                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"})
+                    continue
+                if cfg is not None and m in sweep.tune_batches:
+                    tuned[m] = cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = [f"# Fused low-bit matmul vs XLA bf16 ({meta.get('card', '?')})", "",
+             f"jax {meta.get('jax', '?')}, commit {meta.get('commit', '?')}; copy bandwidth "
+             f"{meta.get('copy_bandwidth_GBps', 0):.0f} GB/s, bf16 matmul {meta.get('matmul_TFLOPs', 0):.0f} "
+             "TFLOP/s (both measured in the run). Times are per call, many calls on distinct weight "
+             "buffers inside one jitted function. Roofline = max(bytes / copy bandwidth, flops / "
+             "matmul rate) / time.", "",
+             "| variant | K | N | M | kernel us | XLA bf16 us | speedup | roofline | GB/s | XLA dequant us | rel err | config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "kernel_us" not in r:
+            lines.append(f"| {r['variant']} | {r['k']} | {r['n']} | {r['m']} | failed: {r.get('error', '?')} |"
+                         " | | | | | | |")
+            continue
+        cfg = r["config"]
+        short = (f"{'dot' if cfg['use_dot'] else 'fma'} bm{cfg['block_m']} bn{cfg['block_n']} "
+                 f"s{cfg['split_k']} u{cfg['tiles_per_step']} w{cfg['num_warps']}")
+        deq = f"{r['xla_dequant_us']:.1f}" if "xla_dequant_us" in r else ""
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        lines.append(f"| {r['variant']} | {r['k']} | {r['n']} | {r['m']} | {r['kernel_us']:.1f} | "
+                     f"{r['xla_bf16_us']:.1f} | {r['speedup']:.2f}x | {r['roofline_fraction']:.0%} | "
+                     f"{r['bandwidth_GBps']:.0f} | {deq} | {err} | {short} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: str, card: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_variant: dict[str, dict[int, list[float]]] = {}
+    for r in records:
+        if "speedup" in r:
+            by_variant.setdefault(r["variant"], {}).setdefault(r["m"], []).append(r["speedup"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in sorted(by_variant.items()):
+        ms = sorted(pts)
+        if len(ms) < 2:
+            continue
+        geo = [float(jnp.exp(jnp.mean(jnp.log(jnp.asarray(pts[m]))))) for m in ms]
+        ax.plot(ms, geo, marker="o", label=name)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (tokens per call)")
+    ax.set_ylabel("speedup over XLA bf16 (geometric mean over shapes)")
+    ax.set_title(f"Fused low-bit matmul, Llama-2/Mistral-7B projection shapes, {card}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,120 @@
+"""Fused low-bit matmul kernels vs XLA bf16 on this GPU, over the Llama-2-7B / Mistral-7B shapes.
+
+    # on the GPU machine (writes records, meta and the tuning table under --out):
+    PYTHONPATH=. python scripts/bench_kernels.py --out $OUT
+    # anywhere: markdown table and plot from a records file
+    PYTHONPATH=. python scripts/bench_kernels.py --report docs/results/quant_matmul_h100.json
+
+The records (`quant_matmul_<card>.json`) are a list with the keys bits, group_size, m, k, n,
+kernel_us, xla_bf16_us, speedup, roofline_fraction (and more: variant, config, rel_err, ...).
+`quant_matmul_tuning.json` holds the tuned configs and the measured kernel-vs-XLA rule; copy
+it to `pallas_kernels/` to make it the shipped table that `linear()` dispatches by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from jaxcompress.io.atomic import write_json, write_text
+
+
+def suites(name: str):
+    from pallas_kernels.benchmark import LLAMA_SHAPES, Sweep
+    from pallas_kernels.testing import Variant
+
+    small = ((4096, 4096), (4096, 11008))
+    full = [
+        Sweep(Variant(4, 128)),  # the headline: W4 g128, every shape and batch
+        Sweep(Variant(8, 0), batches=(1, 2, 4, 8, 16, 32), tune_batches=(1, 4, 16)),
+        Sweep(Variant(3, 128), batches=(1, 4), tune_batches=(1, 4)),
+        Sweep(Variant(2, 128), batches=(1, 4), tune_batches=(1, 4)),
+        Sweep(Variant(4, 128, "asym"), shapes=small, batches=(1, 16), tune_batches=(1, 16)),
+        Sweep(Variant(4, 32, "asym", tiled_rows=32), shapes=small, batches=(1, 16, 64), tune_batches=(1, 16, 64)),
+        Sweep(Variant(3, 128, tiled_rows=32), shapes=small, batches=(1, 16), tune_batches=(1, 16)),
+        Sweep(Variant(4, 0, "lut"), shapes=small, batches=(1, 16), tune_batches=(1, 16)),
+        Sweep(Variant(8, 0), shapes=small, batches=(16, 64, 256), tune_batches=(16, 64, 256), kind="a8"),
+        Sweep(Variant(4, 128, tiled_rows=32), shapes=small, batches=(16, 64, 256), tune_batches=(16, 64, 256),
+              kind="a8"),
+    ]
+    if name == "full":
+        return full
+    if name == "quick":  # one shape per variant, few batches: a smoke run
+        return [Sweep(s.variant, shapes=((4096, 4096),), batches=s.tune_batches[:2], tune_batches=s.tune_batches[:2],
+                      kind=s.kind) for s in full]
+    if name == "w4":
+        return full[:1]
+    raise SystemExit(f"unknown suite {name!r}: choose full, quick or w4")
+
+
+def card_tag(kind: str) -> str:
+    k = kind.lower()
+    for tag in ("h200", "h100", "a100", "l40s", "l4"):
+        if tag in k:
+            return tag
+    return k.replace(" ", "_")
+
+
+def report(path: str) -> None:
+    from pallas_kernels.benchmark import markdown, plot
+
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    meta_path = path.replace(".json", "_meta.json")
+    meta = json.load(open(meta_path, encoding="utf-8")) if os.path.exists(meta_path) else {}
+    stem = path[: -len(".json")]
+    write_text(stem + ".md", markdown(records, meta))
+    plot(records, stem + ".png", meta.get("card", "?"))
+    print(f"wrote {stem}.md and {stem}.png")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="folder for the records, meta and tuning table")
+    p.add_argument("--suite", default="full")
+    p.add_argument("--deadline-s", type=float, default=420.0, help="stop sweeping after this long")
+    p.add_argument("--max-candidates", type=int, default=4)
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check of each point")
+    p.add_argument("--report", help="records JSON: write its markdown table and plot, then exit")
+    p.add_argument("--shapes", help="KxN,KxN,... instead of the suite's shapes")
+    p.add_argument("--interpret", action="store_true", help="dry run on a CPU in interpret mode (tiny --shapes)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    if args.report:
+        return report(args.report)
+    if not args.out:
+        p.error("--out is required (or --report)")
+
+    import jax
+
+    from jaxcompress.provenance import provenance
+    from pallas_kernels.benchmark import Runner, markdown
+
+    dev = jax.devices()[0]
+    tag = card_tag(dev.device_kind)
+    runner = Runner(args.deadline_s, args.max_candidates, check=not args.no_check, interpret=args.interpret)
+    meta = {"card": dev.device_kind, "copy_bandwidth_GBps": runner.bandwidth / 1e9,
+            "matmul_TFLOPs": runner.flops / 1e12, "suite": args.suite, **provenance()}
+    meta["commit"] = meta.get("git_commit")
+    meta["jax"] = jax.__version__
+    sweeps = suites(args.suite)
+    if args.shapes:
+        shapes = tuple(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))
+        sweeps = [dataclasses.replace(s, shapes=shapes) for s in sweeps]
+    for sweep in sweeps:
+        runner.run(sweep)
+        for r in runner.records:
+            r["card"] = dev.device_kind
+        write_json(os.path.join(args.out, f"quant_matmul_{tag}.json"), runner.records)
+        write_json(os.path.join(args.out, f"quant_matmul_{tag}_meta.json"), meta)
+        runner.table.meta = {"card": dev.device_kind, "jax": jax.__version__}
+        runner.table.save(os.path.join(args.out, "quant_matmul_tuning.json"))
+    print(markdown(runner.records, meta))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""KV codecs: round trips against float64 numpy, KIVI's residual window at group boundaries,
+KVQuant's pre-RoPE algebra, exact outliers and sink, the kernel path inside the model, the
+no-op codec's bit-identical generation, and clear errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError, UserError
+from jaxcompress.kv import KIVICodec, KVCalibration, KVQuantCodec, UniformCodec, fit_kvquant
+from jaxcompress.kv.kvquant import num_outliers
+from jaxcompress.models.build import random_model
+from jaxcompress.models.cache import KVCache
+from jaxcompress.models.presets import preset
+from jaxcompress.models.rope import apply_rope, rope_cos_sin
+from jaxcompress.ops.attention import attention_mask
+
+KH, D = 2, 32
+
+
+def _f16(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float64)
+
+
+def np_asym(x, axis, bits):
+    """float64 reference of an asymmetric min-max grid over `axis` (fp16 scale and zero)."""
+    x32 = x.astype(np.float32)
+    lo, hi = x32.min(axis=axis, keepdims=True), x32.max(axis=axis, keepdims=True)
+    scale = _f16((hi - lo) / np.float32(2 ** bits - 1))
+    scale = np.where(scale > 0, scale, 1.0)
+    zero = _f16(lo)
+    return np.clip(np.round((x - zero) / scale), 0, 2 ** bits - 1) * scale + zero
+
+
+def np_kivi(x, g, kb, vb):
+    """KIVI of keys and values x [B, L, K, D] (L a multiple of g): float64."""
+    b, n, k, d = x[0].shape
+    keys = x[0].reshape(b, n // g, g, k, d)
+    vals = x[1].reshape(b, n, k, d // g, g)
+    return np_asym(keys, 2, kb).reshape(b, n, k, d), np_asym(vals, 4, vb).reshape(b, n, k, d)
+
+
+def _kv(rng, b, n, scale=1.0):
+    k = (rng.normal(size=(b, n, KH, D)) * np.linspace(0.2, 3, D)).astype(np.float32)
+    return k * scale, rng.normal(size=(b, n, KH, D)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------- KIVI
+def test_kivi_residual_window_at_group_boundaries():
+    codec = KIVICodec(key_bits=2, value_bits=4, group_size=16, residual=32, attention="reference")
+    g, r = 16, 32
+    rng = np.random.default_rng(0)
+    k, v = _kv(rng, 2, 100)
+    write = jax.jit(codec.write)
+    dense = jax.jit(codec.dense)
+    quantized = jax.jit(codec.quantized_length)
+    # The rule: n_q = floor(max(end - R, 0) / G) * G, hand-checked at the boundaries.
+    expected = {40: 0, 47: 0, 48: 16, 49: 16, 63: 16, 64: 32, 65: 32, 80: 48, 100: 64}
+    state = codec.init(2, 120, KH, D, jnp.float32)
+    state = write(state, jnp.asarray(k[:, :40]), jnp.asarray(v[:, :40]), jnp.int32(0))  # prefill
+    for end in range(41, 101):  # then decode, one token at a time
+        state = write(state, jnp.asarray(k[:, end - 1:end]), jnp.asarray(v[:, end - 1:end]), jnp.int32(end - 1))
+        n_q = int(quantized(state))
+        assert n_q == max(end - r, 0) // g * g
+        if end in expected:
+            assert n_q == expected[end], end
+            assert r <= end - n_q < r + g  # between R and R + G - 1 exact tokens
+            kd, vd = map(np.asarray, dense(state))
+            # the window holds the newest tokens exactly ...
+            np.testing.assert_array_equal(kd[:, n_q:end], k[:, n_q:end])
+            np.testing.assert_array_equal(vd[:, n_q:end], v[:, n_q:end])
+            # ... and the flushed groups are KIVI's grids (float64 reference)
+            if n_q:
+                kq, vq = np_kivi((k[:, :n_q].astype(np.float64), v[:, :n_q].astype(np.float64)), g, 2, 4)
+                np.testing.assert_allclose(kd[:, :n_q], kq, rtol=0, atol=1e-5)
+                np.testing.assert_allclose(vd[:, :n_q], vq, rtol=0, atol=1e-5)
+    # Prefill of all 100 tokens at once stores exactly the same cache (slots past the end
+    # hold provisional codes that nothing reads).
+    once = write(codec.init(2, 120, KH, D, jnp.float32), jnp.asarray(k), jnp.asarray(v), jnp.int32(0))
+    for a, b in zip(dense(once), dense(state)):
+        np.testing.assert_array_equal(np.asarray(a)[:, :100], np.asarray(b)[:, :100])
+
+
+# --------------------------------------------------------------------------------- int baselines
+@pytest.mark.parametrize("bits,symmetric,granularity", [(4, False, "head"), (8, True, "token"), (2, False, "tensor")])
+def test_uniform_round_trip_float64(bits, symmetric, granularity):
+    rng = np.random.default_rng(bits)
+    k, v = _kv(rng, 2, 70)
+    cal = None
+    if granularity == "tensor":  # static grids, as calibrated: [lo, hi] = [-4, 4] (keys), [-2, 2]
+        step = lambda span: np.float32(span / (2 ** bits - 1))  # noqa: E731
+        cal = KVCalibration({"k_scale": np.full(2, step(8)), "k_zero": np.full(2, -4.0, np.float32),
+                             "v_scale": np.full(2, step(4)), "v_zero": np.full(2, -2.0, np.float32)})
+    codec = UniformCodec(bits, bits, symmetric, granularity, calibration=cal)
+    state = codec.init_layer(1, 2, 96, KH, D, jnp.float32)
+    state = jax.jit(codec.write)(state, jnp.asarray(k[:, :64]), jnp.asarray(v[:, :64]), jnp.int32(0))
+    state = jax.jit(codec.write)(state, jnp.asarray(k[:, 64:]), jnp.asarray(v[:, 64:]), jnp.int32(64))
+    kd, vd = (np.asarray(x)[:, :70] for x in jax.jit(codec.dense)(state))
+    for got, x, lo in ((kd, k, -4.0), (vd, v, -2.0)):
+        x = x.astype(np.float64)
+        if granularity == "tensor":
+            scale, zero = _f16(np.float32((-2 * lo) / (2 ** bits - 1))), _f16(lo)
+            want = np.clip(np.round((x - zero) / scale), 0, 2 ** bits - 1) * scale + zero
+        elif symmetric:  # per token over every head's channels
+            x32 = x.astype(np.float32)
+            scale = _f16(np.abs(x32).max(axis=(2, 3), keepdims=True) / np.float32(2 ** (bits - 1) - 1))
+            want = (np.clip(np.round(x / scale) + 2 ** (bits - 1), 0, 2 ** bits - 1) - 2 ** (bits - 1)) * scale
+        else:  # per token and head
+            want = np_asym(x, 3, bits)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- KVQuant
+def _kvquant_calibration(rng, bits=3, layers=2, n=4096):
+    """A calibration fitted on synthetic keys with outlier channels (Fisher weights 1)."""
+    data = []
+    for _ in range(layers):
+        k, v = _kv(rng, 1, n)
+        k = k[0] + np.where(np.arange(D) == 5, 8.0, 0.0)  # a channel with a large offset
+        data.append({"k": k, "v": v[0], "k_fisher": np.ones_like(k), "v_fisher": np.ones_like(k)})
+    return fit_kvquant(data, bits, bits, 0.01)
+
+
+def np_kvquant(codec, cal, layer, k, v):
+    """float64 reference of KVQuant's storage of k, v [B, L, K, D] (no sink)."""
+    n = num_outliers(codec.outlier_fraction, D)
+    mid, half = cal.arrays["k_mid"][layer].astype(np.float64), cal.arrays["k_half"][layer].astype(np.float64)
+    cb_k, cb_v = (cal.arrays[f"{x}_codebook"][layer].astype(np.float64) for x in "kv")
+
+    def nearest(x, cb):
+        return cb[np.argmin(np.abs(x[..., None] - cb), axis=-1)]
+
+    kn = (k - mid) / half
+    kd = nearest(np.clip(kn, -1, 1), cb_k) * half + mid
+    top = np.argsort(-np.abs(kn), axis=-1, kind="stable")[..., :n]
+    outside = np.take_along_axis(np.abs(kn), top, -1) > 1
+    for j in range(n):
+        sel = (np.arange(D) == top[..., j:j + 1]) & outside[..., j:j + 1]
+        kd = np.where(sel, k, kd)
+    vtop = np.argsort(-np.abs(v), axis=-1, kind="stable")[..., :n]
+    inlier = ~np.any(np.arange(D) == vtop[..., None], axis=-2)
+    lo = np.where(inlier, v, np.inf).min(-1, keepdims=True)
+    hi = np.where(inlier, v, -np.inf).max(-1, keepdims=True)
+    vmid, vhalf = _f16((hi + lo) / 2), _f16((hi - lo) / 2)
+    vd = nearest(np.clip((v - vmid) / vhalf, -1, 1), cb_v) * vhalf + vmid
+    vd = np.where(~inlier, v, vd)
+    return kd, vd
+
+
+@pytest.fixture(scope="module")
+def kvquant_setup():
+    rng = np.random.default_rng(7)
+    cal = _kvquant_calibration(rng)
+    return cal, rng
+
+
+def test_kvquant_outliers_and_sink_are_exact(kvquant_setup):
+    cal, rng = kvquant_setup
+    codec = KVQuantCodec(3, 3, 0.01, sink=1, calibration=cal)
+    k, v = _kv(rng, 2, 40)
+    k[0, 7, 1, 3] = 50.0  # far outside the calibrated range of its channel
+    v[1, 9, 0, 11] = -30.0
+    positions = np.broadcast_to(np.arange(40) - 3, (2, 40)).copy()  # three padding slots first
+    positions[:, :3] = -1
+    state = jax.jit(codec.write)(codec.init_layer(1, 2, 64, KH, D, jnp.float32), jnp.asarray(k), jnp.asarray(v),
+                                 jnp.int32(0), jnp.asarray(positions))
+    kd, vd = (np.asarray(x)[:, :40] for x in jax.jit(codec.dense)(state))
+    assert kd[0, 7, 1, 3] == 50.0 and vd[1, 9, 0, 11] == -30.0
+    # the first real token (position 0, slot 3) is the attention sink: exact
+    np.testing.assert_array_equal(kd[:, 3], k[:, 3])
+    np.testing.assert_array_equal(vd[:, 3], v[:, 3])
+    # every other slot is the float64 reference (outliers exact, the rest on the datatypes)
+    kref, vref = np_kvquant(codec, cal, 1, k.astype(np.float64), v.astype(np.float64))
+    rest = np.arange(40) != 3
+    np.testing.assert_allclose(kd[:, rest], kref[:, rest], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(vd[:, rest], vref[:, rest], rtol=0, atol=1e-5)
+    # about outlier_fraction of the key entries fall outside the calibrated ranges
+    kn = (k[:, 3:] - cal.arrays["k_mid"][1]) / cal.arrays["k_half"][1]
+    assert 0.002 < np.mean(np.abs(kn) > 1) < 0.05
+
+
+@pytest.mark.parametrize("attention", ["reference", "interpret"])
+def test_kvquant_pre_rope_equals_quantize_then_rotate(kvquant_setup, attention):
+    """Attention over the stored pre-RoPE keys = attention over RoPE(dequantized keys)."""
+    cal, rng = kvquant_setup
+    cfg = dataclasses.replace(preset("tiny"), head_dim=D, num_kv_heads=KH, num_heads=2 * KH)
+    codec = KVQuantCodec(3, 3, 0.01, sink=1, calibration=cal, attention=attention)
+    k, v = _kv(rng, 2, 50)
+    q = rng.normal(size=(2, 1, 2 * KH, D)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(50), (2, 50))
+    state = jax.jit(codec.write)(codec.init_layer(0, 2, 64, KH, D, jnp.float32), jnp.asarray(k), jnp.asarray(v),
+                                 jnp.int32(0), jnp.asarray(pos))
+    slot_pos = np.full((2, 64), -1)
+    slot_pos[:, :50] = pos
+    cos, sin = rope_cos_sin(cfg, jnp.maximum(jnp.asarray(slot_pos), 0))
+
+    def rotate(x):
+        return apply_rope(x, cos, sin)
+
+    rotate.cos_sin = (cos, sin)  # what the model's attention layer passes
+    mask = attention_mask(jnp.asarray(pos[:, -1:]), jnp.asarray(slot_pos), None)
+    out = jax.jit(lambda s, q: codec.attend(s, q, mask, D ** -0.5, rotate_keys=rotate))(state, jnp.asarray(q))
+    # float64: dequantize (sink exact), rotate, attend
+    kref, vref = np_kvquant(codec, cal, 0, k.astype(np.float64), v.astype(np.float64))
+    kref[:, 0], vref[:, 0] = k[:, 0], v[:, 0]
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, D, 2) / D)
+    ang = pos[..., None] * inv
+    c, s_ = np.cos(np.concatenate([ang, ang], -1))[:, :, None], np.sin(np.concatenate([ang, ang], -1))[:, :, None]
+    krot = kref * c + np.concatenate([-kref[..., D // 2:], kref[..., :D // 2]], -1) * s_
+    qg = q[:, 0].reshape(2, KH, 2, D).astype(np.float64)
+    scores = np.einsum("bkgd,bskd->bkgs", qg, krot) * D ** -0.5
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bkgs,bskd->bkgd", p / p.sum(-1, keepdims=True), vref).reshape(2, 1, 2 * KH, D)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=0, atol=2e-4)
+
+
+# --------------------------------------------------------------------------------- in the model
+def _decode_logits(model, cfg, codec, tokens, prefill):
+    """Logits of a prefill then one-token decode steps, every step jitted."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def step(params, toks, pos, cache):
+        return nnx.merge(graphdef, params)(toks, pos, cache)
+
+    b, n = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    cache = KVCache.create(cfg, b, n + 8, jnp.float32, codec)
+    out, cache = step(params, tokens[:, :prefill], pos[:, :prefill], cache)
+    outs = [out]
+    for t in range(prefill, n):
+        out, cache = step(params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
+        outs.append(out)
+    return np.asarray(jnp.concatenate(outs, axis=1))
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    cfg = dataclasses.replace(preset("tiny"), head_dim=D, num_kv_heads=KH, num_heads=2 * KH)
+    return cfg, random_model(cfg, jnp.float32)
+
+
+@pytest.mark.parametrize("which", ["kivi", "kvquant"])
+def test_decode_kernel_path_matches_reference_in_model(small_model, kvquant_setup, which):
+    """The Pallas path (interpret mode) inside the model = the dequantize-then-attend path."""
+    cfg, model = small_model
+    codec = (KIVICodec(2, 2, group_size=16, residual=16) if which == "kivi"
+             else KVQuantCodec(3, 3, calibration=kvquant_setup[0]))
+    tokens = jax.random.randint(jax.random.key(3), (2, 44), 0, cfg.vocab_size)
+    ref = _decode_logits(model, cfg, dataclasses.replace(codec, attention="reference"), tokens, 30)
+    out = _decode_logits(model, cfg, dataclasses.replace(codec, attention="interpret"), tokens, 30)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+
+
+def test_noop_codec_generation_is_bit_identical():
+    """KIVI whose window covers the whole cache never quantizes: generation (and logits) equal
+    the uncompressed cache's bit for bit."""
+    from jaxcompress.models.generate import SamplingConfig, generate_tokens
+
+    cfg = preset("tiny")
+    model = random_model(cfg, jnp.float32)
+    prompts = [[5, 17, 9, 44, 3, 8, 100, 2, 7], [11, 12, 13]]
+    noop = KIVICodec(2, 2, group_size=16, residual=128)  # generate's cache here: 64 + 64 slots
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.8, top_k=20)
+    base = generate_tokens(model, prompts, sampling, seed=3)
+    assert generate_tokens(model, prompts, sampling, seed=3, codec=noop) == base
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 20)))
+    cache = KVCache.create(cfg, 2, 24, jnp.float32)
+    want, _ = model(tokens, None, cache)
+    got, _ = model(tokens, None, KVCache.create(cfg, 2, 24, jnp.float32, dataclasses.replace(noop, residual=24)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+# --------------------------------------------------------------------------------- errors
+def test_clear_errors():
+    with pytest.raises(ConfigError, match="key_bits=5 is not supported"):
+        KIVICodec(key_bits=5)
+    with pytest.raises(ConfigError, match="value_bits=1"):
+        UniformCodec(8, 1)
+    with pytest.raises(ConfigError, match="key_bits=6"):
+        KVQuantCodec(key_bits=6)
+    with pytest.raises(ConfigError, match="group_size=48 does not divide head_dim=64"):
+        KIVICodec(group_size=48).init(1, 64, 2, 64, jnp.float32)
+    with pytest.raises(ConfigError, match="needs calibration"):
+        KVQuantCodec().init(1, 64, 2, 64, jnp.float32)
+    with pytest.raises(ConfigError, match="granularity 'tensor' needs calibrated"):
+        UniformCodec(granularity="tensor").init(1, 64, 2, 64, jnp.float32)
+    with pytest.raises(ConfigError, match="attention="):
+        KIVICodec(attention="fast")
+    cfg = preset("tiny")
+    model = random_model(cfg, jnp.float32)
+    cache = KVCache.create(cfg, 1, 16, jnp.float32, KIVICodec(group_size=16, residual=16))
+    with pytest.raises(UserError, match="context of 20 tokens is longer than the KV cache"):
+        model(jnp.zeros((1, 20), jnp.int32), None, cache)

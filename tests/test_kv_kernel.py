@@ -1,0 +1,153 @@
+"""The Pallas decode-attention kernels (interpret mode on the CPU) against their pure-JAX
+references, over every store layout the codecs produce, lengths that are and are not multiples
+of the kernel block, GQA padding, masks and several splits. Also: the kernels lower to Triton
+for CUDA (no GPU needed to catch lowering errors)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.kv.store import NO_OUTLIER, QTokens, pack_tokens
+from pallas_kernels import decode_attention as da
+
+B, K, G, D = 2, 2, 3, 64  # G = 3 query heads per kv head: padded to 16 rows in the kernel
+SCALE = D ** -0.5
+
+
+def _store(rng, b, s, bits, rows, token_group, channel_group, *, zero=True, codebook=False,
+           outliers=0, shared_batch=False, shared_head=False, meta_dtype=np.float16):
+    codes = rng.integers(0, 2 ** bits, size=(b, K, s, D))
+    ts = {0: 1, 1: s}.get(token_group, s // max(token_group, 1))
+    cs = D // channel_group
+    shape = (1 if shared_batch else b, 1 if shared_head else K, ts, cs)
+    scale = rng.uniform(0.2, 0.6, size=shape).astype(meta_dtype)
+    extra = {}
+    if zero:
+        extra["zero"] = jnp.asarray(rng.normal(size=shape).astype(meta_dtype))
+    if codebook:
+        extra["codebook"] = jnp.asarray(np.sort(rng.uniform(-1, 1, 2 ** bits)).astype(np.float32))
+    if outliers:
+        idx = rng.integers(0, D, size=(b, K, s, outliers))
+        idx[rng.random(idx.shape) < 0.3] = NO_OUTLIER
+        extra["outlier_index"] = jnp.asarray(idx.astype(np.uint8))
+        extra["outlier_value"] = jnp.asarray((3 * rng.normal(size=idx.shape)).astype(np.float32))
+    return QTokens(pack_tokens(jnp.asarray(codes), bits, rows), jnp.asarray(scale), bits=bits, rows=rows,
+                   token_group=token_group, channel_group=channel_group, **extra)
+
+
+def _layout(name, rng, s):
+    if name == "kivi-k2v2":  # keys per channel over 32-token groups, values per token over 32 channels
+        return (_store(rng, B, s, 2, 32, 32, 1), _store(rng, B, s, 2, 32, 1, 32), None)
+    if name == "kivi-k4v2":  # different packing blocks for keys and values
+        return (_store(rng, B, s, 4, 32, 32, 1), _store(rng, B, s, 2, 32, 1, 32), None)
+    if name == "kivi-k3v4":  # 10 codes per word, blocks of 320 tokens
+        return (_store(rng, B, s, 3, 32, 32, 1), _store(rng, B, s, 4, 32, 1, 16), None)
+    if name == "kvquant-k3v3":  # codebooks, static per-channel key ranges, outliers, RoPE
+        keys = _store(rng, B, s, 3, 32, 0, 1, codebook=True, outliers=2, shared_batch=True,
+                      meta_dtype=np.float32)
+        values = _store(rng, B, s, 3, 32, 1, D, codebook=True, outliers=2)
+        angles = rng.uniform(0, 2 * np.pi, size=(B, s, D // 2)).astype(np.float32)
+        return keys, values, (jnp.cos(angles), jnp.sin(angles))
+    if name == "int8-sym-per-token":  # one scale per token shared by the heads, no zero point
+        return (_store(rng, B, s, 8, 32, 1, D, zero=False, shared_head=True),
+                _store(rng, B, s, 8, 32, 1, D, zero=False, shared_head=True), None)
+    raise ValueError(name)
+
+
+CASES = [  # layout, capacity, lengths (one not a multiple of the block), splits
+    ("kivi-k2v2", 1024, (700, 1024), None),
+    ("kivi-k4v2", 1024, (1000,), 3),
+    ("kvquant-k3v3", 640, (600, 75), 2),
+    ("int8-sym-per-token", 384, (300,), None),
+]
+
+
+@pytest.mark.parametrize("layout,s,lengths,splits", CASES, ids=[c[0] for c in CASES])
+def test_quantized_kernel_equals_reference(layout, s, lengths, splits):
+    rng = np.random.default_rng(len(layout))
+    k, v, rope = _layout(layout, rng, s)
+    q = jnp.asarray(rng.normal(size=(B, K, G, D)).astype(np.float32))
+    mask = jnp.asarray(rng.random((B, s)) < 0.8)
+
+    def run(length, dot_dtype):
+        return da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=SCALE, rope=rope,
+                                            num_splits=splits, dot_dtype=dot_dtype, interpret=True)
+
+    for length in lengths:
+        ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=SCALE, rope=rope)])
+        out = da.combine([run(length, jnp.float32)])
+        assert out.shape == (B, K, G, D)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0,
+                                   atol=2e-5 * float(jnp.abs(ref).max()))
+    if layout != "kivi-k2v2":
+        return
+    # bf16 operands on the tensor cores: the same function within bf16 rounding
+    out = da.combine([run(lengths[0], jnp.bfloat16)])
+    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, lengths[0], scale=SCALE, rope=rope)])
+    assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+def test_partials_combine_with_exact_tokens():
+    """Kernel partials merged with a dense partial equal attention over the union."""
+    rng = np.random.default_rng(1)
+    k, v, _ = _layout("kivi-k2v2", rng, 1024)  # the shapes of a case above: no new compilation
+    q = jnp.asarray(rng.normal(size=(B, K, G, D)).astype(np.float32))
+    mask = jnp.ones((B, 1024), bool)
+    ke = jnp.asarray(rng.normal(size=(B, 5, K, D)).astype(np.float32))
+    ve = jnp.asarray(rng.normal(size=(B, 5, K, D)).astype(np.float32))
+    emask = jnp.asarray([[True] * 5, [True, False, True, False, False]])
+    parts = [da.quantized_decode_partials(q, k, v, mask, jnp.int32(300), scale=SCALE, dot_dtype=jnp.float32,
+                                          interpret=True),
+             da.dense_partials(q, ke, ve, emask, SCALE)]
+    kd = jnp.concatenate([k.dequantize().transpose(0, 2, 1, 3)[:, :300], ke], axis=1)
+    vd = jnp.concatenate([v.dequantize().transpose(0, 2, 1, 3)[:, :300], ve], axis=1)
+    full = da.combine([da.dense_partials(q, kd, vd, jnp.concatenate([mask[:, :300], emask], 1), SCALE)])
+    np.testing.assert_allclose(np.asarray(da.combine(parts)), np.asarray(full), rtol=0, atol=1e-5)
+
+
+def test_dense_bf16_kernel_equals_reference():
+    rng = np.random.default_rng(2)
+    s = 320
+    q = jnp.asarray(rng.normal(size=(B, K, G, D)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(size=(B, s, K, D)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(B, s, K, D)), jnp.bfloat16)
+    mask = jnp.asarray(rng.random((B, s)) < 0.9)
+    for length in (s, 250):
+        ref = da.combine([da.dense_decode_reference(q, k, v, mask, length, scale=SCALE)])
+        out = da.combine([da.dense_decode_partials(q, k, v, mask, jnp.int32(length), scale=SCALE, num_splits=2,
+                                                   interpret=True)])
+        assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+def test_kernel_errors_are_clear():
+    rng = np.random.default_rng(3)
+    k, v, _ = _layout("kivi-k2v2", rng, 512)
+    q = jnp.zeros((B, K, G, D))
+    with pytest.raises(Exception, match="mask shape"):
+        da.quantized_decode_partials(q, k, v, jnp.ones((B, 100), bool), 10, scale=SCALE, interpret=True)
+    with pytest.raises(Exception, match="multiple of 64"):
+        kd = jnp.zeros((B, 100, K, D))
+        da.dense_decode_partials(q, kd, kd, jnp.ones((B, 100), bool), 10, scale=SCALE, interpret=True)
+
+
+@pytest.mark.parametrize("layout", ["kivi-k2v2", "kvquant-k3v3"])
+def test_kernels_lower_to_triton_for_cuda(layout):
+    """Lowering (Pallas -> Triton IR) runs without a GPU: export for the cuda platform."""
+    from jax import export
+
+    rng = np.random.default_rng(4)
+    s = 1024 if layout == "kivi-k2v2" else 960
+    k, v, rope = _layout(layout, rng, s)
+    q = jnp.zeros((1, K, 1, D), jnp.bfloat16)
+    k, v = jax.tree.map(lambda x: x[:1] if x.shape[0] == B else x, (k, v))
+    rope = None if rope is None else tuple(t[:1] for t in rope)
+    mask = jnp.ones((1, s), bool)
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    fn = jax.jit(lambda q, k, v, m: da.quantized_decode_partials(q, k, v, m, 1000, scale=SCALE, rope=rope))
+    text = export.export(fn, platforms=["cuda"], disabled_checks=checks)(q, k, v, mask).mlir_module()
+    assert "__gpu$xla.gpu.triton" in text
+    kd = jnp.zeros((1, s, K, D), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, m: da.dense_decode_partials(q, k, v, m, 1000, scale=SCALE))
+    assert "__gpu$xla.gpu.triton" in export.export(fn, platforms=["cuda"], disabled_checks=checks)(
+        q, kd, kd, mask).mlir_module()

@@ -1,0 +1,113 @@
+"""The packed token store: bit layout, in-place writes, and grids against float64 numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.kv.store import (QTokens, minmax_scale_zero, nearest_codes, pack_tokens, uniform_codes,
+                                  unpack_tokens, write_codes)
+
+
+def test_pack_layout_hand_checked():
+    # 2-bit, rows=2: a block is 16 slots * 2 rows = 32 tokens; token t = i * rows + w sits in
+    # word w at bits [2i, 2i + 2).
+    codes = np.zeros((1, 1, 32, 1), np.int32)
+    codes[0, 0, 3, 0] = 3   # i=1, w=1 -> word 1, bits 2-3
+    codes[0, 0, 30, 0] = 2  # i=15, w=0 -> word 0, bits 30-31 (the sign bit of the int32 word)
+    words = np.asarray(pack_tokens(jnp.asarray(codes), bits=2, rows=2))
+    assert words.shape == (1, 1, 2, 1)
+    assert words[0, 0, 1, 0] == 3 << 2
+    assert words[0, 0, 0, 0].view(np.uint32) == 2 << 30
+
+
+def test_pack_unpack_round_trip():
+    rows = 16
+    for bits in (2, 3, 4, 8):
+        s = 2 * (32 // bits) * rows
+        codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(2, 3, s, 8))
+        words = jax.jit(pack_tokens, static_argnums=(1, 2))(codes, bits, rows)
+        assert words.shape == (2, 3, s // (32 // bits), 8) and words.dtype == jnp.int32
+        np.testing.assert_array_equal(jax.jit(unpack_tokens, static_argnums=(1, 2))(words, bits, rows), codes)
+
+
+# (bits, start, tokens): one token (the decode read-modify-write) at a block's first slot, at a
+# word's high bits, with 3-bit codes; several tokens straddling packing blocks.
+@pytest.mark.parametrize("bits,start,t", [(2, 0, 1), (2, 511, 1), (3, 159, 1), (4, 5, 70), (3, 250, 70)])
+def test_write_codes_equals_unpack_update_repack(bits, start, t):
+    rows, s = 16, 640 if bits == 3 else 512
+    rng = np.random.default_rng(start)
+    old = rng.integers(0, 2 ** bits, size=(2, 2, s, 4))
+    new = rng.integers(0, 2 ** bits, size=(2, 2, t, 4))
+
+    @jax.jit
+    def run(old, new, start):
+        return unpack_tokens(write_codes(pack_tokens(old, bits, rows), new, start, bits, rows), bits, rows)
+
+    expect = old.copy()
+    expect[:, :, start:start + t] = new
+    np.testing.assert_array_equal(run(old, new, jnp.int32(start)), expect)
+
+
+def _np_grid(x, axes, bits, symmetric):
+    """float64 reference: fp16 scale (and zero), round-half-even codes, dequantized values.
+    The scale is divided in fp32 before its fp16 rounding, as the codec does (rounding the
+    float64 quotient instead can differ by one fp16 ulp)."""
+    x32 = x.astype(np.float32)
+    if symmetric:
+        scale = (np.abs(x32).max(axis=axes, keepdims=True) / np.float32(2 ** (bits - 1) - 1)).astype(np.float16)
+        scale = np.where(scale > 0, scale, 1).astype(np.float64)
+        q = np.clip(np.round(x / scale) + 2 ** (bits - 1), 0, 2 ** bits - 1)
+        return (q - 2 ** (bits - 1)) * scale
+    lo, hi = x32.min(axis=axes, keepdims=True), x32.max(axis=axes, keepdims=True)
+    scale = ((hi - lo) / np.float32(2 ** bits - 1)).astype(np.float16)
+    scale = np.where(scale > 0, scale, 1).astype(np.float64)
+    zero = lo.astype(np.float16).astype(np.float64)
+    q = np.clip(np.round((x - zero) / scale), 0, 2 ** bits - 1)
+    return q * scale + zero
+
+
+@pytest.mark.parametrize("bits,symmetric", [(2, False), (3, False), (4, True), (8, True), (8, False)])
+def test_uniform_grid_matches_float64(bits, symmetric):
+    x = (np.random.default_rng(bits).normal(size=(2, 3, 64, 16)) * np.linspace(0.1, 4, 16)).astype(np.float32)
+    x = x.astype(np.float64)
+    @jax.jit
+    def grid(x):
+        scale, zero = minmax_scale_zero(x, (3,), bits, symmetric)
+        return uniform_codes(x, scale, zero, bits), scale, zero
+
+    codes, scale, zero = grid(jnp.asarray(x, jnp.float32))
+    got = np.asarray(codes, np.float64)
+    got = (got - 2 ** (bits - 1)) * np.asarray(scale, np.float64) if symmetric else \
+        got * np.asarray(scale, np.float64) + np.asarray(zero, np.float64)
+    np.testing.assert_allclose(got, _np_grid(x, 3, bits, symmetric), rtol=0, atol=1e-6)
+    # and the grid error is at most half a step (asymmetric; symmetric also clips one side)
+    if not symmetric:
+        step = np.asarray(scale, np.float64)
+        assert np.all(np.abs(got - x) <= step / 2 + 1e-3 * step)
+
+
+def test_nearest_codes():
+    cb = jnp.asarray([-1.0, -0.2, 0.1, 0.9])
+    x = jnp.asarray([-5.0, -0.61, -0.59, -0.05, -0.04, 0.49, 0.51, 3.0])
+    np.testing.assert_array_equal(nearest_codes(x, cb), [0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def test_dequantize_broadcasts_groups_and_overrides_outliers():
+    # keys-style store: scale per (group of 4 tokens, channel); one outlier per token.
+    rows, bits, b, k, s, d = 16, 4, 1, 2, 128, 4
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(b, k, s, d))
+    scale = rng.uniform(0.5, 1, size=(b, k, s // 4, d)).astype(np.float16)
+    zero = rng.normal(size=(b, k, s // 4, d)).astype(np.float16)
+    idx = rng.integers(0, d + 1, size=(b, k, s, 1)).astype(np.uint8)
+    idx[idx == d] = 255
+    val = rng.normal(size=(b, k, s, 1)).astype(np.float32)
+    store = QTokens(pack_tokens(jnp.asarray(codes), bits, rows), jnp.asarray(scale), jnp.asarray(zero),
+                    outlier_index=jnp.asarray(idx), outlier_value=jnp.asarray(val),
+                    bits=bits, rows=rows, token_group=4, channel_group=1)
+    expect = codes * np.repeat(scale.astype(np.float64), 4, axis=2) + np.repeat(zero.astype(np.float64), 4, axis=2)
+    hit = idx[..., 0] < 255
+    b_, k_, t_ = np.nonzero(hit)
+    expect[b_, k_, t_, idx[hit][:, 0]] = val[hit][:, 0]
+    np.testing.assert_allclose(np.asarray(jax.jit(QTokens.dequantize)(store)), expect, rtol=1e-6, atol=1e-6)
