@@ -5,7 +5,6 @@ against transformers (which proves the q/k un-permutation and the config mapping
 import gguf
 import numpy as np
 import pytest
-import torch
 from gguf import GGMLQuantizationType as T
 
 import gguf_models

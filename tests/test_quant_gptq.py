@@ -86,12 +86,9 @@ def test_matches_reference_algorithm(opts):
     ref = reference_gptq(w, h, cfg.bits, cfg.group_size, cfg.symmetric, cfg.gptq.act_order,
                          cfg.gptq.static_groups, cfg.gptq.block_size)
     ours = np.asarray(q.dequantize(), np.float64)
-    # fp32 against float64: a rounding tie may flip a code and the error feedback then moves its
-    # neighbours a little; everything else is the same grid point.
-    same = np.isclose(ours, ref, rtol=1e-5, atol=1e-7)
-    print("MATCH", same.mean()); assert same.mean() > 0.99, same.mean()
-    err = lambda v: np.linalg.norm(x @ (v - w))  # noqa: E731
-    assert abs(err(ours) - err(ref)) < 0.01 * err(ref)
+    # fp32 against float64: every weight lands on the same grid point (these seeded inputs
+    # hit no rounding tie), so the values agree to fp32 precision.
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
     assert (q.perm is not None) == (cfg.gptq.act_order and not cfg.gptq.static_groups)
     assert info["damp"] == 0.01
 

@@ -129,7 +129,7 @@ def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path: str)
 
     if factors.shape != (head_dim // 2,):
         raise CheckpointError(f"{path}: {ROPE_FREQS} has shape {factors.shape}, expected ({head_dim // 2},)")
-    scaling = RopeScaling("llama3", factor=float(factors.max()), **_LLAMA3_ROPE)
+    scaling = RopeScaling("llama3", factor=_f32(factors.max()), **_LLAMA3_ROPE)
     probe = ModelConfig(vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1, num_heads=1,
                         num_kv_heads=1, head_dim=head_dim, rope_theta=theta, rope_scaling=scaling)
     base = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)

@@ -1,0 +1,121 @@
+"""The result cache: a second run does no model work; a run killed mid-task resumes from its
+finished chunks and gives the same numbers; the record carries its provenance."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import eval_tiny
+from jaxcompress.eval import runner, zeroshot
+from jaxcompress.eval.metrics import multiple_choice, summarize
+from jaxcompress.eval.registry import TaskOptions, register_task
+from jaxcompress.eval.scoring import Scorer
+from jaxcompress.io.load import load_model
+
+PROBE_STARTS: list[int] = []  # chunk starts the probe task computed in this process
+
+
+@register_task("resume_probe")
+def resume_probe(loaded, opts):
+    """COPA scored in chunks of 2 items; sleeps after each chunk when asked (to be killed)."""
+    items = zeroshot.DOCS["copa"](opts.data_dir)[:opts.limit]
+    scorer = Scorer(loaded)
+    delay = float(os.environ.get("PROBE_DELAY", "0"))
+
+    def run(chunk, start):
+        PROBE_STARTS.append(start)
+        requests = [r for item in chunk for r in item.requests()]
+        lls = [lp for lp, _ in scorer.loglikelihood(requests, progress=False)]
+        out = [{"lls": lls[2 * j:2 * j + 2], **multiple_choice(lls[2 * j:2 * j + 2], it.choices, it.gold)}
+               for j, it in enumerate(chunk)]
+        time.sleep(delay)
+        return out
+
+    per_item = runner.map_chunks("resume_probe", items, run, chunk_size=2)
+    return {**summarize(per_item, ["acc", "acc_norm"]), "lls": [p["lls"] for p in per_item]}
+
+
+def _evaluate(folder, cache_dir, tasks, limit, load_fn=None, use_cache=True, out=None):
+    return runner.evaluate(load_fn or (lambda: load_model(folder)), model_spec=folder, recipe=None, overrides=[],
+                           tasks=tasks, opts=TaskOptions(limit=limit), out=out, use_cache=use_cache,
+                           dtype="float32", cache_dir=cache_dir)
+
+
+def child_main(folder: str, cache_dir: str) -> None:
+    """Entry point of the subprocess that gets killed."""
+    _evaluate(folder, cache_dir, ["resume_probe"], 12)
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return eval_tiny.tiny_model()[0]
+
+
+def test_second_run_does_no_model_work(folder, tmp_path):
+    loads = []
+
+    def load_fn():
+        loads.append(1)
+        return load_model(folder)
+
+    first = _evaluate(folder, str(tmp_path), ["copa", "winogrande"], 6, load_fn, out=str(tmp_path / "r.json"))
+    assert len(loads) == 1 and first["results"]["copa"]["n"] == 6
+
+    def must_not_load():
+        raise AssertionError("a cached evaluation loaded the model")
+
+    second = _evaluate(folder, str(tmp_path), ["copa", "winogrande"], 6, must_not_load)
+    assert second["results"] == first["results"]
+    assert all(t["cached"] for t in second["timing"].values())
+    # Other options are another cell; --no-cache recomputes (same numbers).
+    third = _evaluate(folder, str(tmp_path), ["copa"], 4, load_fn)
+    assert len(loads) == 2 and third["results"]["copa"]["n"] == 4
+    forced = _evaluate(folder, str(tmp_path), ["copa", "winogrande"], 6, load_fn, use_cache=False)
+    assert len(loads) == 3 and forced["results"] == first["results"]
+    # The record says what produced the numbers.
+    for key in ("model", "fingerprint", "recipe", "task_options", "versions", "git_commit", "code_version", "device"):
+        assert key in first
+    assert first["versions"]["jax"] and first["task_options"]["limit"] == 6
+    assert os.path.isfile(tmp_path / "r.json")
+    table = runner.results_table(first["results"], first["timing"])
+    assert "copa" in table and "acc=" in table and "±" in table
+
+
+def test_killed_run_resumes_with_identical_numbers(folder, tmp_path):
+    cache = str(tmp_path / "cache")
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    code = (f"import sys; sys.path[:0] = [{here!r}, {root!r}]; import test_eval_runner as t; "
+            f"t.child_main({folder!r}, {cache!r})")
+    env = dict(os.environ, PROBE_DELAY="1.0", JAX_PLATFORMS="cpu")
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    partial_files = []
+    deadline = time.time() + 240
+    while time.time() < deadline and child.poll() is None:
+        partials = [os.path.join(cache, d) for d in os.listdir(cache) if d.endswith(".partial")] \
+            if os.path.isdir(cache) else []
+        partial_files = [f for p in partials for f in os.listdir(p) if f.endswith(".json")]
+        if len(partial_files) >= 2:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert 2 <= len(partial_files) < 6
+    assert not [f for f in os.listdir(cache) if f.endswith(".json")]  # no finished cell
+
+    done = len([f for p in os.listdir(cache) if p.endswith(".partial")
+                for f in os.listdir(os.path.join(cache, p)) if f.endswith(".json")])
+    PROBE_STARTS.clear()
+    resumed = _evaluate(folder, cache, ["resume_probe"], 12)
+    assert sorted(PROBE_STARTS) == list(range(2 * done, 12, 2))  # only the unfinished chunks ran
+    PROBE_STARTS.clear()
+    fresh = _evaluate(folder, str(tmp_path / "fresh"), ["resume_probe"], 12, use_cache=False)
+    assert len(PROBE_STARTS) == 6
+    assert resumed["results"] == fresh["results"]
+    assert not [d for d in os.listdir(cache) if d.endswith(".partial")]  # cleaned up when finished
