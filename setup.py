@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # Tests compare against transformers' PyTorch models; the CPU build of torch 2.13.0 lies on
     # the CI machines' disk (a plain `torch` would pull a multi-GB CUDA build).
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "torch==2.13.0"],
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "torch==2.13.0", "lm-eval==0.4.13", "accelerate>=1.0"],
+    # `lm_eval --model jaxcompress` (see jaxcompress/eval/lm_eval_adapter.py).
+    "lm-eval": ["lm-eval>=0.4.13,<0.5"],
 }
 
 setup(
@@ -38,5 +40,6 @@ setup(
     packages=find_packages(include=["jaxcompress", "jaxcompress.*", "pallas_kernels", "pallas_kernels.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["jaxcompress=jaxcompress.cli:main"]},
+    entry_points={"console_scripts": ["jaxcompress=jaxcompress.cli:main",
+                                      "jaxcompress-lm-eval=jaxcompress.eval.lm_eval_adapter:main"]},
 )

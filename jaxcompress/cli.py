@@ -103,7 +103,8 @@ def cmd_eval(args) -> None:
                        data_dir=args.data_dir, extra=extra)
     tasks = [t for t in args.tasks.split(",") if t]
     evaluate(lambda: load(args), model_spec=args.model, recipe=args.recipe, overrides=args.overrides,
-             tasks=tasks, opts=opts, out=args.out, use_cache=not args.no_cache, dtype=args.dtype)
+             tasks=tasks, opts=opts, out=args.out, use_cache=not args.no_cache, dtype=args.dtype,
+             cache_dir=args.cache_dir)
 
 
 def cmd_convert(args) -> None:
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task option, e.g. --task-opt num_fewshot=5")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--no-cache", action="store_true", help="recompute finished tasks")
+    p.add_argument("--cache-dir", help="result cache folder (default: $JAXCOMPRESS_CACHE/eval, else "
+                                       "~/.cache/jaxcompress/eval)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="write the (compressed) model as a checkpoint")

@@ -104,7 +104,7 @@ def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -
     if not int8 and (m <= 8 or lay.rows < min_k):
         bm = min(m, 8)
         specs += [(32, bm, False, 4, 1, 2 * sms, 4), (64, bm, False, 4, 1, 4 * sms, 4),
-                  (16, bm, False, 2, 1, 2 * sms, 8), (128, bm, False, 4, 1, 4 * sms, 2)]
+                  (16, bm, False, 2, 1, sms, 8), (128, bm, False, 4, 1, 4 * sms, 2)]
     if lay.rows >= min_k and (m >= 4 or int8):
         if m <= 16:
             specs += [(64, 16, True, 4, 2, 2 * sms, 2), (128, 16, True, 4, 2, 2 * sms, 2),
@@ -136,17 +136,62 @@ def buffers_for(nbytes: int, cap: int = 64) -> int:
     return max(2, min(cap, math.ceil(L2_DEFEAT_BYTES / max(nbytes, 1))))
 
 
-def time_per_call(fn: Callable, xs: Sequence, ws: Sequence, reps: int = 7) -> float:
-    """Seconds per `fn(x, w)` call, timing all pairs in one jitted function (median of reps)."""
+def lower_calls(fn: Callable, xs: Sequence, ws: Sequence):
+    """One jitted function applying `fn` to every (x, w) pair, lowered (not yet compiled).
+
+    `fn` is jitted on its own so that its kernel is lowered once, not once per pair."""
     inner = jax.jit(fn)
-    many = jax.jit(lambda xs, ws: [inner(x, w) for x, w in zip(xs, ws)])
-    jax.block_until_ready(many(xs, ws))
+    return jax.jit(lambda xs, ws: [inner(x, w) for x, w in zip(xs, ws)]).lower(xs, ws)
+
+
+def time_compiled(compiled, xs: Sequence, ws: Sequence, reps: int = 7) -> float:
+    """Seconds per call of a `lower_calls(...).compile()` function (median of reps, after a warm-up)."""
+    jax.block_until_ready(compiled(xs, ws))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(many(xs, ws))
+        jax.block_until_ready(compiled(xs, ws))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / len(ws)
+
+
+def time_per_call(fn: Callable, xs: Sequence, ws: Sequence, reps: int = 7) -> float:
+    """Seconds per `fn(x, w)` call, timing all pairs in one jitted function (median of reps)."""
+    return time_compiled(lower_calls(fn, xs, ws).compile(), xs, ws, reps)
+
+
+def time_candidates(fns: Sequence[Callable], xs: Sequence, ws: Sequence, reps: int = 7,
+                    threads: int = 8) -> list:
+    """Per-call seconds of each fn (or the exception that stopped it); compiles in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lowered = []
+    for fn in fns:
+        try:
+            lowered.append(lower_calls(fn, xs, ws))
+        except Exception as e:  # returned to the caller, which reports it
+            lowered.append(e)
+
+    def compile_one(low):
+        if isinstance(low, Exception):
+            return low
+        try:
+            return low.compile()
+        except Exception as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, min(threads, len(fns)))) as pool:
+        compiled = list(pool.map(compile_one, lowered))
+    out = []
+    for c in compiled:
+        if isinstance(c, Exception):
+            out.append(c)
+            continue
+        try:
+            out.append(time_compiled(c, xs, ws, reps))
+        except Exception as e:
+            out.append(e)
+    return out
 
 
 def random_like(w: QArray | TiledQArray, key: jax.Array):

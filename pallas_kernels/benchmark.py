@@ -78,6 +78,7 @@ class Runner:
         self.check = check
         self.interpret = interpret  # a dry run of the harness on a CPU (tiny shapes only)
         self.records: list[dict] = []
+        self.logged_failure = False
         self.table = autotune.TuningTable()
         self.bandwidth = copy_bandwidth(64 << 20 if interpret else 2 << 30)
         self.flops = matmul_peak_flops(256 if interpret else 8192)
@@ -99,14 +100,19 @@ class Runner:
         cands = autotune.candidates(lay, m, sms=autotune.num_sms(), int8=kind == "a8")
         cands = cands[: self.max_candidates]
         xs, ws = autotune.random_inputs(w, m, jnp.bfloat16, seed=m)
+        matmul = self._matmul(kind)
+        fns = [functools.partial(lambda x, ww, c: matmul(x, ww, config=c), c=cfg) for cfg in cands]
         tried = []
-        for cfg in cands:
-            try:
-                tried.append((self._time(w, m, cfg, kind, xs, ws), cfg))
-            except Exception as e:  # reported in the results, never hidden
-                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        for cfg, res in zip(cands, autotune.time_candidates(fns, xs, ws)):
+            if isinstance(res, Exception):  # reported in the results, never hidden
+                msg = str(res).splitlines()[0][:300] if str(res) else type(res).__name__
+                if not self.logged_failure:  # the whole traceback once, for the notes
+                    log.error("config %s failed", cfg, exc_info=res)
+                    self.logged_failure = True
                 log.warning("config %s failed: %s", cfg, msg)
                 tried.append((None, cfg, msg))
+            else:
+                tried.append((1e6 * res, cfg))
         ok = [t for t in tried if t[0] is not None]
         if not ok:
             return None, None, tried

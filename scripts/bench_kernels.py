@@ -43,6 +43,13 @@ def suites(name: str):
     ]
     if name == "full":
         return full
+    if name == "lean":  # what fits a few minutes of GPU time: the headline sweep and batch 1 elsewhere
+        w4 = Sweep(Variant(4, 128), batches=(1, 4, 16, 64, 256), tune_batches=(1, 16, 256))
+        batch1 = [Sweep(s.variant, shapes=small, batches=(1,), tune_batches=(1,))
+                  for s in full[1:4] + full[6:8]]
+        a8 = [Sweep(s.variant, shapes=small[:1], batches=(16, 256), tune_batches=(16, 256), kind="a8")
+              for s in full[8:10]]
+        return [w4] + batch1 + [Sweep(full[5].variant, shapes=small[:1], batches=(1, 16), tune_batches=(1, 16))] + a8
     if name == "quick":  # one shape per variant, few batches: a smoke run
         return [Sweep(s.variant, shapes=((4096, 4096),), batches=s.tune_batches[:2], tune_batches=s.tune_batches[:2],
                       kind=s.kind) for s in full]

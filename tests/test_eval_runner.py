@@ -45,14 +45,37 @@ def _evaluate(folder, cache_dir, tasks, limit, load_fn=None, use_cache=True, out
                            dtype="float32", cache_dir=cache_dir)
 
 
+CODE = "test-code-version"  # other work in a shared tree must not change the key mid-test
+
+
 def child_main(folder: str, cache_dir: str) -> None:
     """Entry point of the subprocess that gets killed."""
+    runner.code_version = lambda: CODE
     _evaluate(folder, cache_dir, ["resume_probe"], 12)
 
 
 @pytest.fixture(scope="module")
 def folder():
     return eval_tiny.tiny_model()[0]
+
+
+@pytest.fixture(autouse=True)
+def fixed_code_version(monkeypatch):
+    monkeypatch.setattr(runner, "code_version", lambda: CODE)
+
+
+def test_cell_key_covers_model_recipe_task_options_and_code():
+    ident = {"model": "m", "weights": "w", "recipe": None, "dtype": "float32"}
+    key = runner.cell_key(ident, "copa", TaskOptions(limit=5), "c1")
+    assert key == runner.cell_key(dict(ident), "copa", TaskOptions(limit=5, batch_size=64), "c1")  # speed only
+    assert key == runner.cell_key(ident, "copa", TaskOptions(limit=5, extra={"batch_tokens": 9}), "c1")
+    for other in (runner.cell_key({**ident, "weights": "w2"}, "copa", TaskOptions(limit=5), "c1"),
+                  runner.cell_key({**ident, "recipe": {"recipe": "gptq"}}, "copa", TaskOptions(limit=5), "c1"),
+                  runner.cell_key(ident, "piqa", TaskOptions(limit=5), "c1"),
+                  runner.cell_key(ident, "copa", TaskOptions(limit=6), "c1"),
+                  runner.cell_key(ident, "copa", TaskOptions(limit=5, extra={"num_fewshot": 3}), "c1"),
+                  runner.cell_key(ident, "copa", TaskOptions(limit=5), "c2")):
+        assert other != key
 
 
 def test_second_run_does_no_model_work(folder, tmp_path):

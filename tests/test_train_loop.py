@@ -126,14 +126,12 @@ def test_resume_is_exact_even_after_a_killed_save(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_resume_refuses_a_changed_config(tmp_path):
+def test_resume_refuses_a_changed_config(finished):
     from jaxcompress.errors import CheckpointError
 
-    out = str(tmp_path / "run")
-    cfg = config(**{"steps": 2, "checkpoint.every": 1, "log.eval_every": 0})
-    run_training(cfg, out, loaded=tiny_loaded(), stop_after=1)
-    changed = config(**{"steps": 2, "checkpoint.every": 1, "log.eval_every": 0, "lora.rank": 8})
-    with pytest.raises(CheckpointError, match="different config \\(changed: lora\\)"):
+    out, _ = finished
+    changed = config(**{"lora.rank": 8, "save": ["merged", "model", "adapters"]})
+    with pytest.raises(CheckpointError, match="different config \\(changed: lora\\); use a new --out folder"):
         run_training(changed, out, loaded=tiny_loaded())
 
 

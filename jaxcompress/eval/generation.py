@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+
 from jaxcompress.errors import UserError
 from jaxcompress.eval.scoring import default_batch_tokens, rows_for
 from jaxcompress.models.generate import SamplingConfig, _bucket, generate_tokens, stop_token_ids
+
+
+def default_generation_tokens() -> int:
+    """Prompt + new tokens per generation batch: decoding is memory-bound, so bigger batches
+    than for scoring pay off (the prefill's [B, T, V] logits set the limit)."""
+    return 4 * default_batch_tokens() if jax.default_backend() != "cpu" else default_batch_tokens()
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -52,7 +60,7 @@ def generate_batched(loaded, prompts: Sequence[Sequence[int]], *, max_new_tokens
     tok = loaded.tokenizer
     if tok is None:
         raise UserError(f"{loaded.spec}: this model has no tokenizer; generation tasks need one")
-    budget = batch_tokens or default_batch_tokens()
+    budget = batch_tokens or default_generation_tokens()
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     stop_ids = stop_token_ids(loaded)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

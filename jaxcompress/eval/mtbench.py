@@ -148,11 +148,13 @@ def make_judge(opts: TaskOptions, loaded):
                              os.environ.get(key_env)), f"{extra['judge_url']}#{extra.get('judge_model', 'gpt-4')}"
     if extra.get("judge_local"):
         spec = str(extra["judge_local"])
+        budget = int(extra.get("judge_max_new_tokens", 512))
         if spec == "self":
-            return LocalJudge(loaded), f"local:{loaded.spec}"
+            return LocalJudge(loaded, budget), f"local:{loaded.spec}"
         from jaxcompress.io.load import load_model
 
-        return LocalJudge(load_model(spec, dtype=loaded.model.dtype, param_dtype=loaded.model.dtype)), f"local:{spec}"
+        judge = load_model(spec, dtype=loaded.model.dtype, param_dtype=loaded.model.dtype)
+        return LocalJudge(judge, budget), f"local:{spec}"
     raise UserError("mtbench needs a judge: --task-opt judge_url=http://HOST:PORT/v1 --task-opt judge_model=NAME "
                     "(an OpenAI-compatible endpoint), or --task-opt judge_local=SPEC (a jaxcompress model; "
                     "'self' = the model under test)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -39,9 +40,10 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/jaxcompress"), "eval")
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """A hash of the library code that produces numbers (sources of CODE_PACKAGES and of
-    pallas_kernels): any edit there invalidates cached results."""
+    pallas_kernels): any edit there invalidates cached results. Computed once per process."""
     h = hashlib.sha256()
     roots = [os.path.join(PACKAGE_ROOT, p) for p in CODE_PACKAGES]
     roots.append(os.path.join(os.path.dirname(PACKAGE_ROOT), "pallas_kernels"))

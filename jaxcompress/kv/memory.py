@@ -78,9 +78,9 @@ def codec_name(codec: KVCodec | None) -> str:
 def cache_summary(cfg, codec: KVCodec | None, context: int, dtype=jnp.bfloat16) -> dict:
     """What results record as `kv_cache.*` (bytes at batch 1 and `context` tokens)."""
     per_token = bytes_per_token(cfg, codec, context, dtype)
-    return {"context": context, "bytes_per_token": round(per_token, 2),
-            "bytes_per_token_per_layer": round(per_token / cfg.num_layers, 2),
-            "compression_ratio": round(compression_ratio(cfg, codec, context, dtype), 3),
+    return {"context": context, "bytes_per_token": per_token,
+            "bytes_per_token_per_layer": per_token / cfg.num_layers,
+            "compression_ratio": compression_ratio(cfg, codec, context, dtype),
             "cache_bytes": cache_nbytes(cfg, codec, 1, context, dtype)}
 
 

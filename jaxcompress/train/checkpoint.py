@@ -65,17 +65,26 @@ class TrainCheckpoints:
                                                          meta=ocp.args.JsonSave(meta)),
                           metrics=metrics, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """(state placed with the shardings of `abstract_state`, meta)."""
+    def meta(self, step: int) -> dict:
+        """The JSON part of a checkpoint (read before the state, to check compatibility)."""
         import orbax.checkpoint as ocp
 
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        except Exception as e:  # orbax raises many types for a damaged folder
+            raise CheckpointError(f"{self.directory}/{step}: cannot read the checkpoint's metadata "
+                                  f"({type(e).__name__}: {e}); delete the folder to start afresh") from None
+
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The train state placed with the shardings of `abstract_state`."""
+        import orbax.checkpoint as ocp
+
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state))).state
         except Exception as e:  # orbax raises many types for a damaged or mismatched tree
             raise CheckpointError(f"{self.directory}/{step}: cannot restore the training state "
                                   f"({type(e).__name__}: {e}); delete the folder to start afresh") from None
-        return out.state, dict(out.meta)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

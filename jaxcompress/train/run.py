@@ -169,14 +169,15 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
     start = 0
     latest = ckpts.latest_step() if cfg.checkpoint.resume else None
     if latest is not None:
-        state, meta = ckpts.restore(latest, abstract_like(trainer.state))
+        meta = ckpts.meta(latest)
         check_resumable(meta, fingerprint, pinned, ckpts.directory)
         if meta.get("train_rows") != len(train_rows):
             raise ConfigError(f"{ckpts.directory}: the checkpoint saw {meta.get('train_rows')} training rows, "
                               f"the data now gives {len(train_rows)}; the data changed since the run began")
+        state = ckpts.restore(latest, abstract_like(trainer.state))
         trainer.state = state
         start = int(state.step)
-    tb = TensorBoardWriter(os.path.join(out_dir, "tensorboard"), purge_step=start if latest is not None else None)
+    tb = TensorBoardWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1 if latest is not None else None)
     jlog = JsonLog(os.path.join(out_dir, LOG_FILE), resume_step=start if latest is not None else None)
 
     record: dict[str, Any] = {"mode": cfg.mode, "model": cfg.model, "recipe": cfg.recipe, "steps": steps,

@@ -14,6 +14,7 @@ dtype). The loss is the token-weighted mean next-token NLL over all A micro-batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -168,46 +169,51 @@ def _model(graphdef, partition: Partition, trainable: dict, frozen: dict, key=No
     return nnx.merge(graphdef, tree)
 
 
-def make_step_fn(graphdef, partition: Partition, tx: optax.GradientTransformation):
-    def loss_fn(trainable, frozen, batch, key):
-        return token_loss(_model(graphdef, partition, trainable, frozen, key), batch)
+# Module-level step functions with hashable static arguments: every Trainer with the same model
+# layout, partition and optimizer shares one compiled program (jax caches by function identity).
+STATIC = ("graphdef", "partition", "optim", "total_steps")
+
+
+def train_step(state: TrainState, frozen: dict, batch: dict, *, graphdef, partition: Partition, optim,
+               total_steps: int):
+    """One optimizer step; batch arrays [A, B, L] are A micro-batches accumulated into one update."""
+    tx, _ = make_optimizer(optim, total_steps)
+
+    def loss_fn(trainable, mb, key):
+        return token_loss(_model(graphdef, partition, trainable, frozen, key), mb)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state: TrainState, frozen: dict, batch: dict):
-        """batch arrays [A, B, L]: A micro-batches accumulated into one update."""
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        accum = batch["tokens"].shape[0]
-
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    accum = batch["tokens"].shape[0]
+    if accum == 1:  # no loop: a smaller program that compiles faster
+        first = jax.tree_util.tree_map(lambda x: x[0], batch)
+        (nll, n), grads = grad_fn(state.trainable, first, jax.random.fold_in(key, 0))
+    else:
         def micro(carry, xs):
             grads, nll, n = carry
             mb, i = xs
-            (mb_nll, mb_n), g = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(key, i))
+            (mb_nll, mb_n), g = grad_fn(state.trainable, mb, jax.random.fold_in(key, i))
             return (jax.tree_util.tree_map(jnp.add, grads, g), nll + mb_nll, n + mb_n), None
 
-        if accum == 1:  # no loop: a smaller program that compiles faster
-            first = jax.tree_util.tree_map(lambda x: x[0], batch)
-            (nll, n), grads = grad_fn(state.trainable, frozen, first, jax.random.fold_in(key, 0))
-        else:
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
-            (grads, nll, n), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
-                                              (batch, jnp.arange(accum)))
-        denom = jnp.maximum(n, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "target_tokens": n,
-                   "tokens": jnp.sum(batch["positions"] >= 0).astype(jnp.float32)}
-        return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
-
-    return step
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+        (grads, nll, n), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
+                                          (batch, jnp.arange(accum)))
+    denom = jnp.maximum(n, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads), "target_tokens": n,
+               "tokens": jnp.sum(batch["positions"] >= 0).astype(jnp.float32)}
+    return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
 
 
-def make_eval_fn(graphdef, partition: Partition):
-    def evaluate(trainable, frozen, batch):
-        return token_loss(_model(graphdef, partition, trainable, frozen), batch)
+def _opt_init(trainable: dict, *, optim, total_steps: int):
+    return make_optimizer(optim, total_steps)[0].init(trainable)
 
-    return evaluate
+
+def eval_step(trainable: dict, frozen: dict, batch: dict, *, graphdef, partition: Partition):
+    """(summed NLL, summed weights) of one held-out batch [B, L], no dropout."""
+    return token_loss(_model(graphdef, partition, trainable, frozen), batch)
 
 
 def resolve_dtype(name: str):
@@ -246,17 +252,20 @@ class Trainer:
         abstract_opt = jax.eval_shape(self.tx.init, trainable)
         opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, self.trainable_shardings,
                                               transform_non_params=lambda _: replicated)
-        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(trainable)
+        opt_state = jax.jit(_opt_init, static_argnames=("optim", "total_steps"), out_shardings=opt_shardings)(
+            trainable, optim=cfg.optim, total_steps=total_steps)
         rng = jax.device_put(jax.random.key_data(jax.random.fold_in(key, 2)), replicated)
         self.state = TrainState(jax.device_put(jnp.int32(0), replicated), trainable, opt_state, rng)
         self.state_shardings = TrainState(replicated, self.trainable_shardings, opt_shardings, replicated)
         self._batch_shardings: dict = {}
-        self._step = jax.jit(make_step_fn(graphdef, self.partition, self.tx),
-                             in_shardings=(self.state_shardings, self.frozen_shardings, None),
-                             out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
-        self._eval = jax.jit(make_eval_fn(graphdef, self.partition),
-                             in_shardings=(self.trainable_shardings, self.frozen_shardings, None),
-                             out_shardings=replicated)
+        static = dict(graphdef=graphdef, partition=self.partition)
+        # Inputs arrive placed (device_put / make_array_from_process_local_data with their
+        # NamedShardings), so jit takes their shardings; outputs are pinned to the same layout.
+        step = jax.jit(train_step, static_argnames=STATIC, donate_argnums=(0,),
+                       out_shardings=(self.state_shardings, replicated))
+        self._step = functools.partial(step, **static, optim=cfg.optim, total_steps=total_steps)
+        evaluate = jax.jit(eval_step, static_argnames=STATIC[:2], out_shardings=replicated)
+        self._eval = functools.partial(evaluate, **static)
 
     # -------------------------------------------------------------- placement
     def _global(self, arrays: dict[str, np.ndarray], batch_dim: int) -> dict[str, jax.Array]:
