@@ -12,13 +12,15 @@ project's GPU by `scripts/bench_kernels.py`, shipped) and a per-user cache
 (`$JAXCOMPRESS_TUNING_CACHE`, default `~/.cache/jaxcompress/quant_matmul_tuning.json`) that
 runtime tuning (`JAXCOMPRESS_AUTOTUNE=1`) adds to.
 
-Timing follows GPU.md: many calls inside one jitted function, each on its own weight buffer
-(so the L2 cache cannot serve the weights) and its own activations, median of several runs.
+Timing follows GPU.md: many calls (>= 96) inside one jitted function, the weights cycling
+through buffers that together exceed the L2, each call with its own activations; the median of
+several runs gives the wall clock per call, and CUPTI (on GPUs) the kernels' own time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -84,7 +86,7 @@ def num_sms() -> int:
 
 
 def _sized(lay: CodeLayout, m: int, bn: int, bm: int, dot: bool, warps: int, stages: int,
-           target_programs: int, max_tiles_per_step: int) -> TileConfig:
+           target_programs: int, max_tiles_per_step: int, tile_dot: bool = False) -> TileConfig:
     """A config with split_k raised until the grid has `target_programs` and the largest
     tiles_per_step <= the cap that divides each split."""
     programs = -(-m // bm) * max(lay.n // bn, 1)
@@ -94,33 +96,37 @@ def _sized(lay: CodeLayout, m: int, bn: int, bm: int, dot: bool, warps: int, sta
     per = lay.num_tiles // split
     step = max(d for d in range(1, max_tiles_per_step + 1) if per % d == 0)
     return TileConfig(block_n=bn, block_m=bm, use_dot=dot, split_k=split, tiles_per_step=step,
-                      num_warps=warps, num_stages=stages)
+                      num_warps=warps, num_stages=stages, tile_dot=tile_dot)
 
 
 def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -> list[TileConfig]:
-    """A few configs worth timing for this layout and batch (all valid)."""
+    """A few configs worth timing for this layout and batch (all valid), likeliest first."""
     min_k = 32 if int8 else 16
-    specs = []  # (block_n, block_m, dot, warps, stages, programs, max tiles per step)
+    specs = []  # (block_n, block_m, dot, warps, stages, programs, max tiles per step, tile_dot)
     if not int8 and (m <= 8 or lay.rows < min_k):
         bm = min(m, 8)
-        specs += [(32, bm, False, 4, 1, 2 * sms, 4), (64, bm, False, 4, 1, 4 * sms, 4),
-                  (16, bm, False, 2, 1, sms, 8), (128, bm, False, 4, 1, 4 * sms, 2)]
+        specs += [(32, bm, False, 4, 1, 2 * sms, 4, False), (64, bm, False, 4, 1, 4 * sms, 4, False),
+                  (16, bm, False, 2, 1, sms, 8, False), (128, bm, False, 4, 1, 4 * sms, 2, False)]
     if lay.rows >= min_k and (m >= 4 or int8):
+        tile = not int8  # the int8 kernel has no whole-tile dot
         if m <= 16:
-            specs += [(64, 16, True, 4, 2, 2 * sms, 2), (128, 16, True, 4, 2, 2 * sms, 2),
-                      (32, 16, True, 4, 2, 4 * sms, 4)]
+            specs += [(64, 16, True, 4, 2, 2 * sms, 2, False), (128, 16, True, 4, 2, 2 * sms, 2, False),
+                      (64, 16, True, 4, 2, 2 * sms, 1, tile), (32, 16, True, 4, 2, 4 * sms, 4, False),
+                      (128, 16, True, 8, 2, 2 * sms, 1, tile)]
         elif m <= 64:
-            bm = 16 if m <= 16 else 32 if m <= 32 else 64
-            specs += [(64, bm, True, 4, 2, 2 * sms, 2), (128, bm, True, 4, 3, 2 * sms, 1),
-                      (64, 16, True, 4, 2, 2 * sms, 2), (128, bm, True, 8, 3, sms, 1)]
+            bm = 32 if m <= 32 else 64
+            specs += [(64, bm, True, 4, 2, 2 * sms, 2, False), (128, bm, True, 4, 3, 2 * sms, 1, tile),
+                      (64, 16, True, 4, 2, 2 * sms, 2, False), (128, bm, True, 8, 3, sms, 1, False),
+                      (64, bm, True, 4, 3, 2 * sms, 1, tile)]
         else:
-            specs += [(128, 64, True, 4, 3, sms, 1), (128, 128, True, 8, 3, sms, 1),
-                      (64, 64, True, 4, 3, sms, 1), (256, 64, True, 8, 3, sms, 1)]
+            specs += [(128, 64, True, 4, 3, sms, 1, False), (128, 64, True, 4, 3, sms, 1, tile),
+                      (128, 128, True, 8, 3, sms, 1, tile), (128, 128, True, 8, 3, sms, 1, False),
+                      (64, 64, True, 4, 3, sms, 1, False), (256, 64, True, 8, 3, sms, 1, tile)]
     out = []
-    for bn, bm, dot, warps, stages, target, steps in specs:
+    for bn, bm, dot, warps, stages, target, steps, tile_dot in specs:
         while bn > 16 and lay.n % bn:
             bn //= 2
-        cfg = _sized(lay, m, bn, bm, dot, warps, stages, target, steps)
+        cfg = _sized(lay, m, bn, bm, dot, warps, stages, target, steps, tile_dot)
         if cfg not in out and config_problem(cfg, lay, m, min_dot_k=min_k) is None:
             out.append(cfg)
     return out
@@ -131,38 +137,77 @@ def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -
 # --------------------------------------------------------------------------------------------
 
 
+MIN_CALLS = 96  # calls per timed execution: its fixed host cost (~0.1-0.3 ms) shrinks to ~1-3 us a call
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Per-call time of one function, two ways."""
+
+    wall_us: float  # wall clock of many calls in one execution / calls (kernel gaps included)
+    device_us: float | None = None  # sum of the GPU kernels' own durations (CUPTI) / calls
+
+    @property
+    def best_estimate_us(self) -> float:
+        return self.device_us if self.device_us is not None else self.wall_us
+
+
 def buffers_for(nbytes: int, cap: int = 64) -> int:
     """How many distinct weight buffers keep a call sequence out of the L2 cache."""
     return max(2, min(cap, math.ceil(L2_DEFEAT_BYTES / max(nbytes, 1))))
 
 
 def lower_calls(fn: Callable, xs: Sequence, ws: Sequence):
-    """One jitted function applying `fn` to every (x, w) pair, lowered (not yet compiled).
+    """One jitted function applying `fn` to (xs[i], ws[i % len(ws)]) for every i, lowered.
 
-    `fn` is jitted on its own so that its kernel is lowered once, not once per pair."""
+    Each call has its own activations (so XLA cannot merge or CSE calls) and the weights
+    cycle through buffers that together exceed the L2. `fn` is jitted on its own so its
+    kernel is lowered once, not once per call."""
     inner = jax.jit(fn)
-    return jax.jit(lambda xs, ws: [inner(x, w) for x, w in zip(xs, ws)]).lower(xs, ws)
+    return jax.jit(lambda xs, ws: [inner(x, ws[i % len(ws)]) for i, x in enumerate(xs)]).lower(xs, ws)
 
 
-def time_compiled(compiled, xs: Sequence, ws: Sequence, reps: int = 7) -> float:
-    """Seconds per call of a `lower_calls(...).compile()` function (median of reps, after a warm-up)."""
+_CUPTI_BROKEN: list[str] = []
+
+
+def _device_us(compiled, xs, ws, reps: int) -> float | None:
+    """Per-call GPU kernel time from CUPTI (Mosaic GPU's profiler), or None where unavailable."""
+    if jax.default_backend() != "gpu" or _CUPTI_BROKEN:
+        return None
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, ms = profiler.measure(compiled, aggregate=True, iterations=reps)(xs, ws)
+    except (ImportError, RuntimeError) as e:
+        _CUPTI_BROKEN.append(str(e))
+        log.warning("no CUPTI kernel timings (%s); reporting wall clock only", e)
+        return None
+    if ms is None:
+        return None
+    ms = ms if isinstance(ms, list) else [ms]
+    return 1e3 * statistics.median(ms) / len(xs)
+
+
+def measure(compiled, xs: Sequence, ws: Sequence, reps: int = 7) -> Timing:
+    """Times a `lower_calls(...).compile()` function: warm-up, then the median of reps."""
     jax.block_until_ready(compiled(xs, ws))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(xs, ws))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(ws)
+    wall = 1e6 * statistics.median(times) / len(xs)
+    return Timing(wall, _device_us(compiled, xs, ws, reps))
 
 
-def time_per_call(fn: Callable, xs: Sequence, ws: Sequence, reps: int = 7) -> float:
-    """Seconds per `fn(x, w)` call, timing all pairs in one jitted function (median of reps)."""
-    return time_compiled(lower_calls(fn, xs, ws).compile(), xs, ws, reps)
+def time_per_call(fn: Callable, xs: Sequence, ws: Sequence, reps: int = 7) -> Timing:
+    """Per-call time of `fn(x, w)` over all the given activations (weights cycled)."""
+    return measure(lower_calls(fn, xs, ws).compile(), xs, ws, reps)
 
 
 def time_candidates(fns: Sequence[Callable], xs: Sequence, ws: Sequence, reps: int = 7,
                     threads: int = 8) -> list:
-    """Per-call seconds of each fn (or the exception that stopped it); compiles in parallel."""
+    """Timing of each fn (or the exception that stopped it); compiles in parallel threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     lowered = []
@@ -188,7 +233,7 @@ def time_candidates(fns: Sequence[Callable], xs: Sequence, ws: Sequence, reps: i
             out.append(c)
             continue
         try:
-            out.append(time_compiled(c, xs, ws, reps))
+            out.append(measure(c, xs, ws, reps))
         except Exception as e:
             out.append(e)
     return out
@@ -209,13 +254,20 @@ def random_like(w: QArray | TiledQArray, key: jax.Array):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def random_inputs(w, m: int, dtype, seed: int = 0, nbytes: int | None = None):
-    """(xs, ws): distinct random activations and weights, enough buffers to defeat the L2."""
+def random_inputs(w, m: int, dtype, seed: int = 0, nbytes: int | None = None, min_calls: int = MIN_CALLS):
+    """(xs, ws): distinct random activations for each call, and enough weight buffers to
+    defeat the L2 (random data in w's structure, or dense [K, N] arrays when w is a shape)."""
     nbytes = nbytes or sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(w))
-    n = buffers_for(nbytes)
-    keys = jax.random.split(jax.random.key(seed), 2 * n)
-    ws = [random_like(w, keys[i]) for i in range(n)]
-    xs = [jax.random.normal(keys[n + i], (m, w.shape[0]), jnp.float32).astype(dtype) for i in range(n)]
+    n_buf = buffers_for(nbytes)
+    n_calls = max(n_buf, min_calls)
+    keys = jax.random.split(jax.random.key(seed), n_buf + n_calls)
+    if isinstance(w, tuple):  # a dense (K, N) bf16 weight
+        ws = [0.02 * jax.random.normal(keys[i], w, jnp.float32).astype(dtype) for i in range(n_buf)]
+        k = w[0]
+    else:
+        ws = [random_like(w, keys[i]) for i in range(n_buf)]
+        k = w.shape[0]
+    xs = [jax.random.normal(keys[n_buf + i], (m, k), jnp.float32).astype(dtype) for i in range(n_calls)]
     return xs, ws
 
 
@@ -229,14 +281,16 @@ def tune(w: QArray | TiledQArray, m: int, dtype=jnp.bfloat16, *, kind: str = "a1
     lay = int8_layout(w) if int8 else kernel_layout(w)
     matmul = int8_matmul if int8 else quant_matmul
     xs, ws = random_inputs(w, m, dtype, seed)
+    cands = candidates(lay, m, sms=num_sms(), int8=int8)
+    fns = [functools.partial(lambda x, ww, c: matmul(x, ww, config=c), c=cfg) for cfg in cands]
     results = []
-    for cfg in candidates(lay, m, sms=num_sms(), int8=int8):
-        try:
-            sec = time_per_call(lambda x, ww, c=cfg: matmul(x, ww, config=c), xs, ws)
-            results.append({"config": cfg.to_json(), "us": sec * 1e6})
-        except Exception as e:  # a candidate that fails to compile is reported and skipped
-            log.warning("candidate %s failed: %s", cfg, str(e).splitlines()[0][:200])
-            results.append({"config": cfg.to_json(), "error": str(e).splitlines()[0][:300]})
+    for cfg, res in zip(cands, time_candidates(fns, xs, ws)):
+        if isinstance(res, Exception):  # a candidate that fails to compile is reported and skipped
+            msg = str(res).splitlines()[0][:300] if str(res) else type(res).__name__
+            log.warning("candidate %s failed: %s", cfg, msg)
+            results.append({"config": cfg.to_json(), "error": msg})
+        else:  # ranked by wall clock: what a model's forward pass sees, kernel gaps included
+            results.append({"config": cfg.to_json(), "us": res.wall_us, "device_us": res.device_us})
     ok = [r for r in results if "us" in r]
     best = TileConfig.from_json(min(ok, key=lambda r: r["us"])["config"]) if ok else None
     return best, results
@@ -338,7 +392,7 @@ def tune_and_record(w, m: int, dtype=jnp.bfloat16, *, kind: str = "a16") -> Entr
     lay = int8_layout(w) if kind == "a8" else kernel_layout(w)
     best, results = tune(w, m, dtype, kind=kind)
     xs, ws = random_inputs(w, m, dtype, seed=1)
-    xla = time_per_call(lambda x, ww: dense_linear(x, ww.dequantize()), xs, ws) * 1e6
+    xla = time_per_call(lambda x, ww: dense_linear(x, ww.dequantize()), xs, ws).wall_us
     kernel_us = min((r["us"] for r in results if "us" in r), default=None)
     entry = Entry(problem_of(w, m, kind, lay), best, kernel_us, xla)
     table().add(entry)

@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxcompress.errors import UserError
 from jaxcompress.quant.qarray import QArray
 from pallas_kernels.layout import CodeLayout, TiledQArray, native_layout
-from pallas_kernels.quant_matmul import (TileConfig, _skip_poison_ref, check_activations,
+from pallas_kernels.quant_matmul import (TileConfig, drop_poisoned_input, check_activations,
                                          config_problem, extract_codes, load_group_row)
 
 MIN_INT8_DOT_K = 32
@@ -175,7 +175,7 @@ def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
     if poison is not None:
         operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
         aliases = {len(operands) - 1: 0}
-        body = functools.partial(_skip_poison_ref, body)
+        body = functools.partial(drop_poisoned_input, body)
     y = pl.pallas_call(
         body,
         out_shape=out_shape,

@@ -14,7 +14,8 @@ fp32 values `code - zero` (or codebook entries), and multiplies it with the matc
 * GEMV path (`use_dot=False`, batch 1-8): fp32 FMAs on the CUDA cores, one `[rows, block_n]`
   accumulator per row of x, reduced once per group;
 * GEMM path (`use_dot=True`): `dot` on the tensor cores in x's dtype with fp32 accumulation
-  (the code values are exact in bf16/fp16).
+  (the code values are exact in bf16/fp16), one dot per slab (K = rows), or with `tile_dot`
+  the slabs re-interleaved into input-row order in registers and one dot per tile (K = tile).
 
 The group scale multiplies the fp32 partial sum once per group, not every weight. An int to
 float conversion costs a quarter-rate instruction on the GPU, so codes become floats by the
@@ -56,6 +57,7 @@ class TileConfig:
     use_dot: bool = False
     split_k: int = 1
     tiles_per_step: int = 1  # tiles loaded before any is used, for more bytes in flight
+    tile_dot: bool = False  # tensor-core path: one dot per tile (slabs re-interleaved) instead of per slab
     num_warps: int = 4
     num_stages: int = 1
 
@@ -88,6 +90,11 @@ def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int =
                     f"rows={lay.rows}; use the GEMV path or repack_for_gpu")
     elif not 1 <= cfg.block_m <= 8:
         return f"block_m={cfg.block_m} must be in 1..8 on the GEMV path"
+    if cfg.tile_dot and not cfg.use_dot:
+        return "tile_dot needs the tensor-core path (use_dot=True)"
+    if cfg.tile_dot and lay.slabs_per_group != lay.period:
+        return (f"tile_dot needs one group per tile of {lay.tile} rows; group_size={lay.group_size} "
+                f"is smaller")
     per_split, rem = divmod(lay.num_tiles, cfg.split_k)
     if cfg.split_k < 1 or rem:
         return (f"K={lay.k_padded} ({lay.num_tiles} tiles of {lay.tile} rows) must split evenly "
@@ -147,6 +154,21 @@ def extract_codes(words: list, j: int, bits: int) -> jax.Array:
 def codes_to_float(q: jax.Array, zero_plus_2_23) -> jax.Array:
     """Exact fp32 `code - zero` with no int->float conversion (see the module docstring)."""
     return lax.bitcast_convert_type(q | _MAGIC, jnp.float32) - zero_plus_2_23
+
+
+def interleave_slabs(slabs: list, interleaved: bool) -> jax.Array:
+    """The `period` slabs [rows, bn] of a tile as one [period * rows, bn] block in input-row
+    order: row `r * period + j` (interleaved layout) or `j * rows + r` (tiled) is slab j, row r.
+    Pairs are joined along a new minor axis (bit 0 of j first), then one transpose orders them."""
+    level, depth = list(slabs), 0
+    while len(level) > 1:
+        level = [jnp.stack([level[i], level[i + 1]], axis=-1) for i in range(0, len(level), 2)]
+        depth += 1
+    t = level[0]  # [rows, bn, b0, b1, ..., b_{depth-1}] with j = sum(b_l << l)
+    j_major_first = tuple(range(depth + 1, 1, -1))
+    perm = (0, *j_major_first, 1) if interleaved else (*j_major_first, 0, 1)
+    rows, bn = slabs[0].shape
+    return jnp.transpose(t, perm).reshape(rows * len(slabs), bn)
 
 
 def load_group_row(ref, g, cols):
@@ -221,11 +243,31 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
 
     fixed_zc = zero_plus_2_23(0) if one_group else None
 
+    def load_x_tile(t):  # [bm, tile] in input-row order
+        start = t * lay.tile
+        if lay.k_padded == lay.k:
+            return x_ref[row_ids, pl.ds(start, lay.tile)]
+        ids = start + lax.iota(jnp.int32, lay.tile)
+        xs = x_ref[row_ids[:, None], jnp.minimum(ids, lay.k - 1)[None, :]]
+        return jnp.where((ids < lay.k)[None, :], xs, jnp.zeros_like(xs))
+
+    def whole_tile_step(t, acc, words):
+        g = group_of(t, 0)
+        zc = fixed_zc if one_group else zero_plus_2_23(g)
+        slabs = [slab_weights(words, j, zc).astype(in_dtype) for j in range(lay.period)]
+        part = jnp.dot(load_x_tile(t), interleave_slabs(slabs, lay.interleaved),
+                       preferred_element_type=jnp.float32)
+        if one_group or scale_ref is None:
+            return acc + part
+        return acc + part * load_group_row(scale_ref, g, cols)
+
     def tile_step(t, acc):
         words = []
         for w in range(lay.words):
             start, stride = lay.word_rows(t, w)
             words.append(codes_ref[pl.ds(start, rows, stride=stride), cols])
+        if cfg.tile_dot:
+            return whole_tile_step(t, acc, words)
         part = None
         for j in range(lay.period):
             if j % lay.slabs_per_group == 0:
@@ -353,7 +395,7 @@ def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
     if poison is not None:  # the kernel writes into a pre-filled buffer (last operand, aliased)
         operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
         aliases = {len(operands) - 1: 0}
-        body = functools.partial(_skip_poison_ref, body)
+        body = functools.partial(drop_poisoned_input, body)
     out = pl.pallas_call(
         body,
         out_shape=out_shape,
@@ -368,7 +410,8 @@ def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
     return out
 
 
-def _skip_poison_ref(body, *refs):
+def drop_poisoned_input(body, *refs):
+    """Kernel wrapper for `poison`: the pre-filled buffer arrives as an (aliased) input ref too."""
     *ins, _poisoned_in, out = refs
     return body(*ins, out)
 

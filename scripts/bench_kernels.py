@@ -24,7 +24,7 @@ from jaxcompress.io.atomic import write_json, write_text
 
 
 def suites(name: str):
-    from pallas_kernels.benchmark import LLAMA_SHAPES, Sweep
+    from pallas_kernels.benchmark import Sweep
     from pallas_kernels.testing import Variant
 
     small = ((4096, 4096), (4096, 11008))
@@ -75,7 +75,9 @@ def report(path: str) -> None:
     meta = json.load(open(meta_path, encoding="utf-8")) if os.path.exists(meta_path) else {}
     stem = path[: -len(".json")]
     write_text(stem + ".md", markdown(records, meta))
-    plot(records, stem + ".png", meta.get("card", "?"))
+    note = "v1 harness: wall clock, host overhead not amortized (see kernel_notes.md)" \
+        if meta.get("timing") == "wall_v1" else ""
+    plot(records, stem + ".png", meta.get("card", "?"), note)
     print(f"wrote {stem}.md and {stem}.png")
 
 

@@ -85,7 +85,7 @@ def _run(model, model_args, tasks_dir):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS), limit=4, log_samples=True,
+    return simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS), limit=2, log_samples=True,
                            task_manager=TaskManager(include_path=tasks_dir), bootstrap_iters=0)
 
 
@@ -98,7 +98,7 @@ def test_adapter_matches_lm_eval_hf_backend(setup):
     for task in TASKS:
         a = sorted(ours["samples"][task], key=lambda s: (s["doc_id"]))
         b = sorted(ref["samples"][task], key=lambda s: (s["doc_id"]))
-        assert len(a) == len(b) == (3 if task == "jc_rolling_local" else 4)
+        assert len(a) == len(b) == 2
         for sa, sb in zip(a, b):
             if task == "jc_generate_local":
                 assert sa["resps"] == sb["resps"], (sa["resps"], sb["resps"])

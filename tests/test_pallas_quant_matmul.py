@@ -29,8 +29,8 @@ from pallas_kernels.testing import (Variant, float64_reference, random_qarray, r
 TOL = 1e-2
 GEMV = lambda bn=32, m=1, split=1, step=1: TileConfig(block_n=bn, block_m=m, split_k=split,  # noqa: E731
                                                        tiles_per_step=step)
-GEMM = lambda bn=32, bm=16, split=1, step=1: TileConfig(block_n=bn, block_m=bm, use_dot=True,  # noqa: E731
-                                                         split_k=split, tiles_per_step=step)
+GEMM = lambda bn=32, bm=16, split=1, step=1, tile=False: TileConfig(  # noqa: E731
+    block_n=bn, block_m=bm, use_dot=True, split_k=split, tiles_per_step=step, tile_dot=tile)
 
 # (variant, K, N, x leading shape, config, activation dtype): each line covers a layout x path x
 # edge case; together they write every output element under NaN poison.
@@ -41,14 +41,18 @@ CASES = [
     (Variant(4, 64), 256, 32, (1,), GEMV(bn=16), jnp.bfloat16),  # native, slabs of 8 rows
     (Variant(8, 0), 256, 64, (16,), GEMM(split=2), jnp.bfloat16),  # per channel
     (Variant(3, 128), 256, 32, (1,), GEMV(), jnp.bfloat16),  # codes straddle words
-    (Variant(2, 64, "asym", tiled_rows=16), 320, 32, (16,), GEMM(), jnp.bfloat16),  # K padded to 512
+    (Variant(2, 0, "asym", tiled_rows=16), 320, 32, (16,), GEMM(tile=True), jnp.bfloat16),  # K padded to 512
     (Variant(4, 0, "lut"), 256, 64, (1,), GEMV(), jnp.bfloat16),  # SqueezeLLM codebook
-    (Variant(4, 128, "lut_scaled"), 256, 64, (16,), GEMM(), jnp.bfloat16),  # NF4-style
+    (Variant(4, 128, "lut_scaled"), 256, 64, (16,), GEMM(tile=True), jnp.bfloat16),  # NF4-style, one dot a tile
     (Variant(4, 128, act_order=True, outliers=40), 256, 64, (2,), GEMV(m=2), jnp.bfloat16),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-M{np.prod(c[3])}-{'dot' if c[4].use_dot else 'fma'}")
+def _path(cfg):
+    return "tiledot" if cfg.tile_dot else "dot" if cfg.use_dot else "fma"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-M{np.prod(c[3])}-{_path(c[4])}")
 def test_kernel_matches_references(case):
     v, k, n, lead, cfg, dtype = case
     key = jax.random.key(zlib.crc32(v.name.encode()))
@@ -105,6 +109,9 @@ def test_errors_name_the_dimension_and_block():
     odd = random_qarray(jax.random.key(0), 196, 64, Variant(4, 0))  # K=196: not whole periods of 8 codes
     with pytest.raises(UserError, match=r"K=196 must be a multiple of the tile of 8 rows"):
         quant_matmul(jnp.ones((1, 196), jnp.bfloat16), odd, interpret=True)
+    g32 = repack_for_gpu(random_qarray(jax.random.key(0), 256, 64, Variant(4, 32)), rows=16)
+    with pytest.raises(UserError, match=r"tile_dot needs one group per tile of 128 rows; group_size=32"):
+        quant_matmul(x, g32, config=GEMM(tile=True), interpret=True)
     with pytest.raises(UserError, match=r"slabs of 32 rows.*rows=16.*repack_for_gpu"):
         int8_matmul(x, w, interpret=True)
 

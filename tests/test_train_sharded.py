@@ -71,19 +71,18 @@ def _compare(mode, steps=2, accum=2):
     """Runs `steps` steps on one device and on the 2x2x2 mesh; returns both trainers."""
     import jax
 
-    cfg = _config(mode, optim={"lr": 1e-2, "accum_steps": accum, "weight_decay": 0.01})
+    # Adam's update g / (sqrt(v) + eps) is scale-free: for an entry whose gradient is ~eps, the
+    # summation-order noise of a reduction decides its sign. A large eps keeps the update linear
+    # in small gradients, so the parameters compare as tightly as the gradients do.
+    cfg = _config(mode, optim={"lr": 1e-2, "eps": 1e-3, "accum_steps": accum, "weight_decay": 0.01})
     one, eight = _trainer(cfg, jax.devices()[:1]), _trainer(cfg, jax.devices())
     for step in range(steps):
         m1, m8 = one.step(_batch(step, accum)), eight.step(_batch(step, accum))
         for key in ("loss", "grad_norm", "tokens", "target_tokens"):
             np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=2e-5, err_msg=f"{mode} {key}")
-    # Adam divides by sqrt(v): an entry whose gradient is near zero moves by up to lr whatever its
-    # value, so summation-order noise in such a gradient shows up at the scale of lr, not of the
-    # weight. Parameters agree to 1e-3 of the per-step update (lr) per step; the rest tightly.
-    lr = cfg.optim.lr
     for name in one.state.trainable:
         np.testing.assert_allclose(np.asarray(eight.state.trainable[name]), np.asarray(one.state.trainable[name]),
-                                   rtol=1e-4, atol=1e-3 * lr * steps, err_msg=f"{mode} {name}")
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{mode} {name}")
     for a, b in zip(jax.tree_util.tree_leaves(one.state.opt_state), jax.tree_util.tree_leaves(eight.state.opt_state)):
         a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))

@@ -106,9 +106,22 @@ def isolate_filesystem(spec, program):
     return workdir
 
 
+SETUP_FAILED = 97  # exit status when the isolation itself could not be set up
+
+
 def main():
-    with open(sys.argv[1]) as f:
-        spec = json.load(f)
+    spec = {}
+    try:
+        with open(sys.argv[1]) as f:
+            spec = json.load(f)
+        os.remove(sys.argv[1])  # the program must not read the nonce
+        setup(spec)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises
+        print(f"jaxcompress-sandbox-setup-failed {spec.get('nonce')}: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(SETUP_FAILED)
+
+
+def setup(spec):
     with open(os.path.join(spec["staging"], "program.py"), encoding="utf-8") as f:
         program = f.read()
     limits = spec["limits"]

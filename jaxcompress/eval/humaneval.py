@@ -43,6 +43,10 @@ def humaneval_task(loaded, opts: TaskOptions) -> dict:
     max_new = int(opts.extra.get("max_new_tokens", MAX_NEW_TOKENS))
     seed = int(opts.extra.get("seed", 0))
     limits = _limits(opts)
+    # A canonical solution must pass: a sandbox that fails everything would read as 0%.
+    if not check_programs([humaneval_program(problems[0], problems[0]["canonical_solution"])], limits)[0].passed:
+        raise RuntimeError(f"the sandbox ({isolation()} mode) fails the canonical solution of "
+                           f"{problems[0]['task_id']}; fix the sandbox before trusting pass@k")
 
     def run(chunk, start):
         prompts = [encode_text(loaded.tokenizer, p["prompt"]) for p in chunk]

@@ -50,6 +50,10 @@ SANDBOX_UID_BASE = 200_000
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+class SandboxError(RuntimeError):
+    """The isolation could not be set up (not a failure of the program)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     timeout_s: float = 10.0      # wall clock, the whole process tree
@@ -104,7 +108,8 @@ def run_program(source: str, limits: Limits = Limits(), *, stdin: str = "") -> O
         os.chmod(staging, 0o700)
         with open(os.path.join(staging, "program.py"), "w", encoding="utf-8") as f:
             f.write(source)
-        spec = {"mode": mode, "limits": dataclasses.asdict(limits), "python": _python(),
+        nonce = os.urandom(8).hex()
+        spec = {"mode": mode, "nonce": nonce, "limits": dataclasses.asdict(limits), "python": _python(),
                 "staging": staging, "uid": _next_uid(),
                 "hide": _hidden_dirs(), "keep": _kept_dirs(),
                 "nproc_base": _count_own_processes() if mode == "audit-hook" else 0}
@@ -116,7 +121,7 @@ def run_program(source: str, limits: Limits = Limits(), *, stdin: str = "") -> O
             cwd = "/"
         else:
             cwd = staging
-        return _supervise(launcher, cwd, limits, stdin)
+        return _supervise(launcher, cwd, limits, stdin, nonce)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -129,7 +134,10 @@ def _next_uid() -> int:
     return SANDBOX_UID_BASE + (os.getpid() % 1000) * 1000 + next(_RUNS) % 1000
 
 
-def _supervise(cmd: list[str], cwd: str, limits: Limits, stdin: str) -> Outcome:
+SETUP_FAILED = 97  # the launcher's exit status when it could not isolate the program
+
+
+def _supervise(cmd: list[str], cwd: str, limits: Limits, stdin: str, nonce: str) -> Outcome:
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True, env=_clean_env(cwd))
@@ -142,6 +150,10 @@ def _supervise(cmd: list[str], cwd: str, limits: Limits, stdin: str) -> Outcome:
         status = "timeout"
     finally:
         _kill_group(proc)  # strays in the group (the namespace's are gone with its first process)
+    if proc.returncode == SETUP_FAILED and f"jaxcompress-sandbox-setup-failed {nonce}".encode() in err:
+        # Never let a broken sandbox pass for a wrong program: that would be a silent 0%.
+        raise SandboxError(f"the sandbox could not be set up ({isolation()} mode): "
+                           f"{err.decode(errors='replace').strip()[-500:]}")
     keep = limits.output_chars
     return Outcome(status, proc.returncode, round(time.monotonic() - start, 3),
                    out.decode(errors="replace")[-keep:], err.decode(errors="replace")[-keep:])

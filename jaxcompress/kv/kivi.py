@@ -86,8 +86,9 @@ class KIVICodec(PackedCodec):
         v = QTokens(words(self.value_bits), meta((batch, kv_heads, cap, head_dim // g)),
                     meta((batch, kv_heads, cap, head_dim // g)), bits=self.value_bits, rows=rows,
                     token_group=1, channel_group=g)
-        window = jnp.zeros((batch, self.window(max_len), kv_heads, head_dim), dtype)
-        return {"k": k, "v": v, "res_k": window, "res_v": window, "end": jnp.zeros((), jnp.int32)}
+        window = (batch, self.window(max_len), kv_heads, head_dim)
+        return {"k": k, "v": v, "res_k": jnp.zeros(window, dtype), "res_v": jnp.zeros(window, dtype),
+                "end": jnp.zeros((), jnp.int32)}
 
     def write(self, state, k, v, index, positions=None):
         b, t, kv_heads, d = k.shape

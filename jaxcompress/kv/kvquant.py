@@ -100,8 +100,9 @@ class KVQuantCodec(PackedCodec):
         k = QTokens(words(self.key_bits), per_channel("k_half"), per_channel("k_mid"),
                     cal.layer(layer, "k_codebook").astype(jnp.float32), *outliers(),
                     bits=self.key_bits, rows=rows, token_group=0, channel_group=1)
-        meta = jnp.zeros((batch, kv_heads, cap, 1), META_DTYPE)
-        v = QTokens(words(self.value_bits), meta, meta, cal.layer(layer, "v_codebook").astype(jnp.float32),
+        meta = (batch, kv_heads, cap, 1)
+        v = QTokens(words(self.value_bits), jnp.zeros(meta, META_DTYPE), jnp.zeros(meta, META_DTYPE),
+                    cal.layer(layer, "v_codebook").astype(jnp.float32),
                     *outliers(), bits=self.value_bits, rows=rows, token_group=1, channel_group=head_dim)
         state = {"k": k, "v": v, "end": jnp.zeros((), jnp.int32)}
         if self.sink:

@@ -1,0 +1,227 @@
+"""Benchmarks of KV-cache compression: decode attention over long caches, and end-to-end decode.
+
+Decode attention (`attention_benchmark`): one query token per row over `context` cached tokens
+at a model's head shapes (Llama-2-7B: 32 query and 32 kv heads of 128). Variants, timed in the
+same run on the same card:
+
+    xla-bf16      the model's default path: `reference_attention` over a bf16 cache (XLA)
+    pallas-bf16   the bf16 flash-decoding kernel over the same cache
+    <codec>       the codec's `attend` (Pallas kernel over the packed store, plus the exact
+                  tokens of a residual window or sink in XLA, merged)
+
+Each variant is checked against a float reference first, then timed as `repeats` medians of
+`calls` attention calls inside one jitted loop (each call a fresh query; the cache, hundreds of
+MB, is far larger than L2). Bytes moved are the cache bytes the variant must read; the roofline
+uses the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.bench.timing import copy_bandwidth, median_seconds
+from jaxcompress.kv.calibration import KVCalibration
+from jaxcompress.kv.kvquant import KVQuantCodec
+from jaxcompress.models.cache import IdentityCodec, KVCodec
+from jaxcompress.models.rope import apply_rope, rope_cos_sin
+from jaxcompress.ops.attention import attention_mask, reference_attention
+
+WRITE_CHUNK = 8192  # tokens per write while filling a cache (bounds the transient memory)
+
+
+def synthetic_kvquant_calibration(cfg, key_bits: int, value_bits: int, seed: int = 0) -> KVCalibration:
+    """A KVQuant calibration for random-weight models (benchmarks and GPU tests): per-channel
+    ranges of +-3 around 0 and evenly spread datatypes, per layer."""
+    rng = np.random.default_rng(seed)
+    shape = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+
+    def codebook(bits):
+        cb = np.linspace(-1, 1, 2 ** bits) + rng.uniform(-0.02, 0.02, 2 ** bits)
+        return np.sort(cb)[None].repeat(cfg.num_layers, 0).astype(np.float32)
+
+    return KVCalibration({"k_mid": rng.normal(0, 0.1, shape).astype(np.float32),
+                          "k_half": np.full(shape, 3.0, np.float32),
+                          "k_codebook": codebook(key_bits), "v_codebook": codebook(value_bits)})
+
+
+@dataclasses.dataclass
+class DecodeInputs:
+    """One layer's cache after `context` tokens, and what a decode query needs to attend."""
+    codec: KVCodec
+    state: object
+    mask: jax.Array          # [B, 1, S]
+    rotate_keys: object      # for pre-RoPE codecs, else None
+    context: int
+
+
+def filled_layer(cfg, codec: KVCodec | None, batch: int, context: int, max_len: int | None = None,
+                 dtype=jnp.bfloat16, seed: int = 0, layer: int = 0) -> DecodeInputs:
+    """A layer cache of `max_len` slots (default: context) holding `context` random tokens
+    (positions 0..context-1), written through the codec in chunks as a prefill would; the mask
+    is the last token's query."""
+    codec = codec or IdentityCodec()
+    max_len = max_len or context
+    kvh, d = cfg.num_kv_heads, cfg.head_dim
+    state = codec.init_layer(layer, batch, max_len, kvh, d, dtype)
+    write = jax.jit(codec.write, donate_argnums=0)
+    key = jax.random.key(seed)
+    for start in range(0, context, WRITE_CHUNK):
+        n = min(WRITE_CHUNK, context - start)
+        key, kk, kv = jax.random.split(key, 3)
+        k = jax.random.normal(kk, (batch, n, kvh, d), dtype)
+        v = jax.random.normal(kv, (batch, n, kvh, d), dtype)
+        pos = jnp.broadcast_to(jnp.arange(start, start + n, dtype=jnp.int32), (batch, n))
+        state = write(state, k, v, jnp.int32(start), pos)
+    slots = jnp.arange(max_len, dtype=jnp.int32)
+    slot_pos = jnp.broadcast_to(jnp.where(slots < context, slots, -1), (batch, max_len))
+    mask = attention_mask(jnp.full((batch, 1), context - 1, jnp.int32), slot_pos, None)
+    rotate = None
+    if codec.pre_rope:
+        cos, sin = rope_cos_sin(cfg, jnp.maximum(slot_pos, 0))
+
+        def rotate(k):
+            return apply_rope(k, cos, sin)
+
+        rotate.cos_sin = (cos, sin)
+    return DecodeInputs(codec, state, mask, rotate, context)
+
+
+def attend_fn(inputs: DecodeInputs, cfg, variant: str):
+    """(state, q [B, 1, H, D]) -> [B, 1, H, D] for a variant."""
+    scale = cfg.head_dim ** -0.5
+    if variant == "xla-bf16":
+        return lambda state, q: reference_attention(q, state["k"], state["v"], inputs.mask, scale)
+    if variant == "pallas-bf16":
+        from pallas_kernels.decode_attention import combine, dense_decode_partials
+
+        def dense(state, q):
+            b, _, h, d = q.shape
+            qg = q[:, 0].reshape(b, cfg.num_kv_heads, h // cfg.num_kv_heads, d)
+            part = dense_decode_partials(qg, state["k"], state["v"], inputs.mask[:, 0], inputs.context,
+                                         scale=scale, interpret=jax.default_backend() != "gpu")
+            return combine([part]).reshape(b, 1, h, d).astype(q.dtype)
+
+        return dense
+    return lambda state, q: inputs.codec.attend(state, q, inputs.mask, scale, rotate_keys=inputs.rotate_keys)
+
+
+def reference_output(inputs: DecodeInputs, cfg, q):
+    """fp32 attention over the cache as the codec stores it (dequantize, then attend)."""
+    s = inputs.mask.shape[-1]
+    codec = inputs.codec
+    if isinstance(codec, IdentityCodec):
+        k, v = inputs.state["k"], inputs.state["v"]
+    else:
+        k, v = codec.dense(inputs.state)
+        k, v = k[:, :s], v[:, :s]
+    k = k.astype(jnp.float32)
+    if inputs.rotate_keys is not None:
+        k = inputs.rotate_keys(k)
+    return reference_attention(q.astype(jnp.float32), k, v.astype(jnp.float32), inputs.mask, cfg.head_dim ** -0.5)
+
+
+def relative_error(out, ref) -> float:
+    out, ref = jnp.asarray(out, jnp.float32), jnp.asarray(ref, jnp.float32)
+    return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def cache_read_bytes(inputs: DecodeInputs) -> int:
+    """Bytes a decode step reads at least: the layer's whole state (the cache is exactly as
+    long as the context, rounded up to the packing block)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(inputs.state))
+
+
+def time_attention(fn, state, q, calls: int, repeats: int) -> float:
+    """Seconds per attention call: `calls` calls (fresh queries) in one jitted loop, median of
+    `repeats` runs."""
+    qs = q[None] + jnp.arange(calls, dtype=q.dtype)[:, None, None, None, None] * jnp.asarray(1e-3, q.dtype)
+
+    @jax.jit
+    def many(state, qs):
+        return jax.lax.map(lambda x: fn(state, x), qs).sum(0)
+
+    return median_seconds(many, state, qs, warmup=1, repeats=repeats) / calls
+
+
+def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 8,
+                        repeats: int = 5, bandwidth: float | None = None, log=print) -> list[dict]:
+    """Rows of {variant, batch, context, us, bytes, GBps, roofline_fraction, rel_err,
+    speedup_vs_xla_bf16} for the bf16 baselines and each codec."""
+    bandwidth = bandwidth or copy_bandwidth()
+    q = jax.random.normal(jax.random.key(1), (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+    rows = []
+    dense = filled_layer(cfg, None, batch, context)
+    plans = [("xla-bf16", dense), ("pallas-bf16", dense)] + list(codecs.items())
+    for name, plan in plans:
+        start = time.time()
+        inputs = plan if isinstance(plan, DecodeInputs) else filled_layer(cfg, plan, batch, context)
+        fn = attend_fn(inputs, cfg, name if name in ("xla-bf16", "pallas-bf16") else "codec")
+        err = relative_error(jax.jit(fn)(inputs.state, q), reference_output(inputs, cfg, q))
+        seconds = time_attention(fn, inputs.state, q, calls, repeats)
+        nbytes = cache_read_bytes(inputs)
+        row = {"variant": name, "batch": batch, "context": context, "us": seconds * 1e6, "bytes": nbytes,
+               "GBps": nbytes / seconds / 1e9, "roofline_fraction": nbytes / bandwidth / seconds,
+               "rel_err": err, "setup_s": round(time.time() - start, 1)}
+        rows.append(row)
+        if log:
+            log(f"  {name:>14} batch {batch} ctx {context}: {row['us']:9.1f} us, {row['GBps']:7.0f} GB/s "
+                f"({row['roofline_fraction']:.0%} of copy bw), rel err {err:.1e}")
+        if inputs is not dense:
+            del inputs
+    base = next(r["us"] for r in rows if r["variant"] == "xla-bf16")
+    for r in rows:
+        r["speedup_vs_xla_bf16"] = base / r["us"]
+    return rows
+
+
+def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: int = 32, log=print) -> list[dict]:
+    """Decode tokens/s of `spec` (compressed by `recipe`) over caches already holding each
+    context (random keys and values written through the codec), in the jitted loop `generate`
+    uses."""
+    from flax import nnx
+
+    from jaxcompress.experiments.recipes import apply_recipe, load_recipe
+    from jaxcompress.io.load import load_model
+    from jaxcompress.models.build import param_summary
+    from jaxcompress.models.cache import KVCache
+    from jaxcompress.models.generate import SamplingConfig, decode_loop
+
+    loaded = load_model(spec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    if recipe:
+        loaded = apply_recipe(loaded, load_recipe(recipe, []))
+    model, cfg = loaded.model, loaded.config
+    graphdef, params = nnx.split(model)
+    weight_bytes = param_summary(model)["bytes"]
+    sampling = SamplingConfig(max_new_tokens=steps)
+    rows = []
+    for context in contexts:
+        layers = []
+        for i in range(cfg.num_layers):  # one layer at a time: the transient stays small
+            inputs = filled_layer(cfg, loaded.kv_codec, batch, context, context + steps, seed=i, layer=i)
+            layers.append(inputs.state)
+        codec = loaded.kv_codec or IdentityCodec()
+        slots = jnp.arange(context + steps, dtype=jnp.int32)
+        pos = jnp.broadcast_to(jnp.where(slots < context, slots, -1), (batch, context + steps))
+        cache = KVCache(tuple(layers), pos, jnp.int32(context), codec)
+
+        @jax.jit
+        def run(params, cache, logits):
+            m = nnx.merge(graphdef, params)
+            next_pos = jnp.full((batch,), context, jnp.int32)
+            return decode_loop(m, logits, cache, next_pos, jax.random.key(0), (), sampling)[0]
+
+        logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
+        seconds = median_seconds(run, params, cache, logits, warmup=1, repeats=3) / steps
+        row = {"model": spec, "recipe": recipe or "bf16", "batch": batch, "context": context,
+               "ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "weight_bytes": weight_bytes}
+        rows.append(row)
+        if log:
+            log(f"  {row['recipe']:>14} ctx {context}: {row['ms_per_token']:.2f} ms/step, "
+                f"{row['tokens_per_s']:.1f} tok/s")
+        del cache, layers
+    return rows
