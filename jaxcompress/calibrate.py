@@ -51,6 +51,9 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # The reference GPTQ's --true-sequential order: each stage sees the earlier stages quantized.
 TRUE_SEQUENTIAL = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+# Projections reading the same tensor as another one (the RMSNorm outputs).
+SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                "mlp.up_proj": "mlp.gate_proj"}
 HIGHEST = jax.lax.Precision.HIGHEST  # fp32 statistics must not go through TF32 on GPUs
 
 
@@ -217,21 +220,27 @@ class Block:
 
     def accumulate(self, x: jax.Array, stats: dict[str, Statistic], want_output: bool = False):
         """Statistics {name: value} of the inputs of the named projections over x [n, T, D]
-        (and the block's outputs when `want_output`)."""
+        (and the block's outputs when `want_output`). Projections that read the same input
+        (q/k/v, gate/up) and ask for equal statistics share one value (the same object)."""
         n, t, _ = x.shape
         graphdef, state = nnx.split(self.module)
-        dims = {name: _in_dim(self.weight(name)) for name in stats}
-        states = {name: stat.init(n, t, dims[name], x.dtype, self.batch_size) for name, stat in stats.items()}
-        taps = tuple(sorted(stats.items()))
+        first: dict[tuple, str] = {}  # (input, statistic) -> the projection tapped for it
+        for name, stat in stats.items():
+            first.setdefault((SHARED_INPUT.get(name, name), stat), name)
+        tapped = {name: stat for (_, stat), name in first.items()}
+        states = {name: stat.init(n, t, _in_dim(self.weight(name)), x.dtype, self.batch_size)
+                  for name, stat in tapped.items()}
+        taps = tuple(sorted(tapped.items()))
         fn = _accumulate_fn(jax.default_backend() != "cpu")
         outputs = []
         for s in range(0, n, self.batch_size):
             states, y = fn(graphdef, state, x[s:s + self.batch_size], states, jnp.int32(s), taps, want_output)
             if want_output:
                 outputs.append(y)
-        values = {name: stats[name].finalize(states[name]) for name in stats}
+        values = {name: tapped[name].finalize(states[name]) for name in tapped}
         for name, value in values.items():
-            check_finite(value, f"{self.path(name)}: the {type(stats[name]).__name__} of its calibration inputs")
+            check_finite(value, f"{self.path(name)}: the {type(tapped[name]).__name__} of its calibration inputs")
+        values = {name: values[first[SHARED_INPUT.get(name, name), stat]] for name, stat in stats.items()}
         return values, (jnp.concatenate(outputs) if want_output else None)
 
 

@@ -247,8 +247,11 @@ def grid_values_at(q: QArray | TiledQArray, flat_index: jax.Array) -> jax.Array:
 
 def _register():
     from jaxcompress.io.checkpoint import register_leaf_type
+    from jaxcompress.ops.linear import register_linear
+    from jaxcompress.quant.kernels_dispatch import quantized_linear
 
-    register_leaf_type(TiledQArray)
+    register_leaf_type(TiledQArray)  # checkpoints restore it
+    register_linear(TiledQArray)(quantized_linear)  # linear() takes the same path as for QArray
 
 
 _register()

@@ -70,8 +70,7 @@ def test_zero_init_lora_leaves_logits_unchanged(tiny):
 
 def test_merged_equals_unmerged_and_unmerge_inverts(tiny):
     graphdef, tree, tokens = tiny
-    wrapped = randomize_b(add_lora(tree, r"layers\.\d+\.self_attn\.(q|v)_proj\.kernel", 8, 16.0,
-                                   jax.random.key(3)), jax.random.key(4))
+    wrapped = randomize_b(add_lora(tree, ALL_PROJECTIONS, 4, 8.0, jax.random.key(3)), jax.random.key(4))
     merged = merge_lora(wrapped)
     assert not any(isinstance(w, LoRA) for w in named_weights(merged).values())
     unmerged_logits = logits(graphdef, wrapped, tokens)
@@ -137,12 +136,12 @@ def test_lora_over_qarray_checkpoint_round_trip(tiny, tmp_path):
     from jaxcompress.io.checkpoint import load_checkpoint, save_checkpoint
 
     graphdef, tree, tokens = tiny
-    qtree = quantize_weights(tree, ALL_PROJECTIONS, LayerConfig(bits=3, group_size=32))
+    qtree = quantize_weights(tree, ALL_PROJECTIONS, LayerConfig(bits=4, group_size=32))
     wrapped = randomize_b(add_lora(qtree, ALL_PROJECTIONS, 4, 8.0, jax.random.key(11)), jax.random.key(12))
     save_checkpoint(nnx.merge(graphdef, wrapped), str(tmp_path / "ckpt"))
     model, _, _ = load_checkpoint(str(tmp_path / "ckpt"))
     w = model.layers[0].self_attn.o_proj.kernel.get_value()
-    assert isinstance(w, LoRA) and isinstance(w.base, QArray) and w.base.bits == 3
+    assert isinstance(w, LoRA) and isinstance(w.base, QArray) and w.base.bits == 4
     restored = pure_tree(model)[1]
     np.testing.assert_array_equal(logits(graphdef, restored, tokens), logits(graphdef, wrapped, tokens))
 

@@ -141,9 +141,11 @@ def test_cli_runs_the_smoke_config(tmp_path, capsys):
     out = str(tmp_path / "smoke")
     rc = main(["train", "lora", "--config", os.path.join(ROOT, "configs", "train", "lora_smoke.yaml"),
                "--out", out, "--set", "steps=3", "--set", "log.sample_every=0", "--set", "checkpoint.every=0",
-               "--set", "log.eval_every=0", "--set", "log.progress=false", "--set", "save=[merged]"])
+               "--set", "data.eval_examples=0", "--set", "log.progress=false", "--set", "save=[merged]"])
     assert rc == 0
     assert sorted(os.listdir(out)) == ["checkpoints", "final", "log.jsonl", "results.json", "tensorboard"]
-    assert "held-out loss" in capsys.readouterr().out
+    assert f"outputs: {out}/final/merged" in capsys.readouterr().out
+    record = json.load(open(os.path.join(out, "results.json")))
+    assert record["model"] == "random:tiny" and record["steps"] == 3 and record["data"]["eval"] is None
     rc = main(["train", "qat", "--config", os.path.join(ROOT, "configs", "train", "lora_smoke.yaml"), "--out", out])
     assert rc == 2 and "the config is for mode 'lora', not 'qat'" in capsys.readouterr().err

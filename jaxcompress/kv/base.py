@@ -86,7 +86,7 @@ class PackedCodec(KVCodec):
 
     def attend(self, state, q, mask, scale, rotate_keys=None):
         if q.shape[1] == 1 and self.use_kernel():
-            return self._attend_kernel(state, q, mask, scale, rotate_keys)
+            return self.attend_decode(state, q, mask, scale, rotate_keys)
         s = mask.shape[-1]
         k, v = self.dense(state, q.dtype)
         k, v = k[:, :s], v[:, :s]
@@ -94,7 +94,9 @@ class PackedCodec(KVCodec):
             k = rotate_keys(k)
         return reference_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale)
 
-    def _attend_kernel(self, state, q, mask, scale, rotate_keys):
+    def attend_decode(self, state, q, mask, scale, rotate_keys=None, **kernel_options):
+        """One query per row (q [B, 1, H, D]) through the Pallas kernel; `kernel_options` go
+        to `quantized_decode_partials` (schedule, num_warps, num_stages, num_splits)."""
         from jaxcompress.models.rope import apply_rope
         from pallas_kernels.decode_attention import combine, dense_partials, quantized_decode_partials
 
@@ -120,7 +122,7 @@ class PackedCodec(KVCodec):
         dot_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
         parts = [quantized_decode_partials(qg, kstore, vstore, quant_mask, n_q, scale=scale, rope=rope,
                                            dot_dtype=dot_dtype, interpret=self.attention == "interpret"
-                                           or jax.default_backend() != "gpu")]
+                                           or jax.default_backend() != "gpu", **kernel_options)]
         if exact is not None:
             ke, ve, slots = exact
             if rope is not None:

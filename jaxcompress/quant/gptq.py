@@ -42,13 +42,18 @@ INNER_UNROLL = 8  # rows of the inner loop per loop iteration (fewer device roun
 
 @jax.jit
 def _inverse_hessian_factor(h: jax.Array, damp: jax.Array) -> jax.Array:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (NaN where it fails)."""
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1, i.e. H^-1 = U^T U (NaN where
+    the Cholesky fails).
+
+    With J the reversal permutation and J H J = L L^T, H = (J L J)(J L J)^T with J L J upper
+    triangular, so H^-1 = U^T U for U = (J L J)^-1 = J L^-1 J: one Cholesky and one
+    triangular inverse instead of the reference's Cholesky, inverse and second Cholesky.
+    """
     k = h.shape[0]
     eye = jnp.eye(k, dtype=jnp.float32)
     h = h + damp * jnp.mean(jnp.diag(h)) * eye
-    lower = jnp.linalg.cholesky(h)
-    h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
-    return jnp.linalg.cholesky(h_inv).T
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
+    return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
 
 
 def inverse_hessian_factor(h: jax.Array, damp: float, max_damp: float, where: str) -> tuple[jax.Array, float]:
@@ -70,20 +75,43 @@ def inverse_hessian_factor(h: jax.Array, damp: float, max_damp: float, where: st
                     f"different calibration data")
 
 
-@functools.partial(jax.jit, static_argnames=("act_order", "static", "g", "per_tensor", "spec"))
-def _prepare(w, h, *, act_order: bool, static: bool, g: int, per_tensor: bool, spec: GridSpec):
-    """Dead features zeroed (H_ii = 1, w_i = 0, as the reference), the act-order permutation,
-    and the fixed grids of static mode (from the unpermuted weights)."""
+@dataclasses.dataclass(frozen=True)
+class InverseHessian:
+    """What GPTQ needs from a Hessian: U, the act-order permutation, the dead features."""
+
+    u: jax.Array      # [K, K] upper Cholesky factor of the damped inverse (permuted)
+    perm: jax.Array   # [K] storage order (identity without act-order)
+    dead: jax.Array   # [K] bool, features calibration never activates
+    damp: float       # the damping that succeeded
+
+
+@functools.partial(jax.jit, static_argnames=("act_order",))
+def _order(h, act_order: bool):
+    """Dead features get H_ii = 1 (as the reference); the act-order permutation of H."""
     k = h.shape[0]
     diag = jnp.diag(h)
-    dead = diag == 0  # features calibration never activates
+    dead = diag == 0
     h = h.at[jnp.arange(k), jnp.arange(k)].set(jnp.where(dead, 1.0, diag))
-    w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
+    return h[perm][:, perm], perm, dead
+
+
+def inverse_hessian(h: jax.Array, opts, where: str = "") -> InverseHessian:
+    """Prepares a Hessian [K, K] for `gptq_quantize` (shareable by layers with the same inputs)."""
+    hs, perm, dead = _order(jnp.asarray(h, jnp.float32), act_order=opts.act_order)
+    u, damp = inverse_hessian_factor(hs, opts.damp, opts.max_damp, where)
+    return InverseHessian(u, perm, dead, damp)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "g", "per_tensor", "spec"))
+def _prepare_weight(w, dead, perm, *, static: bool, g: int, per_tensor: bool, spec: GridSpec):
+    """Dead features zeroed, rows in storage order, and the fixed grids of static mode (taken
+    from the unpermuted weights)."""
+    w = jnp.where(dead[:, None], 0.0, w.astype(jnp.float32))
     gscale = gzero = None
     if static:
         gscale, gzero = weight_params(w, g, per_tensor, spec)
-    return w[perm], h[perm][:, perm], perm, gscale, gzero
+    return w[perm], gscale, gzero
 
 
 def _pad(x, rows, cols=None, diag=0.0):
@@ -165,36 +193,39 @@ def _gptq_loop(w, u, gscale, gzero, gidx, *, spec: GridSpec, g: int, block: int,
     return codes[:k], gscale, gzero, loss
 
 
-def gptq_quantize(w: jax.Array, h: jax.Array, cfg: LayerConfig, where: str = "", unroll: int | None = None):
-    """GPTQ-quantizes a dense kernel w [K, N] given the Hessian h [K, K] of its inputs.
+def gptq_quantize(w: jax.Array, h: jax.Array | None, cfg: LayerConfig, where: str = "",
+                  inverse: InverseHessian | None = None, unroll: int | None = None):
+    """GPTQ-quantizes a dense kernel w [K, N] given the Hessian h [K, K] of its inputs (or its
+    `inverse_hessian`, shared by projections that read the same inputs).
 
     Returns (QArray, info) where info has the damping used and the reference's loss."""
     opts = cfg.gptq
     k, n = w.shape
     g = cfg.group_for(k, where)
-    if tuple(h.shape) != (k, k):
-        raise UserError(f"{where}: Hessian has shape {tuple(h.shape)}, expected ({k}, {k})")
+    if inverse is None:
+        if tuple(h.shape) != (k, k):
+            raise UserError(f"{where}: Hessian has shape {tuple(h.shape)}, expected ({k}, {k})")
+        inverse = inverse_hessian(h, opts, where)
     spec = cfg.grid()
     # Per-channel / per-tensor grids, and static groups, are fixed before the sweep.
     static = g == k or cfg.per_tensor or opts.static_groups
-    ws, hs, perm, gscale, gzero = _prepare(w, jnp.asarray(h, jnp.float32), act_order=opts.act_order,
-                                           static=static, g=g, per_tensor=cfg.per_tensor, spec=spec)
+    ws, gscale, gzero = _prepare_weight(w, inverse.dead, inverse.perm, static=static, g=g,
+                                        per_tensor=cfg.per_tensor, spec=spec)
     gidx = None
     if static:  # group of each storage row
         gidx = np.zeros(k, np.int32) if gscale.shape[0] == 1 else np.arange(k, dtype=np.int32) // g
-        gidx = jnp.asarray(gidx)[perm]
-    u, damp = inverse_hessian_factor(hs, opts.damp, opts.max_damp, where)
+        gidx = jnp.asarray(gidx)[inverse.perm]
     if unroll is None:  # unrolling saves device round trips on GPUs and costs compile time on CPUs
         unroll = 1 if jax.default_backend() == "cpu" else INNER_UNROLL
     with jax.default_matmul_precision("highest"):
-        codes, gscale, gzero, loss = _gptq_loop(ws, u, gscale, gzero, gidx, spec=spec, g=g,
+        codes, gscale, gzero, loss = _gptq_loop(ws, inverse.u, gscale, gzero, gidx, spec=spec, g=g,
                                                 block=min(opts.block_size, k), dynamic=not static, unroll=unroll)
-    store_perm = perm if opts.act_order else None
+    store_perm = inverse.perm if opts.act_order else None
     if opts.act_order and static:
-        codes = _unpermute(codes, perm)  # static grids follow feature order: no permutation to store
+        codes = _unpermute(codes, inverse.perm)  # static grids follow feature order: no permutation to store
         store_perm = None
     q = uniform_qarray(codes, gscale, gzero, cfg, g, w.dtype, perm=store_perm)
-    return q, {"damp": damp, "loss": float(loss)}
+    return q, {"damp": inverse.damp, "loss": float(loss)}
 
 
 @jax.jit
@@ -215,5 +246,14 @@ class GPTQ(LayerMethod):
     def stages(self, names):
         return [list(s) for s in TRUE_SEQUENTIAL] if self.true_sequential else [names]
 
-    def compress_layer(self, path, w, stat, cfg: LayerConfig):
-        return gptq_quantize(w, stat, cfg, path)
+    def compress_block(self, block, stats, targets):
+        # q/k/v (and gate/up) share one Hessian object: factor it once for them all.
+        inverses, info = {}, {}
+        for name, cfg in targets.items():
+            path = block.path(name)
+            key = (id(stats[name]), cfg.gptq.act_order, cfg.gptq.damp, cfg.gptq.max_damp)
+            if key not in inverses:
+                inverses[key] = inverse_hessian(stats[name], cfg.gptq, path)
+            q, info[path] = gptq_quantize(block.weight(name), None, cfg, path, inverse=inverses[key])
+            block.set_weight(name, q)
+        return info

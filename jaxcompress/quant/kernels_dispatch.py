@@ -1,7 +1,8 @@
 """`linear()` for packed weights: the fused Pallas kernel on GPUs, the reference elsewhere.
 
-Registered for `QArray` (read as stored) and `TiledQArray` (after `repack_for_gpu`). Per call
-the batch M = prod(x.shape[:-1]) is static, so the choice is made at trace time:
+Registered here for `QArray` (read as stored) and, by `pallas_kernels.layout`, for
+`TiledQArray` (after `repack_for_gpu`). Per call the batch M = prod(x.shape[:-1]) is static,
+so the choice is made at trace time:
 
 1. `$JAXCOMPRESS_QUANT_KERNEL` = `reference` forces dequantize-then-matmul, `kernel` forces the
    kernel wherever it can run (errors otherwise), `interpret` runs the kernel in Pallas
@@ -20,8 +21,8 @@ the batch M = prod(x.shape[:-1]) is static, so the choice is made at trace time:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import logging
 import os
 
 import jax
@@ -29,14 +30,8 @@ import jax
 from jaxcompress.errors import ConfigError, UserError
 from jaxcompress.ops.linear import dense_linear, register_linear
 from jaxcompress.quant.qarray import QArray
-from pallas_kernels import autotune
-from pallas_kernels.int8_matmul import (default_int8_config, int8_layout, int8_matmul,
-                                        int8_matmul_reference, int8_problem)
-from pallas_kernels.layout import TiledQArray, kernel_layout
-from pallas_kernels.quant_matmul import (ACTIVATION_DTYPES, TileConfig, default_config, layout_problem,
-                                         quant_matmul)
 
-log = logging.getLogger(__name__)
+# pallas_kernels imports jaxcompress.quant (QArray), so it is imported where first used, not here.
 
 MODE_ENV = "JAXCOMPRESS_QUANT_KERNEL"
 MODES = ("auto", "kernel", "reference", "interpret")
@@ -71,8 +66,13 @@ def batch_of(x: jax.Array) -> int:
     return m
 
 
-def choose_config(x: jax.Array, w, *, kind: str = "a16") -> TileConfig | None:
-    """The kernel config for this call, or None for the reference path."""
+def choose_config(x: jax.Array, w, *, kind: str = "a16"):
+    """The kernel's TileConfig for this call, or None for the reference path."""
+    from pallas_kernels import autotune
+    from pallas_kernels.int8_matmul import int8_layout, int8_problem
+    from pallas_kernels.layout import kernel_layout
+    from pallas_kernels.quant_matmul import ACTIVATION_DTYPES, layout_problem
+
     how = mode()
     if how == "reference":
         return None
@@ -99,34 +99,38 @@ def choose_config(x: jax.Array, w, *, kind: str = "a16") -> TileConfig | None:
     return None
 
 
-def _default(lay, m: int, kind: str) -> TileConfig:
+def _default(lay, m: int, kind: str):
+    from pallas_kernels.autotune import num_sms
+    from pallas_kernels.int8_matmul import default_int8_config
+    from pallas_kernels.quant_matmul import default_config
+
     if kind == "a8":
         return default_int8_config(lay, m)
-    return default_config(lay, m, autotune.num_sms())
+    return default_config(lay, m, num_sms())
 
 
-def _fit_rows(cfg: TileConfig, m: int) -> TileConfig:
+def _fit_rows(cfg, m: int):
     """GEMV configs tuned for a bucket run any batch in it: one accumulator per row, up to 8."""
-    if cfg.use_dot:
-        return cfg
-    return TileConfig(**{**cfg.to_json(), "block_m": min(m, 8)})
+    return cfg if cfg.use_dot else dataclasses.replace(cfg, block_m=min(m, 8))
 
 
-def quantized_linear(x: jax.Array, w: QArray | TiledQArray) -> jax.Array:
+@register_linear(QArray)
+def quantized_linear(x: jax.Array, w) -> jax.Array:
+    """linear() for QArray and TiledQArray (pallas_kernels.layout registers the latter)."""
+    from pallas_kernels.quant_matmul import quant_matmul
+
     cfg = choose_config(x, w)
     if cfg is None:
         return dense_linear(x, w.dequantize())
     return quant_matmul(x, w, config=cfg, interpret=mode() == "interpret")
 
 
-def int8_linear(x: jax.Array, w: QArray | TiledQArray) -> jax.Array:
+def int8_linear(x: jax.Array, w) -> jax.Array:
     """y ~= x @ W with x quantized to int8 per token (W8A8 / W4A8) where the kernel runs; the
     same function through XLA elsewhere."""
+    from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+
     cfg = choose_config(x, w, kind="a8")
     if cfg is None:
         return int8_matmul_reference(x, w)
     return int8_matmul(x, w, config=cfg, interpret=mode() == "interpret")
-
-
-register_linear(QArray)(quantized_linear)
-register_linear(TiledQArray)(quantized_linear)
