@@ -248,14 +248,19 @@ def _in_dim(w) -> int:
     return int(w.shape[0])
 
 
+@jax.jit
+def _count_nonfinite(x):
+    return jnp.sum(~jnp.isfinite(x))
+
+
 def check_finite(value, what: str) -> None:
     """Raises `UserError` if any array in `value` holds NaN or Inf, naming `what` and the value."""
     for leaf in jax.tree_util.tree_leaves(value):
         if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
             continue
-        bad = ~jnp.isfinite(leaf)
-        if bool(bad.any()):
-            count = int(bad.sum())
+        count = int(_count_nonfinite(leaf))
+        if count:
+            bad = ~jnp.isfinite(leaf)
             where = np.unravel_index(int(jnp.argmax(bad.reshape(-1))), leaf.shape)
             first = float(leaf[where])
             raise UserError(f"{what} contains {count} non-finite value(s) (first: {first} at index "

@@ -25,8 +25,9 @@ from jax.experimental.pallas import triton as plgpu
 from jaxcompress.errors import UserError
 from jaxcompress.quant.qarray import QArray
 from pallas_kernels.layout import CodeLayout, TiledQArray, native_layout
-from pallas_kernels.quant_matmul import (TileConfig, drop_poisoned_input, check_activations,
-                                         config_problem, extract_codes, load_group_row)
+from pallas_kernels.quant_matmul import (TileConfig, check_activations, config_problem,
+                                         drop_poisoned_input, extract_codes, jit_kernel_call,
+                                         load_group_row)
 
 MIN_INT8_DOT_K = 32
 
@@ -155,13 +156,14 @@ def int8_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | N
         problem = "the int8 kernel has only the tensor-core path (use_dot=True)"
     if problem:
         raise UserError(f"int8_matmul: weight {w.shape}, batch M={m}: {problem}")
-    y = _fused(x2, w, lay=lay, cfg=cfg, interpret=interpret, poison=poison)
+    y = _fused(x2, w, jnp.float32(0.0 if poison is None else poison), lay=lay, cfg=cfg,
+               interpret=interpret, poisoned=poison is not None)
     return y.reshape(*x.shape[:-1], lay.n)
 
 
-@functools.partial(jax.jit, static_argnames=("lay", "cfg", "interpret", "poison"))
-def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
-           poison: float | None = None) -> jax.Array:
+@jit_kernel_call
+def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfig, interpret: bool,
+           poisoned: bool) -> jax.Array:
     m = x2.shape[0]
     xq, xs = quantize_per_token(x2)
     has_zero = w.zero is not None
@@ -172,8 +174,8 @@ def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, lay.n), jnp.float32)
     body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, has_zero=has_zero)
     aliases = {}
-    if poison is not None:
-        operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
+    if poisoned:
+        operands.append(jnp.full(out_shape.shape, fill, out_shape.dtype))
         aliases = {len(operands) - 1: 0}
         body = functools.partial(drop_poisoned_input, body)
     y = pl.pallas_call(

@@ -368,16 +368,35 @@ def quant_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | 
     problem = config_problem(cfg, lay, m)
     if problem:
         raise UserError(f"quant_matmul: weight {w.shape}, batch M={m}: {problem}")
-    y = _fused(x2, w, lay=lay, cfg=cfg, interpret=interpret, poison=poison)
+    y = _fused(x2, w, jnp.float32(0.0 if poison is None else poison), lay=lay, cfg=cfg,
+               interpret=interpret, poisoned=poison is not None)
     if w.outlier_index is not None:
         y = _add_outliers(y, x2, w)
     return y.reshape(*x.shape[:-1], lay.n)
 
 
-@functools.partial(jax.jit, static_argnames=("lay", "cfg", "interpret", "poison"))
-def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
-           poison: float | None = None) -> jax.Array:
-    # Jitted so that every projection of a model with the same shapes shares one lowering.
+# Interpret mode compiles a large program (the kernel with its refs discharged) for the CPU,
+# where LLVM's optimizations cost more time than they save.
+INTERPRET_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_kernel_call(fn):
+    """jit for `fn(x2, w, fill, *, lay, cfg, interpret, poisoned)`: every projection with the same
+    shapes and config shares one lowering; interpret mode compiles without LLVM optimizations."""
+    static = ("lay", "cfg", "interpret", "poisoned")
+    compiled = jax.jit(fn, static_argnames=static)
+    interpreted = jax.jit(fn, static_argnames=static, compiler_options=INTERPRET_COMPILER_OPTIONS)
+
+    @functools.wraps(fn)
+    def call(*args, interpret: bool, **kwargs):
+        return (interpreted if interpret else compiled)(*args, interpret=interpret, **kwargs)
+
+    return call
+
+
+@jit_kernel_call
+def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfig, interpret: bool,
+           poisoned: bool) -> jax.Array:
     m = x2.shape[0]
     ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
                     w.codebook is not None)
@@ -392,8 +411,8 @@ def _fused(x2: jax.Array, w, lay: CodeLayout, cfg: TileConfig, interpret: bool,
     path = "gemm" if cfg.use_dot else "gemv"
     body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops)
     aliases = {}
-    if poison is not None:  # the kernel writes into a pre-filled buffer (last operand, aliased)
-        operands.append(jnp.full(out_shape.shape, poison, out_shape.dtype))
+    if poisoned:  # the kernel writes into a buffer pre-filled with `fill` (last operand, aliased)
+        operands.append(jnp.full(out_shape.shape, fill, out_shape.dtype))
         aliases = {len(operands) - 1: 0}
         body = functools.partial(drop_poisoned_input, body)
     out = pl.pallas_call(

@@ -83,6 +83,9 @@ def main(argv=None):
     p.add_argument("--codecs", default="kivi_k2v2,kivi_k4v4", help="kv_cache recipes to time")
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kernel-variants", default="",
+                   help="time each codec with these kernel settings, schedule:warps:stages,... "
+                        "(e.g. unrolled:4:2,looped:4:2); default: the kernel's defaults")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--e2e", action="store_true", help="also time end-to-end decode (slow: one compile per cell)")
     p.add_argument("--e2e-contexts", default="8192,16384,32768")
@@ -99,10 +102,16 @@ def main(argv=None):
         record["copy_bandwidth_GBps"] = bandwidth / 1e9
         print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {record['device']}", flush=True)
         codecs = {name: codec_for(name, cfg) for name in args.codecs.split(",") if name}
+        variants = {}
+        for text in (v for v in args.kernel_variants.split(",") if v):
+            schedule, warps, stages = text.split(":")
+            variants[text.replace(":", "-")] = {"schedule": schedule, "num_warps": int(warps),
+                                                "num_stages": int(stages)}
         rows = []
         for context in _ints(args.contexts):
             for batch in _ints(args.batches):
-                rows += attention_benchmark(cfg, codecs, batch, context, args.calls, args.repeats, bandwidth)
+                rows += attention_benchmark(cfg, codecs, batch, context, args.calls, args.repeats, bandwidth,
+                                            kernel_variants=variants or None)
         record["attention"] = rows
     device_bytes = memory.device_memory_bytes() or 80 * 2 ** 30
     weights_bf16 = param_summary(abstract_model(cfg, jnp.bfloat16))["bytes"]

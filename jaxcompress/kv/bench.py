@@ -91,8 +91,9 @@ def filled_layer(cfg, codec: KVCodec | None, batch: int, context: int, max_len: 
     return DecodeInputs(codec, state, mask, rotate, context)
 
 
-def attend_fn(inputs: DecodeInputs, cfg, variant: str):
-    """(state, q [B, 1, H, D]) -> [B, 1, H, D] for a variant."""
+def attend_fn(inputs: DecodeInputs, cfg, variant: str, kernel_options: dict | None = None):
+    """(state, q [B, 1, H, D]) -> [B, 1, H, D] for a variant ("codec": the codec's decode path,
+    with `kernel_options` for the Pallas kernel)."""
     scale = cfg.head_dim ** -0.5
     if variant == "xla-bf16":
         return lambda state, q: reference_attention(q, state["k"], state["v"], inputs.mask, scale)
@@ -107,6 +108,9 @@ def attend_fn(inputs: DecodeInputs, cfg, variant: str):
             return combine([part]).reshape(b, 1, h, d).astype(q.dtype)
 
         return dense
+    if kernel_options:
+        return lambda state, q: inputs.codec.attend_decode(state, q, inputs.mask, scale, inputs.rotate_keys,
+                                                           **kernel_options)
     return lambda state, q: inputs.codec.attend(state, q, inputs.mask, scale, rotate_keys=inputs.rotate_keys)
 
 
@@ -149,28 +153,40 @@ def time_attention(fn, state, q, calls: int, repeats: int) -> float:
 
 
 def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 8,
-                        repeats: int = 5, bandwidth: float | None = None, log=print) -> list[dict]:
+                        repeats: int = 5, bandwidth: float | None = None, log=print,
+                        kernel_variants: dict[str, dict] | None = None) -> list[dict]:
     """Rows of {variant, batch, context, us, bytes, GBps, roofline_fraction, rel_err,
-    speedup_vs_xla_bf16} for the bf16 baselines and each codec."""
+    speedup_vs_xla_bf16} for the bf16 baselines and each codec (with each of
+    `kernel_variants`: name -> kernel options, when given)."""
     bandwidth = bandwidth or copy_bandwidth()
     q = jax.random.normal(jax.random.key(1), (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     rows = []
     dense = filled_layer(cfg, None, batch, context)
     plans = [("xla-bf16", dense), ("pallas-bf16", dense)] + list(codecs.items())
     for name, plan in plans:
-        start = time.time()
         inputs = plan if isinstance(plan, DecodeInputs) else filled_layer(cfg, plan, batch, context)
-        fn = attend_fn(inputs, cfg, name if name in ("xla-bf16", "pallas-bf16") else "codec")
-        err = relative_error(jax.jit(fn)(inputs.state, q), reference_output(inputs, cfg, q))
-        seconds = time_attention(fn, inputs.state, q, calls, repeats)
-        nbytes = cache_read_bytes(inputs)
-        row = {"variant": name, "batch": batch, "context": context, "us": seconds * 1e6, "bytes": nbytes,
-               "GBps": nbytes / seconds / 1e9, "roofline_fraction": nbytes / bandwidth / seconds,
-               "rel_err": err, "setup_s": round(time.time() - start, 1)}
-        rows.append(row)
-        if log:
-            log(f"  {name:>14} batch {batch} ctx {context}: {row['us']:9.1f} us, {row['GBps']:7.0f} GB/s "
-                f"({row['roofline_fraction']:.0%} of copy bw), rel err {err:.1e}")
+        baseline = name in ("xla-bf16", "pallas-bf16")
+        ref = reference_output(inputs, cfg, q)
+        for suffix, options in ([("", None)] if baseline or not kernel_variants else kernel_variants.items()):
+            start = time.time()
+            fn = attend_fn(inputs, cfg, name if baseline else "codec", options)
+            try:
+                err = relative_error(jax.jit(fn)(inputs.state, q), ref)
+                seconds = time_attention(fn, inputs.state, q, calls, repeats)
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
+                if log:
+                    log(f"  {name + suffix:>14}: failed ({type(e).__name__}: {str(e)[:300]})")
+                continue
+            nbytes = cache_read_bytes(inputs)
+            label = f"{name}/{suffix}" if suffix else name
+            row = {"variant": label, "batch": batch, "context": context, "us": seconds * 1e6, "bytes": nbytes,
+                   "GBps": nbytes / seconds / 1e9, "roofline_fraction": nbytes / bandwidth / seconds,
+                   "rel_err": err, "kernel_options": options, "setup_s": round(time.time() - start, 1)}
+            rows.append(row)
+            if log:
+                log(f"  {label:>24} batch {batch} ctx {context}: {row['us']:9.1f} us, {row['GBps']:7.0f} GB/s "
+                    f"({row['roofline_fraction']:.0%} of copy bw), rel err {err:.1e}, {row['setup_s']}s")
+        del ref
         if inputs is not dense:
             del inputs
     base = next(r["us"] for r in rows if r["variant"] == "xla-bf16")

@@ -79,10 +79,35 @@ class LoRA:
         return base + sum(int(x.size) * x.dtype.itemsize for x in (self.a, self.b))
 
 
+@jax.custom_vjp
+def frozen_linear(x: jax.Array, w: Any) -> jax.Array:
+    """linear(x, w) for a frozen compressed weight: the forward pass takes the weight's own path
+    (a fused low-bit kernel where one runs), the backward pass g @ dense(w)^T, so no kernel
+    needs a derivative. w gets a zero cotangent: it is frozen by contract."""
+    return linear(x, w)
+
+
+def _frozen_fwd(x, w):
+    return linear(x, w), w
+
+
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+
+def _frozen_bwd(w, g):
+    return dense_linear(g, dense_weight(w).T), jax.tree_util.tree_map(_zero_cotangent, w)
+
+
+frozen_linear.defvjp(_frozen_fwd, _frozen_bwd)
+
+
 @register_linear(LoRA)
 def lora_linear(x: jax.Array, w: LoRA) -> jax.Array:
     """y = x @ base (through the base's own path) + scaling * dropout(x) @ a @ b."""
-    y = linear(x, w.base)
+    y = frozen_linear(x, w.base) if hasattr(w.base, "dequantize") else linear(x, w.base)
     h = x
     if w.dropout_key is not None and w.dropout > 0:
         keep = jax.random.bernoulli(w.dropout_key, 1.0 - w.dropout, x.shape)
