@@ -119,7 +119,7 @@ class Runner:
     def point(self, sweep: Sweep, k: int, n: int, m: int, cfg_hint: TileConfig | None) -> TileConfig | None:
         """Tunes (or reuses `cfg_hint`), checks, times and records one (shape, batch) point."""
         v, kind = sweep.variant, sweep.kind
-        w = random_weight(jax.random.key(k * 7 + n), k, n, v)
+        w = random_weight(k * 7 + n, k, n, v)
         lay = int8_layout(w) if kind == "a8" else kernel_layout(w)
         rec = {"variant": v.name, "kind": kind, "bits": v.bits, "group_size": v.group_size or k,
                "grid": v.grid, "layout": "tiled" if v.tiled_rows else "native", "rows": lay.rows,

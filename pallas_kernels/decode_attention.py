@@ -210,48 +210,11 @@ def _dequant_tile(refs: dict, op: _Operand, words, slot, t0, g: int):
     return x
 
 
-def _foldable(op: _Operand) -> bool:
-    """An affine grid (no codebook, no outliers): its scale and zero can be applied on the
-    query / probability side of the dot instead of to every element of the tile."""
-    return not op.has_codebook and not op.num_outliers
-
-
-def _along_tokens(op: _Operand) -> bool:
-    """Within a [rows, width] tile the scale varies along tokens (else only along channels)."""
-    return op.token_group == 1
-
-
 def _dot(a, b, dot_dtype, transpose_b: bool):
     precision = lax.Precision.HIGHEST if dot_dtype == jnp.float32 else None
     dims = (((1,), (1,)), ((), ())) if transpose_b else (((1,), (0,)), ((), ()))
     return lax.dot_general(a.astype(dot_dtype), b.astype(dot_dtype), dims,
                            preferred_element_type=jnp.float32, precision=precision)
-
-
-def _scores(q, refs: dict, op: _Operand, words, slot, t0, g: int, dot_dtype):
-    """q [hp, width] . keys of tile g^T -> [hp, rows], the affine grid folded into the dot:
-    q . (a * s + z) = (q * s) . a + q . z (scale per channel), or (q . a) * s + sum(q) * z
-    (scale per token)."""
-    a = _grid_values(refs, op, _unpack(op, words, slot))
-    s = _meta_tile(refs["scale"], op, t0, g)
-    z = _meta_tile(refs["zero"], op, t0, g) if op.has_zero else None
-    if _along_tokens(op):  # s, z: [rows, 1] -> rows of the score tile
-        out = _dot(q, a, dot_dtype, True) * s.T
-        return out if z is None else out + jnp.sum(q.astype(jnp.float32), axis=1, keepdims=True) * z.T
-    out = _dot(q.astype(jnp.float32) * s, a, dot_dtype, True)
-    return out if z is None else out + jnp.sum(q.astype(jnp.float32) * z, axis=1, keepdims=True)
-
-
-def _weighted_values(p, refs: dict, op: _Operand, words, slot, t0, g: int, dot_dtype):
-    """p [hp, rows] . values of tile g -> [hp, width], the affine grid folded into the dot."""
-    a = _grid_values(refs, op, _unpack(op, words, slot))
-    s = _meta_tile(refs["scale"], op, t0, g)
-    z = _meta_tile(refs["zero"], op, t0, g) if op.has_zero else None
-    if _along_tokens(op):  # p . (a * s + z) = (p * s^T) . a + p . z
-        out = _dot(p * s.T, a, dot_dtype, False)
-        return out if z is None else out + jnp.sum(p * z.T, axis=1, keepdims=True)
-    out = _dot(p, a, dot_dtype, False) * s
-    return out if z is None else out + jnp.sum(p, axis=1, keepdims=True) * z
 
 
 def _softmax_step(carry, s, valid, values_fn):
@@ -266,11 +229,8 @@ def _softmax_step(carry, s, valid, values_fn):
     return m_new, l, o
 
 
-SCHEDULES = ("unrolled", "looped")
-
-
 def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: int,
-                      blocks_per_split: int, scale: float, dot_dtype, schedule: str):
+                      blocks_per_split: int, scale: float, dot_dtype):
     it = iter(refs)
     q_ref, mask_ref, len_ref = next(it), next(it), next(it)
     krefs, vrefs = kop.take_refs(it), vop.take_refs(it)
@@ -279,70 +239,42 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
     hp = q_ref.shape[0]
     rows = kop.rows
     q = [q_ref[:, pl.ds(g * kop.width, kop.width)] for g in range(kop.groups)]
-    fold_keys = _foldable(kop) and not rope
-    fold_values = _foldable(vop)
 
     def words_at(refs, op: _Operand, row0, g: int):
         return refs["codes"][pl.ds(row0, rows), pl.ds(g * op.width, op.width)]
 
-    def sub_tile(carry, t0, key_words, value_words):
-        """Tokens [t0, t0 + rows): key_words(g) / value_words(g) -> (words, slot)."""
-        if fold_keys:
-            s = sum(_scores(q[g], krefs, kop, *key_words(g), t0, g, dot_dtype) for g in range(kop.groups))
-        else:
-            ktiles = [_dequant_tile(krefs, kop, *key_words(g), t0, g) for g in range(kop.groups)]
+    def body(blk, carry):
+        # An operand packed in blocks as large as the kernel block has one word row per slot
+        # row: load its words once per block and unpack one slot per step.
+        hoisted = {name: [words_at(refs, op, blk * rows, g) for g in range(op.groups)]
+                   for name, refs, op in (("k", krefs, kop), ("v", vrefs, vop))
+                   if codes_per_word(op.bits) * rows == block}
+
+        def tile(name, refs, op, j, t0, g):
+            c = codes_per_word(op.bits)
+            if name in hoisted:
+                words = hoisted[name][g]
+            else:  # a smaller packing block: pick its word rows for this step
+                words = words_at(refs, op, blk * (block // c) + lax.div(j, jnp.int32(c)) * rows, g)
+            return _dequant_tile(refs, op, words, lax.rem(j, jnp.int32(c)), t0, g)
+
+        def step(j, carry):
+            t0 = blk * block + j * rows
+            ktiles = [tile("k", krefs, kop, j, t0, g) for g in range(kop.groups)]
             if rope:  # keys were stored before RoPE: rotate the two halves now
                 cos = cos_ref[pl.ds(t0, rows), :].astype(jnp.float32)
                 sin = sin_ref[pl.ds(t0, rows), :].astype(jnp.float32)
                 lo, hi = ktiles
                 ktiles = [lo * cos - hi * sin, hi * cos + lo * sin]
-            s = sum(_dot(q[g], ktiles[g], dot_dtype, True) for g in range(kop.groups))
-        valid = mask_ref[pl.ds(t0, rows)] != 0
+            s = _dot(q[0], ktiles[0], dot_dtype, True)
+            for g in range(1, kop.groups):
+                s = s + _dot(q[g], ktiles[g], dot_dtype, True)
+            valid = mask_ref[pl.ds(t0, rows)] != 0
 
-        def values(p):
-            if fold_values:
-                return [_weighted_values(p, vrefs, vop, *value_words(g), t0, g, dot_dtype)
-                        for g in range(vop.groups)]
-            return [_dot(p, _dequant_tile(vrefs, vop, *value_words(g), t0, g), dot_dtype, False)
-                    for g in range(vop.groups)]
+            def values(p):
+                return [_dot(p, tile("v", vrefs, vop, j, t0, g), dot_dtype, False) for g in range(vop.groups)]
 
-        return _softmax_step(carry, s * scale, valid, values)
-
-    def body_unrolled(blk, carry):
-        # Every word is loaded once per block and all its slots unpacked with constant shifts:
-        # one straight-line loop body that Triton can software-pipeline across blocks.
-        cache = {}
-
-        def words(name, refs, op, j, g):
-            c = codes_per_word(op.bits)
-            key = (name, j // c, g)
-            if key not in cache:
-                cache[key] = words_at(refs, op, blk * (block // c) + (j // c) * rows, g)
-            return cache[key], j % c
-
-        for j in range(block // rows):
-            carry = sub_tile(carry, blk * block + j * rows,
-                             lambda g, j=j: words("k", krefs, kop, j, g),
-                             lambda g, j=j: words("v", vrefs, vop, j, g))
-        return carry
-
-    def body_looped(blk, carry):
-        # Compact code (fast to compile, e.g. in interpret mode): a loop over the block's
-        # sub-tiles; words of operands packed in whole kernel blocks are loaded once.
-        hoisted = {name: [words_at(refs, op, blk * rows, g) for g in range(op.groups)]
-                   for name, refs, op in (("k", krefs, kop), ("v", vrefs, vop))
-                   if codes_per_word(op.bits) * rows == block}
-
-        def words(name, refs, op, j, g):
-            c = codes_per_word(op.bits)
-            slot = lax.rem(j, jnp.int32(c))
-            if name in hoisted:
-                return hoisted[name][g], slot
-            return words_at(refs, op, blk * (block // c) + lax.div(j, jnp.int32(c)) * rows, g), slot
-
-        def step(j, carry):
-            return sub_tile(carry, blk * block + j * rows, lambda g: words("k", krefs, kop, j, g),
-                            lambda g: words("v", vrefs, vop, j, g))
+            return _softmax_step(carry, s * scale, valid, values)
 
         return lax.fori_loop(0, block // rows, step, carry)
 
@@ -352,7 +284,6 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
     hi = jnp.minimum(lo + blocks_per_split, used_blocks)
     init = (jnp.full((hp,), NEG_INF, jnp.float32), jnp.zeros((hp,), jnp.float32),
             [jnp.zeros((hp, vop.width), jnp.float32) for _ in range(vop.groups)])
-    body = body_unrolled if schedule == "unrolled" else body_looped
     m, l, o = lax.fori_loop(lo, hi, body, init)
     for g in range(vop.groups):
         o_ref[:, pl.ds(g * vop.width, vop.width)] = o[g]
@@ -390,22 +321,17 @@ def _finish(o, l, m, g: int) -> Partials:
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "dot_dtype", "interpret",
-                                              "num_warps", "num_stages", "schedule"))
+                                              "num_warps", "num_stages"))
 def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Array, length,
                               *, scale: float, rope=None, num_splits: int | None = None,
                               dot_dtype=jnp.bfloat16, interpret: bool = False, num_warps: int = 4,
-                              num_stages: int = 2, schedule: str | None = None) -> Partials:
+                              num_stages: int = 2) -> Partials:
     """Flash-decoding partials of q [B, K, G, D] over packed keys and values.
 
     rope: None, or (cos, sin) [B, S, D/2] per-slot tables when keys are stored before RoPE.
     dot_dtype: operands of the two matmuls (bf16 on the tensor cores; fp32 for exact tests).
-    schedule: "unrolled" (default on the GPU: each packed word loaded once, constant shifts,
-    a pipelinable loop over blocks) or "looped" (default in interpret mode: compact code that
-    compiles fast); both compute the same function.
+    num_splits: slot splits per (row, kv head); default: enough programs to fill an H100.
     """
-    schedule = schedule or ("looped" if interpret else "unrolled")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
     b, kv_heads, g, d = q.shape
     if k.rows != v.rows or k.capacity != v.capacity or k.head_dim != d or v.head_dim != d:
         raise ConfigError(f"keys and values must share rows, capacity and head_dim: keys "
@@ -435,7 +361,7 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
             inputs.append(table.astype(jnp.float32))
             specs.append(pl.BlockSpec((None, s, d // 2), lambda i, h, j: (i, 0, 0)))
     kernel = functools.partial(_quantized_kernel, kop=kop, vop=vop, rope=rope is not None, block=block,
-                               blocks_per_split=per_split, scale=scale, dot_dtype=dot_dtype, schedule=schedule)
+                               blocks_per_split=per_split, scale=scale, dot_dtype=dot_dtype)
     o, l, m = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, n_splits),

@@ -148,8 +148,6 @@ def int8_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | N
     check_activations(x, lay.k, "int8_matmul")
     x2 = x.reshape(-1, lay.k)
     m = x2.shape[0]
-    if w.perm is not None:
-        x2 = jnp.take(x2, w.perm, axis=1)
     cfg = config or default_int8_config(lay, m)
     problem = config_problem(cfg, lay, m, min_dot_k=MIN_INT8_DOT_K)
     if problem is None and not cfg.use_dot:
@@ -165,6 +163,8 @@ def int8_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | N
 def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfig, interpret: bool,
            poisoned: bool) -> jax.Array:
     m = x2.shape[0]
+    if w.perm is not None:  # storage row i holds input feature perm[i]
+        x2 = jnp.take(x2, w.perm, axis=1)
     xq, xs = quantize_per_token(x2)
     has_zero = w.zero is not None
     operands = [xq, xs, w.codes, w.scale] + ([w.zero] if has_zero else [])

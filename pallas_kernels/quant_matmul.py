@@ -362,16 +362,12 @@ def quant_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | 
     check_activations(x, lay.k)
     x2 = x.reshape(-1, lay.k)
     m = x2.shape[0]
-    if w.perm is not None:  # storage row i holds input feature perm[i]
-        x2 = jnp.take(x2, w.perm, axis=1)
     cfg = config or default_config(lay, m)
     problem = config_problem(cfg, lay, m)
     if problem:
         raise UserError(f"quant_matmul: weight {w.shape}, batch M={m}: {problem}")
     y = _fused(x2, w, jnp.float32(0.0 if poison is None else poison), lay=lay, cfg=cfg,
                interpret=interpret, poisoned=poison is not None)
-    if w.outlier_index is not None:
-        y = _add_outliers(y, x2, w)
     return y.reshape(*x.shape[:-1], lay.n)
 
 
@@ -397,6 +393,13 @@ def jit_kernel_call(fn):
 @jit_kernel_call
 def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfig, interpret: bool,
            poisoned: bool) -> jax.Array:
+    if w.perm is not None:  # storage row i holds input feature perm[i]
+        x2 = jnp.take(x2, w.perm, axis=1)
+    y = _pallas_matmul(x2, w, fill, lay, cfg, interpret, poisoned)
+    return y if w.outlier_index is None else _add_outliers(y, x2, w)
+
+
+def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: bool, poisoned: bool):
     m = x2.shape[0]
     ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
                     w.codebook is not None)

@@ -84,8 +84,8 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
-                   help="time each codec with these kernel settings, schedule:warps:stages,... "
-                        "(e.g. unrolled:4:2,looped:4:2); default: the kernel's defaults")
+                   help="time each codec with these kernel settings, warps:stages:splits,... "
+                        "(splits 0: automatic), e.g. 4:2:0,2:2:0,4:3:64; default: the kernel's defaults")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--e2e", action="store_true", help="also time end-to-end decode (slow: one compile per cell)")
     p.add_argument("--e2e-contexts", default="8192,16384,32768")
@@ -104,9 +104,9 @@ def main(argv=None):
         codecs = {name: codec_for(name, cfg) for name in args.codecs.split(",") if name}
         variants = {}
         for text in (v for v in args.kernel_variants.split(",") if v):
-            schedule, warps, stages = text.split(":")
-            variants[text.replace(":", "-")] = {"schedule": schedule, "num_warps": int(warps),
-                                                "num_stages": int(stages)}
+            warps, stages, splits = (int(x) for x in text.split(":"))
+            variants[f"w{warps}-s{stages}-x{splits or 'auto'}"] = {
+                "num_warps": warps, "num_stages": stages, "num_splits": splits or None}
         rows = []
         for context in _ints(args.contexts):
             for batch in _ints(args.batches):

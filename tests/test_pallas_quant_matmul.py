@@ -23,8 +23,8 @@ from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from pallas_kernels.layout import repack_for_gpu
 from pallas_kernels.quant_matmul import (TileConfig, config_problem, default_config, quant_matmul,
                                          quant_matmul_reference)
-from pallas_kernels.testing import (Variant, float64_reference, random_qarray, random_weight,
-                                    relative_error)
+from pallas_kernels.testing import (Variant, abstract_weight, float64_reference, random_activations,
+                                    random_qarray, random_weight, relative_error)
 
 TOL = 1e-2
 GEMV = lambda bn=32, m=1, split=1, step=1: TileConfig(block_n=bn, block_m=m, split_k=split,  # noqa: E731
@@ -54,9 +54,9 @@ def _path(cfg):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-M{np.prod(c[3])}-{_path(c[4])}")
 def test_kernel_matches_references(case):
     v, k, n, lead, cfg, dtype = case
-    key = jax.random.key(zlib.crc32(v.name.encode()))
-    w = random_weight(key, k, n, v)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (*lead, k), jnp.float32).astype(dtype)
+    seed = zlib.crc32(v.name.encode())
+    w = random_weight(seed, k, n, v)
+    x = random_activations(seed, (*lead, k), dtype)
     y = quant_matmul(x, w, config=cfg, interpret=True, poison=float("nan"))
     assert y.shape == (*lead, n) and y.dtype == dtype
     assert not np.isnan(np.asarray(y, np.float32)).any(), "an output element was never written"
@@ -67,7 +67,7 @@ def test_kernel_matches_references(case):
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 def test_repack_round_trip(bits):
     """The tiled layout holds the same weight: dequantize() and the codes survive the round trip."""
-    q = random_qarray(jax.random.key(bits), 320, 48, Variant(bits, 64, "asym"))
+    q = random_qarray(bits, 320, 48, Variant(bits, 64, "asym"))
     t = repack_for_gpu(q, rows=16)
     assert t.codes.shape[0] == t.layout.k_padded * bits // 32
     np.testing.assert_array_equal(np.asarray(t.dequantize(), np.float32), np.asarray(q.dequantize(), np.float32))
@@ -80,8 +80,8 @@ def test_repack_round_trip(bits):
 ], ids=["w8a8", "w4a8-asym-split"])
 def test_int8_activation_kernel(case):
     v, k, n, m, cfg = case
-    w = random_weight(jax.random.key(7), k, n, v)
-    x = jax.random.normal(jax.random.key(8), (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = random_weight(7, k, n, v)
+    x = random_activations(8, (m, k))
     y = int8_matmul(x, w, config=cfg, interpret=True, poison=float("nan"))
     assert not np.isnan(np.asarray(y, np.float32)).any()
     assert relative_error(y, int8_matmul_reference(x, w)) <= TOL
@@ -96,27 +96,24 @@ def test_errors_name_the_dimension_and_block():
         with pytest.raises(UserError, match=match):
             jax.eval_shape(lambda: fn(jnp.zeros(x, kw.pop("dtype", jnp.bfloat16)), w, interpret=True, **kw))
 
-    abstract = lambda k, n, v, rows=0: jax.eval_shape(  # noqa: E731
-        lambda: repack_for_gpu(random_qarray(jax.random.key(0), k, n, v), rows) if rows
-        else random_qarray(jax.random.key(0), k, n, v))
-    w = abstract(256, 48, Variant(4, 128))
+    w = abstract_weight(256, 48, Variant(4, 128))
     raises(r"N=48 must be a multiple of block_n=32", w, (1, 256), config=GEMV(bn=32))
     raises(r"dtype float32", w, (1, 256), dtype=jnp.float32)
     raises(r"K=256", w, (1, 128))
     raises(r"block_m=8 must be a power of two >= 16", w, (1, 256), config=GEMM(bn=16, bm=8))
     raises(r"split_k=3", w, (1, 256), config=GEMV(bn=16, split=3))
-    raises(r"slabs of >= 16 rows.*rows=8", abstract(256, 64, Variant(4, 64)), (1, 256), config=GEMM())
+    raises(r"slabs of >= 16 rows.*rows=8", abstract_weight(256, 64, Variant(4, 64)), (1, 256), config=GEMM())
     # K=196: not whole periods of 8 codes
-    raises(r"K=196 must be a multiple of the tile of 8 rows", abstract(196, 64, Variant(4, 0)), (1, 196))
+    raises(r"K=196 must be a multiple of the tile of 8 rows", abstract_weight(196, 64, Variant(4, 0)), (1, 196))
     raises(r"tile_dot needs one group per tile of 128 rows; group_size=32",
-           abstract(256, 64, Variant(4, 32), rows=16), (1, 256), config=GEMM(tile=True))
+           abstract_weight(256, 64, Variant(4, 32, tiled_rows=16)), (1, 256), config=GEMM(tile=True))
     raises(r"slabs of 32 rows.*rows=16.*repack_for_gpu", w, (1, 256), fn=int8_matmul)
 
 
 def test_linear_dispatch_on_cpu(monkeypatch):
     """On a CPU, linear() runs the reference; `interpret` runs the kernel; `kernel` refuses."""
-    w = random_qarray(jax.random.key(1), 256, 64, Variant(4, 128, "asym"))
-    x = jax.random.normal(jax.random.key(2), (2, 256), jnp.float32).astype(jnp.bfloat16)
+    w = random_qarray(1, 256, 64, Variant(4, 128, "asym"))
+    x = random_activations(2, (2, 256))
     ref = dense_linear(x, w.dequantize())
     np.testing.assert_array_equal(np.asarray(linear(x, w), np.float32), np.asarray(ref, np.float32))
     monkeypatch.setenv(kernels_dispatch.MODE_ENV, "interpret")
@@ -138,7 +135,7 @@ LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096,
 def test_candidates_valid_for_llama_shapes(variant):
     """The autotuner proposes only runnable configs, for every 7B shape and batch (no compiling)."""
     for k, n in LLAMA_SHAPES:
-        w = jax.eval_shape(lambda: random_weight(jax.random.key(0), k, n, variant))
+        w = abstract_weight(k, n, variant)
         lay = autotune.kernel_layout(w)
         assert lay.problem() is None, (k, n, lay)
         for m in autotune.M_BUCKETS:
@@ -150,7 +147,7 @@ def test_candidates_valid_for_llama_shapes(variant):
 
 
 def test_tuning_table_lookup_and_measured_rule(tmp_path):
-    w = jax.eval_shape(lambda: random_weight(jax.random.key(0), 4096, 4096, Variant(4, 128)))
+    w = abstract_weight(4096, 4096, Variant(4, 128))
     lay = autotune.kernel_layout(w)
     p1 = autotune.problem_of(w, 1)
     p64 = autotune.problem_of(w, 50)
@@ -163,17 +160,17 @@ def test_tuning_table_lookup_and_measured_rule(tmp_path):
     assert tab.lookup(p1, lay, 1).config == fast.config and tab.lookup(p1, lay, 1).use_kernel
     assert not tab.lookup(p64, lay, 50).use_kernel  # the XLA path measured faster
     # Another shape of the same family borrows the nearest entry whose blocks fit it.
-    w2 = jax.eval_shape(lambda: random_weight(jax.random.key(0), 4096, 11008, Variant(4, 128)))
+    w2 = abstract_weight(4096, 11008, Variant(4, 128))
     lay2 = autotune.kernel_layout(w2)
     got = tab.lookup(autotune.problem_of(w2, 1), lay2, 1)
     assert got is not None and got.config == fast.config
     # A different family has no entry.
-    w3 = jax.eval_shape(lambda: random_weight(jax.random.key(0), 4096, 4096, Variant(8, 0)))
+    w3 = abstract_weight(4096, 4096, Variant(8, 0))
     assert tab.lookup(autotune.problem_of(w3, 1), autotune.kernel_layout(w3), 1) is None
 
 
 def test_grid_values_at_matches_dequantize():
-    q = random_qarray(jax.random.key(5), 96, 48, Variant(3, 32, "asym"))
+    q = random_qarray(5, 96, 48, Variant(3, 32, "asym"))
     idx = jnp.asarray([0, 47, 48, 95 * 48 + 47, 1234], jnp.int32)
     from pallas_kernels.layout import grid_values_at
 

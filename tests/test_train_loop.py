@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.io.load import LoadedModel, load_model
-from jaxcompress.train.config import parse, TrainConfig
+from jaxcompress.train.config import TrainConfig, parse
 from jaxcompress.train.logs import read_json_log, read_tensorboard
 from jaxcompress.train.run import run_training
 from test_train_common import TINY1, logits, numpy_model, pure_tree
@@ -149,3 +149,17 @@ def test_cli_runs_the_smoke_config(tmp_path, capsys):
     assert record["model"] == "random:tiny" and record["steps"] == 3 and record["data"]["eval"] is None
     rc = main(["train", "qat", "--config", os.path.join(ROOT, "configs", "train", "lora_smoke.yaml"), "--out", out])
     assert rc == 2 and "the config is for mode 'lora', not 'qat'" in capsys.readouterr().err
+
+
+def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
+    from jaxcompress.train.checkpoint import TrainCheckpoints, abstract_like
+
+    ckpts = TrainCheckpoints(str(tmp_path / "ckpt"), keep=2, keep_best=True)
+    for step, loss in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0]):
+        ckpts.save(step, {"w": np.full((3,), step, np.float32)}, {"step": step}, eval_loss=loss)
+    ckpts.wait()
+    assert ckpts.all_steps() == [2, 4, 5] and ckpts.best_step() == 2 and ckpts.latest_step() == 5
+    assert ckpts.meta(2) == {"step": 2}
+    restored = ckpts.restore(2, abstract_like({"w": np.zeros((3,), np.float32)}))
+    np.testing.assert_array_equal(np.asarray(restored["w"]), [2, 2, 2])
+    ckpts.close()

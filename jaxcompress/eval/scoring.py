@@ -173,6 +173,22 @@ def _score_shared(graphdef, codec, state, ctx, ctx_pos, cont, cont_pos, targets,
     return logprob.reshape(b, n), greedy.reshape(b, n)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score_next_token(graphdef, codec, state, ctx, ctx_pos, targets):
+    """Single-token continuations (" A", " yes"): one pass over the contexts [B, Lc]
+    (left-padded); the last position's distribution scores every target [B, N]."""
+    model = nnx.merge(graphdef, state)
+    cache = None
+    if codec is not None:
+        cache = KVCache.create(model.config, ctx.shape[0], ctx.shape[1], model.dtype, codec)
+    h, _ = model.hidden_states(ctx, ctx_pos, cache)
+    logits = model.logits(h[:, -1])  # [B, V]
+    logz = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    logprob = jnp.take_along_axis(logits, targets, axis=-1) - logz
+    greedy = jnp.argmax(logits, axis=-1)[:, None] == targets
+    return logprob, greedy
+
+
 # ----------------------------------------------------------------------------------- the scorer
 @dataclasses.dataclass
 class _Group:
@@ -335,6 +351,10 @@ class Scorer:
                     cont_pos[r, j, :k] = c + np.arange(k)
                     weights[r, j, :k] = 1.0
                     owners[r * n + j] = i
+            if lk == 1:  # no continuation pass needed (and half the program to compile)
+                args = tuple(jnp.asarray(a) for a in (ctx, ctx_pos, cont[:, :, 0]))
+                yield (functools.partial(_score_next_token, self.graphdef, self.codec, self.state, *args), owners)
+                continue
             # The continuation tokens are also the targets (see _score_shared).
             args = tuple(jnp.asarray(a) for a in (ctx, ctx_pos, cont, cont_pos, cont, weights))
             yield (functools.partial(_score_shared, self.graphdef, self.codec, self.state, *args), owners)

@@ -166,7 +166,7 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
     loaded = None  # the trainer holds the (prepared) weights now
 
     ckpts = TrainCheckpoints(os.path.join(out_dir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.keep_best)
-    start = 0
+    start, meta = 0, {}
     latest = ckpts.latest_step() if cfg.checkpoint.resume else None
     if latest is not None:
         meta = ckpts.meta(latest)
@@ -174,9 +174,8 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
         if meta.get("train_rows") != len(train_rows):
             raise ConfigError(f"{ckpts.directory}: the checkpoint saw {meta.get('train_rows')} training rows, "
                               f"the data now gives {len(train_rows)}; the data changed since the run began")
-        state = ckpts.restore(latest, abstract_like(trainer.state))
-        trainer.state = state
-        start = int(state.step)
+        trainer.state = ckpts.restore(latest, abstract_like(trainer.state))
+        start = int(trainer.state.step)
     tb = TensorBoardWriter(os.path.join(out_dir, "tensorboard"), purge_step=start + 1 if latest is not None else None)
     jlog = JsonLog(os.path.join(out_dir, LOG_FILE), resume_step=start if latest is not None else None)
 
@@ -196,12 +195,11 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
         jlog.write(step, {"eval/loss": ev["loss"], "eval/ppl": ev["ppl"]})
         return ev
 
-    if start == 0:
-        record["eval_before"] = evaluate(0)
+    record["eval_before"] = evaluate(0) if start == 0 else meta.get("eval_before")
 
-    def meta(step: int) -> dict:
+    def checkpoint_meta(step: int) -> dict:
         return {"config_fingerprint": fingerprint, "config": pinned, "train_rows": len(train_rows),
-                "micro_batches_done": step * accum, "seed": cfg.seed}
+                "micro_batches_done": step * accum, "seed": cfg.seed, "eval_before": record["eval_before"]}
 
     pending: list[dict] = []
     last_eval: dict | None = None
@@ -246,7 +244,7 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
         if save_now:
             if cfg.checkpoint.keep_best and held and not evaluated:
                 last_eval = evaluate(done)
-            ckpts.save(done, trainer.state, meta(done), eval_loss=last_eval["loss"] if last_eval else None)
+            ckpts.save(done, trainer.state, checkpoint_meta(done), eval_loss=last_eval["loss"] if last_eval else None)
         if evaluated or save_now:
             tb.flush()
             if not pending:  # evaluation and saving are not training time

@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import re
-import time
 from typing import Any
 
 import jax
@@ -28,7 +26,7 @@ import optax
 from flax import nnx
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.train.config import TrainConfig, to_dict
+from jaxcompress.train.config import TrainConfig
 from jaxcompress.train.lora import LoRA, add_lora, key_name, map_weights, with_dropout_keys
 from jaxcompress.train.qat import FakeQuant, add_fake_quant, quantize_weights
 from jaxcompress.train.sharding import Sharder
@@ -61,9 +59,6 @@ def trainable_mask(tree: Tree, cfg: TrainConfig) -> Tree:
         extra = [re.compile(p) for p in patterns]
     hit = set()
 
-    def floating(x) -> bool:
-        return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype, jnp.floating)
-
     def mark(name, w):
         if isinstance(w, LoRA):
             return dataclasses.replace(w, base=jax.tree_util.tree_map(lambda _: False, w.base), a=True, b=True)
@@ -75,7 +70,7 @@ def trainable_mask(tree: Tree, cfg: TrainConfig) -> Tree:
         if extra is not None and any(p.fullmatch(name) for p in extra):
             hit.add(name)
             return True
-        return cfg.mode in ("qat", "full") and floating(w)
+        return cfg.mode in ("qat", "full") and jnp.issubdtype(w.dtype, jnp.floating)
 
     mask = map_weights(mark, tree)
     if extra is not None and not hit:
@@ -324,21 +319,3 @@ class Trainer:
 
     def frozen_count(self) -> int:
         return count(self.frozen)
-
-
-def num_devices(sharder: Sharder) -> int:
-    return int(np.prod(list(sharder.mesh.shape.values())))
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return to_dict(cfg)
-
-
-def out_paths(out_dir: str) -> dict[str, str]:
-    return {"tensorboard": os.path.join(out_dir, "tensorboard"), "checkpoints": os.path.join(out_dir, "checkpoints"),
-            "final": os.path.join(out_dir, "final"), "results": os.path.join(out_dir, "results.json"),
-            "log": os.path.join(out_dir, "log.jsonl")}
-
-
-def timer() -> float:
-    return time.perf_counter()

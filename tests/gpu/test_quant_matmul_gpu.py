@@ -63,7 +63,7 @@ def one_config_per_path(configs):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-{c[1]}x{c[2]}")
 def test_every_code_path(case):
     v, k, n, batches = case
-    w = random_weight(jax.random.key(k + n), k, n, v)
+    w = random_weight(k + n, k, n, v)
     lay = kernel_layout(w)
     ref = jax.jit(quant_matmul_reference)
     for m in batches:
@@ -78,7 +78,7 @@ def test_every_code_path(case):
                          ids=["w8a8", "w4a8"])
 def test_int8_kernel_candidates(case):
     v, k, n = case
-    w = random_weight(jax.random.key(1), k, n, v)
+    w = random_weight(1, k, n, v)
     lay = int8_layout(w)
     for m in (16, 64, 256):
         x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
@@ -87,7 +87,7 @@ def test_int8_kernel_candidates(case):
 
 
 def test_fp16_activations():
-    w = random_weight(jax.random.key(2), 4096, 4096, Variant(4, 128))
+    w = random_weight(2, 4096, 4096, Variant(4, 128))
     x = jax.random.normal(jax.random.key(3), (16, 4096), jnp.float32).astype(jnp.float16)
     for m in (1, 16):
         lay = kernel_layout(w)
@@ -98,7 +98,7 @@ def test_fp16_activations():
 
 def test_linear_picks_the_kernel_on_gpu():
     """linear() on a QArray lowers to the Pallas kernel at decode batch sizes, with the right values."""
-    w = random_weight(jax.random.key(4), 4096, 11008, Variant(4, 128))
+    w = random_weight(4, 4096, 11008, Variant(4, 128))
     for m in (1, 8):
         x = jax.random.normal(jax.random.key(5), (m, 4096), jnp.float32).astype(jnp.bfloat16)
         hlo = jax.jit(linear).lower(x, w).as_text()
