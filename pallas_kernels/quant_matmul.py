@@ -385,7 +385,9 @@ def jit_kernel_call(fn):
 
     @functools.wraps(fn)
     def call(*args, interpret: bool, **kwargs):
-        return (interpreted if interpret else compiled)(*args, interpret=interpret, **kwargs)
+        # Compiler options apply to top-level jits only; inside another trace use the plain one.
+        nested = any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(args))
+        return (interpreted if interpret and not nested else compiled)(*args, interpret=interpret, **kwargs)
 
     return call
 

@@ -49,7 +49,7 @@ def test_lora_linear_matches_float64_reference():
     a = jax.random.normal(k3, (48, 6)) * 0.1
     b = jax.random.normal(k4, (6, 40)) * 0.1
     w = LoRA(base=base, a=a, b=b, alpha=12.0)
-    got = np.asarray(linear(x, w), np.float64)
+    got = np.asarray(jax.jit(linear)(x, w), np.float64)
     xd, bd, ad, bbd = (np.asarray(t, np.float64) for t in (x, base, a, b))
     want = xd @ bd + (12.0 / 6) * (xd @ ad) @ bbd
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -107,11 +107,16 @@ def test_lora_dropout_masks_the_adapter_input_only():
     w = LoRA(base=jax.random.normal(k2, (32, 16)), a=jax.random.normal(k3, (32, 4)),
              b=jax.random.normal(k4, (4, 16)), alpha=4.0, dropout=0.5)
     keyed = with_dropout_keys({"kernel": w}, jax.random.key(8))["kernel"]
-    keep = jax.random.bernoulli(keyed.dropout_key, 0.5, x.shape)
-    want = x @ w.base + (jnp.where(keep, x / 0.5, 0) @ w.a) @ w.b
-    np.testing.assert_allclose(np.asarray(linear(x, keyed)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    @jax.jit
+    def reference(x, w):
+        keep = jax.random.bernoulli(w.dropout_key, 0.5, x.shape)
+        return x @ w.base + (jnp.where(keep, x / 0.5, 0) @ w.a) @ w.b
+
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, keyed)), np.asarray(reference(x, keyed)),
+                               rtol=1e-5, atol=1e-5)
     # Without a key (evaluation) there is no dropout.
-    np.testing.assert_allclose(np.asarray(linear(x, w)), np.asarray(x @ w.dequantize()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(linear)(x, w)), np.asarray(x @ w.dequantize()), rtol=1e-5, atol=1e-5)
 
 
 def test_adapters_round_trip_in_peft_layout(tiny, tmp_path):
@@ -180,9 +185,9 @@ def test_qlora_gradients_match_the_dense_reference():
     def loss(x, a, b, w):
         return jnp.sum(linear(x, LoRA(base=w, a=a, b=b, alpha=8.0)) * g)
 
-    got = jax.grad(loss, argnums=(0, 1, 2))(x, a, b, base)
-    want = jax.grad(loss, argnums=(0, 1, 2))(x, a, b, base.dequantize())
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    got, want = grads(x, a, b, base), grads(x, a, b, base.dequantize())
     for gg, ww in zip(got, want):
         np.testing.assert_allclose(np.asarray(gg), np.asarray(ww), rtol=1e-5, atol=1e-6)
-    dbase = jax.grad(loss, argnums=3, allow_int=True)(x, a, b, base)
+    dbase = jax.jit(jax.grad(loss, argnums=3, allow_int=True))(x, a, b, base)
     assert float(jnp.abs(dbase.scale).max()) == 0.0

@@ -1,6 +1,6 @@
-"""Sharded training on 8 fake CPU devices: a step on a (data, fsdp, tensor) mesh equals the same
-step on one device, for LoRA, QLoRA and QAT; QLoRA updates only the adapters; a batch that does
-not divide the data axes is a clear error.
+"""Sharded training on 8 fake CPU devices: a (QLoRA) step on a (data, fsdp, tensor) mesh equals
+the same step on one device, and updates only the adapters; every kind of leaf is laid out on the
+mesh as its weight; a batch that does not divide the data axes is a clear error.
 
 XLA fixes the number of CPU devices when JAX starts, so `test_on_8_fake_devices` runs this file
 again in a fresh interpreter with XLA_FLAGS=--xla_force_host_platform_device_count=8; the
@@ -90,25 +90,10 @@ def _compare(mode, steps=2, accum=2):
 
 
 @inner
-def test_inner_lora_sharded_step_equals_unsharded_step():
-    one, eight = _compare("lora")
-    spec = lambda tree, name: tuple(tree[name].sharding.spec)  # noqa: E731
-    # Parameters really are laid out on the mesh: the base over tensor (output), the
-    # adapters over fsdp (input dimension) and tensor (output dimension).
-    assert spec(eight.frozen, "layers.0.mlp.up_proj.kernel.base") == ("fsdp", "tensor")
-    assert spec(eight.state.trainable, "layers.0.mlp.up_proj.kernel.a") == ("fsdp", None)
-    assert spec(eight.state.trainable, "layers.0.mlp.up_proj.kernel.b") == (None, "tensor")
-    assert spec(eight.frozen, "embed_tokens.embedding") == ("tensor", "fsdp")
-    assert eight.state.trainable["layers.0.mlp.up_proj.kernel.a"].addressable_shards[0].data.shape == (32, 4)
-
-
-@inner
 def test_inner_qlora_sharded_step_equals_unsharded_and_only_adapters_move():
     import jax
 
-    from test_train_common import numpy_model  # noqa: F401
-
-    one, eight = _compare("qlora", steps=1, accum=1)
+    one, eight = _compare("qlora")  # two steps of two micro-batches each, with LoRA dropout
     frozen_before = {n: np.asarray(v) for n, v in _trainer(_config("qlora"), jax.devices()[:1]).frozen.items()}
     assert all(n.endswith((".a", ".b")) for n in one.state.trainable)  # only adapters are trainable
     assert any(n.endswith(".base.codes") for n in one.frozen)  # the base is a QArray
@@ -119,6 +104,21 @@ def test_inner_qlora_sharded_step_equals_unsharded_and_only_adapters_move():
     # Optimizer state exists for the adapters only: adam's mu and nu mirror the trainable dict.
     mu = one.state.opt_state[1][0].mu
     assert sorted(mu) == sorted(one.state.trainable)
+    spec = lambda tree, name: tuple(tree[name].sharding.spec)  # noqa: E731
+    # Laid out on the mesh: packed codes over tensor (output dim), adapters over fsdp (input
+    # dim) and tensor (output dim), the embedding over tensor (vocab) and fsdp (embed).
+    assert spec(eight.frozen, "layers.0.mlp.up_proj.kernel.base.codes") == (None, "tensor")
+    assert spec(eight.state.trainable, "layers.0.mlp.up_proj.kernel.a") == ("fsdp", None)
+    assert spec(eight.state.trainable, "layers.0.mlp.up_proj.kernel.b") == (None, "tensor")
+    assert spec(eight.frozen, "embed_tokens.embedding") == ("tensor", "fsdp")
+    assert eight.state.trainable["layers.0.mlp.up_proj.kernel.a"].addressable_shards[0].data.shape == (32, 4)
+
+
+@inner
+def test_inner_lora_on_a_dense_base_sharded_step_equals_unsharded_step():
+    _, eight = _compare("lora", steps=1, accum=1)  # the base is all-gathered from fsdp x tensor shards
+    assert tuple(eight.frozen["layers.0.mlp.up_proj.kernel.base"].sharding.spec) == ("fsdp", "tensor")
+    assert tuple(eight.frozen["layers.0.mlp.down_proj.kernel.base"].sharding.spec) == ("tensor", "fsdp")
 
 
 @inner

@@ -129,6 +129,7 @@ def run_cell(loaded, cell: Cell, tasks: list[str], opts: TaskOptions, base_bytes
         "compression_ratio": base_bytes / nbytes,
         "compress_seconds": round(compress_seconds, 2),
         "compress": applied.get("weights"),
+        "kv_cache": applied.get("kv_cache"),
         "recipe_config": {k: v for k, v in (variant.recipe or {}).items() if k != "applied"} or None,
         "seconds": round(time.time() - start, 2),
         **provenance(),

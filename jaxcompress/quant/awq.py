@@ -91,6 +91,21 @@ def _candidate_scales(x_mean, ratio):
     return s / jnp.sqrt(s.max() * s.min())
 
 
+@jax.jit
+def _abs_mean(x):
+    """Mean |x| per channel [K] of x [n, T, K] (AWQ's activation statistic)."""
+    return jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _scaled(x, s, axis: int):
+    """x multiplied by s along `axis`, computed in fp32, returned in x's dtype."""
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    s = s.reshape(shape)
+    return (x.astype(jnp.float32) * s).astype(x.dtype)
+
+
 def _relative(inspect: str, name: str) -> str:
     return "" if name == inspect else name[len(inspect) + 1:]
 
@@ -100,7 +115,7 @@ def search_scale(block: Block, group: ScaleGroup, x, targets: dict[str, LayerCon
     sub = submodule(block.module, group.inspect)
     graphdef, state = nnx.split(sub)
     refs = block.map_batches(lambda xb: _outputs(graphdef, state, xb, group.kind), x)
-    x_mean = jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=(0, 1))
+    x_mean = _abs_mean(x)
     count = sum(r.size for r in refs)
     errors, best = {}, None
     for i in range(grid):
@@ -124,28 +139,29 @@ def search_scale(block: Block, group: ScaleGroup, x, targets: dict[str, LayerCon
 def apply_scale(block: Block, group: ScaleGroup, s) -> None:
     """Folds 1/s into the op producing the group's input and s into the group's weight rows."""
     prev = submodule(block.module, group.prev)
+    inv = 1.0 / s
     if hasattr(prev, "kernel"):  # a projection: divide its output columns (and bias)
-        w = prev.kernel.get_value()
-        prev.kernel.set_value((w.astype(jnp.float32) / s[None, :]).astype(w.dtype))
+        prev.kernel.set_value(_scaled(prev.kernel.get_value(), inv, axis=1))
         if prev.bias is not None:
-            b = prev.bias.get_value()
-            prev.bias.set_value((b.astype(jnp.float32) / s).astype(b.dtype))
+            prev.bias.set_value(_scaled(prev.bias.get_value(), inv, axis=0))
     else:  # an RMSNorm
-        g = prev.scale.get_value()
-        prev.scale.set_value((g.astype(jnp.float32) / s).astype(g.dtype))
+        prev.scale.set_value(_scaled(prev.scale.get_value(), inv, axis=0))
     for name in group.linears:
         lin = submodule(block.module, name)
-        w = lin.kernel.get_value()
-        lin.kernel.set_value((w.astype(jnp.float32) * s[:, None]).astype(w.dtype))
+        lin.kernel.set_value(_scaled(lin.kernel.get_value(), s, axis=0))
 
 
-@functools.partial(jax.jit, static_argnames=("g", "spec", "steps", "clip_grid"))
-def _clip_search(w, x, *, g, spec: GridSpec, steps: int, clip_grid: int):
-    """Best clipping range per (group, output channel) [G, N] for w [K, N], inputs x [T, K]."""
+@functools.partial(jax.jit, static_argnames=("g", "spec", "steps", "clip_grid", "tokens"))
+def _clip(w, x, *, g: int, spec: GridSpec, steps: int, clip_grid: int, tokens: int):
+    """w [K, N] clipped per (group, output channel) to the range that minimises the error of
+    the group's partial outputs on a strided subsample of the inputs x [..., K]; also returns
+    the mean chosen fraction of the original range."""
     k, n = w.shape
-    wg = group_rows(w.astype(jnp.float32), g)                       # [G, g, N]
-    xg = group_rows(x.astype(jnp.float32).T, g).transpose(2, 0, 1)  # [T, G, g]
-    org_max = jnp.abs(wg).max(axis=1)                               # [G, N]
+    x = x.reshape(-1, x.shape[-1])
+    x = x[::max(1, x.shape[0] // tokens)][:tokens].astype(jnp.float32)
+    wg = group_rows(w.astype(jnp.float32), g)        # [G, g, N]
+    xg = group_rows(x.T, g).transpose(2, 0, 1)        # [T, G, g]
+    org_max = jnp.abs(wg).max(axis=1)                 # [G, N]
 
     def per_channel(args):  # one output channel: wc [G, g], mc [G]
         wc, mc = args
@@ -161,25 +177,20 @@ def _clip_search(w, x, *, g, spec: GridSpec, steps: int, clip_grid: int):
             better = err < best_err
             return jnp.where(better, err, best_err), jnp.where(better, mx, best_max)
 
-        init = (jnp.full(mc.shape, jnp.inf, jnp.float32), mc)
-        return jax.lax.fori_loop(0, steps, step, init)[1]
+        return jax.lax.fori_loop(0, steps, step, (jnp.full(mc.shape, jnp.inf, jnp.float32), mc))[1]
 
-    best = jax.lax.map(per_channel, (wg.transpose(2, 0, 1), org_max.T), batch_size=min(n, 256))  # [N, G]
-    return best.T
+    best = jax.lax.map(per_channel, (wg.transpose(2, 0, 1), org_max.T), batch_size=min(n, 256)).T  # [G, N]
+    mx = per_row(best, k, g)
+    clipped = jnp.clip(w.astype(jnp.float32), -mx, mx).astype(w.dtype)
+    return clipped, jnp.mean(best / jnp.maximum(org_max, 1e-30))
 
 
 def clip_weight(w, x, cfg: LayerConfig, where: str, tokens: int):
-    """w [K, N] clipped per (group, output channel) to AWQ's searched range (x: inputs [.., K])."""
-    g = cfg.group_for(w.shape[0], where)
-    x = x.reshape(-1, x.shape[-1])
-    x = x[::max(1, x.shape[0] // tokens)][:tokens]
+    """(w [K, N] clipped to AWQ's searched ranges, mean shrink) given inputs x [..., K]."""
     opts = cfg.awq
-    best = _clip_search(w, x, g=g, spec=cfg.grid(), steps=int(opts.clip_max_shrink * opts.clip_grid),
-                        clip_grid=opts.clip_grid)
-    mx = per_row(best, w.shape[0], g)
-    clipped = jnp.clip(w.astype(jnp.float32), -mx, mx).astype(w.dtype)
-    shrink = float(jnp.mean(best / jnp.maximum(jnp.abs(group_rows(w.astype(jnp.float32), g)).max(1), 1e-30)))
-    return clipped, shrink
+    clipped, shrink = _clip(w, x, g=cfg.group_for(w.shape[0], where), spec=cfg.grid(), tokens=tokens,
+                            steps=int(opts.clip_max_shrink * opts.clip_grid), clip_grid=opts.clip_grid)
+    return clipped, float(shrink)
 
 
 @dataclasses.dataclass
@@ -211,7 +222,7 @@ class AWQ(Method):
             x = inputs[group.linears[0]]
             s, ratio, errors = search_scale(block, group, x, chosen, self.grid)
             apply_scale(block, group, s)
-            inputs[group.linears[0]] = (x.astype(jnp.float32) / s).astype(x.dtype)
+            inputs[group.linears[0]] = _scaled(x, 1.0 / s, axis=2)
             for name in chosen:
                 info[block.path(name)] = {"awq_alpha": ratio, "awq_error": errors[round(ratio, 6)],
                                           "awq_error_alpha0": errors[0.0]}

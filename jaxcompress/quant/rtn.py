@@ -21,9 +21,13 @@ from jaxcompress.quant.tree import map_params
 def uniform_qarray(codes: jax.Array, scale: jax.Array, zero: jax.Array, cfg: LayerConfig, group_size: int,
                    dtype, perm: jax.Array | None = None) -> QArray:
     """A QArray from codes [K, N] and fp32 grid parameters; symmetric grids store no zero."""
-    sdt = jnp.dtype(cfg.scale_dtype)
-    return QArray.from_codes(codes, scale.astype(sdt), None if cfg.symmetric else zero.astype(sdt),
-                             bits=cfg.bits, group_size=group_size, dtype=dtype, perm=perm)
+    scale, zero = _stored(scale, zero, cfg.scale_dtype, cfg.symmetric)
+    return QArray.from_codes(codes, scale, zero, bits=cfg.bits, group_size=group_size, dtype=dtype, perm=perm)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "symmetric"))
+def _stored(scale, zero, dtype: str, symmetric: bool):
+    return scale.astype(dtype), None if symmetric else zero.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "per_tensor", "spec"))
