@@ -19,7 +19,6 @@ import os
 import re
 import sys
 
-import jax
 import jax.numpy as jnp
 
 from jaxcompress.bench.timing import copy_bandwidth

@@ -26,7 +26,6 @@ import numpy as np
 
 from jaxcompress.bench.timing import copy_bandwidth, median_seconds
 from jaxcompress.kv.calibration import KVCalibration
-from jaxcompress.kv.kvquant import KVQuantCodec
 from jaxcompress.models.cache import IdentityCodec, KVCodec
 from jaxcompress.models.rope import apply_rope, rope_cos_sin
 from jaxcompress.ops.attention import attention_mask, reference_attention
@@ -80,15 +79,18 @@ def filled_layer(cfg, codec: KVCodec | None, batch: int, context: int, max_len: 
     slots = jnp.arange(max_len, dtype=jnp.int32)
     slot_pos = jnp.broadcast_to(jnp.where(slots < context, slots, -1), (batch, max_len))
     mask = attention_mask(jnp.full((batch, 1), context - 1, jnp.int32), slot_pos, None)
-    rotate = None
-    if codec.pre_rope:
-        cos, sin = rope_cos_sin(cfg, jnp.maximum(slot_pos, 0))
+    return DecodeInputs(codec, state, mask, slot_rotation(cfg, slot_pos) if codec.pre_rope else None, context)
 
-        def rotate(k):
-            return apply_rope(k, cos, sin)
 
-        rotate.cos_sin = (cos, sin)
-    return DecodeInputs(codec, state, mask, rotate, context)
+def slot_rotation(cfg, slot_pos):
+    """What the attention layer hands a pre-RoPE codec: RoPE by slot position, with its tables."""
+    cos, sin = rope_cos_sin(cfg, jnp.maximum(slot_pos, 0))
+
+    def rotate(k):
+        return apply_rope(k, cos, sin)
+
+    rotate.cos_sin = (cos, sin)
+    return rotate
 
 
 def attend_fn(inputs: DecodeInputs, cfg, variant: str, kernel_options: dict | None = None):

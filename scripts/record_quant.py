@@ -1,0 +1,68 @@
+"""Full-protocol perplexity of weight-quantization recipes on one model, one file per cell.
+
+    PYTHONPATH=. python scripts/record_quant.py --recipes rtn_w4_g128,gptq_w4_g128 --out $OUT/quant
+
+For each recipe (optionally with `@c4` to calibrate on C4 instead of WikiText-2 train):
+compress, then WikiText-2 (all windows) and C4 (256 windows) perplexity at seqlen 2048.
+Each finished cell is written at once (`<recipe>.json`), so a cut-off run keeps what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax.numpy as jnp
+
+from jaxcompress.eval.perplexity import c4_tokens, perplexity, wikitext2_tokens
+from jaxcompress.experiments.recipes import apply_recipe, load_recipe
+from jaxcompress.io.atomic import write_json
+from jaxcompress.io.load import load_model
+from jaxcompress.models.build import param_summary
+from jaxcompress.provenance import provenance
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--recipes", required=True, help="comma-separated; name@c4 calibrates on C4")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--wikitext-windows", type=int)
+    p.add_argument("--c4-windows", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    dtype = jnp.dtype(args.dtype)
+    base = load_model(args.model, dtype=dtype, param_dtype=dtype)
+    wiki = wikitext2_tokens(base.tokenizer)
+    c4 = c4_tokens(base.tokenizer)
+    base_bytes = param_summary(base.model)["bytes"]
+    os.makedirs(args.out, exist_ok=True)
+    for cell in ["baseline"] + args.recipes.split(","):
+        name, _, calib = cell.partition("@")
+        start = time.time()
+        loaded, recipe = base, None
+        if name != "baseline":
+            overrides = list(args.overrides) + ([f"calibration.source={calib}"] if calib else [])
+            recipe = load_recipe(name, overrides)
+            loaded = apply_recipe(base, recipe)
+        compress_s = time.time() - start
+        results = {
+            "wikitext2": perplexity(loaded, wiki, 2048, args.wikitext_windows, args.batch_size, progress=False),
+            "c4": perplexity(loaded, c4, 2048, args.c4_windows, args.batch_size, progress=False),
+        }
+        nbytes = param_summary(loaded.model)["bytes"]
+        record = {"recipe": cell, "model": args.model, "dtype": dtype.name, "recipe_config": loaded.recipe,
+                  "results": results, "model_bytes": nbytes, "compression_ratio": base_bytes / nbytes,
+                  "compress_seconds": round(compress_s, 1), "total_seconds": round(time.time() - start, 1),
+                  **provenance()}
+        write_json(os.path.join(args.out, cell.replace("@", "_calib_") + ".json"), record)
+        print(f"{cell:<28} wikitext2 {results['wikitext2']['ppl']:8.3f} ({results['wikitext2']['windows']} win)  "
+              f"c4 {results['c4']['ppl']:8.3f}  {nbytes / 2**20:7.1f} MiB  compress {compress_s:6.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
