@@ -160,6 +160,17 @@ def _tile_width(x: QTokens, halves: bool) -> int:
     return width
 
 
+def supports(k: QTokens, v: QTokens, pre_rope: bool) -> bool:
+    """Whether the kernel handles these stores: channel tiles (head_dim, a value channel group,
+    or head_dim / 2 for pre-RoPE keys) of a power of 2 >= 16."""
+    try:
+        _tile_width(k, pre_rope)
+        _tile_width(v, False)
+    except ConfigError:
+        return False
+    return k.rows == v.rows and k.rows >= MIN_DOT_ROWS
+
+
 # ------------------------------------------------------------------------- kernel body
 def _meta_tile(ref, op: _Operand, t0, g: int):
     """The scale (or zero) tile that broadcasts over the [rows, width] tile at slot t0."""

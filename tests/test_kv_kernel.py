@@ -151,3 +151,11 @@ def test_kernels_lower_to_triton_for_cuda(layout):
     fn = jax.jit(lambda q, k, v, m: da.dense_decode_partials(q, k, v, m, 1000, scale=SCALE))
     assert "__gpu$xla.gpu.triton" in export.export(fn, platforms=["cuda"], disabled_checks=checks)(
         q, kd, kd, mask).mlir_module()
+
+
+def test_supports_names_the_shapes_the_kernel_tiles():
+    rng = np.random.default_rng(5)
+    k, v, _ = _layout("kivi-k2v2", rng, 512)
+    assert da.supports(k, v, pre_rope=False) and da.supports(k, v, pre_rope=True)  # D/2 = 32 tiles
+    narrow = _store(rng, B, 512, 2, 32, 1, 8)  # value channel groups of 8: below the dot's 16
+    assert not da.supports(k, narrow, pre_rope=False)

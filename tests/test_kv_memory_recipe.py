@@ -113,3 +113,12 @@ def test_recipes_apply_calibrate_and_compose():
 
     cache = KVCache.create(loaded.config, 1, 16, jnp.float32, codec)  # each layer its own ranges
     np.testing.assert_array_equal(cache.layers[1]["k"].zero[0, :, 0], codec.calibration.arrays["k_mid"][1])
+
+
+def test_calibration_is_hashed_by_content_and_saved(tmp_path):
+    same = KVCalibration({k: v.copy() for k, v in CAL.arrays.items()})
+    assert same == CAL and hash(same) == hash(CAL) and KVQuantCodec(calibration=same) == KVQuantCodec(calibration=CAL)
+    other = KVCalibration({**CAL.arrays, "k_mid": CAL.arrays["k_mid"] + 1})
+    assert other != CAL
+    CAL.save(str(tmp_path / "cal.npz"))
+    assert KVCalibration.load(str(tmp_path / "cal.npz")) == CAL

@@ -86,7 +86,12 @@ class PackedCodec(KVCodec):
 
     def attend(self, state, q, mask, scale, rotate_keys=None):
         if q.shape[1] == 1 and self.use_kernel():
-            return self.attend_decode(state, q, mask, scale, rotate_keys)
+            from pallas_kernels.decode_attention import supports
+
+            # "auto" falls back to the reference for shapes the kernel does not tile (tiny
+            # heads); an explicit "pallas" / "interpret" lets the kernel raise its error.
+            if self.attention != "auto" or supports(state["k"], state["v"], self.pre_rope):
+                return self.attend_decode(state, q, mask, scale, rotate_keys)
         s = mask.shape[-1]
         k, v = self.dense(state, q.dtype)
         k, v = k[:, :s], v[:, :s]
