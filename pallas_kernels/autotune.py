@@ -352,15 +352,21 @@ class TuningTable:
         self.entries.update(other.entries)
 
     def lookup(self, p: Problem, lay: CodeLayout, m: int, *, int8: bool = False) -> Entry | None:
+        """The entry of problem p; else the nearest K, N of its family whose blocks fit; else
+        the same from the other uniform grid (a zero point costs one subtraction a weight)."""
         exact = self.entries.get(p)
         if exact is not None:
             return exact
-        same = [e for e in self.entries.values() if e.problem.family() == p.family()
-                and e.problem.m == p.m and e.config is not None]
         dist = lambda e: abs(math.log(e.problem.k / p.k)) + abs(math.log(e.problem.n / p.n))  # noqa: E731
-        for e in sorted(same, key=dist):
-            if config_problem(e.config, lay, m, min_dot_k=32 if int8 else 16) is None:
-                return e
+        families = [p.family()]
+        if p.grid in ("sym", "asym"):
+            families.append(dataclasses.replace(p, grid="asym" if p.grid == "sym" else "sym").family())
+        for family in families:
+            same = [e for e in self.entries.values() if e.problem.family() == family
+                    and e.problem.m == p.m and e.config is not None]
+            for e in sorted(same, key=dist):
+                if config_problem(e.config, lay, m, min_dot_k=32 if int8 else 16) is None:
+                    return e
         return None
 
 

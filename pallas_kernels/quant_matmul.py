@@ -109,23 +109,24 @@ def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int =
 
 def default_config(lay: CodeLayout, m: int, num_sms: int = 132) -> TileConfig:
     """A reasonable config without measurements (the autotuner and the tuned table do better)."""
+    # What won most often on an H200 (docs/results/kernel_notes.md): wide column blocks, K split
+    # until there are ~4 programs per multiprocessor (GEMV) or ~2 (tensor cores).
     if m <= 8 or lay.rows < 16:
-        bn = 32 if lay.n >= 32 else 16
-        cfg = TileConfig(block_n=bn, block_m=min(m, 8), use_dot=False)
+        cfg, target = TileConfig(block_n=64, block_m=min(m, 8), use_dot=False), 4 * num_sms
     else:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        bn = 64 if m <= 64 else 128
-        while lay.n % bn:
-            bn //= 2
-        cfg = TileConfig(block_n=bn, block_m=bm, use_dot=True, num_warps=4, num_stages=2)
-    # Split K until there are about two programs per multiprocessor.
-    programs = -(-m // cfg.block_m) * (lay.n // cfg.block_n)
+        cfg = TileConfig(block_n=128, block_m=bm, use_dot=True, num_warps=4, num_stages=2)
+        target = 2 * num_sms
+    bn = cfg.block_n
+    while lay.n % bn and bn > 16:
+        bn //= 2
+    programs = -(-m // cfg.block_m) * (lay.n // bn)
     split = 1
-    while programs * split < 2 * num_sms and lay.num_tiles % (split * 2) == 0 and split < 8:
+    while programs * split < target and lay.num_tiles % (split * 2) == 0 and split < 16:
         split *= 2
-    cfg = dataclasses.replace(cfg, split_k=split)
     per_split = lay.num_tiles // split
-    return dataclasses.replace(cfg, tiles_per_step=2 if per_split % 2 == 0 else 1)
+    return dataclasses.replace(cfg, block_n=bn, split_k=split,
+                               tiles_per_step=2 if per_split % 2 == 0 else 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 import eval_tiny
 from jaxcompress.eval import metrics, mmlu, zeroshot
-from jaxcompress.eval.scoring import Scorer, encode_pairs, rolling_windows
+from jaxcompress.eval.scoring import SHARE_MIN_CONTEXT, Scorer, encode_pairs, rolling_windows
 from jaxcompress.io.load import load_model
 from jaxcompress.models.cache import IdentityCodec
 
@@ -74,22 +74,32 @@ def test_encode_pairs_follows_lm_eval(tiny):
     assert ctx3 == enc("Answer:") and ctx3 + cont3 == enc("Answer: yes")
 
 
-@pytest.mark.parametrize("share", [True, False], ids=["shared-context", "flat"])
-def test_real_items_match_transformers(tiny, references, share):
+def test_real_items_match_transformers(tiny, references):
+    """All three device programs: flat rows, shared contexts with multi-token continuations
+    (hellaswag's endings after a long context) and single-token continuations (MMLU letters)."""
     loaded, hf, tok = tiny
     tasks, requests = zip(*real_requests())
     # A small token budget forces many batches, padding rows and several shapes.
-    scorer = Scorer(loaded, batch_tokens=1024, share_context=share)
-    ours = scorer.loglikelihood(list(requests), progress=False)
-    if share:  # the few-shot and passage tasks must actually take the shared path
-        groups = {}
-        for ctx, cont in encode_pairs(tok, requests, tok.eos_token_id):
-            groups.setdefault(tuple(ctx), []).append(len(cont))
-        assert any(len(v) > 1 and len(k) >= 2 * max(v) for k, v in groups.items())
+    ours = Scorer(loaded, batch_tokens=1024).loglikelihood(list(requests), progress=False)
+    groups = {}
+    for ctx, cont in encode_pairs(tok, requests, tok.eos_token_id):
+        groups.setdefault(tuple(ctx), []).append(len(cont))
+    shared = [v for k, v in groups.items() if len(v) > 1 and len(k) >= max(SHARE_MIN_CONTEXT, 2 * max(v))]
+    assert any(max(v) == 1 for v in shared) and any(max(v) > 1 for v in shared)
+    assert any(len(v) == 1 for v in groups.values())  # and flat rows
     assert set(tasks) == set(zeroshot.DOCS) | {"lambada_openai", "mmlu"}
     for task, (ctx, cont), (lp, greedy), (ref_lp, ref_greedy) in zip(tasks, requests, ours, references):
         assert abs(lp - ref_lp) < 1e-4, (task, ctx[-40:], cont, lp, ref_lp)
         assert greedy == ref_greedy
+
+
+def test_flat_path_on_long_contexts_matches(tiny, references):
+    """Requests that take the shared-context path, scored as flat rows instead."""
+    loaded, hf, tok = tiny
+    pairs = [(t, r, ref) for (t, r), ref in zip(real_requests(), references) if t == "hellaswag"]
+    ours = Scorer(loaded, share_context=False).loglikelihood([r for _, r, _ in pairs], progress=False)
+    for (task, _, (ref_lp, ref_greedy)), (lp, greedy) in zip(pairs, ours):
+        assert abs(lp - ref_lp) < 1e-4 and greedy == ref_greedy, task
 
 
 def test_kv_codec_path_matches(tiny):

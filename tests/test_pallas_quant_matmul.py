@@ -164,7 +164,9 @@ def test_tuning_table_lookup_and_measured_rule(tmp_path):
     lay2 = autotune.kernel_layout(w2)
     got = tab.lookup(autotune.problem_of(w2, 1), lay2, 1)
     assert got is not None and got.config == fast.config
-    # A different family has no entry.
+    # An asymmetric grid borrows the symmetric one's blocks; a different bit width has no entry.
+    w_asym = abstract_weight(4096, 4096, Variant(4, 128, "asym"))
+    assert tab.lookup(autotune.problem_of(w_asym, 1), lay, 1).config == fast.config
     w3 = abstract_weight(4096, 4096, Variant(8, 0))
     assert tab.lookup(autotune.problem_of(w3, 1), autotune.kernel_layout(w3), 1) is None
 

@@ -93,7 +93,7 @@ def test_rules_choose_per_layer_configs(folder):
     assert policy["layers.1.self_attn.q_proj.kernel"].bits == 3
     assert policy["lm_head.kernel"].method == "rtn" and "embed_tokens.embedding" not in policy
     with pytest.raises(ConfigError, match=r"lm_head.kernel: gptq needs the inputs of a decoder-block projection"):
-        resolve_policy(list(shapes), parse_weights({"method": "gptq", "targets": r".*kernel"}), shapes)
+        resolve_policy(list(shapes), parse_weights({"method": "gptq", "group_size": 32, "targets": r".*kernel"}), shapes)
     with pytest.raises(ConfigError, match=r"layers.0.input_layernorm.scale: has shape \(64,\)"):
         resolve_policy(list(shapes), parse_weights({"method": "rtn", "targets": r".*layernorm.*"}), shapes)
 
@@ -143,7 +143,7 @@ def test_bad_group_size_leaves_no_checkpoint(folder, tmp_path, capsys):
     out = tmp_path / "never"
     code = main(["compress", "--model", folder, "--recipe", "gptq_w4_g128", "--out", str(out), "--dtype", "float32"])
     assert code == 2 and not out.exists() and not any(tmp_path.iterdir())
-    assert "layers.0.self_attn.q_proj.kernel: group_size=128 is larger than the input dimension 64" in \
+    assert "layers.0.mlp.down_proj.kernel: group_size=128 is larger than the input dimension 112" in \
         capsys.readouterr().err
 
 

@@ -15,16 +15,17 @@ from jaxcompress.models.presets import preset
 TINY1 = preset("tiny").replace(num_layers=1)  # one decoder layer: half the compile time
 
 
-def numpy_model(cfg=TINY1, seed=0, dtype=np.float32):
-    """LlamaModel with N(0, 0.02) weights (norm scales 1) drawn by numpy from `seed`."""
+def numpy_model(cfg=TINY1, seed=0, dtype=np.float32, compute_dtype=None):
+    """LlamaModel with N(0, 0.02) weights (norm scales 1) drawn by numpy from `seed`, stored in
+    `dtype`, computing in `compute_dtype` (default: dtype)."""
     rng = np.random.default_rng(seed)
     _, state = nnx.split(abstract_model(cfg))
     tensors = []
     for path, var in nnx.to_flat_state(state):
         shape = var.get_value().shape
-        value = np.ones(shape, dtype) if path[-1] == "scale" else (0.02 * rng.standard_normal(shape)).astype(dtype)
-        tensors.append((path, value, "numpy"))
-    return model_from_tensors(cfg, tensors)
+        value = np.ones(shape, np.float32) if path[-1] == "scale" else 0.02 * rng.standard_normal(shape)
+        tensors.append((path, value.astype(np.float32), "numpy"))
+    return model_from_tensors(cfg, tensors, param_dtype=dtype, dtype=compute_dtype)
 
 
 def pure_tree(model):

@@ -164,3 +164,22 @@ def test_checkpoints_keep_the_last_k_and_the_best(tmp_path):
     restored = ckpts.restore(2, abstract_like({"w": np.zeros((3,), np.float32)}))
     np.testing.assert_array_equal(np.asarray(restored["w"]), [2, 2, 2])
     ckpts.close()
+
+
+def test_mixed_precision_keeps_fp32_masters_and_optimizer_state():
+    import jax.numpy as jnp
+
+    from jaxcompress.train.sharding import sharder_from_config
+    from jaxcompress.train.trainer import Trainer
+
+    cfg = config(**{"compute_dtype": "bfloat16", "param_dtype": "bfloat16"})
+    model = numpy_model(TINY1, seed=0, dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
+    trainer = Trainer(cfg, model, 4, sharder_from_config(cfg.mesh))
+    assert {v.dtype for v in trainer.state.trainable.values()} == {jnp.dtype("float32")}
+    assert {v.dtype for v in jax.tree_util.tree_leaves(trainer.state.opt_state) if v.ndim} == {jnp.dtype("float32")}
+    assert trainer.frozen["layers.0.mlp.up_proj.kernel.base"].dtype == jnp.bfloat16
+    assert trainer.model().dtype == jnp.bfloat16  # activations in bf16
+    # Exported weights go back to their storage dtype; adapters stay fp32.
+    exported = trainer.export_tree()
+    assert exported["lm_head"]["kernel"].dtype == jnp.bfloat16
+    assert exported["layers"][0]["mlp"]["up_proj"]["kernel"].a.dtype == jnp.float32

@@ -18,7 +18,8 @@
 The choices are scored as the continuations " A", " B", " C", " D" (one forward pass of the
 prompt serves all four: the scorer's shared-context path). Reported: accuracy per subject,
 `acc` over all questions (lm-eval's size-weighted group average) and `acc_macro` (the mean of
-the subject accuracies). `--limit N` takes the first N questions of each subject.
+the subject accuracies). `--limit N` takes the first N questions of each subject;
+`--task-opt subjects=[anatomy,virology]` evaluates only those subjects.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ def subject_items(subject: str, data_dir=None, k: int = NUM_FEWSHOT, limit: int 
 def mmlu_task(loaded, opts: TaskOptions) -> dict:
     k = int(opts.extra.get("num_fewshot", NUM_FEWSHOT))
     names = subjects(opts.data_dir)
+    chosen = opts.extra.get("subjects")
+    if chosen:
+        chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+        unknown = sorted(set(chosen) - set(names))
+        if unknown:
+            raise UserError(f"mmlu: unknown subjects {unknown}; the data has {', '.join(names)}")
+        names = [n for n in names if n in chosen]
     items, owner = [], []
     for s in names:
         its = subject_items(s, opts.data_dir, k, opts.limit)

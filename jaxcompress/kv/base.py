@@ -74,6 +74,8 @@ class PackedCodec(KVCodec):
         return k, v
 
     def read(self, state):
+        """All slots in fp32: [B, capacity, K, D], capacity >= the cache's max_len (the tail is
+        packing padding, never written)."""
         return self.dense(state)
 
     # ---------------------------------------------------------------- attention
