@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY_OVERRIDES = ["model=random:tiny", "data.tokenizer=bytes", "steps=6", "epochs=null", "batch_size=4",
                   "data.seq_len=64", "data.eval_examples=8",
-                  "data.sources=[{kind: instruct, name: alpaca, max_examples: 64}, {kind: text, name: c4, max_examples: 16}]",
+                  "data.sources=[{kind: instruct, name: alpaca, max_examples: 64}, "
+                  "{kind: text, name: c4, max_examples: 16}]",
                   "log.every=1", "log.eval_every=3", "log.sample_every=0", "checkpoint.every=0",
                   "log.progress=false", "recipe_overrides=[weights.group_size=32]", "optim.lr=1e-2",
                   "compute_dtype=float32", "param_dtype=float32"]

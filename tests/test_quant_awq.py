@@ -21,13 +21,13 @@ CFG = LayerConfig(method="awq", bits=3, group_size=32)
 @pytest.fixture(scope="module")
 def model():
     # Multi-head attention (so v -> o is scaled too) with q/k/v biases (Qwen2-style).
-    cfg = preset("tiny").replace(num_kv_heads=4, qkv_bias=True)
+    cfg = preset("tiny").replace(num_kv_heads=4, qkv_bias=True, num_layers=1)
     m = random_model(cfg, jnp.float32, seed=0)
     # Outlier input channels, as trained LLMs have: a few hidden channels 20x larger.
     emb = m.embed_tokens.embedding.get_value()
     m = replace_leaves(m, {"embed_tokens.embedding": emb.at[:, :3].multiply(20.0)})
     m = replace_leaves(m, {f"layers.{i}.{n}.bias": 0.1 * jax.random.normal(jax.random.key(i), (64,))
-                           for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")})
+                           for i in range(1) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")})
     return m
 
 
@@ -38,12 +38,13 @@ def tokens(n=4, t=32, seed=0):
 def test_folding_scales_keeps_the_float_block(model):
     layer = nnx.clone(model.layers[0])
     x = model.embed_tokens(tokens())
-    before = _call_layer(layer, x)
+    call = nnx.jit(_call_layer)
+    before = call(layer, x)
     block = Block(0, layer, 4)
     for i, group in enumerate(GROUPS):
         k = block.weight(group.linears[0]).shape[0]
         apply_scale(block, group, jnp.exp(jax.random.normal(jax.random.key(i), (k,))))
-    np.testing.assert_allclose(np.asarray(_call_layer(layer, x)), np.asarray(before), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(call(layer, x)), np.asarray(before), rtol=2e-4, atol=2e-5)
     assert not np.allclose(np.asarray(layer.mlp.down_proj.kernel.get_value()),
                            np.asarray(model.layers[0].mlp.down_proj.kernel.get_value()))
 
@@ -71,8 +72,8 @@ def reference_search(x, w, bits, g, grid):
 
 
 def test_scale_search_matches_reference_and_lowers_the_error(model):
-    layer = nnx.clone(model.layers[1])
-    block = Block(1, layer, 2)
+    layer = nnx.clone(model.layers[0])
+    block = Block(0, layer, 2)
     down = GROUPS[3]
     x = jax.random.normal(jax.random.key(1), (4, 16, 160)) * jnp.exp(2 * jax.random.normal(jax.random.key(2), (160,)))
     s, ratio, errors = search_scale(block, down, x, {"mlp.down_proj": CFG}, grid=20)
@@ -101,7 +102,7 @@ def test_awq_beats_rtn_on_outlier_activations(model):
     tok = tokens(8, 32, seed=5)
     logits = nnx.jit(lambda m, t: m(t)[0])
     ref = logits(model, tok)
-    targets = {f"layers.{i}.{n}.kernel": CFG for i in range(2)
+    targets = {f"layers.{i}.{n}.kernel": CFG for i in range(1)
                for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     awq, report = calibrate(model, tok, AWQ(grid=10), targets, batch_size=4)

@@ -78,8 +78,9 @@ def test_text_is_cut_into_full_rows(tok):
 
 def test_pack_layout_by_hand():
     ex = lambda ids, mask: D.Example(np.asarray(ids, np.int32), np.asarray(mask, bool))  # noqa: E731
-    examples = [ex([1, 2, 3, 4], [0, 0, 1, 1]), ex([5, 6, 7], [0, 1, 1]), ex([8, 9, 10, 11, 12, 13, 14, 15], [0] + [1] * 7),
-                ex([16, 17], [0, 0])]  # the last has no target: dropped
+    # The last example has no target: it is dropped.
+    examples = [ex([1, 2, 3, 4], [0, 0, 1, 1]), ex([5, 6, 7], [0, 1, 1]),
+                ex([8, 9, 10, 11, 12, 13, 14, 15], [0] + [1] * 7), ex([16, 17], [0, 0])]
     rows = D.pack(examples, seq_len=6, packing=True, pad_id=0)
     # Row 0: example 1 (3 predictions) + example 2 (2); row 1: example 3's 7 truncated to 6.
     assert rows.tokens.tolist() == [[1, 2, 3, 5, 6, 0], [8, 9, 10, 11, 12, 13]]

@@ -71,7 +71,8 @@ def humaneval_task(loaded, opts: TaskOptions) -> dict:
 
     per_problem = map_chunks("humaneval", problems, run, int(opts.extra.get("chunk_size", CHUNK_PROBLEMS)))
     p1, p1_err = mean_stderr([float(r["greedy_passed"]) for r in per_problem])
-    out = {"n": len(per_problem), "pass@1": p1, "pass@1_stderr": p1_err, "sandbox": isolation()}
+    out = {"n": len(per_problem), "pass@1": p1, "pass@1_stderr": p1_err, "sandbox": isolation(),
+           "examples": [{"task_id": r["task_id"], "completion": r["completion"]} for r in per_problem[:2]]}
     if n:
         out.update({"samples": n, "temperature": temperature, "top_p": top_p})
         for k in (1, 10, 100):

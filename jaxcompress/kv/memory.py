@@ -72,7 +72,7 @@ def device_memory_bytes() -> int | None:
 
 
 def codec_name(codec: KVCodec | None) -> str:
-    return "bf16" if codec is None else getattr(codec, "name", type(codec).__name__)
+    return "uncompressed" if codec is None else getattr(codec, "name", type(codec).__name__)
 
 
 def cache_summary(cfg, codec: KVCodec | None, context: int, dtype=jnp.bfloat16) -> dict:
@@ -87,7 +87,7 @@ def cache_summary(cfg, codec: KVCodec | None, context: int, dtype=jnp.bfloat16) 
 def info_lines(cfg, codec: KVCodec | None, weight_bytes: int, memory_bytes: int | None = None,
                contexts=DEFAULT_CONTEXTS, dtype=jnp.bfloat16) -> list[str]:
     """The lines `jaxcompress info` prints about the KV cache."""
-    name = codec_name(codec) if codec is not None else f"uncompressed {jnp.dtype(dtype).name}"
+    name = codec_name(codec) + ("" if codec is not None else f" {jnp.dtype(dtype).name}")
     lines = []
     for n in contexts:
         s = cache_summary(cfg, codec, n, dtype)

@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxcompress.errors import UserError
@@ -72,14 +73,24 @@ def weighted_kmeans_1d(values: jax.Array, weights: jax.Array, clusters: int, ite
     return c, _assign(values, c)
 
 
-def _top_mask(score: jax.Array, fraction: float) -> jax.Array:
-    """Boolean mask of the round(fraction * size) largest entries of score."""
-    count = int(round(fraction * score.size))
+def _top_mask(score: jax.Array, count: int) -> jax.Array:
+    """Boolean mask of the `count` largest entries of score."""
     mask = jnp.zeros(score.size, bool)
     if count == 0:
         return mask.reshape(score.shape)
     _, idx = jax.lax.top_k(score.reshape(-1), count)
     return mask.at[idx].set(True).reshape(score.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "iters", "outliers", "sensitive", "codebook_dtype"))
+def _squeeze(w, fisher, *, bits: int, iters: int, outliers: int, sensitive: int, codebook_dtype: str):
+    """(codes [K, N], codebook [N, 2**bits], outlier mask [K, N]) of w [K, N]."""
+    wf = w.astype(jnp.float32)
+    mask = _top_mask(jnp.abs(wf), outliers) | _top_mask(fisher.astype(jnp.float32), sensitive)
+    centroids, _ = weighted_kmeans_1d(wf.T, jnp.where(mask, 0.0, fisher).T, 2 ** bits, iters)
+    # The stored codebook is rounded to its dtype: choose codes against what is stored.
+    codebook = jnp.sort(centroids.astype(codebook_dtype), axis=1)
+    return _assign(wf.T, codebook.astype(jnp.float32)).T, codebook, mask
 
 
 def squeezellm_quantize(w: jax.Array, fisher: jax.Array, cfg: LayerConfig, where: str = "") -> QArray:
@@ -89,17 +100,15 @@ def squeezellm_quantize(w: jax.Array, fisher: jax.Array, cfg: LayerConfig, where
     if fisher.shape != w.shape:
         raise UserError(f"{where}: Fisher diagonal has shape {fisher.shape}, expected {w.shape}")
     opts = cfg.squeezellm
-    wf = w.astype(jnp.float32)
-    outliers = _top_mask(jnp.abs(wf), opts.outlier_fraction) | _top_mask(fisher, opts.sensitive_fraction)
-    weights = jnp.where(outliers, 0.0, fisher)
-    centroids, _ = weighted_kmeans_1d(wf.T, weights.T, 2 ** cfg.bits, opts.kmeans_iters)
-    # The stored codebook is rounded to its dtype: choose codes against what is stored.
-    codebook = jnp.sort(centroids.astype(cfg.scale_dtype), axis=1)
-    codes = _assign(wf.T, codebook.astype(jnp.float32)).T
+    codes, codebook, mask = _squeeze(w, fisher, bits=cfg.bits, iters=opts.kmeans_iters,
+                                     outliers=round(opts.outlier_fraction * w.size),
+                                     sensitive=round(opts.sensitive_fraction * w.size),
+                                     codebook_dtype=cfg.scale_dtype)
     index = value = None
-    if bool(outliers.any()):
-        index = jnp.nonzero(outliers.reshape(-1))[0].astype(jnp.int32)
-        value = w.reshape(-1)[index]  # exactly the original values, in the weight's dtype
+    if opts.outlier_fraction or opts.sensitive_fraction:
+        flat = np.flatnonzero(np.asarray(mask))  # the two selections may overlap: a data-dependent size
+        index = jnp.asarray(flat, jnp.int32)
+        value = jnp.asarray(np.asarray(w).reshape(-1)[flat])  # exactly the original values and dtype
     return QArray.from_codes(codes, None, None, bits=cfg.bits, group_size=k, dtype=w.dtype, codebook=codebook,
                              outlier_index=index, outlier_value=value)
 

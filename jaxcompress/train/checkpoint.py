@@ -19,7 +19,9 @@ import jax
 
 from jaxcompress.errors import CheckpointError
 
-# Config keys that may change between a run and its resumption (they do not shape state or data).
+# Config keys that may change between a run and its resumption: logging, saving and the device
+# layout do not touch the state or the data; a new `steps`/`epochs` extends (or shortens) a run
+# deliberately, with the learning-rate schedule of the new length from then on.
 RESUMABLE_KEYS = {"steps", "epochs", "checkpoint", "log", "save", "mesh"}
 
 

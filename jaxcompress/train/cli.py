@@ -34,7 +34,8 @@ def cmd_train(args) -> None:
     if after:
         line = f"held-out loss {after['loss']:.4f} (ppl {after['ppl']:.2f})"
         if before:
-            line = f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} (ppl {before['ppl']:.2f} -> {after['ppl']:.2f})"
+            line = (f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} "
+                    f"(ppl {before['ppl']:.2f} -> {after['ppl']:.2f})")
         print(line)
     print(f"wrote {args.out}/results.json; outputs: {', '.join(record.get('outputs', []))}")
 
