@@ -15,6 +15,7 @@ their array fields under `<path>/<field>` with their class name and static field
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from typing import Any
@@ -31,6 +32,9 @@ from jaxcompress.models.config import ModelConfig, RopeScaling
 FORMAT = "jaxcompress-checkpoint-1"
 MARKER = "jaxcompress.json"
 _LEAF_TYPES: dict[str, type] = {}
+# Where the library's own leaf types live, so a checkpoint loads without importing them first.
+_LEAF_MODULES = {"QArray": "jaxcompress.quant.qarray", "TiledQArray": "pallas_kernels.layout",
+                 "LoRA": "jaxcompress.train.lora", "FakeQuant": "jaxcompress.train.qat"}
 
 
 def register_leaf_type(cls: type) -> type:
@@ -66,6 +70,9 @@ def _decode(desc: Any, arrays: dict) -> Any:
     if "array" in desc:
         return jnp.asarray(arrays[desc["array"]])
     cls = _LEAF_TYPES.get(desc["type"])
+    if cls is None and desc["type"] in _LEAF_MODULES:
+        importlib.import_module(_LEAF_MODULES[desc["type"]])  # registers the type on import
+        cls = _LEAF_TYPES.get(desc["type"])
     if cls is None:
         raise CheckpointError(f"checkpoint uses leaf type {desc['type']!r}, which is not registered; "
                               f"import the module that defines it")
