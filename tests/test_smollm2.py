@@ -8,9 +8,8 @@ fp32. (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` does the same 
 tokenized once by the GGUF tokenizer, the first non-overlapping window(s) of 2048 tokens; the
 reference NLL is summed in float64 over each window's 2047 next-token predictions.
 
-One window, not two: each 2048-token window costs about 45 CPU-seconds in our model and 25 in
-transformers on the CI machines, and a second window at the same positions proves nothing new.
-Set WINDOWS = 2 to run the protocol's first two windows (measured: equal to 4e-8 relative).
+Two windows, as the issue asks (each costs about 45 CPU-seconds in our model and 25 in
+transformers on the CI machines).
 """
 
 import math
@@ -26,7 +25,7 @@ from jaxcompress.models.generate import generate
 
 pytestmark = pytest.mark.slow
 
-SEQLEN, WINDOWS = 2048, 1
+SEQLEN, WINDOWS = 2048, 2  # the issue asks for the protocol's first two windows
 
 
 @pytest.fixture(scope="module")
