@@ -100,29 +100,27 @@ def test_true_sequential_stages_see_earlier_stages_compressed(tiny):
     assert np.abs(one_stage.seen["layers.0.self_attn.o_proj.kernel"]).max() > 1e-3
 
 
-def test_other_statistics_and_batching(tiny):
+def test_other_statistics(tiny):
     _, model, tokens = tiny
+    # q, k and v read the same input: the full samples, the first two sequences, the mean |x|.
+    chosen = {"layers.1.self_attn.q_proj.kernel": Samples(), "layers.1.self_attn.k_proj.kernel": Samples(max_seqs=2),
+              "layers.1.self_attn.v_proj.kernel": AbsMean()}
 
     class Keep(LayerMethod):
-        def __init__(self, stat):
-            self.stat, self.seen = stat, {}
+        seen = {}
 
         def statistic(self, path, cfg):
-            return self.stat
+            return chosen[path]
 
         def compress_layer(self, path, w, stat, cfg):
-            self.seen[path] = stat
+            self.seen[path] = np.asarray(stat, np.float64)
             return w
 
-    target = {"layers.1.mlp.down_proj.kernel": None}
-    samples, capped, absmean = Keep(Samples()), Keep(Samples(max_seqs=2)), Keep(AbsMean())
-    for method, batch in ((samples, 1), (capped, 1), (absmean, 3)):
-        calibrate(model, tokens, method, target, batch_size=batch)
-    x = samples.seen["layers.1.mlp.down_proj.kernel"]
-    assert x.shape == (3, 24, model.config.intermediate_size)
-    np.testing.assert_array_equal(np.asarray(capped.seen["layers.1.mlp.down_proj.kernel"]), np.asarray(x[:2]))
-    np.testing.assert_allclose(np.asarray(absmean.seen["layers.1.mlp.down_proj.kernel"]),
-                               np.abs(np.asarray(x, np.float64)).mean((0, 1)), rtol=1e-5)
+    calibrate(model, tokens, Keep(), dict.fromkeys(chosen), batch_size=3)
+    x = Keep.seen["layers.1.self_attn.q_proj.kernel"]
+    assert x.shape == (3, 24, model.config.hidden_size)
+    np.testing.assert_array_equal(Keep.seen["layers.1.self_attn.k_proj.kernel"], x[:2])
+    np.testing.assert_allclose(Keep.seen["layers.1.self_attn.v_proj.kernel"], np.abs(x).mean((0, 1)), rtol=1e-5)
 
 
 def test_non_finite_activations_name_the_layer(tiny):
