@@ -86,7 +86,8 @@ def num_sms() -> int:
 
 
 def _sized(lay: CodeLayout, m: int, bn: int, bm: int, dot: bool, warps: int, stages: int,
-           target_programs: int, max_tiles_per_step: int, tile_dot: bool = False) -> TileConfig:
+           target_programs: int, max_tiles_per_step: int, tile_dot: bool = False,
+           dequant: str = "shift", acc2d: bool = False, uneven: bool = True) -> TileConfig:
     """A config with split_k raised until the grid has `target_programs` and the largest
     tiles_per_step <= the cap that divides each split."""
     programs = -(-m // bm) * max(lay.n // bn, 1)
@@ -95,39 +96,71 @@ def _sized(lay: CodeLayout, m: int, bn: int, bm: int, dot: bool, warps: int, sta
         split *= 2
     per = lay.num_tiles // split
     step = max(d for d in range(1, max_tiles_per_step + 1) if per % d == 0)
+    if programs * split < target_programs and uneven:
+        # Even splits stop short (K = 11008 is 86 = 2 x 43 tiles): split into whole steps with
+        # a shorter last split instead.
+        step = max(d for d in range(1, max_tiles_per_step + 1) if lay.num_tiles % d == 0)
+        steps = lay.num_tiles // step
+        split = max(1, min(16, -(-target_programs // programs), steps))
+        while split > 1 and (split - 1) * -(-steps // split) >= steps:
+            split -= 1
     return TileConfig(block_n=bn, block_m=bm, use_dot=dot, split_k=split, tiles_per_step=step,
-                      num_warps=warps, num_stages=stages, tile_dot=tile_dot)
+                      num_warps=warps, num_stages=stages, tile_dot=tile_dot, dequant=dequant, acc2d=acc2d)
+
+
+def gemv_specs(bm: int, sms: int) -> list[tuple]:
+    """GEMV candidates, likeliest first: (block_n, block_m, warps, target programs, max tiles per
+    step, dequant, acc2d). Run 2 (H200): wide blocks with K split to ~4 programs per SM won;
+    block_n=16 never did. The in-place dequantization (fewer integer ops a weight, which run at
+    half the FP32 rate on Hopper) and 2-D accumulators (no cross-thread reduction per group) are
+    run 3's bets; the run-2 winner stays in the list as the reference."""
+    specs = [(64, bm, 4, 4 * sms, 2, "inplace", True), (64, bm, 4, 4 * sms, 2, "shift", False),
+             (128, bm, 4, 4 * sms, 2, "inplace", True), (64, bm, 4, 4 * sms, 2, "inplace", False),
+             (128, bm, 8, 2 * sms, 2, "inplace", True), (32, bm, 4, 2 * sms, 4, "inplace", True),
+             (256, bm, 8, 4 * sms, 2, "inplace", True), (64, bm, 4, 8 * sms, 1, "inplace", True),
+             (128, bm, 4, 4 * sms, 2, "shift", False), (32, bm, 4, 2 * sms, 4, "shift", False),
+             (64, bm, 4, 4 * sms, 1, "inplace", True, 3)]  # num_stages=3: Triton's loop pipelining
+    if bm > 2:  # [rows, block_n] accumulators per row of x cost registers: keep the 1-D ones too
+        specs = [s for s in specs if s[1] <= 2 or not s[6] or s[0] <= 64] + \
+                [(128, bm, 4, 4 * sms, 2, "inplace", False)]
+    return specs
 
 
 def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -> list[TileConfig]:
     """A few configs worth timing for this layout and batch (all valid), likeliest first."""
     min_k = 32 if int8 else 16
-    specs = []  # (block_n, block_m, dot, warps, stages, programs, max tiles per step, tile_dot)
+    # (block_n, block_m, dot, warps, stages, programs, max tiles per step, tile_dot, dequant, acc2d)
+    specs = []
     if not int8 and (m <= 8 or lay.rows < min_k):
-        bm = min(m, 8)
-        specs += [(32, bm, False, 4, 1, 2 * sms, 4, False), (64, bm, False, 4, 1, 4 * sms, 4, False),
-                  (16, bm, False, 2, 1, sms, 8, False), (128, bm, False, 4, 1, 4 * sms, 2, False)]
+        for bn, bm, warps, target, steps, dq, acc2d, *stages in gemv_specs(min(m, 8), sms):
+            if dq == "inplace" and (lay.words != 1 or lay.bits > 8):
+                dq = "shift"  # 3-bit codes straddle words: the shift path only
+            specs.append((bn, bm, False, warps, stages[0] if stages else 1, target, steps, False, dq, acc2d))
     if lay.rows >= min_k and (m >= 4 or int8):
         tile = not int8  # the int8 kernel has no whole-tile dot
         if m <= 16:
-            specs += [(64, 16, True, 4, 2, 2 * sms, 2, False), (128, 16, True, 4, 2, 2 * sms, 2, False),
-                      (64, 16, True, 4, 2, 2 * sms, 1, tile), (32, 16, True, 4, 2, 4 * sms, 4, False),
-                      (128, 16, True, 8, 2, 2 * sms, 1, tile)]
+            dots = [(64, 16, True, 4, 2, 2 * sms, 2, False), (128, 16, True, 4, 2, 2 * sms, 2, False),
+                    (64, 16, True, 4, 2, 2 * sms, 1, tile), (32, 16, True, 4, 2, 4 * sms, 4, False),
+                    (128, 16, True, 8, 2, 2 * sms, 1, tile)]
         elif m <= 64:
             bm = 32 if m <= 32 else 64
-            specs += [(64, bm, True, 4, 2, 2 * sms, 2, False), (128, bm, True, 4, 3, 2 * sms, 1, tile),
-                      (64, 16, True, 4, 2, 2 * sms, 2, False), (128, bm, True, 8, 3, sms, 1, False),
-                      (64, bm, True, 4, 3, 2 * sms, 1, tile)]
+            dots = [(64, bm, True, 4, 2, 2 * sms, 2, False), (128, bm, True, 4, 3, 2 * sms, 1, tile),
+                    (64, 16, True, 4, 2, 2 * sms, 2, False), (128, bm, True, 8, 3, sms, 1, False),
+                    (64, bm, True, 4, 3, 2 * sms, 1, tile)]
         else:
-            specs += [(128, 64, True, 4, 3, sms, 1, False), (128, 64, True, 4, 3, sms, 1, tile),
-                      (128, 128, True, 8, 3, sms, 1, tile), (128, 128, True, 8, 3, sms, 1, False),
-                      (64, 64, True, 4, 3, sms, 1, False), (256, 64, True, 8, 3, sms, 1, tile)]
+            dots = [(128, 64, True, 4, 3, sms, 1, False), (128, 64, True, 4, 3, sms, 1, tile),
+                    (128, 128, True, 8, 3, sms, 1, tile), (128, 128, True, 8, 3, sms, 1, False),
+                    (64, 64, True, 4, 3, sms, 1, False), (256, 64, True, 8, 3, sms, 1, tile)]
+        dots = [(*d, "shift", False) for d in dots]
+        # Batch 4-8: interleave, so a candidate cap keeps both paths.
+        specs = [s for pair in zip(specs, dots) for s in pair] + specs[len(dots):] + dots[len(specs):] \
+            if specs else dots
     out = []
-    for bn, bm, dot, warps, stages, target, steps, tile_dot in specs:
+    for bn, bm, dot, warps, stages, target, steps, tile_dot, dq, acc2d in specs:
         while bn > 16 and lay.n % bn:
             bn //= 2
-        cfg = _sized(lay, m, bn, bm, dot, warps, stages, target, steps, tile_dot)
-        if cfg not in out and config_problem(cfg, lay, m, min_dot_k=min_k) is None:
+        cfg = _sized(lay, m, bn, bm, dot, warps, stages, target, steps, tile_dot, dq, acc2d, uneven=not int8)
+        if cfg not in out and config_problem(cfg, lay, m, min_dot_k=min_k, even_split=int8) is None:
             out.append(cfg)
     return out
 
@@ -146,6 +179,7 @@ class Timing:
 
     wall_us: float  # wall clock of many calls in one execution / calls (kernel gaps included)
     device_us: float | None = None  # sum of the GPU kernels' own durations (CUPTI) / calls
+    kernels: dict | None = None  # per-call CUPTI time of each kernel, by name (when asked)
 
     @property
     def best_estimate_us(self) -> float:
@@ -160,11 +194,22 @@ def buffers_for(nbytes: int, cap: int = 64) -> int:
 def lower_calls(fn: Callable, xs: Sequence, ws: Sequence):
     """One jitted function applying `fn` to (xs[i], ws[i % len(ws)]) for every i, lowered.
 
-    Each call has its own activations (so XLA cannot merge or CSE calls) and the weights
-    cycle through buffers that together exceed the L2. `fn` is jitted on its own so its
-    kernel is lowered once, not once per call."""
+    Each call has its own activations and the weights cycle through buffers that together
+    exceed the L2. Each call's (x, w) pass through their own `optimization_barrier`, so every
+    call's weight is a distinct HLO value: without it, XLA's dot merger batched the bf16
+    baseline's calls that shared a weight buffer into one dot (run 2: 1-5 us for a 90 MB
+    weight, below the bandwidth floor). Every call's output is an output of the function, so
+    none can be dropped. `fn` is jitted on its own so its kernel is lowered once."""
     inner = jax.jit(fn)
-    return jax.jit(lambda xs, ws: [inner(x, ws[i % len(ws)]) for i, x in enumerate(xs)]).lower(xs, ws)
+
+    def calls(xs, ws):
+        outs = []
+        for i, x in enumerate(xs):
+            x, w = jax.lax.optimization_barrier((x, ws[i % len(ws)]))
+            outs.append(inner(x, w))
+        return outs
+
+    return jax.jit(calls).lower(xs, ws)
 
 
 _CUPTI_BROKEN: list[str] = []
@@ -188,6 +233,28 @@ def _device_us(compiled, xs, ws, reps: int) -> float | None:
     return 1e3 * statistics.median(ms) / len(xs)
 
 
+def device_breakdown(compiled, xs, ws) -> dict[str, float] | None:
+    """Per-call GPU time of each kernel (by name) of a `lower_calls` function, from CUPTI."""
+    if jax.default_backend() != "gpu" or _CUPTI_BROKEN:
+        return None
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, timings = profiler.measure(compiled, aggregate=False)(xs, ws)
+    except Exception as e:
+        log.warning("no CUPTI per-kernel timings (%s: %s)", type(e).__name__, e)
+        return None
+    out: dict[str, float] = {}
+    for name, ms in timings or []:
+        out[name] = out.get(name, 0.0) + 1e3 * ms / len(xs)
+    # Fewer kernel launches than calls means XLA merged calls: the timing is not per call.
+    out[LAUNCHES_KEY] = len(timings or []) / len(xs)
+    return out
+
+
+LAUNCHES_KEY = "_launches_per_call"
+
+
 def measure(compiled, xs: Sequence, ws: Sequence, reps: int = 7) -> Timing:
     """Times a `lower_calls(...).compile()` function: warm-up, then the median of reps."""
     jax.block_until_ready(compiled(xs, ws))
@@ -200,9 +267,13 @@ def measure(compiled, xs: Sequence, ws: Sequence, reps: int = 7) -> Timing:
     return Timing(wall, _device_us(compiled, xs, ws, reps))
 
 
-def time_per_call(fn: Callable, xs: Sequence, ws: Sequence, reps: int = 7) -> Timing:
-    """Per-call time of `fn(x, w)` over all the given activations (weights cycled)."""
-    return measure(lower_calls(fn, xs, ws).compile(), xs, ws, reps)
+def time_per_call(fn: Callable, xs: Sequence, ws: Sequence, reps: int = 7,
+                  breakdown: bool = False) -> Timing:
+    """Per-call time of `fn(x, w)` over all the given activations (weights cycled); with
+    `breakdown`, also each kernel's share (CUPTI)."""
+    compiled = lower_calls(fn, xs, ws).compile()
+    t = measure(compiled, xs, ws, reps)
+    return dataclasses.replace(t, kernels=device_breakdown(compiled, xs, ws)) if breakdown else t
 
 
 def time_candidates(fns: Sequence[Callable], xs: Sequence, ws: Sequence, reps: int = 7,
@@ -254,11 +325,13 @@ def random_like(w: QArray | TiledQArray, key: jax.Array):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def random_inputs(w, m: int, dtype, seed: int = 0, nbytes: int | None = None, min_calls: int = MIN_CALLS):
+def random_inputs(w, m: int, dtype, seed: int = 0, nbytes: int | None = None, min_calls: int = MIN_CALLS,
+                  n_buf: int | None = None):
     """(xs, ws): distinct random activations for each call, and enough weight buffers to
-    defeat the L2 (random data in w's structure, or dense [K, N] arrays when w is a shape)."""
+    defeat the L2 (random data in w's structure, or dense [K, N] arrays when w is a shape);
+    `n_buf` forces the number of weight buffers (= min_calls: every call its own weight)."""
     nbytes = nbytes or sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(w))
-    n_buf = buffers_for(nbytes)
+    n_buf = n_buf or buffers_for(nbytes)
     n_calls = max(n_buf, min_calls)
     keys = jax.random.split(jax.random.key(seed), n_buf + n_calls)
     if isinstance(w, tuple):  # a dense (K, N) bf16 weight
@@ -365,7 +438,7 @@ class TuningTable:
             same = [e for e in self.entries.values() if e.problem.family() == family
                     and e.problem.m == p.m and e.config is not None]
             for e in sorted(same, key=dist):
-                if config_problem(e.config, lay, m, min_dot_k=32 if int8 else 16) is None:
+                if config_problem(e.config, lay, m, min_dot_k=32 if int8 else 16, even_split=int8) is None:
                     return e
         return None
 

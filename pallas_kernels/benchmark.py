@@ -26,7 +26,7 @@ from jaxcompress.ops.linear import dense_linear
 from pallas_kernels import autotune
 from pallas_kernels.int8_matmul import int8_layout, int8_matmul, int8_matmul_reference
 from pallas_kernels.layout import kernel_layout
-from pallas_kernels.quant_matmul import TileConfig, quant_matmul, quant_matmul_reference
+from pallas_kernels.quant_matmul import TileConfig, probe_matmul, quant_matmul, quant_matmul_reference
 from pallas_kernels.testing import Variant, random_weight, relative_error
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Sweep:
     batches: tuple = BATCHES
     tune_batches: tuple = (1, 4, 16, 64, 256)
     kind: str = "a16"  # "a8": int8 activations
+    max_candidates: int | None = None  # None: the runner's cap
 
 
 def matmul_peak_flops(n: int = 8192) -> float:
@@ -60,9 +61,29 @@ def _nbytes(tree) -> int:
 
 @functools.cache
 def bf16_timing(k: int, n: int, m: int) -> autotune.Timing:
-    """XLA bf16 dot (fp32 accumulation, as `linear` does for a dense weight), per call."""
+    """XLA bf16 dot (as `linear` does for a dense weight), per call, with CUPTI's per-kernel split
+    and launch count (fewer launches than calls would mean XLA merged calls)."""
     xs, ws = autotune.random_inputs((k, n), m, jnp.bfloat16, seed=11, nbytes=2 * k * n)
-    return autotune.time_per_call(dense_linear, xs, ws)
+    t = autotune.time_per_call(dense_linear, xs, ws, breakdown=True)
+    if (t.kernels or {}).get(autotune.LAUNCHES_KEY, 1.0) < 0.99:
+        # XLA still merged calls that share a weight buffer: give every call its own weight
+        # (96 x 117 MB at most: fits an H100) and say so in the log.
+        log.warning("bf16 %dx%d M=%d: %.2f launches a call; retiming with one weight buffer per call",
+                    k, n, m, t.kernels[autotune.LAUNCHES_KEY])
+        del xs, ws
+        xs, ws = autotune.random_inputs((k, n), m, jnp.bfloat16, seed=12, n_buf=autotune.MIN_CALLS)
+        t = autotune.time_per_call(dense_linear, xs, ws, breakdown=True)
+    return t
+
+
+# A time below FLOOR_SLACK x (bytes / measured copy bandwidth) is not a measurement of the work:
+# it means XLA merged, hoisted or skipped calls (run 2's baseline). Such a number is flagged
+# invalid and not reported. The slack allows a read-mostly stream to beat the read + write copy.
+FLOOR_SLACK = 0.85
+
+
+def below_floor(us: float | None, floor_us: float) -> bool:
+    return us is not None and us < FLOOR_SLACK * floor_us
 
 
 class Runner:
@@ -77,6 +98,9 @@ class Runner:
         self.records: list[dict] = []
         self.logged_failure = False
         self.table = autotune.TuningTable()
+        self.tuned: dict[tuple, dict[int, TileConfig]] = {}  # (variant, kind, K, N) -> {batch: config}
+        self.on_record = None  # called after every recorded point (the script saves the files)
+        self.cap: int | None = None  # the current sweep's candidate cap
         self.bandwidth = copy_bandwidth(64 << 20 if interpret else 2 << 30)
         self.flops = matmul_peak_flops(256 if interpret else 8192)
         log.info("copy bandwidth %.0f GB/s, bf16 matmul %.0f TFLOP/s", self.bandwidth / 1e9, self.flops / 1e12)
@@ -95,7 +119,7 @@ class Runner:
     def tune(self, w, m, kind) -> tuple[TileConfig | None, float | None, list]:
         lay = int8_layout(w) if kind == "a8" else kernel_layout(w)
         cands = autotune.candidates(lay, m, sms=autotune.num_sms(), int8=kind == "a8")
-        cands = cands[: self.max_candidates]
+        cands = cands[: self.cap or self.max_candidates]
         xs, ws = autotune.random_inputs(w, m, jnp.bfloat16, seed=m)
         matmul = self._matmul(kind)
         fns = [functools.partial(lambda x, ww, c: matmul(x, ww, config=c), c=cfg) for cfg in cands]
@@ -128,7 +152,8 @@ class Runner:
         cfg = cfg_hint
         if cfg is not None and not tuned and not cfg.use_dot:
             cfg = dataclasses.replace(cfg, block_m=min(m, 8))
-        if cfg is not None and autotune.config_problem(cfg, lay, m, min_dot_k=32 if kind == "a8" else 16):
+        if cfg is not None and autotune.config_problem(cfg, lay, m, min_dot_k=32 if kind == "a8" else 16,
+                                                       even_split=kind == "a8"):
             tuned, cfg = True, None
         if tuned:
             cfg, kernel_us, tried = self.tune(w, m, kind)
@@ -148,12 +173,24 @@ class Runner:
             ref = (int8_matmul_reference if kind == "a8" else quant_matmul_reference)(x, w)
             rec["rel_err"] = relative_error(y, ref)
         xs, ws = autotune.random_inputs(w, m, jnp.bfloat16, seed=1000 + m)
-        kern, base = self._time(w, m, cfg, kind, xs, ws), bf16_timing(k, n, m)
+        detail = m == 1 and kind == "a16"  # per-kernel CUPTI split and the load-only probe
+        matmul_fn = self._matmul(kind)
+        kern = autotune.time_per_call(lambda x, ww: matmul_fn(x, ww, config=cfg), xs, ws, breakdown=detail)
+        base = bf16_timing(k, n, m)  # cached per shape and batch
         # kernel_us / xla_bf16_us: the GPU kernels' own time (CUPTI) where available, else wall clock.
         rec["timing"] = "cupti" if kern.device_us is not None and base.device_us is not None else "wall"
         pick = (lambda t: t.device_us) if rec["timing"] == "cupti" else (lambda t: t.wall_us)  # noqa: E731
         rec["kernel_us"], rec["xla_bf16_us"] = pick(kern), pick(base)
         rec["kernel_wall_us"], rec["xla_bf16_wall_us"] = kern.wall_us, base.wall_us
+        if detail:
+            rec["kernel_breakdown_us"], rec["xla_bf16_breakdown_us"] = kern.kernels, base.kernels
+            if not cfg.use_dot and not self.interpret:
+                try:
+                    probe = autotune.time_per_call(
+                        lambda x, ww: probe_matmul(x, ww, cfg), xs, ws)
+                    rec["probe_us"] = probe.best_estimate_us  # same grid and loads, no dequantization
+                except Exception as e:  # a diagnostic only: say why, keep the point
+                    rec["probe_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if m >= 16:  # the dispatch's alternative; at small batch it never wins
             deq = autotune.time_per_call(lambda x, ww: dense_linear(x, ww.dequantize()), xs, ws)
             rec["xla_dequant_wall_us"] = deq.wall_us
@@ -162,12 +199,34 @@ class Runner:
         wbytes = _nbytes(w)
         moved = wbytes + 2 * m * (k + n)
         floor = max(moved / self.bandwidth, 2 * m * k * n / self.flops)
+        bf16_floor = max((2 * k * n + 2 * m * (k + n)) / self.bandwidth, 2 * m * k * n / self.flops)
         rec["weight_bytes"] = wbytes
+        rec["floor_us"], rec["bf16_floor_us"] = floor * 1e6, bf16_floor * 1e6
+        # Cross-checks: each time against its bytes / bandwidth floor, CUPTI against the wall clock
+        # (the kernels' own time cannot exceed the wall clock of the same calls).
+        invalid = []
+        for key, fl in (("kernel", floor * 1e6), ("xla_bf16", bf16_floor * 1e6)):
+            us, wall = rec[f"{key}_us"], rec[f"{key}_wall_us"]
+            if below_floor(us, fl) or below_floor(wall, fl):
+                invalid.append(f"{key}: {us:.2f} us (wall {wall:.2f}) is below {FLOOR_SLACK} x the "
+                               f"bytes/bandwidth floor {fl:.2f} us")
+            elif rec["timing"] == "cupti" and us > 1.15 * wall:
+                invalid.append(f"{key}: CUPTI {us:.2f} us exceeds the wall clock {wall:.2f} us")
+        launches = (base.kernels or {}).get(autotune.LAUNCHES_KEY)
+        rec["xla_bf16_launches_per_call"] = launches
+        if launches is not None and launches < 0.99:
+            invalid.append(f"xla_bf16: {launches:.2f} kernel launches per call (< 1): XLA merged calls")
+        if invalid:  # flagged, never reported as a result
+            rec["invalid"] = invalid
+            rec["kernel_us_invalid"], rec["xla_bf16_us_invalid"] = rec.pop("kernel_us"), rec.pop("xla_bf16_us")
+            rec["kernel_us"] = rec["xla_bf16_us"] = rec["speedup"] = rec["roofline_fraction"] = None
+            self.records.append(rec)
+            log.warning("%s K=%d N=%d M=%d: INVALID timing: %s", v.name, k, n, m, "; ".join(invalid))
+            return cfg
         rec["speedup"] = rec["xla_bf16_us"] / rec["kernel_us"]
         rec["speedup_wall"] = rec["xla_bf16_wall_us"] / rec["kernel_wall_us"]
         rec["bandwidth_GBps"] = moved / rec["kernel_us"] / 1e3
         rec["roofline_fraction"] = floor * 1e6 / rec["kernel_us"]
-        bf16_floor = max((2 * k * n + 2 * m * (k + n)) / self.bandwidth, 2 * m * k * n / self.flops)
         rec["bf16_roofline_fraction"] = bf16_floor * 1e6 / rec["xla_bf16_us"]
         self.records.append(rec)
         # The dispatch compares wall clocks: what the model's forward pass would see.
@@ -180,8 +239,10 @@ class Runner:
         return cfg
 
     def run(self, sweep: Sweep) -> None:
+        self.cap = sweep.max_candidates
         for k, n in sweep.shapes:
-            tuned: dict[int, TileConfig] = {}
+            # Configs tuned by earlier sweeps of the same variant and shape serve as hints too.
+            tuned = self.tuned.setdefault((sweep.variant, sweep.kind, k, n), {})
             for m in sorted(sweep.batches):
                 if self.out_of_time():
                     log.warning("deadline reached: skipping the rest of %s", sweep.variant.name)
@@ -199,6 +260,8 @@ class Runner:
                     continue
                 if cfg is not None and m in sweep.tune_batches:
                     tuned[m] = cfg
+                if self.on_record is not None:  # a hard timeout later loses nothing measured
+                    self.on_record()
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,12 +283,18 @@ def markdown(records: list[dict], meta: dict) -> str:
              "| wall: kernel / bf16 / dequant us | rel err | config |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        if "kernel_us" not in r:
+        if r.get("invalid"):
+            lines.append(f"| {r['variant']} | {r['k']} | {r['n']} | {r['m']} | INVALID timing: "
+                         f"{'; '.join(r['invalid'])} | | | | | | | |")
+            continue
+        if r.get("kernel_us") is None:
             lines.append(f"| {r['variant']} | {r['k']} | {r['n']} | {r['m']} | failed: {r.get('error', '?')} |"
                          " | | | | | | |")
             continue
         cfg = r["config"]
         path = "tiledot" if cfg.get("tile_dot") else "dot" if cfg["use_dot"] else "fma"
+        path += "-inplace" if cfg.get("dequant") == "inplace" else ""
+        path += "-acc2d" if cfg.get("acc2d") else ""
         short = (f"{path} bm{cfg['block_m']} bn{cfg['block_n']} "
                  f"s{cfg['split_k']} u{cfg['tiles_per_step']} w{cfg['num_warps']}")
         deq = f" / {r['xla_dequant_wall_us']:.1f}" if "xla_dequant_wall_us" in r else ""
@@ -245,7 +314,7 @@ def plot(records: list[dict], path: str, card: str, note: str = "") -> None:
 
     by_variant: dict[str, dict[int, list[float]]] = {}
     for r in records:
-        if "speedup" in r:
+        if r.get("speedup") is not None:
             by_variant.setdefault(r["variant"], {}).setdefault(r["m"], []).append(r["speedup"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in sorted(by_variant.items()):

@@ -149,7 +149,7 @@ def int8_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | N
     x2 = x.reshape(-1, lay.k)
     m = x2.shape[0]
     cfg = config or default_int8_config(lay, m)
-    problem = config_problem(cfg, lay, m, min_dot_k=MIN_INT8_DOT_K)
+    problem = config_problem(cfg, lay, m, min_dot_k=MIN_INT8_DOT_K, even_split=True)
     if problem is None and not cfg.use_dot:
         problem = "the int8 kernel has only the tensor-core path (use_dot=True)"
     if problem:

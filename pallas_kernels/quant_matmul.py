@@ -17,6 +17,12 @@ fp32 values `code - zero` (or codebook entries), and multiplies it with the matc
   (the code values are exact in bf16/fp16), one dot per slab (K = rows), or with `tile_dot`
   the slabs re-interleaved into input-row order in registers and one dot per tile (K = tile).
 
+GEMV options (the autotuner picks): `dequant="inplace"` masks each code where it lies in its
+word, for codes inside the fp32 mantissa, instead of shifting it down (see `inplace_positions`;
+integer ops issue at half the FP32 rate on Hopper), and `acc2d` keeps `[rows, block_n]`
+accumulators, reduced across rows once at the end instead of once per group. K splits need not
+divide K evenly: the last split may walk fewer steps.
+
 The group scale multiplies the fp32 partial sum once per group, not every weight. An int to
 float conversion costs a quarter-rate instruction on the GPU, so codes become floats by the
 exponent trick: `bitcast(code | 0x4B000000)` is the float `2**23 + code`, and subtracting
@@ -46,6 +52,8 @@ from pallas_kernels.layout import CodeLayout, TiledQArray, grid_values_at, kerne
 ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16)
 _MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + code
 _TWO23 = 8388608.0
+_MANTISSA_BITS = 23
+DEQUANT_MODES = ("shift", "inplace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +66,11 @@ class TileConfig:
     split_k: int = 1
     tiles_per_step: int = 1  # tiles loaded before any is used, for more bytes in flight
     tile_dot: bool = False  # tensor-core path: one dot per tile (slabs re-interleaved) instead of per slab
+    # GEMV path only. dequant="inplace": codes masked where they lie in the word (one LOP3 a
+    # weight, one shift a word) instead of shift + mask + or; acc2d: [rows, block_n]
+    # accumulators reduced over rows once at the end instead of once per group.
+    dequant: str = "shift"
+    acc2d: bool = False
     num_warps: int = 4
     num_stages: int = 1
 
@@ -75,7 +88,8 @@ class TileConfig:
         return json.dumps(self.to_json(), separators=(",", ":"))
 
 
-def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int = 16) -> str | None:
+def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int = 16,
+                   even_split: bool = False) -> str | None:
     """Why `cfg` cannot run on this layout and batch, or None when it can."""
     pow2 = lambda v: v >= 1 and v & (v - 1) == 0  # noqa: E731
     if not pow2(cfg.block_n) or cfg.block_n < 16:
@@ -92,16 +106,34 @@ def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int =
         return f"block_m={cfg.block_m} must be in 1..8 on the GEMV path"
     if cfg.tile_dot and not cfg.use_dot:
         return "tile_dot needs the tensor-core path (use_dot=True)"
+    if cfg.dequant not in DEQUANT_MODES:
+        return f"dequant={cfg.dequant!r} must be one of {DEQUANT_MODES}"
+    if (cfg.dequant != "shift" or cfg.acc2d) and cfg.use_dot:
+        return f"dequant={cfg.dequant!r} / acc2d={cfg.acc2d} are GEMV-path options (use_dot=False)"
+    if cfg.dequant == "inplace" and (lay.words != 1 or lay.bits > 8):
+        return (f"dequant='inplace' needs codes that never straddle a word (bits 2, 4 or 8); "
+                f"bits={lay.bits}")
     if cfg.tile_dot and lay.slabs_per_group != lay.period:
         return (f"tile_dot needs one group per tile of {lay.tile} rows; group_size={lay.group_size} "
                 f"is smaller")
-    per_split, rem = divmod(lay.num_tiles, cfg.split_k)
-    if cfg.split_k < 1 or rem:
-        return (f"K={lay.k_padded} ({lay.num_tiles} tiles of {lay.tile} rows) must split evenly "
-                f"into split_k={cfg.split_k}")
-    if cfg.tiles_per_step < 1 or per_split % cfg.tiles_per_step:
-        return (f"the {per_split} tiles of each K split must be a multiple of "
-                f"tiles_per_step={cfg.tiles_per_step}")
+    if cfg.split_k < 1:
+        return f"split_k={cfg.split_k} must be >= 1"
+    if even_split:
+        per_split, rem = divmod(lay.num_tiles, cfg.split_k)
+        if rem:
+            return (f"K={lay.k_padded} ({lay.num_tiles} tiles of {lay.tile} rows) must split evenly "
+                    f"into split_k={cfg.split_k}")
+        if cfg.tiles_per_step < 1 or per_split % cfg.tiles_per_step:
+            return (f"the {per_split} tiles of each K split must be a multiple of "
+                    f"tiles_per_step={cfg.tiles_per_step}")
+    else:  # K splits of whole steps; the last split may hold fewer (K = 11008 is 86 = 2 x 43 tiles)
+        steps, rem = divmod(lay.num_tiles, max(cfg.tiles_per_step, 1))
+        if cfg.tiles_per_step < 1 or rem:
+            return (f"K={lay.k_padded} ({lay.num_tiles} tiles of {lay.tile} rows) must be a multiple "
+                    f"of tiles_per_step={cfg.tiles_per_step} tiles")
+        if (cfg.split_k - 1) * -(-steps // cfg.split_k) >= steps:
+            return (f"split_k={cfg.split_k} leaves a K split without tiles (K={lay.k_padded}: "
+                    f"{steps} steps of tiles_per_step={cfg.tiles_per_step} x {lay.tile} rows)")
     if m < 1:
         return f"M={m} must be >= 1"
     return None
@@ -125,8 +157,14 @@ def default_config(lay: CodeLayout, m: int, num_sms: int = 132) -> TileConfig:
     while programs * split < target and lay.num_tiles % (split * 2) == 0 and split < 16:
         split *= 2
     per_split = lay.num_tiles // split
-    return dataclasses.replace(cfg, block_n=bn, split_k=split,
-                               tiles_per_step=2 if per_split % 2 == 0 else 1)
+    step = 2 if per_split % 2 == 0 else 1
+    if programs * split < target:  # even splits stop short (K = 11008: 86 = 2 x 43 tiles)
+        step = 2 if lay.num_tiles % 2 == 0 else 1
+        steps = lay.num_tiles // step
+        split = max(1, min(16, -(-target // programs), steps))
+        while split > 1 and (split - 1) * -(-steps // split) >= steps:
+            split -= 1
+    return dataclasses.replace(cfg, block_n=bn, split_k=split, tiles_per_step=step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +188,18 @@ def extract_codes(words: list, j: int, bits: int) -> jax.Array:
     if off + bits != 32:  # unless the code fills the word's top bits exactly
         q = q & ((1 << bits) - 1)
     return q
+
+
+def inplace_positions(bits: int) -> tuple[int, list[int]]:
+    """(shift, [bit offset of code j inside its source word]) for `dequant="inplace"`.
+
+    Code j of a word sits at bits [j * bits, (j + 1) * bits). Those wholly inside the fp32
+    mantissa (bits 0-22) are masked where they lie; the rest are read from `word >> shift`
+    (one shift a word), shift being the offset of the first code that does not fit."""
+    period = 32 // bits
+    offs = [j * bits for j in range(period)]
+    shift = next((o for o in offs if o + bits > _MANTISSA_BITS), 32)
+    return shift, [o if o < shift else o - shift for o in offs]
 
 
 def codes_to_float(q: jax.Array, zero_plus_2_23) -> jax.Array:
@@ -194,8 +244,13 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
     # Rows past M are clamped onto row M-1: they recompute and rewrite row M-1's exact values.
     row_ids = jnp.minimum(m0 + lax.iota(jnp.int32, bm), m - 1)
     row_list = [jnp.minimum(m0 + i, m - 1) for i in range(bm)]
-    split_tiles = lay.num_tiles // cfg.split_k
-    first_tile = pl.program_id(2) * split_tiles
+    # K split k_id walks steps [k_id * per_split, ...) of tiles_per_step tiles; when split_k does
+    # not divide the steps, the last split stops early (a loop bound known only at run time).
+    steps_total = lay.num_tiles // cfg.tiles_per_step
+    per_split = -(-steps_total // cfg.split_k)
+    first_step = pl.program_id(2) * per_split
+    n_steps = per_split if per_split * cfg.split_k == steps_total else \
+        jnp.minimum(per_split, steps_total - first_step)
     one_group = lay.num_groups == 1
     in_dtype = x_ref.dtype
 
@@ -230,9 +285,11 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
             xs = jnp.where(valid[None, :], xs, jnp.zeros_like(xs))
         return xs
 
-    def load_x_col(t, j, i):  # [rows, 1] fp32, row i of the block
+    def load_x_col(t, j, i, factor=None):  # [rows, 1] fp32, row i of the block (times factor)
         idx, valid = x_cols(t, j)
         xs = x_ref[row_list[i], idx].astype(jnp.float32)
+        if factor is not None:
+            xs = xs * factor
         if valid is not None:
             xs = jnp.where(valid, xs, 0.0)
         return xs[:, None]
@@ -262,13 +319,66 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
             return acc + part
         return acc + part * load_group_row(scale_ref, g, cols)
 
-    def tile_step(t, acc):
+    inplace = cfg.dequant == "inplace"
+    if inplace:
+        shift, offsets = inplace_positions(bits)
+
+    def inplace_weights(words, shifted, j, zrow):
+        """Exact fp32 (code - zero) * 2**o of slab j, o its offset in the source word: the code
+        is masked in place and OR-ed into the mantissa of 2**23 (the caller scales x by 2**-o)."""
+        o = offsets[j]
+        src = words[0] if j * bits < shift else shifted
+        f = lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | _MAGIC, jnp.float32)
+        if zrow is None:
+            return f - jnp.float32(_TWO23 + 2 ** (bits - 1) * 2 ** o)
+        return f - (zrow * jnp.float32(2 ** o) + _TWO23)
+
+    def probe_tile_step(t, acc, words):  # timing probe: the loads, one FMA a word, wrong values
+        w32 = lax.bitcast_convert_type(words[0] & jnp.uint32(0x3F7FFFFF), jnp.float32)
+        part = [load_x_col(t, 0, i) * w32 for i in range(bm)]
+        if not cfg.acc2d:
+            part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
+        return tuple(a + v for a, v in zip(acc, part))
+
+    def gemv_tile_step(t, acc, words):
+        if cfg.dequant == "probe":
+            return probe_tile_step(t, acc, words)
+        shifted = words[0] >> shift if inplace and shift < 32 else None
+        part = zrow = None
+        for j in range(lay.period):
+            if j % lay.slabs_per_group == 0:
+                g = group_of(t, j)
+                if inplace:
+                    zrow = load_group_row(zero_ref, g, cols) if ops.has_zero else None
+                else:
+                    zc = fixed_zc if one_group else zero_plus_2_23(g)
+                part = None
+            if inplace:
+                wts = inplace_weights(words, shifted, j, zrow)
+                factor = jnp.float32(2.0 ** -offsets[j]) if offsets[j] else None
+            else:
+                wts, factor = slab_weights(words, j, zc), None
+            prods = [load_x_col(t, j, i, factor) * wts for i in range(bm)]
+            part = prods if part is None else [p + d for p, d in zip(part, prods)]
+            if (j + 1) % lay.slabs_per_group == 0:
+                s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+                if not cfg.acc2d:
+                    part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
+                acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, part))
+        return acc
+
+    def load_words(t):
         words = []
         for w in range(lay.words):
             start, stride = lay.word_rows(t, w)
             words.append(codes_ref[pl.ds(start, rows, stride=stride), cols])
+        return words
+
+    def tile_step(t, acc, words):
         if cfg.tile_dot:
             return whole_tile_step(t, acc, words)
+        if not cfg.use_dot:
+            return gemv_tile_step(t, acc, words)
         part = None
         for j in range(lay.period):
             if j % lay.slabs_per_group == 0:
@@ -276,31 +386,28 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
                 zc = fixed_zc if one_group else zero_plus_2_23(g)
                 part = None
             wts = slab_weights(words, j, zc)
-            if cfg.use_dot:
-                d = jnp.dot(load_x_rows(t, j), wts.astype(in_dtype), preferred_element_type=jnp.float32)
-                part = d if part is None else part + d
-            else:
-                prods = [load_x_col(t, j, i) * wts for i in range(bm)]
-                part = prods if part is None else [p + d for p, d in zip(part, prods)]
+            d = jnp.dot(load_x_rows(t, j), wts.astype(in_dtype), preferred_element_type=jnp.float32)
+            part = d if part is None else part + d
             if (j + 1) % lay.slabs_per_group == 0:
                 s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
-                if cfg.use_dot:
-                    acc = acc + (part if s is None else part * s)
-                else:
-                    sums = [jnp.sum(p, axis=0, keepdims=True) for p in part]
-                    acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, sums))
+                acc = acc + (part if s is None else part * s)
         return acc
 
     def body(step, acc):
-        for u in range(cfg.tiles_per_step):
-            acc = tile_step(first_tile + step * cfg.tiles_per_step + u, acc)
+        # All the step's code tiles are loaded before any is used: more bytes in flight.
+        tiles = [(first_step + step) * cfg.tiles_per_step + u for u in range(cfg.tiles_per_step)]
+        loaded = [load_words(t) for t in tiles]
+        for t, words in zip(tiles, loaded):
+            acc = tile_step(t, acc, words)
         return acc
 
     if cfg.use_dot:
         acc0 = jnp.zeros((bm, bn), jnp.float32)
     else:
-        acc0 = tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm))
-    acc = lax.fori_loop(0, split_tiles // cfg.tiles_per_step, body, acc0)
+        acc0 = tuple(jnp.zeros((rows if cfg.acc2d else 1, bn), jnp.float32) for _ in range(bm))
+    acc = lax.fori_loop(0, n_steps, body, acc0)
+    if cfg.acc2d:
+        acc = tuple(jnp.sum(a, axis=0, keepdims=True) for a in acc)
 
     if one_group and scale_ref is not None:
         s = load_group_row(scale_ref, 0, cols)
@@ -439,6 +546,20 @@ def drop_poisoned_input(body, *refs):
     """Kernel wrapper for `poison`: the pre-filled buffer arrives as an (aliased) input ref too."""
     *ins, _poisoned_in, out = refs
     return body(*ins, out)
+
+
+def probe_matmul(x2: jax.Array, w, config: TileConfig) -> jax.Array:
+    """TIMING PROBE, WRONG RESULTS ON PURPOSE: the GEMV kernel of `config` (same grid, same code
+    loads, same split-K pass) with the dequantization replaced by one FMA per code word. Its
+    time is what this grid costs when the loads are all that is left (benchmark diagnostics)."""
+    lay = kernel_layout(w)
+    cfg = dataclasses.replace(config, dequant="shift")
+    problem = config_problem(cfg, lay, x2.shape[0]) or (
+        "the probe needs the GEMV path" if cfg.use_dot else None)
+    if problem:
+        raise UserError(f"probe_matmul: {problem}")
+    return _fused(x2, w, jnp.float32(0.0), lay=lay, cfg=dataclasses.replace(config, dequant="probe"),
+                  interpret=False, poisoned=False)
 
 
 def _add_outliers(y: jax.Array, x2: jax.Array, w) -> jax.Array:

@@ -91,6 +91,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--skip-prefill", action="store_true", help="decode only (saves a compile)")
     p.add_argument("--out")
     args = p.parse_args(argv)
 
@@ -104,9 +105,11 @@ def main(argv=None):
     bandwidth = copy_bandwidth()
     record = {"model": args.model, "recipe": args.recipe, "dtype": dtype.name, "context": args.context,
               "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9, "decode": [], **provenance()}
-    prefill_s = bench_prefill(loaded, args.context)
-    record["prefill"] = {"tokens": args.context, "seconds": prefill_s, "tokens_per_s": args.context / prefill_s}
-    print(f"prefill {args.context} tokens: {prefill_s * 1e3:.1f} ms, {args.context / prefill_s:,.0f} tok/s", flush=True)
+    if not args.skip_prefill:
+        prefill_s = bench_prefill(loaded, args.context)
+        record["prefill"] = {"tokens": args.context, "seconds": prefill_s, "tokens_per_s": args.context / prefill_s}
+        print(f"prefill {args.context} tokens: {prefill_s * 1e3:.1f} ms, {args.context / prefill_s:,.0f} tok/s",
+              flush=True)
     for batch in [int(b) for b in args.batches.split(",")]:
         step_s, cache_bytes = bench_decode(loaded, batch, args.context, args.steps)
         floor = (weight_bytes + cache_bytes) / bandwidth
@@ -114,6 +117,8 @@ def main(argv=None):
                "bytes_per_step": weight_bytes + cache_bytes, "roofline_ms": floor * 1e3,
                "roofline_fraction": floor / step_s}
         record["decode"].append(row)
+        if args.out:  # after every batch, so a timeout keeps what was measured
+            write_json(args.out, record)
         print(f"decode batch {batch}: {row['ms_per_step']:.2f} ms/step, {row['tokens_per_s']:,.1f} tok/s, "
               f"roofline {row['roofline_ms']:.2f} ms -> {row['roofline_fraction']:.1%}", flush=True)
     if args.out:

@@ -27,6 +27,8 @@ def suites(name: str):
     from pallas_kernels.benchmark import Sweep
     from pallas_kernels.testing import Variant
 
+    from pallas_kernels.benchmark import LLAMA_SHAPES as LLAMA
+
     small = ((4096, 4096), (4096, 11008))
     full = [
         Sweep(Variant(4, 128)),  # the headline: W4 g128, every shape and batch
@@ -50,12 +52,23 @@ def suites(name: str):
         a8 = [Sweep(s.variant, shapes=small[:1], batches=(16, 256), tune_batches=(16, 256), kind="a8")
               for s in full[8:10]]
         return [w4] + batch1 + [Sweep(full[5].variant, shapes=small[:1], batches=(1, 16), tune_batches=(1, 16))] + a8
+    if name == "run3":  # ~3 minutes: the priorities, most important first (deadline-cut)
+        w4, every = Variant(4, 128), LLAMA
+        return [
+            Sweep(w4, shapes=every, batches=(1,), tune_batches=(1,), max_candidates=11),
+            Sweep(w4, shapes=every, batches=(2, 4, 8), tune_batches=(4,), max_candidates=6),
+            Sweep(w4, shapes=every, batches=(16, 32), tune_batches=(16,), max_candidates=4),
+            *[Sweep(Variant(b, g), shapes=small, batches=(1,), tune_batches=(1,), max_candidates=6)
+              for b, g in ((8, 0), (3, 128), (2, 128))],
+            Sweep(w4, shapes=every, batches=(64, 128, 256), tune_batches=(64, 256), max_candidates=4),
+            *[dataclasses.replace(s, shapes=small[:1], max_candidates=4) for s in full[4:]],
+        ]
     if name == "quick":  # one shape per variant, few batches: a smoke run
         return [Sweep(s.variant, shapes=((4096, 4096),), batches=s.tune_batches[:2], tune_batches=s.tune_batches[:2],
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, quick or w4")
 
 
 def card_tag(kind: str) -> str:
@@ -114,14 +127,18 @@ def main(argv=None):
     if args.shapes:
         shapes = tuple(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))
         sweeps = [dataclasses.replace(s, shapes=shapes) for s in sweeps]
-    for sweep in sweeps:
-        runner.run(sweep)
+    def save():
         for r in runner.records:
             r["card"] = dev.device_kind
         write_json(os.path.join(args.out, f"quant_matmul_{tag}.json"), runner.records)
         write_json(os.path.join(args.out, f"quant_matmul_{tag}_meta.json"), meta)
         runner.table.meta = {"card": dev.device_kind, "jax": jax.__version__}
         runner.table.save(os.path.join(args.out, "quant_matmul_tuning.json"))
+
+    runner.on_record = save
+    for sweep in sweeps:
+        runner.run(sweep)
+    save()
     print(markdown(runner.records, meta))
 
 

@@ -50,10 +50,11 @@ def _check(y, x, w, reference):
 
 
 def one_config_per_path(configs):
-    """The first config of each code path (GEMV / per-slab dot / whole-tile dot, with or without split-K)."""
+    """The first config of each code path (GEMV with shift or in-place dequantization / per-slab
+    dot / whole-tile dot, with or without split-K, even or not)."""
     seen, out = set(), []
     for cfg in configs:
-        path = (cfg.use_dot, cfg.tile_dot, cfg.split_k > 1)
+        path = (cfg.use_dot, cfg.tile_dot, cfg.split_k > 1, cfg.dequant)
         if path not in seen:
             seen.add(path)
             out.append(cfg)
