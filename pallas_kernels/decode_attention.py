@@ -5,8 +5,10 @@ Decode: one query token per row attends over S cache slots. The grid is (batch, 
 split). Each program walks its share of the slots block by block, unpacks keys and values from
 the packed words in registers, dequantizes them there (scales, zero points, codebook, exact
 outliers, RoPE for keys stored before rotation) and keeps flash-attention partials (o, l, m)
-for the G query heads of its kv head: GQA heads share every load and are padded to 16 rows for
-the tensor-core dot. Splitting the slots (flash-decoding) gives batch 1 at 32k enough programs
+for the G query heads of its kv head: GQA heads share every load. Two kinds of body: for many
+query heads per kv head ("mma") the heads are padded to 16 rows for tensor-core dots; for few
+(G <= CC_MAX_HEADS, e.g. Llama-2's G = 1) the CUDA-core bodies ("cc", "cc_block") reduce in
+the words' own layout with the scales folded into q and p (see "CUDA-core body"). Splitting the slots (flash-decoding) gives batch 1 at 32k enough programs
 to fill the GPU; `combine` merges the splits with partials computed elsewhere (the
 full-precision residual window, attention-sink tokens).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import NamedTuple, Sequence
 
 import jax
@@ -302,6 +305,229 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
     m_ref[:] = m
 
 
+# ------------------------------------------------------------------------- CUDA-core body
+# For few query heads per kv head (G <= CC_MAX_HEADS; Llama-2 has G = 1) a tensor-core dot does
+# 1/16 useful work and forces every dequantized tile through a layout conversion into the MMA
+# operand layout. The CUDA-core paths instead compute scores as a broadcast multiply and a row
+# reduction in the loaded words' own layout, and p @ V as a column reduction. Scales constant
+# along a tile's tokens (KIVI keys) are folded into the query, scales constant along its
+# channels (per-token values) into the probabilities: one FMA per element, no dequantize.
+#   "cc"        a fori_loop over the packing slots of a block; online softmax per slot.
+#   "cc_block"  each block unrolled: all scores first, one softmax update per block, p @ V kept
+#               as [rows, width] partial sums reduced once per program (no per-slot reduction
+#               across warps for the values).
+# convert "magic" (cc_block only): codes -> fp32 as bitcast((word & mask) | 0x4B000000) - 2**23,
+# i.e. code * 2**(bits * j) exactly, its power of 2 folded with the scale: no shift and no int ->
+# float conversion (a quarter-rate instruction) per element. The upper half of a word's slots is
+# read from the word shifted once per block.
+CC_MAX_HEADS = 4
+MAGIC = 0x4B000000  # fp32 bits of 2**23
+CC_PATHS = ("cc", "cc_block")
+
+
+def _fold_keys(op: _Operand, rope: bool) -> bool:
+    """Key scale/zero constant along a tile's tokens: fold them into the query."""
+    return not rope and not op.num_outliers and (op.token_group == 0 or op.token_group % op.rows == 0)
+
+
+def _fold_values(op: _Operand) -> bool:
+    """Value scale/zero constant along a tile's channels: fold them into the probabilities."""
+    return not op.num_outliers and op.channel_group != 1
+
+
+def _offset(op: _Operand) -> float:
+    return 0.0 if (op.has_codebook or op.has_zero) else float(2 ** (op.bits - 1))
+
+
+def _cc_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: int, blocks_per_split: int,
+               scale: float, heads: int, path: str, convert: str):
+    it = iter(refs)
+    q_ref, mask_ref, len_ref = next(it), next(it), next(it)
+    krefs, vrefs = kop.take_refs(it), vop.take_refs(it)
+    cos_ref, sin_ref = (next(it), next(it)) if rope else (None, None)
+    o_ref, l_ref, m_ref = next(it), next(it), next(it)
+    rows = kop.rows
+    fold_k, fold_v = _fold_keys(kop, rope), _fold_values(vop)
+    # q * softmax scale, per head and key channel tile: [1, width]
+    q = [[q_ref[pl.ds(h, 1), pl.ds(g * kop.width, kop.width)].astype(jnp.float32) * scale
+          for g in range(kop.groups)] for h in range(heads)]
+
+    def grid(op, refs, words, slot):
+        """(x, factor): a(code) = x * factor - offset for a packing slot of `words`."""
+        if op.has_codebook:
+            w = words[0] if isinstance(words, tuple) else words
+            return _grid_values(refs, op, _unpack(op, w, slot)), 1.0
+        if convert == "magic" and isinstance(slot, int):
+            half = codes_per_word(op.bits) // 2
+            w, j = (words[0], slot) if slot < half else (words[1], slot - half)
+            bits = (w & (((1 << op.bits) - 1) << (op.bits * j))) | MAGIC
+            return lax.bitcast_convert_type(bits, jnp.float32) - 8388608.0, 2.0 ** (-op.bits * j)
+        w = words[0] if isinstance(words, tuple) else words
+        return _unpack(op, w, slot).astype(jnp.float32), 1.0
+
+    def scores(kw, slot, t0):
+        """Per head: s [rows, 1] (scaled) of tokens [t0, t0 + rows)."""
+        if fold_k:
+            xs = [grid(kop, krefs, kw[g], slot) for g in range(kop.groups)]
+            ks = [_meta_tile(krefs["scale"], kop, t0, g) for g in range(kop.groups)]  # [1, width | 1]
+            kz = [_meta_tile(krefs["zero"], kop, t0, g) for g in range(kop.groups)] if kop.has_zero else None
+            out = []
+            for h in range(heads):
+                s = None
+                for g, (x, f) in enumerate(xs):
+                    qs = q[h][g] * ks[g]
+                    part = jnp.sum(x * (qs * f), axis=1, keepdims=True)
+                    if kop.has_zero:
+                        part = part + jnp.sum(q[h][g] * kz[g])
+                    if _offset(kop):
+                        part = part - _offset(kop) * jnp.sum(qs)
+                    s = part if s is None else s + part
+                out.append(s)
+            return out
+        tiles = []
+        for g in range(kop.groups):
+            w = kw[g][0] if isinstance(kw[g], tuple) else kw[g]
+            tiles.append(_dequant_tile(krefs, kop, w, slot, t0, g))
+        if rope:
+            cos = cos_ref[pl.ds(t0, rows), :].astype(jnp.float32)
+            sin = sin_ref[pl.ds(t0, rows), :].astype(jnp.float32)
+            lo, hi = tiles
+            tiles = [lo * cos - hi * sin, hi * cos + lo * sin]
+        out = []
+        for h in range(heads):
+            s = None
+            for g in range(kop.groups):
+                part = jnp.sum(tiles[g] * q[h][g], axis=1, keepdims=True)
+                s = part if s is None else s + part
+            out.append(s)
+        return out
+
+    def value_terms(vw, slot, t0, g, p):
+        """(tile, const): p @ v for channel tile g = sum over rows of `tile` and of `const`
+        ([rows, 1], added to every channel; None: nothing)."""
+        if fold_v:
+            x, f = grid(vop, vrefs, vw[g], slot)
+            vs = _meta_tile(vrefs["scale"], vop, t0, g)  # [rows, 1] or [1, 1]
+            ps = p * vs
+            const = None
+            if vop.has_zero:
+                const = p * _meta_tile(vrefs["zero"], vop, t0, g)
+            if _offset(vop):
+                const = (-_offset(vop)) * ps if const is None else const - _offset(vop) * ps
+            return (ps * f) * x, const
+        w = vw[g][0] if isinstance(vw[g], tuple) else vw[g]
+        return p * _dequant_tile(vrefs, vop, w, slot, t0, g), None
+
+    def load_words(refs, op, row0, g):
+        w = refs["codes"][pl.ds(row0, rows), pl.ds(g * op.width, op.width)]
+        if convert == "magic" and path == "cc_block" and not op.has_codebook:
+            return (w, w >> (op.bits * (codes_per_word(op.bits) // 2)))
+        return w
+
+    def words_for(cache, name, refs, op, blk, j):
+        """Word tiles of operand `op` holding block-step j (static), loaded once per block."""
+        c = codes_per_word(op.bits)
+        key = (name, j // c)
+        if key not in cache:
+            row0 = blk * (block // c) + (j // c) * rows
+            cache[key] = [load_words(refs, op, row0, g) for g in range(op.groups)]
+        return cache[key], j % c
+
+    split = pl.program_id(2)
+    used_blocks = lax.div(len_ref[0] + (block - 1), jnp.int32(block))
+    lo = split * blocks_per_split
+    hi = jnp.minimum(lo + blocks_per_split, used_blocks)
+    steps = block // rows
+
+    if path == "cc":
+        def body(blk, carry):
+            ck, cv = codes_per_word(kop.bits), codes_per_word(vop.bits)
+
+            def words(refs, op, c, j):  # loaded once per block when one word row spans it
+                row0 = blk * (block // c) + (0 if c * rows == block else lax.div(j, jnp.int32(c)) * rows)
+                return [refs["codes"][pl.ds(row0, rows), pl.ds(g * op.width, op.width)] for g in range(op.groups)]
+
+            hoisted = {name: words(refs, op, c, 0) for name, refs, op, c in
+                       (("k", krefs, kop, ck), ("v", vrefs, vop, cv)) if c * rows == block}
+
+            def step(j, carry):
+                t0 = blk * block + j * rows
+                kw = hoisted["k"] if "k" in hoisted else words(krefs, kop, ck, j)
+                vw = hoisted["v"] if "v" in hoisted else words(vrefs, vop, cv, j)
+                kslot, vslot = lax.rem(j, jnp.int32(ck)), lax.rem(j, jnp.int32(cv))
+                valid = (mask_ref[pl.ds(t0, rows)] != 0)[:, None]
+                new = []
+                for h, s in enumerate(scores(kw, kslot, t0)):
+                    m, l, o = carry[h]
+                    s = jnp.where(valid, s, NEG_INF)
+                    m_new = jnp.maximum(m, jnp.max(s))
+                    corr = jnp.exp(m - m_new)
+                    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+                    l = l * corr + jnp.sum(p)
+                    o_new = []
+                    for g in range(vop.groups):
+                        tile, const = value_terms(vw, vslot, t0, g, p)
+                        pv = jnp.sum(tile, axis=0, keepdims=True)
+                        if const is not None:
+                            pv = pv + jnp.sum(const)
+                        o_new.append(o[g] * corr + pv)
+                    new.append((m_new, l, o_new))
+                return tuple(new)
+
+            return lax.fori_loop(0, steps, step, carry)
+
+        init = tuple((jnp.float32(NEG_INF), jnp.float32(0.0),
+                      [jnp.zeros((1, vop.width), jnp.float32) for _ in range(vop.groups)]) for _ in range(heads))
+        final = lax.fori_loop(lo, hi, body, init)
+        outs = [(m, l, o) for m, l, o in final]
+    else:
+        def body(blk, carry):
+            cache = {}
+            per_step = []
+            for j in range(steps):
+                t0 = blk * block + j * rows
+                kw, kslot = words_for(cache, "k", krefs, kop, blk, j)
+                valid = (mask_ref[pl.ds(t0, rows)] != 0)[:, None]
+                per_step.append((valid, [jnp.where(valid, s, NEG_INF) for s in scores(kw, kslot, t0)]))
+            # Elementwise across the block's slots, one cross-thread reduction per block: the
+            # running max; the softmax sum and the zero-point terms stay [rows, 1] partial sums.
+            new = []
+            for h in range(heads):
+                m, l, acc, const = carry[h]
+                top = per_step[0][1][h]
+                for _, ss in per_step[1:]:
+                    top = jnp.maximum(top, ss[h])
+                m_new = jnp.maximum(m, jnp.max(top))
+                corr = jnp.exp(m - m_new)
+                acc = [a * corr for a in acc]
+                const = [c * corr for c in const]
+                l = l * corr
+                for j, (valid, ss) in enumerate(per_step):
+                    t0 = blk * block + j * rows
+                    p = jnp.where(valid, jnp.exp(ss[h] - m_new), 0.0)
+                    l = l + p
+                    vw, vslot = words_for(cache, "v", vrefs, vop, blk, j)
+                    for g in range(vop.groups):
+                        tile, c = value_terms(vw, vslot, t0, g, p)
+                        acc[g] = acc[g] + tile
+                        if c is not None:
+                            const[g] = const[g] + c
+                new.append((m_new, l, acc, const))
+            return tuple(new)
+
+        init = tuple((jnp.float32(NEG_INF), jnp.zeros((rows, 1), jnp.float32),
+                      [jnp.zeros((rows, vop.width), jnp.float32) for _ in range(vop.groups)],
+                      [jnp.zeros((rows, 1), jnp.float32) for _ in range(vop.groups)]) for _ in range(heads))
+        final = lax.fori_loop(lo, hi, body, init)
+        outs = [(m, jnp.sum(l), [jnp.sum(a, axis=0, keepdims=True) + jnp.sum(c) for a, c in zip(acc, const)])
+                for m, l, acc, const in final]
+    for h, (m, l, o) in enumerate(outs):
+        for g in range(vop.groups):
+            o_ref[pl.ds(h, 1), pl.ds(g * vop.width, vop.width)] = o[g]
+        l_ref[pl.ds(h, 1)] = jnp.reshape(l, (1,))
+        m_ref[pl.ds(h, 1)] = jnp.reshape(m, (1,))
+
+
 def _compiler_params(num_warps: int, num_stages: int):
     from jax.experimental.pallas import triton as plgpu
 
@@ -317,9 +543,9 @@ def _splits(batch: int, kv_heads: int, n_blocks: int, num_splits: int | None) ->
     return -(-n_blocks // per_split), per_split
 
 
-def _pad_queries(q: jax.Array) -> jax.Array:
+def _pad_queries(q: jax.Array, min_rows: int = MIN_DOT_ROWS) -> jax.Array:
     g = q.shape[2]
-    hp = max(MIN_DOT_ROWS, 1 << (g - 1).bit_length())
+    hp = max(min_rows, 1 << (g - 1).bit_length())
     return jnp.pad(q, ((0, 0), (0, 0), (0, hp - g), (0, 0)))
 
 
@@ -331,18 +557,55 @@ def _finish(o, l, m, g: int) -> Partials:
     return Partials(jnp.sum(w[..., None] * o, axis=2), jnp.sum(w * l, axis=2), top)
 
 
+KERNEL_PATHS = ("auto", "mma") + CC_PATHS
+CONVERTS = ("shift", "magic")
+
+
+def kernel_path(path: str, query_heads: int, interpret: bool = False) -> str:
+    """The kernel body `path` resolves to: "auto" is a CUDA-core path for few query heads per
+    kv head (<= CC_MAX_HEADS; $JAXCOMPRESS_KV_CC_PATH names which, default "cc_block" on the
+    GPU and the stepwise "cc" in interpret mode, whose trace is 1/16 the size: CPU tests stay
+    fast; cc_block has its own tests) and the tensor-core one ("mma") for more."""
+    if path not in KERNEL_PATHS:
+        raise ConfigError(f"decode kernel path {path!r} is not one of {KERNEL_PATHS}")
+    if path == "auto":
+        if query_heads > CC_MAX_HEADS:
+            return "mma"
+        path = os.environ.get("JAXCOMPRESS_KV_CC_PATH", "cc" if interpret else "cc_block")
+        if path not in KERNEL_PATHS[1:]:
+            raise ConfigError(f"JAXCOMPRESS_KV_CC_PATH={path!r} is not one of {KERNEL_PATHS[1:]}")
+    return path
+
+
+def default_convert() -> str:
+    """$JAXCOMPRESS_KV_CONVERT (the benchmark's choice), else "shift"."""
+    convert = os.environ.get("JAXCOMPRESS_KV_CONVERT", "shift")
+    if convert not in CONVERTS:
+        raise ConfigError(f"JAXCOMPRESS_KV_CONVERT={convert!r} is not one of {CONVERTS}")
+    return convert
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "dot_dtype", "interpret",
-                                              "num_warps", "num_stages"))
+                                              "num_warps", "num_stages", "path", "convert"))
 def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Array, length,
                               *, scale: float, rope=None, num_splits: int | None = None,
-                              dot_dtype=jnp.bfloat16, interpret: bool = False, num_warps: int = 4,
-                              num_stages: int = 2) -> Partials:
+                              dot_dtype=jnp.bfloat16, interpret: bool = False, num_warps: int | None = None,
+                              num_stages: int = 2, path: str = "auto", convert: str | None = None) -> Partials:
     """Flash-decoding partials of q [B, K, G, D] over packed keys and values.
 
     rope: None, or (cos, sin) [B, S, D/2] per-slot tables when keys are stored before RoPE.
-    dot_dtype: operands of the two matmuls (bf16 on the tensor cores; fp32 for exact tests).
+    dot_dtype: operands of the two matmuls of the "mma" path (bf16 on the tensor cores; fp32
+    for exact tests); the CUDA-core paths compute in fp32.
     num_splits: slot splits per (row, kv head); default: enough programs to fill an H100.
+    path: "mma" (tensor-core dots), "cc" / "cc_block" (CUDA-core, see above) or "auto".
+    convert: "shift" or "magic" (code -> fp32 conversion of the "cc_block" path); None:
+    `default_convert()`. num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4. (The environment
+    is read when the function is traced: the benchmark's choice for later model runs.)
     """
+    convert = convert or default_convert()
+    num_warps = num_warps or int(os.environ.get("JAXCOMPRESS_KV_NUM_WARPS", "4"))
+    if convert not in CONVERTS:
+        raise ConfigError(f"convert={convert!r} is not one of {CONVERTS}")
     b, kv_heads, g, d = q.shape
     if k.rows != v.rows or k.capacity != v.capacity or k.head_dim != d or v.head_dim != d:
         raise ConfigError(f"keys and values must share rows, capacity and head_dim: keys "
@@ -356,8 +619,9 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
         raise ConfigError(f"mask shape {mask.shape} must be (batch, capacity) = {(b, s)}")
     kop = _Operand.of(k, _tile_width(k, rope is not None))
     vop = _Operand.of(v, _tile_width(v, False))
+    path = kernel_path(path, g, interpret)
     n_splits, per_split = _splits(b, kv_heads, s // block, num_splits)
-    qp = _pad_queries(q)
+    qp = _pad_queries(q, 1 if path in CC_PATHS else MIN_DOT_ROWS)
     hp = qp.shape[2]
 
     mask = mask & (jnp.arange(s) < length)[None, :]  # whole blocks are read: mask their tail
@@ -371,8 +635,12 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
         for table in rope:
             inputs.append(table.astype(jnp.float32))
             specs.append(pl.BlockSpec((None, s, d // 2), lambda i, h, j: (i, 0, 0)))
-    kernel = functools.partial(_quantized_kernel, kop=kop, vop=vop, rope=rope is not None, block=block,
-                               blocks_per_split=per_split, scale=scale, dot_dtype=dot_dtype)
+    if path in CC_PATHS:
+        kernel = functools.partial(_cc_kernel, kop=kop, vop=vop, rope=rope is not None, block=block,
+                                   blocks_per_split=per_split, scale=scale, heads=g, path=path, convert=convert)
+    else:
+        kernel = functools.partial(_quantized_kernel, kop=kop, vop=vop, rope=rope is not None, block=block,
+                                   blocks_per_split=per_split, scale=scale, dot_dtype=dot_dtype)
     o, l, m = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, n_splits),
@@ -385,7 +653,7 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
                    jax.ShapeDtypeStruct((b, kv_heads, n_splits, hp), jnp.float32)],
         compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
         interpret=interpret,
-        name=f"kv_decode_k{k.bits}v{v.bits}",
+        name=f"kv_decode_k{k.bits}v{v.bits}_{path}",
     )(*inputs)
     return _finish(o, l, m, g)
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_kv.py --out docs/results               # attention + memory
     PYTHONPATH=. python scripts/bench_kv.py --e2e --no-attention --out docs/results
+    PYTHONPATH=. python scripts/bench_kv.py --records kv.tgz --out docs/results   # a kv.sh run -> records
 
 Attention: one decode query over a `--contexts` cache at `--model` head shapes (default
 Llama-2-7B: 32 heads of 128), `--batches` rows: XLA's bf16 attention, the bf16 Pallas kernel and
@@ -44,18 +45,52 @@ def codec_for(recipe: str, cfg):
     return build_codec(section, calibration)
 
 
+def parse_variants(text: str) -> dict[str, dict]:
+    """--kernel-variants -> {name: kernel options}."""
+    variants = {}
+    for item in (v for v in text.split(",") if v):
+        fields = item.split(":")
+        if len(fields) == 3:
+            fields = ["mma", "shift"] + fields
+        if len(fields) != 5:
+            raise SystemExit(f"--kernel-variants item {item!r}: expected path:convert:warps:stages:splits")
+        path, convert = fields[:2]
+        warps, stages, splits = (int(x) for x in fields[2:])
+        variants[f"{path}-{convert}-w{warps}-s{stages}-x{splits or 'auto'}"] = {
+            "path": path, "convert": convert, "num_warps": warps, "num_stages": stages,
+            "num_splits": splits or None}
+    return variants
+
+
+def best_env(rows) -> str:
+    """Shell exports naming the fastest correct CUDA-core variant of the codec path at batch 1
+    (mean time over contexts); empty when none was measured."""
+    times = {}
+    for r in rows:
+        opts = r.get("kernel_options") or {}
+        if (r["batch"] == 1 and opts.get("path") in ("cc", "cc_block") and "kernel-only" not in r["variant"]
+                and r["rel_err"] < 1e-2):
+            times.setdefault((opts["path"], opts["convert"], opts["num_warps"]), []).append(r["us"])
+    if not times:
+        return ""
+    path, convert, warps = min(times, key=lambda k: sum(times[k]) / len(times[k]))
+    return (f"export JAXCOMPRESS_KV_CC_PATH={path} JAXCOMPRESS_KV_CONVERT={convert} "
+            f"JAXCOMPRESS_KV_NUM_WARPS={warps}\n")
+
+
 def markdown(record) -> str:
     out = [f"# KV-cache benchmark on {record['device']} (jax {record['versions'].get('jax')}, "
            f"commit {record['git_commit']})", ""]
     if record.get("attention"):
         out += [f"Decode attention, {record['model']} head shapes, bf16; copy bandwidth "
                 f"{record['copy_bandwidth_GBps']:.0f} GB/s (read + write, same run).", "",
-                "| variant | batch | context | us / call | cache MB read | GB/s | roofline | vs XLA bf16 | rel err |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "| variant | batch | context | us / call | cache MB read | GB/s | roofline | vs XLA bf16 | "
+                "vs Pallas bf16 | rel err |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in record["attention"]:
-            out.append(f"| {r['variant']} | {r['batch']} | {r['context']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} | "
-                       f"{r['GBps']:.0f} | {r['roofline_fraction']:.0%} | {r['speedup_vs_xla_bf16']:.2f}x | "
-                       f"{r['rel_err']:.1e} |")
+            out.append(f"| {r['variant']}{' (' + r['run'] + ')' if r.get('run') else ''} | {r['batch']} | {r['context']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} | "
+                       f"{r['GBps']:.0f} | {r['roofline_fraction']:.0%} | {r.get('speedup_vs_xla_bf16', float('nan')):.2f}x | "
+                       f"{r.get('speedup_vs_pallas_bf16', float('nan')):.2f}x | {r['rel_err']:.1e} |")
         out.append("")
     if record.get("memory"):
         m = record["memory"]
@@ -74,6 +109,152 @@ def markdown(record) -> str:
     return "\n".join(out) + "\n"
 
 
+# ------------------------------------------------------------------------- records from a GPU run
+def _read_run(path: str) -> dict[str, bytes]:
+    """{relative name: bytes} of a scripts/gpu/kv.sh result: its .tgz or the unpacked folder."""
+    import tarfile
+
+    files = {}
+    if os.path.isdir(path):
+        for root, _, names in os.walk(path):
+            for n in names:
+                full = os.path.join(root, n)
+                with open(full, "rb") as f:
+                    files[os.path.relpath(full, path)] = f.read()
+    else:
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                if m.isfile():
+                    files[m.name] = tar.extractfile(m).read()
+    # names relative to the kv/ folder
+    return {n.split("kv/", 1)[1] if n.startswith("kv/") else n: b for n, b in files.items()}
+
+
+def _bench_json(files: dict, folder: str):
+    import json
+
+    names = sorted(n for n in files if n.startswith(folder + "/") and n.endswith(".json"))
+    full = [n for n in names if not n.endswith(".partial.json")]
+    pick = (full or names or [None])[0]
+    return (json.loads(files[pick]), pick.endswith(".partial.json")) if pick else (None, False)
+
+
+def target_lines(rows) -> list[str]:
+    """The issue's speed target per batch: the fastest correct KIVI-2 codec path vs both bf16
+    baselines (>= 4x)."""
+    out = []
+    for b in sorted({r["batch"] for r in rows}):
+        cands = [r for r in rows if r["batch"] == b and r["variant"].startswith("kivi")
+                 and "kernel-only" not in r["variant"] and r["rel_err"] < 1e-2]
+        best = min(cands, key=lambda r: r["us"]) if cands else None
+        same = [r for r in rows if r["batch"] == b and r.get("run") == (best or {}).get("run")]
+        xla = next((r["us"] for r in same if r["variant"] == "xla-bf16"), None)
+        pal = next((r["us"] for r in same if r["variant"] == "pallas-bf16"), None)
+        if not (xla and pal and best):
+            out.append(f"- batch {b}: not measured completely")
+            continue
+        ratio_x, ratio_p = xla / best["us"], pal / best["us"]
+        met = "met" if min(ratio_x, ratio_p) >= 4 else "NOT met"
+        out.append(f"- batch {b}, {best['context']} tokens: fastest KIVI-2 ({best['variant']}) {best['us']:.1f} us = "
+                   f"{ratio_x:.2f}x XLA bf16 ({xla:.1f} us), {ratio_p:.2f}x Pallas bf16 ({pal:.1f} us), "
+                   f"baselines of the same run: "
+                   f"target (>= 4x both) **{met}**")
+    return out
+
+
+def records(path: str, out: str, tag: str) -> list[str]:
+    """Turns a kv.sh result into docs/results records: kv_bench_<card>_<tag>.{json,md} (attention,
+    memory, end-to-end) and kv_longctx_smollm2_<card>_<tag>.{json,md} (passkey, needle)."""
+    import json
+
+    files = _read_run(path)
+    base, rows, partial = {}, [], {}
+    for folder in sorted({n.split("/")[0] for n in files if n.startswith("attention")}):
+        att, partial[folder] = _bench_json(files, folder)
+        if not att:
+            continue
+        if not base:
+            base = {k: v for k, v in att.items() if k != "attention"}
+        run_rows = [{**r, "run": folder} for r in att.get("attention", [])]
+        for b in {r["batch"] for r in run_rows}:  # ratios to this run's own baselines
+            same = [r for r in run_rows if r["batch"] == b]
+            xla = next((r["us"] for r in same if r["variant"] == "xla-bf16"), float("nan"))
+            pal = next((r["us"] for r in same if r["variant"] == "pallas-bf16"), float("nan"))
+            for r in same:
+                r["speedup_vs_xla_bf16"], r["speedup_vs_pallas_bf16"] = xla / r["us"], pal / r["us"]
+        rows += run_rows
+    if rows:
+        base["attention"] = rows
+    e2e, e2e_failed = [], []
+    for folder in ("e2e_32k", "e2e_8k16k"):
+        rec, part = _bench_json(files, folder)
+        partial[folder] = part
+        if rec:
+            e2e += rec.get("e2e", [])
+            e2e_failed += rec.get("e2e_failed", [])
+            for k in ("device", "versions", "git_commit"):
+                base.setdefault(k, rec.get(k))
+    if not base:
+        raise SystemExit(f"{path}: no benchmark record in it (steps.log: "
+                         f"{files.get('steps.log', b'').decode()[-500:]})")
+    device = base.get("device", "unknown")
+    card = re.sub(r"[^a-z0-9]+", "_", device.split(":")[-1].lower()).strip("_")
+    text = lambda n: files.get(n, b"").decode(errors="replace")  # noqa: E731
+    tests = [line for line in text("gpu_tests.log").splitlines() if line.strip()]
+    record = {**base, "e2e": e2e, "e2e_failed": e2e_failed, "partial": partial,
+              "kernel_for_model_runs": text("best_env.sh").strip(),
+              "gpu_tests": tests[-1] if tests else "not run", "steps_log": text("steps.log"),
+              "source": os.path.basename(path.rstrip("/"))}
+    if e2e:  # ratio to the bf16 cache at the same context
+        bf16 = {r["context"]: r["tokens_per_s"] for r in e2e if r["recipe"] == "bf16"}
+        for r in e2e:
+            r["vs_bf16"] = r["tokens_per_s"] / bf16[r["context"]] if r["context"] in bf16 else None
+    written = []
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"kv_bench_{card}_{tag}")
+    md = [f"Source: `{record['source']}` (scripts/gpu/kv.sh). GPU tests: {record['gpu_tests']}.",
+          f"Kernel the model runs used: `{record['kernel_for_model_runs'] or 'default'}`.",
+          "Partial records (a step hit its timeout): "
+          + (", ".join(k for k, v in partial.items() if v) or "none") + ".", ""]
+    if record.get("attention"):
+        md += ["Speed target (decode attention, 2-bit cache vs bf16, >= 4x):", ""] + target_lines(record["attention"]) + [""]
+    table = markdown(record)
+    if e2e:
+        table = table.rstrip("\n") + "\n\n" + "\n".join(
+            f"- {r['recipe']} at {r['context']}: {r['vs_bf16']:.2f}x the bf16 cache's tokens/s"
+            for r in e2e if r.get("vs_bf16") is not None) + "\n"
+    for e in e2e_failed:
+        table += f"\nEnd-to-end {e['recipe']} failed: {e['error']}\n"
+    header, _, rest = table.partition("\n")
+    write_json(stem + ".json", record)
+    write_text(stem + ".md", header + "\n\n" + "\n".join(md) + rest)
+    written += [stem + ".json", stem + ".md"]
+
+    longctx = {}
+    for name in sorted(n for n in files if n.startswith("longctx/") and n.endswith(".json")):
+        longctx[name[len("longctx/"):-5]] = json.loads(files[name])
+    if longctx:
+        order = ["none", "kivi_k4v4", "kivi_k2v2", "kvquant_2bit"]
+        names = sorted(longctx, key=lambda n: order.index(n) if n in order else len(order))
+        ref = {t: v.get("acc") for t, v in longctx.get("none", {}).get("results", {}).items()}
+        rows = ["| recipe | task | n | accuracy | vs none | grid (length: depth -> acc) |", "|---|---|---|---|---|---|"]
+        for n in names:
+            for task, res in longctx[n].get("results", {}).items():
+                acc = res.get("acc")
+                delta = f"{acc - ref[task]:+.2f}" if acc is not None and ref.get(task) is not None else ""
+                rows.append(f"| {n} | {task} | {res.get('n')} | {acc:.2f} | {delta} | {json.dumps(res.get('grid'))} |")
+        stem2 = os.path.join(out, f"kv_longctx_smollm2_{card}_{tag}")
+        write_json(stem2 + ".json", {"device": device, "versions": base.get("versions"),
+                                     "git_commit": base.get("git_commit"), "runs": longctx})
+        write_text(stem2 + ".md", "\n".join([
+            f"# Passkey and needle at 8k on SmolLM2-135M-Instruct, KV-cache recipes ({device})", "",
+            "bf16 model on the GPU, every recipe's cache through the decode kernel it selects; lengths "
+            "8192, depths 0.25 and 0.75, one trial each (a few prompts: a smoke-level accuracy check, "
+            "not a grid). Source: scripts/gpu/kv.sh.", ""] + rows) + "\n")
+        written += [stem2 + ".json", stem2 + ".md"]
+    return written
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama2-7b", help="a preset (head shapes, weights size)")
@@ -83,16 +264,33 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
-                   help="time each codec with these kernel settings, warps:stages:splits,... "
-                        "(splits 0: automatic), e.g. 4:2:0,2:2:0,4:3:64; default: the kernel's defaults")
+                   help="time each codec with these kernel settings, path:convert:warps:stages:splits,... "
+                        "(path mma|cc|cc_block, convert shift|magic, splits 0: automatic; the older "
+                        "warps:stages:splits means the mma path), e.g. cc_block:magic:4:2:0,mma:shift:4:2:0; "
+                        "default: the kernel's defaults")
+    p.add_argument("--kernel-only", default="", metavar="BATCHES",
+                   help="at these batches (e.g. 1 or 1,8), also time each variant's kernel alone "
+                        "(no exact tokens, no XLA glue)")
+    p.add_argument("--best-env", help="write `export JAXCOMPRESS_KV_CC_PATH=.. JAXCOMPRESS_KV_CONVERT=.. "
+                                      "JAXCOMPRESS_KV_NUM_WARPS=..` "
+                                      "for the fastest correct CUDA-core variant (batch 1) to this file")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--e2e", action="store_true", help="also time end-to-end decode (slow: one compile per cell)")
     p.add_argument("--e2e-contexts", default="8192,16384,32768")
     p.add_argument("--e2e-recipes", default=",kivi_k2v2,kivi_k2v2_w4", help="'' = bf16 cache")
     p.add_argument("--e2e-batch", type=int, default=1)
+    p.add_argument("--e2e-steps", type=int, default=32, help="decode steps per timed run")
     p.add_argument("--out", help="folder for kv_bench_<card>.json and .md")
+    p.add_argument("--records", metavar="KV_TGZ",
+                   help="turn a scripts/gpu/kv.sh result (kv.tgz or its folder) into records in --out "
+                        "(default docs/results) and exit")
+    p.add_argument("--records-tag", default="run3", help="suffix of the record file names")
     args = p.parse_args(argv)
 
+    if args.records:
+        for path in records(args.records, args.out or "docs/results", args.records_tag):
+            print(f"wrote {path}")
+        return 0
     cfg = preset(args.model)
     record = {"model": args.model, **provenance()}
     card = re.sub(r"[^a-z0-9]+", "_", record["device"].split(":")[-1].lower()).strip("_")
@@ -101,17 +299,27 @@ def main(argv=None):
         record["copy_bandwidth_GBps"] = bandwidth / 1e9
         print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s on {record['device']}", flush=True)
         codecs = {name: codec_for(name, cfg) for name in args.codecs.split(",") if name}
-        variants = {}
-        for text in (v for v in args.kernel_variants.split(",") if v):
-            warps, stages, splits = (int(x) for x in text.split(":"))
-            variants[f"w{warps}-s{stages}-x{splits or 'auto'}"] = {
-                "num_warps": warps, "num_stages": stages, "num_splits": splits or None}
+        variants = parse_variants(args.kernel_variants)
         rows = []
+        record["attention"] = rows
+        done = []
+
+        def checkpoint(row):  # a partial record after every row: a timeout keeps what was measured
+            done.append(row)
+            if args.best_env:
+                write_text(args.best_env, best_env(done))
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                write_json(os.path.join(args.out, f"kv_bench_{card}.partial.json"), {**record, "attention": done})
+
         for context in _ints(args.contexts):
             for batch in _ints(args.batches):
                 rows += attention_benchmark(cfg, codecs, batch, context, args.calls, args.repeats, bandwidth,
-                                            kernel_variants=variants or None)
-        record["attention"] = rows
+                                            kernel_variants=variants or None,
+                                            kernel_only=batch in _ints(args.kernel_only),
+                                            on_row=checkpoint)
+        if args.best_env:
+            write_text(args.best_env, best_env(rows))
     device_bytes = memory.device_memory_bytes() or 80 * 2 ** 30
     weights_bf16 = param_summary(abstract_model(cfg, jnp.bfloat16))["bytes"]
     contexts = _ints(args.e2e_contexts)
@@ -124,9 +332,22 @@ def main(argv=None):
     record["memory"] = {"device_bytes": device_bytes, "contexts": contexts, "rows": mem_rows}
     if args.e2e:
         rows = []
-        for recipe in args.e2e_recipes.split(","):
-            rows += e2e_decode(f"random:{args.model}", recipe or None, contexts, args.e2e_batch)
         record["e2e"] = rows
+
+        def e2e_checkpoint(row):
+            rows.append(row)
+            if args.out:
+                os.makedirs(args.out, exist_ok=True)
+                write_json(os.path.join(args.out, f"kv_bench_{card}.partial.json"), record)
+
+        for recipe in args.e2e_recipes.split(","):
+            try:
+                e2e_decode(f"random:{args.model}", recipe or None, contexts, args.e2e_batch,
+                           steps=args.e2e_steps, on_row=e2e_checkpoint)
+            except Exception as e:  # noqa: BLE001 - one recipe failing (e.g. W4 path) must not lose the others
+                print(f"e2e {recipe or 'bf16'} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
+                record.setdefault("e2e_failed", []).append({"recipe": recipe or "bf16",
+                                                            "error": f"{type(e).__name__}: {str(e)[:500]}"})
     table = markdown(record)
     print(table)
     if args.out:

@@ -18,6 +18,7 @@ uses the copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -110,10 +111,48 @@ def attend_fn(inputs: DecodeInputs, cfg, variant: str, kernel_options: dict | No
             return combine([part]).reshape(b, 1, h, d).astype(q.dtype)
 
         return dense
+    if variant == "kernel-only":
+        return kernel_only_fn(inputs, cfg, kernel_options or {})
     if kernel_options:
         return lambda state, q: inputs.codec.attend_decode(state, q, inputs.mask, scale, inputs.rotate_keys,
                                                            **kernel_options)
     return lambda state, q: inputs.codec.attend(state, q, inputs.mask, scale, rotate_keys=inputs.rotate_keys)
+
+
+def _kernel_inputs(inputs: DecodeInputs, cfg, state, q):
+    """What the packed kernel alone reads: grouped queries, the store mask (every token the
+    mask allows, exact ones included: the kernel's work is the same), the quantized length."""
+    b, _, h, d = q.shape
+    kstore = state["k"]
+    qg = q[:, 0].reshape(b, cfg.num_kv_heads, h // cfg.num_kv_heads, d)
+    mask = jnp.pad(inputs.mask[:, 0, :], ((0, 0), (0, kstore.capacity - inputs.mask.shape[-1])))
+    return qg, mask, inputs.codec.quantized_length(state)
+
+
+def kernel_only_fn(inputs: DecodeInputs, cfg, kernel_options: dict):
+    """(state, q) -> [B, 1, H, D]: the Pallas kernel over the packed stores and nothing else
+    (no exact tokens, no XLA glue): isolates the kernel's time from the codec's overhead."""
+    from pallas_kernels.decode_attention import combine, quantized_decode_partials
+
+    if inputs.codec.pre_rope:
+        raise ValueError("kernel-only timing covers codecs without pre-RoPE keys")
+
+    def fn(state, q):
+        qg, mask, n_q = _kernel_inputs(inputs, cfg, state, q)
+        part = quantized_decode_partials(qg, state["k"], state["v"], mask, n_q, scale=cfg.head_dim ** -0.5,
+                                         interpret=jax.default_backend() != "gpu", **kernel_options)
+        return combine([part]).reshape(q.shape).astype(q.dtype)
+
+    return fn
+
+
+def kernel_only_reference(inputs: DecodeInputs, cfg, q):
+    from pallas_kernels.decode_attention import combine, quantized_decode_reference
+
+    qg, mask, n_q = _kernel_inputs(inputs, cfg, inputs.state, q.astype(jnp.float32))
+    part = quantized_decode_reference(qg, inputs.state["k"], inputs.state["v"], mask, n_q,
+                                      scale=cfg.head_dim ** -0.5)
+    return combine([part]).reshape(q.shape)
 
 
 def reference_output(inputs: DecodeInputs, cfg, q):
@@ -156,10 +195,13 @@ def time_attention(fn, state, q, calls: int, repeats: int) -> float:
 
 def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 8,
                         repeats: int = 5, bandwidth: float | None = None, log=print,
-                        kernel_variants: dict[str, dict] | None = None) -> list[dict]:
+                        kernel_variants: dict[str, dict] | None = None, kernel_only: bool = False,
+                        on_row=None) -> list[dict]:
     """Rows of {variant, batch, context, us, bytes, GBps, roofline_fraction, rel_err,
-    speedup_vs_xla_bf16} for the bf16 baselines and each codec (with each of
-    `kernel_variants`: name -> kernel options, when given)."""
+    speedup_vs_xla_bf16, speedup_vs_pallas_bf16} for the bf16 baselines and each codec (with
+    each of `kernel_variants`: name -> kernel options, when given; with `kernel_only`, also
+    each variant's kernel alone, checked against the dequantize-then-attend reference of the
+    packed stores). `on_row(row)` sees each row as soon as it is measured."""
     bandwidth = bandwidth or copy_bandwidth()
     q = jax.random.normal(jax.random.key(1), (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     rows = []
@@ -169,11 +211,19 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
         inputs = plan if isinstance(plan, DecodeInputs) else filled_layer(cfg, plan, batch, context)
         baseline = name in ("xla-bf16", "pallas-bf16")
         ref = reference_output(inputs, cfg, q)
-        for suffix, options in ([("", None)] if baseline or not kernel_variants else kernel_variants.items()):
+        todo = [("", None, "codec")] if baseline or not kernel_variants else \
+            [(suffix, options, "codec") for suffix, options in kernel_variants.items()]
+        if kernel_only and not baseline and not getattr(plan, "pre_rope", False):
+            todo += [(f"{suffix or 'default'}/kernel-only", options, "kernel-only")
+                     for suffix, options in (kernel_variants or {"": None}).items()]
+        kref = None
+        for suffix, options, kind in todo:
             start = time.time()
-            fn = attend_fn(inputs, cfg, name if baseline else "codec", options)
+            fn = attend_fn(inputs, cfg, name if baseline else kind, options)
             try:
-                err = relative_error(jax.jit(fn)(inputs.state, q), ref)
+                if kind == "kernel-only" and kref is None:
+                    kref = kernel_only_reference(inputs, cfg, q)
+                err = relative_error(jax.jit(fn)(inputs.state, q), kref if kind == "kernel-only" else ref)
                 seconds = time_attention(fn, inputs.state, q, calls, repeats)
             except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
                 if log:
@@ -185,19 +235,24 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
                    "GBps": nbytes / seconds / 1e9, "roofline_fraction": nbytes / bandwidth / seconds,
                    "rel_err": err, "kernel_options": options, "setup_s": round(time.time() - start, 1)}
             rows.append(row)
+            if on_row:
+                on_row(row)
             if log:
                 log(f"  {label:>24} batch {batch} ctx {context}: {row['us']:9.1f} us, {row['GBps']:7.0f} GB/s "
                     f"({row['roofline_fraction']:.0%} of copy bw), rel err {err:.1e}, {row['setup_s']}s")
-        del ref
+        del ref, kref
         if inputs is not dense:
             del inputs
-    base = next(r["us"] for r in rows if r["variant"] == "xla-bf16")
+    base = next((r["us"] for r in rows if r["variant"] == "xla-bf16"), float("nan"))
+    pallas = next((r["us"] for r in rows if r["variant"] == "pallas-bf16"), float("nan"))
     for r in rows:
         r["speedup_vs_xla_bf16"] = base / r["us"]
+        r["speedup_vs_pallas_bf16"] = pallas / r["us"]
     return rows
 
 
-def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: int = 32, log=print) -> list[dict]:
+def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: int = 32, log=print,
+               on_row=None) -> list[dict]:
     """Decode tokens/s of `spec` (compressed by `recipe`) over caches already holding each
     context (random keys and values written through the codec), in the jitted loop `generate`
     uses."""
@@ -236,8 +291,12 @@ def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: i
         logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
         seconds = median_seconds(run, params, cache, logits, warmup=1, repeats=3) / steps
         row = {"model": spec, "recipe": recipe or "bf16", "batch": batch, "context": context,
-               "ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "weight_bytes": weight_bytes}
+               "ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "weight_bytes": weight_bytes,
+               "steps": steps, "kv_kernel": {k: os.environ[k] for k in ("JAXCOMPRESS_KV_CC_PATH", "JAXCOMPRESS_KV_CONVERT",
+                                                                        "JAXCOMPRESS_KV_NUM_WARPS") if k in os.environ}}
         rows.append(row)
+        if on_row:
+            on_row(row)
         if log:
             log(f"  {row['recipe']:>14} ctx {context}: {row['ms_per_token']:.2f} ms/step, "
                 f"{row['tokens_per_s']:.1f} tok/s")
