@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python scripts/record_quant.py --recipes rtn_w4_g128,gptq_w4_g128 --out $OUT/quant
 
-For each recipe (optionally with `@c4` to calibrate on C4 instead of WikiText-2 train):
+For each recipe (optionally with `@c4` to calibrate on C4 instead of WikiText-2 train, and
+`+key=value` overrides of that cell alone, e.g. `gptq_w4_g128+weights.gptq.damp=0.1`):
 compress, then WikiText-2 (all windows) and C4 (256 windows) perplexity at seqlen 2048.
 Each finished cell is written at once (`<recipe>.json`), so a cut-off run keeps what it did.
 """
@@ -15,12 +16,23 @@ import time
 
 import jax.numpy as jnp
 
-from jaxcompress.eval.perplexity import c4_tokens, perplexity, wikitext2_tokens
+from jaxcompress.eval.perplexity import c4_tokens, perplexity, wikitext2_tokens, windows
 from jaxcompress.experiments.recipes import apply_recipe, load_recipe
 from jaxcompress.io.atomic import write_json
 from jaxcompress.io.load import load_model
-from jaxcompress.models.build import param_summary
+from jaxcompress.models.build import flat_params, param_summary, path_str
+from jaxcompress.quant.diagnostics import heldout_hessians, layer_errors, summarize
 from jaxcompress.provenance import provenance
+
+
+def cell_file(cell: str) -> str:
+    """`gptq_w4_g128@c4+weights.gptq.damp=0.1` -> `gptq_w4_g128_calib_c4_damp0.1.json`."""
+    head, *overrides = cell.split("+")
+    parts = [head.replace("@", "_calib_")]
+    for o in overrides:
+        key, _, value = o.partition("=")
+        parts.append(key.rsplit(".", 1)[-1] + value)
+    return "_".join(parts) + ".json"
 
 
 def main():
@@ -32,6 +44,9 @@ def main():
     p.add_argument("--wikitext-windows", type=int)
     p.add_argument("--c4-windows", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layer-errors", type=int, default=0, metavar="N",
+                   help="also record each projection's relative output error on the float model's inputs "
+                        "over the first N WikiText-2 test windows (jaxcompress.quant.diagnostics)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -41,12 +56,17 @@ def main():
     c4 = c4_tokens(base.tokenizer)
     base_bytes = param_summary(base.model)["bytes"]
     os.makedirs(args.out, exist_ok=True)
+    hessians = None
+    if args.layer_errors:
+        hessians = heldout_hessians(base.model, windows(wiki, 2048, args.layer_errors), args.batch_size)
     for cell in ["baseline"] + args.recipes.split(","):
-        name, _, calib = cell.partition("@")
+        head, *cell_overrides = cell.split("+")
+        name, _, calib = head.partition("@")
         start = time.time()
         loaded, recipe = base, None
         if name != "baseline":
-            overrides = list(args.overrides) + ([f"calibration.source={calib}"] if calib else [])
+            overrides = (list(args.overrides) + ([f"calibration.source={calib}"] if calib else [])
+                         + cell_overrides)
             recipe = load_recipe(name, overrides)
             loaded = apply_recipe(base, recipe)
         compress_s = time.time() - start
@@ -54,14 +74,25 @@ def main():
             "wikitext2": perplexity(loaded, wiki, 2048, args.wikitext_windows, args.batch_size, progress=False),
             "c4": perplexity(loaded, c4, 2048, args.c4_windows, args.batch_size, progress=False),
         }
+        if hessians is not None and name != "baseline":
+            errors = layer_errors(base.model, loaded.model, {p: h for p, h in hessians.items()
+                                                             if p in _compressed_paths(loaded.model)})
+            results["heldout_layer_error"] = {"windows": args.layer_errors, "mean": summarize(errors),
+                                              "layers": errors}
         nbytes = param_summary(loaded.model)["bytes"]
         record = {"recipe": cell, "model": args.model, "dtype": dtype.name, "recipe_config": loaded.recipe,
                   "results": results, "model_bytes": nbytes, "compression_ratio": base_bytes / nbytes,
                   "compress_seconds": round(compress_s, 1), "total_seconds": round(time.time() - start, 1),
                   **provenance()}
-        write_json(os.path.join(args.out, cell.replace("@", "_calib_") + ".json"), record)
+        write_json(os.path.join(args.out, cell_file(cell)), record)
+        err = results.get("heldout_layer_error", {}).get("mean", {}).get("all")
         print(f"{cell:<28} wikitext2 {results['wikitext2']['ppl']:8.3f} ({results['wikitext2']['windows']} win)  "
-              f"c4 {results['c4']['ppl']:8.3f}  {nbytes / 2**20:7.1f} MiB  compress {compress_s:6.1f}s", flush=True)
+              f"c4 {results['c4']['ppl']:8.3f}  {nbytes / 2**20:7.1f} MiB  compress {compress_s:6.1f}s"
+              + (f"  layer err {err:.5f}" if err is not None else ""), flush=True)
+
+
+def _compressed_paths(model) -> set[str]:
+    return {path_str(p) for p, v in flat_params(model).items() if hasattr(v, "dequantize")}
 
 
 if __name__ == "__main__":

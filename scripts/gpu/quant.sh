@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU runs of the weight-quantization records (issue 4). From the repository root on the GPU machine:
+#
+#   export JAXCOMPRESS_DATA=$PWD/.data JAXCOMPRESS_GIT_COMMIT=<hash>
+#   source scripts/gpu_prelude.sh; bash scripts/gpu/quant.sh PART
+#
+# PART a: baseline, RTN, GPTQ (with and without act-order) and AWQ at W4/W3 g128 (~8 min);
+# PART b: SqueezeLLM W4/W3 and the C4-calibrated GPTQ/AWQ cells (~8 min);
+# PART 7b: GPTQ W4 g128 end-to-end time and peak memory on random:llama2-7b, 128 x 2048.
+# Full protocol: WikiText-2 all 148 windows and C4 256 windows of 2048, fp32 SmolLM2,
+# calibration 128 windows of 2048 (WikiText-2 train, seed 0; `@c4`: the C4 subset).
+# Everything lands in $OUT/quant_PART/ and $OUT/quant_PART.tgz.
+set -u
+PART=${1:?part: a, b or 7b}
+OUT=${OUT:?set OUT}
+D=$OUT/quant_$PART
+mkdir -p "$D"
+export PYTHONPATH=${PYTHONPATH:-.}
+T0=$(date +%s)
+log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$D/progress.log"; }
+log "quant part $PART, commit ${JAXCOMPRESS_GIT_COMMIT:-?}"
+case $PART in
+    a) CELLS=baseline,rtn_w4_g128,rtn_w3_g128,gptq_w4_g128,gptq_w3_g128,awq_w4_g128,awq_w3_g128,gptq_w4_g128_actorder,gptq_w3_g128_actorder ;;
+    b) CELLS=squeezellm_w4,squeezellm_w3,gptq_w4_g128@c4,awq_w4_g128@c4,gptq_w3_g128@c4,awq_w3_g128@c4 ;;
+    7b) CELLS= ;;
+    *) echo "unknown part $PART" >&2; exit 2 ;;
+esac
+if [ -n "$CELLS" ]; then
+    # record_quant always starts with the baseline cell; part b skips its file (part a has it).
+    timeout -k 5 ${QUANT_TIMEOUT_S:-560} python scripts/record_quant.py --recipes "${CELLS#baseline,}" \
+        --out "$D" 2>&1 | grep -v "^WARNING\|Warning" | tee "$D/record_quant.log"
+else
+    timeout -k 5 ${QUANT_TIMEOUT_S:-560} python scripts/bench_gptq.py --model random:llama2-7b \
+        --recipe gptq_w4_g128 --out "$D" 2>&1 | grep -v "^WARNING\|Warning" | tee "$D/bench_gptq.log"
+fi
+log "done"
+tar -czf "$OUT/quant_$PART.tgz" -C "$OUT" "quant_$PART"
+grep -h "wikitext2\|end to end" "$D"/*.log | tail -12
