@@ -11,6 +11,9 @@ Each case builds the real trainer (the same jitted, sharded step as `jaxcompress
 `--warmup` steps (compilation), then times `--steps` steps with the device synchronised, on
 synthetic token ids (throughput does not depend on the text). tokens/s counts input tokens
 (batch x seq_len x accumulation) per optimizer step. Writes a JSON record and a Markdown table.
+Peak device memory is the process's peak (model setup included: for QLoRA the dense weights
+exist until they are quantized), so run one case per process to read it per case
+(scripts/gpu/train.sh does); the memory in use after the timed steps is recorded too.
 """
 
 from __future__ import annotations
@@ -55,35 +58,59 @@ def synthetic_batch(batch, seq_len, vocab, seed):
             "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))}
 
 
-def measure(cfg, devices, loaded, warmup: int, steps: int) -> dict:
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def memory(device) -> dict:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats:
+        return {}
+    return {k: stats.get(k) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
+
+
+def measure(cfg, devices, warmup: int, steps: int) -> dict:
+    """Builds the model and the trainer, drops every other reference to the weights (so only the
+    trainer's copy is live while timing), runs `warmup` steps, then times `steps` steps."""
     import jax
 
+    from jaxcompress.train.run import load_for_training
     from jaxcompress.train.sharding import sharder_from_config
     from jaxcompress.train.trainer import Trainer
 
+    t0 = time.perf_counter()
+    loaded = load_for_training(cfg)
+    vocab = loaded.config.vocab_size
     sharder = sharder_from_config(cfg.mesh, devices)
     trainer = Trainer(cfg, loaded.model, cfg.steps, sharder)
-    vocab = loaded.config.vocab_size
+    del loaded
+    jax.block_until_ready(trainer.frozen)
+    setup_s = time.perf_counter() - t0
+    log(f"  model + trainer ready in {setup_s:.1f} s ({trainer.trainable_count():,} trainable, "
+        f"{trainer.frozen_count():,} frozen parameters)")
     batches = [synthetic_batch(cfg.batch_size, cfg.data.seq_len, vocab, s) for s in range(4)]
     t0 = time.perf_counter()
     for i in range(warmup):
         jax.block_until_ready(trainer.step([batches[i % 4]]))
     compile_s = time.perf_counter() - t0
+    log(f"  {warmup} warm-up steps (compilation included) in {compile_s:.1f} s")
     t0 = time.perf_counter()
-    for i in range(steps):
+    for i in range(steps):  # dispatched back to back, as the training loop does
         metrics = trainer.step([batches[i % 4]])
-    jax.block_until_ready(metrics)
+    jax.block_until_ready((metrics, trainer.state))
     seconds = (time.perf_counter() - t0) / steps
     tokens = cfg.batch_size * cfg.data.seq_len
-    peak = None
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-    if stats:
-        peak = stats.get("peak_bytes_in_use")
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+        raise SystemExit(f"loss is {loss} after {warmup + steps} steps: the timed step is broken")
+    mem = memory(devices[0])
     return {"devices": len(devices), "global_batch": cfg.batch_size, "seq_len": cfg.data.seq_len,
-            "seconds_per_step": seconds, "tokens_per_s": tokens / seconds,
-            "tokens_per_s_per_device": tokens / seconds / len(devices), "warmup_seconds": compile_s,
+            "seconds_per_step": seconds,
+            "tokens_per_s": tokens / seconds, "tokens_per_s_per_device": tokens / seconds / len(devices),
+            "timed_steps": steps, "warmup_steps": warmup, "warmup_seconds": compile_s, "setup_seconds": setup_s,
             "trainable_parameters": trainer.trainable_count(), "frozen_parameters": trainer.frozen_count(),
-            "loss": float(metrics["loss"]), "peak_bytes_device0": peak}
+            "loss": loss, "peak_bytes_device0": mem.get("peak_bytes_in_use"),
+            "bytes_in_use_device0": mem.get("bytes_in_use"), "bytes_limit_device0": mem.get("bytes_limit")}
 
 
 def main(argv=None) -> int:
@@ -100,10 +127,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
+    import jax.numpy as jnp
 
     from jaxcompress.io.atomic import write_json, write_text
     from jaxcompress.provenance import provenance
-    from jaxcompress.train.run import load_for_training
+    from jaxcompress.train.trainer import resolve_dtype
 
     table = TINY if args.tiny else CASES
     results = {}
@@ -116,38 +144,44 @@ def main(argv=None) -> int:
         batch, seq_len = args.batch or batch, args.seq_len or seq_len
         data_axes = [1, 2] if name == "dp-scaling" else [1]
         if max(data_axes) > jax.device_count():
-            print(f"skipping {name}: needs {max(data_axes)} devices, {jax.device_count()} visible")
+            log(f"skipping {name}: needs {max(data_axes)} devices, {jax.device_count()} visible")
             continue
         runs = []
         for data_axis in data_axes:
             cfg = make_config(model, mode, batch, seq_len, rank, bits, group, args.dtype, data_axis)
-            loaded = load_for_training(cfg)
-            run = measure(cfg, jax.devices()[:data_axis], loaded, args.warmup, args.steps)
-            del loaded
-            print(f"{name} devices={data_axis}: {run['tokens_per_s']:,.0f} tokens/s "
-                  f"({run['tokens_per_s_per_device']:,.0f} per device), {run['seconds_per_step'] * 1e3:.1f} ms/step")
+            log(f"{name}: {model} {mode}, {data_axis} device(s), batch {cfg.batch_size} x {seq_len}")
+            run = measure(cfg, jax.devices()[:data_axis], args.warmup, args.steps)
+            log(f"{name} devices={data_axis}: {run['tokens_per_s']:,.0f} tokens/s "
+                f"({run['tokens_per_s_per_device']:,.0f} per device), {run['seconds_per_step'] * 1e3:.1f} ms/step, "
+                f"peak {_gib(run['peak_bytes_device0'])} GiB")
             runs.append(run)
         entry = {"model": model, "mode": mode, "per_device_batch": batch, "seq_len": seq_len, "lora_rank": rank,
-                 "quant": {"bits": bits, "group_size": group} if bits else None, "runs": runs}
+                 "quant": {"bits": bits, "group_size": group} if bits else None,
+                 "dtype": jnp.dtype(resolve_dtype(args.dtype)).name, "runs": runs}
         if name == "dp-scaling":
             entry["scaling_2_vs_1"] = runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"]
-            print(f"data-parallel scaling 1 -> 2 devices: {entry['scaling_2_vs_1']:.2f}x")
+            log(f"data-parallel scaling 1 -> 2 devices: {entry['scaling_2_vs_1']:.2f}x")
         results[name] = entry
     record = {"cases": results, "tiny": args.tiny, "synthetic_tokens": True, **provenance()}
     write_json(args.out, record)
-    rows = ["| case | model | mode | devices | batch x seq | ms/step | tokens/s | tokens/s/device |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| case | model | mode | devices | batch x seq | ms/step | tokens/s | tokens/s/device | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results.items():
         for run in entry["runs"]:
             rows.append(f"| {name} | {entry['model']} | {entry['mode']} | {run['devices']} | "
                         f"{run['global_batch']} x {run['seq_len']} | {run['seconds_per_step'] * 1e3:.1f} | "
-                        f"{run['tokens_per_s']:,.0f} | {run['tokens_per_s_per_device']:,.0f} |")
+                        f"{run['tokens_per_s']:,.0f} | {run['tokens_per_s_per_device']:,.0f} | "
+                        f"{_gib(run['peak_bytes_device0'])} |")
         if "scaling_2_vs_1" in entry:
-            rows.append(f"| {name} | | | 2 vs 1 | | | {entry['scaling_2_vs_1']:.2f}x | |")
+            rows.append(f"| {name} | | | 2 vs 1 | | | {entry['scaling_2_vs_1']:.2f}x | | |")
     rows.append(f"\n{record['device']}, jax {record['versions'].get('jax')}, commit {record['git_commit']}")
     write_text(os.path.splitext(args.out)[0] + ".md", "\n".join(rows) + "\n")
     print("\n".join(rows))
     return 0
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
 
 
 if __name__ == "__main__":

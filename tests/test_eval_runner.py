@@ -142,3 +142,38 @@ def test_killed_run_resumes_with_identical_numbers(folder, tmp_path):
     assert len(PROBE_STARTS) == 6
     assert resumed["results"] == fresh["results"]
     assert not [d for d in os.listdir(cache) if d.endswith(".partial")]  # cleaned up when finished
+
+
+def test_baseline_record_from_raw_records(tmp_path):
+    """scripts/eval_baseline.py --record: per-task records of separate runs add up to one record,
+    with our numbers beside the published ones, the ARC average computed from ours, the missing
+    tasks named and the heatmaps copied."""
+    import json
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import eval_baseline
+
+    raw = tmp_path / "run" / "raw"
+    raw.mkdir(parents=True)
+    prov = {"model": "smollm2-135m", "dtype": "auto", "fingerprint": "f", "versions": {"jax": "x"},
+            "git_commit": "abc", "device": "gpu:Test x1", "code_version": "c"}
+    results = {"hellaswag": {"n": 10042, "acc": 0.33, "acc_norm": 0.41, "acc_norm_stderr": 0.005},
+               "arc_easy": {"n": 2376, "acc": 0.55, "acc_norm": 0.50},
+               "arc_challenge": {"n": 1172, "acc": 0.25, "acc_norm": 0.30},
+               "passkey": {"n": 2, "acc": 0.5, "grid": {"1024": {"0": 1.0, "1": 0.0}}}}
+    for task, res in results.items():
+        (raw / f"{task}.json").write_text(json.dumps({**prov, "results": {task: res},
+                                                      "timing": {task: {"seconds": 12.5, "cached": False}},
+                                                      "task_options": {"limit": None}}))
+    (raw / "passkey_heatmap.png").write_bytes(b"png")
+    out = tmp_path / "docs"
+    record = eval_baseline.write_record(str(tmp_path / "run"), str(out))
+    assert list(record["results"]) == ["hellaswag", "arc_easy", "arc_challenge", "passkey"]  # TASKS order
+    assert "mmlu" in record["missing_tasks"] and "hellaswag" not in record["missing_tasks"]
+    assert eval_baseline._ours(record["results"], "arc_average", "acc_norm") == pytest.approx(0.40)
+    md = (out / "baseline_smollm2.md").read_text()
+    assert "| hellaswag | 10042 | acc_norm | 41.00 ± 0.50 | 12.5 |" in md
+    assert "| arc_average | acc_norm | 40.00 | 37.3 |" in md  # the model card's ARC (Average)
+    assert "| mmlu | acc | not run | 29.3 |" in md
+    assert (out / "baseline_smollm2_passkey_heatmap.png").read_bytes() == b"png"
+    assert json.loads((out / "baseline_smollm2.json").read_text())["device"] == "gpu:Test x1"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import eval_tiny
-from jaxcompress.eval import gsm8k, humaneval, longcontext, metrics, mtbench
+from jaxcompress.eval import generation, gsm8k, humaneval, longcontext, metrics, mtbench, sandbox
 from jaxcompress.eval.registry import TaskOptions
 from jaxcompress.eval.runner import artifacts_in
 from jaxcompress.io.load import load_model
@@ -75,8 +75,53 @@ def test_humaneval_end_to_end(loaded):
 
     ok = check_programs([humaneval_program(p, p["canonical_solution"]) for p in problems], Limits(timeout_s=10))
     assert all(o.passed for o in ok)
-    out = humaneval.humaneval_task(loaded, TaskOptions(limit=2, extra={"max_new_tokens": 8, "samples": 2}))
+    mode = sandbox.isolation()  # the full isolation where this machine has it (CI: root + unshare)
+    out = humaneval.humaneval_task(loaded, TaskOptions(limit=2, extra={"max_new_tokens": 8, "samples": 2,
+                                                                       "sandbox": mode}))
     assert out["n"] == 2 and out["pass@1"] == 0.0 and out["pass@1_sampled"] == 0.0 and out["samples"] == 2
+    assert out["sandbox"] == mode
+
+
+def test_humaneval_refuses_without_namespaces(loaded, monkeypatch):
+    """Without network/PID/mount namespaces the generated code is not run unless the weaker mode
+    is asked for; as root even `auto` refuses. The refusal comes before any generation."""
+    monkeypatch.setattr(sandbox, "isolation", lambda: "audit-hook")
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    for policy in ("namespaces", "auto"):
+        with pytest.raises(sandbox.SandboxError, match="refusing to run generated code"):
+            sandbox.require(policy)
+    assert sandbox.require("audit-hook") == "audit-hook"
+    with pytest.raises(sandbox.SandboxError, match="unknown sandbox policy"):
+        sandbox.require("none")
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    assert sandbox.require("auto") == "audit-hook"  # not root: the audit hook is the documented fallback
+    with pytest.raises(sandbox.SandboxError, match="refusing"):
+        sandbox.require("namespaces")
+    monkeypatch.setattr(humaneval, "generate_batched", lambda *a, **k: pytest.fail("generated before refusing"))
+    with pytest.raises(sandbox.SandboxError):
+        humaneval.humaneval_task(loaded, TaskOptions(limit=1))
+
+
+# -------------------------------------------------------------------------------- generation
+def test_length_bucket_ladder():
+    assert [generation.length_bucket(n) for n in (1, 64, 65, 200, 256, 257, 384, 385, 512, 513, 921, 1025)] == \
+        [64, 64, 128, 256, 256, 384, 384, 512, 512, 768, 1024, 1536]
+
+
+def test_generate_batched_padding_and_batching_do_not_change_greedy_output(loaded):
+    """Prompts of several lengths, batched two rows at a time and padded far beyond their length,
+    give what `models.generate` gives for them in one batch."""
+    from jaxcompress.models.generate import generate
+
+    tok = loaded.tokenizer
+    texts = ["The tower is", "In 1999 the band released a new album called", "It", "He said that the game"]
+    prompts = [generation.encode_text(tok, t) for t in texts]
+    reference = generate(loaded, prompts, max_new_tokens=6)  # one batch, padded to 64 tokens
+    budget = 2 * (384 + 64)  # two rows per batch, each padded to 300 -> 384 prompt tokens
+    batched = generation.generate_batched(loaded, prompts, max_new_tokens=6, batch_tokens=budget, min_length=300,
+                                          progress=False)
+    assert batched == reference
+    assert sum(len(a) for a in reference) > 0
 
 
 # ----------------------------------------------------------------------------------- MT-Bench

@@ -76,6 +76,25 @@ def test_text_is_cut_into_full_rows(tok):
     assert all(r.mask.all() for r in rows)
 
 
+def test_skip_drops_the_first_records_before_max_examples(tok, tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["aa", "bb", "cc", "dd", "ee"]))
+    assert D.read_documents(str(path), limit=2, skip=1) == ["bb", "cc"]
+    assert D.read_documents(str(path), skip=4) == ["ee"]
+    records = tmp_path / "inst.json"
+    records.write_text(json.dumps([{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]))
+    got = D.instruct_examples(str(records), tok, "chat", limit=1, skip=2)
+    assert len(got) == 1 and tok.decode(got[0].ids[got[0].mask].tolist()) == "a2<|im_end|>\n"
+    # The C4 training documents of the recovery config start after the C4 perplexity text.
+    cfg = DataConfig(sources=[SourceConfig(kind="text", name="c4_validation", skip=1100, max_examples=1)])
+    first = json.loads(open(D.source_path(cfg.sources[0], None)).readlines()[1100])["text"]
+    assert D.read_documents(D.source_path(cfg.sources[0], None), 1, 1100) == [first]
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].skip=-1 must be >= 0"):
+        from jaxcompress.train.config import TrainConfig, parse
+
+        parse(TrainConfig, {"steps": 1, "data": {"sources": [{"kind": "text", "name": "c4", "skip": -1}]}})
+
+
 def test_pack_layout_by_hand():
     ex = lambda ids, mask: D.Example(np.asarray(ids, np.int32), np.asarray(mask, bool))  # noqa: E731
     # The last example has no target: it is dropped.

@@ -127,6 +127,21 @@ def test_resume_is_exact_even_after_a_killed_save(finished, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_time_budget_ends_the_run_as_its_last_step(finished, tmp_path):
+    out = str(tmp_path / "budget")  # the finished run's config: its programs are compiled already
+    cfg = config(**{"save": ["model"]})
+    record = run_training(cfg, out, loaded=tiny_loaded(), time_budget_s=0.0)
+    assert record["steps"] == 12 and record["steps_done"] == 1 and record["stopped_by_time_budget"]
+    straight = read_json_log(os.path.join(finished[0], "log.jsonl"))
+    log = read_json_log(os.path.join(out, "log.jsonl"))
+    first = next(e for e in straight if "train/loss" in e)
+    assert first["step"] == 1 and [e["train/loss"] for e in log if "train/loss" in e] == [first["train/loss"]]
+    assert [e["step"] for e in log if "eval/loss" in e] == [0, 1]  # evaluated as a last step
+    assert record["eval_after"]["loss"] == pytest.approx(log[-1]["eval/loss"])
+    assert os.path.isdir(os.path.join(out, "final", "model")) and os.path.isfile(os.path.join(out, "results.json"))
+    assert json.load(open(os.path.join(out, "results.json")))["steps_done"] == 1
+
+
 def test_resume_refuses_a_changed_config(finished):
     from jaxcompress.errors import CheckpointError
 

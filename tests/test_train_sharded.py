@@ -1,6 +1,6 @@
-"""Sharded training on 8 fake CPU devices: a (QLoRA) step on a (data, fsdp, tensor) mesh equals
-the same step on one device, and updates only the adapters; every kind of leaf is laid out on the
-mesh as its weight; a batch that does not divide the data axes is a clear error.
+"""Sharded training on 8 fake CPU devices: LoRA steps over quantized and dense bases on a (data,
+fsdp, tensor) mesh equal the same steps on one device, and update only the adapters; every kind
+of leaf is laid out on the mesh as its weight; a batch that does not divide the data axes is a clear error.
 
 XLA fixes the number of CPU devices when JAX starts, so `test_on_8_fake_devices` runs this file
 again in a fresh interpreter with XLA_FLAGS=--xla_force_host_platform_device_count=8; the
@@ -67,37 +67,45 @@ def _trainer(cfg, devices):
     return Trainer(cfg, numpy_model(seed=0), cfg.steps, sharder_from_config(cfg.mesh, devices))
 
 
-def _compare(mode, steps=2, accum=2):
-    """Runs `steps` steps on one device and on the 2x2x2 mesh; returns both trainers."""
+# The MLP projections get a quantized (QArray) base, the attention projections keep their dense
+# base: one comparison covers LoRA on both kinds of base.
+MLP_ONLY = r"layers\.\d+\.mlp\.(gate|up|down)_proj\.kernel"
+
+
+def _compare(cfg, micro_batches=(2, 2)):
+    """One step per entry of `micro_batches` (micro-batches accumulated in the step) on one device
+    and on the 2x2x2 mesh; asserts equal metrics, parameters and Adam state; returns both
+    trainers and a snapshot of the frozen weights before the steps. (Each distinct count is a
+    program to compile, ~30 s on a CI machine, so the test keeps to the accumulation loop.)"""
     import jax
 
-    # Adam's update g / (sqrt(v) + eps) is scale-free: for an entry whose gradient is ~eps, the
-    # summation-order noise of a reduction decides its sign. A large eps keeps the update linear
-    # in small gradients, so the parameters compare as tightly as the gradients do.
-    cfg = _config(mode, optim={"lr": 1e-2, "eps": 1e-3, "accum_steps": accum, "weight_decay": 0.01})
     one, eight = _trainer(cfg, jax.devices()[:1]), _trainer(cfg, jax.devices())
-    for step in range(steps):
+    frozen_before = {n: np.asarray(v) for n, v in one.frozen.items()}
+    for step, accum in enumerate(micro_batches):
         m1, m8 = one.step(_batch(step, accum)), eight.step(_batch(step, accum))
         for key in ("loss", "grad_norm", "tokens", "target_tokens"):
-            np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=2e-5, err_msg=f"{mode} {key}")
+            np.testing.assert_allclose(float(m8[key]), float(m1[key]), rtol=2e-5, err_msg=f"step {step} {key}")
     for name in one.state.trainable:
         np.testing.assert_allclose(np.asarray(eight.state.trainable[name]), np.asarray(one.state.trainable[name]),
-                                   rtol=1e-5, atol=1e-6, err_msg=f"{mode} {name}")
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
     for a, b in zip(jax.tree_util.tree_leaves(one.state.opt_state), jax.tree_util.tree_leaves(eight.state.opt_state)):
         a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
-    return one, eight
+    return one, eight, frozen_before
 
 
 @inner
-def test_inner_qlora_sharded_step_equals_unsharded_and_only_adapters_move():
-    import jax
-
-    one, eight = _compare("qlora")  # two steps of two micro-batches each, with LoRA dropout
-    frozen_before = {n: np.asarray(v) for n, v in _trainer(_config("qlora"), jax.devices()[:1]).frozen.items()}
+def test_inner_lora_and_qlora_sharded_steps_equal_unsharded_and_only_adapters_move():
+    # Adam's update g / (sqrt(v) + eps) is scale-free: for an entry whose gradient is ~eps, the
+    # summation-order noise of a reduction decides its sign. A large eps keeps the update linear
+    # in small gradients, so the parameters compare as tightly as the gradients do.
+    cfg = _config("qlora", optim={"lr": 1e-2, "eps": 1e-3, "accum_steps": 2, "weight_decay": 0.01},
+                  quant={"bits": 4, "group_size": 32, "targets": MLP_ONLY})
+    one, eight, frozen_before = _compare(cfg)  # with LoRA dropout
     assert all(n.endswith((".a", ".b")) for n in one.state.trainable)  # only adapters are trainable
-    assert any(n.endswith(".base.codes") for n in one.frozen)  # the base is a QArray
-    for name, value in frozen_before.items():  # the quantized base (and all else frozen) is untouched
+    assert any(n.endswith("mlp.up_proj.kernel.base.codes") for n in one.frozen)  # a QArray base
+    assert "layers.0.self_attn.q_proj.kernel.base" in one.frozen  # and a dense one
+    for name, value in frozen_before.items():  # the bases (and all else frozen) are untouched
         np.testing.assert_array_equal(np.asarray(one.frozen[name]), value, err_msg=name)
         np.testing.assert_array_equal(np.asarray(eight.frozen[name]), value, err_msg=name)
     assert all(np.abs(np.asarray(v)).max() > 0 for n, v in one.state.trainable.items() if n.endswith(".b"))
@@ -106,19 +114,15 @@ def test_inner_qlora_sharded_step_equals_unsharded_and_only_adapters_move():
     assert sorted(mu) == sorted(one.state.trainable)
     spec = lambda tree, name: tuple(tree[name].sharding.spec)  # noqa: E731
     # Laid out on the mesh: packed codes over tensor (output dim), adapters over fsdp (input
-    # dim) and tensor (output dim), the embedding over tensor (vocab) and fsdp (embed).
+    # dim) and tensor (output dim), the embedding over tensor (vocab) and fsdp (embed), dense
+    # bases over both (all-gathered inside the step).
     assert spec(eight.frozen, "layers.0.mlp.up_proj.kernel.base.codes") == (None, "tensor")
     assert spec(eight.state.trainable, "layers.0.mlp.up_proj.kernel.a") == ("fsdp", None)
     assert spec(eight.state.trainable, "layers.0.mlp.up_proj.kernel.b") == (None, "tensor")
     assert spec(eight.frozen, "embed_tokens.embedding") == ("tensor", "fsdp")
+    assert spec(eight.frozen, "layers.0.self_attn.q_proj.kernel.base") == ("fsdp", "tensor")
+    assert spec(eight.frozen, "layers.0.self_attn.o_proj.kernel.base") == ("tensor", "fsdp")
     assert eight.state.trainable["layers.0.mlp.up_proj.kernel.a"].addressable_shards[0].data.shape == (32, 4)
-
-
-@inner
-def test_inner_lora_on_a_dense_base_sharded_step_equals_unsharded_step():
-    _, eight = _compare("lora", steps=1, accum=1)  # the base is all-gathered from fsdp x tensor shards
-    assert tuple(eight.frozen["layers.0.mlp.up_proj.kernel.base"].sharding.spec) == ("fsdp", "tensor")
-    assert tuple(eight.frozen["layers.0.mlp.down_proj.kernel.base"].sharding.spec) == ("tensor", "fsdp")
 
 
 @inner
@@ -133,7 +137,9 @@ def test_inner_compressed_leaves_shard_like_their_weight():
     from test_train_common import numpy_model, pure_tree
 
     sharder = sharder_from_config(_config("qat").mesh, jax.devices())
-    tree = add_fake_quant(pure_tree(numpy_model())[1], ALL_PROJECTIONS, LayerConfig(bits=4, group_size=32), "learned")
+    # Shardings depend on shapes only: the fake-quantized tree is traced abstractly, not computed.
+    tree = jax.eval_shape(lambda t: add_fake_quant(t, ALL_PROJECTIONS, LayerConfig(bits=4, group_size=32), "learned"),
+                          pure_tree(numpy_model())[1])
     fq = named_weights(sharder.params(tree))["layers.0.mlp.down_proj.kernel"]  # [160 (mlp), 64 (embed)]
     assert tuple(fq.w.spec) == ("tensor", "fsdp")
     assert tuple(fq.scale.spec) == (None, "fsdp") and tuple(fq.zero.spec) == (None, "fsdp")

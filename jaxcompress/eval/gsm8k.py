@@ -75,11 +75,13 @@ def gsm8k_task(loaded, opts: TaskOptions) -> dict:
     docs = docs if opts.limit is None else docs[:opts.limit]
     k = int(opts.extra.get("num_fewshot", 8))
     max_new = int(opts.extra.get("max_new_tokens", MAX_NEW_TOKENS))
+    # Every batch padded to the longest prompt of the task: one compiled program.
+    longest = max(len(encode_text(loaded.tokenizer, prompt(d["question"], k))) for d in docs)
 
     def run(chunk, start):
         prompts = [encode_text(loaded.tokenizer, prompt(d["question"], k)) for d in chunk]
         outs = generate_batched(loaded, prompts, max_new_tokens=max_new, stop=STOP,
-                                batch_tokens=opts.extra.get("batch_tokens"),
+                                batch_tokens=opts.extra.get("batch_tokens"), min_length=longest,
                                 desc=f"gsm8k {start + len(chunk)}/{len(docs)}")
         return [{"completion": o, **score(o, d["answer"])} for o, d in zip(outs, chunk)]
 

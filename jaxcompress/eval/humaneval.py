@@ -5,6 +5,10 @@ without error in the sandbox (jaxcompress.eval.sandbox; never in this process).
 N completions per problem are also sampled (temperature 0.8, top-p 0.95 unless set) and
 pass@k for k in (1, 10, 100) up to N is the unbiased estimator of Chen et al. (2021), averaged
 over problems. Generation stops at the Codex stop sequences (a new top-level statement).
+
+The programs run only with the full isolation (network/PID/mount namespaces) unless
+`--task-opt sandbox=audit-hook` accepts the weaker mode; the mode is recorded in the result.
+`timeout_s` (default 10) is each program's wall-clock limit.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from jaxcompress.eval.generation import encode_text, generate_batched
 from jaxcompress.eval.metrics import mean_stderr, pass_at_k
 from jaxcompress.eval.registry import TaskOptions, register_task
 from jaxcompress.eval.runner import map_chunks
-from jaxcompress.eval.sandbox import Limits, check_programs, humaneval_program, isolation
+from jaxcompress.eval.sandbox import Limits, check_programs, humaneval_program, require
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 MAX_NEW_TOKENS = 512
@@ -30,7 +34,8 @@ def load(data_dir=None) -> list[dict]:
 
 
 def _limits(opts: TaskOptions) -> Limits:
-    return Limits(timeout_s=float(opts.extra.get("timeout_s", 10.0)))
+    timeout = float(opts.extra.get("timeout_s", 10.0))
+    return Limits(timeout_s=timeout, cpu_s=max(1, int(timeout)))
 
 
 @register_task("humaneval")
@@ -43,15 +48,21 @@ def humaneval_task(loaded, opts: TaskOptions) -> dict:
     max_new = int(opts.extra.get("max_new_tokens", MAX_NEW_TOKENS))
     seed = int(opts.extra.get("seed", 0))
     limits = _limits(opts)
+    # Refuse before any generation when generated code cannot be isolated here (SandboxError).
+    mode = require(str(opts.extra.get("sandbox", "namespaces")))
     # A canonical solution must pass: a sandbox that fails everything would read as 0%.
     if not check_programs([humaneval_program(problems[0], problems[0]["canonical_solution"])], limits)[0].passed:
-        raise RuntimeError(f"the sandbox ({isolation()} mode) fails the canonical solution of "
+        raise RuntimeError(f"the sandbox ({mode} mode) fails the canonical solution of "
                            f"{problems[0]['task_id']}; fix the sandbox before trusting pass@k")
+
+    # Every batch padded to the longest prompt of the task: one program for greedy decoding, one
+    # for sampling.
+    longest = max(len(encode_text(loaded.tokenizer, p["prompt"])) for p in problems)
 
     def run(chunk, start):
         prompts = [encode_text(loaded.tokenizer, p["prompt"]) for p in chunk]
         greedy = generate_batched(loaded, prompts, max_new_tokens=max_new, stop=STOP,
-                                  batch_tokens=opts.extra.get("batch_tokens"),
+                                  batch_tokens=opts.extra.get("batch_tokens"), min_length=longest,
                                   desc=f"humaneval greedy {start + len(chunk)}/{len(problems)}")
         passed = [o.passed for o in check_programs([humaneval_program(p, c) for p, c in zip(chunk, greedy)],
                                                    limits)]
@@ -61,7 +72,7 @@ def humaneval_task(loaded, opts: TaskOptions) -> dict:
             repeated = [pr for pr in prompts for _ in range(n)]
             samples = generate_batched(loaded, repeated, max_new_tokens=max_new, stop=STOP,
                                        temperature=temperature, top_p=top_p, seed=seed + 7919 * start,
-                                       batch_tokens=opts.extra.get("batch_tokens"),
+                                       batch_tokens=opts.extra.get("batch_tokens"), min_length=longest,
                                        desc=f"humaneval samples {start + len(chunk)}/{len(problems)}")
             programs = [humaneval_program(chunk[i // n], s) for i, s in enumerate(samples)]
             ok = [o.passed for o in check_programs(programs, limits)]
@@ -71,7 +82,7 @@ def humaneval_task(loaded, opts: TaskOptions) -> dict:
 
     per_problem = map_chunks("humaneval", problems, run, int(opts.extra.get("chunk_size", CHUNK_PROBLEMS)))
     p1, p1_err = mean_stderr([float(r["greedy_passed"]) for r in per_problem])
-    out = {"n": len(per_problem), "pass@1": p1, "pass@1_stderr": p1_err, "sandbox": isolation(),
+    out = {"n": len(per_problem), "pass@1": p1, "pass@1_stderr": p1_err, "sandbox": mode,
            "examples": [{"task_id": r["task_id"], "completion": r["completion"]} for r in per_problem[:2]]}
     if n:
         out.update({"samples": n, "temperature": temperature, "top_p": top_p})

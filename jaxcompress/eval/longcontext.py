@@ -46,10 +46,14 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
                         + PASSKEY_QUESTION)
     per_filler = len(encode_text(tokenizer, FILLER * 8)) / 8
     n = max(0, int((length - len(fixed)) / per_filler))
-    before = round(n * depth)
-    text = (PASSKEY_INTRO + FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. "
-            + FILLER * (n - before) + PASSKEY_QUESTION)
-    return encode_text(tokenizer, text)
+    while True:  # at most `length` tokens (so a grid column is one padded shape), as close as fits
+        before = round(n * depth)
+        text = (PASSKEY_INTRO + FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. "
+                + FILLER * (n - before) + PASSKEY_QUESTION)
+        ids = encode_text(tokenizer, text)
+        if len(ids) <= length or n == 0:
+            return ids
+        n -= 1
 
 
 @functools.lru_cache(maxsize=4)
@@ -118,22 +122,29 @@ def run_grid(loaded, opts: TaskOptions, name: str, make_prompt, score, max_new_t
     cells = [(n, d, t) for n in lengths for d in depths for t in range(trials)]
     if opts.limit is not None:
         cells = cells[:opts.limit]
-    # Longest contexts first need the most memory: one cell per chunk keeps batches small.
     ctx_room = loaded.config.max_position_embeddings if not opts.extra.get("allow_beyond") else None
 
     def run(chunk, start):
-        rows = []
+        # The cells of one chunk (by default: one context length) are generated as one batch;
+        # decoding is greedy, so batching does not change the answers.
+        prompts, truths = [], []
         for n, d, t in chunk:
-            prompt, truth = make_prompt(n, d, t)
+            # A cell at the model's full context is built to leave room for the answer.
+            prompt, truth = make_prompt(n if ctx_room is None else min(n, ctx_room - max_new_tokens), d, t)
             if ctx_room is not None and len(prompt) + max_new_tokens > ctx_room:
                 prompt = prompt[len(prompt) + max_new_tokens - ctx_room:]  # never past the model's context
-            answer = generate_batched(loaded, [prompt], max_new_tokens=max_new_tokens, progress=False,
-                                      batch_tokens=opts.extra.get("batch_tokens"))[0]
-            rows.append({"length": n, "depth": d, "trial": t, "tokens": len(prompt),
-                         "score": score(answer, truth), "answer": answer[:200]})
-        return rows
+            prompts.append(prompt)
+            truths.append(truth)
+        # Padded to the column's length: passkey and needle share their programs when their
+        # max_new_tokens and batch_tokens agree.
+        column = chunk[0][0] if ctx_room is None else min(chunk[0][0], ctx_room - max_new_tokens)
+        answers = generate_batched(loaded, prompts, max_new_tokens=max_new_tokens, progress=False,
+                                   batch_tokens=opts.extra.get("batch_tokens"), min_length=column)
+        return [{"length": n, "depth": d, "trial": t, "tokens": len(prompt), "score": score(answer, truth),
+                 "answer": answer[:200]}
+                for (n, d, t), prompt, truth, answer in zip(chunk, prompts, truths, answers)]
 
-    per_cell = map_chunks(name, cells, run, int(opts.extra.get("chunk_size", 1)))
+    per_cell = map_chunks(name, cells, run, int(opts.extra.get("chunk_size", len(depths) * trials)))
     grid: dict[str, dict[str, float]] = {}
     for n in lengths:
         for d in depths:

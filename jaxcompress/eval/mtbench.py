@@ -130,14 +130,17 @@ class EndpointJudge:
 class LocalJudge:
     """A jaxcompress model as the judge (greedy, its chat template)."""
 
-    def __init__(self, loaded, max_new_tokens: int = 512):
-        self.loaded, self.max_new_tokens = loaded, max_new_tokens
+    def __init__(self, loaded, max_new_tokens: int = 512, batch_tokens: int | None = None):
+        self.loaded, self.max_new_tokens, self.batch_tokens = loaded, max_new_tokens, batch_tokens
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
         prompts = [encode_chat(self.loaded.tokenizer, c) for c in conversations]
         room = self.loaded.config.max_position_embeddings - self.max_new_tokens
         prompts = [p[-room:] for p in prompts]  # keep the end (the verdict instructions) if too long
-        return generate_batched(self.loaded, prompts, max_new_tokens=self.max_new_tokens, desc="judge")
+        if not prompts:
+            return []
+        return generate_batched(self.loaded, prompts, max_new_tokens=self.max_new_tokens, desc="judge",
+                                batch_tokens=self.batch_tokens, min_length=max(len(p) for p in prompts))
 
 
 def make_judge(opts: TaskOptions, loaded):
@@ -150,24 +153,32 @@ def make_judge(opts: TaskOptions, loaded):
         spec = str(extra["judge_local"])
         budget = int(extra.get("judge_max_new_tokens", 512))
         if spec == "self":
-            return LocalJudge(loaded, budget), f"local:{loaded.spec}"
+            return LocalJudge(loaded, budget, extra.get("batch_tokens")), f"local:{loaded.spec}"
         from jaxcompress.io.load import load_model
 
         judge = load_model(spec, dtype=loaded.model.dtype, param_dtype=loaded.model.dtype)
-        return LocalJudge(judge, budget), f"local:{spec}"
+        return LocalJudge(judge, budget, extra.get("batch_tokens")), f"local:{spec}"
     raise UserError("mtbench needs a judge: --task-opt judge_url=http://HOST:PORT/v1 --task-opt judge_model=NAME "
                     "(an OpenAI-compatible endpoint), or --task-opt judge_local=SPEC (a jaxcompress model; "
                     "'self' = the model under test)")
 
 
 # -------------------------------------------------------------------------------------- task
-def answer_questions(loaded, questions: list[dict], max_new_tokens: int, seed: int) -> list[list[str]]:
+def answer_questions(loaded, questions: list[dict], max_new_tokens: int, seed: int,
+                     batch_tokens: int | None = None) -> list[list[str]]:
     """Two-turn answers; questions of one temperature are generated together, turn by turn."""
     answers: list[list[str]] = [[] for _ in questions]
     by_temp: dict[float, list[int]] = {}
     for i, q in enumerate(questions):
         by_temp.setdefault(TEMPERATURE.get(q["category"], 0.7), []).append(i)
     for temp, idx in sorted(by_temp.items()):
+        # Both turns padded to one length (a bound on the second turn's prompt): one compiled
+        # program per temperature.
+        first = max(len(encode_chat(loaded.tokenizer, [{"role": "user", "content": questions[i]["turns"][0]}]))
+                    for i in idx)
+        second = max(len(encode_chat(loaded.tokenizer, [{"role": "user", "content": questions[i]["turns"][1]}]))
+                     for i in idx)
+        pad = min(first + max_new_tokens + second, loaded.config.max_position_embeddings - max_new_tokens)
         for turn in range(2):
             prompts = []
             for i in idx:
@@ -178,7 +189,8 @@ def answer_questions(loaded, questions: list[dict], max_new_tokens: int, seed: i
                         messages.append({"role": "assistant", "content": answers[i][t]})
                 prompts.append(encode_chat(loaded.tokenizer, messages))
             outs = generate_batched(loaded, prompts, max_new_tokens=max_new_tokens, temperature=temp,
-                                    seed=seed + turn, desc=f"mtbench turn {turn + 1} (T={temp})")
+                                    seed=seed + turn, min_length=pad, batch_tokens=batch_tokens,
+                                    desc=f"mtbench turn {turn + 1} (T={temp})")
             for i, o in zip(idx, outs):
                 answers[i].append(o.strip())
     return answers
@@ -194,7 +206,8 @@ def mtbench_task(loaded, opts: TaskOptions) -> dict:
     seed = int(opts.extra.get("seed", 0))
     chunk = int(opts.extra.get("chunk_size", 40))
     answers = map_chunks("mtbench-answers", questions,
-                         lambda qs, start: answer_questions(loaded, list(qs), max_new, seed + start), chunk)
+                         lambda qs, start: answer_questions(loaded, list(qs), max_new, seed + start,
+                                                           opts.extra.get("batch_tokens")), chunk)
 
     def grade(pairs, start):
         convs = [judge_messages(q, a, turn, prompts, refs) for q, a in pairs for turn in (1, 2)]

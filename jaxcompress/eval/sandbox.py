@@ -98,6 +98,52 @@ def isolation() -> str:
     return "namespaces" if probe.returncode == 0 else "audit-hook"
 
 
+def probe() -> dict:
+    """What the sandbox can do on this machine (for logs and result records): the user, the
+    tools, and which namespaces `unshare` may create, each tried alone and all together."""
+    info = {"euid": os.geteuid(), "unshare": shutil.which("unshare"), "mount": shutil.which("mount"),
+            "python": _python()}
+    if info["unshare"]:
+        for name, flags in (("net", ["--net"]), ("pid", ["--pid", "--fork"]), ("mount", ["--mount"]),
+                            ("user", ["--user", "--map-root-user"]),
+                            ("net+pid+mount", ["--net", "--pid", "--mount", "--fork", "--kill-child"])):
+            try:
+                r = subprocess.run(["unshare", *flags, "true"], capture_output=True, timeout=20)
+                info[f"unshare_{name}"] = "ok" if r.returncode == 0 else \
+                    f"refused: {r.stderr.decode(errors='replace').strip()[-160:]}"
+            except (OSError, subprocess.TimeoutExpired) as e:
+                info[f"unshare_{name}"] = f"refused: {type(e).__name__}: {e}"
+    info["mode"] = isolation()
+    return info
+
+
+# What a caller may ask of the sandbox (`require`): "namespaces" (the full isolation; the
+# default for HumanEval), "audit-hook" (accept the weaker mode, recorded in the result), or
+# "auto" (namespaces when available, else the audit hook, but never the audit hook as root).
+POLICIES = ("namespaces", "audit-hook", "auto")
+
+
+def require(policy: str = "namespaces") -> str:
+    """The isolation mode to run under, or a SandboxError that says why generated code must not
+    run here under `policy`."""
+    if policy not in POLICIES:
+        raise SandboxError(f"unknown sandbox policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    mode = isolation()
+    if mode == "namespaces" or policy == "audit-hook":
+        return mode
+    why = ("we are not root" if os.geteuid() != 0 else
+           "util-linux `unshare`/`mount` is missing" if shutil.which("unshare") is None or shutil.which("mount") is None
+           else "`unshare --net --pid --mount` is refused here (a container without CAP_SYS_ADMIN?)")
+    if policy == "auto" and os.geteuid() != 0:
+        return mode
+    raise SandboxError(
+        f"refusing to run generated code: network/PID/mount namespaces are not available ({why}), so the "
+        f"programs would run {'as root ' if os.geteuid() == 0 else ''}guarded only by an audit hook and "
+        f"resource limits, and could read the caller's files. Run where `unshare --net --pid --mount --fork "
+        f"true` works as root, or accept the weaker isolation explicitly with --task-opt sandbox=audit-hook "
+        f"(recorded in the result). Probe: python -m jaxcompress.eval.sandbox")
+
+
 # -------------------------------------------------------------------------------- the runner
 def run_program(source: str, limits: Limits = Limits(), *, stdin: str = "") -> Outcome:
     """Runs `source` as a Python program in the sandbox; "passed" means exit status 0 within
@@ -217,3 +263,49 @@ def check_programs(programs: list[str], limits: Limits = Limits(), workers: int 
     workers = workers or max(1, min(16, (os.cpu_count() or 2)))
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda p: run_program(p, limits), programs))
+
+
+# ------------------------------------------------------------------------------- self-check
+SELF_CHECKS = {  # program -> must it pass?
+    "correct program": ("assert sum(range(5)) == 10\n", True),
+    "failing assert": ("assert 1 == 2\n", False),
+    "infinite loop": ("while True:\n    pass\n", False),
+    "memory bomb": ("x = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n", False),
+    "fork bomb": ("import os\nwhile True:\n    os.fork()\n", False),
+    "socket connect": ("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=2)\n", False),
+    "write outside": ("open('/tmp/jaxcompress-sandbox-escape', 'w').write('x')\n", False),
+}
+
+
+def self_check(limits: Limits = Limits(timeout_s=4.0, cpu_s=2, memory_mb=512, max_procs=8)) -> dict:
+    """Runs the hostile programs of tests/test_sandbox.py once in the mode this machine gets;
+    {name: {"ok": bool, "status", "seconds"}} (ok: passed exactly when it should)."""
+    marker = "/tmp/jaxcompress-sandbox-escape"
+    if os.path.exists(marker):
+        os.remove(marker)
+    out = {}
+    for name, (program, should_pass) in SELF_CHECKS.items():
+        o = run_program(program, limits)
+        ok = o.passed == should_pass and o.seconds < limits.timeout_s + 2.0
+        out[name] = {"ok": ok, "status": o.status, "seconds": o.seconds}
+    if os.path.exists(marker):
+        out["write outside"]["ok"] = False
+        os.remove(marker)
+    return out
+
+
+if __name__ == "__main__":
+    # python -m jaxcompress.eval.sandbox: what the sandbox can do here, and whether it holds.
+    report = {"probe": probe()}
+    try:
+        report["self_check"] = self_check()
+    except SandboxError as e:
+        report["self_check"] = {"error": str(e)}
+    for policy in ("namespaces", "auto"):
+        try:
+            report[f"humaneval_policy_{policy}"] = f"runs in {require(policy)} mode"
+        except SandboxError as e:
+            report[f"humaneval_policy_{policy}"] = f"refused: {e}"
+    print(json.dumps(report, indent=1))
+    checks = report["self_check"]
+    sys.exit(0 if "error" not in checks and all(c["ok"] for c in checks.values()) else 1)

@@ -54,12 +54,15 @@ class QatConfig:
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
     """One data source. kind=instruct: json/jsonl of instruction/input/output or `messages`;
-    kind=text: plain text (name c4 / wikitext2 from the data folder, or a .txt/.jsonl path)."""
+    kind=text: plain text (name c4 / c4_validation / wikitext2 from the data folder, or a
+    .txt/.jsonl path). `skip` drops the first records (e.g. the C4 documents that the C4
+    perplexity evaluation reads), then `max_examples` keeps the next N."""
 
     kind: str = "instruct"
-    name: str | None = None          # alpaca | c4 | wikitext2 (files in the data folder)
+    name: str | None = None          # alpaca | c4 | c4_validation | wikitext2 (files in the data folder)
     path: str | None = None          # or an explicit file
-    max_examples: int | None = None  # first N examples / documents
+    max_examples: int | None = None  # first N examples / documents (after `skip`)
+    skip: int = 0                    # records / documents dropped from the start of the file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +168,8 @@ class TrainConfig:
             _choice(f"data.sources[{i}].kind", src.kind, ("instruct", "text"))
             if (src.name is None) == (src.path is None):
                 raise ConfigError(f"data.sources[{i}]: set exactly one of `name` and `path`")
+            if src.skip < 0:
+                raise ConfigError(f"data.sources[{i}].skip={src.skip} must be >= 0")
 
 
 def _choice(key: str, value, allowed) -> None:

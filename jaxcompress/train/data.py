@@ -36,6 +36,8 @@ from jaxcompress.errors import ConfigError, UserError
 NAMED_SOURCES = {
     "alpaca": ("instruct", "alpaca_en_demo.json"),
     "c4": ("c4", "c4_demo_300.jsonl"),
+    # Documents 0..1099 are the C4 perplexity text (eval/perplexity.py): train with skip >= 1100.
+    "c4_validation": ("c4", "c4_validation_2k.jsonl"),
     "wikitext2": ("wikitext2", "wiki.train.subset.txt"),
     "wiki_demo": ("instruct", "wiki_demo.txt"),
 }
@@ -190,13 +192,15 @@ def read_records(path: str) -> list[dict]:
     return data
 
 
-def instruct_examples(path: str, tokenizer, template: str, limit: int | None = None) -> list[Example]:
+def instruct_examples(path: str, tokenizer, template: str, limit: int | None = None,
+                      skip: int = 0) -> list[Example]:
     if template == "auto":
         template = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.template=chat but the tokenizer has no chat template; use alpaca")
     encode = encode_chat if template == "chat" else encode_alpaca
-    records = read_records(path)[:limit]
+    records = read_records(path)[skip:]
+    records = records[:limit]
     examples = []
     for i, record in enumerate(records):
         ex = encode(tokenizer, to_messages(record, f"{path} record {i}"))
@@ -206,8 +210,9 @@ def instruct_examples(path: str, tokenizer, template: str, limit: int | None = N
 
 
 # ------------------------------------------------------------------------------ plain text
-def read_documents(path: str, limit: int | None = None) -> list[str]:
-    """Documents of a .jsonl (field `text`) or a .txt file (paragraphs split by blank lines)."""
+def read_documents(path: str, limit: int | None = None, skip: int = 0) -> list[str]:
+    """Documents of a .jsonl (field `text`) or a .txt file (paragraphs split by blank lines),
+    the first `skip` dropped, then the next `limit` kept."""
     if path.endswith(".jsonl"):
         docs = []
         with open(path, encoding="utf-8") as f:
@@ -218,6 +223,7 @@ def read_documents(path: str, limit: int | None = None) -> list[str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
         docs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    docs = docs[skip:]
     return docs[:limit]
 
 
@@ -251,9 +257,10 @@ def load_examples(data_cfg, tokenizer) -> list[Example]:
     for source in data_cfg.sources:
         path = source_path(source, data_cfg.data_dir)
         if source.kind == "instruct":
-            got = instruct_examples(path, tokenizer, data_cfg.template, source.max_examples)
+            got = instruct_examples(path, tokenizer, data_cfg.template, source.max_examples, source.skip)
         else:
-            got = text_examples(read_documents(path, source.max_examples), tokenizer, data_cfg.seq_len)
+            got = text_examples(read_documents(path, source.max_examples, source.skip), tokenizer,
+                                data_cfg.seq_len)
         if not got:
             raise UserError(f"data source {path}: no training examples (text shorter than one row?)")
         examples += got

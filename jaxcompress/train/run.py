@@ -129,11 +129,17 @@ def _samples(trainer: Trainer, tokenizer, cfg: TrainConfig) -> list[tuple[str, s
     return list(zip(cfg.log.sample_prompts, outs))
 
 
-def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop_after: int | None = None) -> dict:
+def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop_after: int | None = None,
+                 time_budget_s: float | None = None) -> dict:
     """Trains as `cfg` says, writing everything under out_dir; returns the results record.
 
     `stop_after` ends the run after that many optimizer steps of this invocation, as an
     interruption would (no final outputs); used to test exact resumption.
+    `time_budget_s` caps the wall-clock seconds of this invocation's training loop, counted from
+    the end of its first step (so compilation is not counted): the step that crosses it becomes
+    the last one (final evaluation, checkpoint and outputs as usual). The schedule keeps its
+    planned length, so a cut run ends before its learning rate has decayed; the record says
+    `stopped_by_time_budget`. Single-process runs only (hosts' clocks would disagree on the step).
     """
     from tqdm.auto import tqdm
 
@@ -141,6 +147,8 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
     from jaxcompress.train.data import resolve_tokenizer
 
     start_time = time.time()
+    if time_budget_s is not None and jax.process_count() > 1:
+        raise ConfigError("time_budget_s works in single-process runs only; set `steps` instead")
     cfg_dict = to_dict(cfg)
     fingerprint, pinned = config_fingerprint(cfg_dict)
     os.makedirs(out_dir, exist_ok=True)
@@ -208,6 +216,10 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
     bar = tqdm(total=steps, initial=start, desc=f"train {cfg.mode}", unit="step",
                disable=not cfg.log.progress or jax.process_index() != 0)
     ran = 0
+    loop_start = time.perf_counter()
+    out_of_time = False
+    tokens_seen = 0.0  # input tokens of this invocation's steps
+    first_step_s = budget_start = None
     for step in range(start, steps):
         mbs = [batches.micro_batch(step * accum + i) for i in range(accum)]
         metrics = trainer.step(mbs)
@@ -216,13 +228,19 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
         done = step + 1
         ran += 1
         bar.update(1)
-        last = done == steps
+        if ran == 1 and time_budget_s is not None:  # the budget starts once the step is compiled
+            jax.block_until_ready(metrics)
+            first_step_s = time.perf_counter() - loop_start
+            budget_start = time.perf_counter()
+        out_of_time = time_budget_s is not None and time.perf_counter() - budget_start >= time_budget_s
+        last = done == steps or out_of_time
         if done % cfg.log.every == 0 or last:
             n_steps = len(pending)
             avg = _mean(pending)  # waits for the device: the window's time is compute time
             pending = []
             now = time.perf_counter()
             rate = avg["tokens"] * n_steps / max(now - window_start, 1e-9)
+            tokens_seen += avg["tokens"] * n_steps
             scalars = {"train/loss": avg["loss"], "train/lr": avg["lr"], "train/grad_norm": avg["grad_norm"],
                        "train/target_tokens": avg["target_tokens"], "throughput/tokens_per_s": rate,
                        "throughput/tokens_per_s_per_device": rate / jax.device_count()}
@@ -249,12 +267,14 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
             tb.flush()
             if not pending:  # evaluation and saving are not training time
                 window_start = time.perf_counter()
+        if out_of_time:
+            break
         if stop_after is not None and ran >= stop_after and not last:
             break
     bar.close()
     ckpts.wait()
     tb.close()
-    if trainer.step_count < steps:  # interrupted on purpose
+    if trainer.step_count < steps and not out_of_time:  # interrupted on purpose
         ckpts.close()
         return {"stopped_at": trainer.step_count}
 
@@ -263,7 +283,11 @@ def run_training(cfg: TrainConfig, out_dir: str, devices=None, loaded=None, stop
     best = ckpts.best_step()
     ckpts.close()
     outputs = save_outputs(trainer, cfg, tokenizer, os.path.join(out_dir, "final"))
-    record.update({"eval_after": last_eval, "train_loss_last": train_log[-1] if train_log else None,
+    record.update({"steps_done": trainer.step_count,
+                   "stopped_by_time_budget": out_of_time and trainer.step_count < steps,
+                   "training_seconds": round(time.perf_counter() - loop_start, 1), "tokens_seen": int(tokens_seen),
+                   "first_step_seconds": None if first_step_s is None else round(first_step_s, 1),
+                   "eval_after": last_eval, "train_loss_last": train_log[-1] if train_log else None,
                    "best_step": best, "outputs": outputs, "config": cfg_dict,
                    "seconds": round(time.time() - start_time, 1), **provenance()})
     if jax.process_index() == 0:
