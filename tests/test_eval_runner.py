@@ -177,3 +177,21 @@ def test_baseline_record_from_raw_records(tmp_path):
     assert "| mmlu | acc | not run | 29.3 |" in md
     assert (out / "baseline_smollm2_passkey_heatmap.png").read_bytes() == b"png"
     assert json.loads((out / "baseline_smollm2.json").read_text())["device"] == "gpu:Test x1"
+    assert "- hellaswag: 12.5 s on gpu:Test x1 (target 120 s on one H100): met on this card; not measured on an " \
+        "H100" in md
+    # A task whose scorer changed after the run keeps its measured number, marked stale.
+    record = eval_baseline.write_record(str(tmp_path / "run"), str(out), stale={"arc_easy": "prompt fixed"},
+                                        code_note="plus local edits")
+    md = (out / "baseline_smollm2.md").read_text()
+    assert "| arc_easy | 2376 | acc | 55.00 (stale) | 12.5 |" in md and "- arc_easy (stale): prompt fixed" in md
+    assert "commit abc (plus local edits)" in md and record["stale"] == {"arc_easy": "prompt fixed"}
+    assert "| hellaswag | 10042 | acc_norm | 41.00 ± 0.50 | 12.5 |" in md  # the others are not
+    with pytest.raises(SystemExit, match="mmlu"):
+        eval_baseline.write_record(str(tmp_path / "run"), str(out), stale={"mmlu": "x"})
+    # Notes kept beside the raw records come back on a plain rebuild.
+    (tmp_path / "run" / "record_notes.json").write_text(json.dumps(
+        {"code_note": "kept note", "notes": ["checked on the CPU"], "stale": {"passkey": "grid changed"}}))
+    record = eval_baseline.write_record(str(tmp_path / "run"), str(out))
+    md = (out / "baseline_smollm2.md").read_text()
+    assert "commit abc (kept note)" in md and "- checked on the CPU" in md
+    assert "| passkey | 2 | acc | 50.00 (stale) |" in md

@@ -2,6 +2,7 @@
 metrics on hand-made items."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -182,3 +183,54 @@ def test_mmlu_prompt_is_lm_eval_format():
     assert ctx.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
     assert ctx.count("\nAnswer:") == 6 and ctx.endswith("over Q.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
     assert "\nD. 30\nAnswer: A\n\nFind the degree" in ctx and item.continuations == (" A", " B", " C", " D")
+
+
+def _lm_eval_yaml(*parts):
+    """A task YAML shipped with lm-evaluation-harness (the reference for prompt formats)."""
+    yaml = pytest.importorskip("yaml")
+    lm_eval = pytest.importorskip("lm_eval")
+    import os
+
+    with open(os.path.join(os.path.dirname(lm_eval.__file__), "tasks", *parts)) as f:
+        return yaml.safe_load(f)
+
+
+def test_boolq_items_follow_lm_eval_and_real_answers():
+    """BoolQ on real validation items: lm-eval's prompt (boolq default.yaml rendered by lm-eval's
+    own Jinja), choices " no"/" yes" in that order, and gold answers checked by hand."""
+    cfg = _lm_eval_yaml("super_glue", "boolq", "default.yaml")
+    from lm_eval.utils import apply_template
+
+    items = zeroshot.DOCS["boolq"]()
+    assert len(items) == 3270 and sum(i.gold for i in items) == 2033  # BoolQ validation: 62.2% True
+    assert cfg["doc_to_choice"] == ["no", "yes"] and cfg["doc_to_target"] == "label"
+    with open(zeroshot.data_path("zeroshot", "boolq.jsonl")) as f:
+        raw = [json.loads(next(f)) for _ in range(6)]
+    for item, doc in zip(items, raw):
+        passage, question = doc["query"][len("Passage: "):].rsplit("\nQuestion: ", 1)
+        lm_doc = {"passage": passage, "question": question.rstrip("?"), "label": doc["gold"]}
+        assert item.contexts == (apply_template(cfg["doc_to_text"], lm_doc),)
+        assert item.continuations == (" no", " yes") and item.choices == ("no", "yes")
+    # Read from the passages: (question, answer).
+    expected = {0: ("does ethanol take more energy make that produces", " no"),
+                1: ("is house tax and property tax are same", " yes"),
+                3: ("is harry potter and the escape from gringotts a roller coaster ride", " yes"),
+                5: ("is barq's root beer a pepsi product", " no")}  # Barq's belongs to Coca-Cola
+    for i, (question, answer) in expected.items():
+        assert items[i].contexts[0].endswith(f"\nQuestion: {question}?\nAnswer:")
+        assert items[i].continuations[items[i].gold] == answer
+
+
+def test_lambada_requests_follow_lm_eval():
+    """lambada_openai: context = the text before the last space, target = " " + the last word
+    (lm-eval's lambada_openai.yaml, rendered by lm-eval's Jinja)."""
+    cfg = _lm_eval_yaml("lambada", "lambada_openai.yaml")
+    from lm_eval.utils import apply_template
+
+    requests = zeroshot.lambada_requests()
+    assert len(requests) == 5153
+    for ctx, cont in requests[:50]:
+        doc = {"text": ctx + cont}
+        assert (apply_template(cfg["doc_to_text"], doc), apply_template(cfg["doc_to_target"], doc)) == (ctx, cont)
+        assert cont.startswith(" ") and " " not in cont[1:]
+    assert requests[0][1] == " signs"
