@@ -74,7 +74,10 @@ def main():
             "wikitext2": perplexity(loaded, wiki, 2048, args.wikitext_windows, args.batch_size, progress=False),
             "c4": perplexity(loaded, c4, 2048, args.c4_windows, args.batch_size, progress=False),
         }
-        if hessians is not None and name != "baseline":
+        # AWQ rescales weights by design (scales folded into the layer before): their error against
+        # the float weight at the same path means nothing, so AWQ cells get no layer errors.
+        method = (recipe or {}).get("weights", {}).get("method")
+        if hessians is not None and name != "baseline" and method != "awq":
             errors = layer_errors(base.model, loaded.model, {p: h for p, h in hessians.items()
                                                              if p in _compressed_paths(loaded.model)})
             results["heldout_layer_error"] = {"windows": args.layer_errors, "mean": summarize(errors),
