@@ -77,15 +77,27 @@ class Statistic:
 
 @dataclasses.dataclass(frozen=True)
 class Hessian(Statistic):
-    """H = X^T X / tokens [K, K] in fp32 (GPTQ's 2/n X^T X up to a factor it is invariant to)."""
+    """H = X^T X / tokens [K, K] in fp32 (GPTQ's 2/n X^T X up to a factor it is invariant to).
+
+    `first_token_weight` w counts each window's first token (the attention sink) w times:
+    H = (X^T X + (w - 1) X_0^T X_0) / (tokens + (w - 1) windows). w = 1 is the plain mean.
+    """
+
+    first_token_weight: float = 1.0
 
     def init(self, num_seqs, seqlen, dim, dtype, batch_size):
         return {"xtx": jnp.zeros((dim, dim), jnp.float32), "count": jnp.zeros((), jnp.float32)}
 
     def update(self, state, x, offset):
         x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        return {"xtx": state["xtx"] + jnp.dot(x2.T, x2, precision=HIGHEST),
-                "count": state["count"] + x2.shape[0]}
+        xtx = state["xtx"] + jnp.dot(x2.T, x2, precision=HIGHEST)
+        count = state["count"] + x2.shape[0]
+        extra = self.first_token_weight - 1.0
+        if extra:
+            x0 = x[:, 0].astype(jnp.float32)
+            xtx = xtx + extra * jnp.dot(x0.T, x0, precision=HIGHEST)
+            count = count + extra * x0.shape[0]
+        return {"xtx": xtx, "count": count}
 
     def finalize(self, state):
         return state["xtx"] / state["count"]

@@ -178,3 +178,17 @@ def test_sources_and_bad_input(tokenizer, tmp_path):
         calibration_set(None, CalibrationConfig())
     rand = calibration_set(None, CalibrationConfig(source="random", num_samples=2, seqlen=8), vocab_size=50)
     assert rand.tokens.shape == (2, 8) and rand.tokens.max() < 50
+
+
+def test_hessian_with_a_weighted_first_token_matches_float64():
+    x = np.random.default_rng(1).standard_normal((3, 6, 4)).astype(np.float32)
+    for w in (1.0, 100.0):
+        stat = Hessian(first_token_weight=w)
+        state = stat.init(3, 6, 4, jnp.float32, 2)
+        state = stat.update(state, jnp.asarray(x[:2]), jnp.int32(0))
+        state = stat.update(state, jnp.asarray(x[2:]), jnp.int32(2))
+        x64 = x.astype(np.float64)
+        weights = np.ones((3, 6))
+        weights[:, 0] = w  # each window's first token counts w times
+        expected = np.einsum("st,sti,stj->ij", weights, x64, x64) / weights.sum()
+        np.testing.assert_allclose(np.asarray(stat.finalize(state)), expected, rtol=1e-5, atol=1e-6)

@@ -136,3 +136,15 @@ def test_non_positive_definite_hessian_names_the_layer():
     with pytest.raises(UserError, match=r"layers.3.mlp.up_proj.kernel: the Hessian .* not positive definite "
                                         r"even with damp=0.1 \(tried 0.01, 0.1"):
         gptq_quantize(jnp.ones((K, N)), -jnp.eye(K), cfg, "layers.3.mlp.up_proj.kernel")
+
+
+def test_sink_weight_reaches_the_hessian_statistic():
+    from jaxcompress.calibrate import Hessian
+    from jaxcompress.experiments.recipes import load_recipe
+    from jaxcompress.quant.config import parse_weights
+    from jaxcompress.quant.gptq import GPTQ
+
+    published = parse_weights(load_recipe("gptq_w4_g128")["weights"]).layer
+    variant = parse_weights(load_recipe("gptq_w4_g128_sink")["weights"]).layer
+    assert GPTQ().statistic("p", published) == Hessian()  # the published algorithm: a plain mean
+    assert GPTQ().statistic("p", variant) == Hessian(first_token_weight=100.0)

@@ -50,6 +50,9 @@ class GPTQOptions:
     block_size: int = 128       # lazy batch updates of this many rows
     true_sequential: bool = True  # q/k/v, then o, then gate/up, then down, re-tapping inputs
     sequential: bool = True     # feed the quantized block's outputs to the next block
+    # Not in the paper: weight of each calibration window's first token (the attention sink) in
+    # the Hessian; 1 = the published algorithm. See docs/results/quant_gptq_notes.md.
+    sink_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +141,8 @@ def _check_value(cls_name: str, name: str, value: Any, where: str) -> None:
     if name in ("block_size", "grid", "clip_grid", "clip_tokens", "search_samples", "kmeans_iters") \
             and value <= 0:
         raise ConfigError(f"{where}.{name}={value!r} must be positive")
+    if name == "sink_weight" and not value >= 1:
+        raise ConfigError(f"{where}.sink_weight={value!r} must be at least 1 (1: the published GPTQ)")
     if name in ("damp", "max_damp") and value < 0:
         raise ConfigError(f"{where}.{name}={value!r} must be non-negative")
 

@@ -17,6 +17,10 @@ of the current block carry their in-block updates separately, as in the referenc
 `static_groups` every group's grid is fixed up front from the original weights, so act-order
 needs no stored permutation. Per-channel and per-tensor grids are fixed up front too.
 
+`sink_weight` (not in the paper; default 1) weights each calibration window's first token in
+the Hessian: plain GPTQ can trade the attention-sink token's accuracy for the others'
+(docs/results/quant_gptq_notes.md).
+
 Each layer runs three jitted programs (preparation, inverse-Hessian factor, quantization loop)
 in fp32 at HIGHEST matmul precision (no TF32), as the reference disables TF32.
 """
@@ -241,7 +245,7 @@ class GPTQ(LayerMethod):
     sequential: bool = True
 
     def statistic(self, path, cfg):
-        return Hessian()
+        return Hessian(first_token_weight=float(cfg.gptq.sink_weight))
 
     def stages(self, names):
         return [list(s) for s in TRUE_SEQUENTIAL] if self.true_sequential else [names]
