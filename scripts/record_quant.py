@@ -78,8 +78,8 @@ def main():
         # the float weight at the same path means nothing, so AWQ cells get no layer errors.
         method = (recipe or {}).get("weights", {}).get("method")
         if hessians is not None and name != "baseline" and method != "awq":
-            errors = layer_errors(base.model, loaded.model, {p: h for p, h in hessians.items()
-                                                             if p in _compressed_paths(loaded.model)})
+            compressed = _compressed_paths(loaded.model)
+            errors = layer_errors(base.model, loaded.model, {p: h for p, h in hessians.items() if p in compressed})
             results["heldout_layer_error"] = {"windows": args.layer_errors, "mean": summarize(errors),
                                               "layers": errors}
         nbytes = param_summary(loaded.model)["bytes"]
