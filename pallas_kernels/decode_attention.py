@@ -562,16 +562,18 @@ CONVERTS = ("shift", "magic")
 
 
 def kernel_path(path: str, query_heads: int, interpret: bool = False) -> str:
-    """The kernel body `path` resolves to: "auto" is a CUDA-core path for few query heads per
-    kv head (<= CC_MAX_HEADS; $JAXCOMPRESS_KV_CC_PATH names which, default "cc_block" on the
-    GPU and the stepwise "cc" in interpret mode, whose trace is 1/16 the size: CPU tests stay
-    fast; cc_block has its own tests) and the tensor-core one ("mma") for more."""
+    """The kernel body `path` resolves to. "auto": for few query heads per kv head
+    (<= CC_MAX_HEADS) $JAXCOMPRESS_KV_CC_PATH names the body, by default the stepwise CUDA-core
+    "cc" in interpret mode (its trace is 1/16 of cc_block's: CPU tests stay fast) and the
+    tensor-core "mma" on the GPU: the only body measured on a GPU so far (kv_notes.md; the
+    CUDA-core bodies' first GPU run did not finish compiling cc_block within its step). More
+    query heads per kv head: "mma"."""
     if path not in KERNEL_PATHS:
         raise ConfigError(f"decode kernel path {path!r} is not one of {KERNEL_PATHS}")
     if path == "auto":
         if query_heads > CC_MAX_HEADS:
             return "mma"
-        path = os.environ.get("JAXCOMPRESS_KV_CC_PATH", "cc" if interpret else "cc_block")
+        path = os.environ.get("JAXCOMPRESS_KV_CC_PATH", "cc" if interpret else "mma")
         if path not in KERNEL_PATHS[1:]:
             raise ConfigError(f"JAXCOMPRESS_KV_CC_PATH={path!r} is not one of {KERNEL_PATHS[1:]}")
     return path
