@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.calibrate import LINEARS, Block, Hessian, calibration_inputs
+from jaxcompress.calibrate import LINEARS, Block, Hessian, _batch_size, calibration_inputs
 from jaxcompress.models.build import flat_params, path_str
 from jaxcompress.ops.linear import dense_weight
 
@@ -31,8 +31,7 @@ def heldout_hessians(model, tokens, batch_size: int = 8) -> dict[str, jax.Array]
     tokens [n, T] (projections reading the same input share one array)."""
     x = calibration_inputs(model, tokens)
     out = {}
-    n = int(np.shape(tokens)[0])
-    bs = max(d for d in range(1, min(n, batch_size) + 1) if n % d == 0)
+    bs = _batch_size(int(np.shape(tokens)[0]), batch_size)
     for i, layer in enumerate(model.layers):
         block = Block(i, layer, bs)
         stats, _ = block.accumulate(x, {name: Hessian() for name in LINEARS})

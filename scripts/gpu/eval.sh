@@ -38,21 +38,8 @@ export PYTHONPATH=${PYTHONPATH:-.}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxcompress-jax-cache}
 PY=python3
 
-log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$D/progress.log"; }
-
-# step NAME RESERVE_S MAX_S CMD...: runs CMD with timeout = min(MAX_S, time left - RESERVE_S).
-step() {
-    local name=$1 reserve=$2 max=$3; shift 3
-    local left=$(( DEADLINE - $(date +%s) - reserve ))
-    local t=$(( max < left ? max : left ))
-    if [ "$t" -lt 30 ]; then log "step $name: SKIPPED (only ${t}s left)"; echo "skipped" > "$D/step_$name.rc"; return; fi
-    log "step $name: start (timeout ${t}s)"
-    timeout -k 10 "$t" "$@" > "$D/step_$name.log" 2>&1
-    local rc=$?
-    echo "$rc" > "$D/step_$name.rc"
-    log "step $name: rc=$rc$( [ $rc -eq 124 ] && echo ' (TIMEOUT: the tasks it finished are kept)')"
-    grep -E '^\[[0-9:]{8}\]|Error|error:' "$D/step_$name.log" | grep -v Warning | tail -n 25
-}
+STEP_TIMEOUT_NOTE="the tasks it finished are kept"
+source scripts/gpu/steps.sh
 
 log "eval.sh start; commit ${JAXCOMPRESS_GIT_COMMIT:-?}; budget $(( DEADLINE - START ))s"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1 | head -2 | tee "$D/gpu.txt"

@@ -33,23 +33,9 @@ export PYTHONPATH=${PYTHONPATH:-.}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jaxcompress-jax-cache-train}
 PY=python3
 
-log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$D/progress.log"; }
-
-# step NAME RESERVE_S MAX_S CMD...: runs CMD with timeout = min(MAX_S, time left - RESERVE_S).
-step() {
-    local name=$1 reserve=$2 max=$3; shift 3
-    [ $SMOKE = 1 ] && max=$(( max * 8 ))  # a shared CPU is far slower than the GPU
-    local left=$(( DEADLINE - $(date +%s) - reserve ))
-    local t=$(( max < left ? max : left ))
-    if [ "$t" -lt 30 ]; then log "step $name: SKIPPED (only ${t}s left)"; echo "skipped" > "$D/step_$name.rc"; return 1; fi
-    log "step $name: start (timeout ${t}s)"
-    timeout -k 10 "$t" "$@" > "$D/step_$name.log" 2>&1
-    local rc=$?
-    echo "$rc" > "$D/step_$name.rc"
-    log "step $name: rc=$rc$( [ $rc -eq 124 ] && echo ' (TIMEOUT)')"
-    grep -E '^\[[0-9:]{8}\]|Error|error:|Traceback' "$D/step_$name.log" | grep -v Warning | tail -n 25
-    return $rc
-}
+STEP_SCALE=1
+[ $SMOKE = 1 ] && STEP_SCALE=8  # a shared CPU is far slower than the GPU
+source scripts/gpu/steps.sh
 
 log "train.sh start (smoke=$SMOKE); commit ${JAXCOMPRESS_GIT_COMMIT:-?}; budget $(( DEADLINE - START ))s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2 | tee "$D/gpu.txt"

@@ -24,7 +24,7 @@ export PYTHONPATH=${PYTHONPATH:-.}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY=python3
 
-log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$D/progress.log"; }
+source scripts/gpu/steps.sh
 
 log "train_dp.sh start (smoke=$SMOKE); commit ${JAXCOMPRESS_GIT_COMMIT:-?}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4 | tee "$D/gpu.txt"
@@ -35,14 +35,7 @@ if [ $SMOKE = 1 ]; then
 else
     ARGS=(--warmup 3 --steps 20)
 fi
-T=$(( DEADLINE - $(date +%s) ))
-log "step dp: start (timeout ${T}s)"
-timeout -k 10 "$T" $PY scripts/train_throughput.py --cases dp-scaling "${ARGS[@]}" \
-    --out "$D/throughput_dp.json" > "$D/step_dp.log" 2>&1
-rc=$?
-echo "$rc" > "$D/step_dp.rc"
-log "step dp: rc=$rc$( [ $rc -eq 124 ] && echo ' (TIMEOUT)')"
-grep -E '^\[[0-9:]{8}\]|Error|error:|Traceback' "$D/step_dp.log" | grep -v Warning | tail -n 25
+step dp 0 100000 $PY scripts/train_throughput.py --cases dp-scaling "${ARGS[@]}" --out "$D/throughput_dp.json"
 cat "$D/throughput_dp.md" 2>/dev/null | tee "$D/summary.txt"
 tar -czf "$OUT/$AREA.tgz" -C "$OUT" "$AREA"
 log "done: $OUT/$AREA.tgz"
