@@ -63,19 +63,20 @@ def parse_variants(text: str) -> dict[str, dict]:
 
 
 def best_env(rows) -> str:
-    """Shell exports naming the fastest correct CUDA-core variant of the codec path at batch 1
-    (mean time over contexts); empty when none was measured."""
+    """Shell exports naming the fastest correct kernel variant of the codec path at batch 1 (mean
+    time over contexts), its time in a trailing comment; empty when none was measured."""
     times = {}
     for r in rows:
         opts = r.get("kernel_options") or {}
-        if (r["batch"] == 1 and opts.get("path") in ("cc", "cc_block") and "kernel-only" not in r["variant"]
+        if (r["batch"] == 1 and opts.get("path") in ("mma", "cc", "cc_block") and "kernel-only" not in r["variant"]
                 and r["rel_err"] < 1e-2):
             times.setdefault((opts["path"], opts["convert"], opts["num_warps"]), []).append(r["us"])
     if not times:
         return ""
-    path, convert, warps = min(times, key=lambda k: sum(times[k]) / len(times[k]))
+    mean = {k: sum(v) / len(v) for k, v in times.items()}
+    path, convert, warps = min(mean, key=mean.get)
     return (f"export JAXCOMPRESS_KV_CC_PATH={path} JAXCOMPRESS_KV_CONVERT={convert} "
-            f"JAXCOMPRESS_KV_NUM_WARPS={warps}\n")
+            f"JAXCOMPRESS_KV_NUM_WARPS={warps}  # {mean[path, convert, warps]:.1f} us\n")
 
 
 def markdown(record) -> str:
