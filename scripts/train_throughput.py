@@ -123,6 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, help="override the per-device batch")
     p.add_argument("--seq-len", type=int, help="override the sequence length")
+    p.add_argument("--model", help="override the case's model spec, e.g. random:smollm2-135m (the same shapes "
+                                   "with random weights: the step's work and time do not depend on the values)")
     p.add_argument("--out", required=True, help="JSON output (a .md table is written beside it)")
     args = p.parse_args(argv)
 
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
         if base not in table:
             raise SystemExit(f"unknown case {name!r}; choose from {', '.join(list(CASES) + ['dp-scaling'])}")
         model, mode, batch, seq_len, rank, bits, group = table[base]
+        model = args.model or model
         batch, seq_len = args.batch or batch, args.seq_len or seq_len
         data_axes = [1, 2] if name == "dp-scaling" else [1]
         if max(data_axes) > jax.device_count():

@@ -35,6 +35,8 @@ if [ $SMOKE = 1 ]; then
 else
     ARGS=(--warmup 3 --steps 20)
 fi
+# TRAIN_DP_MODEL=random:smollm2-135m: the same shapes without the staged GGUF (throughput only).
+[ -n "${TRAIN_DP_MODEL:-}" ] && ARGS+=(--model "$TRAIN_DP_MODEL")
 step dp 0 100000 $PY scripts/train_throughput.py --cases dp-scaling "${ARGS[@]}" --out "$D/throughput_dp.json"
 cat "$D/throughput_dp.md" 2>/dev/null | tee "$D/summary.txt"
 tar -czf "$OUT/$AREA.tgz" -C "$OUT" "$AREA"
