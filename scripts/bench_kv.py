@@ -202,6 +202,11 @@ def records(path: str, out: str, tag: str) -> list[str]:
     card = re.sub(r"[^a-z0-9]+", "_", device.split(":")[-1].lower()).strip("_")
     text = lambda n: files.get(n, b"").decode(errors="replace")  # noqa: E731
     tests = [line for line in text("gpu_tests.log").splitlines() if line.strip()]
+    if tests and not re.search(r"=+ .*(passed|failed|error)", tests[-1]):  # no pytest summary: cut
+        n_pass = sum(" PASSED" in line for line in tests)
+        n_fail = sum(" FAILED" in line or " ERROR" in line for line in tests)
+        tests.append(f"cut by the step's timeout after {n_pass} passed, {n_fail} failed "
+                     f"(running: {tests[-1].split(' ')[0]})")
     record = {**base, "e2e": e2e, "e2e_failed": e2e_failed, "partial": partial,
               "kernel_for_model_runs": text("best_env.sh").strip(),
               "gpu_tests": tests[-1] if tests else "not run", "steps_log": text("steps.log"),
@@ -247,11 +252,16 @@ def records(path: str, out: str, tag: str) -> list[str]:
         stem2 = os.path.join(out, f"kv_longctx_smollm2_{card}_{tag}")
         write_json(stem2 + ".json", {"device": device, "versions": base.get("versions"),
                                      "git_commit": base.get("git_commit"), "runs": longctx})
+        grid = next(iter(longctx.values())).get("results", {})
+        grid = next(iter(grid.values()), {}).get("grid") or {}
+        lengths = sorted(int(k) for k in grid)
+        depths = sorted({float(d) for cells in grid.values() for d in cells})
         write_text(stem2 + ".md", "\n".join([
-            f"# Passkey and needle at 8k on SmolLM2-135M-Instruct, KV-cache recipes ({device})", "",
+            f"# Passkey and needle on SmolLM2-135M-Instruct, KV-cache recipes ({device})", "",
             "bf16 model on the GPU, every recipe's cache through the decode kernel it selects; lengths "
-            "8192, depths 0.25 and 0.75, one trial each (a few prompts: a smoke-level accuracy check, "
-            "not a grid). Source: scripts/gpu/kv.sh.", ""] + rows) + "\n")
+            f"{', '.join(map(str, lengths))}, depths {', '.join(f'{d:g}' for d in depths)}; n prompts per task "
+            "(a few prompts a cell: a coarse accuracy check, one wrong answer moves a cell by 0.5). "
+            "Source: scripts/gpu/kv.sh.", ""] + rows) + "\n")
         written += [stem2 + ".json", stem2 + ".md"]
     return written
 
