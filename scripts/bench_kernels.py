@@ -63,12 +63,14 @@ def suites(name: str):
             Sweep(w4, shapes=every, batches=(64, 128, 256), tune_batches=(64, 256), max_candidates=4),
             *[dataclasses.replace(s, shapes=small[:1], max_candidates=4) for s in full[4:]],
         ]
+    if name == "run3-rest":  # run3 after W4 batch 1-8 (recorded on the H100 in run 4): what it did not reach
+        return suites("run3")[2:]
     if name == "quick":  # one shape per variant, few batches: a smoke run
         return [Sweep(s.variant, shapes=((4096, 4096),), batches=s.tune_batches[:2], tune_batches=s.tune_batches[:2],
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, quick or w4")
 
 
 def card_tag(kind: str) -> str:

@@ -37,13 +37,14 @@ echo "rc=$?" >> "$D/pytest_gpu.log"
 grep -E "PASSED|FAILED|ERROR|passed|failed|rc=" "$D/pytest_gpu.log" | tail -25
 log "pytest done"
 
-# 2. Kernel benchmark, suite run3: W4 g128 every shape at batch 1, then 2-8, 16-32, then
-#    W8/W3/W2 at batch 1, then large batches and the rest, until the deadline.
+# 2. Kernel benchmark, suite run3 (KERNELS_SUITE): W4 g128 every shape at batch 1, then 2-8, 16-32,
+#    then W8/W3/W2 at batch 1, then large batches and the rest, until the deadline. run3-rest starts
+#    at batch 16-32 (the H100 run 4 covered W4 batch 1-8).
 BENCH_S=$(( $(left) - 185 ))   # keep ~185 s for the decode runs and the summary
 [ "$BENCH_S" -gt 230 ] && BENCH_S=230
 DEADLINE=$(( BENCH_S - 40 ))   # the sweep stops starting points 40 s before the hard timeout
-log "bench_kernels --suite run3 (deadline ${DEADLINE}s, timeout ${BENCH_S}s)"
-timeout -k 5 "$BENCH_S" python scripts/bench_kernels.py --out "$D" --suite run3 \
+log "bench_kernels --suite ${KERNELS_SUITE:-run3} (deadline ${DEADLINE}s, timeout ${BENCH_S}s)"
+timeout -k 5 "$BENCH_S" python scripts/bench_kernels.py --out "$D" --suite "${KERNELS_SUITE:-run3}" \
     --deadline-s "$DEADLINE" --max-candidates 6 > "$D/bench_kernels.log" 2>&1
 echo "rc=$?" >> "$D/bench_kernels.log"
 grep -E "INVALID|failed|Error|rc=" "$D/bench_kernels.log" | head -20
