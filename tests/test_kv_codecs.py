@@ -124,6 +124,29 @@ def _kvquant_calibration(rng, bits=3, layers=2, n=4096):
     return fit_kvquant(data, bits, bits, 0.01)
 
 
+def test_kvquant_calibration_skips_the_sink_rows():
+    """With sink=s the fit ignores rows at window positions < s (the paper's sink-aware
+    calibration): same arrays as a fit on the other rows alone, whatever the sink rows hold."""
+    rng = np.random.default_rng(3)
+    t, windows = 256, 8
+    position = np.tile(np.arange(t, dtype=np.int32), windows)
+    k, v = (x[0] for x in _kv(rng, 1, t * windows))
+    first = position == 0
+    k[first] *= 40.0  # an atypical first token with most of the Fisher mass
+    fisher = np.where(first[:, None, None], 1e6, 1.0) * np.ones_like(k)
+    layer = {"k": k, "v": v, "k_fisher": fisher, "v_fisher": fisher, "position": position}
+    got = fit_kvquant([layer], 3, 3, 0.01, sink=1)
+    rest = {name: x[~first] for name, x in layer.items() if name != "position"}
+    want = fit_kvquant([rest], 3, 3, 0.01)
+    for name in want.arrays:
+        np.testing.assert_array_equal(got.arrays[name], want.arrays[name])
+    # without the skip the first tokens pull the datatypes (and the key ranges move)
+    unskipped = fit_kvquant([layer], 3, 3, 0.01)
+    assert not np.allclose(unskipped.arrays["k_codebook"], want.arrays["k_codebook"], atol=1e-3)
+    with pytest.raises(ConfigError, match="position"):
+        fit_kvquant([rest], 3, 3, 0.01, sink=1)
+
+
 def np_kvquant(codec, cal, layer, k, v):
     """float64 reference of KVQuant's storage of k, v [B, L, K, D] (no sink)."""
     n = num_outliers(codec.outlier_fraction, D)

@@ -58,6 +58,7 @@ def test_every_recipe_file_is_valid():
     ("weights.group_size=0", r"weights.group_size=0 must be a positive integer, 'channel' \(or -1\) or 'tensor'"),
     ("weights.gptq.act_order=maybe", r"weights.gptq.act_order='maybe' must be true or false"),
     ("weights.gptq.sink_weight=0.5", r"weights.gptq.sink_weight=0.5 must be at least 1"),
+    ("weights.squeezellm.kmeans_init=random", r"weights.squeezellm.kmeans_init='random': choose kmeans\+\+ or quantile"),
     ("weights.rules=[{pattern: 'lm_head.*', overrides: {method: awq}}]", r"rules\[0\]: method awq cannot be mixed"),
     ("weights.rules=[{pattern: '(', skip: true}]", r"rules\[0\].pattern='\(' is not a valid regular expression"),
     ("weights.rules=[{pattern: 'x', overrides: {bitz: 2}}]", r"rules\[0\].overrides: unknown key\(s\) bitz"),

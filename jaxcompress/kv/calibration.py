@@ -20,6 +20,7 @@ from flax import nnx
 
 from jaxcompress.errors import ConfigError, UserError
 from jaxcompress.models.cache import KVCache, KVCodec
+from jaxcompress.quant.kmeans import weighted_kmeans_1d as kmeans_rows
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,8 +107,9 @@ def calibration_tokens(loaded, num_samples: int, seqlen: int, data_dir: str | No
 
 def collect_kv(model, tokens: np.ndarray, *, pre_rope: bool, fisher: bool = True) -> list[dict]:
     """Per layer: keys and values [N, K, D] (N = every calibration token) as the cache would
-    receive them (keys before RoPE when `pre_rope`), and with `fisher` their squared loss
-    gradients `k_fisher`, `v_fisher` (same shapes), all float32 numpy."""
+    receive them (keys before RoPE when `pre_rope`), `position` [N] (int32: each row's position
+    in its window, so a fit can skip tokens a codec keeps exact) and with `fisher` their squared
+    loss gradients `k_fisher`, `v_fisher` (same shapes as the keys), all numpy."""
     cfg = model.config
     tap = _TapCodec(pre_rope=pre_rope)
     graphdef, state = nnx.split(model)
@@ -133,7 +135,7 @@ def collect_kv(model, tokens: np.ndarray, *, pre_rope: bool, fisher: bool = True
     out = []
     for i, (k, v) in enumerate(kv):
         flat = lambda x: np.asarray(x, np.float32).reshape(b * t, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
-        layer = {"k": flat(k), "v": flat(v)}
+        layer = {"k": flat(k), "v": flat(v), "position": np.tile(np.arange(t, dtype=np.int32), b)}
         if fisher:
             layer["k_fisher"] = flat(grads[i][0]) ** 2
             layer["v_fisher"] = flat(grads[i][1]) ** 2
@@ -143,21 +145,15 @@ def collect_kv(model, tokens: np.ndarray, *, pre_rope: bool, fisher: bool = True
 
 def weighted_kmeans_1d(x: np.ndarray, w: np.ndarray, levels: int, iters: int = 40,
                        max_points: int = 400_000, seed: int = 0) -> np.ndarray:
-    """Sorted centroids [levels] minimizing sum w * (x - c(x))^2 (Lloyd's algorithm in float64,
-    initialised at weighted quantiles; an empty cluster keeps its centroid)."""
+    """Sorted centroids [levels] minimizing sum w * (x - c(x))^2 over all points of x: the shared
+    weighted k-means (`quant.kmeans`: k-means++ start, then Lloyd) on at most `max_points` of
+    them, drawn with `seed`."""
     x = np.asarray(x, np.float64).ravel()
     w = np.asarray(w, np.float64).ravel()
     if x.size > max_points:
         pick = np.random.default_rng(seed).choice(x.size, max_points, replace=False)
         x, w = x[pick], w[pick]
     w = w + 1e-12 * (w.mean() + 1e-30)  # zero-gradient points still count a little
-    order = np.argsort(x)
-    xs, cw = x[order], np.cumsum(w[order])
-    c = np.interp((np.arange(levels) + 0.5) / levels * cw[-1], cw, xs)
-    for _ in range(iters):
-        c = np.sort(c)
-        assign = np.searchsorted((c[1:] + c[:-1]) / 2, x)
-        num = np.bincount(assign, weights=w * x, minlength=levels)
-        den = np.bincount(assign, weights=w, minlength=levels)
-        c = np.where(den > 0, num / np.maximum(den, 1e-300), c)
-    return np.sort(c)
+    centroids, _ = kmeans_rows(jnp.asarray(x[None], jnp.float32), jnp.asarray(w[None] / w.max(), jnp.float32),
+                               levels, iters, seed=seed)
+    return np.sort(np.asarray(centroids[0], np.float64))

@@ -190,16 +190,29 @@ class KVQuantCodec(PackedCodec):
 
 
 def fit_kvquant(layers: list[dict], key_bits: int, value_bits: int, outlier_fraction: float,
-                kmeans_iters: int = 40, seed: int = 0) -> KVCalibration:
+                kmeans_iters: int = 40, seed: int = 0, sink: int = 0) -> KVCalibration:
     """Per-layer KVQuant calibration from `collect_kv(..., pre_rope=True, fisher=True)`.
 
     Keys: per (head, channel) range [q(f/2), q(1 - f/2)] of the calibration keys (f the
     outlier fraction), and a datatype fitted on the in-range normalized keys weighted by their
     Fisher information. Values: normalized per token after removing the N largest-magnitude
     entries (as the codec does online), then the same weighted k-means.
+
+    `sink`: calibration rows at window positions < sink (`layer["position"]`) are left out of
+    every fit, as in the paper: the codec keeps those tokens exact, and the first token of a
+    window (the attention sink) is atypical and can carry most of a layer's Fisher mass.
     """
+    if sink < 0:
+        raise ConfigError(f"sink={sink} must be >= 0")
     out = {name: [] for name in ("k_mid", "k_half", "k_codebook", "v_codebook")}
     for i, layer in enumerate(layers):
+        if sink:
+            if "position" not in layer:
+                raise ConfigError("fit_kvquant(sink=...) needs each layer's `position` rows (collect_kv gives them)")
+            keep = np.asarray(layer["position"]) >= sink
+            if not keep.any():
+                raise ConfigError(f"every calibration row is at a position < sink={sink}: nothing to fit on")
+            layer = {name: np.asarray(x)[keep] for name, x in layer.items()}
         k, kf = layer["k"].astype(np.float64), layer["k_fisher"]
         frac = max(outlier_fraction, 1e-6)
         lo, hi = np.quantile(k, frac / 2, axis=0), np.quantile(k, 1 - frac / 2, axis=0)  # [K, D]

@@ -107,7 +107,8 @@ def calibrate(loaded, section: dict, data_dir: str | None = None, log=None):
         layers = batch if layers is None else [
             {name: np.concatenate([acc[name], new[name]]) for name in acc} for acc, new in zip(layers, batch)]
     if kvquant:
-        cal = fit_kvquant(layers, section["key_bits"], section["value_bits"], section["outlier_fraction"])
+        cal = fit_kvquant(layers, section["key_bits"], section["value_bits"], section["outlier_fraction"],
+                          sink=section["sink"])
     else:
         cal = fit_uniform_tensor(layers, section["key_bits"], section["value_bits"], section["symmetric"])
     if log:

@@ -71,6 +71,7 @@ class SqueezeLLMOptions:
     outlier_fraction: float = 0.0    # largest-|w| fraction of each weight kept exactly
     sensitive_fraction: float = 0.0  # largest-Fisher fraction kept exactly
     kmeans_iters: int = 50           # weighted Lloyd iterations (the reference's max_iter)
+    kmeans_init: str = "kmeans++"    # the reference's (sklearn) init; "quantile": weighted quantiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,8 @@ def _check_value(cls_name: str, name: str, value: Any, where: str) -> None:
     if name in ("block_size", "grid", "clip_grid", "clip_tokens", "search_samples", "kmeans_iters") \
             and value <= 0:
         raise ConfigError(f"{where}.{name}={value!r} must be positive")
+    if name == "kmeans_init" and value not in ("kmeans++", "quantile"):
+        raise ConfigError(f"{where}.kmeans_init={value!r}: choose kmeans++ or quantile")
     if name == "sink_weight" and not value >= 1:
         raise ConfigError(f"{where}.sink_weight={value!r} must be at least 1 (1: the published GPTQ)")
     if name in ("damp", "max_damp") and value < 0:

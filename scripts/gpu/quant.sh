@@ -7,12 +7,14 @@
 # PART a: baseline, RTN, GPTQ (with and without act-order) and AWQ at W4/W3 g128 (~8 min);
 # PART b: SqueezeLLM W4/W3, the sink-weighted GPTQ variant and the C4-calibrated GPTQ/AWQ cells (~9 min);
 # PART c: the two W3 C4-calibrated cells that did not fit part b's time (~4 min);
+# PART d: SqueezeLLM with the k-means++ start (dense and dense-and-sparse, W4 and W3) beside
+#   per-channel RTN, the paper's own comparison (~8 min);
 # PART 7b: GPTQ W4 g128 end-to-end time and peak memory on random:llama2-7b, 128 x 2048.
 # Full protocol: WikiText-2 all 148 windows and C4 256 windows of 2048, fp32 SmolLM2,
 # calibration 128 windows of 2048 (WikiText-2 train, seed 0; `@c4`: the C4 subset).
 # Everything lands in $OUT/quant_PART/ and $OUT/quant_PART.tgz.
 set -u
-PART=${1:?part: a, b, c or 7b}
+PART=${1:?part: a, b, c, d or 7b}
 OUT=${OUT:?set OUT}
 D=$OUT/quant_$PART
 mkdir -p "$D"
@@ -24,6 +26,7 @@ case $PART in
     a) CELLS=baseline,rtn_w4_g128,rtn_w3_g128,gptq_w4_g128,gptq_w3_g128,awq_w4_g128,awq_w3_g128,gptq_w4_g128_actorder,gptq_w3_g128_actorder ;;
     b) CELLS=squeezellm_w4,squeezellm_w3,gptq_w4_g128_sink,gptq_w4_g128@c4,awq_w4_g128@c4,gptq_w3_g128@c4,awq_w3_g128@c4 ;;
     c) CELLS=gptq_w3_g128@c4,awq_w3_g128@c4 ;;
+    d) CELLS=squeezellm_w4,squeezellm_w4_sparse,squeezellm_w3,squeezellm_w3_sparse,rtn_w4_g128+weights.group_size=channel,rtn_w3_g128+weights.group_size=channel ;;
     7b) CELLS= ;;
     *) echo "unknown part $PART" >&2; exit 2 ;;
 esac
