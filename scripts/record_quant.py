@@ -41,8 +41,8 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--recipes", required=True, help="comma-separated; name@c4 calibrates on C4")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--wikitext-windows", type=int)
-    p.add_argument("--c4-windows", type=int, default=256)
+    p.add_argument("--wikitext-windows", type=int, help="default: all (148); 0 skips WikiText-2")
+    p.add_argument("--c4-windows", type=int, default=256, help="0 skips C4")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--layer-errors", type=int, default=0, metavar="N",
                    help="also record each projection's relative output error on the float model's inputs "
@@ -70,10 +70,9 @@ def main():
             recipe = load_recipe(name, overrides)
             loaded = apply_recipe(base, recipe)
         compress_s = time.time() - start
-        results = {
-            "wikitext2": perplexity(loaded, wiki, 2048, args.wikitext_windows, args.batch_size, progress=False),
-            "c4": perplexity(loaded, c4, 2048, args.c4_windows, args.batch_size, progress=False),
-        }
+        results = {task: perplexity(loaded, tokens, 2048, limit, args.batch_size, progress=False)
+                   for task, tokens, limit in (("wikitext2", wiki, args.wikitext_windows), ("c4", c4, args.c4_windows))
+                   if limit != 0}  # 0 windows: that set is skipped
         # AWQ rescales weights by design (scales folded into the layer before): their error against
         # the float weight at the same path means nothing, so AWQ cells get no layer errors.
         method = (recipe or {}).get("weights", {}).get("method")
@@ -89,8 +88,9 @@ def main():
                   **provenance()}
         write_json(os.path.join(args.out, cell_file(cell)), record)
         err = results.get("heldout_layer_error", {}).get("mean", {}).get("all")
-        print(f"{cell:<28} wikitext2 {results['wikitext2']['ppl']:8.3f} ({results['wikitext2']['windows']} win)  "
-              f"c4 {results['c4']['ppl']:8.3f}  {nbytes / 2**20:7.1f} MiB  compress {compress_s:6.1f}s"
+        ppls = "  ".join(f"{task} {results[task]['ppl']:8.3f} ({results[task]['windows']} win)"
+                         for task in ("wikitext2", "c4") if task in results)
+        print(f"{cell:<28} {ppls}  {nbytes / 2**20:7.1f} MiB  compress {compress_s:6.1f}s"
               + (f"  layer err {err:.5f}" if err is not None else ""), flush=True)
 
 

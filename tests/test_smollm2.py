@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from jaxcompress.errors import UserError
 from jaxcompress.eval.perplexity import perplexity, wikitext2_tokens, windows
 from jaxcompress.io.load import load_model, smollm2_gguf_path
 from jaxcompress.models.generate import generate
@@ -94,3 +95,13 @@ def test_env_override_names_the_gguf(tmp_path, monkeypatch):
     os.symlink(smollm2_gguf_path(), copy)
     monkeypatch.setenv("JAXCOMPRESS_SMOLLM2_GGUF", str(copy))
     assert smollm2_gguf_path() == str(copy)
+
+
+def test_windows_cut_and_bad_limits():
+    tokens = np.arange(10)
+    np.testing.assert_array_equal(windows(tokens, 4), [[0, 1, 2, 3], [4, 5, 6, 7]])  # remainder dropped
+    np.testing.assert_array_equal(windows(tokens, 4, 1), [[0, 1, 2, 3]])
+    with pytest.raises(UserError, match="limit=0: the number of windows must be at least 1"):
+        windows(tokens, 4, 0)
+    with pytest.raises(UserError, match="shorter than one window of seqlen=16"):
+        windows(tokens, 16)

@@ -66,6 +66,8 @@ def windows(tokens: np.ndarray, seqlen: int, limit: int | None = None) -> np.nda
     """[n, seqlen] non-overlapping windows, remainder dropped, first `limit` only."""
     n = len(tokens) // seqlen
     if limit is not None:
+        if limit < 1:
+            raise UserError(f"limit={limit}: the number of windows must be at least 1 (None: all)")
         n = min(n, limit)
     if n == 0:
         raise UserError(f"text of {len(tokens)} tokens is shorter than one window of seqlen={seqlen}")
