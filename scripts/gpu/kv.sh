@@ -11,7 +11,7 @@
 #      kernel variants (codec path and kernel alone); memory table (largest batch per context)
 #   2. GPU correctness tests of the decode kernels (pytest from .whl)
 #   3. passkey + needle at 8k on SmolLM2-135M (5 depths x 2 trials each; KV_LONGCTX_S, default 80 s):
-#      none / kivi_k4v4 / kivi_k2v2 / kvquant_2bit
+#      KV_LONGCTX_RECIPES, default none,kivi_k4v4,kivi_k2v2,kvquant_2bit
 #   4. end-to-end decode tokens/s, random:llama2-7b: 32k first (bf16, KV2, W4 + KV2), then 8k, 16k
 set -u
 OUT=${OUT:?set OUT}
@@ -74,7 +74,7 @@ log "kernel for the model runs: path=${JAXCOMPRESS_KV_CC_PATH:-?} convert=${JAXC
 step gpu_tests 45 165 python -m pytest -v -p no:cacheprovider tests/gpu/test_decode_attention_gpu.py
 
 # 3. passkey + needle at 8k, SmolLM2-135M (one process: the model is loaded once)
-step longctx ${KV_LONGCTX_S:-80} 85 python -u - "$A/longctx" <<'PY'
+step longctx ${KV_LONGCTX_S:-80} 85 python -u - "$A/longctx" "${KV_LONGCTX_RECIPES:-none,kivi_k4v4,kivi_k2v2,kvquant_2bit}" <<'PY'
 import os, sys, time
 import jax.numpy as jnp
 from jaxcompress.eval.registry import TaskOptions
@@ -87,7 +87,7 @@ os.makedirs(out, exist_ok=True)
 base = load_model("smollm2-135m", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
 opts = TaskOptions(limit=None, seqlen=8192, batch_size=1, data_dir=None,
                    extra={"lengths": [8192], "depths": [0.1, 0.3, 0.5, 0.7, 0.9], "trials": 2})
-for recipe in (None, "kivi_k4v4", "kivi_k2v2", "kvquant_2bit"):
+for recipe in [None if r == "none" else r for r in sys.argv[2].split(",")]:
     t = time.time()
     loader = (lambda: base) if recipe is None else (lambda r=recipe: apply_recipe(base, load_recipe(r, [])))
     try:
