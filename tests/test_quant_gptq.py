@@ -11,8 +11,10 @@ from jaxcompress.quant.gptq import gptq_quantize
 from jaxcompress.quant.rtn import rtn_quantize
 
 
-def _find_params(x, bits, sym):
-    """GPTQ's Quantizer.find_params over the columns of x [rows, g] (scale rounded to fp16)."""
+def _find_params(x, bits, sym, scale_dtype=np.float16):
+    """GPTQ's Quantizer.find_params over the columns of x [rows, g]; the scale rounded to
+    `scale_dtype` before the zero point and the codes are chosen (the published code keeps it in
+    float32; jaxcompress stores float16 by default and picks codes for the stored grid)."""
     maxq = 2 ** bits - 1
     xmin, xmax = np.minimum(x.min(1), 0), np.maximum(x.max(1), 0)
     if sym:
@@ -20,12 +22,13 @@ def _find_params(x, bits, sym):
         xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin[empty], xmax[empty] = -1, 1
-    scale = ((xmax - xmin) / maxq).astype(np.float16).astype(np.float64)
+    scale = ((xmax - xmin) / maxq).astype(scale_dtype).astype(np.float64)
     zero = np.full_like(scale, 2 ** (bits - 1)) if sym else np.round(-xmin / scale)
     return scale, zero
 
 
-def reference_gptq(w, h, bits, g, sym, act_order=False, static_groups=False, blocksize=128, percdamp=0.01):
+def reference_gptq(w, h, bits, g, sym, act_order=False, static_groups=False, blocksize=128, percdamp=0.01,
+                   scale_dtype=np.float16):
     """The reference `GPTQ.fasterquant` in float64, torch layout W [out, in]; returns Q [out, in]."""
     w, h = w.T.astype(np.float64).copy(), h.astype(np.float64).copy()
     cols = w.shape[1]
@@ -34,8 +37,9 @@ def reference_gptq(w, h, bits, g, sym, act_order=False, static_groups=False, blo
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    params = _find_params(w, bits, sym)  # per-channel (g == cols)
-    groups = [_find_params(w[:, i:i + g], bits, sym) for i in range(0, cols, g)] if static_groups else None
+    find = lambda x: _find_params(x, bits, sym, scale_dtype)  # noqa: E731
+    params = find(w)  # per-channel (g == cols)
+    groups = [find(w[:, i:i + g]) for i in range(0, cols, g)] if static_groups else None
     if act_order:
         perm = np.argsort(-np.diag(h), kind="stable")
         w, h = w[:, perm], h[perm][:, perm]
@@ -48,7 +52,7 @@ def reference_gptq(w, h, bits, g, sym, act_order=False, static_groups=False, blo
         for i in range(i2 - i1):
             if g < cols:
                 if not static_groups and (i1 + i) % g == 0:
-                    params = _find_params(w[:, i1 + i:i1 + i + g], bits, sym)
+                    params = find(w[:, i1 + i:i1 + i + g])
                 elif static_groups:
                     params = groups[(perm[i1 + i] if act_order else i1 + i) // g]
             x = w1[:, i]
@@ -73,9 +77,10 @@ K, N = 100, 24
 GROUPED = dict(bits=4, group_size=32, gptq=GPTQOptions(block_size=64))  # ragged last group, 2 blocks
 WIDE = dict(bits=3, group_size=50, symmetric=True, gptq=GPTQOptions(block_size=32, act_order=True))  # group > block
 STATIC = dict(bits=3, group_size=32, gptq=GPTQOptions(act_order=True, static_groups=True, block_size=64))
+FP32_SCALES = dict(GROUPED, scale_dtype="float32")  # the published Quantizer's float32 grid
 
 
-@pytest.mark.parametrize("opts", [GROUPED, WIDE, STATIC], ids=["grouped", "wide_group", "static"])
+@pytest.mark.parametrize("opts", [GROUPED, WIDE, STATIC, FP32_SCALES], ids=["grouped", "wide_group", "static", "fp32_scales"])
 def test_matches_reference_algorithm(opts):
     k = K
     x = correlated_inputs(k)
@@ -84,7 +89,7 @@ def test_matches_reference_algorithm(opts):
     cfg = LayerConfig(method="gptq", **opts)
     q, info = gptq_quantize(jnp.asarray(w, jnp.float32), jnp.asarray(h, jnp.float32), cfg, "layer")
     ref = reference_gptq(w, h, cfg.bits, cfg.group_size, cfg.symmetric, cfg.gptq.act_order,
-                         cfg.gptq.static_groups, cfg.gptq.block_size)
+                         cfg.gptq.static_groups, cfg.gptq.block_size, scale_dtype=np.dtype(cfg.scale_dtype))
     ours = np.asarray(q.dequantize(), np.float64)
     # fp32 against float64: every weight lands on the same grid point (these seeded inputs
     # hit no rounding tie), so the values agree to fp32 precision.
