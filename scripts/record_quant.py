@@ -6,11 +6,17 @@ For each recipe (optionally with `@c4` to calibrate on C4 instead of WikiText-2 
 `+key=value` overrides of that cell alone, e.g. `gptq_w4_g128+weights.gptq.damp=0.1`):
 compress, then WikiText-2 (all windows) and C4 (256 windows) perplexity at seqlen 2048.
 Each finished cell is written at once (`<recipe>.json`), so a cut-off run keeps what it did.
+KV-cache recipes (`kivi_k2v2`, `kvquant_4bit`, ...) record their cache bytes too. A markdown
+table of a folder of records (relative to its baseline cell):
+
+    python scripts/record_quant.py --report $OUT/quant --to docs/results/table.md
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import os
 import time
 
@@ -18,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxcompress.eval.perplexity import c4_tokens, perplexity, wikitext2_tokens, windows
 from jaxcompress.experiments.recipes import apply_recipe, load_recipe
-from jaxcompress.io.atomic import write_json
+from jaxcompress.io.atomic import write_json, write_text
 from jaxcompress.io.load import load_model
 from jaxcompress.models.build import flat_params, param_summary, path_str
 from jaxcompress.quant.diagnostics import heldout_hessians, layer_errors, summarize
@@ -39,7 +45,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--recipes", required=True, help="comma-separated; name@c4 calibrates on C4")
+    p.add_argument("--recipes", help="comma-separated; name@c4 calibrates on C4")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--wikitext-windows", type=int, help="default: all (148); 0 skips WikiText-2")
     p.add_argument("--c4-windows", type=int, default=256, help="0 skips C4")
@@ -47,8 +53,17 @@ def main():
     p.add_argument("--layer-errors", type=int, default=0, metavar="N",
                    help="also record each projection's relative output error on the float model's inputs "
                         "over the first N WikiText-2 test windows (jaxcompress.quant.diagnostics)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="folder for the records")
+    p.add_argument("--report", metavar="DIR", help="only write a markdown table of the records in DIR")
+    p.add_argument("--to", help="with --report: the markdown file (default: DIR/table.md)")
     args = p.parse_args()
+    if args.report:
+        path = args.to or os.path.join(args.report, "table.md")
+        write_text(path, report_table(args.report))
+        print(f"wrote {path}")
+        return
+    if not (args.recipes and args.out):
+        p.error("--recipes and --out are required (or --report DIR)")
 
     dtype = jnp.dtype(args.dtype)
     base = load_model(args.model, dtype=dtype, param_dtype=dtype)
@@ -92,6 +107,38 @@ def main():
                          for task in ("wikitext2", "c4") if task in results)
         print(f"{cell:<28} {ppls}  {nbytes / 2**20:7.1f} MiB  compress {compress_s:6.1f}s"
               + (f"  layer err {err:.5f}" if err is not None else ""), flush=True)
+
+
+def report_table(folder: str) -> str:
+    """Markdown table of every record in `folder`, with each perplexity's change against the
+    folder's `baseline.json` and, for KV-cache recipes, the cache's bytes and ratio to bf16."""
+    records = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(folder, "*.json")))]
+    records = [r for r in records if "results" in r and "recipe" in r]
+    if not records:
+        raise SystemExit(f"--report {folder}: no record_quant.py records (*.json) there")
+    base = next((r["results"] for r in records if r["recipe"] == "baseline"), {})
+    first = records[0]
+    lines = [f"Model {first['model']} ({first['dtype']}), device {first.get('device', '?')}, "
+             f"commit {first.get('git_commit', '?')}. Change = ppl / baseline ppl - 1.", "",
+             "| recipe | WikiText-2 ppl | change | C4 ppl | change | model MiB | KV codec | KV bytes/token | KV vs bf16 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["recipe"] != "baseline", r["recipe"])):
+        cells = [r["recipe"]]
+        for task in ("wikitext2", "c4"):
+            res = r["results"].get(task)
+            if res is None:
+                cells += ["-", "-"]
+                continue
+            ref = base.get(task)
+            same = ref is not None and ref["windows"] == res["windows"]
+            cells += [f"{res['ppl']:.3f} ({res['windows']} win)",
+                      f"{res['ppl'] / ref['ppl'] - 1:+.2%}" if same else "-"]
+        kv = ((r.get("recipe_config") or {}).get("applied") or {}).get("kv_cache")
+        cells.append(f"{r['model_bytes'] / 2**20:.1f}")
+        cells += ([kv["codec"], f"{kv['bytes_per_token']:,.0f} (at {kv['context']})",
+                   f"{kv['compression_ratio']:.2f}x"] if kv else ["-", "-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _compressed_paths(model) -> set[str]:
