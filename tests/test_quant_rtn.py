@@ -79,3 +79,22 @@ def test_bad_bits_and_group_size_name_the_layer(change, message):
     cfg = LayerConfig(**{"bits": 4, "group_size": 32, **change})
     with pytest.raises(ConfigError, match=message):
         rtn_quantize(jnp.ones((64, 8)), cfg, "layers.0.mlp.up_proj.kernel")
+
+
+def test_grid_divides_exactly_like_the_reference():
+    """Scale, zero point and the codes of the range ends equal numpy's correctly rounded float32
+    division (torch's too). XLA alone would multiply by a rounded reciprocal: for a symmetric
+    range [-m, m] the zero point 7.5 +/- 1 ulp then rounds the other way in many groups."""
+    from jaxcompress.quant.grid import GridSpec, quantize, range_params
+
+    m = np.abs(np.random.default_rng(0).normal(size=4096)).astype(np.float32) + np.float32(1e-3)
+    spec = GridSpec(bits=4, symmetric=False, scale_dtype="float32")
+    scale, zero = jax.jit(lambda lo, hi: range_params(lo, hi, spec))(-m, m)
+    ref_scale = (m - (-m)) / np.float32(15)
+    ref_zero = np.clip(np.round(m / ref_scale), 0, 15)
+    np.testing.assert_array_equal(np.asarray(scale), ref_scale)
+    np.testing.assert_array_equal(np.asarray(zero), ref_zero)
+    ends = np.stack([-m, m])  # the clipped weights sit exactly on the range ends
+    codes = jax.jit(lambda w, s, z: quantize(w, s, z, 4))(ends, ref_scale[None], ref_zero[None])
+    ref_codes = np.clip(np.round(ends / ref_scale[None]) + ref_zero[None], 0, 15)
+    np.testing.assert_array_equal(np.asarray(codes), ref_codes)

@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxcompress.calibrate import Block, Method, Samples, submodule
@@ -162,6 +163,8 @@ def _clip(w, x, *, g: int, spec: GridSpec, steps: int, clip_grid: int, tokens: i
     wg = group_rows(w.astype(jnp.float32), g)        # [G, g, N]
     xg = group_rows(x.T, g).transpose(2, 0, 1)        # [T, G, g]
     org_max = jnp.abs(wg).max(axis=1)                 # [G, N]
+    # The shrink factors rounded once from float64 on the host, as the reference's Python floats are.
+    factors = jnp.asarray(np.array([1.0 - i / clip_grid for i in range(steps)], np.float64).astype(np.float32))
 
     def per_channel(args):  # one output channel: wc [G, g], mc [G]
         wc, mc = args
@@ -169,7 +172,7 @@ def _clip(w, x, *, g: int, spec: GridSpec, steps: int, clip_grid: int, tokens: i
 
         def step(i, best):
             best_err, best_max = best
-            mx = mc * (1.0 - i / clip_grid)
+            mx = mc * factors[i]
             cur = jnp.clip(wc, -mx[:, None], mx[:, None])
             scale, zero = group_params(cur[:, :, None], spec)  # [G, 1]
             q = fake_quantize(cur, scale, zero, spec.bits)
