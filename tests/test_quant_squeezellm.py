@@ -113,6 +113,22 @@ def test_outliers_kept_exactly_and_weighted_error_below_rtn():
         rtn_quantize(w, LayerConfig(bits=3, group_size="channel")).dequantize())
 
 
+def test_exact_zeros_get_no_weight_as_in_the_reference():
+    """Four distinct non-zero values and many exact zeros with a huge Fisher, 2 bits: the
+    reference gives the zeros no k-means weight, so the 4 centroids are the 4 values (k-means++
+    picks distinct points, then Lloyd stays); the zeros take their nearest centroid."""
+    values = np.array([-0.9, -0.3, 0.4, 1.1], np.float32)
+    column = np.concatenate([np.repeat(values, 5), np.zeros(12, np.float32)])  # K = 32
+    w = jnp.asarray(np.stack([column, column[::-1]], axis=1))  # two output channels
+    fisher = jnp.where(w == 0, 1e6, 1.0)
+    q = squeezellm_quantize(w, fisher, LayerConfig(method="squeezellm", bits=2, group_size="channel",
+                                                   scale_dtype="float32"), "layer")
+    np.testing.assert_allclose(np.asarray(q.codebook), np.stack([values, values]), rtol=1e-6)
+    deq = np.asarray(q.dequantize())
+    np.testing.assert_allclose(deq[np.asarray(w) != 0], np.asarray(w)[np.asarray(w) != 0], rtol=1e-6)
+    np.testing.assert_allclose(deq[np.asarray(w) == 0], -0.3, rtol=1e-6)  # nearest of the four to 0
+
+
 def test_fisher_diagonal_matches_torch_per_sequence_gradients(tmp_path):
     hf = hf_models.build("llama", num_hidden_layers=1)
     model, _ = load_hf_folder(hf_models.save(hf, tmp_path), param_dtype=jnp.float32)

@@ -7,7 +7,8 @@ sequences, `calibrate.fisher_diagonal`): the centroids minimise sum_k F_k (w_k -
 a second-order estimate of the loss increase.
 
 Dense-and-sparse: a fraction of the weights (largest |w|, `outlier_fraction`, and largest F,
-`sensitive_fraction`) are kept exactly as sparse outliers; the k-means ignores them.
+`sensitive_fraction`) are kept exactly as sparse outliers; the k-means ignores them, and exact
+zeros (as the reference does).
 
 The k-means (`quant/kmeans.py`) is the reference's: weighted k-means++ initial centroids, then
 Lloyd's algorithm (`kmeans_iters` iterations, as the reference's sklearn max_iter), every output
@@ -46,7 +47,10 @@ def _squeeze(w, fisher, *, bits: int, iters: int, init: str, outliers: int, sens
     """(codes [K, N], codebook [N, 2**bits], outlier mask [K, N]) of w [K, N]."""
     wf = w.astype(jnp.float32)
     mask = _top_mask(jnp.abs(wf), outliers) | _top_mask(fisher.astype(jnp.float32), sensitive)
-    centroids, _ = weighted_kmeans_1d(wf.T, jnp.where(mask, 0.0, fisher).T, 2 ** bits, iters, init=init)
+    # Exact zeros get no weight either, as in the reference (nuq.py: sample_weight of w == 0 is 0);
+    # they still take their nearest centroid.
+    weight = jnp.where(mask | (wf == 0), 0.0, fisher.astype(jnp.float32))
+    centroids, _ = weighted_kmeans_1d(wf.T, weight.T, 2 ** bits, iters, init=init)
     # The stored codebook is rounded to its dtype: choose codes against what is stored.
     codebook = jnp.sort(centroids.astype(codebook_dtype), axis=1)
     return assign(wf.T, codebook.astype(jnp.float32)).T, codebook, mask
