@@ -112,7 +112,10 @@ def main():
 def report_table(folder: str) -> str:
     """Markdown table of every record in `folder`, with each perplexity's change against the
     folder's `baseline.json` and, for KV-cache recipes, the cache's bytes and ratio to bf16."""
-    records = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(folder, "*.json")))]
+    records = []
+    for f in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(f) as fh:
+            records.append(json.load(fh))
     records = [r for r in records if "results" in r and "recipe" in r]
     if not records:
         raise SystemExit(f"--report {folder}: no record_quant.py records (*.json) there")
