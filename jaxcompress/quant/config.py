@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.quant.grid import GridSpec
+from jaxcompress.quant.kmeans import INITS as KMEANS_INITS
 from jaxcompress.quant.qarray import SUPPORTED_BITS, check_quant_args
 
 METHODS = ("rtn", "gptq", "awq", "squeezellm")
@@ -142,8 +143,8 @@ def _check_value(cls_name: str, name: str, value: Any, where: str) -> None:
     if name in ("block_size", "grid", "clip_grid", "clip_tokens", "search_samples", "kmeans_iters") \
             and value <= 0:
         raise ConfigError(f"{where}.{name}={value!r} must be positive")
-    if name == "kmeans_init" and value not in ("kmeans++", "quantile"):
-        raise ConfigError(f"{where}.kmeans_init={value!r}: choose kmeans++ or quantile")
+    if name == "kmeans_init" and value not in KMEANS_INITS:
+        raise ConfigError(f"{where}.kmeans_init={value!r}: choose {' or '.join(KMEANS_INITS)}")
     if name == "sink_weight" and not value >= 1:
         raise ConfigError(f"{where}.sink_weight={value!r} must be at least 1 (1: the published GPTQ)")
     if name in ("damp", "max_damp") and value < 0:

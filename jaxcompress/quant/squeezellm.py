@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from jaxcompress.errors import UserError
-from jaxcompress.quant.kmeans import assign, weighted_kmeans_1d
 from jaxcompress.quant.config import LayerConfig
+from jaxcompress.quant.kmeans import assign, weighted_kmeans_1d
 from jaxcompress.quant.qarray import QArray
 from jaxcompress.quant.tree import map_params
 
