@@ -111,18 +111,19 @@ def _sized(lay: CodeLayout, m: int, bn: int, bm: int, dot: bool, warps: int, sta
 def gemv_specs(bm: int, sms: int) -> list[tuple]:
     """GEMV candidates, likeliest first: (block_n, block_m, warps, target programs, max tiles per
     step, dequant, acc2d). Run 2 (H200): wide blocks with K split to ~4 programs per SM won;
-    block_n=16 never did. The in-place dequantization (fewer integer ops a weight, which run at
-    half the FP32 rate on Hopper) and 2-D accumulators (no cross-thread reduction per group) are
-    run 3's bets; the run-2 winner stays in the list as the reference."""
-    specs = [(64, bm, 4, 4 * sms, 2, "inplace", True), (64, bm, 4, 4 * sms, 2, "shift", False),
-             (128, bm, 4, 4 * sms, 2, "inplace", True), (64, bm, 4, 4 * sms, 2, "inplace", False),
-             (128, bm, 8, 2 * sms, 2, "inplace", True), (32, bm, 4, 2 * sms, 4, "inplace", True),
-             (256, bm, 8, 4 * sms, 2, "inplace", True), (64, bm, 4, 8 * sms, 1, "inplace", True),
-             (128, bm, 4, 4 * sms, 2, "shift", False), (32, bm, 4, 2 * sms, 4, "shift", False),
-             (64, bm, 4, 4 * sms, 1, "inplace", True, 3)]  # num_stages=3: Triton's loop pipelining
+    block_n=16 never did. Runs 3-5: the in-place dequantization with 2-D accumulators won most
+    shapes and stays as the reference; "fma" (2 instructions a weight for the code, 3 with the
+    product: 22% fewer in the loop than "inplace" by the SASS count, docs/results/kernel_notes.md)
+    takes its configurations first."""
+    specs = [(64, bm, 4, 4 * sms, 2, "fma", True), (64, bm, 4, 4 * sms, 2, "inplace", True),
+             (128, bm, 4, 4 * sms, 2, "fma", True), (64, bm, 4, 4 * sms, 2, "fma", False),
+             (128, bm, 8, 2 * sms, 2, "fma", True), (32, bm, 4, 2 * sms, 4, "fma", True),
+             (256, bm, 8, 4 * sms, 2, "fma", True), (64, bm, 4, 8 * sms, 1, "fma", True),
+             (128, bm, 4, 4 * sms, 2, "shift", False), (64, bm, 4, 4 * sms, 2, "shift", False),
+             (64, bm, 4, 4 * sms, 1, "fma", True, 3)]  # num_stages=3: Triton's loop pipelining
     if bm > 2:  # [rows, block_n] accumulators per row of x cost registers: keep the 1-D ones too
         specs = [s for s in specs if s[1] <= 2 or not s[6] or s[0] <= 64] + \
-                [(128, bm, 4, 4 * sms, 2, "inplace", False)]
+                [(128, bm, 4, 4 * sms, 2, "fma", False)]
     return specs
 
 
@@ -133,8 +134,8 @@ def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -
     specs = []
     if not int8 and (m <= 8 or lay.rows < min_k):
         for bn, bm, warps, target, steps, dq, acc2d, *stages in gemv_specs(min(m, 8), sms):
-            if dq == "inplace" and (lay.words != 1 or lay.bits > 8):
-                dq = "shift"  # 3-bit codes straddle words: the shift path only
+            if dq in ("inplace", "fma") and (lay.words != 1 or lay.bits > 8 or lay.codebook):
+                dq = "shift"  # codes straddling words (3 bits) or indexing a codebook: the shift path only
             specs.append((bn, bm, False, warps, stages[0] if stages else 1, target, steps, False, dq, acc2d))
     if lay.rows >= min_k and (m >= 4 or int8):
         tile = not int8  # the int8 kernel has no whole-tile dot

@@ -48,6 +48,7 @@ class CodeLayout:
     k_padded: int
     group_size: int
     num_groups: int
+    codebook: bool = False  # codes index a lookup table (SqueezeLLM, NF4) instead of a uniform grid
 
     @property
     def period(self) -> int:
@@ -113,7 +114,7 @@ def native_layout(q: QArray, max_rows: int = 16) -> CodeLayout:
     rows = max_rows
     while rows > 1 and (k % (p * rows) or (groups > 1 and q.group_size % (p * rows))):
         rows //= 2
-    return CodeLayout(q.bits, rows, True, k, n, k, q.group_size, groups)
+    return CodeLayout(q.bits, rows, True, k, n, k, q.group_size, groups, q.codebook is not None)
 
 
 @jax.tree_util.register_dataclass
@@ -156,7 +157,7 @@ class TiledQArray:
         groups = 1 if self.scale is None or self.scale.shape[0] == 1 else self.num_groups
         tile = period_of(self.bits) * self.rows
         return CodeLayout(self.bits, self.rows, False, k, n, -(-k // tile) * tile,
-                          self.group_size, groups)
+                          self.group_size, groups, self.codebook is not None)
 
     def to_qarray(self) -> QArray:
         """The equivalent QArray (inverse of `repack_for_gpu`)."""

@@ -20,8 +20,12 @@ fp32 values `code - zero` (or codebook entries), and multiplies it with the matc
 GEMV options (the autotuner picks): `dequant="inplace"` masks each code where it lies in its
 word, for codes inside the fp32 mantissa, instead of shifting it down (see `inplace_positions`;
 integer ops issue at half the FP32 rate on Hopper), and `acc2d` keeps `[rows, block_n]`
-accumulators, reduced across rows once at the end instead of once per group. K splits need not
-divide K evenly: the last split may walk fewer steps.
+accumulators, reduced across rows once at the end instead of once per group. `dequant="fma"`
+goes further: the masked code is OR-ed with an exponent word held in a register (one LOP3, no
+constant to materialize) and one FMA by 2**-offset turns it into the exact `code - 2**(bits-1)`
+(symmetric) or `code` (zero points: `sum x (code - z) s = s (sum x code - z sum x)`, with the sums
+of x per segment of a tile computed once outside the loop) so that a weight costs LOP3 + FMA +
+the product's FMA. K splits need not divide K evenly: the last split may walk fewer steps.
 
 The group scale multiplies the fp32 partial sum once per group, not every weight. An int to
 float conversion costs a quarter-rate instruction on the GPU, so codes become floats by the
@@ -53,7 +57,7 @@ ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16)
 _MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + code
 _TWO23 = 8388608.0
 _MANTISSA_BITS = 23
-DEQUANT_MODES = ("shift", "inplace")
+DEQUANT_MODES = ("shift", "inplace", "fma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +71,9 @@ class TileConfig:
     tiles_per_step: int = 1  # tiles loaded before any is used, for more bytes in flight
     tile_dot: bool = False  # tensor-core path: one dot per tile (slabs re-interleaved) instead of per slab
     # GEMV path only. dequant="inplace": codes masked where they lie in the word (one LOP3 a
-    # weight, one shift a word) instead of shift + mask + or; acc2d: [rows, block_n]
-    # accumulators reduced over rows once at the end instead of once per group.
+    # weight, one shift a word) instead of shift + mask + or; "fma": the same mask, then one FMA
+    # to the code's value (see the module docstring); acc2d: [rows, block_n] accumulators
+    # reduced over rows once at the end instead of once per group.
     dequant: str = "shift"
     acc2d: bool = False
     num_warps: int = 4
@@ -110,8 +115,10 @@ def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int =
         return f"dequant={cfg.dequant!r} must be one of {DEQUANT_MODES}"
     if (cfg.dequant != "shift" or cfg.acc2d) and cfg.use_dot:
         return f"dequant={cfg.dequant!r} / acc2d={cfg.acc2d} are GEMV-path options (use_dot=False)"
-    if cfg.dequant == "inplace" and (lay.words != 1 or lay.bits > 8):
-        return (f"dequant='inplace' needs codes that never straddle a word (bits 2, 4 or 8); "
+    if cfg.dequant in ("inplace", "fma") and lay.codebook:
+        return f"dequant={cfg.dequant!r} turns codes into uniform-grid values; this weight has a codebook"
+    if cfg.dequant in ("inplace", "fma") and (lay.words != 1 or lay.bits > 8):
+        return (f"dequant={cfg.dequant!r} needs codes that never straddle a word (bits 2, 4 or 8); "
                 f"bits={lay.bits}")
     if cfg.tile_dot and lay.slabs_per_group != lay.period:
         return (f"tile_dot needs one group per tile of {lay.tile} rows; group_size={lay.group_size} "
@@ -144,7 +151,10 @@ def default_config(lay: CodeLayout, m: int, num_sms: int = 132) -> TileConfig:
     # What won most often on an H200 (docs/results/kernel_notes.md): wide column blocks, K split
     # until there are ~4 programs per multiprocessor (GEMV) or ~2 (tensor cores).
     if m <= 8 or lay.rows < 16:
-        cfg, target = TileConfig(block_n=64, block_m=min(m, 8), use_dot=False), 4 * num_sms
+        fma = lay.words == 1 and lay.bits <= 8 and not lay.codebook
+        cfg = TileConfig(block_n=64, block_m=min(m, 8), use_dot=False, dequant="fma" if fma else "shift",
+                         acc2d=fma and m <= 2)
+        target = 4 * num_sms
     else:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         cfg = TileConfig(block_n=128, block_m=bm, use_dot=True, num_warps=4, num_stages=2)
@@ -177,6 +187,8 @@ class _Operands:
     has_scale: bool
     has_zero: bool
     has_codebook: bool
+    has_magic: bool = False  # dequant="fma": the 2**23 exponent word, an operand so it stays in a register
+    has_xsum: bool = False  # dequant="fma" with zero points: sums of x per segment for the zero-point term
 
 
 def extract_codes(words: list, j: int, bits: int) -> jax.Array:
@@ -190,16 +202,19 @@ def extract_codes(words: list, j: int, bits: int) -> jax.Array:
     return q
 
 
-def inplace_positions(bits: int) -> tuple[int, list[int]]:
-    """(shift, [bit offset of code j inside its source word]) for `dequant="inplace"`.
+def inplace_positions(bits: int, top_aligned: bool = False) -> tuple[int, list[tuple[bool, int]]]:
+    """(shift, [(read from word >> shift?, bit offset) of code j]) for the in-place dequantizations.
 
     Code j of a word sits at bits [j * bits, (j + 1) * bits). Those wholly inside the fp32
-    mantissa (bits 0-22) are masked where they lie; the rest are read from `word >> shift`
-    (one shift a word), shift being the offset of the first code that does not fit."""
+    mantissa (bits 0-22) are masked where they lie; the rest are read from `word >> shift` (one
+    shift a word). `shift` is the offset of the first code that does not fit, or, with
+    `top_aligned`, 9: the word's top code then ends at the mantissa's top bit and no shifted code
+    lands at offset 0 (which the compiler turns into a bit-field extract, two instructions)."""
     period = 32 // bits
     offs = [j * bits for j in range(period)]
-    shift = next((o for o in offs if o + bits > _MANTISSA_BITS), 32)
-    return shift, [o if o < shift else o - shift for o in offs]
+    first = next((o for o in offs if o + bits > _MANTISSA_BITS), 32)
+    shift = min(first, 32 - _MANTISSA_BITS) if top_aligned else first
+    return shift, [(False, o) if o < first else (True, o - shift) for o in offs]
 
 
 def codes_to_float(q: jax.Array, zero_plus_2_23) -> jax.Array:
@@ -235,6 +250,8 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
     scale_ref = next(it) if ops.has_scale else None
     zero_ref = next(it) if ops.has_zero else None
     cb_ref = next(it) if ops.has_codebook else None
+    magic_ref = next(it) if ops.has_magic else None
+    xsum_ref = next(it) if ops.has_xsum else None
     o_ref = next(it)
 
     bm, bn, rows, bits = cfg.block_m, cfg.block_n, lay.rows, lay.bits
@@ -319,19 +336,59 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
             return acc + part
         return acc + part * load_group_row(scale_ref, g, cols)
 
-    inplace = cfg.dequant == "inplace"
-    if inplace:
-        shift, offsets = inplace_positions(bits)
+    inplace, fma = cfg.dequant == "inplace", cfg.dequant == "fma"
+    if inplace or fma:
+        shift, positions = inplace_positions(bits, top_aligned=fma)
 
     def inplace_weights(words, shifted, j, zrow):
         """Exact fp32 (code - zero) * 2**o of slab j, o its offset in the source word: the code
         is masked in place and OR-ed into the mantissa of 2**23 (the caller scales x by 2**-o)."""
-        o = offsets[j]
-        src = words[0] if j * bits < shift else shifted
+        from_shifted, o = positions[j]
+        src = shifted if from_shifted else words[0]
         f = lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | _MAGIC, jnp.float32)
         if zrow is None:
             return f - jnp.float32(_TWO23 + 2 ** (bits - 1) * 2 ** o)
         return f - (zrow * jnp.float32(2 ** o) + _TWO23)
+
+    if fma:
+        magic = magic_ref[pl.ds(0, 1), pl.ds(0, 1)]
+        z_sym = 0.0 if ops.has_zero else 2.0 ** (bits - 1)  # zero points go into the x-sum term
+        segments_per_tile = lay.period // lay.slabs_per_group
+
+    def fma_weights(words, shifted, j):
+        """Exact fp32 code - z_sym of slab j in two instructions. The code, masked where it lies
+        at offset o and OR-ed into the mantissa of 2**23 (one LOP3: the exponent word comes from
+        an operand, so it stays in a register), is the float 2**23 + code * 2**o; scaling by
+        2**-o and subtracting 2**(23 - o) + z_sym is one FMA whose result, a small integer, is exact."""
+        from_shifted, o = positions[j]
+        src = shifted if from_shifted else words[0]
+        f = lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | magic, jnp.float32)
+        return f * jnp.float32(2.0 ** -o) - jnp.float32(2.0 ** (_MANTISSA_BITS - o) + z_sym)
+
+    def fma_tile_step(t, carry, words):
+        """GEMV step of dequant="fma": sum_k x_k (code_k - zero) s = s (sum_k x_k code_k - zero sum_k x_k),
+        the second term once per group and column (`corr`, subtracted at the end)."""
+        acc, corr = carry
+        shifted = words[0] >> shift if shift < 32 else None
+        part = None
+        for j in range(lay.period):
+            if j % lay.slabs_per_group == 0:
+                g, part = group_of(t, j), None
+            wts = fma_weights(words, shifted, j)
+            prods = [load_x_col(t, j, i) * wts for i in range(bm)]
+            part = prods if part is None else [p + d for p, d in zip(part, prods)]
+            if (j + 1) % lay.slabs_per_group == 0:
+                s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+                if not cfg.acc2d:
+                    part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
+                acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, part))
+                if ops.has_xsum:
+                    zs = load_group_row(zero_ref, g, cols)
+                    zs = zs if s is None else zs * s
+                    seg = t * segments_per_tile + j // lay.slabs_per_group
+                    corr = tuple(c + zs * xsum_ref[pl.ds(row_list[i], 1), pl.ds(seg, 1)]
+                                 for i, c in enumerate(corr))
+        return acc, corr
 
     def probe_tile_step(t, acc, words):  # timing probe: the loads, one FMA a word, wrong values
         w32 = lax.bitcast_convert_type(words[0] & jnp.uint32(0x3F7FFFFF), jnp.float32)
@@ -355,7 +412,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
                 part = None
             if inplace:
                 wts = inplace_weights(words, shifted, j, zrow)
-                factor = jnp.float32(2.0 ** -offsets[j]) if offsets[j] else None
+                factor = jnp.float32(2.0 ** -positions[j][1]) if positions[j][1] else None
             else:
                 wts, factor = slab_weights(words, j, zc), None
             prods = [load_x_col(t, j, i, factor) * wts for i in range(bm)]
@@ -375,6 +432,8 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         return words
 
     def tile_step(t, acc, words):
+        if fma:
+            return fma_tile_step(t, acc, words)
         if cfg.tile_dot:
             return whole_tile_step(t, acc, words)
         if not cfg.use_dot:
@@ -405,9 +464,16 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         acc0 = jnp.zeros((bm, bn), jnp.float32)
     else:
         acc0 = tuple(jnp.zeros((rows if cfg.acc2d else 1, bn), jnp.float32) for _ in range(bm))
+    if fma:
+        corr0 = tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm)) if ops.has_xsum else None
+        acc0 = (acc0, corr0)
     acc = lax.fori_loop(0, n_steps, body, acc0)
+    if fma:
+        acc, corr = acc
     if cfg.acc2d:
         acc = tuple(jnp.sum(a, axis=0, keepdims=True) for a in acc)
+    if fma and ops.has_xsum:
+        acc = tuple(a - c for a, c in zip(acc, corr))
 
     if one_group and scale_ref is not None:
         s = load_group_row(scale_ref, 0, cols)
@@ -511,12 +577,16 @@ def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfi
 
 def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: bool, poisoned: bool):
     m = x2.shape[0]
-    ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
-                    w.codebook is not None)
+    fma = cfg.dequant == "fma"
+    has_zero = w.zero is not None and w.codebook is None
+    ops = _Operands(w.scale is not None, has_zero, w.codebook is not None, has_magic=fma,
+                    has_xsum=fma and has_zero)
     operands = [x2, w.codes]
     operands += [w.scale] if ops.has_scale else []
     operands += [w.zero] if ops.has_zero else []
     operands += [w.codebook] if ops.has_codebook else []
+    operands += [jnp.full((1, 1), _MAGIC, jnp.uint32)] if ops.has_magic else []
+    operands += [segment_sums(x2, lay)] if ops.has_xsum else []
     if cfg.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, lay.n), x2.dtype)
     else:
@@ -540,6 +610,15 @@ def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: boo
     if cfg.split_k > 1:
         out = out.sum(axis=0).astype(x2.dtype)
     return out
+
+
+def segment_sums(x2: jax.Array, lay: CodeLayout) -> jax.Array:
+    """fp32 [M, segments]: sums of x over the input rows of each segment, the part of a tile in
+    one quantization group (contiguous rows: a whole tile, or a group smaller than a tile)."""
+    m, k = x2.shape
+    size = lay.tile // (lay.period // lay.slabs_per_group)
+    xf = jnp.pad(x2.astype(jnp.float32), ((0, 0), (0, lay.k_padded - k)))
+    return xf.reshape(m, lay.k_padded // size, size).sum(axis=-1)
 
 
 def drop_poisoned_input(body, *refs):

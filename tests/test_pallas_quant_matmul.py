@@ -49,13 +49,19 @@ CASES = [
     (Variant(8, 0), 256, 32, (1,), GEMV(dq="inplace"), jnp.float16),  # one group, 2 codes shifted
     # 16 codes a word; 3 tiles in 2 K splits: the last split is shorter (a run-time loop bound)
     (Variant(2, 128), 384, 32, (1,), GEMV(split=2, dq="inplace", acc2d=True), jnp.bfloat16),
+    # dequant="fma" (code -> float by one FMA; zero points through per-segment sums of x)
+    (Variant(4, 128, "asym"), 640, 32, (3,), GEMV(m=3, split=3, dq="fma"), jnp.bfloat16),  # 5 tiles, 3 splits
+    (Variant(4, 32, "asym", tiled_rows=16), 256, 32, (1,), GEMV(dq="fma", acc2d=True), jnp.bfloat16),  # 4 groups a tile
+    (Variant(8, 0, "asym"), 256, 32, (2,), GEMV(m=2, split=2, dq="fma", acc2d=True), jnp.float16),  # one group, 2 tiles
+    (Variant(2, 128), 384, 32, (1,), GEMV(split=2, dq="fma", acc2d=True), jnp.bfloat16),
+    (Variant(4, 128, "asym", act_order=True, outliers=40), 256, 64, (2,), GEMV(m=2, dq="fma"), jnp.bfloat16),
 ]
 
 
 def _path(cfg):
     if cfg.use_dot:
         return "tiledot" if cfg.tile_dot else "dot"
-    return "fma" + ("-inplace" if cfg.dequant == "inplace" else "") + ("-acc2d" if cfg.acc2d else "")
+    return f"gemv-{cfg.dequant}" + ("-acc2d" if cfg.acc2d else "")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-M{np.prod(c[3])}-{_path(c[4])}")
@@ -115,8 +121,11 @@ def test_errors_name_the_dimension_and_block():
     raises(r"tile_dot needs one group per tile of 128 rows; group_size=32",
            abstract_weight(256, 64, Variant(4, 32, tiled_rows=16)), (1, 256), config=GEMM(tile=True))
     raises(r"slabs of 32 rows.*rows=16.*repack_for_gpu", w, (1, 256), fn=int8_matmul)
-    raises(r"dequant='inplace' needs codes that never straddle a word.*bits=3",
-           abstract_weight(256, 64, Variant(3, 128)), (1, 256), config=GEMV(dq="inplace"))
+    for dq in ("inplace", "fma"):
+        raises(rf"dequant='{dq}' needs codes that never straddle a word.*bits=3",
+               abstract_weight(256, 64, Variant(3, 128)), (1, 256), config=GEMV(dq=dq))
+    raises(r"dequant='fma' turns codes into uniform-grid values; this weight has a codebook",
+           abstract_weight(256, 64, Variant(4, 0, "lut")), (1, 256), config=GEMV(dq="fma"))
     raises(r"GEMV-path options", w, (16, 256), config=dataclasses.replace(GEMM(bn=16), acc2d=True))
 
 

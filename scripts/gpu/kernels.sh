@@ -6,7 +6,7 @@
 #   source scripts/gpu_prelude.sh; bash scripts/gpu/kernels.sh
 #
 # Carry: .whl (pytest wheels, for machines without pytest). Everything goes to $OUT/kernels/ and
-# $OUT/kernels.tgz. Whole run: at most KERNELS_BUDGET_S seconds (default 420): each step has its
+# $OUT/kernels.tgz. Whole run: at most KERNELS_BUDGET_S seconds (default 420; the GPU tests KERNELS_TEST_S, default 55): each step has its
 # own `timeout`, so a hang loses only that step. Progress lines carry a UTC time and the seconds
 # since the start.
 set -u
@@ -30,8 +30,9 @@ if ! python -c "import pytest" 2>/dev/null; then
         .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/pygments-*.whl > "$D/pip.log" 2>&1
     export PYTHONPATH=$PYTHONPATH:/tmp/site_pytest
 fi
-log "pytest tests/gpu/test_quant_matmul_gpu.py (timeout 55s)"
-timeout -k 5 55 python -m pytest -v -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
+TEST_S=${KERNELS_TEST_S:-55}
+log "pytest tests/gpu/test_quant_matmul_gpu.py (timeout ${TEST_S}s)"
+timeout -k 5 "$TEST_S" python -m pytest -v -p no:cacheprovider tests/gpu/test_quant_matmul_gpu.py \
     > "$D/pytest_gpu.log" 2>&1
 echo "rc=$?" >> "$D/pytest_gpu.log"
 grep -E "PASSED|FAILED|ERROR|passed|failed|rc=" "$D/pytest_gpu.log" | tail -25
