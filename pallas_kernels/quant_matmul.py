@@ -23,9 +23,9 @@ integer ops issue at half the FP32 rate on Hopper), and `acc2d` keeps `[rows, bl
 accumulators, reduced across rows once at the end instead of once per group. `dequant="fma"`
 goes further: the masked code is OR-ed with an exponent word held in a register (one LOP3, no
 constant to materialize) and one FMA by 2**-offset turns it into the exact `code - 2**(bits-1)`
-(symmetric) or `code` (zero points: `sum x (code - z) s = s (sum x code - z sum x)`, with the sums
-of x per segment of a tile computed once outside the loop) so that a weight costs LOP3 + FMA +
-the product's FMA. K splits need not divide K evenly: the last split may walk fewer steps.
+(symmetric) or `code` (zero points: `sum x (code - z) = sum x code - z sum x`, the sums of x
+taken per row as x is loaded, the zero term subtracted once per group), so that a weight costs
+LOP3 + FMA + the product's FMA. K splits need not divide K evenly: the last split may walk fewer steps.
 
 The group scale multiplies the fp32 partial sum once per group, not every weight. An int to
 float conversion costs a quarter-rate instruction on the GPU, so codes become floats by the
@@ -188,7 +188,6 @@ class _Operands:
     has_zero: bool
     has_codebook: bool
     has_magic: bool = False  # dequant="fma": the 2**23 exponent word, an operand so it stays in a register
-    has_xsum: bool = False  # dequant="fma" with zero points: sums of x per segment for the zero-point term
 
 
 def extract_codes(words: list, j: int, bits: int) -> jax.Array:
@@ -251,7 +250,6 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
     zero_ref = next(it) if ops.has_zero else None
     cb_ref = next(it) if ops.has_codebook else None
     magic_ref = next(it) if ops.has_magic else None
-    xsum_ref = next(it) if ops.has_xsum else None
     o_ref = next(it)
 
     bm, bn, rows, bits = cfg.block_m, cfg.block_n, lay.rows, lay.bits
@@ -352,8 +350,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
 
     if fma:
         magic = magic_ref[pl.ds(0, 1), pl.ds(0, 1)]
-        z_sym = 0.0 if ops.has_zero else 2.0 ** (bits - 1)  # zero points go into the x-sum term
-        segments_per_tile = lay.period // lay.slabs_per_group
+        z_sym = 0.0 if ops.has_zero else 2.0 ** (bits - 1)  # zero points: subtracted per segment
 
     def fma_weights(words, shifted, j):
         """Exact fp32 code - z_sym of slab j in two instructions. The code, masked where it lies
@@ -365,30 +362,30 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         f = lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | magic, jnp.float32)
         return f * jnp.float32(2.0 ** -o) - jnp.float32(2.0 ** (_MANTISSA_BITS - o) + z_sym)
 
-    def fma_tile_step(t, carry, words):
-        """GEMV step of dequant="fma": sum_k x_k (code_k - zero) s = s (sum_k x_k code_k - zero sum_k x_k),
-        the second term once per group and column (`corr`, subtracted at the end)."""
-        acc, corr = carry
+    def fma_tile_step(t, acc, words):
+        """GEMV step of dequant="fma". With zero points, sum_k x_k (code_k - z) = sum_k x_k code_k
+        - z sum_k x_k: the x of each segment (the slabs of one group in this tile) are summed per
+        row as they are loaded and the zero-point term is subtracted once per segment."""
         shifted = words[0] >> shift if shift < 32 else None
-        part = None
+        part = xsum = None
         for j in range(lay.period):
             if j % lay.slabs_per_group == 0:
-                g, part = group_of(t, j), None
+                g, part, xsum = group_of(t, j), None, None
             wts = fma_weights(words, shifted, j)
-            prods = [load_x_col(t, j, i) * wts for i in range(bm)]
+            xs = [load_x_col(t, j, i) for i in range(bm)]
+            prods = [x * wts for x in xs]
             part = prods if part is None else [p + d for p, d in zip(part, prods)]
+            if ops.has_zero:
+                xsum = xs if xsum is None else [a + x for a, x in zip(xsum, xs)]
             if (j + 1) % lay.slabs_per_group == 0:
+                if ops.has_zero:
+                    z = load_group_row(zero_ref, g, cols)
+                    part = [p - x * z for p, x in zip(part, xsum)]
                 s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
                 if not cfg.acc2d:
                     part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
                 acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, part))
-                if ops.has_xsum:
-                    zs = load_group_row(zero_ref, g, cols)
-                    zs = zs if s is None else zs * s
-                    seg = t * segments_per_tile + j // lay.slabs_per_group
-                    corr = tuple(c + zs * xsum_ref[pl.ds(row_list[i], 1), pl.ds(seg, 1)]
-                                 for i, c in enumerate(corr))
-        return acc, corr
+        return acc
 
     def probe_tile_step(t, acc, words):  # timing probe: the loads, one FMA a word, wrong values
         w32 = lax.bitcast_convert_type(words[0] & jnp.uint32(0x3F7FFFFF), jnp.float32)
@@ -464,16 +461,9 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         acc0 = jnp.zeros((bm, bn), jnp.float32)
     else:
         acc0 = tuple(jnp.zeros((rows if cfg.acc2d else 1, bn), jnp.float32) for _ in range(bm))
-    if fma:
-        corr0 = tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(bm)) if ops.has_xsum else None
-        acc0 = (acc0, corr0)
     acc = lax.fori_loop(0, n_steps, body, acc0)
-    if fma:
-        acc, corr = acc
     if cfg.acc2d:
         acc = tuple(jnp.sum(a, axis=0, keepdims=True) for a in acc)
-    if fma and ops.has_xsum:
-        acc = tuple(a - c for a, c in zip(acc, corr))
 
     if one_group and scale_ref is not None:
         s = load_group_row(scale_ref, 0, cols)
@@ -577,16 +567,13 @@ def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfi
 
 def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: bool, poisoned: bool):
     m = x2.shape[0]
-    fma = cfg.dequant == "fma"
-    has_zero = w.zero is not None and w.codebook is None
-    ops = _Operands(w.scale is not None, has_zero, w.codebook is not None, has_magic=fma,
-                    has_xsum=fma and has_zero)
+    ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
+                    w.codebook is not None, has_magic=cfg.dequant == "fma")
     operands = [x2, w.codes]
     operands += [w.scale] if ops.has_scale else []
     operands += [w.zero] if ops.has_zero else []
     operands += [w.codebook] if ops.has_codebook else []
     operands += [jnp.full((1, 1), _MAGIC, jnp.uint32)] if ops.has_magic else []
-    operands += [segment_sums(x2, lay)] if ops.has_xsum else []
     if cfg.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, lay.n), x2.dtype)
     else:
@@ -610,15 +597,6 @@ def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: boo
     if cfg.split_k > 1:
         out = out.sum(axis=0).astype(x2.dtype)
     return out
-
-
-def segment_sums(x2: jax.Array, lay: CodeLayout) -> jax.Array:
-    """fp32 [M, segments]: sums of x over the input rows of each segment, the part of a tile in
-    one quantization group (contiguous rows: a whole tile, or a group smaller than a tile)."""
-    m, k = x2.shape
-    size = lay.tile // (lay.period // lay.slabs_per_group)
-    xf = jnp.pad(x2.astype(jnp.float32), ((0, 0), (0, lay.k_padded - k)))
-    return xf.reshape(m, lay.k_padded // size, size).sum(axis=-1)
 
 
 def drop_poisoned_input(body, *refs):
