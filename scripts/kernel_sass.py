@@ -1,0 +1,141 @@
+"""Instruction counts of a fused matmul kernel's inner loop, on a machine without a GPU.
+
+jax lowers the Pallas kernel for CUDA on any machine (`lowering_platforms=("cuda",)`); the
+Triton IR it embeds is compiled here for sm_90 by the `triton` package's own compiler and
+`cuobjdump` (shipped in its wheel), and the SASS of each loop is tallied by opcode. That is how
+the `dequant="fma"` GEMV was designed (docs/results/kernel_notes.md, "Run 6"): the GPU only
+confirms what the count predicts. The pip Triton is not the Triton inside jaxlib, so treat the
+counts as close, not exact.
+
+    pip install triton            # any machine; a separate venv is fine (--triton-python)
+    python scripts/kernel_sass.py --bits 4 --group-size 128 --grid asym --dequant fma --acc2d
+    python scripts/kernel_sass.py --dequant inplace --acc2d --block-n 128 --warps 8 --sass out.sass
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.errors import UserError
+from pallas_kernels.layout import kernel_layout
+from pallas_kernels.quant_matmul import TileConfig, quant_matmul
+from pallas_kernels.testing import Variant, random_qarray
+
+COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+k = triton.compile(sys.argv[1], target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=int(sys.argv[2]), num_stages=int(sys.argv[3])))
+open(sys.argv[4], "wb").write(k.asm["cubin"])
+"""
+
+
+def triton_ir(fn, *args) -> list[str]:
+    """Text of the Triton IR of every Pallas kernel in fn(*args), lowered for CUDA."""
+    from jax._src.lib import triton as jaxlib_triton
+    from jax._src.lib.mlir import ir
+
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    found = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for o in block.operations:
+                    if o.operation.name == "stablehlo.custom_call" and "triton" in str(o.attributes["call_target_name"]):
+                        found.append(ir.StringAttr(o.attributes["mhlo.backend_config"]["ir"]).value_bytes)
+                    walk(o.operation)
+
+    walk(module.operation)
+    texts = []
+    for blob in found:
+        ctx = ir.Context()
+        jaxlib_triton.dialect.register_dialect(ctx)
+        with ctx:
+            texts.append(str(ir.Module.parse(blob)))
+    return texts
+
+
+def loop_counts(sass: str) -> list[tuple[int, collections.Counter]]:
+    """(instructions, opcode counts) of each backward branch's body in a cuobjdump listing."""
+    ops = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", line)
+        if m:
+            ops.append((int(m.group(1), 16), m.group(2).strip()))
+    loops = []
+    for addr, op in ops:
+        b = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", op)
+        if b and int(b.group(1), 16) < addr:
+            body = [o for a, o in ops if int(b.group(1), 16) <= a <= addr]
+            names = (re.sub(r"^@!?U?P\w+\s+", "", o).split()[0].split(".")[0] for o in body)
+            loops.append((len(body), collections.Counter(names)))
+    return loops
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="0: one group per output channel")
+    p.add_argument("--grid", default="sym", choices=("sym", "asym", "lut", "lut_scaled"))
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--m", type=int, default=1, help="batch (rows of x)")
+    p.add_argument("--dequant", default="fma", choices=("shift", "inplace", "fma"))
+    p.add_argument("--acc2d", action="store_true")
+    p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--split-k", type=int, default=4)
+    p.add_argument("--tiles-per-step", type=int, default=2)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--triton-python", default=sys.executable,
+                   help="a Python with the `triton` package (default: this one)")
+    p.add_argument("--sass", help="also write the SASS listing here")
+    args = p.parse_args(argv)
+
+    w = random_qarray(0, args.k, args.n, Variant(args.bits, args.group_size, args.grid))
+    x = jnp.ones((args.m, args.k), jnp.bfloat16)
+    cfg = TileConfig(block_n=args.block_n, block_m=min(args.m, 8), split_k=args.split_k,
+                     tiles_per_step=args.tiles_per_step, dequant=args.dequant, acc2d=args.acc2d,
+                     num_warps=args.warps, num_stages=args.stages)
+    (ttir,) = triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), x, w)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.cubin")
+        with open(src, "w") as f:
+            f.write(ttir)
+        env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")  # FMA contraction, as jaxlib's Triton does
+        done = subprocess.run([args.triton_python, "-c", COMPILE, src, str(args.warps), str(args.stages), cubin],
+                              capture_output=True, text=True, env=env)
+        if done.returncode:
+            raise UserError(f"compiling the kernel with {args.triton_python}'s triton failed (is `triton` "
+                            f"installed there? pip install triton):\n{done.stderr[-2000:]}")
+        tools = os.path.join(os.path.dirname(subprocess.run(
+            [args.triton_python, "-c", "import triton, os; print(triton.__file__)"],
+            capture_output=True, text=True, check=True).stdout.strip()), "backends", "nvidia", "bin")
+        cuobjdump = os.path.join(tools, "cuobjdump")
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    if args.sass:
+        with open(args.sass, "w") as f:
+            f.write(sass)
+    regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+    print(f"{cfg}\nregisters {regs.group(1)}, local (spill) bytes {regs.group(2)}" if regs else usage)
+    tile = kernel_layout(w).tile
+    weights_per_thread = args.tiles_per_step * tile * args.block_n / (args.warps * 32)
+    for n, counts in loop_counts(sass):
+        print(f"loop: {n} instructions, {n / weights_per_thread:.2f} a weight (if it is the main loop: "
+              f"{args.tiles_per_step} tiles of [{tile}, {args.block_n}] per step); "
+              + ", ".join(f"{k} {v}" for k, v in counts.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()

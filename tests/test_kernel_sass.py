@@ -1,0 +1,37 @@
+"""`scripts/kernel_sass.py`: the kernel's Triton IR is reachable on a CPU, and loop bodies are counted."""
+
+import importlib.util
+import pathlib
+
+import jax.numpy as jnp
+
+from pallas_kernels.quant_matmul import TileConfig, quant_matmul
+from pallas_kernels.testing import Variant, random_qarray
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "kernel_sass.py"
+spec = importlib.util.spec_from_file_location("kernel_sass", SCRIPT)
+kernel_sass = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel_sass)
+
+
+def test_triton_ir_of_the_gemv_kernel_on_a_cpu():
+    """Lowering for CUDA needs no GPU: the fma kernel's IR holds its exponent-word operand and FMAs."""
+    w = random_qarray(0, 256, 64, Variant(4, 128, "asym"))
+    cfg = TileConfig(block_n=32, dequant="fma", acc2d=True)
+    (ir,) = kernel_sass.triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), jnp.ones((1, 256), jnp.bfloat16), w)
+    assert "tt.func public @quant_matmul_w4_gemv" in ir
+    assert ir.count("tt.ptr") >= 5  # x, codes, scale, zero, exponent word (+ output)
+    assert "scf.for" in ir and "arith.ori" in ir and "tt.bitcast" in ir
+
+
+def test_loop_counts_of_a_listing():
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LOP3.LUT R2, R0, 0xf, R5, 0xf8, !PT ;
+        /*0020*/                   FFMA R3, R2, R4, -2056 ;
+        /*0030*/                   FFMA R6, R3, R7, R6 ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/                   EXIT ;
+    """
+    ((n, counts),) = kernel_sass.loop_counts(listing)
+    assert n == 4 and counts == {"LOP3": 1, "FFMA": 2, "BRA": 1}
