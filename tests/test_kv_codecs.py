@@ -84,6 +84,40 @@ def test_kivi_residual_window_at_group_boundaries():
         np.testing.assert_array_equal(np.asarray(a)[:, :100], np.asarray(b)[:, :100])
 
 
+def test_kivi_sink_is_exact_and_leaves_its_key_group_range():
+    """sink=1: token 0 (here a key outlier 50x the others) is exact once flushed, and group 0's
+    per-channel key range is that of tokens 1..G-1 (float64 reference with token 0 replaced by
+    its group's minimum); decode step by step stores what one prefill stores."""
+    codec = KIVICodec(key_bits=2, value_bits=4, group_size=16, residual=32, sink=1, attention="reference")
+    g = 16
+    rng = np.random.default_rng(1)
+    k, v = _kv(rng, 2, 64)
+    k[:, 0] *= 50.0
+    write, dense = jax.jit(codec.write), jax.jit(codec.dense)
+    once = write(codec.init(2, 80, KH, D, jnp.float32), jnp.asarray(k), jnp.asarray(v), jnp.int32(0))
+    n_q = int(codec.quantized_length(once))
+    assert n_q == 32
+    kd, vd = map(np.asarray, dense(once))
+    np.testing.assert_array_equal(kd[:, 0], k[:, 0])
+    np.testing.assert_array_equal(vd[:, 0], v[:, 0])
+    k_ref = k[:, :n_q].astype(np.float64)
+    k_ref[:, 0] = k_ref[:, 1:g].min(axis=1)
+    kq, vq = np_kivi((k_ref, v[:, :n_q].astype(np.float64)), g, 2, 4)
+    np.testing.assert_allclose(kd[:, 1:n_q], kq[:, 1:], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(vd[:, 1:n_q], vq[:, 1:], rtol=0, atol=1e-5)
+    # Without the sink the outlier stretches group 0: its other keys lose almost all precision.
+    plain = dataclasses.replace(codec, sink=0)
+    kp = np.asarray(jax.jit(plain.dense)(plain.write(plain.init(2, 80, KH, D, jnp.float32), jnp.asarray(k),
+                                                     jnp.asarray(v), jnp.int32(0)))[0])
+    err = lambda x: np.abs(x[:, 1:g] - k[:, 1:g]).mean()  # noqa: E731
+    assert err(kd) < 0.2 * err(kp)
+    state = write(codec.init(2, 80, KH, D, jnp.float32), jnp.asarray(k[:, :20]), jnp.asarray(v[:, :20]), jnp.int32(0))
+    for t in range(20, 64):
+        state = write(state, jnp.asarray(k[:, t:t + 1]), jnp.asarray(v[:, t:t + 1]), jnp.int32(t))
+    for a, b in zip(dense(once), dense(state)):
+        np.testing.assert_array_equal(np.asarray(a)[:, :64], np.asarray(b)[:, :64])
+
+
 # --------------------------------------------------------------------------------- int baselines
 @pytest.mark.parametrize("bits,symmetric,granularity", [(4, False, "head"), (8, True, "token"), (2, False, "tensor")])
 def test_uniform_round_trip_float64(bits, symmetric, granularity):
@@ -269,12 +303,15 @@ def small_model():
     return cfg, random_model(cfg, jnp.float32)
 
 
-@pytest.mark.parametrize("which", ["kivi", "kvquant"])
+@pytest.mark.parametrize("which", ["kivi", "kivi_sink", "kvquant"])
 def test_decode_kernel_path_matches_reference_in_model(small_model, kvquant_setup, which):
-    """The Pallas path (interpret mode) inside the model = the dequantize-then-attend path."""
+    """The Pallas path (interpret mode) inside the model = the dequantize-then-attend path
+    (kivi_sink: the sink token moves from the window to the sink list at the flush, and must be
+    attended once)."""
     cfg, model = small_model
-    codec = (KIVICodec(2, 2, group_size=16, residual=16) if which == "kivi"
-             else KVQuantCodec(3, 3, calibration=kvquant_setup[0]))
+    codec = {"kivi": KIVICodec(2, 2, group_size=16, residual=16),
+             "kivi_sink": KIVICodec(2, 2, group_size=16, residual=16, sink=1),
+             "kvquant": KVQuantCodec(3, 3, calibration=kvquant_setup[0])}[which]
     # prefill 30, decode 8 steps: KIVI's window flushes a group at 32 (interpret mode is slow per step)
     tokens = jax.random.randint(jax.random.key(3), (2, 38), 0, cfg.vocab_size)
     ref = _decode_logits(model, cfg, dataclasses.replace(codec, attention="reference"), tokens, 30)
@@ -314,6 +351,8 @@ def test_clear_errors():
         UniformCodec(granularity="tensor").init(1, 64, 2, 64, jnp.float32)
     with pytest.raises(ConfigError, match="attention="):
         KIVICodec(attention="fast")
+    with pytest.raises(ConfigError, match=r"KIVI sink=32 must be an integer in \[0, group_size=32\)"):
+        KIVICodec(sink=32)
     cfg = preset("tiny")
     model = random_model(cfg, jnp.float32)
     cache = KVCache.create(cfg, 1, 16, jnp.float32, KIVICodec(group_size=16, residual=16))

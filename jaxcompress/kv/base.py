@@ -46,6 +46,26 @@ def gather_slots(x: jax.Array, slots: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def init_sink(batch: int, sink: int, kv_heads: int, head_dim: int, dtype) -> dict:
+    """State of an exact attention sink: the first `sink` positions' keys, values and slots."""
+    return {"sink_k": jnp.zeros((batch, sink, kv_heads, head_dim), dtype),
+            "sink_v": jnp.zeros((batch, sink, kv_heads, head_dim), dtype),
+            "sink_slot": jnp.full((batch, sink), -1, jnp.int32)}
+
+
+def write_sink(state: dict, k, v, index, positions, sink: int) -> dict:
+    """The sink entries after writing k, v [B, T, K, D] at slots index.. (positions [B, T] or
+    None: position = slot): tokens at positions 0..sink-1 are copied, the rest dropped."""
+    b, t = k.shape[:2]
+    pos = positions if positions is not None else index + jnp.broadcast_to(jnp.arange(t), (b, t))
+    target = jnp.where((pos >= 0) & (pos < sink), pos, sink)  # out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    return {"sink_k": state["sink_k"].at[rows, target].set(k.astype(state["sink_k"].dtype), mode="drop"),
+            "sink_v": state["sink_v"].at[rows, target].set(v.astype(state["sink_v"].dtype), mode="drop"),
+            "sink_slot": state["sink_slot"].at[rows, target].set(slots, mode="drop")}
+
+
 class PackedCodec(KVCodec):
     """Base of the packed codecs. Subclasses define the dataclass fields `key_bits`,
     `value_bits` and `attention` (one of ATTENTION_MODES)."""

@@ -12,6 +12,10 @@
 
 Keys are quantized after RoPE, as in the paper. Prefill writes many tokens at once; decode one:
 both go through the same write (append to the window, flush whole groups when it overflows).
+
+`sink` (default 0, the published KIVI): the first `sink` positions are also kept exact once they
+leave the window, as KVQuant keeps its attention sink, and are left out of their key group's
+per-channel range: the sink token's keys are atypical, and every later query attends to it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.kv.base import PackedCodec, check_attention_mode
+from jaxcompress.kv.base import PackedCodec, check_attention_mode, init_sink, write_sink
 from jaxcompress.kv.store import (META_DTYPE, QTokens, capacity_for, check_bits, codes_per_word,
                                   minmax_scale_zero, uniform_codes, write_codes)
 
@@ -34,6 +38,7 @@ class KIVICodec(PackedCodec):
     group_size: int = 32
     residual: int = 128
     attention: str = "auto"
+    sink: int = 0
 
     def __post_init__(self):
         check_bits(self.key_bits, "key_bits")
@@ -42,13 +47,17 @@ class KIVICodec(PackedCodec):
         g = self.group_size
         if not isinstance(g, int) or g < 16 or g % 16:
             raise ConfigError(f"KIVI group_size={g!r} must be a multiple of 16 (the decode kernel's tile)")
+        if not isinstance(self.sink, int) or not 0 <= self.sink < g:
+            raise ConfigError(f"KIVI sink={self.sink!r} must be an integer in [0, group_size={g}): "
+                              f"the sink tokens leave the window with the first key group")
         if self.residual < g:
             raise ConfigError(f"KIVI residual={self.residual} must be at least group_size={g}: "
                               f"the window has to hold a whole group before it is flushed")
 
     @property
     def name(self) -> str:
-        return f"kivi-k{self.key_bits}v{self.value_bits}-g{self.group_size}-r{self.residual}"
+        sink = f"-s{self.sink}" if self.sink else ""
+        return f"kivi-k{self.key_bits}v{self.value_bits}-g{self.group_size}-r{self.residual}{sink}"
 
     @property
     def rows(self) -> int:
@@ -87,8 +96,11 @@ class KIVICodec(PackedCodec):
                     meta((batch, kv_heads, cap, head_dim // g)), bits=self.value_bits, rows=rows,
                     token_group=1, channel_group=g)
         window = (batch, self.window(max_len), kv_heads, head_dim)
-        return {"k": k, "v": v, "res_k": jnp.zeros(window, dtype), "res_v": jnp.zeros(window, dtype),
-                "end": jnp.zeros((), jnp.int32)}
+        state = {"k": k, "v": v, "res_k": jnp.zeros(window, dtype), "res_v": jnp.zeros(window, dtype),
+                 "end": jnp.zeros((), jnp.int32)}
+        if self.sink:
+            state.update(init_sink(batch, self.sink, kv_heads, head_dim, dtype))
+        return state
 
     def write(self, state, k, v, index, positions=None):
         b, t, kv_heads, d = k.shape
@@ -105,6 +117,7 @@ class KIVICodec(PackedCodec):
             return jax.lax.dynamic_update_slice(ext, x.astype(res.dtype), (0, count, 0, 0))
 
         ext_k, ext_v = extend(res_k, k), extend(res_v, v)
+        sink = write_sink(state, k, v, index, positions, self.sink) if self.sink else {}
         # At most ceil(t / g) groups leave the window; quantize that many from slot n_old (the
         # slots past n_new get provisional codes, overwritten when they are really flushed).
         flush = min(g * -(-t // g), cap // g * g, (2 * win + t) // g * g)
@@ -112,18 +125,27 @@ class KIVICodec(PackedCodec):
         if flush > 0:
             kstore, vstore = jax.lax.cond(
                 n_new > n_old,
-                lambda: self._flush(kstore, vstore, ext_k[:, :flush], ext_v[:, :flush], n_old),
+                lambda: self._flush(kstore, vstore, ext_k[:, :flush], ext_v[:, :flush], n_old,
+                                    sink.get("sink_slot")),
                 lambda: (kstore, vstore))
         shift = n_new - n_old
         slide = lambda ext: jax.lax.dynamic_slice(ext, (0, shift, 0, 0), (b, win, kv_heads, d))  # noqa: E731
         return {"k": kstore, "v": vstore, "res_k": slide(ext_k), "res_v": slide(ext_v),
-                "end": jnp.asarray(index + t, jnp.int32)}
+                "end": jnp.asarray(index + t, jnp.int32), **sink}
 
-    def _flush(self, kstore: QTokens, vstore: QTokens, xk, xv, start):
-        """Quantizes xk, xv [B, L, K, D] (L a multiple of G) into slots [start, start + L)."""
+    def _flush(self, kstore: QTokens, vstore: QTokens, xk, xv, start, sink_slot=None):
+        """Quantizes xk, xv [B, L, K, D] (L a multiple of G) into slots [start, start + L).
+        Slots in `sink_slot` [B, S] (kept exact elsewhere) do not widen their key group's range."""
         b, n, kv_heads, d = xk.shape
         g = self.group_size
         keys = xk.transpose(0, 2, 1, 3).astype(jnp.float32).reshape(b, kv_heads, n // g, g, d)
+        if sink_slot is not None:
+            slots = start + jnp.arange(n, dtype=jnp.int32)
+            is_sink = jnp.any(slots[None, :, None] == sink_slot[:, None, :], axis=-1)  # [B, L]
+            is_sink = is_sink.reshape(b, 1, n // g, g, 1)
+            # Any in-range value leaves min and max alone: the group's smallest non-sink key.
+            fill = jnp.min(jnp.where(is_sink, jnp.inf, keys), axis=3, keepdims=True)
+            keys = jnp.where(is_sink, fill, keys)
         ks, kz = minmax_scale_zero(keys, (3,), self.key_bits, False)  # per channel, per token group
         kcodes = uniform_codes(keys, ks, kz, self.key_bits).reshape(b, kv_heads, n, d)
         vals = xv.transpose(0, 2, 1, 3).astype(jnp.float32).reshape(b, kv_heads, n, d // g, g)
@@ -149,7 +171,13 @@ class KIVICodec(PackedCodec):
         b, win = state["res_k"].shape[:2]
         j = jnp.arange(win, dtype=jnp.int32)
         slots = jnp.broadcast_to(jnp.where(j < end - n_q, n_q + j, -1), (b, win))
-        return state["res_k"], state["res_v"], slots
+        if not self.sink:
+            return state["res_k"], state["res_v"], slots
+        # A sink token still in the window is listed there; once flushed, from the sink.
+        sink_slots = jnp.where((state["sink_slot"] >= 0) & (state["sink_slot"] < n_q), state["sink_slot"], -1)
+        return (jnp.concatenate([state["res_k"], state["sink_k"]], axis=1),
+                jnp.concatenate([state["res_v"], state["sink_v"]], axis=1),
+                jnp.concatenate([slots, sink_slots], axis=1))
 
     # ---------------------------------------------------------------- accounting
     def bytes_per_token(self, kv_heads, head_dim, dtype=None):

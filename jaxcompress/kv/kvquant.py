@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.kv.base import PackedCodec, check_attention_mode
+from jaxcompress.kv.base import PackedCodec, check_attention_mode, init_sink, write_sink
 from jaxcompress.kv.calibration import KVCalibration, weighted_kmeans_1d
 from jaxcompress.kv.store import (META_DTYPE, NO_OUTLIER, QTokens, capacity_for, check_bits,
                                   codes_per_word, nearest_codes, write_codes)
@@ -106,9 +106,7 @@ class KVQuantCodec(PackedCodec):
                     *outliers(), bits=self.value_bits, rows=rows, token_group=1, channel_group=head_dim)
         state = {"k": k, "v": v, "end": jnp.zeros((), jnp.int32)}
         if self.sink:
-            state["sink_k"] = jnp.zeros((batch, self.sink, kv_heads, head_dim), dtype)
-            state["sink_v"] = jnp.zeros((batch, self.sink, kv_heads, head_dim), dtype)
-            state["sink_slot"] = jnp.full((batch, self.sink), -1, jnp.int32)
+            state.update(init_sink(batch, self.sink, kv_heads, head_dim, dtype))
         return state
 
     def write(self, state, k, v, index, positions=None):
@@ -151,13 +149,7 @@ class KVQuantCodec(PackedCodec):
         new["v"] = dataclasses.replace(vstore, **updates)
 
         if self.sink:
-            pos = positions if positions is not None else index + jnp.broadcast_to(jnp.arange(t), (b, t))
-            target = jnp.where((pos >= 0) & (pos < self.sink), pos, self.sink)  # else dropped
-            rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-            new["sink_k"] = state["sink_k"].at[rows, target].set(k.astype(state["sink_k"].dtype), mode="drop")
-            new["sink_v"] = state["sink_v"].at[rows, target].set(v.astype(state["sink_v"].dtype), mode="drop")
-            slots = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-            new["sink_slot"] = state["sink_slot"].at[rows, target].set(slots, mode="drop")
+            new.update(write_sink(state, k, v, index, positions, self.sink))
         new["end"] = jnp.asarray(index + t, jnp.int32)
         return new
 
