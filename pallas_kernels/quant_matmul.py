@@ -25,7 +25,9 @@ goes further: the masked code is OR-ed with an exponent word held in a register 
 constant to materialize) and one FMA by 2**-offset turns it into the exact `code - 2**(bits-1)`
 (symmetric) or `code` (zero points: `sum x (code - z) = sum x code - z sum x`, the sums of x
 taken per row as x is loaded, the zero term subtracted once per group), so that a weight costs
-LOP3 + FMA + the product's FMA. K splits need not divide K evenly: the last split may walk fewer steps.
+LOP3 + FMA + the product's FMA. The tensor-core path takes `dequant="fma"` too (with the zero row
+in the FMA's addend), then rounds to x's dtype for the dot. K splits need not divide K evenly:
+the last split may walk fewer steps.
 
 The group scale multiplies the fp32 partial sum once per group, not every weight. An int to
 float conversion costs a quarter-rate instruction on the GPU, so codes become floats by the
@@ -70,10 +72,10 @@ class TileConfig:
     split_k: int = 1
     tiles_per_step: int = 1  # tiles loaded before any is used, for more bytes in flight
     tile_dot: bool = False  # tensor-core path: one dot per tile (slabs re-interleaved) instead of per slab
-    # GEMV path only. dequant="inplace": codes masked where they lie in the word (one LOP3 a
-    # weight, one shift a word) instead of shift + mask + or; "fma": the same mask, then one FMA
-    # to the code's value (see the module docstring); acc2d: [rows, block_n] accumulators
-    # reduced over rows once at the end instead of once per group.
+    # dequant="inplace" (GEMV path only): codes masked where they lie in the word (one LOP3 a
+    # weight, one shift a word) instead of shift + mask + or; "fma" (both paths): the same mask,
+    # then one FMA to the code's value (see the module docstring); acc2d (GEMV path only):
+    # [rows, block_n] accumulators reduced over rows once at the end instead of once per group.
     dequant: str = "shift"
     acc2d: bool = False
     num_warps: int = 4
@@ -113,7 +115,7 @@ def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int =
         return "tile_dot needs the tensor-core path (use_dot=True)"
     if cfg.dequant not in DEQUANT_MODES:
         return f"dequant={cfg.dequant!r} must be one of {DEQUANT_MODES}"
-    if (cfg.dequant != "shift" or cfg.acc2d) and cfg.use_dot:
+    if (cfg.dequant == "inplace" or cfg.acc2d) and cfg.use_dot:
         return f"dequant={cfg.dequant!r} / acc2d={cfg.acc2d} are GEMV-path options (use_dot=False)"
     if cfg.dequant in ("inplace", "fma") and lay.codebook:
         return f"dequant={cfg.dequant!r} turns codes into uniform-grid values; this weight has a codebook"
@@ -150,14 +152,14 @@ def default_config(lay: CodeLayout, m: int, num_sms: int = 132) -> TileConfig:
     """A reasonable config without measurements (the autotuner and the tuned table do better)."""
     # What won most often on an H200 (docs/results/kernel_notes.md): wide column blocks, K split
     # until there are ~4 programs per multiprocessor (GEMV) or ~2 (tensor cores).
+    fma = lay.words == 1 and lay.bits <= 8 and not lay.codebook
+    dequant = "fma" if fma else "shift"
     if m <= 8 or lay.rows < 16:
-        fma = lay.words == 1 and lay.bits <= 8 and not lay.codebook
-        cfg = TileConfig(block_n=64, block_m=min(m, 8), use_dot=False, dequant="fma" if fma else "shift",
-                         acc2d=fma and m <= 2)
+        cfg = TileConfig(block_n=64, block_m=min(m, 8), use_dot=False, dequant=dequant, acc2d=fma and m <= 2)
         target = 4 * num_sms
     else:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        cfg = TileConfig(block_n=128, block_m=bm, use_dot=True, num_warps=4, num_stages=2)
+        cfg = TileConfig(block_n=128, block_m=bm, use_dot=True, num_warps=4, num_stages=2, dequant=dequant)
         target = 2 * num_sms
     bn = cfg.block_n
     while lay.n % bn and bn > 16:
@@ -324,10 +326,18 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         xs = x_ref[row_ids[:, None], jnp.minimum(ids, lay.k - 1)[None, :]]
         return jnp.where((ids < lay.k)[None, :], xs, jnp.zeros_like(xs))
 
+    def dot_slabs(words, js, g):
+        """fp32 `code - zero` of slabs js (one group g) for the tensor-core paths."""
+        if fma:
+            shifted = words[0] >> shift if shift < 32 else None
+            zrow = load_group_row(zero_ref, g, cols) if ops.has_zero else None
+            return [fma_weights(words, shifted, j, zrow) for j in js]
+        zc = fixed_zc if one_group else zero_plus_2_23(g)
+        return [slab_weights(words, j, zc) for j in js]
+
     def whole_tile_step(t, acc, words):
         g = group_of(t, 0)
-        zc = fixed_zc if one_group else zero_plus_2_23(g)
-        slabs = [slab_weights(words, j, zc).astype(in_dtype) for j in range(lay.period)]
+        slabs = [w.astype(in_dtype) for w in dot_slabs(words, range(lay.period), g)]
         part = jnp.dot(load_x_tile(t), interleave_slabs(slabs, lay.interleaved),
                        preferred_element_type=jnp.float32)
         if one_group or scale_ref is None:
@@ -352,15 +362,17 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         magic = magic_ref[pl.ds(0, 1), pl.ds(0, 1)]
         z_sym = 0.0 if ops.has_zero else 2.0 ** (bits - 1)  # zero points: subtracted per segment
 
-    def fma_weights(words, shifted, j):
-        """Exact fp32 code - z_sym of slab j in two instructions. The code, masked where it lies
-        at offset o and OR-ed into the mantissa of 2**23 (one LOP3: the exponent word comes from
-        an operand, so it stays in a register), is the float 2**23 + code * 2**o; scaling by
-        2**-o and subtracting 2**(23 - o) + z_sym is one FMA whose result, a small integer, is exact."""
+    def fma_weights(words, shifted, j, zrow=None):
+        """Exact fp32 `code - z` of slab j in two instructions, z = z_sym or the zero row [1, bn].
+        The code, masked where it lies at offset o and OR-ed into the mantissa of 2**23 (one
+        LOP3: the exponent word comes from an operand, so it stays in a register), is the float
+        2**23 + code * 2**o; scaling by 2**-o and subtracting 2**(23 - o) + z is one FMA (exact
+        for z_sym: the result is a small integer; with a zero row, one rounding as before)."""
         from_shifted, o = positions[j]
         src = shifted if from_shifted else words[0]
         f = lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | magic, jnp.float32)
-        return f * jnp.float32(2.0 ** -o) - jnp.float32(2.0 ** (_MANTISSA_BITS - o) + z_sym)
+        offset = jnp.float32(2.0 ** (_MANTISSA_BITS - o))
+        return f * jnp.float32(2.0 ** -o) - (offset + z_sym if zrow is None else zrow + offset)
 
     def fma_tile_step(t, acc, words):
         """GEMV step of dequant="fma". With zero points, sum_k x_k (code_k - z) = sum_k x_k code_k
@@ -429,24 +441,19 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         return words
 
     def tile_step(t, acc, words):
-        if fma:
-            return fma_tile_step(t, acc, words)
         if cfg.tile_dot:
             return whole_tile_step(t, acc, words)
         if not cfg.use_dot:
-            return gemv_tile_step(t, acc, words)
-        part = None
-        for j in range(lay.period):
-            if j % lay.slabs_per_group == 0:
-                g = group_of(t, j)
-                zc = fixed_zc if one_group else zero_plus_2_23(g)
-                part = None
-            wts = slab_weights(words, j, zc)
-            d = jnp.dot(load_x_rows(t, j), wts.astype(in_dtype), preferred_element_type=jnp.float32)
-            part = d if part is None else part + d
-            if (j + 1) % lay.slabs_per_group == 0:
-                s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
-                acc = acc + (part if s is None else part * s)
+            return fma_tile_step(t, acc, words) if fma else gemv_tile_step(t, acc, words)
+        spg = lay.slabs_per_group
+        for j0 in range(0, lay.period, spg):  # one group at a time
+            g = group_of(t, j0)
+            part = None
+            for j, wts in zip(range(j0, j0 + spg), dot_slabs(words, range(j0, j0 + spg), g)):
+                d = jnp.dot(load_x_rows(t, j), wts.astype(in_dtype), preferred_element_type=jnp.float32)
+                part = d if part is None else part + d
+            s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+            acc = acc + (part if s is None else part * s)
         return acc
 
     def body(step, acc):

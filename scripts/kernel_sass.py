@@ -91,6 +91,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--m", type=int, default=1, help="batch (rows of x)")
     p.add_argument("--dequant", default="fma", choices=("shift", "inplace", "fma"))
+    p.add_argument("--dot", action="store_true", help="the tensor-core path (block_m 16 or more)")
+    p.add_argument("--tile-dot", action="store_true", help="tensor-core path, one dot per tile")
     p.add_argument("--acc2d", action="store_true")
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--split-k", type=int, default=4)
@@ -104,9 +106,10 @@ def main(argv=None):
 
     w = random_qarray(0, args.k, args.n, Variant(args.bits, args.group_size, args.grid))
     x = jnp.ones((args.m, args.k), jnp.bfloat16)
-    cfg = TileConfig(block_n=args.block_n, block_m=min(args.m, 8), split_k=args.split_k,
-                     tiles_per_step=args.tiles_per_step, dequant=args.dequant, acc2d=args.acc2d,
-                     num_warps=args.warps, num_stages=args.stages)
+    dot = args.dot or args.tile_dot
+    cfg = TileConfig(block_n=args.block_n, block_m=max(16, args.m) if dot else min(args.m, 8), use_dot=dot,
+                     tile_dot=args.tile_dot, split_k=args.split_k, tiles_per_step=args.tiles_per_step,
+                     dequant=args.dequant, acc2d=args.acc2d, num_warps=args.warps, num_stages=args.stages)
     (ttir,) = triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), x, w)
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.cubin")

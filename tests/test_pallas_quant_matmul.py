@@ -29,8 +29,8 @@ from pallas_kernels.testing import (Variant, abstract_weight, float64_reference,
 TOL = 1e-2
 GEMV = lambda bn=32, m=1, split=1, step=1, dq="shift", acc2d=False: TileConfig(  # noqa: E731
     block_n=bn, block_m=m, split_k=split, tiles_per_step=step, dequant=dq, acc2d=acc2d)
-GEMM = lambda bn=32, bm=16, split=1, step=1, tile=False: TileConfig(  # noqa: E731
-    block_n=bn, block_m=bm, use_dot=True, split_k=split, tiles_per_step=step, tile_dot=tile)
+GEMM = lambda bn=32, bm=16, split=1, step=1, tile=False, dq="shift": TileConfig(  # noqa: E731
+    block_n=bn, block_m=bm, use_dot=True, split_k=split, tiles_per_step=step, tile_dot=tile, dequant=dq)
 
 # (variant, K, N, x leading shape, config, activation dtype): each line covers a layout x path x
 # edge case; together they write every output element under NaN poison.
@@ -55,12 +55,16 @@ CASES = [
     (Variant(8, 0, "asym"), 256, 32, (2,), GEMV(m=2, split=2, dq="fma", acc2d=True), jnp.float16),  # one group, 2 tiles
     (Variant(2, 128), 384, 32, (1,), GEMV(split=2, dq="fma", acc2d=True), jnp.bfloat16),
     (Variant(4, 128, "asym", act_order=True, outliers=40), 256, 64, (2,), GEMV(m=2, dq="fma"), jnp.bfloat16),
+    # ... and on the tensor-core paths (per-slab dots, whole-tile dots)
+    (Variant(4, 32, "asym", tiled_rows=32), 512, 64, (17,), GEMM(split=2, dq="fma"), jnp.bfloat16),
+    (Variant(2, 0, "asym", tiled_rows=16), 320, 32, (16,), GEMM(tile=True, dq="fma"), jnp.float16),
+    (Variant(4, 128), 256, 64, (5,), GEMM(bn=16, tile=True, dq="fma"), jnp.bfloat16),
 ]
 
 
 def _path(cfg):
     if cfg.use_dot:
-        return "tiledot" if cfg.tile_dot else "dot"
+        return ("tiledot" if cfg.tile_dot else "dot") + ("-fma" if cfg.dequant == "fma" else "")
     return f"gemv-{cfg.dequant}" + ("-acc2d" if cfg.acc2d else "")
 
 
