@@ -70,12 +70,13 @@ def test_recipe_section_normalization_and_errors():
 
     r = load_recipe("kivi_k4v2")["kv_cache"]
     assert r == {"method": "kivi", "key_bits": 4, "value_bits": 2, "group_size": 32, "residual": 128,
-                 "attention": "auto"}
+                 "sink": 0, "attention": "auto"}
     assert load_recipe("kv_int4", ["kv_cache.granularity=tensor"])["kv_cache"]["calibration"]["num_samples"] == 16
     with pytest.raises(ConfigError, match="key_bits=5 is not supported"):
         load_recipe("kivi_k2v2", ["kv_cache.key_bits=5"])
-    with pytest.raises(ConfigError, match="kv_cache.sink is not an option of method kivi"):
-        load_recipe({"kv_cache": {"method": "kivi", "sink": 1}})
+    with pytest.raises(ConfigError, match="kv_cache.outlier_fraction is not an option of method kivi"):
+        load_recipe({"kv_cache": {"method": "kivi", "outlier_fraction": 0.01}})
+    assert load_recipe({"kv_cache": {"method": "kivi", "sink": 1}})["kv_cache"]["sink"] == 1
     with pytest.raises(ConfigError, match="kv_cache.method='kiwi'"):
         load_recipe({"kv_cache": {"method": "kiwi"}})
     with pytest.raises(ConfigError, match="calibration is not used"):
