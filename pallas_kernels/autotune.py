@@ -134,7 +134,7 @@ def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -
     specs = []
     if not int8 and (m <= 8 or lay.rows < min_k):
         for bn, bm, warps, target, steps, dq, acc2d, *stages in gemv_specs(min(m, 8), sms):
-            if dq in ("inplace", "fma") and (lay.words != 1 or lay.bits > 8 or lay.codebook):
+            if dq in ("inplace", "fma") and not lay.in_place:
                 dq = "shift"  # codes straddling words (3 bits) or indexing a codebook: the shift path only
             specs.append((bn, bm, False, warps, stages[0] if stages else 1, target, steps, False, dq, acc2d))
     if lay.rows >= min_k and (m >= 4 or int8):
@@ -154,7 +154,7 @@ def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -
                     (64, 64, True, 4, 3, sms, 1, False), (256, 64, True, 8, 3, sms, 1, tile)]
         # The in-place FMA conversion where the codes allow it (27% fewer instructions a step
         # on the whole-tile dot, by the SASS count); one shift candidate stays as the reference.
-        fma = not int8 and lay.words == 1 and lay.bits <= 8 and not lay.codebook
+        fma = not int8 and lay.in_place
         dots = [(*d, "fma" if fma else "shift", False) for d in dots] + ([(*dots[0], "shift", False)] if fma else [])
         # Batch 4-8: interleave, so a candidate cap keeps both paths.
         specs = [s for pair in zip(specs, dots) for s in pair] + specs[len(dots):] + dots[len(specs):] \

@@ -67,6 +67,12 @@ class CodeLayout:
         return self.k_padded // self.tile
 
     @property
+    def in_place(self) -> bool:
+        """Whether the in-place conversions (`dequant="inplace"` / `"fma"`) apply: every code lies
+        inside one word (2, 4 or 8 bits) and stands for a uniform-grid value (no codebook)."""
+        return self.words == 1 and self.bits <= 8 and not self.codebook
+
+    @property
     def slabs_per_group(self) -> int:
         """Slabs of a tile that share one group (all of them unless groups are smaller than a tile)."""
         if self.num_groups == 1 or self.group_size % self.tile == 0:

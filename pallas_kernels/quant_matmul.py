@@ -152,10 +152,10 @@ def default_config(lay: CodeLayout, m: int, num_sms: int = 132) -> TileConfig:
     """A reasonable config without measurements (the autotuner and the tuned table do better)."""
     # What won most often on an H200 (docs/results/kernel_notes.md): wide column blocks, K split
     # until there are ~4 programs per multiprocessor (GEMV) or ~2 (tensor cores).
-    fma = lay.words == 1 and lay.bits <= 8 and not lay.codebook
-    dequant = "fma" if fma else "shift"
+    dequant = "fma" if lay.in_place else "shift"
     if m <= 8 or lay.rows < 16:
-        cfg = TileConfig(block_n=64, block_m=min(m, 8), use_dot=False, dequant=dequant, acc2d=fma and m <= 2)
+        cfg = TileConfig(block_n=64, block_m=min(m, 8), use_dot=False, dequant=dequant,
+                         acc2d=lay.in_place and m <= 2)
         target = 4 * num_sms
     else:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
