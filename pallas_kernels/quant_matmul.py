@@ -348,12 +348,17 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
     if inplace or fma:
         shift, positions = inplace_positions(bits, top_aligned=fma)
 
-    def inplace_weights(words, shifted, j, zrow):
-        """Exact fp32 (code - zero) * 2**o of slab j, o its offset in the source word: the code
-        is masked in place and OR-ed into the mantissa of 2**23 (the caller scales x by 2**-o)."""
+    def in_place_float(words, shifted, j, exponent):
+        """(o, the float 2**23 + code * 2**o) of slab j: the code masked where it lies at offset
+        o of its source word and OR-ed with the exponent word of 2**23."""
         from_shifted, o = positions[j]
         src = shifted if from_shifted else words[0]
-        f = lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | _MAGIC, jnp.float32)
+        return o, lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | exponent, jnp.float32)
+
+    def inplace_weights(words, shifted, j, zrow):
+        """Exact fp32 (code - zero) * 2**o of slab j, o its offset in the source word (the
+        caller scales x by 2**-o)."""
+        o, f = in_place_float(words, shifted, j, _MAGIC)
         if zrow is None:
             return f - jnp.float32(_TWO23 + 2 ** (bits - 1) * 2 ** o)
         return f - (zrow * jnp.float32(2 ** o) + _TWO23)
@@ -368,9 +373,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
         LOP3: the exponent word comes from an operand, so it stays in a register), is the float
         2**23 + code * 2**o; scaling by 2**-o and subtracting 2**(23 - o) + z is one FMA (exact
         for z_sym: the result is a small integer; with a zero row, one rounding as before)."""
-        from_shifted, o = positions[j]
-        src = shifted if from_shifted else words[0]
-        f = lax.bitcast_convert_type((src & jnp.uint32(((1 << bits) - 1) << o)) | magic, jnp.float32)
+        o, f = in_place_float(words, shifted, j, magic)
         offset = jnp.float32(2.0 ** (_MANTISSA_BITS - o))
         return f * jnp.float32(2.0 ** -o) - (offset + z_sym if zrow is None else zrow + offset)
 

@@ -121,8 +121,10 @@ def report_table(folder: str) -> str:
         raise SystemExit(f"--report {folder}: no record_quant.py records (*.json) there")
     base = next((r["results"] for r in records if r["recipe"] == "baseline"), {})
     first = records[0]
+    commits = sorted({r.get("git_commit", "?") for r in records})
+    commit = f"commit {commits[0]}" if len(commits) == 1 else "commits " + ", ".join(commits) + " (per record)"
     lines = [f"Model {first['model']} ({first['dtype']}), device {first.get('device', '?')}, "
-             f"commit {first.get('git_commit', '?')}. Change = ppl / baseline ppl - 1.", "",
+             f"{commit}. Change = ppl / baseline ppl - 1.", "",
              "| recipe | WikiText-2 ppl | change | C4 ppl | change | model MiB | KV codec | KV bytes/token | KV vs bf16 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["recipe"] != "baseline", r["recipe"])):
