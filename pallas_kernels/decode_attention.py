@@ -5,11 +5,11 @@ Decode: one query token per row attends over S cache slots. The grid is (batch, 
 split). Each program walks its share of the slots block by block, unpacks keys and values from
 the packed words in registers, dequantizes them there (scales, zero points, codebook, exact
 outliers, RoPE for keys stored before rotation) and keeps flash-attention partials (o, l, m)
-for the G query heads of its kv head: GQA heads share every load. Two kinds of body: for many
-query heads per kv head ("mma") the heads are padded to 16 rows for tensor-core dots; for few
-(G <= CC_MAX_HEADS, e.g. Llama-2's G = 1) the CUDA-core bodies ("cc", "cc_block") reduce in
-the words' own layout with the scales folded into q and p (see "CUDA-core body"). Splitting the slots (flash-decoding) gives batch 1 at 32k enough programs
-to fill the GPU; `combine` merges the splits with partials computed elsewhere (the
+for the G query heads of its kv head: GQA heads share every load. Two kinds of body, one per
+store layout: "mma" (token_rows stores: any codec, codebooks, outliers, pre-RoPE keys) pads the
+heads to 16 rows for tensor-core dots; "cw" (channel_words stores: KIVI) reduces on the CUDA
+cores in the words' own layout with the scales folded into q and p (see "CUDA-core body").
+Splitting the slots (flash-decoding) gives batch 1 at 32k enough programs to fill the GPU; `combine` merges the splits with partials computed elsewhere (the
 full-precision residual window, attention-sink tokens).
 
 Shapes: q [B, K, G, D] (G query heads per kv head); packed stores `QTokens` [B, K, S, D] (the
@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.kv.store import QTokens, codes_per_word
+from jaxcompress.kv.store import WORD_COLUMNS, QTokens, codes_per_word, to_code_order
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
 MIN_DOT_ROWS = 16        # tensor-core dots need >= 16 rows: GQA query heads are padded to this
@@ -164,8 +164,13 @@ def _tile_width(x: QTokens, halves: bool) -> int:
 
 
 def supports(k: QTokens, v: QTokens, pre_rope: bool) -> bool:
-    """Whether the kernel handles these stores: channel tiles (head_dim, a value channel group,
-    or head_dim / 2 for pre-RoPE keys) of a power of 2 >= 16."""
+    """Whether a kernel body handles these stores: "cw" (`cw_supports`), or "mma" for
+    token_rows stores with channel tiles (head_dim, a value channel group, or head_dim / 2 for
+    pre-RoPE keys) of a power of 2 >= 16."""
+    if cw_supports(k, v, pre_rope):
+        return True
+    if k.channel_words or v.channel_words:
+        return False
     try:
         _tile_width(k, pre_rope)
         _tile_width(v, False)
@@ -306,226 +311,191 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
 
 
 # ------------------------------------------------------------------------- CUDA-core body
-# For few query heads per kv head (G <= CC_MAX_HEADS; Llama-2 has G = 1) a tensor-core dot does
-# 1/16 useful work and forces every dequantized tile through a layout conversion into the MMA
-# operand layout. The CUDA-core paths instead compute scores as a broadcast multiply and a row
-# reduction in the loaded words' own layout, and p @ V as a column reduction. Scales constant
-# along a tile's tokens (KIVI keys) are folded into the query, scales constant along its
-# channels (per-token values) into the probabilities: one FMA per element, no dequantize.
-#   "cc"        a fori_loop over the packing slots of a block; online softmax per slot.
-#   "cc_block"  each block unrolled: all scores first, one softmax update per block, p @ V kept
-#               as [rows, width] partial sums reduced once per program (no per-slot reduction
-#               across warps for the values).
-# convert "magic" (cc_block only): codes -> fp32 as bitcast((word & mask) | 0x4B000000) - 2**23,
-# i.e. code * 2**(bits * j) exactly, its power of 2 folded with the scale: no shift and no int ->
-# float conversion (a quarter-rate instruction) per element. The upper half of a word's slots is
-# read from the word shifted once per block.
-CC_MAX_HEADS = 4
+# For few query heads per kv head (Llama-2 has G = 1) a tensor-core dot does 1/16 useful work
+# and forces every dequantized tile through shared memory into the MMA operand layout. The
+# "cw" body reads "channel_words" stores (jaxcompress/kv/store.py): [D, 32] word tiles, a thread
+# holding 8 channels x 4 word columns, so the score's sum over channels is mostly inside the
+# thread. Per slot j of a tile (32 tokens, one per column):
+#   * codes -> exact fp32 in two instructions: the code masked where it lies (offset o) and
+#     OR-ed into the mantissa of 2**23 (one LOP3; the exponent word is an operand, so it stays
+#     in a register), then f * 2**-o - 2**(23 - o) (one FMA); offsets are loop variables, so
+#     the slot loop stays rolled (an unrolled block needs more than 255 registers);
+#   * keys: a key group covers whole word columns, so the per-channel scales of a tile are one
+#     [D, 32] load per block, folded into the query (q * scale); the zero-point term q . zero
+#     of each group comes precomputed (one XLA einsum over the key zeros);
+#   * values: per-token scales fold into the probabilities (p * scale), zero points add
+#     p * zero to a [1, 32] sum per channel group; per-token meta is stored in code order,
+#     so slot j's 32 values are one contiguous load;
+#   * scores in log2 units (log2(e) folded into q): exp2 is one MUFU instruction; masked and
+#     out-of-length slots come as an additive -inf bias (also in code order).
+# Partial sums stay [D, 32] / [1, 32] until the end of the program.
+CW_MAX_HEADS = 2  # query heads per program of the cw body (registers); more are split over the grid
 MAGIC = 0x4B000000  # fp32 bits of 2**23
-CC_PATHS = ("cc", "cc_block")
+LOG2E = 1.4426950408889634
 
 
-def _fold_keys(op: _Operand, rope: bool) -> bool:
-    """Key scale/zero constant along a tile's tokens: fold them into the query."""
-    return not rope and not op.num_outliers and (op.token_group == 0 or op.token_group % op.rows == 0)
+def cw_supports(k: QTokens, v: QTokens, pre_rope: bool) -> bool:
+    """Whether the "cw" body handles these stores (KIVI-style: per-channel keys over groups
+    of whole word columns, per-token values over channel groups, both channel_words)."""
+    if not (k.channel_words and v.channel_words) or k.bits != v.bits or pre_rope:
+        return False
+    if k.codebook is not None or v.codebook is not None or k.num_outliers or v.num_outliers:
+        return False
+    c = codes_per_word(k.bits)
+    return (k.channel_group == 1 and k.token_group > 0 and k.token_group % c == 0
+            and v.token_group == 1 and 1 < v.channel_group <= v.head_dim and v.head_dim % v.channel_group == 0)
 
 
-def _fold_values(op: _Operand) -> bool:
-    """Value scale/zero constant along a tile's channels: fold them into the probabilities."""
-    return not op.num_outliers and op.channel_group != 1
+def _cw_kernel(q_ref, bias_ref, len_ref, magic_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_ref, *rest,
+               bits: int, token_group: int, vwidth: int, voff: float, blocks_per_split: int, heads: int):
+    from pallas_kernels.quant_matmul import inplace_positions
 
+    vz_ref = rest[0] if len(rest) == 4 else None
+    o_ref, l_ref, m_ref = rest[-3:]
+    cols, c = WORD_COLUMNS, codes_per_word(bits)
+    block = cols * c
+    d = kw_ref.shape[0]
+    vgroups = d // vwidth
+    magic = magic_ref[pl.ds(0, 1), pl.ds(0, 1)]
+    shift, positions = inplace_positions(bits, top_aligned=True)
+    direct = sum(1 for from_shifted, _ in positions if not from_shifted)  # slots masked in place
+    channel = lax.broadcasted_iota(jnp.int32, (d, 1), 0)
 
-def _offset(op: _Operand) -> float:
-    return 0.0 if (op.has_codebook or op.has_zero) else float(2 ** (op.bits - 1))
+    def codes(words, o):
+        """Exact fp32 codes of the slot at bit offset o (a loop variable) of `words`."""
+        mask = jnp.uint32((1 << bits) - 1) << o.astype(jnp.uint32)
+        f = lax.bitcast_convert_type((words & mask) | magic, jnp.float32)  # 2**23 + code * 2**o
+        inv = lax.bitcast_convert_type((127 - o) << 23, jnp.float32)       # 2**-o
+        off = lax.bitcast_convert_type((150 - o) << 23, jnp.float32)       # 2**(23 - o)
+        return f * inv - off
 
+    def body(blk, carry):
+        col0 = blk * cols
+        group = blk * (block // token_group) + lax.broadcasted_iota(jnp.int32, (1, cols), 1) // (token_group // c)
+        kscale = ks_ref[channel, group].astype(jnp.float32)  # [D, cols]: each column's key group
+        qk = [q_ref[h] * kscale for h in range(heads)]       # q [D, cols] (broadcast) * scale
+        cz = [cz_ref[jnp.full((1, 1), h, jnp.int32), group] for h in range(heads)]  # [1, cols]
+        kwords = kw_ref[:, pl.ds(col0, cols)]
+        vwords = [vw_ref[pl.ds(g * vwidth, vwidth), pl.ds(col0, cols)] for g in range(vgroups)]
 
-def _cc_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: int, blocks_per_split: int,
-               scale: float, heads: int, path: str, convert: str):
-    it = iter(refs)
-    q_ref, mask_ref, len_ref = next(it), next(it), next(it)
-    krefs, vrefs = kop.take_refs(it), vop.take_refs(it)
-    cos_ref, sin_ref = (next(it), next(it)) if rope else (None, None)
-    o_ref, l_ref, m_ref = next(it), next(it), next(it)
-    rows = kop.rows
-    fold_k, fold_v = _fold_keys(kop, rope), _fold_values(vop)
-    # q * softmax scale, per head and key channel tile: [1, width]
-    q = [[q_ref[pl.ds(h, 1), pl.ds(g * kop.width, kop.width)].astype(jnp.float32) * scale
-          for g in range(kop.groups)] for h in range(heads)]
+        def slots(first, last, kw, vw, o_shift, carry):
+            def slot(j, carry):
+                m, l, acc, accz = carry
+                t0 = blk * block + j * cols  # code order: slot j of the tile is contiguous
+                o = j * bits - o_shift
+                kx = codes(kw, o)
+                bias = bias_ref[pl.ds(0, 1), pl.ds(t0, cols)]
+                vs = [vs_ref[pl.ds(g, 1), pl.ds(t0, cols)].astype(jnp.float32) for g in range(vgroups)]
+                vz = None if vz_ref is None else [vz_ref[pl.ds(g, 1), pl.ds(t0, cols)].astype(jnp.float32)
+                                                  for g in range(vgroups)]
+                vx = [codes(w, o) for w in vw]
+                scores = [jnp.sum(kx * qk[h], axis=0, keepdims=True) + (cz[h] + bias) for h in range(heads)]
+                m_new = [jnp.maximum(m[h], jnp.max(scores[h])) for h in range(heads)]
 
-    def grid(op, refs, words, slot):
-        """(x, factor): a(code) = x * factor - offset for a packing slot of `words`."""
-        if op.has_codebook:
-            w = words[0] if isinstance(words, tuple) else words
-            return _grid_values(refs, op, _unpack(op, w, slot)), 1.0
-        if convert == "magic" and isinstance(slot, int):
-            half = codes_per_word(op.bits) // 2
-            w, j = (words[0], slot) if slot < half else (words[1], slot - half)
-            bits = (w & (((1 << op.bits) - 1) << (op.bits * j))) | MAGIC
-            return lax.bitcast_convert_type(bits, jnp.float32) - 8388608.0, 2.0 ** (-op.bits * j)
-        w = words[0] if isinstance(words, tuple) else words
-        return _unpack(op, w, slot).astype(jnp.float32), 1.0
+                def rescale(state):  # a new running max: scale the partial sums down (rare after a few slots)
+                    l, acc, accz = state
+                    corr = [jnp.exp2(m[h] - m_new[h]) for h in range(heads)]
+                    return ([l[h] * corr[h] for h in range(heads)], [[a * corr[h] for a in acc[h]] for h in range(heads)],
+                            [[z * corr[h] for z in accz[h]] for h in range(heads)])
 
-    def scores(kw, slot, t0):
-        """Per head: s [rows, 1] (scaled) of tokens [t0, t0 + rows)."""
-        if fold_k:
-            xs = [grid(kop, krefs, kw[g], slot) for g in range(kop.groups)]
-            ks = [_meta_tile(krefs["scale"], kop, t0, g) for g in range(kop.groups)]  # [1, width | 1]
-            kz = [_meta_tile(krefs["zero"], kop, t0, g) for g in range(kop.groups)] if kop.has_zero else None
-            out = []
-            for h in range(heads):
-                s = None
-                for g, (x, f) in enumerate(xs):
-                    qs = q[h][g] * ks[g]
-                    part = jnp.sum(x * (qs * f), axis=1, keepdims=True)
-                    if kop.has_zero:
-                        part = part + jnp.sum(q[h][g] * kz[g])
-                    if _offset(kop):
-                        part = part - _offset(kop) * jnp.sum(qs)
-                    s = part if s is None else s + part
-                out.append(s)
-            return out
-        tiles = []
-        for g in range(kop.groups):
-            w = kw[g][0] if isinstance(kw[g], tuple) else kw[g]
-            tiles.append(_dequant_tile(krefs, kop, w, slot, t0, g))
-        if rope:
-            cos = cos_ref[pl.ds(t0, rows), :].astype(jnp.float32)
-            sin = sin_ref[pl.ds(t0, rows), :].astype(jnp.float32)
-            lo, hi = tiles
-            tiles = [lo * cos - hi * sin, hi * cos + lo * sin]
-        out = []
-        for h in range(heads):
-            s = None
-            for g in range(kop.groups):
-                part = jnp.sum(tiles[g] * q[h][g], axis=1, keepdims=True)
-                s = part if s is None else s + part
-            out.append(s)
-        return out
+                grew = functools.reduce(jnp.logical_or, [m_new[h] > m[h] for h in range(heads)])
+                l, acc, accz = lax.cond(grew, rescale, lambda state: state, (l, acc, accz))
+                new_l, new_acc, new_accz = [], [], []
+                for h in range(heads):
+                    p = jnp.exp2(scores[h] - m_new[h])
+                    new_l.append(l[h] + p)
+                    new_acc.append([acc[h][g] + vx[g] * (p * vs[g]) for g in range(vgroups)])
+                    new_accz.append([accz[h][g] + (p * vz[g] if vz is not None else p * vs[g] * -voff)
+                                     for g in range(vgroups)])
+                return m_new, new_l, new_acc, new_accz
 
-    def value_terms(vw, slot, t0, g, p):
-        """(tile, const): p @ v for channel tile g = sum over rows of `tile` and of `const`
-        ([rows, 1], added to every channel; None: nothing)."""
-        if fold_v:
-            x, f = grid(vop, vrefs, vw[g], slot)
-            vs = _meta_tile(vrefs["scale"], vop, t0, g)  # [rows, 1] or [1, 1]
-            ps = p * vs
-            const = None
-            if vop.has_zero:
-                const = p * _meta_tile(vrefs["zero"], vop, t0, g)
-            if _offset(vop):
-                const = (-_offset(vop)) * ps if const is None else const - _offset(vop) * ps
-            return (ps * f) * x, const
-        w = vw[g][0] if isinstance(vw[g], tuple) else vw[g]
-        return p * _dequant_tile(vrefs, vop, w, slot, t0, g), None
+            return lax.fori_loop(first, last, slot, carry)
 
-    def load_words(refs, op, row0, g):
-        w = refs["codes"][pl.ds(row0, rows), pl.ds(g * op.width, op.width)]
-        if convert == "magic" and path == "cc_block" and not op.has_codebook:
-            return (w, w >> (op.bits * (codes_per_word(op.bits) // 2)))
-        return w
-
-    def words_for(cache, name, refs, op, blk, j):
-        """Word tiles of operand `op` holding block-step j (static), loaded once per block."""
-        c = codes_per_word(op.bits)
-        key = (name, j // c)
-        if key not in cache:
-            row0 = blk * (block // c) + (j // c) * rows
-            cache[key] = [load_words(refs, op, row0, g) for g in range(op.groups)]
-        return cache[key], j % c
+        carry = slots(0, direct, kwords, vwords, 0, carry)
+        if direct < c:  # the top slots, read from the words shifted once
+            sh = jnp.uint32(shift)
+            carry = slots(direct, c, kwords >> sh, [w >> sh for w in vwords], shift, carry)
+        return carry
 
     split = pl.program_id(2)
     used_blocks = lax.div(len_ref[0] + (block - 1), jnp.int32(block))
     lo = split * blocks_per_split
     hi = jnp.minimum(lo + blocks_per_split, used_blocks)
-    steps = block // rows
+    init = ([jnp.float32(NEG_INF)] * heads, [jnp.zeros((1, cols), jnp.float32)] * heads,
+            [[jnp.zeros((vwidth, cols), jnp.float32)] * vgroups] * heads,
+            [[jnp.zeros((1, cols), jnp.float32)] * vgroups] * heads)
+    m, l, acc, accz = lax.fori_loop(lo, hi, body, init)
+    for h in range(heads):
+        for g in range(vgroups):
+            o_ref[pl.ds(h, 1), pl.ds(g * vwidth, vwidth)] = (jnp.sum(acc[h][g], axis=1) + jnp.sum(accz[h][g]))[None, :]
+        l_ref[pl.ds(h, 1)] = jnp.reshape(jnp.sum(l[h]), (1,))
+        m_ref[pl.ds(h, 1)] = jnp.reshape(m[h] / LOG2E, (1,))  # back to natural-log units
 
-    if path == "cc":
-        def body(blk, carry):
-            ck, cv = codes_per_word(kop.bits), codes_per_word(vop.bits)
 
-            def words(refs, op, c, j):  # loaded once per block when one word row spans it
-                row0 = blk * (block // c) + (0 if c * rows == block else lax.div(j, jnp.int32(c)) * rows)
-                return [refs["codes"][pl.ds(row0, rows), pl.ds(g * op.width, op.width)] for g in range(op.groups)]
+def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
+             num_warps: int, num_stages: int) -> Partials:
+    b, kv_heads, g, d = q.shape
+    s = k.capacity
+    c = codes_per_word(k.bits)
+    block = WORD_COLUMNS * c
+    chunk = max(n for n in range(1, CW_MAX_HEADS + 1) if g % n == 0)  # query heads per program
+    chunks = g // chunk
+    n_splits, per_split = _splits(b, kv_heads * chunks, s // block, num_splits)
+    qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
+    kscale = k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
+    kzero = (k.meta_rows(k.zero).astype(jnp.float32) if k.zero is not None
+             else -2.0 ** (k.bits - 1) * kscale)  # symmetric grid: a(code) = code - 2**(bits-1)
+    cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
+    valid = mask & (jnp.arange(s) < length)[None, :]
+    bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)
+    bias = to_code_order(bias, k.bits)  # [B, S] in code order
+    q_cols = jnp.broadcast_to(qs[..., None], (b, kv_heads, g, d, WORD_COLUMNS))
 
-            hoisted = {name: words(refs, op, c, 0) for name, refs, op, c in
-                       (("k", krefs, kop, ck), ("v", vrefs, vop, cv)) if c * rows == block}
+    def head(i, hh):
+        return hh // chunks
 
-            def step(j, carry):
-                t0 = blk * block + j * rows
-                kw = hoisted["k"] if "k" in hoisted else words(krefs, kop, ck, j)
-                vw = hoisted["v"] if "v" in hoisted else words(vrefs, vop, cv, j)
-                kslot, vslot = lax.rem(j, jnp.int32(ck)), lax.rem(j, jnp.int32(cv))
-                valid = (mask_ref[pl.ds(t0, rows)] != 0)[:, None]
-                new = []
-                for h, s in enumerate(scores(kw, kslot, t0)):
-                    m, l, o = carry[h]
-                    s = jnp.where(valid, s, NEG_INF)
-                    m_new = jnp.maximum(m, jnp.max(s))
-                    corr = jnp.exp(m - m_new)
-                    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-                    l = l * corr + jnp.sum(p)
-                    o_new = []
-                    for g in range(vop.groups):
-                        tile, const = value_terms(vw, vslot, t0, g, p)
-                        pv = jnp.sum(tile, axis=0, keepdims=True)
-                        if const is not None:
-                            pv = pv + jnp.sum(const)
-                        o_new.append(o[g] * corr + pv)
-                    new.append((m_new, l, o_new))
-                return tuple(new)
+    def meta_spec(x):
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (0 if x.shape[0] == 1 else i,
+                                                                          0 if x.shape[1] == 1 else head(i, hh), 0, 0))
 
-            return lax.fori_loop(0, steps, step, carry)
+    def per_head(x):
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, head(i, hh)) + (0,) * (x.ndim - 2))
 
-        init = tuple((jnp.float32(NEG_INF), jnp.float32(0.0),
-                      [jnp.zeros((1, vop.width), jnp.float32) for _ in range(vop.groups)]) for _ in range(heads))
-        final = lax.fori_loop(lo, hi, body, init)
-        outs = [(m, l, o) for m, l, o in final]
-    else:
-        def body(blk, carry):
-            cache = {}
-            per_step = []
-            for j in range(steps):
-                t0 = blk * block + j * rows
-                kw, kslot = words_for(cache, "k", krefs, kop, blk, j)
-                valid = (mask_ref[pl.ds(t0, rows)] != 0)[:, None]
-                per_step.append((valid, [jnp.where(valid, s, NEG_INF) for s in scores(kw, kslot, t0)]))
-            # Elementwise across the block's slots, one cross-thread reduction per block: the
-            # running max; the softmax sum and the zero-point terms stay [rows, 1] partial sums.
-            new = []
-            for h in range(heads):
-                m, l, acc, const = carry[h]
-                top = per_step[0][1][h]
-                for _, ss in per_step[1:]:
-                    top = jnp.maximum(top, ss[h])
-                m_new = jnp.maximum(m, jnp.max(top))
-                corr = jnp.exp(m - m_new)
-                acc = [a * corr for a in acc]
-                const = [c * corr for c in const]
-                l = l * corr
-                for j, (valid, ss) in enumerate(per_step):
-                    t0 = blk * block + j * rows
-                    p = jnp.where(valid, jnp.exp(ss[h] - m_new), 0.0)
-                    l = l + p
-                    vw, vslot = words_for(cache, "v", vrefs, vop, blk, j)
-                    for g in range(vop.groups):
-                        tile, c = value_terms(vw, vslot, t0, g, p)
-                        acc[g] = acc[g] + tile
-                        if c is not None:
-                            const[g] = const[g] + c
-                new.append((m_new, l, acc, const))
-            return tuple(new)
+    inputs = [q_cols, bias[:, None, :], jnp.reshape(jnp.asarray(length, jnp.int32), (1,)),
+              jnp.full((1, 1), MAGIC, jnp.uint32), lax.bitcast_convert_type(k.codes, jnp.uint32), k.scale, cz,
+              lax.bitcast_convert_type(v.codes, jnp.uint32), v.scale]
+    specs = [pl.BlockSpec((None, None, chunk, d, WORD_COLUMNS), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0, 0)),
+             pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)), pl.BlockSpec((1,), lambda i, hh, j: (0,)),
+             pl.BlockSpec((1, 1), lambda i, hh, j: (0, 0)), per_head(inputs[4]), meta_spec(k.scale),
+             pl.BlockSpec((None, None, chunk, cz.shape[-1]), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0)),
+             per_head(inputs[7]), meta_spec(v.scale)]
+    if v.zero is not None:
+        inputs.append(v.zero)
+        specs.append(meta_spec(v.zero))
+    vwidth = v.channel_group
+    kernel = functools.partial(_cw_kernel, bits=k.bits, token_group=k.token_group, vwidth=vwidth,
+                               voff=0.0 if v.zero is not None else 2.0 ** (v.bits - 1),
+                               blocks_per_split=per_split, heads=chunk)
+    out = lambda i, hh, j: (i, hh, j, 0)  # noqa: E731
+    o, l, m = pl.pallas_call(
+        kernel,
+        grid=(b, kv_heads * chunks, n_splits),
+        in_specs=specs,
+        out_specs=[pl.BlockSpec((None, None, None, chunk, d), lambda i, hh, j: (i, hh, j, 0, 0)),
+                   pl.BlockSpec((None, None, None, chunk), out), pl.BlockSpec((None, None, None, chunk), out)],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk), jnp.float32)],
+        compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name=f"kv_decode_k{k.bits}v{v.bits}_cw",
+    )(*inputs)
 
-        init = tuple((jnp.float32(NEG_INF), jnp.zeros((rows, 1), jnp.float32),
-                      [jnp.zeros((rows, vop.width), jnp.float32) for _ in range(vop.groups)],
-                      [jnp.zeros((rows, 1), jnp.float32) for _ in range(vop.groups)]) for _ in range(heads))
-        final = lax.fori_loop(lo, hi, body, init)
-        outs = [(m, jnp.sum(l), [jnp.sum(a, axis=0, keepdims=True) + jnp.sum(c) for a, c in zip(acc, const)])
-                for m, l, acc, const in final]
-    for h, (m, l, o) in enumerate(outs):
-        for g in range(vop.groups):
-            o_ref[pl.ds(h, 1), pl.ds(g * vop.width, vop.width)] = o[g]
-        l_ref[pl.ds(h, 1)] = jnp.reshape(l, (1,))
-        m_ref[pl.ds(h, 1)] = jnp.reshape(m, (1,))
+    def heads_last(x):  # [B, K * chunks, splits, chunk, ...] -> [B, K, splits, G, ...]
+        x = x.reshape(b, kv_heads, chunks, n_splits, chunk, *x.shape[4:])
+        return jnp.moveaxis(x, 2, 3).reshape(b, kv_heads, n_splits, g, *x.shape[5:])
+
+    return _finish(heads_last(o), heads_last(l), heads_last(m), g)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -557,73 +527,61 @@ def _finish(o, l, m, g: int) -> Partials:
     return Partials(jnp.sum(w[..., None] * o, axis=2), jnp.sum(w * l, axis=2), top)
 
 
-KERNEL_PATHS = ("auto", "mma") + CC_PATHS
-CONVERTS = ("shift", "magic")
+KERNEL_PATHS = ("auto", "mma", "cw")
 
 
-def kernel_path(path: str, query_heads: int, interpret: bool = False) -> str:
-    """The kernel body `path` resolves to. "auto": for few query heads per kv head
-    (<= CC_MAX_HEADS) $JAXCOMPRESS_KV_CC_PATH names the body, by default the stepwise CUDA-core
-    "cc" in interpret mode (its trace is 1/16 of cc_block's: CPU tests stay fast) and the
-    tensor-core "mma" on the GPU, the fastest body measured there (kv_notes.md, run 4 on an H100:
-    mma 405 us, cc 778 us, cc_block 11.4 ms at batch 1, 32k tokens). More query heads per kv
-    head: "mma"."""
+def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool) -> str:
+    """The kernel body `path` resolves to: "auto" is the CUDA-core "cw" for stores it handles
+    (`cw_supports`: KIVI in the channel_words layout), else the tensor-core "mma"."""
     if path not in KERNEL_PATHS:
         raise ConfigError(f"decode kernel path {path!r} is not one of {KERNEL_PATHS}")
+    cw = cw_supports(k, v, pre_rope)
     if path == "auto":
-        if query_heads > CC_MAX_HEADS:
-            return "mma"
-        path = os.environ.get("JAXCOMPRESS_KV_CC_PATH", "cc" if interpret else "mma")
-        if path not in KERNEL_PATHS[1:]:
-            raise ConfigError(f"JAXCOMPRESS_KV_CC_PATH={path!r} is not one of {KERNEL_PATHS[1:]}")
+        return "cw" if cw else "mma"
+    if (path == "cw") != cw:
+        layouts = f"keys {k.layout} {k.bits}-bit, values {v.layout} {v.bits}-bit"
+        raise ConfigError(f"decode kernel path {path!r} does not read these stores ({layouts}"
+                          f"{', pre-RoPE keys' if pre_rope else ''}): use path='auto'")
     return path
 
 
-def default_convert() -> str:
-    """$JAXCOMPRESS_KV_CONVERT (the benchmark's choice), else "shift"."""
-    convert = os.environ.get("JAXCOMPRESS_KV_CONVERT", "shift")
-    if convert not in CONVERTS:
-        raise ConfigError(f"JAXCOMPRESS_KV_CONVERT={convert!r} is not one of {CONVERTS}")
-    return convert
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "dot_dtype", "interpret",
-                                              "num_warps", "num_stages", "path", "convert"))
+                                              "num_warps", "num_stages", "path"))
 def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Array, length,
                               *, scale: float, rope=None, num_splits: int | None = None,
                               dot_dtype=jnp.bfloat16, interpret: bool = False, num_warps: int | None = None,
-                              num_stages: int = 2, path: str = "auto", convert: str | None = None) -> Partials:
+                              num_stages: int = 2, path: str = "auto") -> Partials:
     """Flash-decoding partials of q [B, K, G, D] over packed keys and values.
 
     rope: None, or (cos, sin) [B, S, D/2] per-slot tables when keys are stored before RoPE.
     dot_dtype: operands of the two matmuls of the "mma" path (bf16 on the tensor cores; fp32
-    for exact tests); the CUDA-core paths compute in fp32.
+    for exact tests); the CUDA-core "cw" path computes in fp32.
     num_splits: slot splits per (row, kv head); default: enough programs to fill an H100.
-    path: "mma" (tensor-core dots), "cc" / "cc_block" (CUDA-core, see above) or "auto".
-    convert: "shift" or "magic" (code -> fp32 conversion of the "cc_block" path); None:
-    `default_convert()`. num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4. (The environment
-    is read when the function is traced: the benchmark's choice for later model runs.)
+    path: "mma" (tensor-core dots, token_rows stores), "cw" (CUDA-core, channel_words stores,
+    see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
+    (read when the function is traced: the benchmark's choice for later model runs).
     """
-    convert = convert or default_convert()
     num_warps = num_warps or int(os.environ.get("JAXCOMPRESS_KV_NUM_WARPS", "4"))
-    if convert not in CONVERTS:
-        raise ConfigError(f"convert={convert!r} is not one of {CONVERTS}")
     b, kv_heads, g, d = q.shape
-    if k.rows != v.rows or k.capacity != v.capacity or k.head_dim != d or v.head_dim != d:
-        raise ConfigError(f"keys and values must share rows, capacity and head_dim: keys "
-                          f"{k.rows}/{k.capacity}/{k.head_dim}, values {v.rows}/{v.capacity}/{v.head_dim}, "
-                          f"queries head_dim {d}")
+    if (k.layout != v.layout or (k.rows != v.rows and not k.channel_words) or k.capacity != v.capacity
+            or k.head_dim != d or v.head_dim != d):
+        raise ConfigError(f"keys and values must share layout, rows, capacity and head_dim: keys "
+                          f"{k.layout}/{k.rows}/{k.capacity}/{k.head_dim}, values "
+                          f"{v.layout}/{v.rows}/{v.capacity}/{v.head_dim}, queries head_dim {d}")
     s = k.capacity
     block = math.lcm(k.block, v.block)
     if s % block:
         raise ConfigError(f"capacity {s} must be a multiple of the kernel block {block}")
     if mask.shape != (b, s):
         raise ConfigError(f"mask shape {mask.shape} must be (batch, capacity) = {(b, s)}")
+    path = kernel_path(path, k, v, rope is not None)
+    if path == "cw":
+        return _cw_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
+                        num_warps=num_warps, num_stages=num_stages)
     kop = _Operand.of(k, _tile_width(k, rope is not None))
     vop = _Operand.of(v, _tile_width(v, False))
-    path = kernel_path(path, g, interpret)
     n_splits, per_split = _splits(b, kv_heads, s // block, num_splits)
-    qp = _pad_queries(q, 1 if path in CC_PATHS else MIN_DOT_ROWS)
+    qp = _pad_queries(q)
     hp = qp.shape[2]
 
     mask = mask & (jnp.arange(s) < length)[None, :]  # whole blocks are read: mask their tail
@@ -637,12 +595,8 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
         for table in rope:
             inputs.append(table.astype(jnp.float32))
             specs.append(pl.BlockSpec((None, s, d // 2), lambda i, h, j: (i, 0, 0)))
-    if path in CC_PATHS:
-        kernel = functools.partial(_cc_kernel, kop=kop, vop=vop, rope=rope is not None, block=block,
-                                   blocks_per_split=per_split, scale=scale, heads=g, path=path, convert=convert)
-    else:
-        kernel = functools.partial(_quantized_kernel, kop=kop, vop=vop, rope=rope is not None, block=block,
-                                   blocks_per_split=per_split, scale=scale, dot_dtype=dot_dtype)
+    kernel = functools.partial(_quantized_kernel, kop=kop, vop=vop, rope=rope is not None, block=block,
+                               blocks_per_split=per_split, scale=scale, dot_dtype=dot_dtype)
     o, l, m = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, n_splits),

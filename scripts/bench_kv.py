@@ -38,7 +38,11 @@ def _ints(text):
 
 
 def codec_for(recipe: str, cfg):
+    """The codec of a kv_cache recipe; `name:token_rows` / `name:channel_words` sets KIVI's layout."""
+    recipe, _, layout = recipe.partition(":")
     section = load_recipe(recipe)["kv_cache"]
+    if layout:
+        section = {**section, "layout": layout}
     calibration = None
     if section["method"] == "kvquant":  # random weights: a synthetic calibration (speed only)
         calibration = synthetic_kvquant_calibration(cfg, section["key_bits"], section["value_bits"])
@@ -50,15 +54,11 @@ def parse_variants(text: str) -> dict[str, dict]:
     variants = {}
     for item in (v for v in text.split(",") if v):
         fields = item.split(":")
-        if len(fields) == 3:
-            fields = ["mma", "shift"] + fields
-        if len(fields) != 5:
-            raise SystemExit(f"--kernel-variants item {item!r}: expected path:convert:warps:stages:splits")
-        path, convert = fields[:2]
-        warps, stages, splits = (int(x) for x in fields[2:])
-        variants[f"{path}-{convert}-w{warps}-s{stages}-x{splits or 'auto'}"] = {
-            "path": path, "convert": convert, "num_warps": warps, "num_stages": stages,
-            "num_splits": splits or None}
+        if len(fields) != 3:
+            raise SystemExit(f"--kernel-variants item {item!r}: expected warps:stages:splits")
+        warps, stages, splits = (int(x) for x in fields)
+        variants[f"w{warps}-s{stages}-x{splits or 'auto'}"] = {
+            "num_warps": warps, "num_stages": stages, "num_splits": splits or None}
     return variants
 
 
@@ -68,15 +68,14 @@ def best_env(rows) -> str:
     times = {}
     for r in rows:
         opts = r.get("kernel_options") or {}
-        if (r["batch"] == 1 and opts.get("path") in ("mma", "cc", "cc_block") and "kernel-only" not in r["variant"]
+        if (r["batch"] == 1 and "num_warps" in opts and "kernel-only" not in r["variant"]
                 and r["rel_err"] < 1e-2):
-            times.setdefault((opts["path"], opts["convert"], opts["num_warps"]), []).append(r["us"])
+            times.setdefault(opts["num_warps"], []).append(r["us"])
     if not times:
         return ""
     mean = {k: sum(v) / len(v) for k, v in times.items()}
-    path, convert, warps = min(mean, key=mean.get)
-    return (f"export JAXCOMPRESS_KV_CC_PATH={path} JAXCOMPRESS_KV_CONVERT={convert} "
-            f"JAXCOMPRESS_KV_NUM_WARPS={warps}  # {mean[path, convert, warps]:.1f} us\n")
+    warps = min(mean, key=mean.get)
+    return f"export JAXCOMPRESS_KV_NUM_WARPS={warps}  # {mean[warps]:.1f} us\n"
 
 
 def markdown(record) -> str:
@@ -275,16 +274,14 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
-                   help="time each codec with these kernel settings, path:convert:warps:stages:splits,... "
-                        "(path mma|cc|cc_block, convert shift|magic, splits 0: automatic; the older "
-                        "warps:stages:splits means the mma path), e.g. cc_block:magic:4:2:0,mma:shift:4:2:0; "
-                        "default: the kernel's defaults")
+                   help="time each codec with these kernel settings, warps:stages:splits,... (splits 0: "
+                        "automatic), e.g. 4:2:0,8:2:0; default: the kernel's defaults. The body follows the "
+                        "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",
                    help="at these batches (e.g. 1 or 1,8), also time each variant's kernel alone "
                         "(no exact tokens, no XLA glue)")
-    p.add_argument("--best-env", help="write `export JAXCOMPRESS_KV_CC_PATH=.. JAXCOMPRESS_KV_CONVERT=.. "
-                                      "JAXCOMPRESS_KV_NUM_WARPS=..` "
-                                      "for the fastest correct CUDA-core variant (batch 1) to this file")
+    p.add_argument("--best-env", help="write `export JAXCOMPRESS_KV_NUM_WARPS=..` for the fastest correct "
+                                      "kernel variant (batch 1) to this file")
     p.add_argument("--no-attention", action="store_true")
     p.add_argument("--e2e", action="store_true", help="also time end-to-end decode (slow: one compile per cell)")
     p.add_argument("--e2e-contexts", default="8192,16384,32768")

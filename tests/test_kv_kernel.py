@@ -16,12 +16,22 @@ SCALE = D ** -0.5
 
 
 def _store(rng, b, s, bits, rows, token_group, channel_group, *, zero=True, codebook=False,
-           outliers=0, shared_batch=False, shared_head=False, meta_dtype=np.float16):
-    codes = rng.integers(0, 2 ** bits, size=(b, K, s, D))
+           outliers=0, shared_batch=False, shared_head=False, meta_dtype=np.float16, d=D, channel_words=False):
+    """A random store; channel_words: the same draws written through the layout's own writes."""
+    codes = rng.integers(0, 2 ** bits, size=(b, K, s, d))
     ts = {0: 1, 1: s}.get(token_group, s // max(token_group, 1))
-    cs = D // channel_group
+    cs = d // channel_group
     shape = (1 if shared_batch else b, 1 if shared_head else K, ts, cs)
     scale = rng.uniform(0.2, 0.6, size=shape).astype(meta_dtype)
+    if channel_words:
+        words = jnp.zeros((b, K, d, s // (32 // bits)), jnp.int32)
+        meta = lambda x: jnp.zeros(x.shape[:2] + x.shape[2:][::-1], x.dtype)  # noqa: E731
+        store = QTokens(words, meta(scale), meta(scale) if zero else None, bits=bits, token_group=token_group,
+                        channel_group=channel_group, layout="channel_words")
+        arrays = {"scale": jnp.asarray(scale)}
+        if zero:
+            arrays["zero"] = jnp.asarray(rng.normal(size=shape).astype(meta_dtype))
+        return store.with_codes(jnp.asarray(codes), 0).with_meta(0, **arrays)
     extra = {}
     if zero:
         extra["zero"] = jnp.asarray(rng.normal(size=shape).astype(meta_dtype))
@@ -73,7 +83,7 @@ def test_quantized_kernel_equals_reference(layout, s, lengths, splits):
     def run(length, dot_dtype):
         return da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=SCALE, rope=rope,
                                             num_splits=splits, dot_dtype=dot_dtype, interpret=True,
-                                            path="mma")  # the tensor-core body (CC_CASES: the others)
+                                            path="mma")  # the tensor-core body (CW_CASES: the other)
 
     for length in lengths:
         ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=SCALE, rope=rope)])
@@ -145,10 +155,12 @@ def test_kernels_lower_to_triton_for_cuda(layout):
     rope = None if rope is None else tuple(t[:1] for t in rope)
     mask = jnp.ones((1, s), bool)
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    for path in ("mma", "cc", "cc_block"):  # (magic: GPU tests)
-        fn = jax.jit(lambda q, k, v, m: da.quantized_decode_partials(q, k, v, m, 1000, scale=SCALE, rope=rope,
-                                                                     path=path))
-        text = export.export(fn, platforms=["cuda"], disabled_checks=checks)(q, k, v, mask).mlir_module()
+    stores = [(k, v)]
+    if layout == "kivi-k2v2":  # the same shapes in the channel_words layout: the cw body
+        stores.append(tuple(_store(rng, 1, s, 2, 32, tg, cg, channel_words=True) for tg, cg in ((32, 1), (1, 32))))
+    for ks, vs in stores:
+        fn = jax.jit(lambda q, k, v, m: da.quantized_decode_partials(q, k, v, m, 1000, scale=SCALE, rope=rope))
+        text = export.export(fn, platforms=["cuda"], disabled_checks=checks)(q, ks, vs, mask).mlir_module()
         assert "__gpu$xla.gpu.triton" in text
     kd = jnp.zeros((1, s, K, D), jnp.bfloat16)
     fn = jax.jit(lambda q, k, v, m: da.dense_decode_partials(q, k, v, m, 1000, scale=SCALE))
@@ -164,42 +176,47 @@ def test_supports_names_the_shapes_the_kernel_tiles():
     assert not da.supports(k, narrow, pre_rope=False)
 
 
-# (layout, capacity, length, path, convert): each CUDA-core body against the reference, G = 1
-# (Llama-2's case) and G = 3; the generic (unfolded) dequantization through kvquant's layout.
-# (2-bit cc_block unrolls 16 slots: too slow to trace in interpret mode for CI; the GPU tests
-# run it, and 8-bit exercises the same code: folded scales, the symmetric offset, both halves
-# of the magic conversion.)
-CC_CASES = [
-    ("kivi-k2v2", 512, 300, 3, "cc", "shift"),
-    ("kvquant-k3v3", 320, 300, 1, "cc", "shift"),
-    ("int8-sym-per-token", 256, 200, 1, "cc_block", "magic"),
+# The CUDA-core "cw" body (channel_words stores) against the reference: KIVI-2 with Llama-2's
+# G = 1 and head_dim 128 (16 slots a word: both the in-place and the shifted top slots), 4-bit
+# with GQA (G = 4: two programs of two heads) and symmetric keys and values, 8-bit with G = 3
+# (programs of one head); lengths that are and are not multiples of the 32-column block.
+CW_CASES = [  # bits, head_dim, G, capacity, length, key group, value group, zero points, splits
+    (2, 128, 1, 1024, 700, 32, 32, True, 2),
+    (4, 64, 4, 512, 512, 32, 16, False, None),
+    (8, 64, 3, 256, 200, 16, 32, True, 3),
 ]
 
 
-@pytest.mark.parametrize("layout,s,length,g,path,convert", CC_CASES,
-                         ids=[f"{c[0]}-g{c[3]}-{c[4]}-{c[5]}" for c in CC_CASES])
-def test_cuda_core_paths_equal_reference(layout, s, length, g, path, convert):
-    rng = np.random.default_rng(7 + g)
-    k, v, rope = _layout(layout, rng, s)
-    q = jnp.asarray(rng.normal(size=(B, K, g, D)).astype(np.float32))
+@pytest.mark.parametrize("bits,d,g,s,length,kg,vg,zero,splits", CW_CASES,
+                         ids=[f"k{c[0]}v{c[0]}-d{c[1]}-g{c[2]}" for c in CW_CASES])
+def test_cuda_core_body_equals_reference(bits, d, g, s, length, kg, vg, zero, splits):
+    rng = np.random.default_rng(bits + g)
+    k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
+    v = _store(rng, B, s, bits, 32, 1, vg, zero=zero, d=d, channel_words=True)
+    assert da.cw_supports(k, v, False) and da.kernel_path("auto", k, v, False) == "cw"
+    q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
     mask = jnp.asarray(rng.random((B, s)) < 0.8)
-    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=SCALE, rope=rope)])
-    out = da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=SCALE, rope=rope,
-                                                   interpret=True, path=path, convert=convert)])
+    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
+    out = da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
+                                                   num_splits=splits, interpret=True)])
+    assert out.shape == (B, K, g, d)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=2e-5 * float(jnp.abs(ref).max()))
 
 
-def test_kernel_path_choice_and_errors(monkeypatch):
-    monkeypatch.delenv("JAXCOMPRESS_KV_CC_PATH", raising=False)
-    assert da.kernel_path("auto", 1) == "mma" and da.kernel_path("auto", 8) == "mma"  # GPU: measured body
-    assert da.kernel_path("auto", 1, interpret=True) == "cc"
-    monkeypatch.setenv("JAXCOMPRESS_KV_CC_PATH", "cc")
-    assert da.kernel_path("auto", 4) == "cc" and da.kernel_path("mma", 1) == "mma"
-    monkeypatch.setenv("JAXCOMPRESS_KV_CC_PATH", "fast")
-    with pytest.raises(Exception, match="JAXCOMPRESS_KV_CC_PATH"):
-        da.kernel_path("auto", 1)
+def test_kernel_path_choice_and_errors():
+    rng = np.random.default_rng(6)
+    k, v, _ = _layout("kivi-k2v2", rng, 512)  # token_rows
+    assert da.kernel_path("auto", k, v, False) == "mma"
+    with pytest.raises(Exception, match="path 'cw' does not read these stores.*token_rows"):
+        da.kernel_path("cw", k, v, False)
+    kc = _store(rng, B, 512, 2, 32, 32, 1, channel_words=True)
+    vc = _store(rng, B, 512, 2, 32, 1, 32, channel_words=True)
+    assert da.kernel_path("auto", kc, vc, False) == "cw" and da.supports(kc, vc, False)
+    with pytest.raises(Exception, match="path 'mma' does not read these stores.*channel_words"):
+        da.kernel_path("mma", kc, vc, False)
+    assert not da.supports(kc, vc, pre_rope=True)  # pre-RoPE keys: the mma body only
     with pytest.raises(Exception, match="decode kernel path 'tensor'"):
-        da.kernel_path("tensor", 1)
-    monkeypatch.setenv("JAXCOMPRESS_KV_CONVERT", "lut")
-    with pytest.raises(Exception, match="JAXCOMPRESS_KV_CONVERT"):
-        da.default_convert()
+        da.kernel_path("tensor", k, v, False)
+    with pytest.raises(Exception, match="share layout"):
+        da.quantized_decode_partials(jnp.zeros((B, K, 1, D)), kc, v, jnp.ones((B, 512), bool), 10, scale=SCALE,
+                                     interpret=True)

@@ -70,7 +70,9 @@ def test_recipe_section_normalization_and_errors():
 
     r = load_recipe("kivi_k4v2")["kv_cache"]
     assert r == {"method": "kivi", "key_bits": 4, "value_bits": 2, "group_size": 32, "residual": 128,
-                 "sink": 0, "attention": "auto"}
+                 "sink": 0, "attention": "auto", "layout": "auto"}
+    with pytest.raises(ConfigError, match="layout=channel_words needs key_bits == value_bits"):
+        load_recipe("kivi_k4v2", ["kv_cache.layout=channel_words"])
     assert load_recipe("kv_int4", ["kv_cache.granularity=tensor"])["kv_cache"]["calibration"]["num_samples"] == 16
     with pytest.raises(ConfigError, match="key_bits=5 is not supported"):
         load_recipe("kivi_k2v2", ["kv_cache.key_bits=5"])

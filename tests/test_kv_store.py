@@ -111,3 +111,61 @@ def test_dequantize_broadcasts_groups_and_overrides_outliers():
     b_, k_, t_ = np.nonzero(hit)
     expect[b_, k_, t_, idx[hit][:, 0]] = val[hit][:, 0]
     np.testing.assert_allclose(np.asarray(jax.jit(QTokens.dequantize)(store)), expect, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ channel_words
+def test_channel_words_layout_hand_checked():
+    # 4-bit: 8 codes a word; token t sits in word column t // 8 of its channel at bits 4 * (t % 8).
+    from jaxcompress.kv.store import pack_channel_words
+
+    codes = np.zeros((1, 1, 16, 2), np.int32)
+    codes[0, 0, 9, 1] = 5    # word column 1, slot 1 -> bits 4-7 of words[.., channel 1, 1]
+    codes[0, 0, 7, 0] = 15   # word column 0, slot 7 -> bits 28-31 (the sign bit)
+    words = np.asarray(pack_channel_words(jnp.asarray(codes), bits=4))
+    assert words.shape == (1, 1, 2, 2)  # [B, K, D, S // 8]
+    assert words[0, 0, 1, 1] == 5 << 4 and words[0, 0, 1, 0] == 0
+    assert words[0, 0, 0, 0].view(np.uint32) == 15 << 28
+
+
+@pytest.mark.parametrize("bits,start,t", [(2, 0, 1), (2, 511, 1), (4, 5, 70), (8, 130, 200)])
+def test_channel_words_write_equals_token_order_update(bits, start, t):
+    from jaxcompress.kv.store import pack_channel_words, unpack_channel_words, write_channel_words
+
+    s = 512
+    rng = np.random.default_rng(start + bits)
+    old = rng.integers(0, 2 ** bits, size=(2, 2, s, 4))
+    new = rng.integers(0, 2 ** bits, size=(2, 2, t, 4))
+    words = pack_channel_words(jnp.asarray(old), bits)
+    np.testing.assert_array_equal(unpack_channel_words(words, bits), old)
+    expect = old.copy()
+    expect[:, :, start:start + t] = new
+    out = jax.jit(write_channel_words, static_argnums=3)(words, jnp.asarray(new), jnp.int32(start), bits)
+    np.testing.assert_array_equal(unpack_channel_words(out, bits), expect)
+
+
+def test_code_order_and_meta_writes():
+    """Per-token meta of a channel_words store sits in code order: token t = m * 512 + w * 16 + j
+    (2-bit) at m * 512 + j * 32 + w; with_meta writes there and dequantize reads it back."""
+    from jaxcompress.kv.store import code_positions, to_code_order
+
+    s = 1024
+    t = np.arange(s)
+    m, w, j = t // 512, (t % 512) // 16, t % 16
+    np.testing.assert_array_equal(code_positions(jnp.asarray(t), 2), m * 512 + j * 32 + w)
+    np.testing.assert_array_equal(np.asarray(to_code_order(jnp.asarray(t), 2))[m * 512 + j * 32 + w], t)
+    store = QTokens(jnp.zeros((1, 1, 4, s // 16), jnp.int32), jnp.zeros((1, 1, 2, s), jnp.float16),
+                    jnp.zeros((1, 1, 2, s), jnp.float16), bits=2, token_group=1, channel_group=2,
+                    layout="channel_words")
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 4, size=(1, 1, s, 4))
+    scale = rng.uniform(0.5, 1, size=(1, 1, s, 2)).astype(np.float16)
+    zero = rng.normal(size=(1, 1, s, 2)).astype(np.float16)
+    # two writes: a prefill of 700 tokens, then one token (the decode write) at 700
+    store = store.with_codes(jnp.asarray(codes[:, :, :700]), 0).with_meta(
+        0, scale=jnp.asarray(scale[:, :, :700]), zero=jnp.asarray(zero[:, :, :700]))
+    store = jax.jit(lambda st: st.with_codes(jnp.asarray(codes[:, :, 700:701]), jnp.int32(700)).with_meta(
+        jnp.int32(700), scale=jnp.asarray(scale[:, :, 700:701]), zero=jnp.asarray(zero[:, :, 700:701])))(store)
+    np.testing.assert_array_equal(np.asarray(store.scale)[0, 0, 1, code_positions(jnp.int32(700), 2)],
+                                  scale[0, 0, 700, 1])
+    expect = (codes * np.repeat(scale, 2, -1).astype(np.float64) + np.repeat(zero, 2, -1))[:, :, :701]
+    np.testing.assert_allclose(np.asarray(store.dequantize())[:, :, :701], expect, rtol=1e-6)

@@ -292,8 +292,7 @@ def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: i
         seconds = median_seconds(run, params, cache, logits, warmup=1, repeats=3) / steps
         row = {"model": spec, "recipe": recipe or "bf16", "batch": batch, "context": context,
                "ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "weight_bytes": weight_bytes,
-               "steps": steps, "kv_kernel": {k: os.environ[k] for k in ("JAXCOMPRESS_KV_CC_PATH", "JAXCOMPRESS_KV_CONVERT",
-                                                                        "JAXCOMPRESS_KV_NUM_WARPS") if k in os.environ}}
+               "steps": steps, "kv_kernel": {k: os.environ[k] for k in ("JAXCOMPRESS_KV_NUM_WARPS",) if k in os.environ}}
         rows.append(row)
         if on_row:
             on_row(row)

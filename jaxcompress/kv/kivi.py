@@ -27,8 +27,9 @@ import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.kv.base import PackedCodec, check_attention_mode, init_sink, write_sink
-from jaxcompress.kv.store import (META_DTYPE, QTokens, capacity_for, check_bits, codes_per_word,
-                                  minmax_scale_zero, uniform_codes, write_codes)
+from jaxcompress.kv.store import (CHANNEL_WORDS, META_DTYPE, TOKEN_ROWS, WORD_COLUMNS, QTokens, capacity_for,
+                                  channel_words_supported, check_bits, codes_per_word, minmax_scale_zero,
+                                  uniform_codes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,18 @@ class KIVICodec(PackedCodec):
     residual: int = 128
     attention: str = "auto"
     sink: int = 0
+    layout: str = "auto"  # the stores' layout: auto | channel_words | token_rows (see store_layout)
 
     def __post_init__(self):
         check_bits(self.key_bits, "key_bits")
         check_bits(self.value_bits, "value_bits")
         check_attention_mode(self.attention)
+        if self.layout not in ("auto", CHANNEL_WORDS, TOKEN_ROWS):
+            raise ConfigError(f"KIVI layout={self.layout!r} must be auto, {CHANNEL_WORDS} or {TOKEN_ROWS}")
+        if self.layout == CHANNEL_WORDS and not self._channel_words_fit():
+            raise ConfigError(f"KIVI layout={CHANNEL_WORDS} needs key_bits == value_bits in (2, 4, 8) and "
+                              f"group_size a multiple of the codes per word; got k{self.key_bits}v{self.value_bits} "
+                              f"g{self.group_size}: use layout=auto")
         g = self.group_size
         if not isinstance(g, int) or g < 16 or g % 16:
             raise ConfigError(f"KIVI group_size={g!r} must be a multiple of 16 (the decode kernel's tile)")
@@ -62,6 +70,18 @@ class KIVICodec(PackedCodec):
     @property
     def rows(self) -> int:
         return 32 if self.group_size % 32 == 0 else 16
+
+    def _channel_words_fit(self) -> bool:
+        return self.key_bits == self.value_bits and channel_words_supported(self.key_bits, self.group_size)
+
+    @property
+    def store_layout(self) -> str:
+        """"auto": channel_words (the CUDA-core decode body's layout) where it applies (the
+        same width for keys and values, 2, 4 or 8 bits, key groups of whole words), else
+        token_rows (the tensor-core body's); or the layout asked for."""
+        if self.layout != "auto":
+            return self.layout
+        return CHANNEL_WORDS if self._channel_words_fit() else TOKEN_ROWS
 
     def check_head_dim(self, head_dim: int) -> None:
         g = self.group_size
@@ -82,19 +102,21 @@ class KIVICodec(PackedCodec):
 
     def init(self, batch, max_len, kv_heads, head_dim, dtype):
         self.check_head_dim(head_dim)
-        g, rows = self.group_size, self.rows
-        cap = capacity_for(max_len, (self.key_bits, self.value_bits), rows, multiple_of=g)
-        meta = lambda shape: jnp.zeros(shape, META_DTYPE)  # noqa: E731
+        g, rows, layout = self.group_size, self.rows, self.store_layout
+        cw = layout == CHANNEL_WORDS
+        cap = capacity_for(max_len, (self.key_bits, self.value_bits), WORD_COLUMNS if cw else rows, multiple_of=g)
+
+        def meta(rows_, cols_):  # token_rows [.., Ts, Cs]; channel_words [.., Cs, Ts]
+            return jnp.zeros((batch, kv_heads) + ((cols_, rows_) if cw else (rows_, cols_)), META_DTYPE)
 
         def words(bits):
-            return jnp.zeros((batch, kv_heads, cap // codes_per_word(bits), head_dim), jnp.int32)
+            n = cap // codes_per_word(bits)
+            return jnp.zeros((batch, kv_heads) + ((head_dim, n) if cw else (n, head_dim)), jnp.int32)
 
-        k = QTokens(words(self.key_bits), meta((batch, kv_heads, cap // g, head_dim)),
-                    meta((batch, kv_heads, cap // g, head_dim)), bits=self.key_bits, rows=rows,
-                    token_group=g, channel_group=1)
-        v = QTokens(words(self.value_bits), meta((batch, kv_heads, cap, head_dim // g)),
-                    meta((batch, kv_heads, cap, head_dim // g)), bits=self.value_bits, rows=rows,
-                    token_group=1, channel_group=g)
+        k = QTokens(words(self.key_bits), meta(cap // g, head_dim), meta(cap // g, head_dim), bits=self.key_bits,
+                    rows=rows, token_group=g, channel_group=1, layout=layout)
+        v = QTokens(words(self.value_bits), meta(cap, head_dim // g), meta(cap, head_dim // g),
+                    bits=self.value_bits, rows=rows, token_group=1, channel_group=g, layout=layout)
         window = (batch, self.window(max_len), kv_heads, head_dim)
         state = {"k": k, "v": v, "res_k": jnp.zeros(window, dtype), "res_v": jnp.zeros(window, dtype),
                  "end": jnp.zeros((), jnp.int32)}
@@ -151,15 +173,8 @@ class KIVICodec(PackedCodec):
         vals = xv.transpose(0, 2, 1, 3).astype(jnp.float32).reshape(b, kv_heads, n, d // g, g)
         vs, vz = minmax_scale_zero(vals, (4,), self.value_bits, False)  # per token, per channel group
         vcodes = uniform_codes(vals, vs, vz, self.value_bits).reshape(b, kv_heads, n, d)
-        kstart, vstart = (0, 0, start // g, 0), (0, 0, start, 0)
-        kstore = dataclasses.replace(
-            kstore, codes=write_codes(kstore.codes, kcodes, start, kstore.bits, kstore.rows),
-            scale=jax.lax.dynamic_update_slice(kstore.scale, ks[:, :, :, 0], kstart),
-            zero=jax.lax.dynamic_update_slice(kstore.zero, kz[:, :, :, 0], kstart))
-        vstore = dataclasses.replace(
-            vstore, codes=write_codes(vstore.codes, vcodes, start, vstore.bits, vstore.rows),
-            scale=jax.lax.dynamic_update_slice(vstore.scale, vs[..., 0], vstart),
-            zero=jax.lax.dynamic_update_slice(vstore.zero, vz[..., 0], vstart))
+        kstore = kstore.with_codes(kcodes, start).with_meta(start // g, scale=ks[:, :, :, 0], zero=kz[:, :, :, 0])
+        vstore = vstore.with_codes(vcodes, start).with_meta(start, scale=vs[..., 0], zero=vz[..., 0])
         return kstore, vstore
 
     def quantized_length(self, state):

@@ -1,20 +1,27 @@
 """`QTokens`: one layer's quantized keys (or values), packed for the decode kernel.
 
-Invariant (what `dequantize()` computes; the Pallas kernel must equal it). Shapes: B batch,
-K kv heads, S slots (the capacity, a multiple of `block`), D head dim.
+Invariant (what `dequantize()` computes; the Pallas kernels must equal it). Shapes: B batch,
+K kv heads, S slots (the capacity, a multiple of `block`), D head dim. Two layouts, one per
+decode-kernel body (pallas_kernels/decode_attention.py):
 
-* `codes` int32 [B, K, S // c, D], c = 32 // bits codes per word, packed along the *token*
-  axis in blocks of `block = c * rows` tokens: token t = m * block + i * rows + w (block m,
-  slot i < c, row w < rows) sits in word m * rows + w, bits [i * bits, (i + 1) * bits). So
-  slot i of a block's `rows` words holds `rows` consecutive tokens: the kernel unpacks a
-  [rows, D] tile with one shift and one mask. (int32 words: bit 31 is just a bit.)
+* "token_rows": `codes` int32 [B, K, S // c, D], c = 32 // bits codes per word, packed along
+  the *token* axis in blocks of `block = c * rows` tokens: token t = m * block + i * rows + w
+  (block m, slot i < c, row w < rows) sits in word m * rows + w, bits [i * bits, (i + 1) *
+  bits). So slot i of a block's `rows` words holds `rows` consecutive tokens: the tensor-core
+  body unpacks a [rows, D] tile with one shift and one mask. (int32 words: bit 31 is just a bit.)
+* "channel_words": `codes` int32 [B, K, D, S // c], channel-major, word-major: token t sits in
+  word t // c of its channel, bits [(t % c) * bits, ...). The CUDA-core body reads [D, 32]
+  word tiles (a block of `block = 32 * c` tokens) and reduces over channels inside a thread.
+  scale and zero are channel-major [Bs, Ks, Cs, Ts], and per-token ones (Ts = S) are kept in
+  *code order*: token t = m * block + w * c + j at position m * block + j * 32 + w, so the 32
+  tokens of one slot j of a tile are contiguous (see `code_positions`).
 * a(code) = code (asymmetric grid), code - 2**(bits - 1) (symmetric grid: `zero` is None),
   or codebook[code] (non-uniform grid; `codebook` [2**bits] sorted).
-* x[t, d] = a(code[t, d]) * scale[t', d'] (+ zero[t', d']). scale and zero are
+* x[t, d] = a(code[t, d]) * scale[t', d'] (+ zero[t', d']). scale and zero are (token_rows)
   [Bs, Ks, Ts, Cs] with Bs in {B, 1}, Ks in {K, 1} (shared across rows or heads), and
   t' = t // token_group (token_group 0: one static row, Ts = 1),
   d' = d // channel_group (Cs = D // channel_group; channel_group D: one per vector).
-* Dense-and-sparse outliers: outlier_index [B, K, S, N] (uint8; NO_OUTLIER = empty) and
+* Dense-and-sparse outliers (token_rows only): outlier_index [B, K, S, N] (uint8; NO_OUTLIER = empty) and
   outlier_value [B, K, S, N]: x[t, outlier_index[t, n]] = outlier_value[t, n] exactly.
 
 Slots never written dequantize to garbage; the cache masks them.
@@ -34,6 +41,8 @@ KV_BITS = (2, 3, 4, 8)
 META_DTYPE = jnp.float16  # per-token / per-group scales and zeros (as KIVI and KVQuant keep them)
 NO_OUTLIER = 255          # outlier_index of an empty outlier slot (head_dim must be < 255)
 FP16_MAX = 65504.0
+TOKEN_ROWS, CHANNEL_WORDS = "token_rows", "channel_words"
+WORD_COLUMNS = 32         # channel_words: word columns of one kernel tile (a block)
 
 
 def check_bits(bits: int, what: str) -> None:
@@ -48,6 +57,71 @@ def codes_per_word(bits: int) -> int:
 def pack_block(bits: int, rows: int) -> int:
     """Tokens per packing block."""
     return codes_per_word(bits) * rows
+
+
+def channel_words_supported(bits: int, token_group: int = 1) -> bool:
+    """Whether a channel_words store can hold `bits`-bit codes whose key groups of
+    `token_group` tokens cover whole words (the kernel folds one scale per word column)."""
+    return bits in (2, 4, 8) and token_group % codes_per_word(bits) == 0
+
+
+def code_positions(tokens: jax.Array, bits: int) -> jax.Array:
+    """channel_words: positions of `tokens` in a per-token meta array (code order)."""
+    c = codes_per_word(bits)
+    block = c * WORD_COLUMNS
+    r = tokens % block
+    return tokens - r + (r % c) * WORD_COLUMNS + r // c
+
+
+def to_code_order(x: jax.Array, bits: int) -> jax.Array:
+    """channel_words: a per-token array [..., S] (token order) in code order."""
+    c = codes_per_word(bits)
+    block = c * WORD_COLUMNS
+    p = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    r = p % block
+    return x[..., p - r + (r % WORD_COLUMNS) * c + r // WORD_COLUMNS]  # the token at each position
+
+
+# ------------------------------------------------------------------------------ channel words
+def pack_channel_words(codes: jax.Array, bits: int) -> jax.Array:
+    """Integer codes [..., S, D] in [0, 2**bits) -> int32 words [..., D, S // c] (word-major)."""
+    c = codes_per_word(bits)
+    *lead, s, d = codes.shape
+    x = codes.astype(jnp.int32).reshape(*lead, s // c, c, d)
+    words = x[..., 0, :]
+    for i in range(1, c):
+        words = words | (x[..., i, :] << (bits * i))
+    return jnp.swapaxes(words, -1, -2)
+
+
+def unpack_channel_words(words: jax.Array, bits: int) -> jax.Array:
+    """Inverse of `pack_channel_words`: int32 codes [..., S, D]."""
+    c = codes_per_word(bits)
+    w = jnp.swapaxes(words, -1, -2)[..., None, :]  # [..., S // c, 1, D]
+    shifts = (jnp.arange(c, dtype=jnp.int32) * bits).reshape(c, 1)
+    codes = (w >> shifts) & ((1 << bits) - 1)
+    *lead, n, _, d = codes.shape
+    return codes.reshape(*lead, n * c, d)
+
+
+def write_channel_words(words: jax.Array, codes: jax.Array, start: jax.Array, bits: int) -> jax.Array:
+    """Stores codes [B, K, T, D] at token slots [start, start + T) of words [B, K, D, S // c]."""
+    b, k, t, d = codes.shape
+    c = codes_per_word(bits)
+    codes = codes.astype(jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
+    if t == 1:  # decode: read-modify-write of one word column
+        col, shift = start // c, bits * (start % c)
+        old = jax.lax.dynamic_slice(words, (0, 0, 0, col), (b, k, d, 1))
+        new = (old & ~(((1 << bits) - 1) << shift)) | (jnp.swapaxes(codes, 2, 3) << shift)
+        return jax.lax.dynamic_update_slice(words, new, (0, 0, 0, col))
+    n_words = words.shape[3]
+    span = min(t // c + 2, n_words)
+    first = jnp.clip(start // c, 0, n_words - span)
+    region = jax.lax.dynamic_slice(words, (0, 0, 0, first), (b, k, d, span))
+    region_codes = unpack_channel_words(region, bits)
+    region_codes = jax.lax.dynamic_update_slice(region_codes, codes, (0, 0, start - first * c, 0))
+    return jax.lax.dynamic_update_slice(words, pack_channel_words(region_codes, bits), (0, 0, 0, first))
 
 
 # ------------------------------------------------------------------------------ packing
@@ -147,18 +221,63 @@ class QTokens:
     rows: int = dataclasses.field(default=32, metadata=dict(static=True))
     token_group: int = dataclasses.field(default=1, metadata=dict(static=True))
     channel_group: int = dataclasses.field(default=1, metadata=dict(static=True))
+    layout: str = dataclasses.field(default=TOKEN_ROWS, metadata=dict(static=True))
+
+    @property
+    def channel_words(self) -> bool:
+        return self.layout == CHANNEL_WORDS
 
     @property
     def capacity(self) -> int:
-        return self.codes.shape[2] * codes_per_word(self.bits)
+        return self.codes.shape[3 if self.channel_words else 2] * codes_per_word(self.bits)
 
     @property
     def head_dim(self) -> int:
-        return self.codes.shape[3]
+        return self.codes.shape[2 if self.channel_words else 3]
 
     @property
     def block(self) -> int:
-        return pack_block(self.bits, self.rows)
+        return codes_per_word(self.bits) * (WORD_COLUMNS if self.channel_words else self.rows)
+
+    # ---------------------------------------------------------------- layout-aware access
+    def token_codes(self) -> jax.Array:
+        """int32 codes [B, K, S, D] in token order."""
+        if self.channel_words:
+            return unpack_channel_words(self.codes, self.bits)
+        return unpack_tokens(self.codes, self.bits, self.rows)
+
+    def meta_rows(self, x: jax.Array) -> jax.Array:
+        """A stored scale or zero as [Bs, Ks, Ts, Cs] in token order."""
+        if not self.channel_words:
+            return x
+        if self.token_group == 1:  # undo the code order
+            x = x[..., code_positions(jnp.arange(x.shape[-1], dtype=jnp.int32), self.bits)]
+        return jnp.swapaxes(x, -1, -2)
+
+    def with_codes(self, codes: jax.Array, start) -> "QTokens":
+        """Integer codes [B, K, T, D] written at token slots [start, start + T)."""
+        if self.channel_words:
+            words = write_channel_words(self.codes, codes, start, self.bits)
+        else:
+            words = write_codes(self.codes, codes, start, self.bits, self.rows)
+        return dataclasses.replace(self, codes=words)
+
+    def with_meta(self, start, **arrays) -> "QTokens":
+        """scale= / zero= [B, K, T', Cs] (token order) written from meta row `start` (a token
+        index for per-token meta, a group index for token groups)."""
+        updates = {}
+        for name, x in arrays.items():
+            old = getattr(self, name)
+            x = x.astype(old.dtype)
+            if not self.channel_words:
+                updates[name] = jax.lax.dynamic_update_slice(old, x, (0, 0, start, 0))
+            elif self.token_group == 1:
+                pos = code_positions(jnp.asarray(start, jnp.int32) + jnp.arange(x.shape[2], dtype=jnp.int32),
+                                     self.bits)
+                updates[name] = old.at[..., pos].set(jnp.swapaxes(x, 2, 3))
+            else:
+                updates[name] = jax.lax.dynamic_update_slice(old, jnp.swapaxes(x, 2, 3), (0, 0, 0, start))
+        return dataclasses.replace(self, **updates)
 
     @property
     def num_outliers(self) -> int:
@@ -174,7 +293,7 @@ class QTokens:
 
     def expand(self, x: jax.Array) -> jax.Array:
         """A [Bs, Ks, Ts, Cs] scale or zero broadcast to [.., S, D] token and channel resolution."""
-        x = x.astype(jnp.float32)
+        x = self.meta_rows(x).astype(jnp.float32)
         if self.token_group > 1:
             x = jnp.repeat(x, self.token_group, axis=2)
         if 1 < self.channel_group < self.head_dim:
@@ -183,7 +302,7 @@ class QTokens:
 
     def dequantize(self) -> jax.Array:
         """fp32 [B, K, S, D]: the reference every kernel equals."""
-        x = self.grid_values(unpack_tokens(self.codes, self.bits, self.rows)) * self.expand(self.scale)
+        x = self.grid_values(self.token_codes()) * self.expand(self.scale)
         if self.zero is not None:
             x = x + self.expand(self.zero)
         if self.outlier_index is not None:

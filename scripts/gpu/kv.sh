@@ -8,7 +8,7 @@
 # Steps (each under `timeout`, all under one deadline of KV_BUDGET_S seconds, default 345;
 # KV_STEPS="attention longctx ..." runs a subset):
 #   1. decode attention at 32k, Llama-2-7B heads, batch 1 and 8: XLA bf16, Pallas bf16, KIVI-2
-#      kernel variants (codec path and kernel alone); memory table (largest batch per context)
+#      through both kernel bodies (codec path and kernel alone); memory table (largest batch per context)
 #   2. GPU correctness tests of the decode kernels (pytest from .whl)
 #   3. passkey + needle at 8k on SmolLM2-135M (5 depths x 2 trials each; KV_LONGCTX_S, default 80 s):
 #      KV_LONGCTX_RECIPES, default none,kivi_k4v4,kivi_k2v2,kvquant_2bit
@@ -26,7 +26,7 @@ left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 # step NAME MAX_SECONDS RESERVE_SECONDS CMD...: runs CMD under timeout min(MAX, left - RESERVE)
 step() {
     local name=$1 max=$2 reserve=$3; shift 3
-    case " ${KV_STEPS:-attention_a attention_b gpu_tests longctx e2e_32k e2e_8k16k} " in
+    case " ${KV_STEPS:-attention gpu_tests longctx e2e_32k e2e_8k16k} " in
         *" $name "*) ;;
         *) log "SKIP $name (not in KV_STEPS)"; return 0 ;;
     esac
@@ -50,25 +50,16 @@ if ! python -c "import pytest" 2>/dev/null; then
         .whl/iniconfig-*.whl .whl/pygments-*.whl > "$A/pip.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-# 1. decode attention (the speed target) + memory. a: the stepwise CUDA-core body (quick to
-# compile) and the tensor-core control (run 1's kernel); b: the unrolled cc_block body with the
-# magic and the shift conversion (run 3: its Triton compile did not finish in 85 s). Codec path
-# and kernel alone at batch 1; each run times both bf16 baselines itself.
-step attention_a 130 250 python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 --codecs kivi_k2v2 \
-    --kernel-variants cc:shift:4:2:0,mma:shift:4:2:0 --kernel-only 1 --calls 8 --repeats 5 \
-    --e2e-contexts 8192,16384,32768 --best-env "$A/best_env.sh" --out "$A/attention_a"
-step attention_b 150 210 python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 --codecs kivi_k2v2 \
-    --kernel-variants cc_block:magic:4:2:0,cc_block:shift:4:2:0 --kernel-only 1 --calls 8 --repeats 5 \
-    --e2e-contexts 8192,16384,32768 --best-env "$A/best_env_b.sh" --out "$A/attention_b"
-# The faster of a's and b's best (the time is the comment at the end of each line), else mma.
-us_of() { sed -n 's/.*# \([0-9.]*\) us.*/\1/p' "$1" 2>/dev/null; }
-if [ -s "$A/best_env_b.sh" ] && { [ ! -s "$A/best_env.sh" ] || \
-        awk -v b="$(us_of "$A/best_env_b.sh")" -v a="$(us_of "$A/best_env.sh")" 'BEGIN { exit !(b < a) }'; }; then
-    cp "$A/best_env_b.sh" "$A/best_env.sh"
-fi
-[ -s "$A/best_env.sh" ] || echo "export JAXCOMPRESS_KV_CC_PATH=mma JAXCOMPRESS_KV_CONVERT=shift JAXCOMPRESS_KV_NUM_WARPS=4" > "$A/best_env.sh"
+# 1. decode attention (the speed target) + memory: KIVI-2 through the CUDA-core "cw" body
+# (channel_words stores, the default) and through the tensor-core "mma" body (token_rows, the
+# run-4/6 kernel) at 4 and 8 warps; codec path and kernel alone at batch 1; the run times both
+# bf16 baselines itself.
+step attention 150 250 python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
+    --codecs kivi_k2v2,kivi_k2v2:token_rows --kernel-variants 4:2:0,8:2:0 --kernel-only 1 --calls 8 --repeats 5 \
+    --e2e-contexts 8192,16384,32768 --best-env "$A/best_env.sh" --out "$A/attention"
+[ -s "$A/best_env.sh" ] || echo "export JAXCOMPRESS_KV_NUM_WARPS=4" > "$A/best_env.sh"
 source "$A/best_env.sh"
-log "kernel for the model runs: path=${JAXCOMPRESS_KV_CC_PATH:-?} convert=${JAXCOMPRESS_KV_CONVERT:-?} warps=${JAXCOMPRESS_KV_NUM_WARPS:-4}"
+log "kernel for the model runs: warps=${JAXCOMPRESS_KV_NUM_WARPS:-4}"
 
 # 2. correctness on the GPU
 step gpu_tests 45 165 python -m pytest -v -p no:cacheprovider tests/gpu/test_decode_attention_gpu.py
@@ -113,7 +104,7 @@ def rec(folder):
     full = [f for f in files if not f.endswith(".partial.json")]
     return json.load(open((full or files or [None])[0])) if (full or files) else None
 print("== KV summary ==")
-for folder in ("attention_a", "attention_b"):
+for folder in ("attention",):
     att = rec(folder)
     if not att:
         continue
@@ -124,7 +115,7 @@ for folder in ("attention_a", "attention_b"):
         b = r["batch"]
         print(f"{r['variant']:<48} b{b} {r['us']:9.1f} us  {r['roofline_fraction']:.0%} bw  "
               f"vsXLA {base.get(b, float('nan')) / r['us']:.2f}x  vsPallas {pal.get(b, float('nan')) / r['us']:.2f}x  err {r['rel_err']:.1e}")
-    if folder == "attention_a":
+    if folder == "attention":
         for row in (att.get("memory") or {}).get("rows", []):
             print(f"max batch {row['weights']:<20} {row['cache']:<10} {row['max_batch']} at {att['memory']['contexts']}")
 for folder in ("e2e_32k", "e2e_8k16k"):

@@ -31,8 +31,12 @@ SMOL = preset("smollm2-135m")
 
 
 def _codec(name, cfg):
-    if name == "kivi-k2v2":
+    if name == "kivi-k2v2":  # channel_words stores: the CUDA-core "cw" body
         return KIVICodec(2, 2)
+    if name == "kivi-k2v2-rows":  # token_rows stores: the tensor-core "mma" body
+        return KIVICodec(2, 2, layout="token_rows")
+    if name == "kivi-k4v4":
+        return KIVICodec(4, 4)
     if name == "kivi-k4v2":
         return KIVICodec(4, 2, group_size=64)
     if name == "kvquant-k3v3":
@@ -45,6 +49,8 @@ def _codec(name, cfg):
 CASES = [  # config, codec, batch, context (5000, 3001: not multiples of any block)
     (LLAMA2, "kivi-k2v2", 1, 5000),
     (LLAMA2, "kivi-k2v2", 8, 4096),
+    (LLAMA2, "kivi-k2v2-rows", 1, 5000),
+    (SMOL, "kivi-k4v4", 4, 3001),
     (SMOL, "kivi-k4v2", 4, 3001),
     (SMOL, "kvquant-k3v3", 4, 3001),
     (LLAMA2, "kvquant-k3v3", 1, 2048),
@@ -119,13 +125,12 @@ def _fp32_matmuls_in_full():
         yield
 
 
-# Last: the opt-in CUDA-core bodies (the Triton compile of cc_block takes minutes), so a GPU run
-# under a time cap covers the paths `auto` uses (the codec tests above) first.
-@pytest.mark.parametrize("cfg,name,path,convert", [
-    (LLAMA2, "kivi-k2v2", "cc", "shift"), (SMOL, "kivi-k4v2", "cc", "shift"),
-    (LLAMA2, "kivi-k2v2", "cc_block", "magic"), (LLAMA2, "kivi-k2v2", "cc_block", "shift"),
-    (SMOL, "kvquant-k3v3", "cc_block", "magic")], ids=lambda x: x if isinstance(x, str) else None)
-def test_each_kernel_path_on_gpu_equals_reference(cfg, name, path, convert):
+# Each kernel body the stores select, at the default and the other warp count the benchmark
+# times, on a random mask with a length inside a block.
+@pytest.mark.parametrize("cfg,name,warps", [
+    (LLAMA2, "kivi-k2v2", 4), (LLAMA2, "kivi-k2v2", 8), (SMOL, "kivi-k4v4", 8), (LLAMA2, "kivi-k2v2-rows", 8),
+    (SMOL, "kvquant-k3v3", 8)], ids=lambda x: x if isinstance(x, (str, int)) else None)
+def test_each_kernel_path_on_gpu_equals_reference(cfg, name, warps):
     """Every kernel body the benchmark chooses among, compiled for the GPU, against the fp32
     reference (a length inside a block, a random mask)."""
     batch, context = 2, 3001
@@ -140,7 +145,7 @@ def test_each_kernel_path_on_gpu_equals_reference(cfg, name, path, convert):
         pad = ((0, 0), (0, k.capacity - cos.shape[1]), (0, 0))
         rope = (jnp.pad(cos, pad)[..., :cfg.head_dim // 2], jnp.pad(sin, pad)[..., :cfg.head_dim // 2])
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=0.1, rope=rope,
-                                                   path=path, convert=convert)])
+                                                   num_warps=warps)])
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=0.1, rope=rope)])
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 1e-4
