@@ -10,6 +10,7 @@
 #   1. decode attention at 32k, Llama-2-7B heads, batch 1 and 8: XLA bf16, Pallas bf16, KIVI-2
 #      through both kernel bodies (codec path and kernel alone); memory table (largest batch per context)
 #   2. GPU correctness tests of the decode kernels (pytest from .whl)
+#   (KV_ATTENTION_S / KV_ATTENTION_RESERVE_S / KV_TESTS_S: step 1 and 2 time caps)
 #   3. passkey + needle at 8k on SmolLM2-135M (5 depths x 2 trials each; KV_LONGCTX_S, default 80 s):
 #      KV_LONGCTX_RECIPES, default none,kivi_k4v4,kivi_k2v2,kvquant_2bit
 #   4. end-to-end decode tokens/s, random:llama2-7b: 32k first (bf16, KV2, W4 + KV2), then 8k, 16k
@@ -54,7 +55,7 @@ fi
 # (channel_words stores, the default) and through the tensor-core "mma" body (token_rows, the
 # run-4/6 kernel) at 4 and 8 warps; codec path and kernel alone at batch 1; the run times both
 # bf16 baselines itself.
-step attention 150 250 python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
+step attention ${KV_ATTENTION_S:-150} ${KV_ATTENTION_RESERVE_S:-250} python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
     --codecs kivi_k2v2,kivi_k2v2:token_rows --kernel-variants 4:2:0,8:2:0 --kernel-only 1 --calls 8 --repeats 5 \
     --e2e-contexts 8192,16384,32768 --best-env "$A/best_env.sh" --out "$A/attention"
 [ -s "$A/best_env.sh" ] || echo "export JAXCOMPRESS_KV_NUM_WARPS=4" > "$A/best_env.sh"
@@ -62,7 +63,7 @@ source "$A/best_env.sh"
 log "kernel for the model runs: warps=${JAXCOMPRESS_KV_NUM_WARPS:-4}"
 
 # 2. correctness on the GPU
-step gpu_tests 45 165 python -m pytest -v -p no:cacheprovider tests/gpu/test_decode_attention_gpu.py
+step gpu_tests ${KV_TESTS_S:-45} 165 python -m pytest -v -p no:cacheprovider tests/gpu/test_decode_attention_gpu.py
 
 # 3. passkey + needle at 8k, SmolLM2-135M (one process: the model is loaded once)
 step longctx ${KV_LONGCTX_S:-80} 85 python -u - "$A/longctx" "${KV_LONGCTX_RECIPES:-none,kivi_k4v4,kivi_k2v2,kvquant_2bit}" <<'PY'
