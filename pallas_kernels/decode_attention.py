@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.kv.store import WORD_COLUMNS, QTokens, codes_per_word, to_code_order
+from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
 MIN_DOT_ROWS = 16        # tensor-core dots need >= 16 rows: GQA query heads are padded to this
@@ -342,17 +342,18 @@ def cw_supports(k: QTokens, v: QTokens, pre_rope: bool) -> bool:
     if k.codebook is not None or v.codebook is not None or k.num_outliers or v.num_outliers:
         return False
     c = codes_per_word(k.bits)
-    return (k.channel_group == 1 and k.token_group > 0 and k.token_group % c == 0
+    return (k.rows == v.rows and k.channel_group == 1 and k.token_group > 0 and k.token_group % c == 0
+            and k.rows * c % k.token_group == 0
             and v.token_group == 1 and 1 < v.channel_group <= v.head_dim and v.head_dim % v.channel_group == 0)
 
 
 def _cw_kernel(q_ref, bias_ref, len_ref, magic_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_ref, *rest,
-               bits: int, token_group: int, vwidth: int, voff: float, blocks_per_split: int, heads: int):
+               bits: int, cols: int, token_group: int, vwidth: int, voff: float, blocks_per_split: int, heads: int):
     from pallas_kernels.quant_matmul import inplace_positions
 
     vz_ref = rest[0] if len(rest) == 4 else None
     o_ref, l_ref, m_ref = rest[-3:]
-    cols, c = WORD_COLUMNS, codes_per_word(bits)
+    c = codes_per_word(bits)
     block = cols * c
     d = kw_ref.shape[0]
     vgroups = d // vwidth
@@ -437,10 +438,12 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     b, kv_heads, g, d = q.shape
     s = k.capacity
     c = codes_per_word(k.bits)
-    block = WORD_COLUMNS * c
+    cols = k.rows  # word columns of a tile
+    block = cols * c
     chunk = max(n for n in range(1, CW_MAX_HEADS + 1) if g % n == 0)  # query heads per program
     chunks = g // chunk
-    n_splits, per_split = _splits(b, kv_heads * chunks, s // block, num_splits)
+    # programs of fewer warps: proportionally more of them
+    n_splits, per_split = _splits(b, kv_heads * chunks, s // block, num_splits, TARGET_PROGRAMS * 4 // num_warps)
     qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
     kscale = k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
     kzero = (k.meta_rows(k.zero).astype(jnp.float32) if k.zero is not None
@@ -448,8 +451,8 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
     valid = mask & (jnp.arange(s) < length)[None, :]
     bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)
-    bias = to_code_order(bias, k.bits)  # [B, S] in code order
-    q_cols = jnp.broadcast_to(qs[..., None], (b, kv_heads, g, d, WORD_COLUMNS))
+    bias = to_code_order(bias, k.bits, cols)  # [B, S] in code order
+    q_cols = jnp.broadcast_to(qs[..., None], (b, kv_heads, g, d, cols))
 
     def head(i, hh):
         return hh // chunks
@@ -464,7 +467,7 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     inputs = [q_cols, bias[:, None, :], jnp.reshape(jnp.asarray(length, jnp.int32), (1,)),
               jnp.full((1, 1), MAGIC, jnp.uint32), lax.bitcast_convert_type(k.codes, jnp.uint32), k.scale, cz,
               lax.bitcast_convert_type(v.codes, jnp.uint32), v.scale]
-    specs = [pl.BlockSpec((None, None, chunk, d, WORD_COLUMNS), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0, 0)),
+    specs = [pl.BlockSpec((None, None, chunk, d, cols), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0, 0)),
              pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)), pl.BlockSpec((1,), lambda i, hh, j: (0,)),
              pl.BlockSpec((1, 1), lambda i, hh, j: (0, 0)), per_head(inputs[4]), meta_spec(k.scale),
              pl.BlockSpec((None, None, chunk, cz.shape[-1]), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0)),
@@ -473,7 +476,7 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
         inputs.append(v.zero)
         specs.append(meta_spec(v.zero))
     vwidth = v.channel_group
-    kernel = functools.partial(_cw_kernel, bits=k.bits, token_group=k.token_group, vwidth=vwidth,
+    kernel = functools.partial(_cw_kernel, bits=k.bits, cols=cols, token_group=k.token_group, vwidth=vwidth,
                                voff=0.0 if v.zero is not None else 2.0 ** (v.bits - 1),
                                blocks_per_split=per_split, heads=chunk)
     out = lambda i, hh, j: (i, hh, j, 0)  # noqa: E731
@@ -505,9 +508,10 @@ def _compiler_params(num_warps: int, num_stages: int):
     return params(num_warps=num_warps, num_stages=num_stages)
 
 
-def _splits(batch: int, kv_heads: int, n_blocks: int, num_splits: int | None) -> tuple[int, int]:
+def _splits(batch: int, kv_heads: int, n_blocks: int, num_splits: int | None,
+            target: int = TARGET_PROGRAMS) -> tuple[int, int]:
     """(splits, blocks per split): enough programs to fill the GPU, whole blocks per split."""
-    want = num_splits or -(-TARGET_PROGRAMS // (batch * kv_heads))
+    want = num_splits or -(-target // (batch * kv_heads))
     want = max(1, min(want, n_blocks))
     per_split = -(-n_blocks // want)
     return -(-n_blocks // per_split), per_split
@@ -563,7 +567,7 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     """
     num_warps = num_warps or int(os.environ.get("JAXCOMPRESS_KV_NUM_WARPS", "4"))
     b, kv_heads, g, d = q.shape
-    if (k.layout != v.layout or (k.rows != v.rows and not k.channel_words) or k.capacity != v.capacity
+    if (k.layout != v.layout or k.rows != v.rows or k.capacity != v.capacity
             or k.head_dim != d or v.head_dim != d):
         raise ConfigError(f"keys and values must share layout, rows, capacity and head_dim: keys "
                           f"{k.layout}/{k.rows}/{k.capacity}/{k.head_dim}, values "

@@ -38,11 +38,12 @@ def _ints(text):
 
 
 def codec_for(recipe: str, cfg):
-    """The codec of a kv_cache recipe; `name:token_rows` / `name:channel_words` sets KIVI's layout."""
-    recipe, _, layout = recipe.partition(":")
+    """The codec of a kv_cache recipe; `name:token_rows` / `name:channel_words[:columns]` sets
+    KIVI's layout (and tile width)."""
+    recipe, *opts = recipe.split(":")
     section = load_recipe(recipe)["kv_cache"]
-    if layout:
-        section = {**section, "layout": layout}
+    if opts:
+        section = {**section, "layout": opts[0], **({"columns": int(opts[1])} if len(opts) > 1 else {})}
     calibration = None
     if section["method"] == "kvquant":  # random weights: a synthetic calibration (speed only)
         calibration = synthetic_kvquant_calibration(cfg, section["key_bits"], section["value_bits"])

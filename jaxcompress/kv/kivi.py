@@ -41,6 +41,7 @@ class KIVICodec(PackedCodec):
     attention: str = "auto"
     sink: int = 0
     layout: str = "auto"  # the stores' layout: auto | channel_words | token_rows (see store_layout)
+    columns: int = WORD_COLUMNS  # channel_words: word columns of a decode-kernel tile (a tuning knob)
 
     def __post_init__(self):
         check_bits(self.key_bits, "key_bits")
@@ -48,6 +49,10 @@ class KIVICodec(PackedCodec):
         check_attention_mode(self.attention)
         if self.layout not in ("auto", CHANNEL_WORDS, TOKEN_ROWS):
             raise ConfigError(f"KIVI layout={self.layout!r} must be auto, {CHANNEL_WORDS} or {TOKEN_ROWS}")
+        c = codes_per_word(self.key_bits)
+        if self.columns not in (4, 8, 16, 32, 64) or self.columns * c % g:
+            raise ConfigError(f"KIVI columns={self.columns!r} must be 4, 8, 16, 32 or 64 word columns holding whole "
+                              f"key groups ({self.columns} x {c} tokens a tile, group_size={g})")
         if self.layout == CHANNEL_WORDS and not self._channel_words_fit():
             raise ConfigError(f"KIVI layout={CHANNEL_WORDS} needs key_bits == value_bits in (2, 4, 8) and "
                               f"group_size a multiple of the codes per word; got k{self.key_bits}v{self.value_bits} "
@@ -69,6 +74,9 @@ class KIVICodec(PackedCodec):
 
     @property
     def rows(self) -> int:
+        """token_rows: words a slot tile; channel_words: word columns a tile."""
+        if self.store_layout == CHANNEL_WORDS:
+            return self.columns
         return 32 if self.group_size % 32 == 0 else 16
 
     def _channel_words_fit(self) -> bool:
@@ -104,7 +112,7 @@ class KIVICodec(PackedCodec):
         self.check_head_dim(head_dim)
         g, rows, layout = self.group_size, self.rows, self.store_layout
         cw = layout == CHANNEL_WORDS
-        cap = capacity_for(max_len, (self.key_bits, self.value_bits), WORD_COLUMNS if cw else rows, multiple_of=g)
+        cap = capacity_for(max_len, (self.key_bits, self.value_bits), rows, multiple_of=g)
 
         def meta(rows_, cols_):  # token_rows [.., Ts, Cs]; channel_words [.., Cs, Ts]
             return jnp.zeros((batch, kv_heads) + ((cols_, rows_) if cw else (rows_, cols_)), META_DTYPE)

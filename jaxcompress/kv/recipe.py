@@ -12,6 +12,7 @@
       sink: 1               # kvquant (default 1), kivi (default 0): first tokens kept exact
       attention: auto       # auto (Pallas on GPU) | pallas | interpret | reference
       layout: auto          # kivi: auto | channel_words | token_rows (the stores' layout, i.e. the decode kernel)
+      columns: 32           # kivi, channel_words: word columns of a decode-kernel tile
       calibration:          # kvquant, int/tensor: activations the codec is fitted on
         source: wikitext2
         num_samples: 16
@@ -39,7 +40,7 @@ from jaxcompress.kv.uniform import UniformCodec, fit_uniform_tensor
 
 METHODS = {
     "kivi": {"key_bits": 2, "value_bits": 2, "group_size": 32, "residual": 128, "sink": 0, "attention": "auto",
-             "layout": "auto"},
+             "layout": "auto", "columns": 32},
     "kvquant": {"key_bits": 3, "value_bits": 3, "outlier_fraction": 0.01, "sink": 1, "attention": "auto"},
     "int": {"key_bits": 8, "value_bits": 8, "symmetric": False, "granularity": "head", "attention": "auto"},
     "none": {},

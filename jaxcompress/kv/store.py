@@ -10,11 +10,12 @@ decode-kernel body (pallas_kernels/decode_attention.py):
   bits). So slot i of a block's `rows` words holds `rows` consecutive tokens: the tensor-core
   body unpacks a [rows, D] tile with one shift and one mask. (int32 words: bit 31 is just a bit.)
 * "channel_words": `codes` int32 [B, K, D, S // c], channel-major, word-major: token t sits in
-  word t // c of its channel, bits [(t % c) * bits, ...). The CUDA-core body reads [D, 32]
-  word tiles (a block of `block = 32 * c` tokens) and reduces over channels inside a thread.
-  scale and zero are channel-major [Bs, Ks, Cs, Ts], and per-token ones (Ts = S) are kept in
-  *code order*: token t = m * block + w * c + j at position m * block + j * 32 + w, so the 32
-  tokens of one slot j of a tile are contiguous (see `code_positions`).
+  word t // c of its channel, bits [(t % c) * bits, ...). The CUDA-core body reads [D, rows]
+  word tiles (a block of `block = rows * c` tokens; rows = WORD_COLUMNS = 32 by default) and
+  reduces over channels inside a thread. scale and zero are channel-major [Bs, Ks, Cs, Ts], and
+  per-token ones (Ts = S) are kept in *code order*: token t = m * block + w * c + j at position
+  m * block + j * rows + w, so the `rows` tokens of one slot j of a tile are contiguous (see
+  `code_positions`).
 * a(code) = code (asymmetric grid), code - 2**(bits - 1) (symmetric grid: `zero` is None),
   or codebook[code] (non-uniform grid; `codebook` [2**bits] sorted).
 * x[t, d] = a(code[t, d]) * scale[t', d'] (+ zero[t', d']). scale and zero are (token_rows)
@@ -42,7 +43,7 @@ META_DTYPE = jnp.float16  # per-token / per-group scales and zeros (as KIVI and 
 NO_OUTLIER = 255          # outlier_index of an empty outlier slot (head_dim must be < 255)
 FP16_MAX = 65504.0
 TOKEN_ROWS, CHANNEL_WORDS = "token_rows", "channel_words"
-WORD_COLUMNS = 32         # channel_words: word columns of one kernel tile (a block)
+WORD_COLUMNS = 32         # channel_words: default word columns of one kernel tile (a block; `rows`)
 
 
 def check_bits(bits: int, what: str) -> None:
@@ -65,21 +66,22 @@ def channel_words_supported(bits: int, token_group: int = 1) -> bool:
     return bits in (2, 4, 8) and token_group % codes_per_word(bits) == 0
 
 
-def code_positions(tokens: jax.Array, bits: int) -> jax.Array:
-    """channel_words: positions of `tokens` in a per-token meta array (code order)."""
+def code_positions(tokens: jax.Array, bits: int, columns: int = WORD_COLUMNS) -> jax.Array:
+    """channel_words: positions of `tokens` in a per-token meta array (code order, tiles of
+    `columns` word columns)."""
     c = codes_per_word(bits)
-    block = c * WORD_COLUMNS
+    block = c * columns
     r = tokens % block
-    return tokens - r + (r % c) * WORD_COLUMNS + r // c
+    return tokens - r + (r % c) * columns + r // c
 
 
-def to_code_order(x: jax.Array, bits: int) -> jax.Array:
+def to_code_order(x: jax.Array, bits: int, columns: int = WORD_COLUMNS) -> jax.Array:
     """channel_words: a per-token array [..., S] (token order) in code order."""
     c = codes_per_word(bits)
-    block = c * WORD_COLUMNS
+    block = c * columns
     p = jnp.arange(x.shape[-1], dtype=jnp.int32)
     r = p % block
-    return x[..., p - r + (r % WORD_COLUMNS) * c + r // WORD_COLUMNS]  # the token at each position
+    return x[..., p - r + (r % columns) * c + r // columns]  # the token at each position
 
 
 # ------------------------------------------------------------------------------ channel words
@@ -237,7 +239,7 @@ class QTokens:
 
     @property
     def block(self) -> int:
-        return codes_per_word(self.bits) * (WORD_COLUMNS if self.channel_words else self.rows)
+        return codes_per_word(self.bits) * self.rows  # channel_words: rows = word columns of a tile
 
     # ---------------------------------------------------------------- layout-aware access
     def token_codes(self) -> jax.Array:
@@ -251,7 +253,7 @@ class QTokens:
         if not self.channel_words:
             return x
         if self.token_group == 1:  # undo the code order
-            x = x[..., code_positions(jnp.arange(x.shape[-1], dtype=jnp.int32), self.bits)]
+            x = x[..., code_positions(jnp.arange(x.shape[-1], dtype=jnp.int32), self.bits, self.rows)]
         return jnp.swapaxes(x, -1, -2)
 
     def with_codes(self, codes: jax.Array, start) -> "QTokens":
@@ -273,7 +275,7 @@ class QTokens:
                 updates[name] = jax.lax.dynamic_update_slice(old, x, (0, 0, start, 0))
             elif self.token_group == 1:
                 pos = code_positions(jnp.asarray(start, jnp.int32) + jnp.arange(x.shape[2], dtype=jnp.int32),
-                                     self.bits)
+                                     self.bits, self.rows)
                 updates[name] = old.at[..., pos].set(jnp.swapaxes(x, 2, 3))
             else:
                 updates[name] = jax.lax.dynamic_update_slice(old, jnp.swapaxes(x, 2, 3), (0, 0, 0, start))
