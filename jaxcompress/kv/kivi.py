@@ -49,14 +49,6 @@ class KIVICodec(PackedCodec):
         check_attention_mode(self.attention)
         if self.layout not in ("auto", CHANNEL_WORDS, TOKEN_ROWS):
             raise ConfigError(f"KIVI layout={self.layout!r} must be auto, {CHANNEL_WORDS} or {TOKEN_ROWS}")
-        c = codes_per_word(self.key_bits)
-        if self.columns not in (4, 8, 16, 32, 64) or self.columns * c % g:
-            raise ConfigError(f"KIVI columns={self.columns!r} must be 4, 8, 16, 32 or 64 word columns holding whole "
-                              f"key groups ({self.columns} x {c} tokens a tile, group_size={g})")
-        if self.layout == CHANNEL_WORDS and not self._channel_words_fit():
-            raise ConfigError(f"KIVI layout={CHANNEL_WORDS} needs key_bits == value_bits in (2, 4, 8) and "
-                              f"group_size a multiple of the codes per word; got k{self.key_bits}v{self.value_bits} "
-                              f"g{self.group_size}: use layout=auto")
         g = self.group_size
         if not isinstance(g, int) or g < 16 or g % 16:
             raise ConfigError(f"KIVI group_size={g!r} must be a multiple of 16 (the decode kernel's tile)")
@@ -66,6 +58,14 @@ class KIVICodec(PackedCodec):
         if self.residual < g:
             raise ConfigError(f"KIVI residual={self.residual} must be at least group_size={g}: "
                               f"the window has to hold a whole group before it is flushed")
+        c = codes_per_word(self.key_bits)
+        if self.columns not in (4, 8, 16, 32, 64) or (self._channel_words_fit() and self.columns * c % g):
+            raise ConfigError(f"KIVI columns={self.columns!r} must be 4, 8, 16, 32 or 64 word columns holding whole "
+                              f"key groups ({self.columns} x {c} tokens a tile, group_size={g})")
+        if self.layout == CHANNEL_WORDS and not self._channel_words_fit():
+            raise ConfigError(f"KIVI layout={CHANNEL_WORDS} needs key_bits == value_bits in (2, 4, 8) and "
+                              f"group_size a multiple of the codes per word; got k{self.key_bits}v{self.value_bits} "
+                              f"g{self.group_size}: use layout=auto")
 
     @property
     def name(self) -> str:

@@ -145,7 +145,7 @@ def test_each_kernel_path_on_gpu_equals_reference(cfg, name, warps):
         pad = ((0, 0), (0, k.capacity - cos.shape[1]), (0, 0))
         rope = (jnp.pad(cos, pad)[..., :cfg.head_dim // 2], jnp.pad(sin, pad)[..., :cfg.head_dim // 2])
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=0.1, rope=rope,
-                                                   num_warps=warps)])
+                                                   num_warps=warps, dot_dtype=jnp.float32)])
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=0.1, rope=rope)])
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 1e-4
