@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
+from pallas_kernels.quant_matmul import inplace_positions
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
 MIN_DOT_ROWS = 16        # tensor-core dots need >= 16 rows: GQA query heads are padded to this
@@ -349,8 +350,6 @@ def cw_supports(k: QTokens, v: QTokens, pre_rope: bool) -> bool:
 
 def _cw_kernel(q_ref, bias_ref, len_ref, magic_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_ref, *rest,
                bits: int, cols: int, token_group: int, vwidth: int, voff: float, blocks_per_split: int, heads: int):
-    from pallas_kernels.quant_matmul import inplace_positions
-
     vz_ref = rest[0] if len(rest) == 4 else None
     o_ref, l_ref, m_ref = rest[-3:]
     c = codes_per_word(bits)
