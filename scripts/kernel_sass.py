@@ -10,6 +10,7 @@ counts as close, not exact.
     pip install triton            # any machine; a separate venv is fine (--triton-python)
     python scripts/kernel_sass.py --bits 4 --group-size 128 --grid asym --dequant fma --acc2d
     python scripts/kernel_sass.py --dequant inplace --acc2d --block-n 128 --warps 8 --sass out.sass
+    python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw body
 """
 
 from __future__ import annotations
@@ -82,6 +83,23 @@ def loop_counts(sass: str) -> list[tuple[int, collections.Counter]]:
     return loops
 
 
+def decode_ir(args):
+    """(Triton IR, description, cache elements a thread per loop step, unit) of the KV decode
+    kernel over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens (Llama-2-7B)."""
+    from jaxcompress.kv import KIVICodec
+    from pallas_kernels.decode_attention import quantized_decode_partials
+
+    codec = KIVICodec(args.bits, args.bits, group_size=args.group_size, layout=args.layout, columns=args.columns)
+    state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
+    k, v = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[n]) for n in ("k", "v"))
+    q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
+    (ttir,) = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
+                                                                     num_stages=args.stages), q, k, v, mask)
+    # cw: a loop step is one slot of a [128, columns] tile, keys and values; mma: one slot of rows tokens
+    per_thread = 2 * 128 * k.rows / (args.warps * 32)
+    return ttir, f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps}", per_thread, "an element"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4)
@@ -99,18 +117,30 @@ def main(argv=None):
     p.add_argument("--tiles-per-step", type=int, default=2)
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=1)
+    p.add_argument("--kernel", default="matmul", choices=("matmul", "decode"),
+                   help="decode: the KV decode-attention kernel over a KIVI cache (Llama-2-7B heads, 32k "
+                        "tokens; --bits, --group-size (key tokens / value channels), --warps, --stages, "
+                        "--columns, --layout)")
+    p.add_argument("--columns", type=int, default=32, help="decode, channel_words: word columns a tile")
+    p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
+                   help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,
                    help="a Python with the `triton` package (default: this one)")
     p.add_argument("--sass", help="also write the SASS listing here")
     args = p.parse_args(argv)
 
-    w = random_qarray(0, args.k, args.n, Variant(args.bits, args.group_size, args.grid))
-    x = jnp.ones((args.m, args.k), jnp.bfloat16)
-    dot = args.dot or args.tile_dot
-    cfg = TileConfig(block_n=args.block_n, block_m=max(16, args.m) if dot else min(args.m, 8), use_dot=dot,
-                     tile_dot=args.tile_dot, split_k=args.split_k, tiles_per_step=args.tiles_per_step,
-                     dequant=args.dequant, acc2d=args.acc2d, num_warps=args.warps, num_stages=args.stages)
-    (ttir,) = triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), x, w)
+    if args.kernel == "decode":
+        ttir, cfg, per_thread, unit = decode_ir(args)
+    else:
+        w = random_qarray(0, args.k, args.n, Variant(args.bits, args.group_size, args.grid))
+        x = jnp.ones((args.m, args.k), jnp.bfloat16)
+        dot = args.dot or args.tile_dot
+        cfg = TileConfig(block_n=args.block_n, block_m=max(16, args.m) if dot else min(args.m, 8), use_dot=dot,
+                         tile_dot=args.tile_dot, split_k=args.split_k, tiles_per_step=args.tiles_per_step,
+                         dequant=args.dequant, acc2d=args.acc2d, num_warps=args.warps, num_stages=args.stages)
+        (ttir,) = triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), x, w)
+        tile = kernel_layout(w).tile
+        per_thread, unit = args.tiles_per_step * tile * args.block_n / (args.warps * 32), "a weight"
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
@@ -132,11 +162,8 @@ def main(argv=None):
             f.write(sass)
     regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
     print(f"{cfg}\nregisters {regs.group(1)}, local (spill) bytes {regs.group(2)}" if regs else usage)
-    tile = kernel_layout(w).tile
-    weights_per_thread = args.tiles_per_step * tile * args.block_n / (args.warps * 32)
     for n, counts in loop_counts(sass):
-        print(f"loop: {n} instructions, {n / weights_per_thread:.2f} a weight (if it is the main loop: "
-              f"{args.tiles_per_step} tiles of [{tile}, {args.block_n}] per step); "
+        print(f"loop: {n} instructions, {n / per_thread:.2f} {unit} (if it is the main loop); "
               + ", ".join(f"{k} {v}" for k, v in counts.most_common(12)))
 
 

@@ -35,3 +35,15 @@ def test_loop_counts_of_a_listing():
     """
     ((n, counts),) = kernel_sass.loop_counts(listing)
     assert n == 4 and counts == {"LOP3": 1, "FFMA": 2, "BRA": 1}
+
+
+def test_decode_ir_lowers_the_cuda_core_body():
+    """--kernel decode: the KIVI-2 cache in the channel_words layout lowers to the cw body, whose
+    slot loop sits inside the block loop (two nested scf.for; the bit offsets are loop values)."""
+    import argparse
+
+    args = argparse.Namespace(bits=2, group_size=32, layout="channel_words", columns=32, warps=4, stages=2)
+    ir, desc, per_thread, unit = kernel_sass.decode_ir(args)
+    assert "@kv_decode_k2v2_cw" in ir and "channel_words" in desc
+    assert ir.count("scf.for") >= 3 and "tt.bitcast" in ir and "__nv_exp2f" in ir
+    assert per_thread == 2 * 128 * 32 / 128 and unit == "an element"
