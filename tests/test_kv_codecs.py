@@ -358,3 +358,16 @@ def test_clear_errors():
     cache = KVCache.create(cfg, 1, 16, jnp.float32, KIVICodec(group_size=16, residual=16))
     with pytest.raises(UserError, match="context of 20 tokens is longer than the KV cache"):
         model(jnp.zeros((1, 20), jnp.int32), None, cache)
+
+
+def test_kivi_store_layout_choice():
+    """auto: channel_words (the CUDA-core decode body) where it fits, else token_rows; asking for
+    channel_words where it does not fit is an error that names the condition."""
+    assert KIVICodec(2, 2).store_layout == "channel_words" and KIVICodec(4, 4, group_size=16).store_layout == "channel_words"
+    for codec in (KIVICodec(3, 3), KIVICodec(4, 2), KIVICodec(group_size=48), KIVICodec(8, 8, group_size=32, columns=4)):
+        assert codec.store_layout == "token_rows", codec
+    assert KIVICodec(2, 2, layout="token_rows").store_layout == "token_rows"
+    with pytest.raises(ConfigError, match="layout=channel_words needs key_bits == value_bits"):
+        KIVICodec(4, 2, layout="channel_words")
+    with pytest.raises(ConfigError, match="columns=12 must be 4, 8, 16, 32 or 64"):
+        KIVICodec(columns=12)

@@ -58,14 +58,12 @@ class KIVICodec(PackedCodec):
         if self.residual < g:
             raise ConfigError(f"KIVI residual={self.residual} must be at least group_size={g}: "
                               f"the window has to hold a whole group before it is flushed")
-        c = codes_per_word(self.key_bits)
-        if self.columns not in (4, 8, 16, 32, 64) or (self._channel_words_fit() and self.columns * c % g):
-            raise ConfigError(f"KIVI columns={self.columns!r} must be 4, 8, 16, 32 or 64 word columns holding whole "
-                              f"key groups ({self.columns} x {c} tokens a tile, group_size={g})")
+        if self.columns not in (4, 8, 16, 32, 64):
+            raise ConfigError(f"KIVI columns={self.columns!r} must be 4, 8, 16, 32 or 64 (word columns a tile)")
         if self.layout == CHANNEL_WORDS and not self._channel_words_fit():
-            raise ConfigError(f"KIVI layout={CHANNEL_WORDS} needs key_bits == value_bits in (2, 4, 8) and "
-                              f"group_size a multiple of the codes per word; got k{self.key_bits}v{self.value_bits} "
-                              f"g{self.group_size}: use layout=auto")
+            raise ConfigError(f"KIVI layout={CHANNEL_WORDS} needs key_bits == value_bits in (2, 4, 8), group_size a "
+                              f"multiple of the codes per word and tiles of columns={self.columns} words holding whole "
+                              f"groups; got k{self.key_bits}v{self.value_bits} g{self.group_size}: use layout=auto")
 
     @property
     def name(self) -> str:
@@ -80,13 +78,15 @@ class KIVICodec(PackedCodec):
         return 32 if self.group_size % 32 == 0 else 16
 
     def _channel_words_fit(self) -> bool:
-        return self.key_bits == self.value_bits and channel_words_supported(self.key_bits, self.group_size)
+        tile = self.columns * codes_per_word(self.key_bits)  # tokens a kernel tile
+        return (self.key_bits == self.value_bits and channel_words_supported(self.key_bits, self.group_size)
+                and tile % self.group_size == 0)
 
     @property
     def store_layout(self) -> str:
         """"auto": channel_words (the CUDA-core decode body's layout) where it applies (the
-        same width for keys and values, 2, 4 or 8 bits, key groups of whole words), else
-        token_rows (the tensor-core body's); or the layout asked for."""
+        same width for keys and values, 2, 4 or 8 bits, key groups of whole words and whole
+        groups a tile), else token_rows (the tensor-core body's); or the layout asked for."""
         if self.layout != "auto":
             return self.layout
         return CHANNEL_WORDS if self._channel_words_fit() else TOKEN_ROWS
