@@ -123,7 +123,7 @@ class PackedCodec(KVCodec):
 
     def attend_decode(self, state, q, mask, scale, rotate_keys=None, **kernel_options):
         """One query per row (q [B, 1, H, D]) through the Pallas kernel; `kernel_options` go
-        to `quantized_decode_partials` (num_warps, num_stages, num_splits, path, convert)."""
+        to `quantized_decode_partials` (num_warps, num_stages, num_splits, path)."""
         from jaxcompress.models.rope import apply_rope
         from pallas_kernels.decode_attention import combine, dense_partials, quantized_decode_partials
 
