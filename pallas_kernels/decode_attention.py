@@ -314,9 +314,9 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
 # ------------------------------------------------------------------------- CUDA-core body
 # For few query heads per kv head (Llama-2 has G = 1) a tensor-core dot does 1/16 useful work
 # and forces every dequantized tile through shared memory into the MMA operand layout. The
-# "cw" body reads "channel_words" stores (jaxcompress/kv/store.py): [D, 32] word tiles, a thread
-# holding 8 channels x 4 word columns, so the score's sum over channels is mostly inside the
-# thread. Per slot j of a tile (32 tokens, one per column):
+# "cw" body reads "channel_words" stores (jaxcompress/kv/store.py): [D, rows] word tiles (rows =
+# 32 word columns by default; with 4 warps a thread holds 8 channels x 4 columns), so the score's
+# sum over channels is mostly inside the thread. Per slot j of a tile (one token a column):
 #   * codes -> exact fp32 in two instructions: the code masked where it lies (offset o) and
 #     OR-ed into the mantissa of 2**23 (one LOP3; the exponent word is an operand, so it stays
 #     in a register), then f * 2**-o - 2**(23 - o) (one FMA); offsets are loop variables, so
@@ -328,7 +328,8 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
 #     p * zero to a [1, 32] sum per channel group; per-token meta is stored in code order,
 #     so slot j's 32 values are one contiguous load;
 #   * scores in log2 units (log2(e) folded into q): exp2 is one MUFU instruction; masked and
-#     out-of-length slots come as an additive -inf bias (also in code order).
+#     out-of-length slots come as an additive NEG_INF bias (also in code order): a split that
+#     saw only masked slots ends with m = NEG_INF, so `_finish` / `combine` weight it by zero.
 # Partial sums stay [D, 32] / [1, 32] until the end of the program.
 CW_MAX_HEADS = 2  # query heads per program of the cw body (registers); more are split over the grid
 MAGIC = 0x4B000000  # fp32 bits of 2**23
