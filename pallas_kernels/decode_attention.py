@@ -329,7 +329,8 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
 #     so slot j's 32 values are one contiguous load;
 #   * scores in log2 units (log2(e) folded into q): exp2 is one MUFU instruction; masked and
 #     out-of-length slots come as an additive NEG_INF bias (also in code order): a split that
-#     saw only masked slots ends with m = NEG_INF, so `_finish` / `combine` weight it by zero.
+#     saw only masked slots ends with m = NEG_INF, so `_finish` / `combine` weight it by zero
+#     (a row with no valid slot at all gets an undefined output, where the reference gives 0).
 # Partial sums stay [D, 32] / [1, 32] until the end of the program.
 CW_MAX_HEADS = 2  # query heads per program of the cw body (registers); more are split over the grid
 MAGIC = 0x4B000000  # fp32 bits of 2**23
