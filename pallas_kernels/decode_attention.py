@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
-from pallas_kernels.quant_matmul import inplace_positions
+from pallas_kernels.quant_matmul import MAGIC, inplace_positions
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
 MIN_DOT_ROWS = 16        # tensor-core dots need >= 16 rows: GQA query heads are padded to this
@@ -333,7 +333,6 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
 #     (a row with no valid slot at all gets an undefined output, where the reference gives 0).
 # Partial sums stay [D, 32] / [1, 32] until the end of the program.
 CW_MAX_HEADS = 2  # query heads per program of the cw body (registers); more are split over the grid
-MAGIC = 0x4B000000  # fp32 bits of 2**23
 LOG2E = 1.4426950408889634
 
 
@@ -446,9 +445,10 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     # programs of fewer warps: proportionally more of them
     n_splits, per_split = _splits(b, kv_heads * chunks, s // block, num_splits, TARGET_PROGRAMS * 4 // num_warps)
     qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
-    kscale = k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
-    kzero = (k.meta_rows(k.zero).astype(jnp.float32) if k.zero is not None
-             else -2.0 ** (k.bits - 1) * kscale)  # symmetric grid: a(code) = code - 2**(bits-1)
+    if k.zero is not None:  # [Bs, Ks, Ts, D]
+        kzero = k.meta_rows(k.zero).astype(jnp.float32)
+    else:  # symmetric grid: a(code) = code - 2**(bits-1)
+        kzero = -2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)
     cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
     valid = mask & (jnp.arange(s) < length)[None, :]
     bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)

@@ -56,7 +56,7 @@ from jaxcompress.quant.qarray import QArray
 from pallas_kernels.layout import CodeLayout, TiledQArray, grid_values_at, kernel_layout
 
 ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16)
-_MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + code
+MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + code
 _TWO23 = 8388608.0
 _MANTISSA_BITS = 23
 DEQUANT_MODES = ("shift", "inplace", "fma")
@@ -220,7 +220,7 @@ def inplace_positions(bits: int, top_aligned: bool = False) -> tuple[int, list[t
 
 def codes_to_float(q: jax.Array, zero_plus_2_23) -> jax.Array:
     """Exact fp32 `code - zero` with no int->float conversion (see the module docstring)."""
-    return lax.bitcast_convert_type(q | _MAGIC, jnp.float32) - zero_plus_2_23
+    return lax.bitcast_convert_type(q | MAGIC, jnp.float32) - zero_plus_2_23
 
 
 def interleave_slabs(slabs: list, interleaved: bool) -> jax.Array:
@@ -358,7 +358,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
     def inplace_weights(words, shifted, j, zrow):
         """Exact fp32 (code - zero) * 2**o of slab j, o its offset in the source word (the
         caller scales x by 2**-o)."""
-        o, f = in_place_float(words, shifted, j, _MAGIC)
+        o, f = in_place_float(words, shifted, j, MAGIC)
         if zrow is None:
             return f - jnp.float32(_TWO23 + 2 ** (bits - 1) * 2 ** o)
         return f - (zrow * jnp.float32(2 ** o) + _TWO23)
@@ -583,7 +583,7 @@ def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: boo
     operands += [w.scale] if ops.has_scale else []
     operands += [w.zero] if ops.has_zero else []
     operands += [w.codebook] if ops.has_codebook else []
-    operands += [jnp.full((1, 1), _MAGIC, jnp.uint32)] if ops.has_magic else []
+    operands += [jnp.full((1, 1), MAGIC, jnp.uint32)] if ops.has_magic else []
     if cfg.split_k == 1:
         out_shape = jax.ShapeDtypeStruct((m, lay.n), x2.dtype)
     else:

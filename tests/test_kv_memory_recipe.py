@@ -125,3 +125,13 @@ def test_calibration_is_hashed_by_content_and_saved(tmp_path):
     assert other != CAL
     CAL.save(str(tmp_path / "cal.npz"))
     assert KVCalibration.load(str(tmp_path / "cal.npz")) == CAL
+
+
+def test_kv4_recipe_builds_the_codec_it_names():
+    """kivi_k4v4_g16_sink (the KV4 recipe within 1% at the full protocol): KIVI-4, groups of 16,
+    the first token exact, in the CUDA-core decode body's layout."""
+    from jaxcompress.experiments.recipes import load_recipe
+    from jaxcompress.kv.recipe import build_codec
+
+    codec = build_codec(load_recipe("kivi_k4v4_g16_sink")["kv_cache"])
+    assert codec.name == "kivi-k4v4-g16-r128-s1" and codec.store_layout == "channel_words"
