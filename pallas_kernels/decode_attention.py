@@ -434,7 +434,8 @@ def _cw_kernel(q_ref, bias_ref, len_ref, magic_ref, kw_ref, ks_ref, cz_ref, vw_r
 
 
 def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
-             num_warps: int, num_stages: int) -> Partials:
+             num_warps: int, num_stages: int, packed: bool = False) -> Partials:
+    """The cw body (fp32), or with `packed` the cw16 body (f16x2, below)."""
     b, kv_heads, g, d = q.shape
     s = k.capacity
     c = codes_per_word(k.bits)
@@ -449,6 +450,8 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
         kzero = k.meta_rows(k.zero).astype(jnp.float32)
     else:  # symmetric grid: a(code) = code - 2**(bits-1)
         kzero = -2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)
+    if packed:  # cw16 multiplies centred codes: a(code) = (code - mid) * scale + (zero + mid * scale)
+        kzero = kzero + 2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)
     cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
     valid = mask & (jnp.arange(s) < length)[None, :]
     bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)
@@ -465,21 +468,29 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     def per_head(x):
         return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, head(i, hh)) + (0,) * (x.ndim - 2))
 
-    inputs = [q_cols, bias[:, None, :], jnp.reshape(jnp.asarray(length, jnp.int32), (1,)),
-              jnp.full((1, 1), MAGIC, jnp.uint32), lax.bitcast_convert_type(k.codes, jnp.uint32), k.scale, cz,
-              lax.bitcast_convert_type(v.codes, jnp.uint32), v.scale]
+    word = jnp.int32 if packed else jnp.uint32  # cw16: signless words for the inline assembly
+    kwords, vwords = (lax.bitcast_convert_type(x.codes, word) for x in (k, v))
+    inputs = [q_cols, bias[:, None, :], jnp.reshape(jnp.asarray(length, jnp.int32), (1,))]
     specs = [pl.BlockSpec((None, None, chunk, d, cols), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0, 0)),
-             pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)), pl.BlockSpec((1,), lambda i, hh, j: (0,)),
-             pl.BlockSpec((1, 1), lambda i, hh, j: (0, 0)), per_head(inputs[4]), meta_spec(k.scale),
-             pl.BlockSpec((None, None, chunk, cz.shape[-1]), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0)),
-             per_head(inputs[7]), meta_spec(v.scale)]
+             pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)), pl.BlockSpec((1,), lambda i, hh, j: (0,))]
+    if not packed:  # the fp32 exponent word, kept in a register
+        inputs.append(jnp.full((1, 1), MAGIC, jnp.uint32))
+        specs.append(pl.BlockSpec((1, 1), lambda i, hh, j: (0, 0)))
+    inputs += [kwords, k.scale, cz, vwords, v.scale]
+    specs += [per_head(kwords), meta_spec(k.scale),
+              pl.BlockSpec((None, None, chunk, cz.shape[-1]), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0)),
+              per_head(vwords), meta_spec(v.scale)]
     if v.zero is not None:
         inputs.append(v.zero)
         specs.append(meta_spec(v.zero))
     vwidth = v.channel_group
-    kernel = functools.partial(_cw_kernel, bits=k.bits, cols=cols, token_group=k.token_group, vwidth=vwidth,
-                               voff=0.0 if v.zero is not None else 2.0 ** (v.bits - 1),
-                               blocks_per_split=per_split, heads=chunk)
+    common = dict(bits=k.bits, cols=cols, token_group=k.token_group, vwidth=vwidth, blocks_per_split=per_split,
+                  heads=chunk)
+    if packed:
+        kernel = functools.partial(_cw16_kernel, **common, rows=h2_slice_rows(d, cols, num_warps, vwidth),
+                                   asm=not interpret)
+    else:
+        kernel = functools.partial(_cw_kernel, **common, voff=0.0 if v.zero is not None else 2.0 ** (v.bits - 1))
     out = lambda i, hh, j: (i, hh, j, 0)  # noqa: E731
     o, l, m = pl.pallas_call(
         kernel,
@@ -492,7 +503,7 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
                    jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk), jnp.float32)],
         compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
         interpret=interpret,
-        name=f"kv_decode_k{k.bits}v{v.bits}_cw",
+        name=f"kv_decode_k{k.bits}v{v.bits}_{'cw16' if packed else 'cw'}",
     )(*inputs)
 
     def heads_last(x):  # [B, K * chunks, splits, chunk, ...] -> [B, K, splits, G, ...]
@@ -500,6 +511,237 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
         return jnp.moveaxis(x, 2, 3).reshape(b, kv_heads, n_splits, g, *x.shape[5:])
 
     return _finish(heads_last(o), heads_last(l), heads_last(m), g)
+
+
+# ------------------------------------------------------------------------- packed fp16 body
+# "cw16" is the cw body in paired fp16 arithmetic: one 32-bit register holds two fp16 values
+# (f16x2), and one instruction works on both. A channel_words word keeps its first c/2 codes in
+# the low half-word and the rest in the high one, so code pair j = (slot j, slot j + c/2) of a
+# word column lands one code in each half:
+#   * (word & mask_j) | magic_j puts both codes in the mantissas of 2**(10 - o) (o: their offset
+#     in the half, with o + bits <= 10; the top pairs are read from word >> 8), then one f16x2
+#     subtraction of that same word leaves the exact codes, one f16x2 FMA multiplies and adds:
+#     three instructions for two cache elements, keys and values alike (cw: three for one);
+#   * keys: the channel sum runs over [rows, 32] slices of the [D, 32] tile in f16x2 (D / rows
+#     terms, 8 for Llama-2), then in fp32 over the slice's rows (partial sums in fp16 carry a
+#     relative rounding of about 1e-3; the scores' dynamic range is what fp16 holds for keys
+#     scaled into log2 units);
+#   * values: a tile's pairs accumulate p * scale * code in f16x2 (one term a slot per half), then
+#     the tile's sums join the fp32 sums, so fp16 never adds more than c/2 terms.
+# Everything else (folded scales, zero terms, code-order meta, exp2, lazy rescale) is cw's.
+# Interpret mode runs the same arithmetic through jnp on fp16 (no inline assembly on the CPU).
+H2_SHIFT = 8          # the top code pairs of a word are read from word >> 8
+H2_MANTISSA = 10      # fp16 mantissa bits: a code at offset o fits when o + bits <= 10
+
+
+def h2_positions(bits: int) -> list[tuple[bool, int]]:
+    """[(read from word >> H2_SHIFT?, offset in each half-word)] of the code pairs of a word."""
+    offs = [j * bits for j in range(16 // bits)]
+    return [(False, o) if o + bits <= H2_MANTISSA else (True, o - H2_SHIFT) for o in offs]
+
+
+# f16x2 values travel as int32 arrays (Triton's inline assembly takes signless integers).
+def _h2_halves(x):
+    """int32 f16x2 -> (low, high) as fp32 (interpret mode)."""
+    u = lax.bitcast_convert_type(x, jnp.uint32)
+    half = lambda h: lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)  # noqa: E731
+    return half(u & 0xFFFF), half(u >> 16)
+
+
+def _h2_join(low, high):
+    """Two fp32 arrays -> int32 f16x2, each rounded to nearest (interpret mode)."""
+    bits = lambda f: lax.bitcast_convert_type(f.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)  # noqa: E731
+    return lax.bitcast_convert_type(bits(low) | (bits(high) << 16), jnp.int32)
+
+
+def h2_pack(low, high, asm: bool):
+    """fp32 low and high halves -> f16x2 words (cvt.rn.f16x2.f32 puts its first operand high)."""
+    if not asm:
+        return _h2_join(low, high)
+    (out,) = plgpu_asm("cvt.rn.f16x2.f32 $0, $1, $2;", [high, low], "=r,f,f", [jnp.int32])
+    return out
+
+
+def h2_unpack(x, asm: bool):
+    """f16x2 words -> (low, high) fp32."""
+    if not asm:
+        return _h2_halves(x)
+    # one result an instruction block: Pallas lowers inline assembly with a single result
+    return tuple(plgpu_asm(f"{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, $1; cvt.f32.f16 $0, {half}; }}",
+                           [x], "=f,r", [jnp.float32])[0] for half in ("lo", "hi"))
+
+
+def h2_code_fma(words, mask, magic, center, factor, acc, asm: bool):
+    """acc + factor * (codes - mid), all f16x2: the code pair of `words` under `mask` OR-ed into
+    `magic`, less `center` (magic's value plus the mid code; see above)."""
+    if not asm:
+        f_lo, f_hi = _h2_halves((words & mask) | magic)
+        e_lo, e_hi = _h2_halves(center)
+        s_lo, s_hi = _h2_halves(factor)
+        a_lo, a_hi = _h2_halves(acc)
+        return _h2_join(s_lo * (f_lo - e_lo) + a_lo, s_hi * (f_hi - e_hi) + a_hi)
+    (out,) = plgpu_asm("{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; sub.f16x2 t, t, $4; "
+                       "fma.rn.f16x2 $0, $5, t, $6; }",
+                       [words, mask, magic, center, factor, acc], "=r,r,r,r,r,r,r", [jnp.int32])
+    return out
+
+
+def h2_join(low, high, asm: bool):
+    """Two fp16 arrays -> f16x2 words (no rounding: a register move)."""
+    if not asm:
+        return _h2_join(low.astype(jnp.float32), high.astype(jnp.float32))
+    (out,) = plgpu_asm("mov.b32 $0, {$1, $2};", [low, high], "=r,h,h", [jnp.int32])
+    return out
+
+
+def h2_fma(a, b, c, asm: bool):
+    """a * b + c on f16x2 words."""
+    if not asm:
+        (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = _h2_halves(a), _h2_halves(b), _h2_halves(c)
+        return _h2_join(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi)
+    (out,) = plgpu_asm("fma.rn.f16x2 $0, $1, $2, $3;", [a, b, c], "=r,r,r,r", [jnp.int32])
+    return out
+
+
+def h2_mul(a, b, asm: bool):
+    """a * b on f16x2 words."""
+    if not asm:
+        (a_lo, a_hi), (b_lo, b_hi) = _h2_halves(a), _h2_halves(b)
+        return _h2_join(a_lo * b_lo, a_hi * b_hi)
+    (out,) = plgpu_asm("mul.rn.f16x2 $0, $1, $2;", [a, b], "=r,r,r", [jnp.int32])
+    return out
+
+
+def plgpu_asm(asm: str, args: list, constraints: str, dtypes: list) -> list:
+    """Elementwise inline PTX over same-shape arrays (scalars are broadcast)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
+    args = [jnp.broadcast_to(a, shape) for a in args]
+    return plgpu.elementwise_inline_asm(asm, args=args, constraints=constraints, pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, t) for t in dtypes])
+
+
+def h2_slice_rows(d: int, cols: int, num_warps: int, vwidth: int) -> int:
+    """Channels a slice of the cw16 body: the rows one layout tile of the warps covers with four
+    words a thread, so every slice has the same per-thread layout; a slice stays in one value
+    channel group."""
+    rows = max(1, min(d, num_warps * 32 * 4 // cols))
+    return math.gcd(math.gcd(rows, vwidth), d)
+
+
+def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_ref, *rest,
+                 bits: int, cols: int, token_group: int, vwidth: int, blocks_per_split: int,
+                 heads: int, rows: int, asm: bool):
+    vz_ref = rest[0] if len(rest) == 4 else None
+    o_ref, l_ref, m_ref = rest[-3:]
+    c = codes_per_word(bits)
+    pairs = c // 2
+    block = cols * c
+    d = kw_ref.shape[0]
+    slices = d // rows
+    group_of = [(r * rows) // vwidth for r in range(slices)]  # each slice's value channel group
+    vgroups = d // vwidth
+    vmid2 = jnp.int32(((15 + bits - 1) << 10) * 0x10001)  # f16x2 (mid, mid): mid = 2**(bits - 1)
+    positions = h2_positions(bits)
+    direct = sum(1 for shifted, _ in positions if not shifted)
+    row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+
+    def flush(acc2):  # a tile's f16x2 value sums [rows, cols] -> fp32 [rows, 1] (fewer registers)
+        return jnp.sum(sum(h2_unpack(acc2, asm)), axis=1, keepdims=True)
+
+    def body(blk, carry):
+        m, l, acc, accz = carry
+        col0 = blk * cols
+        group = blk * (block // token_group) + lax.broadcasted_iota(jnp.int32, (1, cols), 1) // (token_group // c)
+        kscale = [ks_ref[r * rows + row, group].astype(jnp.float32) for r in range(slices)]  # [rows, cols]
+        qk = [[h2_pack(*(2 * [q_ref[h, pl.ds(r * rows, rows), :] * kscale[r]]), asm) for r in range(slices)]
+              for h in range(heads)]
+        cz = [cz_ref[jnp.full((1, 1), h, jnp.int32), group] for h in range(heads)]  # [1, cols]
+        kwords = [kw_ref[pl.ds(r * rows, rows), pl.ds(col0, cols)] for r in range(slices)]
+        vwords = [vw_ref[pl.ds(r * rows, rows), pl.ds(col0, cols)] for r in range(slices)]
+        zero2 = jnp.zeros((rows, cols), jnp.int32)
+        zero_cols2 = jnp.zeros((1, cols), jnp.int32)
+
+        def pairs_from(first, last, kw, vw, o_shift, carry):
+            def pair(j, carry):
+                m, l, acc, acc2, accz, accz2 = carry
+                o = j * bits - o_shift
+                field = jnp.int32((1 << bits) - 1) << o
+                mask = field | (field << 16)
+                e = (25 - o) << 10  # fp16 exponent word of 2**(10 - o)
+                magic = e | (e << 16)
+                mid = jnp.int32(1 << (bits - 1)) << o  # 2**(10 - o) + mid code, in the mantissa
+                center = magic | mid | (mid << 16)
+                t = [blk * block + (j + i * pairs) * cols for i in (0, 1)]  # code order: the slots' tokens
+                bias = [bias_ref[pl.ds(0, 1), pl.ds(t[i], cols)] for i in (0, 1)]
+
+                def meta2(ref):  # [1, cols] f16x2: (slot j, slot j + c/2) of each value group
+                    return [h2_join(*(ref[pl.ds(g, 1), pl.ds(t[i], cols)] for i in (0, 1)), asm) for g in range(vgroups)]
+
+                vs2 = meta2(vs_ref)
+                vz2 = None if vz_ref is None else meta2(vz_ref)
+                scores = []
+                for h in range(heads):
+                    s2 = zero2
+                    for r in range(slices):
+                        s2 = h2_code_fma(kw[r], mask, magic, center, qk[h][r], s2, asm)
+                    halves = h2_unpack(s2, asm)
+                    scores.append([jnp.sum(halves[i], axis=0, keepdims=True) + (cz[h] + bias[i]) for i in (0, 1)])
+                m_new = [jnp.maximum(m[h], jnp.maximum(jnp.max(scores[h][0]), jnp.max(scores[h][1])))
+                         for h in range(heads)]
+
+                def rescale(state):  # a new running max: fold the tile's f16x2 sums in, scale down
+                    l, acc, acc2, accz, accz2 = state
+                    corr = [jnp.exp2(m[h] - m_new[h]) for h in range(heads)]
+                    acc = [[(a + flush(a2)) * corr[h] for a, a2 in zip(acc[h], acc2[h])] for h in range(heads)]
+                    accz = [[(z + sum(h2_unpack(z2, asm))) * corr[h] for z, z2 in zip(accz[h], accz2[h])]
+                            for h in range(heads)]
+                    return ([l[h] * corr[h] for h in range(heads)], acc, [[zero2] * slices] * heads, accz,
+                            [[zero_cols2] * vgroups] * heads)
+
+                grew = functools.reduce(jnp.logical_or, [m_new[h] > m[h] for h in range(heads)])
+                l, acc, acc2, accz, accz2 = lax.cond(grew, rescale, lambda state: state, (l, acc, acc2, accz, accz2))
+                new_l, new_acc2, new_accz2 = [], [], []
+                for h in range(heads):
+                    p = [jnp.exp2(scores[h][i] - m_new[h]) for i in (0, 1)]
+                    new_l.append(l[h] + p[0] + p[1])
+                    p2 = h2_pack(p[0], p[1], asm)
+                    pv = [h2_mul(p2, vs2[g], asm) for g in range(vgroups)]
+                    new_acc2.append([h2_code_fma(vw[r], mask, magic, center, pv[group_of[r]], acc2[h][r], asm)
+                                     for r in range(slices)])
+                    if vz2 is None:  # symmetric: (code - mid) * scale is the value itself
+                        new_accz2.append(accz2[h])
+                    else:  # value = (code - mid) * scale + (zero + mid * scale)
+                        new_accz2.append([h2_fma(pv[g], vmid2, h2_fma(p2, vz2[g], accz2[h][g], asm), asm)
+                                          for g in range(vgroups)])
+                return m_new, new_l, acc, new_acc2, accz, new_accz2
+
+            return lax.fori_loop(first, last, pair, carry)
+
+        carry = (m, l, acc, [[zero2] * slices] * heads, accz, [[zero_cols2] * vgroups] * heads)
+        carry = pairs_from(0, direct, kwords, vwords, 0, carry)
+        if direct < pairs:  # the top pairs, read from the words shifted once
+            shifted = [[lax.shift_right_logical(w, jnp.int32(H2_SHIFT)) for w in ws] for ws in (kwords, vwords)]
+            carry = pairs_from(direct, pairs, *shifted, H2_SHIFT, carry)
+        m, l, acc, acc2, accz, accz2 = carry
+        acc = [[a + flush(a2) for a, a2 in zip(acc[h], acc2[h])] for h in range(heads)]
+        accz = [[z + sum(h2_unpack(z2, asm)) for z, z2 in zip(accz[h], accz2[h])] for h in range(heads)]
+        return m, l, acc, accz
+
+    split = pl.program_id(2)
+    used_blocks = lax.div(len_ref[0] + (block - 1), jnp.int32(block))
+    lo = split * blocks_per_split
+    hi = jnp.minimum(lo + blocks_per_split, used_blocks)
+    init = ([jnp.float32(NEG_INF)] * heads, [jnp.zeros((1, cols), jnp.float32)] * heads,
+            [[jnp.zeros((rows, 1), jnp.float32)] * slices] * heads,
+            [[jnp.zeros((1, cols), jnp.float32)] * vgroups] * heads)
+    m, l, acc, accz = lax.fori_loop(lo, hi, body, init)
+    for h in range(heads):
+        for r in range(slices):
+            o_ref[pl.ds(h, 1), pl.ds(r * rows, rows)] = (acc[h][r][:, 0] + jnp.sum(accz[h][group_of[r]]))[None, :]
+        l_ref[pl.ds(h, 1)] = jnp.reshape(jnp.sum(l[h]), (1,))
+        m_ref[pl.ds(h, 1)] = jnp.reshape(m[h] / LOG2E, (1,))
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -532,18 +774,19 @@ def _finish(o, l, m, g: int) -> Partials:
     return Partials(jnp.sum(w[..., None] * o, axis=2), jnp.sum(w * l, axis=2), top)
 
 
-KERNEL_PATHS = ("auto", "mma", "cw")
+KERNEL_PATHS = ("auto", "mma", "cw", "cw16")
 
 
 def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool) -> str:
     """The kernel body `path` resolves to: "auto" is the CUDA-core "cw" for stores it handles
-    (`cw_supports`: KIVI in the channel_words layout), else the tensor-core "mma"."""
+    (`cw_supports`: KIVI in the channel_words layout), else the tensor-core "mma"; "cw16" (the
+    cw body in f16x2 arithmetic) reads the same stores as "cw"."""
     if path not in KERNEL_PATHS:
         raise ConfigError(f"decode kernel path {path!r} is not one of {KERNEL_PATHS}")
     cw = cw_supports(k, v, pre_rope)
     if path == "auto":
         return "cw" if cw else "mma"
-    if (path == "cw") != cw:
+    if (path in ("cw", "cw16")) != cw:
         layouts = f"keys {k.layout} {k.bits}-bit, values {v.layout} {v.bits}-bit"
         raise ConfigError(f"decode kernel path {path!r} does not read these stores ({layouts}"
                           f"{', pre-RoPE keys' if pre_rope else ''}): use path='auto'")
@@ -580,9 +823,9 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     if mask.shape != (b, s):
         raise ConfigError(f"mask shape {mask.shape} must be (batch, capacity) = {(b, s)}")
     path = kernel_path(path, k, v, rope is not None)
-    if path == "cw":
+    if path in ("cw", "cw16"):
         return _cw_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
-                        num_warps=num_warps, num_stages=num_stages)
+                        num_warps=num_warps, num_stages=num_stages, packed=path == "cw16")
     kop = _Operand.of(k, _tile_width(k, rope is not None))
     vop = _Operand.of(v, _tile_width(v, False))
     n_splits, per_split = _splits(b, kv_heads, s // block, num_splits)

@@ -52,14 +52,18 @@ def codec_for(recipe: str, cfg):
 
 def parse_variants(text: str) -> dict[str, dict]:
     """--kernel-variants -> {name: kernel options}."""
+    from pallas_kernels.decode_attention import KERNEL_PATHS
+
     variants = {}
     for item in (v for v in text.split(",") if v):
         fields = item.split(":")
-        if len(fields) != 3:
-            raise SystemExit(f"--kernel-variants item {item!r}: expected warps:stages:splits")
-        warps, stages, splits = (int(x) for x in fields)
-        variants[f"w{warps}-s{stages}-x{splits or 'auto'}"] = {
-            "num_warps": warps, "num_stages": stages, "num_splits": splits or None}
+        if len(fields) not in (3, 4) or (len(fields) == 4 and fields[3] not in KERNEL_PATHS):
+            raise SystemExit(f"--kernel-variants item {item!r}: expected warps:stages:splits[:path], "
+                             f"path one of {KERNEL_PATHS}")
+        warps, stages, splits = (int(x) for x in fields[:3])
+        path = fields[3] if len(fields) == 4 else "auto"
+        variants[f"w{warps}-s{stages}-x{splits or 'auto'}{'' if path == 'auto' else '-' + path}"] = {
+            "num_warps": warps, "num_stages": stages, "num_splits": splits or None, "path": path}
     return variants
 
 
@@ -71,7 +75,8 @@ def best_env(rows) -> str:
         opts = r.get("kernel_options") or {}
         codec = r["variant"].split("/")[0]
         if (r["batch"] == 1 and "num_warps" in opts and "kernel-only" not in r["variant"]
-                and ":" not in codec and r["rel_err"] < 1e-2):  # the recipes' own layout: what the model runs
+                and ":" not in codec and opts.get("path", "auto") == "auto"
+                and r["rel_err"] < 1e-2):  # the recipes' own layout and body choice: what the model runs
             times.setdefault(opts["num_warps"], []).append(r["us"])
     if not times:
         return ""
@@ -276,8 +281,8 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
-                   help="time each codec with these kernel settings, warps:stages:splits,... (splits 0: "
-                        "automatic), e.g. 4:2:0,8:2:0; default: the kernel's defaults. The body follows the "
+                   help="time each codec with these kernel settings, warps:stages:splits[:path],... (splits 0: "
+                        "automatic; path: auto, mma, cw, cw16), e.g. 4:2:0,4:2:0:cw16; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",
                    help="at these batches (e.g. 1 or 1,8), also time each variant's kernel alone "

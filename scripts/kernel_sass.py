@@ -93,7 +93,7 @@ def decode_ir(args):
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
     k, v = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[n]) for n in ("k", "v"))
     q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
-    (ttir,) = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
+    (ttir,) = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps, path=args.path,
                                                                      num_stages=args.stages), q, k, v, mask)
     # cw: a loop step is one slot of a [128, columns] tile, keys and values; mma: one slot of rows tokens
     per_thread = 2 * 128 * k.rows / (args.warps * 32)
@@ -121,6 +121,7 @@ def main(argv=None):
                    help="decode: the KV decode-attention kernel over a KIVI cache (Llama-2-7B heads, 32k "
                         "tokens; --bits, --group-size (key tokens / value channels), --warps, --stages, "
                         "--columns, --layout)")
+    p.add_argument("--path", default="auto", help="decode: the kernel body (auto, mma, cw, cw16)")
     p.add_argument("--columns", type=int, default=32, help="decode, channel_words: word columns a tile")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")

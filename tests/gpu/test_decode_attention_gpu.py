@@ -149,3 +149,22 @@ def test_each_kernel_path_on_gpu_equals_reference(cfg, name, warps):
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=0.1, rope=rope)])
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 1e-4
+
+
+# The packed fp16 body ("cw16", f16x2 inline PTX) compiled for the GPU: no CPU test can run its
+# assembly. Its partial sums round to fp16 (2**-11 relative an operation), hence 2e-3.
+@pytest.mark.parametrize("cfg,name,warps", [
+    (LLAMA2, "kivi-k2v2", 4), (LLAMA2, "kivi-k2v2", 8), (SMOL, "kivi-k4v4", 4)],
+    ids=lambda x: x if isinstance(x, (str, int)) else None)
+def test_packed_fp16_body_on_gpu_equals_reference(cfg, name, warps):
+    batch, context = 2, 3001
+    inputs = filled_layer(cfg, _codec(name, cfg), batch, context, seed=11)
+    k, v = inputs.state["k"], inputs.state["v"]
+    q = jax.random.normal(jax.random.key(5), (batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
+                                              cfg.head_dim), jnp.float32)
+    mask = jax.random.bernoulli(jax.random.key(6), 0.9, (batch, k.capacity))
+    got = da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5,
+                                                   num_warps=warps, path="cw16")])
+    want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5)])
+    assert not bool(jnp.isnan(got).any())
+    assert relative_error(got, want) < 2e-3
