@@ -8,7 +8,9 @@ outliers, RoPE for keys stored before rotation) and keeps flash-attention partia
 for the G query heads of its kv head: GQA heads share every load. Two kinds of body, one per
 store layout: "mma" (token_rows stores: any codec, codebooks, outliers, pre-RoPE keys) pads the
 heads to 16 rows for tensor-core dots; "cw" (channel_words stores: KIVI) reduces on the CUDA
-cores in the words' own layout with the scales folded into q and p (see "CUDA-core body").
+cores in the words' own layout with the scales folded into q and p (see "CUDA-core body"), and
+"cw16" does the same in paired fp16 arithmetic, two cache elements an instruction (see "packed
+fp16 body"; the default at 2 and 4 bits).
 Splitting the slots (flash-decoding) gives batch 1 at 32k enough programs to fill the GPU; `combine` merges the splits with partials computed elsewhere (the
 full-precision residual window, attention-sink tokens).
 
@@ -777,15 +779,17 @@ def _finish(o, l, m, g: int) -> Partials:
 KERNEL_PATHS = ("auto", "mma", "cw", "cw16")
 
 
-def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool) -> str:
-    """The kernel body `path` resolves to: "auto" is the CUDA-core "cw" for stores it handles
-    (`cw_supports`: KIVI in the channel_words layout), else the tensor-core "mma"; "cw16" (the
-    cw body in f16x2 arithmetic) reads the same stores as "cw"."""
+def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool, exact: bool = False) -> str:
+    """The kernel body `path` resolves to. "auto": for stores the CUDA-core bodies handle
+    (`cw_supports`: KIVI in the channel_words layout) the packed fp16 "cw16" at 2 and 4 bits
+    (H100, run 8: 1.2-1.3x faster than "cw" at batch 8), the fp32 "cw" at 8 bits (whose codes
+    reach +-128: fp16 partial sums would lose more than the grid's own precision) and whenever
+    `exact` arithmetic is asked for (fp32 models); else the tensor-core "mma"."""
     if path not in KERNEL_PATHS:
         raise ConfigError(f"decode kernel path {path!r} is not one of {KERNEL_PATHS}")
     cw = cw_supports(k, v, pre_rope)
     if path == "auto":
-        return "cw" if cw else "mma"
+        return ("cw16" if k.bits <= 4 and not exact else "cw") if cw else "mma"
     if (path in ("cw", "cw16")) != cw:
         layouts = f"keys {k.layout} {k.bits}-bit, values {v.layout} {v.bits}-bit"
         raise ConfigError(f"decode kernel path {path!r} does not read these stores ({layouts}"
@@ -803,10 +807,11 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
 
     rope: None, or (cos, sin) [B, S, D/2] per-slot tables when keys are stored before RoPE.
     dot_dtype: operands of the two matmuls of the "mma" path (bf16 on the tensor cores; fp32
-    for exact tests); the CUDA-core "cw" path computes in fp32.
+    for exact tests); the CUDA-core "cw" path computes in fp32, "cw16" in f16x2 with fp32 sums;
+    with fp32, "auto" picks the exact "cw" over "cw16" (fp32 models get exact arithmetic).
     num_splits: slot splits per (row, kv head); default: enough programs to fill an H100.
-    path: "mma" (tensor-core dots, token_rows stores), "cw" (CUDA-core, channel_words stores,
-    see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
+    path: "mma" (tensor-core dots, token_rows stores), "cw" / "cw16" (CUDA-core, channel_words
+    stores, fp32 / f16x2 arithmetic, see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
     (read when the function is traced: the benchmark's choice for later model runs).
     """
     num_warps = num_warps or int(os.environ.get("JAXCOMPRESS_KV_NUM_WARPS", "4"))
@@ -822,7 +827,7 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
         raise ConfigError(f"capacity {s} must be a multiple of the kernel block {block}")
     if mask.shape != (b, s):
         raise ConfigError(f"mask shape {mask.shape} must be (batch, capacity) = {(b, s)}")
-    path = kernel_path(path, k, v, rope is not None)
+    path = kernel_path(path, k, v, rope is not None, exact=dot_dtype == jnp.float32)
     if path in ("cw", "cw16"):
         return _cw_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
                         num_warps=num_warps, num_stages=num_stages, packed=path == "cw16")

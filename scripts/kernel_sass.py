@@ -10,7 +10,8 @@ counts as close, not exact.
     pip install triton            # any machine; a separate venv is fine (--triton-python)
     python scripts/kernel_sass.py --bits 4 --group-size 128 --grid asym --dequant fma --acc2d
     python scripts/kernel_sass.py --dequant inplace --acc2d --block-n 128 --warps 8 --sass out.sass
-    python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw body
+    python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw16 body
+    python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --path cw  # the fp32 cw body
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def decode_ir(args):
     """(Triton IR, description, cache elements a thread per loop step, unit) of the KV decode
     kernel over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens (Llama-2-7B)."""
     from jaxcompress.kv import KIVICodec
-    from pallas_kernels.decode_attention import quantized_decode_partials
+    from pallas_kernels.decode_attention import kernel_path, quantized_decode_partials
 
     codec = KIVICodec(args.bits, args.bits, group_size=args.group_size, layout=args.layout, columns=args.columns)
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
@@ -95,9 +96,12 @@ def decode_ir(args):
     q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
     (ttir,) = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps, path=args.path,
                                                                      num_stages=args.stages), q, k, v, mask)
-    # cw: a loop step is one slot of a [128, columns] tile, keys and values; mma: one slot of rows tokens
-    per_thread = 2 * 128 * k.rows / (args.warps * 32)
-    return ttir, f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps}", per_thread, "an element"
+    # cw: a loop step is one slot of a [128, columns] tile, keys and values; cw16: a pair of slots;
+    # mma: one slot of rows tokens
+    body = kernel_path(args.path, k, v, False)
+    per_thread = 2 * 128 * k.rows / (args.warps * 32) * (2 if body == "cw16" else 1)
+    return (ttir, f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}",
+            per_thread, "an element")
 
 
 def main(argv=None):
@@ -121,7 +125,8 @@ def main(argv=None):
                    help="decode: the KV decode-attention kernel over a KIVI cache (Llama-2-7B heads, 32k "
                         "tokens; --bits, --group-size (key tokens / value channels), --warps, --stages, "
                         "--columns, --layout)")
-    p.add_argument("--path", default="auto", help="decode: the kernel body (auto, mma, cw, cw16)")
+    p.add_argument("--path", default="auto", help="decode: the kernel body (auto, mma, cw, cw16); "
+                   "a cw16 loop step is a pair of slots")
     p.add_argument("--columns", type=int, default=32, help="decode, channel_words: word columns a tile")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")

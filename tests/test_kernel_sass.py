@@ -37,13 +37,19 @@ def test_loop_counts_of_a_listing():
     assert n == 4 and counts == {"LOP3": 1, "FFMA": 2, "BRA": 1}
 
 
-def test_decode_ir_lowers_the_cuda_core_body():
-    """--kernel decode: the KIVI-2 cache in the channel_words layout lowers to the cw body, whose
-    slot loop sits inside the block loop (two nested scf.for; the bit offsets are loop values)."""
+def test_decode_ir_lowers_the_cuda_core_bodies():
+    """--kernel decode: the KIVI-2 cache in the channel_words layout lowers to the cw body (with
+    --path cw), whose slot loop sits inside the block loop (two nested scf.for; the bit offsets
+    are loop values), and by default to the cw16 body: f16x2 inline PTX, a loop step per pair."""
     import argparse
 
-    args = argparse.Namespace(bits=2, group_size=32, layout="channel_words", columns=32, warps=4, stages=2)
+    args = argparse.Namespace(bits=2, group_size=32, layout="channel_words", columns=32, warps=4, stages=2,
+                              path="cw")
     ir, desc, per_thread, unit = kernel_sass.decode_ir(args)
-    assert "@kv_decode_k2v2_cw" in ir and "channel_words" in desc
+    assert "@kv_decode_k2v2_cw(" in ir and "channel_words" in desc and desc.endswith("body cw")
     assert ir.count("scf.for") >= 3 and "tt.bitcast" in ir and "__nv_exp2f" in ir
     assert per_thread == 2 * 128 * 32 / 128 and unit == "an element"
+    ir, desc, per_thread, _ = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto"}))
+    assert "@kv_decode_k2v2_cw16(" in ir and desc.endswith("body cw16")
+    assert "fma.rn.f16x2" in ir and "lop3.b32" in ir and "cvt.rn.f16x2.f32" in ir
+    assert per_thread == 2 * 2 * 128 * 32 / 128
