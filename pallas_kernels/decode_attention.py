@@ -489,6 +489,9 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     common = dict(bits=k.bits, cols=cols, token_group=k.token_group, vwidth=vwidth, blocks_per_split=per_split,
                   heads=chunk)
     if packed:
+        if not all(x.dtype == jnp.float16 for x in (k.scale, v.scale) + ((v.zero,) if v.zero is not None else ())):
+            raise ConfigError("the cw16 decode body reads fp16 scales and zero points (store META_DTYPE); "
+                              f"got {k.scale.dtype}: use path='cw'")
         kernel = functools.partial(_cw16_kernel, **common, rows=h2_slice_rows(d, cols, num_warps, vwidth),
                                    asm=not interpret)
     else:
@@ -521,13 +524,14 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
 # the low half-word and the rest in the high one, so code pair j = (slot j, slot j + c/2) of a
 # word column lands one code in each half:
 #   * (word & mask_j) | magic_j puts both codes in the mantissas of 2**(10 - o) (o: their offset
-#     in the half, with o + bits <= 10; the top pairs are read from word >> 8), then one f16x2
-#     subtraction of that same word leaves the exact codes, one f16x2 FMA multiplies and adds:
-#     three instructions for two cache elements, keys and values alike (cw: three for one);
+#     in the half, with o + bits <= 10; the top pairs are read from word >> 8), one f16x2
+#     subtraction of 2**(10 - o) + 2**(bits - 1) leaves the exact centred codes (small partial
+#     sums; the centre joins the zero-point terms), one f16x2 FMA multiplies and adds: three
+#     instructions for two cache elements, keys and values alike (cw: three for one);
 #   * keys: the channel sum runs over [rows, 32] slices of the [D, 32] tile in f16x2 (D / rows
-#     terms, 8 for Llama-2), then in fp32 over the slice's rows (partial sums in fp16 carry a
-#     relative rounding of about 1e-3; the scores' dynamic range is what fp16 holds for keys
-#     scaled into log2 units);
+#     terms, 8 for Llama-2), then in fp32 over the slice's rows. fp16 rounds by 2**-11 and holds
+#     |q * scale * log2(e) / sqrt(D) * key scale| * 2**(bits-1) * D / rows below 65504: true of
+#     real activations by orders of magnitude; the exact "cw" is there for anything else;
 #   * values: a tile's pairs accumulate p * scale * code in f16x2 (one term a slot per half), then
 #     the tile's sums join the fp32 sums, so fp16 never adds more than c/2 terms.
 # Everything else (folded scales, zero terms, code-order meta, exp2, lazy rescale) is cw's.
