@@ -11,9 +11,13 @@ call compiles, the second is the one to profile (--launch-skip 1)."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # scripts.bench_kv
 
 
 def main(argv=None):

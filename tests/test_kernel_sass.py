@@ -1,4 +1,5 @@
-"""`scripts/kernel_sass.py`: the kernel's Triton IR is reachable on a CPU, and loop bodies are counted."""
+"""`scripts/kernel_sass.py`: the kernel's Triton IR is reachable on a CPU, and loop bodies are counted;
+`scripts/profile_kv_decode.py` runs."""
 
 import importlib.util
 import pathlib
@@ -53,3 +54,14 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
     assert "@kv_decode_k2v2_cw16(" in ir and desc.endswith("body cw16")
     assert "fma.rn.f16x2" in ir and "lop3.b32" in ir and "cvt.rn.f16x2.f32" in ir
     assert per_thread == 2 * 2 * 128 * 32 / 128
+
+
+def test_profile_script_runs_the_kernel(capsys):
+    """scripts/profile_kv_decode.py (the program ncu watches) builds a KIVI-2 cache and runs the
+    default decode body on it: here in interpret mode, at a short context."""
+    path = SCRIPT.parent / "profile_kv_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_kv_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--batch", "1", "--context", "1024"])
+    assert "kivi_k2v2 path auto batch 1 context 1024: output (1, 1, 32, 128), finite True" in capsys.readouterr().out
