@@ -125,6 +125,17 @@ def _fp32_matmuls_in_full():
         yield
 
 
+def _random_layer(cfg, name, batch, context, seed, q_seed, mask_seed):
+    """A cache layer written through the codec with random keys and values, grouped fp32 queries
+    [B, K, G, D] and a random mask (90% of the slots) over the store's capacity."""
+    inputs = filled_layer(cfg, _codec(name, cfg), batch, context, seed=seed)
+    k, v = inputs.state["k"], inputs.state["v"]
+    q = jax.random.normal(jax.random.key(q_seed), (batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
+                                                     cfg.head_dim), jnp.float32)
+    mask = jax.random.bernoulli(jax.random.key(mask_seed), 0.9, (batch, k.capacity))
+    return inputs, k, v, q, mask
+
+
 # Each kernel body the stores select, at the default and the other warp count the benchmark
 # times, on a random mask with a length inside a block.
 @pytest.mark.parametrize("cfg,name,warps", [
@@ -134,11 +145,7 @@ def test_each_kernel_path_on_gpu_equals_reference(cfg, name, warps):
     """Every kernel body the benchmark chooses among, compiled for the GPU, against the fp32
     reference (a length inside a block, a random mask)."""
     batch, context = 2, 3001
-    inputs = filled_layer(cfg, _codec(name, cfg), batch, context, seed=7)
-    k, v = inputs.state["k"], inputs.state["v"]
-    q = jax.random.normal(jax.random.key(3), (batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
-                                              cfg.head_dim), jnp.float32)
-    mask = jax.random.bernoulli(jax.random.key(4), 0.9, (batch, k.capacity))
+    inputs, k, v, q, mask = _random_layer(cfg, name, batch, context, seed=7, q_seed=3, mask_seed=4)
     rope = None
     if inputs.rotate_keys is not None:
         cos, sin = inputs.rotate_keys.cos_sin
@@ -158,11 +165,7 @@ def test_each_kernel_path_on_gpu_equals_reference(cfg, name, warps):
     ids=lambda x: x if isinstance(x, (str, int)) else None)
 def test_packed_fp16_body_on_gpu_equals_reference(cfg, name, warps):
     batch, context = 2, 3001
-    inputs = filled_layer(cfg, _codec(name, cfg), batch, context, seed=11)
-    k, v = inputs.state["k"], inputs.state["v"]
-    q = jax.random.normal(jax.random.key(5), (batch, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
-                                              cfg.head_dim), jnp.float32)
-    mask = jax.random.bernoulli(jax.random.key(6), 0.9, (batch, k.capacity))
+    _, k, v, q, mask = _random_layer(cfg, name, batch, context, seed=11, q_seed=5, mask_seed=6)
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5,
                                                    num_warps=warps, path="cw16")])
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5)])
