@@ -26,7 +26,7 @@ from jaxcompress.bench.timing import copy_bandwidth
 from jaxcompress.experiments.recipes import load_recipe
 from jaxcompress.io.atomic import write_json, write_text
 from jaxcompress.kv import memory
-from jaxcompress.kv.bench import attention_benchmark, e2e_decode, synthetic_kvquant_calibration
+from jaxcompress.kv.bench import attention_benchmark, e2e_decode, synthetic_kvquant_calibration, write_benchmark
 from jaxcompress.kv.recipe import build_codec
 from jaxcompress.models.build import abstract_model, param_summary
 from jaxcompress.models.presets import preset
@@ -98,6 +98,11 @@ def markdown(record) -> str:
             out.append(f"| {r['variant']}{' (' + r['run'] + ')' if r.get('run') else ''} | {r['batch']} | {r['context']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} | "
                        f"{r['GBps']:.0f} | {r['roofline_fraction']:.0%} | {r.get('speedup_vs_xla_bf16', float('nan')):.2f}x | "
                        f"{r.get('speedup_vs_pallas_bf16', float('nan')):.2f}x | {r['rel_err']:.1e} |")
+        out.append("")
+    if record.get("writes"):
+        out += ["Cache write per decode step, one layer (one new token a row, flushes at their rate):", "",
+                "| cache | batch | context | us / write |", "|---|---|---|---|"]
+        out += [f"| {r['cache']} | {r['batch']} | {r['context']} | {r['us_per_write']:.1f} |" for r in record["writes"]]
         out.append("")
     if record.get("memory"):
         m = record["memory"]
@@ -290,6 +295,9 @@ def main(argv=None):
     p.add_argument("--best-env", help="write `export JAXCOMPRESS_KV_NUM_WARPS=..` for the fastest correct "
                                       "kernel variant (batch 1) to this file")
     p.add_argument("--no-attention", action="store_true")
+    p.add_argument("--write", action="store_true",
+                   help="also time one decode step's cache write per layer (bf16 and each codec, at --contexts "
+                        "and --batches): with the attention rows, what a codec adds to a decode step")
     p.add_argument("--e2e", action="store_true", help="also time end-to-end decode (slow: one compile per cell)")
     p.add_argument("--e2e-contexts", default="8192,16384,32768")
     p.add_argument("--e2e-recipes", default=",kivi_k2v2,kivi_k2v2_w4", help="'' = bf16 cache")
@@ -335,6 +343,10 @@ def main(argv=None):
                                             on_row=checkpoint)
         if args.best_env:
             write_text(args.best_env, best_env(rows))
+    if args.write:
+        record["writes"] = [row for context in _ints(args.contexts) for batch in _ints(args.batches)
+                            for row in write_benchmark(cfg, {n: codec_for(n, cfg) for n in args.codecs.split(",") if n},
+                                                       batch, context, repeats=args.repeats)]
     device_bytes = memory.device_memory_bytes() or 80 * 2 ** 30
     weights_bf16 = param_summary(abstract_model(cfg, jnp.bfloat16))["bytes"]
     contexts = _ints(args.e2e_contexts)

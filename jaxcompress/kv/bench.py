@@ -18,6 +18,7 @@ uses the copy bandwidth measured in the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -191,6 +192,41 @@ def time_attention(fn, state, q, calls: int, repeats: int) -> float:
         return jax.lax.map(lambda x: fn(state, x), qs).sum(0)
 
     return median_seconds(many, state, qs, warmup=1, repeats=repeats) / calls
+
+
+def decode_writes(codec: KVCodec, context: int, state, fresh):
+    """The layer state after decode steps writing fresh [2, steps, B, 1, K, D] (keys, values)
+    one token a step at positions context, context + 1, ..."""
+    batch = fresh.shape[2]
+
+    def body(i, state):
+        pos = jnp.full((batch, 1), context, jnp.int32) + i
+        return codec.write(state, fresh[0, i], fresh[1, i], context + i, pos)
+
+    return jax.lax.fori_loop(0, fresh.shape[1], body, state)
+
+
+def write_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, steps: int = 32,
+                    repeats: int = 5, log=print) -> list[dict]:
+    """Rows of {cache, batch, context, us_per_write} for the bf16 cache and each codec: one
+    decode step's cache write (one new token a row at position `context + i`, positions given as
+    the model gives them) into a layer already holding `context` tokens, `steps` writes in one
+    jitted loop (the state carried in place), median of `repeats` runs. KIVI's window flushes a
+    group every group_size writes, so `steps` >= its group size includes the flush at its rate."""
+    rows = []
+    kvh, d = cfg.num_kv_heads, cfg.head_dim
+    for name, codec in [("bf16", None)] + list(codecs.items()):
+        inputs = filled_layer(cfg, codec, batch, context, context + steps)
+        fresh = jax.random.normal(jax.random.key(2), (2, steps, batch, 1, kvh, d), jnp.bfloat16)
+
+        many = jax.jit(functools.partial(decode_writes, inputs.codec, context))
+        seconds = median_seconds(many, inputs.state, fresh, warmup=1, repeats=repeats) / steps
+        row = {"cache": name, "batch": batch, "context": context, "us_per_write": seconds * 1e6, "steps": steps}
+        rows.append(row)
+        if log:
+            log(f"  {name:>24} batch {batch} ctx {context}: cache write {row['us_per_write']:.1f} us a step")
+        del inputs
+    return rows
 
 
 def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 8,

@@ -8,7 +8,8 @@
 # Steps (each under `timeout`, all under one deadline of KV_BUDGET_S seconds, default 560;
 # KV_STEPS="attention longctx ..." runs a subset):
 #   1. decode attention at 32k, Llama-2-7B heads, batch 1 and 8: XLA bf16, Pallas bf16, KIVI-2
-#      through the cw16 and cw bodies (codec path and kernel alone); memory table (largest batch per context)
+#      through the cw16 and cw bodies (codec path and kernel alone); one decode step's cache write
+#      per layer (bf16, KIVI-2); memory table (largest batch per context)
 #   2. GPU correctness tests of the decode kernels (pytest from .whl)
 #   (KV_ATTENTION_S / KV_ATTENTION_RESERVE_S / KV_TESTS_S: step 1 and 2 time caps)
 #   3. passkey + needle at 8k on SmolLM2-135M (5 depths x 2 trials each; KV_LONGCTX_S, default 80 s):
@@ -57,7 +58,7 @@ fi
 # at batches 1 and 8; the run times both bf16 baselines itself. (The tensor-core "mma" body over
 # token_rows stores was last timed in run 7: `--codecs kivi_k2v2:token_rows`.)
 step attention ${KV_ATTENTION_S:-150} ${KV_ATTENTION_RESERVE_S:-250} python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
-    --codecs kivi_k2v2 --kernel-variants 4:2:0,4:2:0:cw --kernel-only 1,8 --calls 8 --repeats 5 \
+    --codecs kivi_k2v2 --kernel-variants 4:2:0,4:2:0:cw --kernel-only 1,8 --write --calls 8 --repeats 5 \
     --e2e-contexts 8192,16384,32768 --best-env "$A/best_env.sh" --out "$A/attention"
 [ -s "$A/best_env.sh" ] || echo "export JAXCOMPRESS_KV_NUM_WARPS=4" > "$A/best_env.sh"
 source "$A/best_env.sh"

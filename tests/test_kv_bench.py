@@ -1,0 +1,58 @@
+"""The KV benchmark's pieces that run on any machine: the decode-step cache writes it times, and
+`scripts/bench_kv.py --write` end to end (small shapes, CPU)."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.kv import KIVICodec
+from jaxcompress.kv.bench import decode_writes, filled_layer
+from jaxcompress.models.presets import preset
+
+SMOL = preset("smollm2-135m")  # 3 kv heads, head_dim 64
+
+
+@pytest.mark.parametrize("codec", [None, KIVICodec(2, 2, group_size=32, residual=32)], ids=["bf16", "kivi"])
+def test_decode_writes_put_each_token_at_its_position(codec):
+    """80 decode-step writes after 256 tokens: every token lands at slot context + i. KIVI keeps
+    the newest tokens exact in its window and has flushed the older ones (group by group) into
+    the 2-bit store, within its grid's half step."""
+    context, steps = 256, 80
+    inputs = filled_layer(SMOL, codec, 2, context, context + steps, seed=0)
+    fresh = jax.random.normal(jax.random.key(9), (2, steps, 2, 1, SMOL.num_kv_heads, SMOL.head_dim), jnp.bfloat16)
+    state = jax.jit(lambda s, f: decode_writes(inputs.codec, context, s, f))(inputs.state, fresh)
+    want_k = np.asarray(fresh[0, :, :, 0].astype(jnp.float32)).transpose(1, 0, 2, 3)  # [B, steps, K, D]
+    if codec is None:
+        got = np.asarray(state["k"][:, context:context + steps].astype(jnp.float32))
+        np.testing.assert_array_equal(got, want_k)
+        return
+    assert int(state["end"]) == context + steps
+    n_q = int(codec.quantized_length(state))
+    assert n_q == context + 32  # a window of 32..63 tokens: one group of the new ones flushed
+    dense_k, _ = codec.dense(state)
+    got = np.asarray(dense_k[:, context:context + steps])
+    exact = slice(n_q - context, steps)  # still in the window: exact
+    np.testing.assert_array_equal(got[:, exact], want_k[:, exact])
+    flushed = got[:, : n_q - context] - want_k[:, : n_q - context]
+    span = want_k.max() - want_k.min()
+    assert 0 < np.abs(flushed).max() <= span / 3 / 2 * 1.01  # 2 bits: 3 steps over a group's range
+
+
+def test_bench_kv_write_table(tmp_path):
+    """`bench_kv.py --write`: a record with one write row per cache and a markdown table."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kv.py"
+    spec = importlib.util.spec_from_file_location("bench_kv", path)
+    bench_kv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kv)
+    bench_kv.main(["--model", "smollm2-135m", "--no-attention", "--write", "--contexts", "256", "--batches", "1",
+                   "--codecs", "kivi_k2v2", "--e2e-contexts", "256", "--repeats", "1", "--out", str(tmp_path)])
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("kv_bench_*.json") if "partial" not in p.name]
+    assert [r["cache"] for r in record["writes"]] == ["bf16", "kivi_k2v2"]
+    assert all(r["us_per_write"] > 0 and r["context"] == 256 for r in record["writes"])
+    (table,) = [p.read_text() for p in tmp_path.glob("kv_bench_*.md")]
+    assert "Cache write per decode step" in table and "| kivi_k2v2 | 1 | 256 |" in table
