@@ -489,9 +489,11 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     common = dict(bits=k.bits, cols=cols, token_group=k.token_group, vwidth=vwidth, blocks_per_split=per_split,
                   heads=chunk)
     if packed:
-        if not all(x.dtype == jnp.float16 for x in (k.scale, v.scale) + ((v.zero,) if v.zero is not None else ())):
-            raise ConfigError("the cw16 decode body reads fp16 scales and zero points (store META_DTYPE); "
-                              f"got {k.scale.dtype}: use path='cw'")
+        meta = {"key scale": k.scale, "value scale": v.scale, "value zero": v.zero}
+        odd = {n: str(x.dtype) for n, x in meta.items() if x is not None and x.dtype != jnp.float16}
+        if odd:
+            raise ConfigError(f"the cw16 decode body reads fp16 scales and zero points (store META_DTYPE); "
+                              f"got {odd}: use path='cw'")
         kernel = functools.partial(_cw16_kernel, **common, rows=h2_slice_rows(d, cols, num_warps, vwidth),
                                    asm=not interpret)
     else:

@@ -3,6 +3,8 @@ references, over every store layout the codecs produce, lengths that are and are
 of the kernel block, GQA padding, masks and several splits. Also: the kernels lower to Triton
 for CUDA (no GPU needed to catch lowering errors)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,6 +261,10 @@ def test_kernel_path_choice_and_errors():
         da.kernel_path("mma", kc, vc, False)
     with pytest.raises(Exception, match="path 'cw16' does not read these stores.*token_rows"):
         da.kernel_path("cw16", k, v, False)
+    v32 = dataclasses.replace(vc, scale=vc.scale.astype(jnp.float32))  # the f16x2 body reads fp16 meta only
+    with pytest.raises(Exception, match=r"cw16 decode body reads fp16.*'value scale': 'float32'.*path='cw'"):
+        da.quantized_decode_partials(jnp.zeros((B, K, 1, kc.head_dim)), kc, v32, jnp.ones((B, 512), bool), 10,
+                                     scale=SCALE, interpret=True, path="cw16")
     assert not da.supports(kc, vc, pre_rope=True)  # pre-RoPE keys: the mma body only
     with pytest.raises(Exception, match="decode kernel path 'tensor'"):
         da.kernel_path("tensor", k, v, False)
