@@ -183,6 +183,13 @@ def supports(k: QTokens, v: QTokens, pre_rope: bool) -> bool:
 
 
 # ------------------------------------------------------------------------- kernel body
+def _split_blocks(len_ref, block: int, blocks_per_split: int):
+    """[lo, hi): the blocks of `block` slots this program's split reads (none past the length)."""
+    used_blocks = lax.div(len_ref[0] + (block - 1), jnp.int32(block))
+    lo = pl.program_id(2) * blocks_per_split
+    return lo, jnp.minimum(lo + blocks_per_split, used_blocks)
+
+
 def _meta_tile(ref, op: _Operand, t0, g: int):
     """The scale (or zero) tile that broadcasts over the [rows, width] tile at slot t0."""
     if op.token_group == 1:
@@ -300,10 +307,7 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
 
         return lax.fori_loop(0, block // rows, step, carry)
 
-    split = pl.program_id(2)
-    used_blocks = lax.div(len_ref[0] + (block - 1), jnp.int32(block))
-    lo = split * blocks_per_split
-    hi = jnp.minimum(lo + blocks_per_split, used_blocks)
+    lo, hi = _split_blocks(len_ref, block, blocks_per_split)
     init = (jnp.full((hp,), NEG_INF, jnp.float32), jnp.zeros((hp,), jnp.float32),
             [jnp.zeros((hp, vop.width), jnp.float32) for _ in range(vop.groups)])
     m, l, o = lax.fori_loop(lo, hi, body, init)
@@ -420,10 +424,7 @@ def _cw_kernel(q_ref, bias_ref, len_ref, magic_ref, kw_ref, ks_ref, cz_ref, vw_r
             carry = slots(direct, c, kwords >> sh, [w >> sh for w in vwords], shift, carry)
         return carry
 
-    split = pl.program_id(2)
-    used_blocks = lax.div(len_ref[0] + (block - 1), jnp.int32(block))
-    lo = split * blocks_per_split
-    hi = jnp.minimum(lo + blocks_per_split, used_blocks)
+    lo, hi = _split_blocks(len_ref, block, blocks_per_split)
     init = ([jnp.float32(NEG_INF)] * heads, [jnp.zeros((1, cols), jnp.float32)] * heads,
             [[jnp.zeros((vwidth, cols), jnp.float32)] * vgroups] * heads,
             [[jnp.zeros((1, cols), jnp.float32)] * vgroups] * heads)
@@ -448,13 +449,17 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     # programs of fewer warps: proportionally more of them
     n_splits, per_split = _splits(b, kv_heads * chunks, s // block, num_splits, TARGET_PROGRAMS * 4 // num_warps)
     qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
-    if k.zero is not None:  # [Bs, Ks, Ts, D]
-        kzero = k.meta_rows(k.zero).astype(jnp.float32)
-    else:  # symmetric grid: a(code) = code - 2**(bits-1)
-        kzero = -2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)
-    if packed:  # cw16 multiplies centred codes: a(code) = (code - mid) * scale + (zero + mid * scale)
-        kzero = kzero + 2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)
-    cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
+    # The zero-point term q . a(0) of every key group. cw16 multiplies centred codes:
+    # a(code) = (code - mid) * scale + (zero + mid * scale); a symmetric grid is (code - mid) * scale.
+    mid_scale = 2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
+    if k.zero is None:
+        kzero = None if packed else -mid_scale
+    else:
+        kzero = k.meta_rows(k.zero).astype(jnp.float32) + (mid_scale if packed else 0.0)
+    if kzero is None:  # symmetric keys in cw16: no zero term
+        cz = jnp.zeros((b, kv_heads, g, mid_scale.shape[2]), jnp.float32)
+    else:
+        cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
     valid = mask & (jnp.arange(s) < length)[None, :]
     bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)
     bias = to_code_order(bias, k.bits, cols)  # [B, S] in code order
@@ -566,7 +571,7 @@ def h2_pack(low, high, asm: bool):
     """fp32 low and high halves -> f16x2 words (cvt.rn.f16x2.f32 puts its first operand high)."""
     if not asm:
         return _h2_join(low, high)
-    (out,) = plgpu_asm("cvt.rn.f16x2.f32 $0, $1, $2;", [high, low], "=r,f,f", [jnp.int32])
+    (out,) = _inline_ptx("cvt.rn.f16x2.f32 $0, $1, $2;", [high, low], "=r,f,f", [jnp.int32])
     return out
 
 
@@ -575,7 +580,7 @@ def h2_unpack(x, asm: bool):
     if not asm:
         return _h2_halves(x)
     # one result an instruction block: Pallas lowers inline assembly with a single result
-    return tuple(plgpu_asm(f"{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, $1; cvt.f32.f16 $0, {half}; }}",
+    return tuple(_inline_ptx(f"{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, $1; cvt.f32.f16 $0, {half}; }}",
                            [x], "=f,r", [jnp.float32])[0] for half in ("lo", "hi"))
 
 
@@ -588,7 +593,7 @@ def h2_code_fma(words, mask, magic, center, factor, acc, asm: bool):
         s_lo, s_hi = _h2_halves(factor)
         a_lo, a_hi = _h2_halves(acc)
         return _h2_join(s_lo * (f_lo - e_lo) + a_lo, s_hi * (f_hi - e_hi) + a_hi)
-    (out,) = plgpu_asm("{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; sub.f16x2 t, t, $4; "
+    (out,) = _inline_ptx("{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; sub.f16x2 t, t, $4; "
                        "fma.rn.f16x2 $0, $5, t, $6; }",
                        [words, mask, magic, center, factor, acc], "=r,r,r,r,r,r,r", [jnp.int32])
     return out
@@ -598,7 +603,7 @@ def h2_join(low, high, asm: bool):
     """Two fp16 arrays -> f16x2 words (no rounding: a register move)."""
     if not asm:
         return _h2_join(low.astype(jnp.float32), high.astype(jnp.float32))
-    (out,) = plgpu_asm("mov.b32 $0, {$1, $2};", [low, high], "=r,h,h", [jnp.int32])
+    (out,) = _inline_ptx("mov.b32 $0, {$1, $2};", [low, high], "=r,h,h", [jnp.int32])
     return out
 
 
@@ -607,7 +612,7 @@ def h2_fma(a, b, c, asm: bool):
     if not asm:
         (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = _h2_halves(a), _h2_halves(b), _h2_halves(c)
         return _h2_join(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi)
-    (out,) = plgpu_asm("fma.rn.f16x2 $0, $1, $2, $3;", [a, b, c], "=r,r,r,r", [jnp.int32])
+    (out,) = _inline_ptx("fma.rn.f16x2 $0, $1, $2, $3;", [a, b, c], "=r,r,r,r", [jnp.int32])
     return out
 
 
@@ -616,11 +621,11 @@ def h2_mul(a, b, asm: bool):
     if not asm:
         (a_lo, a_hi), (b_lo, b_hi) = _h2_halves(a), _h2_halves(b)
         return _h2_join(a_lo * b_lo, a_hi * b_hi)
-    (out,) = plgpu_asm("mul.rn.f16x2 $0, $1, $2;", [a, b], "=r,r,r", [jnp.int32])
+    (out,) = _inline_ptx("mul.rn.f16x2 $0, $1, $2;", [a, b], "=r,r,r", [jnp.int32])
     return out
 
 
-def plgpu_asm(asm: str, args: list, constraints: str, dtypes: list) -> list:
+def _inline_ptx(asm: str, args: list, constraints: str, dtypes: list) -> list:
     """Elementwise inline PTX over same-shape arrays (scalars are broadcast)."""
     from jax.experimental.pallas import triton as plgpu
 
@@ -737,10 +742,7 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
         accz = [[z + sum(h2_unpack(z2, asm)) for z, z2 in zip(accz[h], accz2[h])] for h in range(heads)]
         return m, l, acc, accz
 
-    split = pl.program_id(2)
-    used_blocks = lax.div(len_ref[0] + (block - 1), jnp.int32(block))
-    lo = split * blocks_per_split
-    hi = jnp.minimum(lo + blocks_per_split, used_blocks)
+    lo, hi = _split_blocks(len_ref, block, blocks_per_split)
     init = ([jnp.float32(NEG_INF)] * heads, [jnp.zeros((1, cols), jnp.float32)] * heads,
             [[jnp.zeros((rows, 1), jnp.float32)] * slices] * heads,
             [[jnp.zeros((1, cols), jnp.float32)] * vgroups] * heads)
@@ -887,10 +889,7 @@ def _dense_kernel(q_ref, mask_ref, len_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *
         return _softmax_step(carry, s, valid,
                              lambda p: [_dot(p, v_ref[pl.ds(t0, rows), :], dot_dtype, False)])
 
-    split = pl.program_id(2)
-    used_blocks = lax.div(len_ref[0] + (rows - 1), jnp.int32(rows))
-    lo = split * blocks_per_split
-    hi = jnp.minimum(lo + blocks_per_split, used_blocks)
+    lo, hi = _split_blocks(len_ref, rows, blocks_per_split)
     init = (jnp.full((hp,), NEG_INF, jnp.float32), jnp.zeros((hp,), jnp.float32),
             [jnp.zeros((hp, d), jnp.float32)])
     m, l, o = lax.fori_loop(lo, hi, body, init)
