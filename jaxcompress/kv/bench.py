@@ -287,28 +287,25 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
     return rows
 
 
-def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: int = 32, log=print,
-               on_row=None) -> list[dict]:
-    """Decode tokens/s of `spec` (compressed by `recipe`) over caches already holding each
-    context (random keys and values written through the codec), in the jitted loop `generate`
-    uses."""
+def e2e_setup(spec: str, recipe: str | None, batch: int = 1, steps: int = 32):
+    """The loaded model (compressed by `recipe`), and `step_fn(context) -> (run, args)`: `run(*args)`
+    decodes `steps` tokens of every row over a cache already holding `context` tokens (random keys
+    and values written through the codec), in the jitted loop `generate` uses."""
     from flax import nnx
 
     from jaxcompress.experiments.recipes import apply_recipe, load_recipe
     from jaxcompress.io.load import load_model
-    from jaxcompress.models.build import param_summary
     from jaxcompress.models.cache import KVCache
     from jaxcompress.models.generate import SamplingConfig, decode_loop
 
     loaded = load_model(spec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     if recipe:
         loaded = apply_recipe(loaded, load_recipe(recipe, []))
-    model, cfg = loaded.model, loaded.config
-    graphdef, params = nnx.split(model)
-    weight_bytes = param_summary(model)["bytes"]
+    cfg = loaded.config
+    graphdef, params = nnx.split(loaded.model)
     sampling = SamplingConfig(max_new_tokens=steps)
-    rows = []
-    for context in contexts:
+
+    def step_fn(context: int):
         layers = []
         for i in range(cfg.num_layers):  # one layer at a time: the transient stays small
             inputs = filled_layer(cfg, loaded.kv_codec, batch, context, context + steps, seed=i, layer=i)
@@ -325,7 +322,23 @@ def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: i
             return decode_loop(m, logits, cache, next_pos, jax.random.key(0), (), sampling)[0]
 
         logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
-        seconds = median_seconds(run, params, cache, logits, warmup=1, repeats=3) / steps
+        return run, (params, cache, logits)
+
+    return loaded, step_fn
+
+
+def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: int = 32, log=print,
+               on_row=None) -> list[dict]:
+    """Decode tokens/s of `spec` (compressed by `recipe`) over caches already holding each
+    context (see `e2e_setup`)."""
+    from jaxcompress.models.build import param_summary
+
+    loaded, step_fn = e2e_setup(spec, recipe, batch, steps)
+    weight_bytes = param_summary(loaded.model)["bytes"]
+    rows = []
+    for context in contexts:
+        run, args = step_fn(context)
+        seconds = median_seconds(run, *args, warmup=1, repeats=3) / steps
         row = {"model": spec, "recipe": recipe or "bf16", "batch": batch, "context": context,
                "ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "weight_bytes": weight_bytes,
                "steps": steps, "kv_kernel": {k: os.environ[k] for k in ("JAXCOMPRESS_KV_NUM_WARPS",) if k in os.environ}}
@@ -335,5 +348,5 @@ def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: i
         if log:
             log(f"  {row['recipe']:>14} ctx {context}: {row['ms_per_token']:.2f} ms/step, "
                 f"{row['tokens_per_s']:.1f} tok/s")
-        del cache, layers
+        del run, args
     return rows

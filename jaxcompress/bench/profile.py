@@ -1,0 +1,80 @@
+"""Where a jitted step spends its device time: kernel times from a `jax.profiler` trace.
+
+`device_op_times(fn, *args)` runs `fn` once under the profiler (after a warm-up call) and sums
+the device time of every op the trace records, by name. On a GPU these are the kernels XLA and
+Pallas launch (the events of the device plane's stream lines); on the CPU, XLA's thunks (the
+events that carry an `hlo_op`). The table answers "which kernels make up a decode step", which
+wall-clock medians cannot.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import tempfile
+
+import jax
+
+from jaxcompress.errors import UserError
+
+
+def _device_lines(planes):
+    """Lines whose events are device ops: a GPU's stream lines (its "XLA Ops" lines repeat them
+    by op), or, without a GPU, every line (op_table keeps the events that carry an hlo_op)."""
+    gpu = [p for p in planes if p.name.startswith("/device:GPU")]
+    if gpu:
+        return [line for p in gpu for line in p.lines if line.name.startswith("Stream")]
+    return [line for p in planes for line in p.lines]
+
+
+def op_table(xplane_path: str) -> list[dict]:
+    """[{name, count, total_us}] of the device ops in a saved trace, longest total first."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(xplane_path)
+    totals: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for line in _device_lines(list(data.planes)):
+        events = [e for e in line.events if line.name.startswith("Stream") or "hlo_op" in dict(e.stats)]
+        events.sort(key=lambda e: e.start_ns)
+        for i, event in enumerate(events):
+            if i + 1 < len(events) and events[i + 1].start_ns < event.start_ns + event.duration_ns:
+                continue  # a parent (a CPU while loop around its body's thunks): count the leaves
+            entry = totals[event.name]
+            entry[0] += 1
+            entry[1] += event.duration_ns / 1e3
+    rows = [{"name": name, "count": c, "total_us": us} for name, (c, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r["total_us"])
+
+
+def device_op_times(fn, *args, trace_dir: str | None = None) -> list[dict]:
+    """Runs `fn(*args)` once to compile and warm up, then once under the profiler; returns
+    `op_table` of that run. `trace_dir` keeps the trace (a temporary folder otherwise)."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = trace_dir or tmp
+        jax.profiler.start_trace(folder)
+        try:
+            jax.block_until_ready(fn(*args))
+        finally:
+            jax.profiler.stop_trace()
+        paths = sorted(glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+        if not paths:
+            raise UserError(f"the profiler wrote no trace under {folder}; is another trace running?")
+        return op_table(paths[-1])
+
+
+def summarize(rows: list[dict], steps: int, top: int = 25) -> str:
+    """A markdown table of the `top` ops: calls and microseconds per step, share of the total."""
+    total = sum(r["total_us"] for r in rows) or 1.0
+    lines = [f"device time per step: {total / steps:.1f} us over {sum(r['count'] for r in rows) / steps:.0f} "
+             f"ops ({steps} steps)", "", "| op | calls / step | us / step | share |", "|---|---|---|---|"]
+    for r in rows[:top]:
+        lines.append(f"| `{r['name'][:90]}` | {r['count'] / steps:.1f} | {r['total_us'] / steps:.1f} | "
+                     f"{r['total_us'] / total:.1%} |")
+    rest = rows[top:]
+    if rest:
+        lines.append(f"| ({len(rest)} more ops) | {sum(r['count'] for r in rest) / steps:.1f} | "
+                     f"{sum(r['total_us'] for r in rest) / steps:.1f} | "
+                     f"{sum(r['total_us'] for r in rest) / total:.1%} |")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Where one end-to-end decode step spends its device time, kernel by kernel.
+
+    python scripts/profile_decode.py --model random:llama2-7b --recipes ,kivi_k2v2,kivi_k2v2_w4 \\
+        --context 32768 --steps 8 --out /tmp/profile
+
+For each recipe ('' = the bf16 model and cache) it builds the decode loop `bench_kv.py --e2e`
+times (jaxcompress.kv.bench.e2e_setup), runs it once to compile, once under `jax.profiler`,
+and sums the device time of each kernel. Writes `<out>/profile_<recipe>.json` (every op) and
+`.md` (the top ops per decode step), and with --hlo the optimized HLO (gzip), to map XLA's
+fusion names back to the model's operations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:llama2-7b")
+    p.add_argument("--recipes", default=",kivi_k2v2", help="comma-separated recipes; '' = bf16")
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=8, help="decode steps in the profiled run")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--hlo", action="store_true", help="also write the optimized HLO of each run")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    import jax
+
+    from jaxcompress.bench.profile import device_op_times, summarize
+    from jaxcompress.io.atomic import write_json, write_text
+    from jaxcompress.kv.bench import e2e_setup
+
+    os.makedirs(args.out, exist_ok=True)
+    for recipe in args.recipes.split(","):
+        name = recipe or "bf16"
+        t0 = time.time()
+        _, step_fn = e2e_setup(args.model, recipe or None, args.batch, args.steps)
+        run, run_args = step_fn(args.context)
+        rows = device_op_times(run, *run_args)
+        meta = {"model": args.model, "recipe": name, "context": args.context, "batch": args.batch,
+                "steps": args.steps, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT", "")}
+        write_json(os.path.join(args.out, f"profile_{name}.json"), {**meta, "ops": rows})
+        table = summarize(rows, args.steps, args.top)
+        write_text(os.path.join(args.out, f"profile_{name}.md"),
+                          f"# Decode step profile: {name}\n\n{json.dumps(meta)}\n\n{table}\n")
+        if args.hlo:
+            with gzip.open(os.path.join(args.out, f"hlo_{name}.txt.gz"), "wt") as f:
+                f.write(run.lower(*run_args).compile().as_text())
+        print(f"== {name} ({time.time() - t0:.0f} s)\n{table}\n", flush=True)
+        del run, run_args
+
+
+if __name__ == "__main__":
+    main()
