@@ -38,9 +38,10 @@ def test_hand_checked_llama2_numbers():
     assert KIVICodec(2, 2).bytes_per_token(32, 128) == 3072
     # bf16: 2 * 4096 * 2 = 16384 B per layer; a 32k cache of 32 layers is 16 GiB (+ positions).
     assert memory.cache_nbytes(LLAMA2, None, 1, 32768) == 32 * 16384 * 32768 + 32768 * 4 + 4
-    # the residual window (159 tokens of keys and values, bf16) is a fixed 2 * 159 * 4096 * 2 B a layer
+    # the residual window (a ring of R + G = 160 slots of keys and values, bf16: at most 159
+    # tokens plus the slot a flush frees) is a fixed 2 * 160 * 4096 * 2 B a layer
     kivi = memory.layer_nbytes(LLAMA2, KIVICodec(), 1, 32768)
-    assert kivi == 3072 * 32768 + 2 * 159 * 4096 * 2 + 4
+    assert kivi == 3072 * 32768 + 2 * 160 * 4096 * 2 + 4
 
 
 @pytest.mark.parametrize("cfg", [SMOL, LLAMA2], ids=["smollm2", "llama2"])

@@ -155,7 +155,7 @@ class PackedCodec(KVCodec):
             if rope is not None:
                 ke = apply_rope(ke, gather_slots(cos, slots), gather_slots(sin, slots))
             emask = (slots >= 0) & gather_slots(allowed, slots)
-            parts.append(dense_partials(qg, ke, ve, emask, scale))
+            parts.append(dense_partials(qg, ke, ve, emask, scale, dot_dtype))
         return combine(parts).reshape(b, 1, h, d).astype(q.dtype)
 
     # ---------------------------------------------------------------- accounting

@@ -8,10 +8,13 @@
   R + G - 1 of the newest tokens (all of them while end < R) are exact, and tokens leave the
   window a whole group at a time. The paper flushes keys R at a time (0 to R - 1 exact keys)
   and values one at a time (R exact): ours keeps at least as many exact tokens as the paper
-  for both, at the cost of at most G - 1 extra residual slots (counted in the memory figures).
+  for both, at the cost of G extra residual slots (the ring below; counted in the memory figures).
 
-Keys are quantized after RoPE, as in the paper. Prefill writes many tokens at once; decode one:
-both go through the same write (append to the window, flush whole groups when it overflows).
+Keys are quantized after RoPE, as in the paper. The window is a ring of W = R + G slots: the
+token at position p sits at ring slot p % W, so a decode step writes one slot in place and a
+flush reads one group from the ring; nothing slides. Prefill writes many tokens at once (the
+ring unrolled, extended, flushed, rolled back); decode writes one (`_append`). Both store the
+same cache.
 
 `sink` (default 0, the published KIVI): the first `sink` positions are also kept exact once they
 leave the window, as KVQuant keeps its attention sink, and are left out of their key group's
@@ -106,7 +109,9 @@ class KIVICodec(PackedCodec):
 
     # ---------------------------------------------------------------- state
     def window(self, max_len: int) -> int:
-        return min(self.residual + self.group_size - 1, max_len)
+        """Ring slots: R + G (the most tokens the window holds, R + G - 1, plus the slot a flush
+        frees), or max_len when shorter (then nothing is ever flushed)."""
+        return min(self.residual + self.group_size, max_len)
 
     def init(self, batch, max_len, kv_heads, head_dim, dtype):
         self.check_head_dim(head_dim)
@@ -133,6 +138,8 @@ class KIVICodec(PackedCodec):
         return state
 
     def write(self, state, k, v, index, positions=None):
+        if k.shape[1] == 1:
+            return self._append(state, k, v, index, positions)
         b, t, kv_heads, d = k.shape
         g = self.group_size
         res_k, res_v = state["res_k"], state["res_v"]
@@ -141,10 +148,10 @@ class KIVICodec(PackedCodec):
         n_old, n_new = self.flushed(index), self.flushed(index + t)
         count = index - n_old  # tokens in the window before this write
 
-        def extend(res, x):  # window + new tokens (+ room to slide), slot n_old first
-            ext = jnp.zeros((b, 2 * win + t, kv_heads, d), res.dtype)
-            ext = jax.lax.dynamic_update_slice(ext, res, (0, 0, 0, 0))
-            return jax.lax.dynamic_update_slice(ext, x.astype(res.dtype), (0, count, 0, 0))
+        def extend(ring, x):  # the window unrolled (token n_old first) + new tokens (+ room to slide)
+            ext = jnp.zeros((b, 2 * win + t, kv_heads, d), ring.dtype)
+            ext = jax.lax.dynamic_update_slice(ext, jnp.roll(ring, -(n_old % win), axis=1), (0, 0, 0, 0))
+            return jax.lax.dynamic_update_slice(ext, x.astype(ring.dtype), (0, count, 0, 0))
 
         ext_k, ext_v = extend(res_k, k), extend(res_v, v)
         sink = write_sink(state, k, v, index, positions, self.sink) if self.sink else {}
@@ -158,10 +165,35 @@ class KIVICodec(PackedCodec):
                 lambda: self._flush(kstore, vstore, ext_k[:, :flush], ext_v[:, :flush], n_old,
                                     sink.get("sink_slot")),
                 lambda: (kstore, vstore))
-        shift = n_new - n_old
-        slide = lambda ext: jax.lax.dynamic_slice(ext, (0, shift, 0, 0), (b, win, kv_heads, d))  # noqa: E731
-        return {"k": kstore, "v": vstore, "res_k": slide(ext_k), "res_v": slide(ext_v),
+
+        def ring(ext):  # tokens n_new.. back at their ring slots
+            window = jax.lax.dynamic_slice(ext, (0, n_new - n_old, 0, 0), (b, win, kv_heads, d))
+            return jnp.roll(window, n_new % win, axis=1)
+
+        return {"k": kstore, "v": vstore, "res_k": ring(ext_k), "res_v": ring(ext_v),
                 "end": jnp.asarray(index + t, jnp.int32), **sink}
+
+    def _append(self, state, k, v, index, positions=None):
+        """One decode step: the token goes to its ring slot in place; every G steps the oldest
+        group (never that slot: the window holds at most R + G - 1 tokens) is flushed."""
+        g = self.group_size
+        res_k, res_v = state["res_k"], state["res_v"]
+        win = res_k.shape[1]
+        n_old = self.flushed(index)
+        at = (0, index % win, 0, 0)
+        res_k = jax.lax.dynamic_update_slice(res_k, k.astype(res_k.dtype), at)
+        res_v = jax.lax.dynamic_update_slice(res_v, v.astype(res_v.dtype), at)
+        sink = write_sink(state, k, v, index, positions, self.sink) if self.sink else {}
+        kstore, vstore = state["k"], state["v"]
+        if win == self.residual + g:  # a shorter ring (max_len < R + G) is never flushed
+            group = (n_old + jnp.arange(g, dtype=jnp.int32)) % win
+            kstore, vstore = jax.lax.cond(
+                self.flushed(index + 1) > n_old,
+                lambda: self._flush(kstore, vstore, jnp.take(res_k, group, axis=1), jnp.take(res_v, group, axis=1),
+                                    n_old, sink.get("sink_slot")),
+                lambda: (kstore, vstore))
+        return {"k": kstore, "v": vstore, "res_k": res_k, "res_v": res_v,
+                "end": jnp.asarray(index + 1, jnp.int32), **sink}
 
     def _flush(self, kstore: QTokens, vstore: QTokens, xk, xv, start, sink_slot=None):
         """Quantizes xk, xv [B, L, K, D] (L a multiple of G) into slots [start, start + L).
@@ -192,8 +224,8 @@ class KIVICodec(PackedCodec):
         end = state["end"]
         n_q = self.flushed(end)
         b, win = state["res_k"].shape[:2]
-        j = jnp.arange(win, dtype=jnp.int32)
-        slots = jnp.broadcast_to(jnp.where(j < end - n_q, n_q + j, -1), (b, win))
+        slot = n_q + (jnp.arange(win, dtype=jnp.int32) - n_q) % win  # the token at each ring slot
+        slots = jnp.broadcast_to(jnp.where(slot < end, slot, -1), (b, win))
         if not self.sink:
             return state["res_k"], state["res_v"], slots
         # A sink token still in the window is listed there; once flushed, from the sink.

@@ -85,45 +85,55 @@ def to_code_order(x: jax.Array, bits: int, columns: int = WORD_COLUMNS) -> jax.A
 
 
 # ------------------------------------------------------------------------------ channel words
+def _pack_along_tokens(codes: jax.Array, bits: int) -> jax.Array:
+    """Channel-major codes [..., D, S] -> words [..., D, S // c] (token t: word t // c)."""
+    c = codes_per_word(bits)
+    x = codes.astype(jnp.int32).reshape(*codes.shape[:-1], codes.shape[-1] // c, c)
+    words = x[..., 0]
+    for i in range(1, c):
+        words = words | (x[..., i] << (bits * i))
+    return words
+
+
+def _unpack_along_tokens(words: jax.Array, bits: int) -> jax.Array:
+    """Inverse of `_pack_along_tokens`: int32 codes [..., D, n * c]."""
+    c = codes_per_word(bits)
+    shifts = jnp.arange(c, dtype=jnp.int32) * bits
+    codes = (words[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*words.shape[:-1], words.shape[-1] * c)
+
+
 def pack_channel_words(codes: jax.Array, bits: int) -> jax.Array:
     """Integer codes [..., S, D] in [0, 2**bits) -> int32 words [..., D, S // c] (word-major)."""
-    c = codes_per_word(bits)
-    *lead, s, d = codes.shape
-    x = codes.astype(jnp.int32).reshape(*lead, s // c, c, d)
-    words = x[..., 0, :]
-    for i in range(1, c):
-        words = words | (x[..., i, :] << (bits * i))
-    return jnp.swapaxes(words, -1, -2)
+    return _pack_along_tokens(jnp.swapaxes(codes, -1, -2), bits)
 
 
 def unpack_channel_words(words: jax.Array, bits: int) -> jax.Array:
     """Inverse of `pack_channel_words`: int32 codes [..., S, D]."""
-    c = codes_per_word(bits)
-    w = jnp.swapaxes(words, -1, -2)[..., None, :]  # [..., S // c, 1, D]
-    shifts = (jnp.arange(c, dtype=jnp.int32) * bits).reshape(c, 1)
-    codes = (w >> shifts) & ((1 << bits) - 1)
-    *lead, n, _, d = codes.shape
-    return codes.reshape(*lead, n * c, d)
+    return jnp.swapaxes(_unpack_along_tokens(words, bits), -1, -2)
 
 
 def write_channel_words(words: jax.Array, codes: jax.Array, start: jax.Array, bits: int) -> jax.Array:
-    """Stores codes [B, K, T, D] at token slots [start, start + T) of words [B, K, D, S // c]."""
+    """Stores codes [B, K, T, D] at token slots [start, start + T) of words [B, K, D, S // c].
+
+    Only the small `codes` is transposed: every operation on (a slice of) `words` keeps the
+    token axis minor, so XLA keeps the store in the row-major layout the decode kernel reads
+    (a transpose here made it carry the store word-major and transpose all of it every step)."""
     b, k, t, d = codes.shape
     c = codes_per_word(bits)
-    codes = codes.astype(jnp.int32)
+    codes = jnp.swapaxes(codes.astype(jnp.int32), 2, 3)  # [B, K, D, T]
     start = jnp.asarray(start, jnp.int32)
     if t == 1:  # decode: read-modify-write of one word column
         col, shift = start // c, bits * (start % c)
         old = jax.lax.dynamic_slice(words, (0, 0, 0, col), (b, k, d, 1))
-        new = (old & ~(((1 << bits) - 1) << shift)) | (jnp.swapaxes(codes, 2, 3) << shift)
+        new = (old & ~(((1 << bits) - 1) << shift)) | (codes << shift)
         return jax.lax.dynamic_update_slice(words, new, (0, 0, 0, col))
     n_words = words.shape[3]
     span = min(t // c + 2, n_words)
     first = jnp.clip(start // c, 0, n_words - span)
-    region = jax.lax.dynamic_slice(words, (0, 0, 0, first), (b, k, d, span))
-    region_codes = unpack_channel_words(region, bits)
-    region_codes = jax.lax.dynamic_update_slice(region_codes, codes, (0, 0, start - first * c, 0))
-    return jax.lax.dynamic_update_slice(words, pack_channel_words(region_codes, bits), (0, 0, 0, first))
+    region = _unpack_along_tokens(jax.lax.dynamic_slice(words, (0, 0, 0, first), (b, k, d, span)), bits)
+    region = jax.lax.dynamic_update_slice(region, codes, (0, 0, 0, start - first * c))
+    return jax.lax.dynamic_update_slice(words, _pack_along_tokens(region, bits), (0, 0, 0, first))
 
 
 # ------------------------------------------------------------------------------ packing
