@@ -7,7 +7,11 @@ For each recipe ('' = the bf16 model and cache) it builds the decode loop `bench
 times (jaxcompress.kv.bench.e2e_setup), runs it once to compile, once under `jax.profiler`,
 and sums the device time of each kernel. Writes `<out>/profile_<recipe>.json` (every op) and
 `.md` (the top ops per decode step), and with --hlo the optimized HLO (gzip), to map XLA's
-fusion names back to the model's operations. XLA's command buffers (CUDA graphs) are turned off
+fusion names back to the model's operations.
+
+With --attention it profiles one layer's decode attention instead (the variants `bench_kv.py`
+times: the codec's path and, for packed codecs, the kernel alone), `--steps` calls in one
+jitted loop, at Llama-2-7B head shapes (--model names a preset then). XLA's command buffers (CUDA graphs) are turned off
 for the profile, since the trace does not see the kernels inside them; so the total is a little
 above the wall time `bench_kv.py --e2e` measures.
 """
@@ -24,6 +28,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def attention_loop(model: str, recipe: str, batch: int, context: int, calls: int):
+    """(run, args, name): `calls` decode-attention calls of one layer in one jitted loop; recipe
+    'name' or 'name/kernel-only' (a kv_cache recipe), '' = XLA bf16 attention."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcompress.kv.bench import attend_fn, filled_layer
+    from jaxcompress.models.presets import preset
+    from scripts.bench_kv import codec_for
+
+    cfg = preset(model.removeprefix("random:"))
+    codec_name, _, variant = recipe.partition("/")
+    inputs = filled_layer(cfg, codec_for(codec_name, cfg) if codec_name else None, batch, context)
+    fn = attend_fn(inputs, cfg, variant or ("codec" if codec_name else "xla-bf16"))
+    q = jax.random.normal(jax.random.key(1), (calls, batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+    run = jax.jit(lambda state, qs: jax.lax.map(lambda x: fn(state, x), qs).sum(0))
+    return run, (inputs.state, q), (recipe or "xla-bf16").replace("/", "-")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:llama2-7b")
@@ -32,6 +55,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=8, help="decode steps in the profiled run")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--attention", action="store_true", help="profile one layer's decode attention")
     p.add_argument("--hlo", action="store_true", help="also write the optimized HLO of each run")
     p.add_argument("--command-buffers", action="store_true",
                    help="keep XLA's CUDA command buffers (graphs): faster, but the trace then misses the "
@@ -51,10 +75,13 @@ def main(argv=None):
     for recipe in args.recipes.split(","):
         name = recipe or "bf16"
         t0 = time.time()
-        _, step_fn = e2e_setup(args.model, recipe or None, args.batch, args.steps)
-        run, run_args = step_fn(args.context)
+        if args.attention:
+            run, run_args, name = attention_loop(args.model, recipe, args.batch, args.context, args.steps)
+        else:
+            _, step_fn = e2e_setup(args.model, recipe or None, args.batch, args.steps)
+            run, run_args = step_fn(args.context)
         rows = device_op_times(run, *run_args)
-        meta = {"model": args.model, "recipe": name, "context": args.context, "batch": args.batch,
+        meta = {"model": args.model, "recipe": name, "attention_only": args.attention, "context": args.context, "batch": args.batch,
                 "steps": args.steps, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT", "")}
         write_json(os.path.join(args.out, f"profile_{name}.json"), {**meta, "ops": rows})

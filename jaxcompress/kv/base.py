@@ -81,6 +81,11 @@ class PackedCodec(KVCodec):
         """(k, v [B, F, K, D], slots [B, F] with -1 = none) kept in full precision, or None."""
         return None
 
+    def exact_below_quantized_length(self) -> bool:
+        """Whether an exact token can sit at a slot < quantized_length (a sink): the decode
+        kernel must then mask it out of the store. False spares that per-step scatter."""
+        return True
+
     # ---------------------------------------------------------------- reading
     def dense(self, state, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
         """Every slot decoded: keys and values [B, capacity, K, D] (keys before RoPE when
@@ -135,7 +140,8 @@ class PackedCodec(KVCodec):
         n_q = self.quantized_length(state)
         exact = self.exact_tokens(state)
         quant_mask = allowed
-        if exact is not None:  # exact tokens are attended in full precision, not from the store
+        if exact is not None and self.exact_below_quantized_length():
+            # exact tokens are attended in full precision, not from the store
             hit = jnp.zeros_like(allowed).at[jnp.arange(b)[:, None], jnp.where(exact[2] >= 0, exact[2], capacity)
                                              ].set(True, mode="drop")
             quant_mask = allowed & ~hit

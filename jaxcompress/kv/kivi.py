@@ -220,6 +220,9 @@ class KIVICodec(PackedCodec):
     def quantized_length(self, state):
         return self.flushed(state["end"])
 
+    def exact_below_quantized_length(self) -> bool:
+        return bool(self.sink)  # the window is slots [n_q, end); only a flushed sink is below
+
     def exact_tokens(self, state):
         end = state["end"]
         n_q = self.flushed(end)
