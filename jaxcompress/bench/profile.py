@@ -37,8 +37,9 @@ def op_table(xplane_path: str) -> list[dict]:
     for line in _device_lines(list(data.planes)):
         events = [e for e in line.events if line.name.startswith("Stream") or "hlo_op" in dict(e.stats)]
         events.sort(key=lambda e: e.start_ns)
+        nested = not line.name.startswith("Stream")  # GPU kernels overlap (programmatic dependent launch)
         for i, event in enumerate(events):
-            if i + 1 < len(events) and events[i + 1].start_ns < event.start_ns + event.duration_ns:
+            if nested and i + 1 < len(events) and events[i + 1].start_ns < event.start_ns + event.duration_ns:
                 continue  # a parent (a CPU while loop around its body's thunks): count the leaves
             entry = totals[event.name]
             entry[0] += 1

@@ -210,18 +210,21 @@ def write_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, s
                     repeats: int = 5, log=print) -> list[dict]:
     """Rows of {cache, batch, context, us_per_write} for the bf16 cache and each codec: one
     decode step's cache write (one new token a row at position `context + i`, positions given as
-    the model gives them) into a layer already holding `context` tokens, `steps` writes in one
-    jitted loop (the state carried in place), median of `repeats` runs. KIVI's window flushes a
-    group every group_size writes, so `steps` >= its group size includes the flush at its rate."""
+    the model gives them) into a layer already holding `context` tokens. Timed as the difference
+    between loops of 2 * `steps` and `steps` writes (medians of `repeats` runs), which cancels
+    what a loop pays once (copying the state it was handed, which it may not update in place).
+    KIVI's window flushes a group every group_size writes, so `steps` >= its group size includes
+    the flush at its rate."""
     rows = []
     kvh, d = cfg.num_kv_heads, cfg.head_dim
     for name, codec in [("bf16", None)] + list(codecs.items()):
-        inputs = filled_layer(cfg, codec, batch, context, context + steps)
-        fresh = jax.random.normal(jax.random.key(2), (2, steps, batch, 1, kvh, d), jnp.bfloat16)
-
+        inputs = filled_layer(cfg, codec, batch, context, context + 2 * steps)
+        fresh = jax.random.normal(jax.random.key(2), (2, 2 * steps, batch, 1, kvh, d), jnp.bfloat16)
         many = jax.jit(functools.partial(decode_writes, inputs.codec, context))
-        seconds = median_seconds(many, inputs.state, fresh, warmup=1, repeats=repeats) / steps
-        row = {"cache": name, "batch": batch, "context": context, "us_per_write": seconds * 1e6, "steps": steps}
+        once, twice = (median_seconds(many, inputs.state, fresh[:, :n], warmup=1, repeats=repeats)
+                       for n in (steps, 2 * steps))
+        row = {"cache": name, "batch": batch, "context": context, "us_per_write": (twice - once) / steps * 1e6,
+               "loop_us": {"steps": once * 1e6, "2 * steps": twice * 1e6}, "steps": steps}
         rows.append(row)
         if log:
             log(f"  {name:>24} batch {batch} ctx {context}: cache write {row['us_per_write']:.1f} us a step")

@@ -1,0 +1,35 @@
+"""The device-time profile (jaxcompress.bench.profile, scripts/profile_decode.py) on the CPU:
+real jax.profiler traces, counted op by op."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.bench.profile import device_op_times, summarize
+
+
+def test_ops_of_a_loop_body_are_counted_once_per_iteration_and_the_loop_not_at_all():
+    step = jax.jit(lambda x: jax.lax.fori_loop(0, 5, lambda i, y: jnp.tanh(y @ x), x))
+    rows = device_op_times(step, jnp.ones((64, 64)))
+    counts = {r["name"]: r["count"] for r in rows}
+    assert not any(name.startswith("while") for name in counts)  # the parent is not counted
+    assert any("tanh" in name and c == 5 for name, c in counts.items()), counts
+    assert all(r["total_us"] >= 0 for r in rows) and sum(r["total_us"] for r in rows) > 0
+    table = summarize(rows, steps=5, top=1)
+    assert table.startswith("device time per step:") and "more ops" in table
+
+
+def test_profile_decode_script_writes_a_table_per_recipe(tmp_path):
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--model", "random:tiny", "--recipes", "", "--context", "64", "--steps", "2", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "profile_bf16.json").read_text())
+    assert record["steps"] == 2 and record["context"] == 64 and record["ops"]
+    # two decode steps of a 2-layer model: each step's ops run at least once a step
+    assert max(r["count"] for r in record["ops"]) >= 2
+    assert "| op | calls / step | us / step | share |" in (tmp_path / "profile_bf16.md").read_text()
