@@ -3,6 +3,7 @@ real jax.profiler traces, counted op by op."""
 
 import importlib.util
 import json
+import os
 import pathlib
 
 import jax
@@ -22,7 +23,8 @@ def test_ops_of_a_loop_body_are_counted_once_per_iteration_and_the_loop_not_at_a
     assert table.startswith("device time per step:") and "more ops" in table
 
 
-def test_profile_decode_script_writes_a_table_per_recipe(tmp_path):
+def test_profile_decode_script_writes_a_table_per_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the script appends to it: restore
     path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
     spec = importlib.util.spec_from_file_location("profile_decode", path)
     script = importlib.util.module_from_spec(spec)
