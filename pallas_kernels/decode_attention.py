@@ -906,15 +906,16 @@ def _dense_kernel(q_ref, mask_ref, len_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "dot_dtype", "interpret",
-                                              "num_warps", "num_stages"))
+                                              "num_warps", "num_stages", "rows"))
 def dense_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, length,
                           *, scale: float, num_splits: int | None = None, dot_dtype=jnp.bfloat16,
-                          interpret: bool = False, num_warps: int = 4, num_stages: int = 2) -> Partials:
+                          interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
+                          rows: int = DENSE_ROWS) -> Partials:
     """The bf16 baseline: flash-decoding partials over a dense cache k, v [B, S, K, D] (the
-    identity codec's layout, read in place)."""
+    identity codec's layout, read in place), `rows` slots a step. Also the packed codecs'
+    exact tokens (a residual window, a sink): one kernel instead of XLA's small fusions."""
     b, kv_heads, g, d = q.shape
     s = k.shape[1]
-    rows = DENSE_ROWS
     if s % rows:
         raise ConfigError(f"cache length {s} must be a multiple of {rows} for the dense decode kernel")
     n_splits, per_split = _splits(b, kv_heads, s // rows, num_splits)

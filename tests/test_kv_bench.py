@@ -59,3 +59,17 @@ def test_bench_kv_write_table(tmp_path):
         assert r["us_per_write"] == pytest.approx((loops["2 * steps"] - loops["steps"]) / r["steps"])
     (table,) = [p.read_text() for p in tmp_path.glob("kv_bench_*.md")]
     assert "Cache write per decode step" in table and "| kivi_k2v2 | 1 | 256 |" in table
+
+
+def test_e2e_runs_continue_the_donated_cache():
+    """bench_kv --e2e: each timed loop decodes `steps` more tokens into the cache the previous one
+    left (donated: no copy of the cache per loop), at the next positions."""
+    from jaxcompress.kv.bench import e2e_setup
+
+    _, step_fn = e2e_setup("random:tiny", None, batch=2, steps=3)
+    run, (cache, params, logits) = step_fn(16, donate=True)
+    for n in (1, 2):
+        _, cache = run(cache, params, logits)
+        assert int(cache.index) == 16 + 3 * n
+    np.testing.assert_array_equal(np.asarray(cache.positions[:, :22]), np.tile(np.arange(22), (2, 1)))
+    assert (np.asarray(cache.positions[:, 22:]) == -1).all()

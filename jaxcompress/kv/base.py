@@ -66,6 +66,23 @@ def write_sink(state: dict, k, v, index, positions, sink: int) -> dict:
             "sink_slot": state["sink_slot"].at[rows, target].set(slots, mode="drop")}
 
 
+EXACT_ROWS = 32  # slots a step of the dense kernel over the exact tokens (a KIVI ring: R + G slots)
+
+
+def exact_partials(q, k, v, mask, scale: float, dot_dtype, interpret: bool):
+    """Partials of q [B, K, G, D] over the exact tokens k, v [B, F, K, D] (mask [B, F]): the
+    dense Pallas decode kernel, in one launch (XLA split these small dots into a few fusions, one
+    of them a per-element loop over the tokens: 25 us a layer on an H100, run 9)."""
+    from pallas_kernels.decode_attention import dense_decode_partials
+
+    pad = -k.shape[1] % EXACT_ROWS
+    if pad:
+        k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    return dense_decode_partials(q, k.astype(q.dtype), v.astype(q.dtype), mask, k.shape[1], scale=scale,
+                                 num_splits=1, dot_dtype=dot_dtype, interpret=interpret, rows=EXACT_ROWS)
+
+
 class PackedCodec(KVCodec):
     """Base of the packed codecs. Subclasses define the dataclass fields `key_bits`,
     `value_bits` and `attention` (one of ATTENTION_MODES)."""
@@ -130,7 +147,7 @@ class PackedCodec(KVCodec):
         """One query per row (q [B, 1, H, D]) through the Pallas kernel; `kernel_options` go
         to `quantized_decode_partials` (num_warps, num_stages, num_splits, path)."""
         from jaxcompress.models.rope import apply_rope
-        from pallas_kernels.decode_attention import combine, dense_partials, quantized_decode_partials
+        from pallas_kernels.decode_attention import combine, quantized_decode_partials
 
         b, _, h, d = q.shape
         kstore, vstore = state["k"], state["v"]
@@ -153,15 +170,15 @@ class PackedCodec(KVCodec):
             rope = (cos[..., : d // 2], sin[..., : d // 2])
         # fp32 models get fp32 dots (exact); bf16/fp16 ones the tensor cores' bf16 operands.
         dot_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+        interpret = self.attention == "interpret" or jax.default_backend() != "gpu"
         parts = [quantized_decode_partials(qg, kstore, vstore, quant_mask, n_q, scale=scale, rope=rope,
-                                           dot_dtype=dot_dtype, interpret=self.attention == "interpret"
-                                           or jax.default_backend() != "gpu", **kernel_options)]
+                                           dot_dtype=dot_dtype, interpret=interpret, **kernel_options)]
         if exact is not None:
             ke, ve, slots = exact
             if rope is not None:
                 ke = apply_rope(ke, gather_slots(cos, slots), gather_slots(sin, slots))
             emask = (slots >= 0) & gather_slots(allowed, slots)
-            parts.append(dense_partials(qg, ke, ve, emask, scale, dot_dtype))
+            parts.append(exact_partials(qg, ke, ve, emask, scale, dot_dtype, interpret))
         return combine(parts).reshape(b, 1, h, d).astype(q.dtype)
 
     # ---------------------------------------------------------------- accounting

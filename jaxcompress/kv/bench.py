@@ -290,10 +290,19 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
     return rows
 
 
+E2E_RUNS = 4  # decode loops e2e_decode runs on one cache: a warm-up and three timed
+
+
 def e2e_setup(spec: str, recipe: str | None, batch: int = 1, steps: int = 32):
-    """The loaded model (compressed by `recipe`), and `step_fn(context) -> (run, args)`: `run(*args)`
-    decodes `steps` tokens of every row over a cache already holding `context` tokens (random keys
-    and values written through the codec), in the jitted loop `generate` uses."""
+    """The loaded model (compressed by `recipe`), and `step_fn(context, donate) -> (run, args)`:
+    `run(*args)` decodes `steps` tokens of every row over a cache already holding `context` tokens
+    (random keys and values written through the codec), in the jitted loop `generate` uses.
+
+    The cache has room for E2E_RUNS loops. donate=False: run returns the tokens, and every call
+    starts from the same cache, which the loop then copies first (as a profile shows). donate=True:
+    args = (cache, params, logits) and run returns (tokens, cache after the loop) and consumes the
+    cache it is given, so the next call continues from there and nothing is copied, as in
+    `generate`, which builds its cache inside the jitted function."""
     from flax import nnx
 
     from jaxcompress.experiments.recipes import apply_recipe, load_recipe
@@ -308,24 +317,27 @@ def e2e_setup(spec: str, recipe: str | None, batch: int = 1, steps: int = 32):
     graphdef, params = nnx.split(loaded.model)
     sampling = SamplingConfig(max_new_tokens=steps)
 
-    def step_fn(context: int):
+    def step_fn(context: int, donate: bool = False):
+        max_len = context + steps * E2E_RUNS
         layers = []
         for i in range(cfg.num_layers):  # one layer at a time: the transient stays small
-            inputs = filled_layer(cfg, loaded.kv_codec, batch, context, context + steps, seed=i, layer=i)
+            inputs = filled_layer(cfg, loaded.kv_codec, batch, context, max_len, seed=i, layer=i)
             layers.append(inputs.state)
         codec = loaded.kv_codec or IdentityCodec()
-        slots = jnp.arange(context + steps, dtype=jnp.int32)
-        pos = jnp.broadcast_to(jnp.where(slots < context, slots, -1), (batch, context + steps))
+        slots = jnp.arange(max_len, dtype=jnp.int32)
+        pos = jnp.broadcast_to(jnp.where(slots < context, slots, -1), (batch, max_len))
         cache = KVCache(tuple(layers), pos, jnp.int32(context), codec)
 
-        @jax.jit
-        def run(params, cache, logits):
+        def decode(cache, params, logits):
             m = nnx.merge(graphdef, params)
-            next_pos = jnp.full((batch,), context, jnp.int32)
-            return decode_loop(m, logits, cache, next_pos, jax.random.key(0), (), sampling)[0]
+            next_pos = jnp.broadcast_to(cache.index, (batch,)).astype(jnp.int32)  # continue where it stands
+            return decode_loop(m, logits, cache, next_pos, jax.random.key(0), (), sampling, return_cache=True)
 
         logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
-        return run, (params, cache, logits)
+        if donate:
+            run = jax.jit(lambda cache, params, logits: decode(cache, params, logits)[::2], donate_argnums=0)
+            return run, (cache, params, logits)
+        return jax.jit(lambda params, cache, logits: decode(cache, params, logits)[0]), (params, cache, logits)
 
     return loaded, step_fn
 
@@ -333,15 +345,21 @@ def e2e_setup(spec: str, recipe: str | None, batch: int = 1, steps: int = 32):
 def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: int = 32, log=print,
                on_row=None) -> list[dict]:
     """Decode tokens/s of `spec` (compressed by `recipe`) over caches already holding each
-    context (see `e2e_setup`)."""
+    context (see `e2e_setup`): the median of three loops of `steps` tokens, each continuing the
+    cache the last one left (donated, so never copied)."""
     from jaxcompress.models.build import param_summary
 
     loaded, step_fn = e2e_setup(spec, recipe, batch, steps)
     weight_bytes = param_summary(loaded.model)["bytes"]
     rows = []
     for context in contexts:
-        run, args = step_fn(context)
-        seconds = median_seconds(run, *args, warmup=1, repeats=3) / steps
+        run, (cache, params, logits) = step_fn(context, donate=True)
+        times = []
+        for _ in range(E2E_RUNS):  # the first compiles and warms up
+            t0 = time.perf_counter()
+            tokens, cache = jax.block_until_ready(run(cache, params, logits))
+            times.append(time.perf_counter() - t0)
+        seconds = float(np.median(times[1:])) / steps
         row = {"model": spec, "recipe": recipe or "bf16", "batch": batch, "context": context,
                "ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "weight_bytes": weight_bytes,
                "steps": steps, "kv_kernel": {k: os.environ[k] for k in ("JAXCOMPRESS_KV_NUM_WARPS",) if k in os.environ}}
@@ -351,5 +369,5 @@ def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: i
         if log:
             log(f"  {row['recipe']:>14} ctx {context}: {row['ms_per_token']:.2f} ms/step, "
                 f"{row['tokens_per_s']:.1f} tok/s")
-        del run, args
+        del run, cache
     return rows

@@ -53,11 +53,11 @@ def prefill(model, tokens, positions, cache: KVCache):
 
 
 def decode_loop(model, first_logits, cache: KVCache, next_pos, rng, stop_ids: tuple[int, ...],
-                sampling: SamplingConfig):
+                sampling: SamplingConfig, return_cache: bool = False):
     """Samples up to `max_new_tokens` tokens per row; rows stop at a stop id.
 
     Returns tokens [B, max_new_tokens] (after a row stops, it repeats its stop token) and the
-    number of steps run.
+    number of steps run (and, with `return_cache`, the cache after them).
     """
     b = first_logits.shape[0]
     n = sampling.max_new_tokens
@@ -84,7 +84,7 @@ def decode_loop(model, first_logits, cache: KVCache, next_pos, rng, stop_ids: tu
     init = (jnp.int32(0), jnp.zeros((b, n), jnp.int32), first_logits, cache,
             jnp.zeros((b,), bool), next_pos, rng)
     step, out, _, cache, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return out, step
+    return (out, step, cache) if return_cache else (out, step)
 
 
 @functools.lru_cache(maxsize=16)
