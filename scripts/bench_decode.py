@@ -4,23 +4,22 @@
     PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --recipe rtn_w4_g128 ...
 
 Decode runs inside one jitted `lax.while_loop` (the same loop `generate` uses) over a cache
-already holding `--context` tokens. Batch-1 decode is memory-bound, so its floor is
+already holding `--context` tokens; the median of three loops of `--steps` tokens, each continuing
+the (donated) cache the last one left. Batch-1 decode is memory-bound, so its floor is
 (weight bytes + cache bytes read per step) / copy bandwidth, measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import functools
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxcompress.bench.timing import copy_bandwidth, median_seconds
+from jaxcompress.bench.timing import copy_bandwidth, median_carried_seconds, median_seconds
 from jaxcompress.io.atomic import write_json
 from jaxcompress.io.load import load_model
 from jaxcompress.models.build import param_summary
@@ -50,17 +49,21 @@ def bench_decode(loaded, batch, context, steps):
     graphdef, state = nnx.split(model)
     sampling = SamplingConfig(max_new_tokens=steps)
 
-    @jax.jit
-    def run(state, cache, logits):
+    # The cache is donated and each loop continues where the last stopped, as in `generate`
+    # (which builds its cache inside the jitted function): no copy of the whole cache per loop.
+    @functools.partial(jax.jit, donate_argnums=0)
+    def run(cache, state, logits):
         m = nnx.merge(graphdef, state)
-        next_pos = jnp.full((batch,), context, jnp.int32)
-        return decode_loop(m, logits, cache, next_pos, jax.random.key(0), (), sampling)[0]
+        next_pos = jnp.broadcast_to(cache.index, (batch,)).astype(jnp.int32)
+        out, _, cache = decode_loop(m, logits, cache, next_pos, jax.random.key(0), (), sampling, return_cache=True)
+        return out, cache
 
+    runs = 4  # a warm-up and three timed loops
     # The key is an argument so that XLA cannot constant-fold the random fill at compile time.
-    cache = jax.jit(lambda key: filled_cache(key, cfg, batch, context, context + steps, model.dtype,
+    cache = jax.jit(lambda key: filled_cache(key, cfg, batch, context, context + steps * runs, model.dtype,
                                              loaded.kv_codec))(jax.random.key(0))
     logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
-    seconds = median_seconds(run, state, cache, logits, warmup=1, repeats=3)
+    seconds, _ = median_carried_seconds(run, cache, state, logits, runs=runs)
     cache_bytes_per_step = batch * context * cfg.num_layers * (loaded.kv_codec.bytes_per_token(
         cfg.num_kv_heads, cfg.head_dim, model.dtype) if loaded.kv_codec else
         2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize)
@@ -92,6 +95,7 @@ def main(argv=None):
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--skip-prefill", action="store_true", help="decode only (saves a compile)")
+    p.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     p.add_argument("--out")
     args = p.parse_args(argv)
 
@@ -102,7 +106,7 @@ def main(argv=None):
 
         loaded = apply_recipe(loaded, load_recipe(args.recipe, []))
     weight_bytes = param_summary(loaded.model)["bytes"]
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(args.copy_mib << 20)
     record = {"model": args.model, "recipe": args.recipe, "dtype": dtype.name, "context": args.context,
               "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9, "decode": [], **provenance()}
     if not args.skip_prefill:

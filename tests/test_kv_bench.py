@@ -73,3 +73,20 @@ def test_e2e_runs_continue_the_donated_cache():
         assert int(cache.index) == 16 + 3 * n
     np.testing.assert_array_equal(np.asarray(cache.positions[:, :22]), np.tile(np.arange(22), (2, 1)))
     assert (np.asarray(cache.positions[:, 22:]) == -1).all()
+
+
+def test_bench_decode_script_record(tmp_path):
+    """scripts/bench_decode.py (donated cache, three continuing loops): one decode row per batch
+    with its roofline, as the issue-5 records hold."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "decode.json"
+    script.main(["--model", "random:tiny", "--batches", "1,2", "--steps", "3", "--context", "16", "--skip-prefill",
+                 "--copy-mib", "16", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [r["batch"] for r in record["decode"]] == [1, 2]
+    for r in record["decode"]:
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3)
+        assert r["roofline_fraction"] == pytest.approx(r["roofline_ms"] / r["ms_per_step"])

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.bench.timing import copy_bandwidth, median_seconds
+from jaxcompress.bench.timing import copy_bandwidth, median_carried_seconds, median_seconds
 from jaxcompress.kv.calibration import KVCalibration
 from jaxcompress.models.cache import IdentityCodec, KVCodec
 from jaxcompress.models.rope import apply_rope, rope_cos_sin
@@ -354,12 +354,8 @@ def e2e_decode(spec: str, recipe: str | None, contexts, batch: int = 1, steps: i
     rows = []
     for context in contexts:
         run, (cache, params, logits) = step_fn(context, donate=True)
-        times = []
-        for _ in range(E2E_RUNS):  # the first compiles and warms up
-            t0 = time.perf_counter()
-            tokens, cache = jax.block_until_ready(run(cache, params, logits))
-            times.append(time.perf_counter() - t0)
-        seconds = float(np.median(times[1:])) / steps
+        seconds, cache = median_carried_seconds(run, cache, params, logits, runs=E2E_RUNS)
+        seconds /= steps
         row = {"model": spec, "recipe": recipe or "bf16", "batch": batch, "context": context,
                "ms_per_token": seconds * 1e3, "tokens_per_s": batch / seconds, "weight_bytes": weight_bytes,
                "steps": steps, "kv_kernel": {k: os.environ[k] for k in ("JAXCOMPRESS_KV_NUM_WARPS",) if k in os.environ}}
