@@ -186,12 +186,12 @@ class KIVICodec(PackedCodec):
         sink = write_sink(state, k, v, index, positions, self.sink) if self.sink else {}
         kstore, vstore = state["k"], state["v"]
         if win == self.residual + g:  # a shorter ring (max_len < R + G) is never flushed
-            group = (n_old + jnp.arange(g, dtype=jnp.int32)) % win
-            kstore, vstore = jax.lax.cond(
-                self.flushed(index + 1) > n_old,
-                lambda: self._flush(kstore, vstore, jnp.take(res_k, group, axis=1), jnp.take(res_v, group, axis=1),
-                                    n_old, sink.get("sink_slot")),
-                lambda: (kstore, vstore))
+            def flush():  # everything inside the branch: nothing of it runs on the other G - 1 steps
+                group = (n_old + jnp.arange(g, dtype=jnp.int32)) % win
+                return self._flush(kstore, vstore, jnp.take(res_k, group, axis=1), jnp.take(res_v, group, axis=1),
+                                   n_old, sink.get("sink_slot"))
+
+            kstore, vstore = jax.lax.cond(self.flushed(index + 1) > n_old, flush, lambda: (kstore, vstore))
         return {"k": kstore, "v": vstore, "res_k": res_k, "res_v": res_v,
                 "end": jnp.asarray(index + 1, jnp.int32), **sink}
 

@@ -16,6 +16,8 @@
 #      KV_LONGCTX_RECIPES, default none,kivi_k4v4,kivi_k2v2,kvquant_2bit
 #   4. end-to-end decode tokens/s, random:llama2-7b: 32k first (bf16, KV2, W4 + KV2; cap 170 s),
 #      then 8k, 16k (KV_E2E_8K16K_S, default 200 s)
+#   5. (only when KV_STEPS names "profile") kernel times of one decode step at 8k, KV2 and bf16
+#      (scripts/profile_decode.py; KV_PROFILE_S, default 150 s)
 set -u
 OUT=${OUT:?set OUT}
 A=$OUT/kv
@@ -98,6 +100,9 @@ step e2e_32k 170 8 python -u scripts/bench_kv.py --no-attention --e2e --e2e-cont
     --codecs kivi_k2v2 --out "$A/e2e_32k"
 step e2e_8k16k ${KV_E2E_8K16K_S:-200} 8 python -u scripts/bench_kv.py --no-attention --e2e --e2e-contexts 8192,16384 --e2e-steps 16 \
     --codecs kivi_k2v2 --out "$A/e2e_8k16k"
+
+step profile ${KV_PROFILE_S:-150} 8 python -u scripts/profile_decode.py --recipes kivi_k2v2, --context 8192 --steps 4 \
+    --out "$A/profile"
 
 # summary (last): what was measured
 python - "$A" <<'PY' 2>&1 | tee "$A/summary.txt"
