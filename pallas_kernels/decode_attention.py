@@ -50,22 +50,15 @@ class Partials(NamedTuple):
 
 
 # ------------------------------------------------------------------------- pure JAX
-def dense_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                   dot_dtype=jnp.float32) -> Partials:
-    """Partials of q [B, K, G, D] over dense k, v [B, F, K, D] with mask [B, F], accumulated in
-    fp32. dot_dtype fp32: exact dots (the reference); bf16: the dots' operands in bf16, as the
-    kernel's tensor-core dots take them (q . k stays exact for bf16 q and k; p is rounded)."""
-    if dot_dtype == jnp.float32:
-        dot = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
-    else:
-        def dot(spec, a, b):
-            return jnp.einsum(spec, a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=jnp.float32)
-    s = dot("bkgd,bfkd->bkgf", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+def dense_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> Partials:
+    """Partials of q [B, K, G, D] over dense k, v [B, F, K, D] with mask [B, F] (fp32)."""
+    s = jnp.einsum("bkgd,bfkd->bkgf", q.astype(jnp.float32), k.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST) * scale
     valid = mask[:, None, None, :]
     s = jnp.where(valid, s, NEG_INF)
     m = jnp.max(s, axis=-1)
     p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
-    o = dot("bkgf,bfkd->bkgd", p, v.astype(jnp.float32))
+    o = jnp.einsum("bkgf,bfkd->bkgd", p, v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return Partials(o, p.sum(-1), m)
 
 
