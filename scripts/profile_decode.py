@@ -34,7 +34,7 @@ def attention_loop(model: str, recipe: str, batch: int, context: int, calls: int
     import jax
     import jax.numpy as jnp
 
-    from jaxcompress.kv.bench import attend_fn, filled_layer
+    from jaxcompress.kv.bench import attend_fn, attention_calls, filled_layer
     from jaxcompress.models.presets import preset
     from scripts.bench_kv import codec_for
 
@@ -42,9 +42,9 @@ def attention_loop(model: str, recipe: str, batch: int, context: int, calls: int
     codec_name, _, variant = recipe.partition("/")
     inputs = filled_layer(cfg, codec_for(codec_name, cfg) if codec_name else None, batch, context)
     fn = attend_fn(inputs, cfg, variant or ("codec" if codec_name else "xla-bf16"))
-    q = jax.random.normal(jax.random.key(1), (calls, batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
-    run = jax.jit(lambda state, qs: jax.lax.map(lambda x: fn(state, x), qs).sum(0))
-    return run, (inputs.state, q), (recipe or "xla-bf16").replace("/", "-")
+    q = jax.random.normal(jax.random.key(1), (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+    run, qs = attention_calls(fn, q, calls)
+    return run, (inputs.state, qs), (recipe or "xla-bf16").replace("/", "-")
 
 
 def main(argv=None):

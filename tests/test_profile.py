@@ -35,3 +35,18 @@ def test_profile_decode_script_writes_a_table_per_recipe(tmp_path, monkeypatch):
     # two decode steps of a 2-layer model: each step's ops run at least once a step
     assert max(r["count"] for r in record["ops"]) >= 2
     assert "| op | calls / step | us / step | share |" in (tmp_path / "profile_bf16.md").read_text()
+
+
+def test_profile_decode_attention_mode(tmp_path, monkeypatch):
+    """--attention: one layer's decode attention, the calls counted per call (bf16 and KIVI-2)."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--attention", "--model", "smollm2-135m", "--recipes", ",kivi_k2v2", "--context", "256",
+                 "--steps", "3", "--out", str(tmp_path)])
+    for name in ("xla-bf16", "kivi_k2v2"):
+        record = json.loads((tmp_path / f"profile_{name}.json").read_text())
+        assert record["attention_only"] and record["steps"] == 3
+        assert max(r["count"] for r in record["ops"]) >= 3  # each call's ops run once a call

@@ -182,15 +182,16 @@ def cache_read_bytes(inputs: DecodeInputs) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(inputs.state))
 
 
-def time_attention(fn, state, q, calls: int, repeats: int) -> float:
-    """Seconds per attention call: `calls` calls (fresh queries) in one jitted loop, median of
-    `repeats` runs."""
+def attention_calls(fn, q, calls: int):
+    """(many, qs): `many(state, qs)` makes `calls` attention calls `fn(state, q)` in one jitted
+    loop, each with a fresh query of qs (q nudged), and sums the outputs."""
     qs = q[None] + jnp.arange(calls, dtype=q.dtype)[:, None, None, None, None] * jnp.asarray(1e-3, q.dtype)
+    return jax.jit(lambda state, qs: jax.lax.map(lambda x: fn(state, x), qs).sum(0)), qs
 
-    @jax.jit
-    def many(state, qs):
-        return jax.lax.map(lambda x: fn(state, x), qs).sum(0)
 
+def time_attention(fn, state, q, calls: int, repeats: int) -> float:
+    """Seconds per attention call: `attention_calls`, median of `repeats` runs."""
+    many, qs = attention_calls(fn, q, calls)
     return median_seconds(many, state, qs, warmup=1, repeats=repeats) / calls
 
 
