@@ -436,6 +436,34 @@ def _cw_kernel(q_ref, bias_ref, len_ref, magic_ref, kw_ref, ks_ref, cz_ref, vw_r
         m_ref[pl.ds(h, 1)] = jnp.reshape(m[h] / LOG2E, (1,))  # back to natural-log units
 
 
+def _cw_heads(g: int) -> int:
+    """Query heads per program of the CUDA-core bodies (a divisor of G, at most CW_MAX_HEADS)."""
+    return max(n for n in range(1, CW_MAX_HEADS + 1) if g % n == 0)
+
+
+def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool):
+    """(q in log2 units [B, K, G, D], the zero-point term of every key group [B, K, G, T],
+    the mask as an additive bias in code order [B, S]) for the CUDA-core bodies.
+
+    The zero-point term is q . a(0) of each key group. The f16x2 bodies (`centred`) multiply
+    centred codes: a(code) = (code - mid) * scale + (zero + mid * scale), and a symmetric grid
+    is (code - mid) * scale (no term); the fp32 body multiplies the codes themselves."""
+    b, kv_heads, g, _ = q.shape
+    qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
+    mid_scale = 2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
+    if k.zero is None:
+        kzero = None if centred else -mid_scale
+    else:
+        kzero = k.meta_rows(k.zero).astype(jnp.float32) + (mid_scale if centred else 0.0)
+    if kzero is None:
+        cz = jnp.zeros((b, kv_heads, g, mid_scale.shape[2]), jnp.float32)
+    else:
+        cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
+    valid = mask & (jnp.arange(k.capacity) < length)[None, :]
+    bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)
+    return qs, cz, to_code_order(bias, k.bits, k.rows)
+
+
 def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
              num_warps: int, num_stages: int, packed: bool = False) -> Partials:
     """The cw body (fp32), or with `packed` the cw16 body (f16x2, below)."""
@@ -444,25 +472,11 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     c = codes_per_word(k.bits)
     cols = k.rows  # word columns of a tile
     block = cols * c
-    chunk = max(n for n in range(1, CW_MAX_HEADS + 1) if g % n == 0)  # query heads per program
+    chunk = _cw_heads(g)  # query heads per program
     chunks = g // chunk
     # programs of fewer warps: proportionally more of them
     n_splits, per_split = _splits(b, kv_heads * chunks, s // block, num_splits, TARGET_PROGRAMS * 4 // num_warps)
-    qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
-    # The zero-point term q . a(0) of every key group. cw16 multiplies centred codes:
-    # a(code) = (code - mid) * scale + (zero + mid * scale); a symmetric grid is (code - mid) * scale.
-    mid_scale = 2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
-    if k.zero is None:
-        kzero = None if packed else -mid_scale
-    else:
-        kzero = k.meta_rows(k.zero).astype(jnp.float32) + (mid_scale if packed else 0.0)
-    if kzero is None:  # symmetric keys in cw16: no zero term
-        cz = jnp.zeros((b, kv_heads, g, mid_scale.shape[2]), jnp.float32)
-    else:
-        cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
-    valid = mask & (jnp.arange(s) < length)[None, :]
-    bias = jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32)
-    bias = to_code_order(bias, k.bits, cols)  # [B, S] in code order
+    qs, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=packed)
     q_cols = jnp.broadcast_to(qs[..., None], (b, kv_heads, g, d, cols))
 
     def head(i, hh):
@@ -494,11 +508,7 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     common = dict(bits=k.bits, cols=cols, token_group=k.token_group, vwidth=vwidth, blocks_per_split=per_split,
                   heads=chunk)
     if packed:
-        meta = {"key scale": k.scale, "value scale": v.scale, "value zero": v.zero}
-        odd = {n: str(x.dtype) for n, x in meta.items() if x is not None and x.dtype != jnp.float16}
-        if odd:
-            raise ConfigError(f"the cw16 decode body reads fp16 scales and zero points (store META_DTYPE); "
-                              f"got {odd}: use path='cw'")
+        _check_fp16_meta(k, v, "cw16")
         kernel = functools.partial(_cw16_kernel, **common, rows=h2_slice_rows(d, cols, num_warps, vwidth),
                                    asm=not interpret)
     else:
@@ -518,11 +528,21 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
         name=f"kv_decode_k{k.bits}v{v.bits}_{'cw16' if packed else 'cw'}",
     )(*inputs)
 
-    def heads_last(x):  # [B, K * chunks, splits, chunk, ...] -> [B, K, splits, G, ...]
-        x = x.reshape(b, kv_heads, chunks, n_splits, chunk, *x.shape[4:])
-        return jnp.moveaxis(x, 2, 3).reshape(b, kv_heads, n_splits, g, *x.shape[5:])
+    return _finish(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 
-    return _finish(heads_last(o), heads_last(l), heads_last(m), g)
+
+def _check_fp16_meta(k: QTokens, v: QTokens, path: str) -> None:
+    meta = {"key scale": k.scale, "value scale": v.scale, "value zero": v.zero}
+    odd = {n: str(x.dtype) for n, x in meta.items() if x is not None and x.dtype != jnp.float16}
+    if odd:
+        raise ConfigError(f"the {path} decode body reads fp16 scales and zero points (store META_DTYPE); "
+                          f"got {odd}: use path='cw'")
+
+
+def _heads_last(x, b: int, kv_heads: int, chunks: int, n_splits: int, chunk: int):
+    """[B, K * chunks, splits, chunk, ...] -> [B, K, splits, G, ...] (G = chunks * chunk)."""
+    x = x.reshape(b, kv_heads, chunks, n_splits, chunk, *x.shape[4:])
+    return jnp.moveaxis(x, 2, 3).reshape(b, kv_heads, n_splits, chunks * chunk, *x.shape[5:])
 
 
 # ------------------------------------------------------------------------- packed fp16 body
@@ -754,6 +774,243 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
         m_ref[pl.ds(h, 1)] = jnp.reshape(m[h] / LOG2E, (1,))
 
 
+# ------------------------------------------------------------------------- two-pass fp16 body
+# "cw2" splits cw16's work into two kernels, so that neither reduces across threads in its loop:
+#   1. keys: each thread owns word columns and walks the D channel rows one by one (a row of a
+#      column is one word: 16 / c slots). The channel sum is a chain of f16x2 FMAs in the
+#      thread's registers, flushed to fp32 every KEY_ROWS_F16 rows (the same fp16 bound as
+#      cw16's slices). Scores (log2 units, mask bias added) go to an fp32 buffer [.., G, S] in
+#      code order, with each split's maximum.
+#   2. values: cw16's value half over the same splits. p = 2**(score - the split's maximum) is
+#      known before the split starts: no running maximum, no rescaling branch, no cross-warp
+#      reduction per slot pair.
+# The scores cost 8 bytes a slot and head in memory (written, read back): 1/8 of a 2-bit
+# value row of 128 channels.
+KEY_ROWS_F16 = 8       # channel rows summed in f16x2 before the fp32 sums (cw16: D / rows = 8)
+KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 warps
+
+
+def _h2_pair_constants(bits: int, o: int, centred: bool = True):
+    """(mask, magic, centre) f16x2 words of the code pair at offset o of each half-word (see
+    "packed fp16 body"): centre is magic's value plus the mid code, or magic alone."""
+    field = jnp.int32((1 << bits) - 1) << o
+    e = (25 - o) << 10  # fp16 exponent word of 2**(10 - o)
+    magic = e | (e << 16)
+    mid = jnp.int32(1 << (bits - 1)) << o if centred else 0
+    return field | (field << 16), magic, magic | mid | (mid << 16)
+
+
+def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
+                     cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, asm: bool):
+    c = codes_per_word(bits)
+    pairs = c // 2
+    block = cols * c
+    d = kw_ref.shape[0]
+    positions = h2_positions(bits)
+    consts = [_h2_pair_constants(bits, o) for _, o in positions]
+    lane = lax.iota(jnp.int32, cols)
+
+    def body(blk, top):
+        col = blk * cols + lane                  # word column of each lane
+        group = col // (token_group // c)        # its key group
+        zero2 = jnp.zeros((cols,), jnp.int32)
+
+        def channel_rows(ci, sums):
+            s2 = [[zero2] * pairs for _ in range(heads)]
+            for rr in range(KEY_ROWS_F16):
+                r = ci * KEY_ROWS_F16 + rr
+                words = kw_ref[r, pl.ds(blk * cols, cols)]
+                shifted = lax.shift_right_logical(words, jnp.int32(H2_SHIFT))
+                kscale = ks_ref[r, group].astype(jnp.float32)
+                for h in range(heads):
+                    qk = q_ref[h, r] * kscale
+                    qk2 = h2_pack(qk, qk, asm)
+                    s2[h] = [h2_code_fma(shifted if sh else words, *consts[j], qk2, s2[h][j], asm)
+                             for j, (sh, _) in enumerate(positions)]
+            out = []
+            for h in range(heads):
+                halves = [h2_unpack(x, asm) for x in s2[h]]
+                out.append([sums[h][j] + halves[j % pairs][j // pairs] for j in range(c)])
+            return out
+
+        zeros = [[jnp.zeros((cols,), jnp.float32)] * c for _ in range(heads)]
+        sums = lax.fori_loop(0, d // KEY_ROWS_F16, channel_rows, zeros)
+        # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
+        base = (col // rows) * (rows * c) + col % rows
+        new_top = []
+        for h in range(heads):
+            cz = cz_ref[h, group]
+            t = top[h]
+            for j in range(c):
+                pos = base + j * rows
+                score = sums[h][j] + cz + bias_ref[0, pos]
+                s_ref[h, pos] = score
+                t = jnp.maximum(t, score)
+            new_top.append(t)
+        return new_top
+
+    lo, hi = _split_blocks(len_ref, block, blocks_per_split)
+    top = lax.fori_loop(lo, hi, body, [jnp.full((cols,), NEG_INF, jnp.float32)] * heads)
+    for h in range(heads):
+        m_ref[pl.ds(h, 1)] = jnp.reshape(jnp.max(top[h]), (1,))
+
+
+def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, vwidth: int,
+                       blocks_per_split: int, heads: int, rows: int, asm: bool):
+    vz_ref = rest[0] if len(rest) == 4 else None
+    o_ref, l_ref, m_ref = rest[-3:]
+    c = codes_per_word(bits)
+    pairs = c // 2
+    block = cols * c
+    d = vw_ref.shape[0]
+    slices = d // rows
+    group_of = [(r * rows) // vwidth for r in range(slices)]  # each slice's value channel group
+    vgroups = d // vwidth
+    vmid2 = jnp.int32(((15 + bits - 1) << 10) * 0x10001)  # f16x2 (mid, mid): mid = 2**(bits - 1)
+    positions = h2_positions(bits)
+    direct = sum(1 for shifted, _ in positions if not shifted)
+    top = [ms_ref[pl.ds(h, 1)] for h in range(heads)]  # [1]: the split's maximum score
+
+    def flush(acc2):  # a tile's f16x2 value sums [rows, cols] -> fp32 [rows, 1]
+        return jnp.sum(sum(h2_unpack(acc2, asm)), axis=1, keepdims=True)
+
+    def body(blk, carry):
+        l, acc, accz = carry
+        col0 = blk * cols
+        vwords = [vw_ref[pl.ds(r * rows, rows), pl.ds(col0, cols)] for r in range(slices)]
+        zero2 = jnp.zeros((rows, cols), jnp.int32)
+        zero_cols2 = jnp.zeros((1, cols), jnp.int32)
+
+        def pairs_from(first, last, vw, o_shift, carry):
+            def pair(j, carry):
+                l, acc2, accz2 = carry
+                mask, magic, center = _h2_pair_constants(bits, j * bits - o_shift)
+                t = [blk * block + (j + i * pairs) * cols for i in (0, 1)]
+
+                def meta2(ref):  # [1, cols] f16x2: (slot j, slot j + c/2) of each value group
+                    return [h2_join(*(ref[pl.ds(g, 1), pl.ds(t[i], cols)] for i in (0, 1)), asm) for g in range(vgroups)]
+
+                vs2 = meta2(vs_ref)
+                vz2 = None if vz_ref is None else meta2(vz_ref)
+                new_l, new_acc2, new_accz2 = [], [], []
+                for h in range(heads):
+                    p = [jnp.exp2(s_ref[pl.ds(h, 1), pl.ds(t[i], cols)] - top[h][:, None]) for i in (0, 1)]
+                    new_l.append(l[h] + p[0] + p[1])
+                    p2 = h2_pack(p[0], p[1], asm)
+                    pv = [h2_mul(p2, vs2[g], asm) for g in range(vgroups)]
+                    new_acc2.append([h2_code_fma(vw[r], mask, magic, center, pv[group_of[r]], acc2[h][r], asm)
+                                     for r in range(slices)])
+                    if vz2 is None:  # symmetric: (code - mid) * scale is the value itself
+                        new_accz2.append(accz2[h])
+                    else:  # value = (code - mid) * scale + (zero + mid * scale)
+                        new_accz2.append([h2_fma(pv[g], vmid2, h2_fma(p2, vz2[g], accz2[h][g], asm), asm)
+                                          for g in range(vgroups)])
+                return new_l, new_acc2, new_accz2
+
+            return lax.fori_loop(first, last, pair, carry)
+
+        carry = (l, [[zero2] * slices] * heads, [[zero_cols2] * vgroups] * heads)
+        carry = pairs_from(0, direct, vwords, 0, carry)
+        if direct < pairs:  # the top pairs, read from the words shifted once
+            shifted = [lax.shift_right_logical(w, jnp.int32(H2_SHIFT)) for w in vwords]
+            carry = pairs_from(direct, pairs, shifted, H2_SHIFT, carry)
+        l, acc2, accz2 = carry
+        acc = [[a + flush(a2) for a, a2 in zip(acc[h], acc2[h])] for h in range(heads)]
+        accz = [[z + sum(h2_unpack(z2, asm)) for z, z2 in zip(accz[h], accz2[h])] for h in range(heads)]
+        return l, acc, accz
+
+    lo, hi = _split_blocks(len_ref, block, blocks_per_split)
+    init = ([jnp.zeros((1, cols), jnp.float32)] * heads,
+            [[jnp.zeros((rows, 1), jnp.float32)] * slices] * heads,
+            [[jnp.zeros((1, cols), jnp.float32)] * vgroups] * heads)
+    l, acc, accz = lax.fori_loop(lo, hi, body, init)
+    for h in range(heads):
+        for r in range(slices):
+            o_ref[pl.ds(h, 1), pl.ds(r * rows, rows)] = (acc[h][r][:, 0] + jnp.sum(accz[h][group_of[r]]))[None, :]
+        l_ref[pl.ds(h, 1)] = jnp.reshape(jnp.sum(l[h]), (1,))
+        m_ref[pl.ds(h, 1)] = top[h] / LOG2E  # back to natural-log units
+
+
+def _key_columns(k: QTokens) -> int:
+    """Word columns of a keys-pass tile: KEY_COLUMNS, or fewer whole store tiles when the
+    capacity's tiles do not divide into it."""
+    tiles = k.capacity // (k.rows * codes_per_word(k.bits))
+    per = max(1, KEY_COLUMNS // k.rows)
+    while tiles % per:
+        per //= 2
+    return per * k.rows
+
+
+def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
+              num_warps: int, num_stages: int) -> Partials:
+    """The two-pass f16x2 body (see "two-pass fp16 body")."""
+    b, kv_heads, g, d = q.shape
+    s = k.capacity
+    c = codes_per_word(k.bits)
+    chunk = _cw_heads(g)
+    chunks = g // chunk
+    kcols = _key_columns(k)
+    per = kcols // k.rows  # store tiles a keys-pass tile
+    n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits,
+                                   TARGET_PROGRAMS * 4 // num_warps)
+    _check_fp16_meta(k, v, "cw2")
+    qs, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True)
+    length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
+    kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
+
+    def head(i, hh):
+        return hh // chunks
+
+    def meta_spec(x):
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (0 if x.shape[0] == 1 else i,
+                                                                          0 if x.shape[1] == 1 else head(i, hh), 0, 0))
+
+    def per_head(x):
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, head(i, hh)) + (0,) * (x.ndim - 2))
+
+    heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
+                                            lambda i, hh, j: (i, head(i, hh), hh % chunks) + (0,) * len(tail))
+    split_spec = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hh, j, 0))
+    split_shape = jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk), jnp.float32)
+    params = None if interpret else _compiler_params(max(1, kcols // 32), num_stages)
+    scores, top = pl.pallas_call(
+        functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
+                          blocks_per_split=key_blocks, heads=chunk, asm=not interpret),
+        grid=(b, kv_heads * chunks, n_splits),
+        in_specs=[heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
+                  pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(kwords), meta_spec(k.scale),
+                  heads_spec(cz.shape[-1])],
+        out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape],
+        compiler_params=params,
+        interpret=interpret,
+        name=f"kv_decode_k{k.bits}_scores",
+    )(qs, bias[:, None, :], length1, kwords, k.scale, cz)
+
+    inputs = [scores, top, length1, vwords, v.scale]
+    specs = [pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec,
+             pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(vwords), meta_spec(v.scale)]
+    if v.zero is not None:
+        inputs.append(v.zero)
+        specs.append(meta_spec(v.zero))
+    vwidth = v.channel_group
+    o, l, m = pl.pallas_call(
+        functools.partial(_cw2_values_kernel, bits=v.bits, cols=v.rows, vwidth=vwidth,
+                          blocks_per_split=key_blocks * per, heads=chunk,
+                          rows=h2_slice_rows(d, v.rows, num_warps, vwidth), asm=not interpret),
+        grid=(b, kv_heads * chunks, n_splits),
+        in_specs=specs,
+        out_specs=[pl.BlockSpec((None, None, None, chunk, d), lambda i, hh, j: (i, hh, j, 0, 0)),
+                   split_spec, split_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk, d), jnp.float32),
+                   split_shape, split_shape],
+        compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name=f"kv_decode_v{v.bits}_values",
+    )(*inputs)
+    return _finish(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
+
+
 def _compiler_params(num_warps: int, num_stages: int):
     from jax.experimental.pallas import triton as plgpu
 
@@ -784,7 +1041,7 @@ def _finish(o, l, m, g: int) -> Partials:
     return Partials(jnp.sum(w[..., None] * o, axis=2), jnp.sum(w * l, axis=2), top)
 
 
-KERNEL_PATHS = ("auto", "mma", "cw", "cw16")
+KERNEL_PATHS = ("auto", "mma", "cw", "cw16", "cw2")
 
 
 def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool, exact: bool = False) -> str:
@@ -798,7 +1055,7 @@ def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool, exact: bool =
     cw = cw_supports(k, v, pre_rope)
     if path == "auto":
         return ("cw16" if k.bits <= 4 and not exact else "cw") if cw else "mma"
-    if (path in ("cw", "cw16")) != cw:
+    if (path in ("cw", "cw16", "cw2")) != cw:
         layouts = f"keys {k.layout} {k.bits}-bit, values {v.layout} {v.bits}-bit"
         raise ConfigError(f"decode kernel path {path!r} does not read these stores ({layouts}"
                           f"{', pre-RoPE keys' if pre_rope else ''}): use path='auto'")
@@ -836,6 +1093,9 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     if mask.shape != (b, s):
         raise ConfigError(f"mask shape {mask.shape} must be (batch, capacity) = {(b, s)}")
     path = kernel_path(path, k, v, rope is not None, exact=dot_dtype == jnp.float32)
+    if path == "cw2":
+        return _cw2_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
+                         num_warps=num_warps, num_stages=num_stages)
     if path in ("cw", "cw16"):
         return _cw_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
                         num_warps=num_warps, num_stages=num_stages, packed=path == "cw16")

@@ -41,8 +41,8 @@ open(sys.argv[4], "wb").write(k.asm["cubin"])
 """
 
 
-def triton_ir(fn, *args) -> list[str]:
-    """Text of the Triton IR of every Pallas kernel in fn(*args), lowered for CUDA."""
+def triton_ir(fn, *args) -> list[tuple[str, int, int]]:
+    """(Triton IR text, num_warps, num_stages) of every Pallas kernel in fn(*args), lowered for CUDA."""
     from jax._src.lib import triton as jaxlib_triton
     from jax._src.lib.mlir import ir
 
@@ -54,16 +54,18 @@ def triton_ir(fn, *args) -> list[str]:
             for block in region.blocks:
                 for o in block.operations:
                     if o.operation.name == "stablehlo.custom_call" and "triton" in str(o.attributes["call_target_name"]):
-                        found.append(ir.StringAttr(o.attributes["mhlo.backend_config"]["ir"]).value_bytes)
+                        config = o.attributes["mhlo.backend_config"]
+                        found.append((ir.StringAttr(config["ir"]).value_bytes,
+                                      ir.IntegerAttr(config["num_warps"]).value, ir.IntegerAttr(config["num_stages"]).value))
                     walk(o.operation)
 
     walk(module.operation)
     texts = []
-    for blob in found:
+    for blob, warps, stages in found:
         ctx = ir.Context()
         jaxlib_triton.dialect.register_dialect(ctx)
         with ctx:
-            texts.append(str(ir.Module.parse(blob)))
+            texts.append((str(ir.Module.parse(blob)), warps, stages))
     return texts
 
 
@@ -85,23 +87,31 @@ def loop_counts(sass: str) -> list[tuple[int, collections.Counter]]:
 
 
 def decode_ir(args):
-    """(Triton IR, description, cache elements a thread per loop step, unit) of the KV decode
-    kernel over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens (Llama-2-7B)."""
+    """[(Triton IR, warps, stages, description, cache elements a thread per loop step, unit)] of
+    the KV decode kernels over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens
+    (Llama-2-7B). cw2 has two kernels (keys, then values)."""
     from jaxcompress.kv import KIVICodec
-    from pallas_kernels.decode_attention import kernel_path, quantized_decode_partials
+    from pallas_kernels.decode_attention import KEY_ROWS_F16, kernel_path, quantized_decode_partials
 
     codec = KIVICodec(args.bits, args.bits, group_size=args.group_size, layout=args.layout, columns=args.columns)
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
     k, v = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[n]) for n in ("k", "v"))
     q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
-    (ttir,) = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps, path=args.path,
-                                                                     num_stages=args.stages), q, k, v, mask)
-    # cw: a loop step is one slot of a [128, columns] tile, keys and values; cw16: a pair of slots;
-    # mma: one slot of rows tokens
+    kernels = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
+                                                                     path=args.path, num_stages=args.stages), q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
-    per_thread = 2 * 128 * k.rows / (args.warps * 32) * (2 if body == "cw16" else 1)
-    return (ttir, f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}",
-            per_thread, "an element")
+    desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
+    c = 32 // args.bits
+    out = []
+    for i, (ttir, warps, stages) in enumerate(kernels):
+        if body == "cw2" and i == 0:  # keys: a step is KEY_ROWS_F16 channel rows of one word column a thread
+            out.append((ttir, warps, stages, desc + " (keys pass)", KEY_ROWS_F16 * c, "a key element"))
+        elif body == "cw2":  # values: a pair of slots of the [128, columns] tile
+            out.append((ttir, warps, stages, desc + " (values pass)", 128 * k.rows / (warps * 32) * 2, "a value element"))
+        else:  # cw: one slot of a [128, columns] tile, keys and values; cw16: a pair of slots; mma: one slot of rows tokens
+            out.append((ttir, warps, stages, desc, 2 * 128 * k.rows / (warps * 32) * (2 if body == "cw16" else 1),
+                        "an element"))
+    return out
 
 
 def main(argv=None):
@@ -136,7 +146,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.kernel == "decode":
-        ttir, cfg, per_thread, unit = decode_ir(args)
+        kernels = decode_ir(args)
     else:
         w = random_qarray(0, args.k, args.n, Variant(args.bits, args.group_size, args.grid))
         x = jnp.ones((args.m, args.k), jnp.bfloat16)
@@ -144,33 +154,40 @@ def main(argv=None):
         cfg = TileConfig(block_n=args.block_n, block_m=max(16, args.m) if dot else min(args.m, 8), use_dot=dot,
                          tile_dot=args.tile_dot, split_k=args.split_k, tiles_per_step=args.tiles_per_step,
                          dequant=args.dequant, acc2d=args.acc2d, num_warps=args.warps, num_stages=args.stages)
-        (ttir,) = triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), x, w)
+        (kernel,) = triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), x, w)
         tile = kernel_layout(w).tile
-        per_thread, unit = args.tiles_per_step * tile * args.block_n / (args.warps * 32), "a weight"
+        kernels = [(*kernel, str(cfg), args.tiles_per_step * tile * args.block_n / (args.warps * 32), "a weight")]
+    for i, (ttir, warps, stages, desc, per_thread, unit) in enumerate(kernels):
+        sass, usage = compile_sass(ttir, warps, stages, args.triton_python)
+        if args.sass:
+            with open(args.sass if len(kernels) == 1 else f"{args.sass}.{i}", "w") as f:
+                f.write(sass)
+        regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+        print(f"{desc}\nregisters {regs.group(1)}, local (spill) bytes {regs.group(2)}" if regs else usage)
+        for n, counts in loop_counts(sass):
+            print(f"loop: {n} instructions, {n / per_thread:.2f} {unit} (if it is the main loop); "
+                  + ", ".join(f"{k} {v}" for k, v in counts.most_common(12)))
+
+
+def compile_sass(ttir: str, warps: int, stages: int, triton_python: str) -> tuple[str, str]:
+    """(SASS listing, resource usage) of a Triton IR kernel compiled for sm_90 by `triton_python`."""
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = os.path.join(tmp, "kernel.ttir"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
             f.write(ttir)
         env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")  # FMA contraction, as jaxlib's Triton does
-        done = subprocess.run([args.triton_python, "-c", COMPILE, src, str(args.warps), str(args.stages), cubin],
+        done = subprocess.run([triton_python, "-c", COMPILE, src, str(warps), str(stages), cubin],
                               capture_output=True, text=True, env=env)
         if done.returncode:
-            raise UserError(f"compiling the kernel with {args.triton_python}'s triton failed (is `triton` "
+            raise UserError(f"compiling the kernel with {triton_python}'s triton failed (is `triton` "
                             f"installed there? pip install triton):\n{done.stderr[-2000:]}")
         tools = os.path.join(os.path.dirname(subprocess.run(
-            [args.triton_python, "-c", "import triton, os; print(triton.__file__)"],
+            [triton_python, "-c", "import triton, os; print(triton.__file__)"],
             capture_output=True, text=True, check=True).stdout.strip()), "backends", "nvidia", "bin")
         cuobjdump = os.path.join(tools, "cuobjdump")
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    if args.sass:
-        with open(args.sass, "w") as f:
-            f.write(sass)
-    regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
-    print(f"{cfg}\nregisters {regs.group(1)}, local (spill) bytes {regs.group(2)}" if regs else usage)
-    for n, counts in loop_counts(sass):
-        print(f"loop: {n} instructions, {n / per_thread:.2f} {unit} (if it is the main loop); "
-              + ", ".join(f"{k} {v}" for k, v in counts.most_common(12)))
+    return sass, usage
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def test_triton_ir_of_the_gemv_kernel_on_a_cpu():
     """Lowering for CUDA needs no GPU: the fma kernel's IR holds its exponent-word operand and FMAs."""
     w = random_qarray(0, 256, 64, Variant(4, 128, "asym"))
     cfg = TileConfig(block_n=32, dequant="fma", acc2d=True)
-    (ir,) = kernel_sass.triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), jnp.ones((1, 256), jnp.bfloat16), w)
+    ((ir, warps, stages),) = kernel_sass.triton_ir(lambda x, w: quant_matmul(x, w, config=cfg),
+                                                   jnp.ones((1, 256), jnp.bfloat16), w)
+    assert (warps, stages) == (cfg.num_warps, cfg.num_stages)
     assert "tt.func public @quant_matmul_w4_gemv" in ir
     assert ir.count("tt.ptr") >= 5  # x, codes, scale, zero, exponent word (+ output)
     assert "scf.for" in ir and "arith.ori" in ir and "tt.bitcast" in ir
@@ -41,19 +43,25 @@ def test_loop_counts_of_a_listing():
 def test_decode_ir_lowers_the_cuda_core_bodies():
     """--kernel decode: the KIVI-2 cache in the channel_words layout lowers to the cw body (with
     --path cw), whose slot loop sits inside the block loop (two nested scf.for; the bit offsets
-    are loop values), and by default to the cw16 body: f16x2 inline PTX, a loop step per pair."""
+    are loop values), by default to the cw16 body: f16x2 inline PTX, a loop step per pair, and with
+    --path cw2 to two kernels: keys (a step of 8 channel rows) and values (a pair of slots)."""
     import argparse
 
     args = argparse.Namespace(bits=2, group_size=32, layout="channel_words", columns=32, warps=4, stages=2,
                               path="cw")
-    ir, desc, per_thread, unit = kernel_sass.decode_ir(args)
+    ((ir, warps, stages, desc, per_thread, unit),) = kernel_sass.decode_ir(args)
+    assert (warps, stages) == (4, 2)
     assert "@kv_decode_k2v2_cw(" in ir and "channel_words" in desc and desc.endswith("body cw")
     assert ir.count("scf.for") >= 3 and "tt.bitcast" in ir and "__nv_exp2f" in ir
     assert per_thread == 2 * 128 * 32 / 128 and unit == "an element"
-    ir, desc, per_thread, _ = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto"}))
+    ((ir, _, _, desc, per_thread, _),) = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto"}))
     assert "@kv_decode_k2v2_cw16(" in ir and desc.endswith("body cw16")
     assert "fma.rn.f16x2" in ir and "lop3.b32" in ir and "cvt.rn.f16x2.f32" in ir
     assert per_thread == 2 * 2 * 128 * 32 / 128
+    keys, values = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "cw2"}))
+    assert "@kv_decode_k2_scores(" in keys[0] and keys[1] == 4 and keys[3].endswith("(keys pass)")
+    assert keys[4] == 8 * 16 and "fma.rn.f16x2" in keys[0] and "tt.store" in keys[0]
+    assert "@kv_decode_v2_values(" in values[0] and values[4] == 128 * 32 / 128 * 2
 
 
 def test_profile_script_runs_the_kernel(capsys):

@@ -11,7 +11,8 @@
 #      through the cw16 and cw bodies (codec path and kernel alone); one decode step's cache write
 #      per layer (bf16, KIVI-2); memory table (largest batch per context)
 #   2. GPU correctness tests of the decode kernels (pytest from .whl)
-#   (KV_ATTENTION_S / KV_ATTENTION_RESERVE_S / KV_TESTS_S: step 1 and 2 time caps)
+#   (KV_ATTENTION_S / KV_ATTENTION_RESERVE_S / KV_TESTS_S: step 1 and 2 time caps; KV_VARIANTS:
+#   step 1's --kernel-variants, default 4:2:0,4:2:0:cw; KV_TESTS_K: a pytest -k filter for step 2)
 #   3. passkey + needle at 8k on SmolLM2-135M (5 depths x 2 trials each; KV_LONGCTX_S, default 80 s):
 #      KV_LONGCTX_RECIPES, default none,kivi_k4v4,kivi_k2v2,kvquant_2bit
 #   4. end-to-end decode tokens/s, random:llama2-7b: 32k first (bf16, KV2, W4 + KV2; cap 170 s),
@@ -60,14 +61,15 @@ fi
 # at batches 1 and 8; the run times both bf16 baselines itself. (The tensor-core "mma" body over
 # token_rows stores was last timed in run 7: `--codecs kivi_k2v2:token_rows`.)
 step attention ${KV_ATTENTION_S:-150} ${KV_ATTENTION_RESERVE_S:-250} python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
-    --codecs kivi_k2v2 --kernel-variants 4:2:0,4:2:0:cw --kernel-only 1,8 --write --calls 8 --repeats 5 \
+    --codecs kivi_k2v2 --kernel-variants "${KV_VARIANTS:-4:2:0,4:2:0:cw}" --kernel-only 1,8 --write --calls 8 --repeats 5 \
     --e2e-contexts 8192,16384,32768 --best-env "$A/best_env.sh" --out "$A/attention"
 [ -s "$A/best_env.sh" ] || echo "export JAXCOMPRESS_KV_NUM_WARPS=4" > "$A/best_env.sh"
 source "$A/best_env.sh"
 log "kernel for the model runs: warps=${JAXCOMPRESS_KV_NUM_WARPS:-4}"
 
 # 2. correctness on the GPU
-step gpu_tests ${KV_TESTS_S:-45} 165 python -m pytest -v -p no:cacheprovider tests/gpu/test_decode_attention_gpu.py
+step gpu_tests ${KV_TESTS_S:-45} 165 python -m pytest -v -p no:cacheprovider tests/gpu/test_decode_attention_gpu.py \
+    ${KV_TESTS_K:+-k "$KV_TESTS_K"}
 
 # 3. passkey + needle at 8k, SmolLM2-135M (one process: the model is loaded once)
 step longctx ${KV_LONGCTX_S:-80} 85 python -u - "$A/longctx" "${KV_LONGCTX_RECIPES:-none,kivi_k4v4,kivi_k2v2,kvquant_2bit}" <<'PY'

@@ -158,16 +158,18 @@ def test_each_kernel_path_on_gpu_equals_reference(cfg, name, warps):
     assert relative_error(got, want) < 1e-4
 
 
-# The packed fp16 body ("cw16", f16x2 inline PTX) compiled for the GPU: no CPU test can run its
-# assembly. Its partial sums round to fp16 (2**-11 relative an operation), hence 2e-3.
+# The packed fp16 bodies ("cw16" and the two-pass "cw2", f16x2 inline PTX) compiled for the GPU: no
+# CPU test can run their assembly. Their partial sums round to fp16 (2**-11 relative an operation),
+# hence 2e-3.
+@pytest.mark.parametrize("path", ["cw16", "cw2"])
 @pytest.mark.parametrize("cfg,name,warps", [
     (LLAMA2, "kivi-k2v2", 4), (LLAMA2, "kivi-k2v2", 8), (SMOL, "kivi-k4v4", 4)],
     ids=lambda x: x if isinstance(x, (str, int)) else None)
-def test_packed_fp16_body_on_gpu_equals_reference(cfg, name, warps):
+def test_packed_fp16_body_on_gpu_equals_reference(cfg, name, warps, path):
     batch, context = 2, 3001
     _, k, v, q, mask = _random_layer(cfg, name, batch, context, seed=11, q_seed=5, mask_seed=6)
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5,
-                                                   num_warps=warps, path="cw16")])
+                                                   num_warps=warps, path=path)])
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5)])
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 2e-3
