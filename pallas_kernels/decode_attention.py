@@ -800,14 +800,17 @@ def _h2_pair_constants(bits: int, o: int, centred: bool = True):
     return field | (field << 16), magic, magic | mid | (mid << 16)
 
 
-def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
-                     cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, asm: bool):
+def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, *rest, bits: int, cols: int, rows: int,
+                     token_group: int, blocks_per_split: int, heads: int, asm: bool):
+    kz_ref = rest[0] if len(rest) == 3 else None
+    s_ref, m_ref = rest[-2:]
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
     d = kw_ref.shape[0]
     positions = h2_positions(bits)
     consts = [_h2_pair_constants(bits, o) for _, o in positions]
+    mid = float(1 << (bits - 1))
     lane = lax.iota(jnp.int32, cols)
 
     def body(blk, top):
@@ -815,35 +818,39 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
         group = col // (token_group // c)        # its key group
         zero2 = jnp.zeros((cols,), jnp.int32)
 
-        def channel_rows(ci, sums):
+        def channel_rows(ci, carry):
+            sums, zsum = carry
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
                 r = ci * KEY_ROWS_F16 + rr
                 words = kw_ref[r, pl.ds(blk * cols, cols)]
                 shifted = lax.shift_right_logical(words, jnp.int32(H2_SHIFT))
                 kscale = ks_ref[r, group].astype(jnp.float32)
+                # centred codes: a(code) = (code - mid) * scale + (zero + mid * scale)
+                kzero = None if kz_ref is None else kz_ref[r, group].astype(jnp.float32) + mid * kscale
                 for h in range(heads):
-                    qk = q_ref[h, r] * kscale
-                    qk2 = h2_pack(qk, qk, asm)
+                    qh = q_ref[h, r]
+                    qk2 = h2_pack(qh * kscale, qh * kscale, asm)
                     s2[h] = [h2_code_fma(shifted if sh else words, *consts[j], qk2, s2[h][j], asm)
                              for j, (sh, _) in enumerate(positions)]
-            out = []
+                    if kzero is not None:
+                        zsum[h] = zsum[h] + qh * kzero
+            new = []
             for h in range(heads):
                 halves = [h2_unpack(x, asm) for x in s2[h]]
-                out.append([sums[h][j] + halves[j % pairs][j // pairs] for j in range(c)])
-            return out
+                new.append([sums[h][j] + halves[j % pairs][j // pairs] for j in range(c)])
+            return new, zsum
 
-        zeros = [[jnp.zeros((cols,), jnp.float32)] * c for _ in range(heads)]
-        sums = lax.fori_loop(0, d // KEY_ROWS_F16, channel_rows, zeros)
+        zeros = jnp.zeros((cols,), jnp.float32)
+        sums, zsum = lax.fori_loop(0, d // KEY_ROWS_F16, channel_rows, ([[zeros] * c] * heads, [zeros] * heads))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
         new_top = []
         for h in range(heads):
-            cz = cz_ref[h, group]
             t = top[h]
             for j in range(c):
                 pos = base + j * rows
-                score = sums[h][j] + cz + bias_ref[0, pos]
+                score = sums[h][j] + zsum[h] + bias_ref[0, pos]
                 s_ref[h, pos] = score
                 t = jnp.maximum(t, score)
             new_top.append(t)
@@ -855,80 +862,70 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
         m_ref[pl.ds(h, 1)] = jnp.reshape(jnp.max(top[h]), (1,))
 
 
-def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, vwidth: int,
-                       blocks_per_split: int, heads: int, rows: int, asm: bool):
+def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, rows: int,
+                       vwidth: int, channels: int, parts: int, blocks_per_split: int, heads: int, asm: bool):
+    """Values pass: each lane owns a word column (c slots) and walks `channels` channel rows of
+    the value store, part `program_id(1) % parts` of D; fp32 sums per row and lane, reduced over
+    the lanes once at the end."""
     vz_ref = rest[0] if len(rest) == 4 else None
     o_ref, l_ref, m_ref = rest[-3:]
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
-    d = vw_ref.shape[0]
-    slices = d // rows
-    group_of = [(r * rows) // vwidth for r in range(slices)]  # each slice's value channel group
-    vgroups = d // vwidth
-    vmid2 = jnp.int32(((15 + bits - 1) << 10) * 0x10001)  # f16x2 (mid, mid): mid = 2**(bits - 1)
     positions = h2_positions(bits)
-    direct = sum(1 for shifted, _ in positions if not shifted)
+    consts = [_h2_pair_constants(bits, o) for _, o in positions]
+    mid = float(1 << (bits - 1))
+    ch0 = (pl.program_id(1) % parts) * channels
+    lane = lax.iota(jnp.int32, cols)
     top = [ms_ref[pl.ds(h, 1)] for h in range(heads)]  # [1]: the split's maximum score
-
-    def flush(acc2):  # a tile's f16x2 value sums [rows, cols] -> fp32 [rows, 1]
-        return jnp.sum(sum(h2_unpack(acc2, asm)), axis=1, keepdims=True)
+    n_groups = max(1, channels // vwidth)  # value channel groups among this program's rows
 
     def body(blk, carry):
-        l, acc, accz = carry
-        col0 = blk * cols
-        vwords = [vw_ref[pl.ds(r * rows, rows), pl.ds(col0, cols)] for r in range(slices)]
-        zero2 = jnp.zeros((rows, cols), jnp.int32)
-        zero_cols2 = jnp.zeros((1, cols), jnp.int32)
-
-        def pairs_from(first, last, vw, o_shift, carry):
-            def pair(j, carry):
-                l, acc2, accz2 = carry
-                mask, magic, center = _h2_pair_constants(bits, j * bits - o_shift)
-                t = [blk * block + (j + i * pairs) * cols for i in (0, 1)]
-
-                def meta2(ref):  # [1, cols] f16x2: (slot j, slot j + c/2) of each value group
-                    return [h2_join(*(ref[pl.ds(g, 1), pl.ds(t[i], cols)] for i in (0, 1)), asm) for g in range(vgroups)]
-
-                vs2 = meta2(vs_ref)
-                vz2 = None if vz_ref is None else meta2(vz_ref)
-                new_l, new_acc2, new_accz2 = [], [], []
-                for h in range(heads):
-                    p = [jnp.exp2(s_ref[pl.ds(h, 1), pl.ds(t[i], cols)] - top[h][:, None]) for i in (0, 1)]
-                    new_l.append(l[h] + p[0] + p[1])
-                    p2 = h2_pack(p[0], p[1], asm)
-                    pv = [h2_mul(p2, vs2[g], asm) for g in range(vgroups)]
-                    new_acc2.append([h2_code_fma(vw[r], mask, magic, center, pv[group_of[r]], acc2[h][r], asm)
-                                     for r in range(slices)])
-                    if vz2 is None:  # symmetric: (code - mid) * scale is the value itself
-                        new_accz2.append(accz2[h])
-                    else:  # value = (code - mid) * scale + (zero + mid * scale)
-                        new_accz2.append([h2_fma(pv[g], vmid2, h2_fma(p2, vz2[g], accz2[h][g], asm), asm)
-                                          for g in range(vgroups)])
-                return new_l, new_acc2, new_accz2
-
-            return lax.fori_loop(first, last, pair, carry)
-
-        carry = (l, [[zero2] * slices] * heads, [[zero_cols2] * vgroups] * heads)
-        carry = pairs_from(0, direct, vwords, 0, carry)
-        if direct < pairs:  # the top pairs, read from the words shifted once
-            shifted = [lax.shift_right_logical(w, jnp.int32(H2_SHIFT)) for w in vwords]
-            carry = pairs_from(direct, pairs, shifted, H2_SHIFT, carry)
-        l, acc2, accz2 = carry
-        acc = [[a + flush(a2) for a, a2 in zip(acc[h], acc2[h])] for h in range(heads)]
-        accz = [[z + sum(h2_unpack(z2, asm)) for z, z2 in zip(accz[h], accz2[h])] for h in range(heads)]
-        return l, acc, accz
+        l, acc, az = carry
+        col = blk * cols + lane
+        base = (col // rows) * (rows * c) + col % rows
+        pos = [base + j * rows for j in range(c)]
+        gidx = [ch0 // vwidth + i for i in range(n_groups)]
+        vs = [[vs_ref[g, pos[j]].astype(jnp.float32) for j in range(c)] for g in gidx]
+        vz = None if vz_ref is None else [[vz_ref[g, pos[j]].astype(jnp.float32) for j in range(c)] for g in gidx]
+        new_l, new_az, pv2 = [], [], []
+        for h in range(heads):
+            p = [jnp.exp2(s_ref[h, pos[j]] - top[h]) for j in range(c)]
+            new_l.append(l[h] + functools.reduce(jnp.add, p))
+            pv2.append([[h2_pack(p[j] * vs[g][j], p[j + pairs] * vs[g][j + pairs], asm) for j in range(pairs)]
+                        for g in range(n_groups)])
+            if vz is None:  # symmetric: (code - mid) * scale is the value itself
+                new_az.append(az[h])
+            else:  # value = (code - mid) * scale + (zero + mid * scale)
+                new_az.append([az[h][g] + functools.reduce(jnp.add, [p[j] * (vz[g][j] + mid * vs[g][j]) for j in range(c)])
+                               for g in range(n_groups)])
+        zero2 = jnp.zeros((cols,), jnp.int32)
+        new_acc = [list(a) for a in acc]
+        for r in range(channels):
+            words = vw_ref[ch0 + r, pl.ds(blk * cols, cols)]
+            shifted = lax.shift_right_logical(words, jnp.int32(H2_SHIFT))
+            g = min(r // vwidth, n_groups - 1)
+            for h in range(heads):
+                a2 = zero2
+                for j, (sh, _) in enumerate(positions):
+                    a2 = h2_code_fma(shifted if sh else words, *consts[j], pv2[h][g][j], a2, asm)
+                lo_, hi_ = h2_unpack(a2, asm)
+                new_acc[h][r] = new_acc[h][r] + (lo_ + hi_)
+        return new_l, new_acc, new_az
 
     lo, hi = _split_blocks(len_ref, block, blocks_per_split)
-    init = ([jnp.zeros((1, cols), jnp.float32)] * heads,
-            [[jnp.zeros((rows, 1), jnp.float32)] * slices] * heads,
-            [[jnp.zeros((1, cols), jnp.float32)] * vgroups] * heads)
-    l, acc, accz = lax.fori_loop(lo, hi, body, init)
+    zeros = jnp.zeros((cols,), jnp.float32)
+    init = ([zeros] * heads, [[zeros] * channels for _ in range(heads)], [[zeros] * n_groups for _ in range(heads)])
+    l, acc, az = lax.fori_loop(lo, hi, body, init)
     for h in range(heads):
-        for r in range(slices):
-            o_ref[pl.ds(h, 1), pl.ds(r * rows, rows)] = (acc[h][r][:, 0] + jnp.sum(accz[h][group_of[r]]))[None, :]
+        zterm = [jnp.sum(a) for a in az[h]]
+        for r in range(channels):  # one store a row: Triton stacks only pairs of scalars
+            o_ref[pl.ds(h, 1), pl.ds(r, 1)] = jnp.reshape(jnp.sum(acc[h][r]) + zterm[min(r // vwidth, n_groups - 1)], (1, 1))
         l_ref[pl.ds(h, 1)] = jnp.reshape(jnp.sum(l[h]), (1,))
         m_ref[pl.ds(h, 1)] = top[h] / LOG2E  # back to natural-log units
+
+
+VALUE_CHANNELS = 64    # channel rows a values-pass program sums (fp32 registers a lane and head)
 
 
 def _key_columns(k: QTokens) -> int:
@@ -943,71 +940,88 @@ def _key_columns(k: QTokens) -> int:
 
 def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
               num_warps: int, num_stages: int) -> Partials:
-    """The two-pass f16x2 body (see "two-pass fp16 body")."""
+    """The two-pass f16x2 body (see "two-pass fp16 body"). Both passes read word columns of
+    `_key_columns` (one a lane); num_warps is not used (the tile width sets the warps)."""
     b, kv_heads, g, d = q.shape
     s = k.capacity
     c = codes_per_word(k.bits)
     chunk = _cw_heads(g)
     chunks = g // chunk
     kcols = _key_columns(k)
-    per = kcols // k.rows  # store tiles a keys-pass tile
-    n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits,
-                                   TARGET_PROGRAMS * 4 // num_warps)
+    warps = max(1, kcols // 32)
+    vwidth = v.channel_group
+    channels = max(8, min(d, int(os.environ.get("JAXCOMPRESS_KV_VALUE_CHANNELS", VALUE_CHANNELS)) // chunk))
+    channels = math.gcd(channels, d)
+    if channels < vwidth and vwidth % channels:
+        channels = math.gcd(channels, vwidth)
+    parts = d // channels
+    n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
-    qs, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True)
+    qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
+    valid = mask & (jnp.arange(s) < length)[None, :]
+    bias = to_code_order(jnp.where(valid, 0.0, NEG_INF).astype(jnp.float32), k.bits, k.rows)
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
-    def head(i, hh):
-        return hh // chunks
-
-    def meta_spec(x):
+    def meta_spec(x, heads_of):
         return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (0 if x.shape[0] == 1 else i,
-                                                                          0 if x.shape[1] == 1 else head(i, hh), 0, 0))
+                                                                          0 if x.shape[1] == 1 else heads_of(hh), 0, 0))
 
-    def per_head(x):
-        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, head(i, hh)) + (0,) * (x.ndim - 2))
+    def per_head(x, heads_of):
+        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, heads_of(hh)) + (0,) * (x.ndim - 2))
 
-    heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
-                                            lambda i, hh, j: (i, head(i, hh), hh % chunks) + (0,) * len(tail))
+    kv_of = lambda hh: hh // chunks  # noqa: E731  keys grid: K * chunks
+    params = None if interpret else _compiler_params(warps, num_stages)
+    key_inputs = [qs, bias[:, None, :], length1, kwords, k.scale]
+    key_specs = [pl.BlockSpec((None, None, chunk, d), lambda i, hh, j: (i, kv_of(hh), hh % chunks, 0)),
+                 pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)), pl.BlockSpec((1,), lambda i, hh, j: (0,)),
+                 per_head(kwords, kv_of), meta_spec(k.scale, kv_of)]
+    if k.zero is not None:
+        key_inputs.append(k.zero)
+        key_specs.append(meta_spec(k.zero, kv_of))
     split_spec = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hh, j, 0))
-    split_shape = jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk), jnp.float32)
-    params = None if interpret else _compiler_params(max(1, kcols // 32), num_stages)
+    split_shape = lambda n: jax.ShapeDtypeStruct((b, n, n_splits, chunk), jnp.float32)  # noqa: E731
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
-        in_specs=[heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
-                  pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(kwords), meta_spec(k.scale),
-                  heads_spec(cz.shape[-1])],
+        in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
         compiler_params=params,
         interpret=interpret,
         name=f"kv_decode_k{k.bits}_scores",
-    )(qs, bias[:, None, :], length1, kwords, k.scale, cz)
+    )(*key_inputs)
 
+    # values grid: (K * chunks) * parts, part = hh % parts
+    hc_of = lambda hh: hh // parts  # noqa: E731
     inputs = [scores, top, length1, vwords, v.scale]
-    specs = [pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec,
-             pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(vwords), meta_spec(v.scale)]
+    specs = [pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hc_of(hh), 0, 0)),
+             pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hc_of(hh), j, 0)),
+             pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(vwords, lambda hh: hh // (parts * chunks)),
+             meta_spec(v.scale, lambda hh: hh // (parts * chunks))]
     if v.zero is not None:
         inputs.append(v.zero)
-        specs.append(meta_spec(v.zero))
-    vwidth = v.channel_group
+        specs.append(meta_spec(v.zero, lambda hh: hh // (parts * chunks)))
     o, l, m = pl.pallas_call(
-        functools.partial(_cw2_values_kernel, bits=v.bits, cols=v.rows, vwidth=vwidth,
-                          blocks_per_split=key_blocks * per, heads=chunk,
-                          rows=h2_slice_rows(d, v.rows, num_warps, vwidth), asm=not interpret),
-        grid=(b, kv_heads * chunks, n_splits),
+        functools.partial(_cw2_values_kernel, bits=v.bits, cols=kcols, rows=v.rows, vwidth=vwidth,
+                          channels=channels, parts=parts, blocks_per_split=key_blocks, heads=chunk,
+                          asm=not interpret),
+        grid=(b, kv_heads * chunks * parts, n_splits),
         in_specs=specs,
-        out_specs=[pl.BlockSpec((None, None, None, chunk, d), lambda i, hh, j: (i, hh, j, 0, 0)),
+        out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hh, j, 0, 0)),
                    split_spec, split_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk, d), jnp.float32),
-                   split_shape, split_shape],
-        compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks * parts, n_splits, chunk, channels), jnp.float32),
+                   split_shape(kv_heads * chunks * parts), split_shape(kv_heads * chunks * parts)],
+        compiler_params=params,
         interpret=interpret,
         name=f"kv_decode_v{v.bits}_values",
     )(*inputs)
+    # [B, K * chunks * parts, splits, chunk, channels] -> [B, K * chunks, splits, chunk, D]
+    o = o.reshape(b, kv_heads * chunks, parts, n_splits, chunk, channels)
+    o = jnp.moveaxis(o, 2, 4).reshape(b, kv_heads * chunks, n_splits, chunk, d)
+    l = l.reshape(b, kv_heads * chunks, parts, n_splits, chunk)[:, :, 0]
+    m = m.reshape(b, kv_heads * chunks, parts, n_splits, chunk)[:, :, 0]
     return _finish(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 
 
