@@ -91,7 +91,7 @@ def decode_ir(args):
     the KV decode kernels over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens
     (Llama-2-7B). cw2 has two kernels (keys, then values)."""
     from jaxcompress.kv import KIVICodec
-    from pallas_kernels.decode_attention import KEY_ROWS_F16, kernel_path, quantized_decode_partials
+    from pallas_kernels.decode_attention import KEY_ROWS_F16, VALUE_CHANNELS, kernel_path, quantized_decode_partials
 
     codec = KIVICodec(args.bits, args.bits, group_size=args.group_size, layout=args.layout, columns=args.columns)
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
@@ -106,8 +106,8 @@ def decode_ir(args):
     for i, (ttir, warps, stages) in enumerate(kernels):
         if body == "cw2" and i == 0:  # keys: a step is KEY_ROWS_F16 channel rows of one word column a thread
             out.append((ttir, warps, stages, desc + " (keys pass)", KEY_ROWS_F16 * c, "a key element"))
-        elif body == "cw2":  # values: a pair of slots of the [128, columns] tile
-            out.append((ttir, warps, stages, desc + " (values pass)", 128 * k.rows / (warps * 32) * 2, "a value element"))
+        elif body == "cw2":  # values: a block, VALUE_CHANNELS channel rows of one word column a thread
+            out.append((ttir, warps, stages, desc + " (values pass)", VALUE_CHANNELS * c, "a value element"))
         else:  # cw: one slot of a [128, columns] tile, keys and values; cw16: a pair of slots; mma: one slot of rows tokens
             out.append((ttir, warps, stages, desc, 2 * 128 * k.rows / (warps * 32) * (2 if body == "cw16" else 1),
                         "an element"))

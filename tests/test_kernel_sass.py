@@ -43,8 +43,9 @@ def test_loop_counts_of_a_listing():
 def test_decode_ir_lowers_the_cuda_core_bodies():
     """--kernel decode: the KIVI-2 cache in the channel_words layout lowers to the cw body (with
     --path cw), whose slot loop sits inside the block loop (two nested scf.for; the bit offsets
-    are loop values), by default to the cw16 body: f16x2 inline PTX, a loop step per pair, and with
-    --path cw2 to two kernels: keys (a step of 8 channel rows) and values (a pair of slots)."""
+    are loop values), with --path cw16 to the one-pass f16x2 body (inline PTX, a loop step per
+    pair), and by default to cw2's two kernels: keys (a step of 8 channel rows of a word column a
+    lane) and values (a block: 64 channel rows of a word column a lane)."""
     import argparse
 
     args = argparse.Namespace(bits=2, group_size=32, layout="channel_words", columns=32, warps=4, stages=2,
@@ -54,14 +55,14 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
     assert "@kv_decode_k2v2_cw(" in ir and "channel_words" in desc and desc.endswith("body cw")
     assert ir.count("scf.for") >= 3 and "tt.bitcast" in ir and "__nv_exp2f" in ir
     assert per_thread == 2 * 128 * 32 / 128 and unit == "an element"
-    ((ir, _, _, desc, per_thread, _),) = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto"}))
+    ((ir, _, _, desc, per_thread, _),) = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "cw16"}))
     assert "@kv_decode_k2v2_cw16(" in ir and desc.endswith("body cw16")
     assert "fma.rn.f16x2" in ir and "lop3.b32" in ir and "cvt.rn.f16x2.f32" in ir
     assert per_thread == 2 * 2 * 128 * 32 / 128
-    keys, values = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "cw2"}))
+    keys, values = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto"}))  # auto: cw2
     assert "@kv_decode_k2_scores(" in keys[0] and keys[1] == 4 and keys[3].endswith("(keys pass)")
     assert keys[4] == 8 * 16 and "fma.rn.f16x2" in keys[0] and "tt.store" in keys[0]
-    assert "@kv_decode_v2_values(" in values[0] and values[4] == 128 * 32 / 128 * 2
+    assert "@kv_decode_v2_values(" in values[0] and values[4] == 64 * 16  # a block: 64 channel rows of a word
 
 
 def test_profile_script_runs_the_kernel(capsys):

@@ -204,7 +204,7 @@ def test_cuda_core_bodies_equal_reference(bits, d, g, s, length, kg, vg, zero, s
     rng = np.random.default_rng(bits + g)
     k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
     v = _store(rng, B, s, bits, 32, 1, vg, zero=zero, d=d, channel_words=True)
-    assert da.cw_supports(k, v, False) and da.kernel_path("auto", k, v, False) == ("cw16" if bits <= 4 else "cw")
+    assert da.cw_supports(k, v, False) and da.kernel_path("auto", k, v, False) == ("cw2" if bits <= 4 else "cw")
     q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
     mask = jnp.asarray(rng.random((B, s)) < 0.8)
     ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
@@ -255,9 +255,9 @@ def test_kernel_path_choice_and_errors():
         da.kernel_path("cw", k, v, False)
     kc = _store(rng, B, 512, 2, 32, 32, 1, channel_words=True)
     vc = _store(rng, B, 512, 2, 32, 1, 32, channel_words=True)
-    assert da.kernel_path("auto", kc, vc, False) == "cw16" and da.supports(kc, vc, False)
+    assert da.kernel_path("auto", kc, vc, False) == "cw2" and da.supports(kc, vc, False)
     assert da.kernel_path("auto", kc, vc, False, exact=True) == "cw"  # fp32 dots: exact arithmetic
-    assert da.kernel_path("cw", kc, vc, False) == "cw" and da.kernel_path("cw16", kc, vc, False) == "cw16"
+    assert all(da.kernel_path(p, kc, vc, False) == p for p in ("cw", "cw16", "cw2"))
     with pytest.raises(Exception, match="path 'mma' does not read these stores.*channel_words"):
         da.kernel_path("mma", kc, vc, False)
     with pytest.raises(Exception, match="path 'cw16' does not read these stores.*token_rows"):
