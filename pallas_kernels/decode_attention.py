@@ -441,22 +441,24 @@ def _cw_heads(g: int) -> int:
     return max(n for n in range(1, CW_MAX_HEADS + 1) if g % n == 0)
 
 
-def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool):
+def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool, mid_in_kernel: bool = False):
     """(q in log2 units [B, K, G, D], the zero-point term of every key group [B, K, G, T],
     the mask as an additive bias in code order [B, S]) for the CUDA-core bodies.
 
     The zero-point term is q . a(0) of each key group. The f16x2 bodies (`centred`) multiply
     centred codes: a(code) = (code - mid) * scale + (zero + mid * scale), and a symmetric grid
-    is (code - mid) * scale (no term); the fp32 body multiplies the codes themselves."""
+    is (code - mid) * scale (no term); the fp32 body multiplies the codes themselves. With
+    `mid_in_kernel` the term leaves out q . (mid * scale), which the kernel sums itself (cw2:
+    it has q * scale at hand), so that XLA reads the zero points only."""
     b, kv_heads, g, _ = q.shape
     qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
     mid_scale = 2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
     if k.zero is None:
         kzero = None if centred else -mid_scale
     else:
-        kzero = k.meta_rows(k.zero).astype(jnp.float32) + (mid_scale if centred else 0.0)
+        kzero = k.meta_rows(k.zero).astype(jnp.float32) + (mid_scale if centred and not mid_in_kernel else 0.0)
     if kzero is None:
-        cz = jnp.zeros((b, kv_heads, g, mid_scale.shape[2]), jnp.float32)
+        cz = jnp.zeros((b, kv_heads, g, k.meta_rows(k.scale).shape[2]), jnp.float32)
     else:
         cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
     valid = mask & (jnp.arange(k.capacity) < length)[None, :]
@@ -801,7 +803,8 @@ def _h2_pair_constants(bits: int, o: int, centred: bool = True):
 
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
-                     cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, asm: bool):
+                     cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
+                     asm: bool):
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -822,7 +825,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
                     [ks_ref[r0 + rr, group] for rr in range(KEY_ROWS_F16)])
 
         def channel_rows(ci, carry):
-            sums, (words, kscales) = carry
+            sums, qsum, (words, kscales) = carry
             ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
@@ -831,6 +834,8 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
                 kscale = kscales[rr].astype(jnp.float32)
                 for h in range(heads):
                     qk = q_ref[h, ci * KEY_ROWS_F16 + rr] * kscale
+                    if mid_term:  # q . scale of the column's group, for the zero-point term
+                        qsum[h] = qsum[h] + qk
                     qk2 = h2_pack(qk, qk, asm)
                     s2[h] = [h2_code_fma(shifted if sh else w, *consts[j], qk2, s2[h][j], asm)
                              for j, (sh, _) in enumerate(positions)]
@@ -838,15 +843,17 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
             for h in range(heads):
                 halves = [h2_unpack(x, asm) for x in s2[h]]
                 new.append([sums[h][j] + halves[j % pairs][j // pairs] for j in range(c)])
-            return new, ahead
+            return new, qsum, ahead
 
-        zeros = [[jnp.zeros((cols,), jnp.float32)] * c for _ in range(heads)]
-        sums, _ = lax.fori_loop(0, steps, channel_rows, (zeros, load(0)))
+        zero = jnp.zeros((cols,), jnp.float32)
+        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * c] * heads, [zero] * heads, load(0)))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
         new_top = []
         for h in range(heads):
             cz = cz_ref[h, group]
+            if mid_term:
+                cz = cz + float(1 << (bits - 1)) * qsum[h]
             t = top[h]
             for j in range(c):
                 pos = base + j * rows
@@ -925,7 +932,8 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
         m_ref[pl.ds(h, 1)] = top[h] / LOG2E  # back to natural-log units
 
 
-VALUE_CHANNELS = 64    # channel rows a values-pass program sums (fp32 registers a lane and head)
+VALUE_CHANNELS = 32    # channel rows a values-pass program sums (fp32 registers a lane and head;
+                       # H100, KIVI-2 32k: 32 / 64 / 128 took 36 / 43 / 67 us at batch 1)
 INTERPRET_VALUE_CHANNELS = 16
 
 
@@ -960,9 +968,9 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     parts = d // channels
     n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
-    # The zero-point term stays an XLA einsum: read inside the keys pass, the zero points cost
-    # more than the einsum at batch 8 (H100: 368 against 225 + 48 us).
-    qs, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True)
+    # The zero-point term q . zero stays an XLA einsum: read inside the keys pass, the zero points
+    # cost more than the einsum at batch 8 (H100: 368 against 225 + 48 us).
+    qs, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True)
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
@@ -985,7 +993,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     split_shape = lambda n: jax.ShapeDtypeStruct((b, n, n_splits, chunk), jnp.float32)  # noqa: E731
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
-                          blocks_per_split=key_blocks, heads=chunk, asm=not interpret),
+                          blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
+                          asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],

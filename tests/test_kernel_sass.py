@@ -45,7 +45,7 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
     --path cw), whose slot loop sits inside the block loop (two nested scf.for; the bit offsets
     are loop values), with --path cw16 to the one-pass f16x2 body (inline PTX, a loop step per
     pair), and by default to cw2's two kernels: keys (a step of 8 channel rows of a word column a
-    lane) and values (a block: 64 channel rows of a word column a lane)."""
+    lane) and values (a block: 32 channel rows of a word column a lane)."""
     import argparse
 
     args = argparse.Namespace(bits=2, group_size=32, layout="channel_words", columns=32, warps=4, stages=2,
@@ -62,7 +62,7 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
     keys, values = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto"}))  # auto: cw2
     assert "@kv_decode_k2_scores(" in keys[0] and keys[1] == 4 and keys[3].endswith("(keys pass)")
     assert keys[4] == 8 * 16 and "fma.rn.f16x2" in keys[0] and "tt.store" in keys[0]
-    assert "@kv_decode_v2_values(" in values[0] and values[4] == 64 * 16  # a block: 64 channel rows of a word
+    assert "@kv_decode_v2_values(" in values[0] and values[4] == 32 * 16  # a block: 32 channel rows of a word
 
 
 def test_profile_script_runs_the_kernel(capsys):
