@@ -10,9 +10,11 @@ store layout: "mma" (token_rows stores: any codec, codebooks, outliers, pre-RoPE
 heads to 16 rows for tensor-core dots; "cw" (channel_words stores: KIVI) reduces on the CUDA
 cores in the words' own layout with the scales folded into q and p (see "CUDA-core body"), and
 "cw16" does the same in paired fp16 arithmetic, two cache elements an instruction (see "packed
-fp16 body"; the default at 2 and 4 bits).
-Splitting the slots (flash-decoding) gives batch 1 at 32k enough programs to fill the GPU; `combine` merges the splits with partials computed elsewhere (the
-full-precision residual window, attention-sink tokens).
+fp16 body"); "cw2" splits cw16's work into a keys pass and a values pass, neither of which
+reduces across threads inside its loop (see "two-pass fp16 body"; the default at 2 and 4 bits).
+Splitting the slots (flash-decoding) gives batch 1 at 32k enough programs to fill the GPU;
+`combine` merges the splits with partials computed elsewhere (the full-precision residual
+window, attention-sink tokens).
 
 Shapes: q [B, K, G, D] (G query heads per kv head); packed stores `QTokens` [B, K, S, D] (the
 packing invariant is in jaxcompress/kv/store.py); mask [B, S] (True: the slot may be attended);
@@ -777,17 +779,19 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
 
 
 # ------------------------------------------------------------------------- two-pass fp16 body
-# "cw2" splits cw16's work into two kernels, so that neither reduces across threads in its loop:
-#   1. keys: each thread owns word columns and walks the D channel rows one by one (a row of a
-#      column is one word: 16 / c slots). The channel sum is a chain of f16x2 FMAs in the
-#      thread's registers, flushed to fp32 every KEY_ROWS_F16 rows (the same fp16 bound as
-#      cw16's slices). Scores (log2 units, mask bias added) go to an fp32 buffer [.., G, S] in
-#      code order, with each split's maximum.
-#   2. values: cw16's value half over the same splits. p = 2**(score - the split's maximum) is
-#      known before the split starts: no running maximum, no rescaling branch, no cross-warp
-#      reduction per slot pair.
-# The scores cost 8 bytes a slot and head in memory (written, read back): 1/8 of a 2-bit
-# value row of 128 channels.
+# "cw2" splits cw16's work into two kernels, so that neither reduces across threads in its loop
+# (cw16 spends most of its instructions on the per-pair softmax: cross-warp sums and maxima):
+#   1. keys: each lane owns a word column (c slots) and walks the D channel rows, KEY_ROWS_F16 at
+#      a time, the next rows' loads issued before this step's arithmetic. The channel sum is a
+#      chain of f16x2 FMAs in the lane's registers, flushed to fp32 every KEY_ROWS_F16 rows (the
+#      same fp16 bound as cw16's slices). Scores (log2 units, zero-point term and mask bias
+#      added) go to an fp32 buffer [.., G, S] in code order, with each split's maximum.
+#   2. values: each lane owns a word column again, computes its c p = 2**(score - the split's
+#      maximum) once a block (folded with the value scales into c/2 f16x2 factors) and walks
+#      VALUE_CHANNELS channel rows, one fp32 sum a row and lane, reduced across lanes once at the
+#      end: no running maximum, no rescaling branch. D / VALUE_CHANNELS programs share a head.
+# The scores cost 4 bytes a slot and head to write and 4 to read per value program (mostly from
+# L2), against 32 bytes of 2-bit codes a slot and head of 128 channels.
 KEY_ROWS_F16 = 8       # channel rows summed in f16x2 before the fp32 sums (cw16: D / rows = 8)
 KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 warps
 
@@ -826,6 +830,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
 
         def channel_rows(ci, carry):
             sums, qsum, (words, kscales) = carry
+            qsum = list(qsum)
             ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):

@@ -287,7 +287,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
                    help="time each codec with these kernel settings, warps:stages:splits[:path],... (splits 0: "
-                        "automatic; path: auto, mma, cw, cw16), e.g. 4:2:0,4:2:0:cw16; default: the kernel's defaults. The body follows the "
+                        "automatic; path: auto, mma, cw, cw16, cw2), e.g. 4:2:0,4:2:0:cw16; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",
                    help="at these batches (e.g. 1 or 1,8), also time each variant's kernel alone "

@@ -10,7 +10,7 @@ counts as close, not exact.
     pip install triton            # any machine; a separate venv is fine (--triton-python)
     python scripts/kernel_sass.py --bits 4 --group-size 128 --grid asym --dequant fma --acc2d
     python scripts/kernel_sass.py --dequant inplace --acc2d --block-n 128 --warps 8 --sass out.sass
-    python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw16 body
+    python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw2 body (two kernels)
     python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --path cw  # the fp32 cw body
 """
 
@@ -135,7 +135,7 @@ def main(argv=None):
                    help="decode: the KV decode-attention kernel over a KIVI cache (Llama-2-7B heads, 32k "
                         "tokens; --bits, --group-size (key tokens / value channels), --warps, --stages, "
                         "--columns, --layout)")
-    p.add_argument("--path", default="auto", help="decode: the kernel body (auto, mma, cw, cw16); "
+    p.add_argument("--path", default="auto", help="decode: the kernel body (auto, mma, cw, cw16, cw2); "
                    "a cw16 loop step is a pair of slots")
     p.add_argument("--columns", type=int, default=32, help="decode, channel_words: word columns a tile")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),

@@ -25,7 +25,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--recipe", default="kivi_k2v2", help="a kv_cache recipe (name[:layout[:columns]])")
-    p.add_argument("--path", default="auto", help="kernel body: auto, mma, cw, cw16")
+    p.add_argument("--path", default="auto", help="kernel body: auto, mma, cw, cw16, cw2")
     p.add_argument("--warps", type=int, default=4)
     args = p.parse_args(argv)
 

@@ -8,7 +8,7 @@
 # Steps (each under `timeout`, all under one deadline of KV_BUDGET_S seconds, default 560;
 # KV_STEPS="attention longctx ..." runs a subset):
 #   1. decode attention at 32k, Llama-2-7B heads, batch 1 and 8: XLA bf16, Pallas bf16, KIVI-2
-#      through the cw16 and cw bodies (codec path and kernel alone); one decode step's cache write
+#      through the default cw2 and the cw bodies (codec path and kernel alone); one decode step's cache write
 #      per layer (bf16, KIVI-2); memory table (largest batch per context)
 #   2. GPU correctness tests of the decode kernels (pytest from .whl)
 #   (KV_ATTENTION_S / KV_ATTENTION_RESERVE_S / KV_TESTS_S: step 1 and 2 time caps; KV_VARIANTS:
@@ -57,7 +57,7 @@ if ! python -c "import pytest" 2>/dev/null; then
 fi
 
 # 1. decode attention (the speed target) + memory: KIVI-2 (channel_words stores) through the
-# default body (auto: the packed fp16 "cw16") and the fp32 "cw" body; codec path and kernel alone
+# default body (auto: the two-pass packed fp16 "cw2") and the fp32 "cw" body; codec path and kernel alone
 # at batches 1 and 8; the run times both bf16 baselines itself. (The tensor-core "mma" body over
 # token_rows stores was last timed in run 7: `--codecs kivi_k2v2:token_rows`.)
 step attention ${KV_ATTENTION_S:-150} ${KV_ATTENTION_RESERVE_S:-250} python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
