@@ -942,6 +942,16 @@ VALUE_CHANNELS = 32    # channel rows a values-pass program sums (fp32 registers
 INTERPRET_VALUE_CHANNELS = 16
 
 
+def _env_int(name: str, default: int) -> int:
+    """A positive integer tuning knob from the environment (read when a kernel is traced)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"${name}={raw!r} must be a positive integer (unset it for the default {default})")
+    return int(raw)
+
+
 def _key_columns(k: QTokens) -> int:
     """Word columns of a keys-pass tile: KEY_COLUMNS, or fewer whole store tiles when the
     capacity's tiles do not divide into it."""
@@ -965,7 +975,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     warps = max(1, kcols // 32)
     vwidth = v.channel_group
     # Interpret mode unrolls fewer rows a program: the CPU compiles the unrolled body op by op.
-    want = INTERPRET_VALUE_CHANNELS if interpret else int(os.environ.get("JAXCOMPRESS_KV_VALUE_CHANNELS", VALUE_CHANNELS))
+    want = INTERPRET_VALUE_CHANNELS if interpret else _env_int("JAXCOMPRESS_KV_VALUE_CHANNELS", VALUE_CHANNELS)
     channels = max(8, min(d, want // chunk))
     channels = math.gcd(channels, d)
     if channels < vwidth and vwidth % channels:
@@ -1085,11 +1095,18 @@ def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool, exact: bool =
         raise ConfigError(f"decode kernel path {path!r} is not one of {KERNEL_PATHS}")
     cw = cw_supports(k, v, pre_rope)
     if path == "auto":
-        return ("cw2" if k.bits <= 4 and not exact else "cw") if cw else "mma"
+        if not cw:
+            return "mma"
+        if exact or k.bits > 4:
+            return "cw"
+        return "cw2" if k.head_dim % KEY_ROWS_F16 == 0 else "cw16"
     if (path in ("cw", "cw16", "cw2")) != cw:
         layouts = f"keys {k.layout} {k.bits}-bit, values {v.layout} {v.bits}-bit"
         raise ConfigError(f"decode kernel path {path!r} does not read these stores ({layouts}"
                           f"{', pre-RoPE keys' if pre_rope else ''}): use path='auto'")
+    if path == "cw2" and k.head_dim % KEY_ROWS_F16:
+        raise ConfigError(f"decode kernel path 'cw2' sums keys {KEY_ROWS_F16} channels at a time; head_dim "
+                          f"{k.head_dim} is not a multiple: use path='cw16' or 'auto'")
     return path
 
 
@@ -1108,9 +1125,11 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     num_splits: slot splits per (row, kv head); default: enough programs to fill an H100.
     path: "mma" (tensor-core dots, token_rows stores), "cw" / "cw16" / "cw2" (CUDA-core, channel_words
     stores, fp32 / f16x2 arithmetic, see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
-    (read when the function is traced: the benchmark's choice for later model runs).
+    (read when the function is traced: the benchmark's choice for later model runs); cw2 takes its
+    warps from its tile and its value rows a program from $JAXCOMPRESS_KV_VALUE_CHANNELS (default
+    VALUE_CHANNELS).
     """
-    num_warps = num_warps or int(os.environ.get("JAXCOMPRESS_KV_NUM_WARPS", "4"))
+    num_warps = num_warps or _env_int("JAXCOMPRESS_KV_NUM_WARPS", 4)
     b, kv_heads, g, d = q.shape
     if (k.layout != v.layout or k.rows != v.rows or k.capacity != v.capacity
             or k.head_dim != d or v.head_dim != d):

@@ -258,6 +258,11 @@ def test_kernel_path_choice_and_errors():
     assert da.kernel_path("auto", kc, vc, False) == "cw2" and da.supports(kc, vc, False)
     assert da.kernel_path("auto", kc, vc, False, exact=True) == "cw"  # fp32 dots: exact arithmetic
     assert all(da.kernel_path(p, kc, vc, False) == p for p in ("cw", "cw16", "cw2"))
+    # cw2 sums keys 8 channels at a time: other head sizes get cw16, or a clear error when asked for
+    k36, v36 = (_store(rng, B, 512, 2, 32, *groups, channel_words=True, d=36) for groups in ((32, 1), (1, 12)))
+    assert da.kernel_path("auto", k36, v36, False) == "cw16"
+    with pytest.raises(Exception, match="'cw2' sums keys 8 channels.*head_dim 36.*path='cw16'"):
+        da.kernel_path("cw2", k36, v36, False)
     with pytest.raises(Exception, match="path 'mma' does not read these stores.*channel_words"):
         da.kernel_path("mma", kc, vc, False)
     with pytest.raises(Exception, match="path 'cw16' does not read these stores.*token_rows"):
@@ -272,3 +277,21 @@ def test_kernel_path_choice_and_errors():
     with pytest.raises(Exception, match="share layout"):
         da.quantized_decode_partials(jnp.zeros((B, K, 1, D)), kc, v, jnp.ones((B, 512), bool), 10, scale=SCALE,
                                      interpret=True)
+
+
+def test_kernel_tuning_knobs_from_the_environment_are_checked(monkeypatch):
+    """$JAXCOMPRESS_KV_VALUE_CHANNELS / _NUM_WARPS must be positive integers: anything else is a
+    clear error naming the variable, not a ValueError from int()."""
+    rng = np.random.default_rng(9)
+    kc = _store(rng, B, 512, 2, 32, 32, 1, channel_words=True)
+    vc = _store(rng, B, 512, 2, 32, 1, 32, channel_words=True)
+    q = jnp.zeros((B, K, 1, kc.head_dim))
+    for name in ("JAXCOMPRESS_KV_NUM_WARPS", "JAXCOMPRESS_KV_VALUE_CHANNELS"):
+        monkeypatch.setenv(name, "four")
+        with pytest.raises(Exception, match=rf"\${name}='four' must be a positive integer"):
+            da._env_int(name, 4)
+        monkeypatch.delenv(name)
+    assert da._env_int("JAXCOMPRESS_KV_VALUE_CHANNELS", 32) == 32
+    monkeypatch.setenv("JAXCOMPRESS_KV_NUM_WARPS", "0")
+    with pytest.raises(Exception, match="JAXCOMPRESS_KV_NUM_WARPS='0' must be a positive integer"):
+        da.quantized_decode_partials(q, kc, vc, jnp.ones((B, 512), bool), 10, scale=SCALE, interpret=True, path="cw16")
