@@ -461,11 +461,6 @@ def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool, mid_in_
         kzero = k.meta_rows(k.zero).astype(jnp.float32) + (mid_scale if centred and not mid_in_kernel else 0.0)
     if kzero is None:
         cz = jnp.zeros((b, kv_heads, g, k.meta_rows(k.scale).shape[2]), jnp.float32)
-    elif k.channel_words and k.token_group > 1 and mid_in_kernel:
-        # the zero points as stored, [.., D, T] (groups minor): a reduction over the major axis
-        # reads them in one pass, where the [.., T, D] view made XLA transpose on the way
-        kz = k.zero.astype(jnp.float32)
-        cz = jnp.einsum("bkgd,bkdt->bkgt", qs, jnp.broadcast_to(kz, (b, kv_heads) + kz.shape[2:]))
     else:
         cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
     valid = mask & (jnp.arange(k.capacity) < length)[None, :]
