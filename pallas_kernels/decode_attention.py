@@ -808,7 +808,7 @@ def _h2_pair_constants(bits: int, o: int, centred: bool = True):
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     asm: bool):
+                     q_scale: float, asm: bool):
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -838,7 +838,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
                 shifted = lax.shift_right_logical(w, jnp.int32(H2_SHIFT))
                 kscale = kscales[rr].astype(jnp.float32)
                 for h in range(heads):
-                    qk = q_ref[h, ci * KEY_ROWS_F16 + rr] * kscale
+                    qk = (q_ref[h, ci * KEY_ROWS_F16 + rr].astype(jnp.float32) * q_scale) * kscale
                     if mid_term:  # q . scale of the column's group, for the zero-point term
                         qsum[h] = qsum[h] + qk
                     qk2 = h2_pack(qk, qk, asm)
@@ -985,7 +985,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     _check_fp16_meta(k, v, "cw2")
     # The zero-point term q . zero stays an XLA einsum: read inside the keys pass, the zero points
     # cost more than the einsum at batch 8 (H100: 368 against 225 + 48 us).
-    qs, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True)
+    _, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True)
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
@@ -1000,7 +1000,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     params = None if interpret else _compiler_params(warps, num_stages)
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
                                             lambda i, hh, j: (i, kv_of(hh), hh % chunks) + (0,) * len(tail))
-    key_inputs = [qs, bias[:, None, :], length1, kwords, k.scale, cz]
+    # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
+    key_inputs = [q, bias[:, None, :], length1, kwords, k.scale, cz]
     key_specs = [heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
                  pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(kwords, kv_of), meta_spec(k.scale, kv_of),
                  heads_spec(cz.shape[-1])]
@@ -1009,7 +1010,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          asm=not interpret),
+                          q_scale=scale * LOG2E, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
@@ -1029,25 +1030,22 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     if v.zero is not None:
         inputs.append(v.zero)
         specs.append(meta_spec(v.zero, lambda hh: hh // (parts * chunks)))
+    # Each part writes its channels of o in place; all parts write the same l and m.
+    per_split = lambda i, hh, j: (i, hc_of(hh), j, 0)  # noqa: E731
     o, l, m = pl.pallas_call(
         functools.partial(_cw2_values_kernel, bits=v.bits, cols=kcols, rows=v.rows, vwidth=vwidth,
                           channels=channels, parts=parts, blocks_per_split=key_blocks, heads=chunk,
                           asm=not interpret),
         grid=(b, kv_heads * chunks * parts, n_splits),
         in_specs=specs,
-        out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hh, j, 0, 0)),
-                   split_spec, split_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks * parts, n_splits, chunk, channels), jnp.float32),
-                   split_shape(kv_heads * chunks * parts), split_shape(kv_heads * chunks * parts)],
+        out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hc_of(hh), j, 0, hh % parts)),
+                   pl.BlockSpec((None, None, None, chunk), per_split), pl.BlockSpec((None, None, None, chunk), per_split)],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk, d), jnp.float32),
+                   split_shape(kv_heads * chunks), split_shape(kv_heads * chunks)],
         compiler_params=params,
         interpret=interpret,
         name=f"kv_decode_v{v.bits}_values",
     )(*inputs)
-    # [B, K * chunks * parts, splits, chunk, channels] -> [B, K * chunks, splits, chunk, D]
-    o = o.reshape(b, kv_heads * chunks, parts, n_splits, chunk, channels)
-    o = jnp.moveaxis(o, 2, 4).reshape(b, kv_heads * chunks, n_splits, chunk, d)
-    l = l.reshape(b, kv_heads * chunks, parts, n_splits, chunk)[:, :, 0]
-    m = m.reshape(b, kv_heads * chunks, parts, n_splits, chunk)[:, :, 0]
     return _finish(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 
 
