@@ -468,6 +468,18 @@ def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool, mid_in_
     return qs, cz, to_code_order(bias, k.bits, k.rows)
 
 
+def _cw_meta_spec(x, head_of):
+    """BlockSpec of a per-(row, kv head) scale or zero [Bs, Ks, ...] (Bs, Ks: 1 when shared) on a
+    (batch, program head hh, split) grid; head_of(hh) is the kv head."""
+    return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (0 if x.shape[0] == 1 else i,
+                                                                      0 if x.shape[1] == 1 else head_of(hh), 0, 0))
+
+
+def _cw_head_spec(x, head_of):
+    """BlockSpec of a store's words [B, K, ...] on the same grid."""
+    return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, head_of(hh)) + (0,) * (x.ndim - 2))
+
+
 def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
              num_warps: int, num_stages: int, packed: bool = False) -> Partials:
     """The cw body (fp32), or with `packed` the cw16 body (f16x2, below)."""
@@ -483,31 +495,23 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
     qs, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=packed)
     q_cols = jnp.broadcast_to(qs[..., None], (b, kv_heads, g, d, cols))
 
-    def head(i, hh):
-        return hh // chunks
-
-    def meta_spec(x):
-        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (0 if x.shape[0] == 1 else i,
-                                                                          0 if x.shape[1] == 1 else head(i, hh), 0, 0))
-
-    def per_head(x):
-        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, head(i, hh)) + (0,) * (x.ndim - 2))
+    kv_of = lambda hh: hh // chunks  # noqa: E731  the kv head of program head hh
 
     word = jnp.int32 if packed else jnp.uint32  # cw16: signless words for the inline assembly
     kwords, vwords = (lax.bitcast_convert_type(x.codes, word) for x in (k, v))
     inputs = [q_cols, bias[:, None, :], jnp.reshape(jnp.asarray(length, jnp.int32), (1,))]
-    specs = [pl.BlockSpec((None, None, chunk, d, cols), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0, 0)),
+    specs = [pl.BlockSpec((None, None, chunk, d, cols), lambda i, hh, j: (i, kv_of(hh), hh % chunks, 0, 0)),
              pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)), pl.BlockSpec((1,), lambda i, hh, j: (0,))]
     if not packed:  # the fp32 exponent word, kept in a register
         inputs.append(jnp.full((1, 1), MAGIC, jnp.uint32))
         specs.append(pl.BlockSpec((1, 1), lambda i, hh, j: (0, 0)))
     inputs += [kwords, k.scale, cz, vwords, v.scale]
-    specs += [per_head(kwords), meta_spec(k.scale),
-              pl.BlockSpec((None, None, chunk, cz.shape[-1]), lambda i, hh, j: (i, head(i, hh), hh % chunks, 0)),
-              per_head(vwords), meta_spec(v.scale)]
+    specs += [_cw_head_spec(kwords, kv_of), _cw_meta_spec(k.scale, kv_of),
+              pl.BlockSpec((None, None, chunk, cz.shape[-1]), lambda i, hh, j: (i, kv_of(hh), hh % chunks, 0)),
+              _cw_head_spec(vwords, kv_of), _cw_meta_spec(v.scale, kv_of)]
     if v.zero is not None:
         inputs.append(v.zero)
-        specs.append(meta_spec(v.zero))
+        specs.append(_cw_meta_spec(v.zero, kv_of))
     vwidth = v.channel_group
     common = dict(bits=k.bits, cols=cols, token_group=k.token_group, vwidth=vwidth, blocks_per_split=per_split,
                   heads=chunk)
@@ -667,6 +671,16 @@ def h2_slice_rows(d: int, cols: int, num_warps: int, vwidth: int) -> int:
     return math.gcd(math.gcd(rows, vwidth), d)
 
 
+def _h2_pair_constants(bits: int, o):
+    """(mask, magic, centre) f16x2 words of the code pair at offset o of each half-word (see
+    "packed fp16 body"): centre is magic's value 2**(10 - o) plus the mid code."""
+    field = jnp.int32((1 << bits) - 1) << o
+    e = (25 - o) << 10  # fp16 exponent word of 2**(10 - o)
+    magic = e | (e << 16)
+    mid = jnp.int32(1 << (bits - 1)) << o  # the mid code, in the mantissa
+    return field | (field << 16), magic, magic | mid | (mid << 16)
+
+
 def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_ref, *rest,
                  bits: int, cols: int, token_group: int, vwidth: int, blocks_per_split: int,
                  heads: int, rows: int, asm: bool):
@@ -703,13 +717,7 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
         def pairs_from(first, last, kw, vw, o_shift, carry):
             def pair(j, carry):
                 m, l, acc, acc2, accz, accz2 = carry
-                o = j * bits - o_shift
-                field = jnp.int32((1 << bits) - 1) << o
-                mask = field | (field << 16)
-                e = (25 - o) << 10  # fp16 exponent word of 2**(10 - o)
-                magic = e | (e << 16)
-                mid = jnp.int32(1 << (bits - 1)) << o  # 2**(10 - o) + mid code, in the mantissa
-                center = magic | mid | (mid << 16)
+                mask, magic, center = _h2_pair_constants(bits, j * bits - o_shift)
                 t = [blk * block + (j + i * pairs) * cols for i in (0, 1)]  # code order: the slots' tokens
                 bias = [bias_ref[pl.ds(0, 1), pl.ds(t[i], cols)] for i in (0, 1)]
 
@@ -794,16 +802,6 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
 # L2), against 32 bytes of 2-bit codes a slot and head of 128 channels.
 KEY_ROWS_F16 = 8       # channel rows summed in f16x2 before the fp32 sums (cw16: D / rows = 8)
 KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 warps
-
-
-def _h2_pair_constants(bits: int, o: int, centred: bool = True):
-    """(mask, magic, centre) f16x2 words of the code pair at offset o of each half-word (see
-    "packed fp16 body"): centre is magic's value plus the mid code, or magic alone."""
-    field = jnp.int32((1 << bits) - 1) << o
-    e = (25 - o) << 10  # fp16 exponent word of 2**(10 - o)
-    magic = e | (e << 16)
-    mid = jnp.int32(1 << (bits - 1)) << o if centred else 0
-    return field | (field << 16), magic, magic | mid | (mid << 16)
 
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
@@ -989,13 +987,6 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
-    def meta_spec(x, heads_of):
-        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (0 if x.shape[0] == 1 else i,
-                                                                          0 if x.shape[1] == 1 else heads_of(hh), 0, 0))
-
-    def per_head(x, heads_of):
-        return pl.BlockSpec((None, None) + x.shape[2:], lambda i, hh, j: (i, heads_of(hh)) + (0,) * (x.ndim - 2))
-
     kv_of = lambda hh: hh // chunks  # noqa: E731  keys grid: K * chunks
     params = None if interpret else _compiler_params(warps, num_stages)
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
@@ -1003,7 +994,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
     key_inputs = [q, bias[:, None, :], length1, kwords, k.scale, cz]
     key_specs = [heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
-                 pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(kwords, kv_of), meta_spec(k.scale, kv_of),
+                 pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(kwords, kv_of),
+                 _cw_meta_spec(k.scale, kv_of),
                  heads_spec(cz.shape[-1])]
     split_spec = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hh, j, 0))
     split_shape = lambda n: jax.ShapeDtypeStruct((b, n, n_splits, chunk), jnp.float32)  # noqa: E731
@@ -1022,14 +1014,15 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
 
     # values grid: (K * chunks) * parts, part = hh % parts
     hc_of = lambda hh: hh // parts  # noqa: E731
+    value_kv_of = lambda hh: hh // (parts * chunks)  # noqa: E731
     inputs = [scores, top, length1, vwords, v.scale]
     specs = [pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hc_of(hh), 0, 0)),
              pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hc_of(hh), j, 0)),
-             pl.BlockSpec((1,), lambda i, hh, j: (0,)), per_head(vwords, lambda hh: hh // (parts * chunks)),
-             meta_spec(v.scale, lambda hh: hh // (parts * chunks))]
+             pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(vwords, value_kv_of),
+             _cw_meta_spec(v.scale, value_kv_of)]
     if v.zero is not None:
         inputs.append(v.zero)
-        specs.append(meta_spec(v.zero, lambda hh: hh // (parts * chunks)))
+        specs.append(_cw_meta_spec(v.zero, value_kv_of))
     # Each part writes its channels of o in place; all parts write the same l and m.
     per_split = lambda i, hh, j: (i, hc_of(hh), j, 0)  # noqa: E731
     o, l, m = pl.pallas_call(
