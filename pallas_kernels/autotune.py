@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -108,35 +108,58 @@ def _sized(lay: CodeLayout, m: int, bn: int, bm: int, dot: bool, warps: int, sta
                       num_warps=warps, num_stages=stages, tile_dot=tile_dot, dequant=dequant, acc2d=acc2d)
 
 
-def gemv_specs(bm: int, sms: int) -> list[tuple]:
-    """GEMV candidates, likeliest first: (block_n, block_m, warps, target programs, max tiles per
-    step, dequant, acc2d). Run 2 (H200): wide blocks with K split to ~4 programs per SM won;
-    block_n=16 never did. Runs 3-5: the in-place dequantization with 2-D accumulators won most
-    shapes and stays as the reference; "fma" (2 instructions a weight for the code, 3 with the
-    product: 22% fewer in the loop than "inplace" by the SASS count, docs/results/kernel_notes.md)
-    takes its configurations first."""
-    specs = [(64, bm, 4, 4 * sms, 2, "fma", True), (64, bm, 4, 4 * sms, 2, "inplace", True),
-             (128, bm, 4, 4 * sms, 2, "fma", True), (64, bm, 4, 4 * sms, 2, "fma", False),
-             (128, bm, 8, 2 * sms, 2, "fma", True), (32, bm, 4, 2 * sms, 4, "fma", True),
-             (256, bm, 8, 4 * sms, 2, "fma", True), (64, bm, 4, 8 * sms, 1, "fma", True),
-             (128, bm, 4, 4 * sms, 2, "shift", False), (64, bm, 4, 4 * sms, 2, "shift", False),
-             (64, bm, 4, 4 * sms, 1, "fma", True, 3)]  # num_stages=3: Triton's loop pipelining
+class GemvSpec(NamedTuple):
+    """A GEMV candidate before sizing: K is split until the grid has `target` programs."""
+
+    block_n: int
+    block_m: int
+    warps: int
+    target: int  # programs in the grid
+    max_tiles_per_step: int
+    dequant: str
+    acc2d: bool
+    stages: int = 1
+    prefetch: bool = False
+
+
+def gemv_specs(bm: int, sms: int) -> list[GemvSpec]:
+    """GEMV candidates, likeliest first. Run 2 (H200): wide blocks with K split to ~4 programs per
+    SM won; block_n=16 never did. Runs 3-5: the in-place dequantization with 2-D accumulators won
+    most shapes and stays as the reference; "fma" (22% fewer instructions in the loop than
+    "inplace" by the SASS count, docs/results/kernel_notes.md) won runs 6-7. "h2" (code pairs in
+    f16x2: 20% fewer than "fma") comes first, with and without the loads issued a step ahead
+    (prefetch; fewer programs, each walking more steps, so its loads overlap its arithmetic)."""
+    g = GemvSpec
+    specs = [g(64, bm, 4, 4 * sms, 2, "h2", True), g(64, bm, 4, 2 * sms, 2, "h2", True, prefetch=True),
+             g(128, bm, 4, 2 * sms, 1, "h2", True, prefetch=True), g(64, bm, 4, 4 * sms, 1, "h2", True, prefetch=True),
+             g(128, bm, 8, 2 * sms, 2, "h2", True, prefetch=True), g(256, bm, 8, 2 * sms, 1, "h2", True, prefetch=True),
+             g(64, bm, 4, 4 * sms, 2, "fma", True), g(64, bm, 4, 4 * sms, 2, "inplace", True),
+             g(128, bm, 4, 4 * sms, 2, "fma", True), g(64, bm, 4, 4 * sms, 2, "fma", False),
+             g(128, bm, 8, 2 * sms, 2, "fma", True), g(64, bm, 4, 2 * sms, 2, "fma", True, prefetch=True),
+             g(32, bm, 4, 2 * sms, 4, "fma", True), g(256, bm, 8, 4 * sms, 2, "fma", True),
+             g(64, bm, 4, 8 * sms, 1, "fma", True), g(128, bm, 4, 4 * sms, 2, "shift", False),
+             g(64, bm, 4, 4 * sms, 2, "shift", False),
+             g(64, bm, 4, 4 * sms, 1, "fma", True, stages=3)]  # num_stages=3: Triton's loop pipelining
     if bm > 2:  # [rows, block_n] accumulators per row of x cost registers: keep the 1-D ones too
-        specs = [s for s in specs if s[1] <= 2 or not s[6] or s[0] <= 64] + \
-                [(128, bm, 4, 4 * sms, 2, "fma", False)]
+        specs = [s for s in specs if s.block_m <= 2 or not s.acc2d or s.block_n <= 64] + \
+                [g(128, bm, 4, 4 * sms, 2, "fma", False)]
     return specs
 
 
 def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -> list[TileConfig]:
     """A few configs worth timing for this layout and batch (all valid), likeliest first."""
     min_k = 32 if int8 else 16
-    # (block_n, block_m, dot, warps, stages, programs, max tiles per step, tile_dot, dequant, acc2d)
+    # (block_n, block_m, dot, warps, stages, programs, max tiles per step, tile_dot, dequant, acc2d, prefetch)
     specs = []
     if not int8 and (m <= 8 or lay.rows < min_k):
-        for bn, bm, warps, target, steps, dq, acc2d, *stages in gemv_specs(min(m, 8), sms):
-            if dq in ("inplace", "fma") and not lay.in_place:
+        for sp in gemv_specs(min(m, 8), sms):
+            dq = sp.dequant
+            if dq in ("inplace", "fma", "h2") and not lay.in_place:
                 dq = "shift"  # codes straddling words (3 bits) or indexing a codebook: the shift path only
-            specs.append((bn, bm, False, warps, stages[0] if stages else 1, target, steps, False, dq, acc2d))
+            if dq == "h2" and lay.slabs_per_group != lay.period:
+                dq = "fma"  # groups smaller than a tile: the pairs of a word would span two groups
+            specs.append((sp.block_n, sp.block_m, False, sp.warps, sp.stages, sp.target, sp.max_tiles_per_step,
+                          False, dq, sp.acc2d, sp.prefetch))
     if lay.rows >= min_k and (m >= 4 or int8):
         tile = not int8  # the int8 kernel has no whole-tile dot
         if m <= 16:
@@ -155,15 +178,17 @@ def candidates(lay: CodeLayout, m: int, *, sms: int = 132, int8: bool = False) -
         # The in-place FMA conversion where the codes allow it (27% fewer instructions a step
         # on the whole-tile dot, by the SASS count); one shift candidate stays as the reference.
         fma = not int8 and lay.in_place
-        dots = [(*d, "fma" if fma else "shift", False) for d in dots] + ([(*dots[0], "shift", False)] if fma else [])
+        dots = [(*d, "fma" if fma else "shift", False, False) for d in dots] + \
+            ([(*dots[0], "shift", False, False)] if fma else [])
         # Batch 4-8: interleave, so a candidate cap keeps both paths.
         specs = [s for pair in zip(specs, dots) for s in pair] + specs[len(dots):] + dots[len(specs):] \
             if specs else dots
     out = []
-    for bn, bm, dot, warps, stages, target, steps, tile_dot, dq, acc2d in specs:
+    for bn, bm, dot, warps, stages, target, steps, tile_dot, dq, acc2d, prefetch in specs:
         while bn > 16 and lay.n % bn:
             bn //= 2
         cfg = _sized(lay, m, bn, bm, dot, warps, stages, target, steps, tile_dot, dq, acc2d, uneven=not int8)
+        cfg = dataclasses.replace(cfg, prefetch=prefetch)
         if cfg not in out and config_problem(cfg, lay, m, min_dot_k=min_k, even_split=int8) is None:
             out.append(cfg)
     return out

@@ -292,9 +292,10 @@ def markdown(records: list[dict], meta: dict) -> str:
                          " | | | | | | |")
             continue
         cfg = r["config"]
-        path = "tiledot" if cfg.get("tile_dot") else "dot" if cfg["use_dot"] else "fma"
-        path += "-inplace" if cfg.get("dequant") == "inplace" else ""
+        path = "tiledot" if cfg.get("tile_dot") else "dot" if cfg["use_dot"] else "gemv"
+        path += f"-{cfg.get('dequant', 'shift')}"
         path += "-acc2d" if cfg.get("acc2d") else ""
+        path += "-prefetch" if cfg.get("prefetch") else ""
         short = (f"{path} bm{cfg['block_m']} bn{cfg['block_n']} "
                  f"s{cfg['split_k']} u{cfg['tiles_per_step']} w{cfg['num_warps']}")
         deq = f" / {r['xla_dequant_wall_us']:.1f}" if "xla_dequant_wall_us" in r else ""

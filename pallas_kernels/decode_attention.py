@@ -37,6 +37,8 @@ from jax.experimental import pallas as pl
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
+from pallas_kernels.f16x2 import (H2_SHIFT, h2_code_fma, h2_fma, h2_join, h2_mul, h2_pack, h2_pair_constants,
+                                  h2_positions, h2_unpack)
 from pallas_kernels.quant_matmul import MAGIC, inplace_positions
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
@@ -571,114 +573,12 @@ def _heads_last(x, b: int, kv_heads: int, chunks: int, n_splits: int, chunk: int
 #     the tile's sums join the fp32 sums, so fp16 never adds more than c/2 terms.
 # Everything else (folded scales, zero terms, code-order meta, exp2, lazy rescale) is cw's.
 # Interpret mode runs the same arithmetic through jnp on fp16 (no inline assembly on the CPU).
-H2_SHIFT = 8          # the top code pairs of a word are read from word >> 8
-H2_MANTISSA = 10      # fp16 mantissa bits: a code at offset o fits when o + bits <= 10
-
-
-def h2_positions(bits: int) -> list[tuple[bool, int]]:
-    """[(read from word >> H2_SHIFT?, offset in each half-word)] of the code pairs of a word."""
-    offs = [j * bits for j in range(16 // bits)]
-    return [(False, o) if o + bits <= H2_MANTISSA else (True, o - H2_SHIFT) for o in offs]
-
-
-# f16x2 values travel as int32 arrays (Triton's inline assembly takes signless integers).
-def _h2_halves(x):
-    """int32 f16x2 -> (low, high) as fp32 (interpret mode)."""
-    u = lax.bitcast_convert_type(x, jnp.uint32)
-    half = lambda h: lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)  # noqa: E731
-    return half(u & 0xFFFF), half(u >> 16)
-
-
-def _h2_join(low, high):
-    """Two fp32 arrays -> int32 f16x2, each rounded to nearest (interpret mode)."""
-    bits = lambda f: lax.bitcast_convert_type(f.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)  # noqa: E731
-    return lax.bitcast_convert_type(bits(low) | (bits(high) << 16), jnp.int32)
-
-
-def h2_pack(low, high, asm: bool):
-    """fp32 low and high halves -> f16x2 words (cvt.rn.f16x2.f32 puts its first operand high)."""
-    if not asm:
-        return _h2_join(low, high)
-    (out,) = _inline_ptx("cvt.rn.f16x2.f32 $0, $1, $2;", [high, low], "=r,f,f", [jnp.int32])
-    return out
-
-
-def h2_unpack(x, asm: bool):
-    """f16x2 words -> (low, high) fp32."""
-    if not asm:
-        return _h2_halves(x)
-    # one result an instruction block: Pallas lowers inline assembly with a single result
-    return tuple(_inline_ptx(f"{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, $1; cvt.f32.f16 $0, {half}; }}",
-                           [x], "=f,r", [jnp.float32])[0] for half in ("lo", "hi"))
-
-
-def h2_code_fma(words, mask, magic, center, factor, acc, asm: bool):
-    """acc + factor * (codes - mid), all f16x2: the code pair of `words` under `mask` OR-ed into
-    `magic`, less `center` (magic's value plus the mid code; see above)."""
-    if not asm:
-        f_lo, f_hi = _h2_halves((words & mask) | magic)
-        e_lo, e_hi = _h2_halves(center)
-        s_lo, s_hi = _h2_halves(factor)
-        a_lo, a_hi = _h2_halves(acc)
-        return _h2_join(s_lo * (f_lo - e_lo) + a_lo, s_hi * (f_hi - e_hi) + a_hi)
-    (out,) = _inline_ptx("{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; sub.f16x2 t, t, $4; "
-                       "fma.rn.f16x2 $0, $5, t, $6; }",
-                       [words, mask, magic, center, factor, acc], "=r,r,r,r,r,r,r", [jnp.int32])
-    return out
-
-
-def h2_join(low, high, asm: bool):
-    """Two fp16 arrays -> f16x2 words (no rounding: a register move)."""
-    if not asm:
-        return _h2_join(low.astype(jnp.float32), high.astype(jnp.float32))
-    (out,) = _inline_ptx("mov.b32 $0, {$1, $2};", [low, high], "=r,h,h", [jnp.int32])
-    return out
-
-
-def h2_fma(a, b, c, asm: bool):
-    """a * b + c on f16x2 words."""
-    if not asm:
-        (a_lo, a_hi), (b_lo, b_hi), (c_lo, c_hi) = _h2_halves(a), _h2_halves(b), _h2_halves(c)
-        return _h2_join(a_lo * b_lo + c_lo, a_hi * b_hi + c_hi)
-    (out,) = _inline_ptx("fma.rn.f16x2 $0, $1, $2, $3;", [a, b, c], "=r,r,r,r", [jnp.int32])
-    return out
-
-
-def h2_mul(a, b, asm: bool):
-    """a * b on f16x2 words."""
-    if not asm:
-        (a_lo, a_hi), (b_lo, b_hi) = _h2_halves(a), _h2_halves(b)
-        return _h2_join(a_lo * b_lo, a_hi * b_hi)
-    (out,) = _inline_ptx("mul.rn.f16x2 $0, $1, $2;", [a, b], "=r,r,r", [jnp.int32])
-    return out
-
-
-def _inline_ptx(asm: str, args: list, constraints: str, dtypes: list) -> list:
-    """Elementwise inline PTX over same-shape arrays (scalars are broadcast)."""
-    from jax.experimental.pallas import triton as plgpu
-
-    shape = jnp.broadcast_shapes(*(jnp.shape(a) for a in args))
-    args = [jnp.broadcast_to(a, shape) for a in args]
-    return plgpu.elementwise_inline_asm(asm, args=args, constraints=constraints, pack=1,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, t) for t in dtypes])
-
-
 def h2_slice_rows(d: int, cols: int, num_warps: int, vwidth: int) -> int:
     """Channels a slice of the cw16 body: the rows one layout tile of the warps covers with four
     words a thread, so every slice has the same per-thread layout; a slice stays in one value
     channel group."""
     rows = max(1, min(d, num_warps * 32 * 4 // cols))
     return math.gcd(math.gcd(rows, vwidth), d)
-
-
-def _h2_pair_constants(bits: int, o):
-    """(mask, magic, centre) f16x2 words of the code pair at offset o of each half-word (see
-    "packed fp16 body"): centre is magic's value 2**(10 - o) plus the mid code."""
-    field = jnp.int32((1 << bits) - 1) << o
-    e = (25 - o) << 10  # fp16 exponent word of 2**(10 - o)
-    magic = e | (e << 16)
-    mid = jnp.int32(1 << (bits - 1)) << o  # the mid code, in the mantissa
-    return field | (field << 16), magic, magic | mid | (mid << 16)
 
 
 def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_ref, *rest,
@@ -717,7 +617,7 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
         def pairs_from(first, last, kw, vw, o_shift, carry):
             def pair(j, carry):
                 m, l, acc, acc2, accz, accz2 = carry
-                mask, magic, center = _h2_pair_constants(bits, j * bits - o_shift)
+                mask, magic, center = h2_pair_constants(bits, j * bits - o_shift)
                 t = [blk * block + (j + i * pairs) * cols for i in (0, 1)]  # code order: the slots' tokens
                 bias = [bias_ref[pl.ds(0, 1), pl.ds(t[i], cols)] for i in (0, 1)]
 
@@ -813,7 +713,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
     d = kw_ref.shape[0]
     steps = d // KEY_ROWS_F16
     positions = h2_positions(bits)
-    consts = [_h2_pair_constants(bits, o) for _, o in positions]
+    consts = [h2_pair_constants(bits, o) for _, o in positions]
     lane = lax.iota(jnp.int32, cols)
 
     def body(blk, top):
@@ -883,7 +783,7 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
     pairs = c // 2
     block = cols * c
     positions = h2_positions(bits)
-    consts = [_h2_pair_constants(bits, o) for _, o in positions]
+    consts = [h2_pair_constants(bits, o) for _, o in positions]
     mid = float(1 << (bits - 1))
     ch0 = (pl.program_id(1) % parts) * channels
     lane = lax.iota(jnp.int32, cols)

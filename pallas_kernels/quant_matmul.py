@@ -29,6 +29,16 @@ LOP3 + FMA + the product's FMA. The tensor-core path takes `dequant="fma"` too (
 in the FMA's addend), then rounds to x's dtype for the dot. K splits need not divide K evenly:
 the last split may walk fewer steps.
 
+`dequant="h2"` (GEMV path, 2/4/8-bit codes, one group per tile) works on code *pairs* in paired
+fp16 arithmetic (`f16x2.py`): a word keeps codes 0..p/2-1 in its low half-word and p/2..p-1 in
+the high one, so pair j = (slot j, slot j + p/2) is one LOP3 + one f16x2 subtraction away from
+the exact centred codes, and one f16x2 FMA multiplies both by their x and adds: 1.5 instructions
+a weight for the code and the product (fma: 3). x enters as f16x2 pairs, scaled per program by a
+power of two (exact) so that a tile's fp16 sums stay far below 65504 whatever the activations'
+range: the program reads its share of x once for the maximum before its loop and multiplies its
+fp32 result back. Each tile's f16x2 sums (p/2 terms a half) join fp32 accumulators with the group
+scale, so fp16 never adds more than p/2 terms.
+
 The group scale multiplies the fp32 partial sum once per group, not every weight. An int to
 float conversion costs a quarter-rate instruction on the GPU, so codes become floats by the
 exponent trick: `bitcast(code | 0x4B000000)` is the float `2**23 + code`, and subtracting
@@ -53,13 +63,19 @@ from jax.experimental.pallas import triton as plgpu
 from jaxcompress.errors import ConfigError, UserError
 from jaxcompress.ops.linear import dense_linear
 from jaxcompress.quant.qarray import QArray
+from pallas_kernels.f16x2 import (H2_SHIFT, h2_codes, h2_fma, h2_pack, h2_pair_constants, h2_positions,
+                                  h2_sum_halves)
 from pallas_kernels.layout import CodeLayout, TiledQArray, grid_values_at, kernel_layout
 
 ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16)
 MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing a code < 2**23 into the mantissa gives 2**23 + code
 _TWO23 = 8388608.0
 _MANTISSA_BITS = 23
-DEQUANT_MODES = ("shift", "inplace", "fma")
+DEQUANT_MODES = ("shift", "inplace", "fma", "h2")
+# dequant="h2": a tile's f16x2 sums hold p/2 terms |x * (code - mid)| per half; x is scaled so that
+# its largest magnitude in the program lies in [2**(X_EXP - 1), 2**X_EXP), X_EXP per bit width such
+# that p/2 * 2**(bits - 1) * 2**X_EXP = 2**14 (the sum of both halves stays below 2**15 < 65504).
+H2_SUM_BOUND_EXP = 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +91,13 @@ class TileConfig:
     # dequant="inplace" (GEMV path only): codes masked where they lie in the word (one LOP3 a
     # weight, one shift a word) instead of shift + mask + or; "fma" (both paths): the same mask,
     # then one FMA to the code's value (see the module docstring); acc2d (GEMV path only):
-    # [rows, block_n] accumulators reduced over rows once at the end instead of once per group.
+    # [rows, block_n] accumulators reduced over rows once at the end instead of once per group;
+    # "h2" (GEMV path, with acc2d): code pairs in paired fp16 arithmetic (module docstring).
     dequant: str = "shift"
     acc2d: bool = False
+    # GEMV path: a step's loads (codes, and x for "h2") go out one step ahead, before the
+    # arithmetic of the step before: the loads of a program overlap its own arithmetic.
+    prefetch: bool = False
     num_warps: int = 4
     num_stages: int = 1
 
@@ -113,13 +133,21 @@ def config_problem(cfg: TileConfig, lay: CodeLayout, m: int, *, min_dot_k: int =
         return f"block_m={cfg.block_m} must be in 1..8 on the GEMV path"
     if cfg.tile_dot and not cfg.use_dot:
         return "tile_dot needs the tensor-core path (use_dot=True)"
+    if cfg.prefetch and cfg.use_dot:
+        return "prefetch is a GEMV-path option (use_dot=False)"
     if cfg.dequant not in DEQUANT_MODES:
         return f"dequant={cfg.dequant!r} must be one of {DEQUANT_MODES}"
     if (cfg.dequant == "inplace" or cfg.acc2d) and cfg.use_dot:
         return f"dequant={cfg.dequant!r} / acc2d={cfg.acc2d} are GEMV-path options (use_dot=False)"
-    if cfg.dequant in ("inplace", "fma") and lay.codebook:
+    if cfg.dequant == "h2":
+        if cfg.use_dot or not cfg.acc2d:
+            return "dequant='h2' is a GEMV-path option with 2-D accumulators (use_dot=False, acc2d=True)"
+        if lay.slabs_per_group != lay.period:
+            return (f"dequant='h2' pairs slabs j and j + {lay.period // 2} of a tile, which must share one "
+                    f"group; group_size={lay.group_size} is smaller than the tile of {lay.tile} rows")
+    if cfg.dequant in ("inplace", "fma", "h2") and lay.codebook:
         return f"dequant={cfg.dequant!r} turns codes into uniform-grid values; this weight has a codebook"
-    if cfg.dequant in ("inplace", "fma") and (lay.words != 1 or lay.bits > 8):
+    if cfg.dequant in ("inplace", "fma", "h2") and (lay.words != 1 or lay.bits > 8):
         return (f"dequant={cfg.dequant!r} needs codes that never straddle a word (bits 2, 4 or 8); "
                 f"bits={lay.bits}")
     if cfg.tile_dot and lay.slabs_per_group != lay.period:
@@ -245,7 +273,23 @@ def load_group_row(ref, g, cols):
     return ref[pl.ds(0 if ref.shape[0] == 1 else g, 1), cols].astype(jnp.float32)
 
 
-def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
+def pow2_scale(amax: jax.Array, exp: int) -> tuple[jax.Array, jax.Array]:
+    """(s, 1 / s), powers of two with |x * s| < 2**exp for every |x| <= amax (exact scalings).
+    From the exponent bits of amax (fp32, >= 0): amax < 2**(e - 126) for its biased exponent e.
+    amax = 0 (or subnormal) gives the largest s; inf or NaN passes through to the result."""
+    e = lax.shift_right_logical(lax.bitcast_convert_type(amax, jnp.int32), 23) & 0xFF
+    biased = jnp.clip(253 + exp - e, 1, 253)  # s = 2**(biased - 127), its inverse 2**(127 - biased)
+    as_float = lambda b: lax.bitcast_convert_type(lax.shift_left(b, 23), jnp.float32)  # noqa: E731
+    return as_float(biased), as_float(254 - biased)
+
+
+def h2_x_exponent(bits: int) -> int:
+    """X_EXP of dequant="h2" (see H2_SUM_BOUND_EXP) for `bits`-bit codes."""
+    pairs = 16 // bits
+    return H2_SUM_BOUND_EXP - (pairs.bit_length() - 1) - (bits - 1)
+
+
+def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm: bool = True):
     it = iter(refs)
     x_ref, codes_ref = next(it), next(it)
     scale_ref = next(it) if ops.has_scale else None
@@ -436,6 +480,70 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
                 acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, part))
         return acc
 
+    h2 = cfg.dequant == "h2"
+    if h2:
+        h2_pairs = [(j, sh, h2_pair_constants(bits, o)) for j, (sh, o) in enumerate(h2_positions(bits))]
+        half = lay.period // 2
+        zero_mid = 2.0 ** (bits - 1)
+
+    def h2_x_raw(t):
+        """x of a tile as loaded ([rows, 1] per slab and row of x, padded K zeroed): the loads can
+        go out a step ahead (prefetch); scaling and packing wait for the arithmetic."""
+        out = []
+        for j in range(lay.period):
+            idx, valid = x_cols(t, j)
+            cols_j = []
+            for i in range(bm):
+                xs = x_ref[row_list[i], idx]
+                if valid is not None:
+                    xs = jnp.where(valid, xs, jnp.zeros_like(xs))
+                cols_j.append(xs[:, None])
+            out.append(cols_j)
+        return out
+
+    def h2_tile_step(t, acc, words, xraw, x_scale):
+        """GEMV step of dequant="h2": per pair, the centred codes (shared by the rows of x) and
+        one f16x2 FMA a row; the tile's sums join the fp32 accumulators with the group scale. With
+        zero points, code - z = (code - mid) - (z - mid): the x of the tile are summed (fp32) as
+        they are scaled and (z - mid) times that sum is subtracted once per tile."""
+        w = lax.bitcast_convert_type(words[0], jnp.int32)
+        shifted = lax.shift_right_logical(w, jnp.int32(H2_SHIFT)) if any(sh for _, sh, _ in h2_pairs) else None
+        sums = [jnp.zeros((rows, bn), jnp.int32) for _ in range(bm)]
+        xsum = [None] * bm
+        for j, sh, consts in h2_pairs:
+            codes = h2_codes(shifted if sh else w, *consts, asm)
+            for i in range(bm):
+                lo, hi = (xraw[jj][i].astype(jnp.float32) * x_scale[i] for jj in (j, j + half))
+                sums[i] = h2_fma(h2_pack(lo, hi, asm), codes, sums[i], asm)
+                if ops.has_zero:
+                    xsum[i] = lo + hi if xsum[i] is None else xsum[i] + lo + hi
+        g = group_of(t, 0)
+        s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+        zm = load_group_row(zero_ref, g, cols) - zero_mid if ops.has_zero else None
+        new = []
+        for i in range(bm):
+            v = h2_sum_halves(sums[i], asm)
+            if zm is not None:
+                v = v - xsum[i] * zm
+            new.append(acc[i] + (v if s is None else v * s))
+        return tuple(new)
+
+    def x_scales():
+        """Per row of x: (s, 1/s) for this program's K range (see pow2_scale). Every x value the
+        program reads lies in its steps' tiles; the loads are issued together, clamped to K."""
+        span = per_split * cfg.tiles_per_step * lay.tile
+        start = first_step * cfg.tiles_per_step * lay.tile
+        chunk = min(span, 1024)
+        out = []
+        for i in range(bm):
+            top = None
+            for c0 in range(0, span, chunk):
+                ids = jnp.minimum(start + c0 + lax.iota(jnp.int32, chunk), lay.k - 1)
+                a = jnp.abs(x_ref[row_list[i], ids].astype(jnp.float32))
+                top = a if top is None else jnp.maximum(top, a)
+            out.append(pow2_scale(jnp.max(top), h2_x_exponent(bits)))
+        return out
+
     def load_words(t):
         words = []
         for w in range(lay.words):
@@ -443,7 +551,10 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
             words.append(codes_ref[pl.ds(start, rows, stride=stride), cols])
         return words
 
-    def tile_step(t, acc, words):
+    def tile_step(t, acc, loaded):
+        words, xraw = loaded
+        if h2:
+            return h2_tile_step(t, acc, words, xraw, [sc for sc, _ in scales])
         if cfg.tile_dot:
             return whole_tile_step(t, acc, words)
         if not cfg.use_dot:
@@ -459,21 +570,40 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands):
             acc = acc + (part if s is None else part * s)
         return acc
 
-    def body(step, acc):
+    def step_tiles(step):
+        return [(first_step + step) * cfg.tiles_per_step + u for u in range(cfg.tiles_per_step)]
+
+    def load_step(step):
         # All the step's code tiles are loaded before any is used: more bytes in flight.
-        tiles = [(first_step + step) * cfg.tiles_per_step + u for u in range(cfg.tiles_per_step)]
-        loaded = [load_words(t) for t in tiles]
-        for t, words in zip(tiles, loaded):
-            acc = tile_step(t, acc, words)
+        return [(load_words(t), h2_x_raw(t) if h2 else None) for t in step_tiles(step)]
+
+    def run_step(step, acc, loaded):
+        for t, tile_loads in zip(step_tiles(step), loaded):
+            acc = tile_step(t, acc, tile_loads)
         return acc
+
+    if cfg.prefetch:  # the next step's loads go out before this step's arithmetic (the last is reloaded)
+        def body(step, carry):
+            acc, loaded = carry
+            ahead = load_step(jnp.minimum(step + 1, n_steps - 1))
+            return run_step(step, acc, loaded), ahead
+    else:
+        def body(step, acc):
+            return run_step(step, acc, load_step(step))
 
     if cfg.use_dot:
         acc0 = jnp.zeros((bm, bn), jnp.float32)
     else:
         acc0 = tuple(jnp.zeros((rows if cfg.acc2d else 1, bn), jnp.float32) for _ in range(bm))
-    acc = lax.fori_loop(0, n_steps, body, acc0)
+    scales = x_scales() if h2 else None
+    if cfg.prefetch:
+        acc, _ = lax.fori_loop(0, n_steps, body, (acc0, load_step(0)))
+    else:
+        acc = lax.fori_loop(0, n_steps, body, acc0)
     if cfg.acc2d:
         acc = tuple(jnp.sum(a, axis=0, keepdims=True) for a in acc)
+    if h2:  # back from the scaled x (exact)
+        acc = tuple(a * inv for a, (_, inv) in zip(acc, scales))
 
     if one_group and scale_ref is not None:
         s = load_group_row(scale_ref, 0, cols)
@@ -589,7 +719,7 @@ def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: boo
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, lay.n), jnp.float32)
     path = "gemm" if cfg.use_dot else "gemv"
-    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops)
+    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops, asm=not interpret)
     aliases = {}
     if poisoned:  # the kernel writes into a buffer pre-filled with `fill` (last operand, aliased)
         operands.append(jnp.full(out_shape.shape, fill, out_shape.dtype))

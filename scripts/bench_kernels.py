@@ -63,6 +63,15 @@ def suites(name: str):
             Sweep(w4, shapes=every, batches=(64, 128, 256), tune_batches=(64, 256), max_candidates=4),
             *[dataclasses.replace(s, shapes=small[:1], max_candidates=4) for s in full[4:]],
         ]
+    if name == "h2":  # the f16x2 GEMV (dequant="h2", prefetch) against "fma": every candidate at batch 1
+        w4, every = Variant(4, 128), LLAMA
+        return [
+            Sweep(w4, shapes=every, batches=(1,), tune_batches=(1,), max_candidates=20),
+            Sweep(w4, shapes=every, batches=(2, 4, 8), tune_batches=(2, 8), max_candidates=8),
+            *[Sweep(v, shapes=small, batches=(1,), tune_batches=(1,), max_candidates=8)
+              for v in (Variant(8, 0), Variant(2, 128), Variant(4, 128, "asym"))],
+            Sweep(w4, shapes=every, batches=(16, 32), tune_batches=(16,), max_candidates=4),
+        ]
     if name == "run3-rest":  # run3 after W4 batch 1-8 (recorded on the H100 in run 4): what it did not reach
         return suites("run3")[2:]
     if name == "quick":  # one shape per variant, few batches: a smoke run
@@ -70,7 +79,7 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, quick or w4")
 
 
 def card_tag(kind: str) -> str:

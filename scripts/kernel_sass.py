@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxcompress.errors import UserError
 from pallas_kernels.layout import kernel_layout
-from pallas_kernels.quant_matmul import TileConfig, quant_matmul
+from pallas_kernels.quant_matmul import DEQUANT_MODES, TileConfig, quant_matmul
 from pallas_kernels.testing import Variant, random_qarray
 
 COMPILE = """
@@ -122,10 +122,11 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=4096)
     p.add_argument("--m", type=int, default=1, help="batch (rows of x)")
-    p.add_argument("--dequant", default="fma", choices=("shift", "inplace", "fma"))
+    p.add_argument("--dequant", default="fma", choices=DEQUANT_MODES)
     p.add_argument("--dot", action="store_true", help="the tensor-core path (block_m 16 or more)")
     p.add_argument("--tile-dot", action="store_true", help="tensor-core path, one dot per tile")
     p.add_argument("--acc2d", action="store_true")
+    p.add_argument("--prefetch", action="store_true", help="GEMV: the next step's loads a step ahead")
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--split-k", type=int, default=4)
     p.add_argument("--tiles-per-step", type=int, default=2)
@@ -153,7 +154,7 @@ def main(argv=None):
         dot = args.dot or args.tile_dot
         cfg = TileConfig(block_n=args.block_n, block_m=max(16, args.m) if dot else min(args.m, 8), use_dot=dot,
                          tile_dot=args.tile_dot, split_k=args.split_k, tiles_per_step=args.tiles_per_step,
-                         dequant=args.dequant, acc2d=args.acc2d, num_warps=args.warps, num_stages=args.stages)
+                         dequant=args.dequant, acc2d=args.acc2d, prefetch=args.prefetch, num_warps=args.warps, num_stages=args.stages)
         (kernel,) = triton_ir(lambda x, w: quant_matmul(x, w, config=cfg), x, w)
         tile = kernel_layout(w).tile
         kernels = [(*kernel, str(cfg), args.tiles_per_step * tile * args.block_n / (args.warps * 32), "a weight")]

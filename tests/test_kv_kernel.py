@@ -217,36 +217,6 @@ def test_cuda_core_bodies_equal_reference(bits, d, g, s, length, kg, vg, zero, s
         assert float(jnp.abs(out - ref).max()) > CW_TOLERANCE["cw"](bits) * top
 
 
-def test_packed_fp16_helpers_round_trip():
-    """The interpret-mode f16x2 helpers against numpy fp16: pack/unpack, FMA, and the code
-    extraction (codes masked in place into 2**(10 - o), less the centre) at every pair offset."""
-    rng = np.random.default_rng(0)
-    lo, hi = (rng.normal(size=(4, 8)).astype(np.float32) for _ in range(2))
-    packed = da.h2_pack(jnp.asarray(lo), jnp.asarray(hi), asm=False)
-    got_lo, got_hi = da.h2_unpack(packed, asm=False)
-    np.testing.assert_array_equal(np.asarray(got_lo), lo.astype(np.float16).astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(got_hi), hi.astype(np.float16).astype(np.float32))
-    for bits in (2, 4, 8):
-        codes = rng.integers(0, 1 << bits, size=(4, 8, 32 // bits))
-        words = np.zeros((4, 8), np.uint32)
-        for t in range(32 // bits):
-            words |= codes[..., t].astype(np.uint32) << np.uint32(t * bits)
-        half = 16 // bits
-        for j, (shifted, o) in enumerate(da.h2_positions(bits)):
-            w = jnp.asarray((words >> np.uint32(da.H2_SHIFT if shifted else 0)).view(np.int32))
-            field = ((1 << bits) - 1) << o
-            e = (25 - o) << 10
-            mid = (1 << (bits - 1)) << o
-            acc = da.h2_code_fma(w, jnp.int32(field | field << 16), jnp.int32(e | e << 16),
-                                 jnp.int32(e | mid | (e | mid) << 16), packed, jnp.zeros((4, 8), jnp.int32), asm=False)
-            a_lo, a_hi = da.h2_unpack(acc, asm=False)
-            mid_code = 1 << (bits - 1)
-            want = [(codes[..., j + i * half] - mid_code) * x.astype(np.float16).astype(np.float32) for i, x in
-                    enumerate((lo, hi))]
-            np.testing.assert_allclose(np.asarray(a_lo), want[0], rtol=2 ** -11)
-            np.testing.assert_allclose(np.asarray(a_hi), want[1], rtol=2 ** -11)
-
-
 def test_kernel_path_choice_and_errors():
     rng = np.random.default_rng(6)
     k, v, _ = _layout("kivi-k2v2", rng, 512)  # token_rows

@@ -27,8 +27,8 @@ from pallas_kernels.testing import (Variant, abstract_weight, float64_reference,
                                     random_qarray, random_weight, relative_error)
 
 TOL = 1e-2
-GEMV = lambda bn=32, m=1, split=1, step=1, dq="shift", acc2d=False: TileConfig(  # noqa: E731
-    block_n=bn, block_m=m, split_k=split, tiles_per_step=step, dequant=dq, acc2d=acc2d)
+GEMV = lambda bn=32, m=1, split=1, step=1, dq="shift", acc2d=False, pre=False: TileConfig(  # noqa: E731
+    block_n=bn, block_m=m, split_k=split, tiles_per_step=step, dequant=dq, acc2d=acc2d, prefetch=pre)
 GEMM = lambda bn=32, bm=16, split=1, step=1, tile=False, dq="shift": TileConfig(  # noqa: E731
     block_n=bn, block_m=bm, use_dot=True, split_k=split, tiles_per_step=step, tile_dot=tile, dequant=dq)
 
@@ -55,6 +55,17 @@ CASES = [
     (Variant(8, 0, "asym"), 256, 32, (2,), GEMV(m=2, split=2, dq="fma", acc2d=True), jnp.float16),  # one group, 2 tiles
     (Variant(2, 128), 384, 32, (1,), GEMV(split=2, dq="fma", acc2d=True), jnp.bfloat16),
     (Variant(4, 128, "asym", act_order=True, outliers=40), 256, 64, (2,), GEMV(m=2, dq="fma"), jnp.bfloat16),
+    # dequant="h2" (code pairs in f16x2, x scaled per program by a power of two)
+    (Variant(4, 128), 640, 32, (1,), GEMV(split=3, dq="h2", acc2d=True), jnp.bfloat16),  # 5 tiles, 3 splits
+    # ... with the next step's loads issued a step ahead: splits of 2, 2 and 1 steps, 8 and 4 pairs
+    (Variant(4, 128), 640, 32, (2,), GEMV(m=2, split=3, dq="h2", acc2d=True, pre=True), jnp.bfloat16),
+    (Variant(2, 128, "asym"), 768, 32, (1,), GEMV(split=2, step=1, dq="h2", acc2d=True, pre=True), jnp.float16),
+    (Variant(4, 128, "asym"), 640, 32, (1,), GEMV(split=2, dq="fma", acc2d=True, pre=True), jnp.bfloat16),
+    (Variant(4, 128, "asym"), 256, 64, (3,), GEMV(m=3, split=2, dq="h2", acc2d=True), jnp.float16),
+    (Variant(8, 0), 256, 32, (2,), GEMV(m=2, dq="h2", acc2d=True), jnp.bfloat16),  # one group: scale at the end
+    (Variant(2, 128), 384, 32, (1,), GEMV(split=2, dq="h2", acc2d=True), jnp.bfloat16),  # 8 pairs a word
+    (Variant(2, 0, "asym", tiled_rows=16), 320, 32, (1,), GEMV(dq="h2", acc2d=True), jnp.bfloat16),  # K padded
+    (Variant(4, 128, act_order=True, outliers=40), 256, 64, (2,), GEMV(m=2, dq="h2", acc2d=True), jnp.bfloat16),
     # ... and on the tensor-core paths (per-slab dots, whole-tile dots)
     (Variant(4, 32, "asym", tiled_rows=32), 512, 64, (17,), GEMM(split=2, dq="fma"), jnp.bfloat16),
     (Variant(2, 0, "asym", tiled_rows=16), 320, 32, (16,), GEMM(tile=True, dq="fma"), jnp.float16),
@@ -65,7 +76,7 @@ CASES = [
 def _path(cfg):
     if cfg.use_dot:
         return ("tiledot" if cfg.tile_dot else "dot") + ("-fma" if cfg.dequant == "fma" else "")
-    return f"gemv-{cfg.dequant}" + ("-acc2d" if cfg.acc2d else "")
+    return f"gemv-{cfg.dequant}" + ("-acc2d" if cfg.acc2d else "") + ("-prefetch" if cfg.prefetch else "")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].name}-M{np.prod(c[3])}-{_path(c[4])}")
@@ -227,3 +238,16 @@ def test_timing_harness_keeps_calls_apart():
     for i, (x, y) in enumerate(zip(xs, outs)):
         np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(dense_linear(x, ws[i % 2]), np.float32))
     assert below_floor(1.0, 25.0) and not below_floor(FLOOR_SLACK * 25.0, 25.0) and not below_floor(None, 1.0)
+
+
+@pytest.mark.parametrize("mult", [3e4, 1e-5])
+def test_h2_holds_any_activation_range(mult):
+    """dequant="h2" adds in fp16; the power-of-two scaling of x per program keeps activations of
+    3e4 (fp16 sums would overflow) and 1e-5 (fp16 would flush them to subnormals) as accurate
+    as the fp32 path."""
+    w = random_weight(3, 1024, 64, Variant(4, 128))
+    x = (random_activations(4, (2, 1024), jnp.float32) * mult).astype(jnp.bfloat16)
+    ref = float64_reference(x, w)
+    err = {dq: relative_error(quant_matmul(x, w, config=GEMV(m=2, split=2, dq=dq, acc2d=True), interpret=True), ref)
+           for dq in ("fma", "h2")}
+    assert err["h2"] <= 1.1 * err["fma"] and err["h2"] <= TOL, err

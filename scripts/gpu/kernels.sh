@@ -6,8 +6,9 @@
 #   source scripts/gpu_prelude.sh; bash scripts/gpu/kernels.sh
 #
 # Carry: .whl (pytest wheels, for machines without pytest). Everything goes to $OUT/kernels/ and
-# $OUT/kernels.tgz. Whole run: at most KERNELS_BUDGET_S seconds (default 420; the GPU tests KERNELS_TEST_S, default 55): each step has its
-# own `timeout`, so a hang loses only that step. Progress lines carry a UTC time and the seconds
+# $OUT/kernels.tgz. Whole run: at most KERNELS_BUDGET_S seconds (default 420; the GPU tests
+# KERNELS_TEST_S, default 55; the benchmark at most KERNELS_BENCH_MAX_S, default 230): each step
+# has its own `timeout`, so a hang loses only that step. Progress lines carry a UTC time and the seconds
 # since the start.
 set -u
 OUT=${OUT:?set OUT}
@@ -42,7 +43,8 @@ log "pytest done"
 #    then W8/W3/W2 at batch 1, then large batches and the rest, until the deadline. run3-rest starts
 #    at batch 16-32 (the H100 run 4 covered W4 batch 1-8).
 BENCH_S=$(( $(left) - 185 ))   # keep ~185 s for the decode runs and the summary
-[ "$BENCH_S" -gt 230 ] && BENCH_S=230
+BENCH_MAX=${KERNELS_BENCH_MAX_S:-230}
+[ "$BENCH_S" -gt "$BENCH_MAX" ] && BENCH_S=$BENCH_MAX
 DEADLINE=$(( BENCH_S - 40 ))   # the sweep stops starting points 40 s before the hard timeout
 log "bench_kernels --suite ${KERNELS_SUITE:-run3} (deadline ${DEADLINE}s, timeout ${BENCH_S}s)"
 timeout -k 5 "$BENCH_S" python scripts/bench_kernels.py --out "$D" --suite "${KERNELS_SUITE:-run3}" \
@@ -112,7 +114,8 @@ print("\nW4 g128 (kernel = CUPTI us/call; probe = same grid, loads only)")
 print("| K x N | M | kernel us | bf16 us | speedup | roofline | probe us | config |")
 for r in sorted(summary["w4_g128"], key=lambda r: (r["m"], r["k"], r["n"])):
     c = r["config"] or {}
-    cfg = f"{'dot' if c.get('use_dot') else c.get('dequant')}{'-acc2d' if c.get('acc2d') else ''} bn{c.get('block_n')} s{c.get('split_k')} w{c.get('num_warps')}"
+    cfg = (f"{'dot' if c.get('use_dot') else c.get('dequant')}{'-acc2d' if c.get('acc2d') else ''}"
+           f"{'-pf' if c.get('prefetch') else ''} bn{c.get('block_n')} s{c.get('split_k')} t{c.get('tiles_per_step')} w{c.get('num_warps')}")
     print(f"| {r['k']}x{r['n']} | {r['m']} | {f(r['kernel_us'])} | {f(r['xla_bf16_us'])} | {f(r['speedup'], 2)} | "
           f"{f(r['roofline_fraction'], 2)} | {f(r['probe_us'])} | {cfg} |")
 for r in summary["batch1_other_bits"]:

@@ -10,6 +10,8 @@ random inputs, NaN-poisoned outputs, relative error against the reference at mos
 NaN. `scripts/bench_kernels.py` also checks each timed config against the reference.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,11 +52,11 @@ def _check(y, x, w, reference):
 
 
 def one_config_per_path(configs):
-    """The first config of each code path (GEMV with shift or in-place dequantization / per-slab
-    dot / whole-tile dot, with or without split-K, even or not)."""
+    """The first config of each code path (GEMV with each dequantization, with or without the
+    loads a step ahead / per-slab dot / whole-tile dot, with or without split-K, even or not)."""
     seen, out = set(), []
     for cfg in configs:
-        path = (cfg.use_dot, cfg.tile_dot, cfg.split_k > 1, cfg.dequant)
+        path = (cfg.use_dot, cfg.tile_dot, cfg.split_k > 1, cfg.dequant, cfg.prefetch)
         if path not in seen:
             seen.add(path)
             out.append(cfg)
@@ -81,6 +83,27 @@ def test_fp16_activations():
         y = quant_matmul(x[:m], w, config=autotune.candidates(lay, m)[0], poison=NAN)
         assert y.dtype == jnp.float16
         _check(y, x[:m], w, quant_matmul_reference)
+
+
+@pytest.mark.parametrize("variant", [Variant(4, 128), Variant(4, 128, "asym"), Variant(2, 128), Variant(8, 0)],
+                         ids=lambda v: v.name)
+def test_h2_paired_fp16_on_gpu(variant):
+    """dequant="h2" runs the f16x2 inline PTX: against the fp32 "fma" path and the float64
+    product, at activations of ordinary size, 3e4 and 1e-5 (the power-of-two scaling of x)."""
+    w = random_weight(5, 4096, 1024, variant)
+    x0 = jax.random.normal(jax.random.key(7), (2, 4096), jnp.float32)
+    lay = kernel_layout(w)
+    h2 = [c for c in autotune.candidates(lay, 2) if c.dequant == "h2"]
+    assert {c.prefetch for c in h2} == {False, True}
+    fma = dataclasses.replace(h2[0], dequant="fma", prefetch=False)
+    for mult in (1.0, 3e4, 1e-5):
+        x = (x0 * mult).astype(jnp.bfloat16)
+        ref = float64_reference(x, w)
+        err_fma = relative_error(quant_matmul(x, w, config=fma), ref)
+        for cfg in h2[:2] + [c for c in h2 if c.prefetch][:1]:
+            y = quant_matmul(x, w, config=cfg, poison=NAN)
+            assert not np.isnan(np.asarray(y, np.float32)).any()
+            assert relative_error(y, ref) <= max(1.1 * err_fma, 2e-3), (mult, cfg)
 
 
 def test_linear_picks_the_kernel_on_gpu():
