@@ -533,11 +533,12 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         program reads lies in its steps' tiles; the loads are issued together, clamped to K."""
         span = per_split * cfg.tiles_per_step * lay.tile
         start = first_step * cfg.tiles_per_step * lay.tile
-        chunk = min(span, 1024)
+        chunk = min(1 << (span.bit_length() - 1), 1024)  # Triton arrays: a power of two long
         out = []
         for i in range(bm):
             top = None
-            for c0 in range(0, span, chunk):
+            for c0 in range(0, span, chunk):  # a last chunk past the span reads x the program
+                # does not use (or x[K - 1]): a larger maximum only makes s more conservative
                 ids = jnp.minimum(start + c0 + lax.iota(jnp.int32, chunk), lay.k - 1)
                 a = jnp.abs(x_ref[row_list[i], ids].astype(jnp.float32))
                 top = a if top is None else jnp.maximum(top, a)

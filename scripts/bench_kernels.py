@@ -72,6 +72,17 @@ def suites(name: str):
               for v in (Variant(8, 0), Variant(2, 128), Variant(4, 128, "asym"))],
             Sweep(w4, shapes=every, batches=(16, 32), tune_batches=(16,), max_candidates=4),
         ]
+    if name == "h2-e2e":  # what the end-to-end W4 decode (asymmetric RTN on Llama-2-7B) runs, then the rest
+        llama2 = ((4096, 4096), (4096, 11008), (11008, 4096))
+        asym = Variant(4, 128, "asym")
+        return [
+            Sweep(asym, shapes=llama2, batches=(1,), tune_batches=(1,), max_candidates=20),
+            Sweep(asym, shapes=llama2, batches=(8,), tune_batches=(8,), max_candidates=8),
+            Sweep(Variant(4, 128), shapes=((14336, 4096), (4096, 14336)), batches=(1,), tune_batches=(1,),
+                  max_candidates=20),
+            *[Sweep(v, shapes=small, batches=(1,), tune_batches=(1,), max_candidates=8)
+              for v in (Variant(8, 0), Variant(2, 128))],
+        ]
     if name == "run3-rest":  # run3 after W4 batch 1-8 (recorded on the H100 in run 4): what it did not reach
         return suites("run3")[2:]
     if name == "quick":  # one shape per variant, few batches: a smoke run
@@ -79,7 +90,7 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, quick or w4")
 
 
 def card_tag(kind: str) -> str:

@@ -27,6 +27,26 @@ def test_triton_ir_of_the_gemv_kernel_on_a_cpu():
     assert "scf.for" in ir and "arith.ori" in ir and "tt.bitcast" in ir
 
 
+def test_every_h2_candidate_lowers_for_cuda():
+    """Triton's lowering rules (every array a power of two long, ...) hold for each "h2" GEMV
+    candidate the autotuner proposes at batch 1 for the 7B shapes: the maximum of x over a K
+    split of 7 tiles (14336 x 4096) once broke them, and only the GPU run showed it."""
+    from pallas_kernels import autotune
+    from pallas_kernels.benchmark import LLAMA_SHAPES
+    from pallas_kernels.testing import abstract_weight
+
+    lowered = 0
+    for k, n in LLAMA_SHAPES:
+        w = abstract_weight(k, n, Variant(4, 128))
+        for cfg in autotune.candidates(autotune.kernel_layout(w), 1):
+            if cfg.dequant == "h2":
+                ((ir, _, _),) = kernel_sass.triton_ir(lambda x, w: quant_matmul(x, w, config=cfg),
+                                                     jnp.ones((1, k), jnp.bfloat16), w)
+                assert "tt.elementwise_inline_asm" in ir and "fma.rn.f16x2" in ir
+                lowered += 1
+    assert lowered >= 6 * len(LLAMA_SHAPES)
+
+
 def test_loop_counts_of_a_listing():
     listing = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
