@@ -371,3 +371,25 @@ def test_kivi_store_layout_choice():
         KIVICodec(4, 2, layout="channel_words")
     with pytest.raises(ConfigError, match="columns=12 must be 4, 8, 16, 32 or 64"):
         KIVICodec(columns=12)
+
+
+def test_kivi_flushes_all_layers_under_one_conditional():
+    """flush_per_step (the default): a decode step flushes every layer's due group under one
+    conditional (a GPU conditional is a round trip to the host), not one a layer; the logits
+    over the flushes (prefill 30, groups leave the window at 32 and 48, sink token included)
+    equal the per-layer flushes' bit for bit."""
+    cfg = dataclasses.replace(preset("tiny"), head_dim=D, num_kv_heads=KH, num_heads=2 * KH, num_layers=3)
+    model = random_model(cfg, jnp.float32)
+    tokens = jax.random.randint(jax.random.key(4), (2, 50), 0, cfg.vocab_size)
+    per_step = KIVICodec(2, 2, group_size=16, residual=16, sink=1, attention="reference")
+    per_layer = dataclasses.replace(per_step, flush_per_step=False)
+    np.testing.assert_array_equal(_decode_logits(model, cfg, per_step, tokens, 30),
+                                  _decode_logits(model, cfg, per_layer, tokens, 30))
+
+    def conds(codec):
+        cache = KVCache.create(cfg, 2, 64, jnp.float32, codec)
+        one = jnp.zeros((2, 1), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda c: model(one, one, c))(cache)
+        return str(jaxpr).count(" cond[")
+
+    assert (conds(per_step), conds(per_layer)) == (1, cfg.num_layers)

@@ -16,6 +16,11 @@ flush reads one group from the ring; nothing slides. Prefill writes many tokens 
 ring unrolled, extended, flushed, rolled back); decode writes one (`_append`). Both store the
 same cache.
 
+A decode step flushes the same group in every layer (all layers share the index), and a
+conditional on the GPU costs a round trip to the host: `prepare` (called by the model once a
+step) flushes every layer's due group under one conditional, and marks the states so that
+`_append` skips its own (`flush_per_step=False`: one conditional a layer, as before).
+
 `sink` (default 0, the published KIVI): the first `sink` positions are also kept exact once they
 leave the window, as KVQuant keeps its attention sink, and are left out of their key group's
 per-channel range: the sink token's keys are atypical, and every later query attends to it.
@@ -35,6 +40,9 @@ from jaxcompress.kv.store import (CHANNEL_WORDS, META_DTYPE, TOKEN_ROWS, WORD_CO
                                   uniform_codes)
 
 
+FLUSHED = "flushed_by_prepare"  # state key: this step's flush is done (static: the key's presence)
+
+
 @dataclasses.dataclass(frozen=True)
 class KIVICodec(PackedCodec):
     key_bits: int = 2
@@ -45,6 +53,7 @@ class KIVICodec(PackedCodec):
     sink: int = 0
     layout: str = "auto"  # the stores' layout: auto | channel_words | token_rows (see store_layout)
     columns: int = WORD_COLUMNS  # channel_words: word columns of a decode-kernel tile (a tuning knob)
+    flush_per_step: bool = True  # decode: one conditional flushes all layers (see `prepare`)
 
     def __post_init__(self):
         check_bits(self.key_bits, "key_bits")
@@ -173,25 +182,45 @@ class KIVICodec(PackedCodec):
         return {"k": kstore, "v": vstore, "res_k": ring(ext_k), "res_v": ring(ext_v),
                 "end": jnp.asarray(index + t, jnp.int32), **sink}
 
+    def prepare(self, layers, index, new_tokens):
+        """Decode (one token): when the step flushes a group, every layer's is flushed here under
+        one conditional (the group is old tokens, never the slot this step writes), and each state
+        is marked so that `_append` does not flush again."""
+        if new_tokens != 1 or not self.flush_per_step or not all(self._flushes(l) for l in layers):
+            return layers
+        n_old = self.flushed(index)
+        stores = jax.lax.cond(self.flushed(index + 1) > n_old,
+                              lambda: tuple(self._flush_ring(l, n_old) for l in layers),
+                              lambda: tuple((l["k"], l["v"]) for l in layers))
+        return tuple({**l, "k": k, "v": v, FLUSHED: jnp.zeros((), jnp.bool_)} for l, (k, v) in zip(layers, stores))
+
+    def _flushes(self, state) -> bool:
+        """Whether this state's ring ever flushes (a ring shorter than R + G, max_len < R + G, does not)."""
+        return state["res_k"].shape[1] == self.residual + self.group_size
+
+    def _flush_ring(self, state, n_old):
+        """(keys, values) stores with the ring's oldest group (tokens n_old..n_old + G - 1) flushed."""
+        win = state["res_k"].shape[1]
+        group = (n_old + jnp.arange(self.group_size, dtype=jnp.int32)) % win
+        return self._flush(state["k"], state["v"], jnp.take(state["res_k"], group, axis=1),
+                           jnp.take(state["res_v"], group, axis=1), n_old, state.get("sink_slot"))
+
     def _append(self, state, k, v, index, positions=None):
         """One decode step: the token goes to its ring slot in place; every G steps the oldest
-        group (never that slot: the window holds at most R + G - 1 tokens) is flushed."""
-        g = self.group_size
+        group (never that slot: the window holds at most R + G - 1 tokens) is flushed, here or,
+        when `prepare` marked the state, already."""
         res_k, res_v = state["res_k"], state["res_v"]
         win = res_k.shape[1]
         n_old = self.flushed(index)
+        kstore, vstore = state["k"], state["v"]
+        if FLUSHED not in state and self._flushes(state):
+            # everything inside the branch: nothing of it runs on the other G - 1 steps
+            kstore, vstore = jax.lax.cond(self.flushed(index + 1) > n_old, lambda: self._flush_ring(state, n_old),
+                                          lambda: (kstore, vstore))
         at = (0, index % win, 0, 0)
         res_k = jax.lax.dynamic_update_slice(res_k, k.astype(res_k.dtype), at)
         res_v = jax.lax.dynamic_update_slice(res_v, v.astype(res_v.dtype), at)
         sink = write_sink(state, k, v, index, positions, self.sink) if self.sink else {}
-        kstore, vstore = state["k"], state["v"]
-        if win == self.residual + g:  # a shorter ring (max_len < R + G) is never flushed
-            def flush():  # everything inside the branch: nothing of it runs on the other G - 1 steps
-                group = (n_old + jnp.arange(g, dtype=jnp.int32)) % win
-                return self._flush(kstore, vstore, jnp.take(res_k, group, axis=1), jnp.take(res_v, group, axis=1),
-                                   n_old, sink.get("sink_slot"))
-
-            kstore, vstore = jax.lax.cond(self.flushed(index + 1) > n_old, flush, lambda: (kstore, vstore))
         return {"k": kstore, "v": vstore, "res_k": res_k, "res_v": res_v,
                 "end": jnp.asarray(index + 1, jnp.int32), **sink}
 

@@ -43,6 +43,13 @@ class KVCodec:
         tokens' absolute positions (-1 = padding), for codecs that treat some tokens apart."""
         raise NotImplementedError
 
+    def prepare(self, layers: tuple, index: jax.Array, new_tokens: int) -> tuple:
+        """The layers' states before `new_tokens` tokens are written at slot `index`, with any
+        work that falls due at this step already done for all layers together (KIVI: a window
+        flush, under one conditional a step instead of one a layer). The model calls it once a
+        step, before the layers' `write`; callers that skip it get the same cache."""
+        return layers
+
     def read(self, state: Any) -> tuple[jax.Array, jax.Array]:
         """All slots decoded to dense [B, S, K, D] keys and values (the reference)."""
         raise NotImplementedError
@@ -117,6 +124,10 @@ class KVCache:
                 f"context of {used + new_tokens} tokens is longer than the KV cache "
                 f"({self.max_len} slots); create the cache with a larger max_len"
             )
+
+    def prepared(self, new_tokens: int) -> "KVCache":
+        """This cache with the codec's per-step work for `new_tokens` tokens done (`KVCodec.prepare`)."""
+        return dataclasses.replace(self, layers=tuple(self.codec.prepare(self.layers, self.index, new_tokens)))
 
     def advance(self, positions: jax.Array) -> "KVCache":
         """Records the positions [B, T] of the tokens just written and moves the index."""

@@ -162,6 +162,7 @@ class LlamaModel(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         if cache is not None:
             cache.check_room(tokens.shape[1])  # a clear error instead of clamped writes (eager only)
+            cache = cache.prepared(tokens.shape[1])
         x = self.embed_tokens(tokens).astype(self.dtype)
         cos_sin = rope_cos_sin(self.config, jnp.maximum(positions, 0))
         new_layers = []
