@@ -596,10 +596,14 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         acc0 = jnp.zeros((bm, bn), jnp.float32)
     else:
         acc0 = tuple(jnp.zeros((rows if cfg.acc2d else 1, bn), jnp.float32) for _ in range(bm))
-    scales = x_scales() if h2 else None
     if cfg.prefetch:
-        acc, _ = lax.fori_loop(0, n_steps, body, (acc0, load_step(0)))
+        # The first step's loads go out before the maximum of x is taken (h2), so the two
+        # memory latencies overlap instead of adding up (a program may walk a single step).
+        first = load_step(0)
+        scales = x_scales() if h2 else None
+        acc, _ = lax.fori_loop(0, n_steps, body, (acc0, first))
     else:
+        scales = x_scales() if h2 else None
         acc = lax.fori_loop(0, n_steps, body, acc0)
     if cfg.acc2d:
         acc = tuple(jnp.sum(a, axis=0, keepdims=True) for a in acc)

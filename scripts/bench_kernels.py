@@ -76,10 +76,9 @@ def suites(name: str):
         llama2 = ((4096, 4096), (4096, 11008), (11008, 4096))
         asym = Variant(4, 128, "asym")
         return [
-            Sweep(asym, shapes=llama2, batches=(1,), tune_batches=(1,), max_candidates=20),
+            Sweep(asym, shapes=llama2, batches=(1,), tune_batches=(1,), max_candidates=11),
+            Sweep(Variant(4, 128), shapes=LLAMA, batches=(1,), tune_batches=(1,), max_candidates=11),
             Sweep(asym, shapes=llama2, batches=(8,), tune_batches=(8,), max_candidates=8),
-            Sweep(Variant(4, 128), shapes=((14336, 4096), (4096, 14336)), batches=(1,), tune_batches=(1,),
-                  max_candidates=20),
             *[Sweep(v, shapes=small, batches=(1,), tune_batches=(1,), max_candidates=8)
               for v in (Variant(8, 0), Variant(2, 128))],
         ]
