@@ -60,6 +60,7 @@ CASES = [
     # ... with the next step's loads issued a step ahead: splits of 2, 2 and 1 steps, 8 and 4 pairs
     (Variant(4, 128), 640, 32, (2,), GEMV(m=2, split=3, dq="h2", acc2d=True, pre=True), jnp.bfloat16),
     (Variant(2, 128, "asym"), 768, 32, (1,), GEMV(split=2, step=1, dq="h2", acc2d=True, pre=True), jnp.float16),
+    (Variant(4, 128, "asym"), 512, 32, (1,), GEMV(step=2, dq="h2", acc2d=True, pre=True), jnp.bfloat16),  # no K split
     (Variant(4, 128, "asym"), 640, 32, (1,), GEMV(split=2, dq="fma", acc2d=True, pre=True), jnp.bfloat16),
     (Variant(4, 128, "asym"), 256, 64, (3,), GEMV(m=3, split=2, dq="h2", acc2d=True), jnp.float16),
     (Variant(8, 0), 256, 32, (2,), GEMV(m=2, dq="h2", acc2d=True), jnp.bfloat16),  # one group: scale at the end
