@@ -128,15 +128,13 @@ def gemv_specs(bm: int, sms: int) -> list[GemvSpec]:
     most shapes and stays as the reference; "fma" (22% fewer instructions in the loop than
     "inplace" by the SASS count, docs/results/kernel_notes.md) won runs 6-7. "h2" (code pairs in
     f16x2: 20% fewer than "fma") comes first, with and without the loads issued a step ahead
-    (prefetch; fewer programs, each walking more steps, so its loads overlap its arithmetic), and
-    without a K split (no partial sums to add in a second kernel)."""
+    (prefetch; fewer programs, each walking more steps, so its loads overlap its arithmetic).
+    Without a K split (no second kernel for the partial sums) h2 lost 1.3-3.5x on the large
+    shapes (kernel_notes.md, run 8d): too few programs; none are proposed."""
     g = GemvSpec
     specs = [g(64, bm, 4, 4 * sms, 2, "h2", True), g(64, bm, 4, 2 * sms, 2, "h2", True, prefetch=True),
              g(128, bm, 4, 2 * sms, 1, "h2", True, prefetch=True), g(64, bm, 4, 4 * sms, 1, "h2", True, prefetch=True),
              g(128, bm, 8, 2 * sms, 2, "h2", True, prefetch=True), g(256, bm, 8, 2 * sms, 1, "h2", True, prefetch=True),
-             # no K split (target 1 program): no second kernel for the partial sums, fewer programs
-             g(32, bm, 4, 1, 2, "h2", True, prefetch=True), g(32, bm, 2, 1, 2, "h2", True, prefetch=True),
-             g(64, bm, 4, 1, 2, "h2", True, prefetch=True),
              g(64, bm, 4, 4 * sms, 2, "fma", True), g(64, bm, 4, 4 * sms, 2, "inplace", True),
              g(128, bm, 4, 4 * sms, 2, "fma", True), g(64, bm, 4, 4 * sms, 2, "fma", False),
              g(128, bm, 8, 2 * sms, 2, "fma", True), g(64, bm, 4, 2 * sms, 2, "fma", True, prefetch=True),

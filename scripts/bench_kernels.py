@@ -82,8 +82,6 @@ def suites(name: str):
             *[Sweep(v, shapes=small, batches=(1,), tune_batches=(1,), max_candidates=8)
               for v in (Variant(8, 0), Variant(2, 128))],
         ]
-    if name == "h2-split1":  # the h2 candidates with and without a K split, W4 batch 1, the large shapes
-        return [Sweep(Variant(4, 128), shapes=LLAMA[2:], batches=(1,), tune_batches=(1,), max_candidates=9)]
     if name == "run3-rest":  # run3 after W4 batch 1-8 (recorded on the H100 in run 4): what it did not reach
         return suites("run3")[2:]
     if name == "quick":  # one shape per variant, few batches: a smoke run
@@ -91,7 +89,7 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, h2-split1, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, quick or w4")
 
 
 def card_tag(kind: str) -> str:
