@@ -197,11 +197,13 @@ def time_attention(fn, state, q, calls: int, repeats: int) -> float:
 
 def decode_writes(codec: KVCodec, context: int, state, fresh):
     """The layer state after decode steps writing fresh [2, steps, B, 1, K, D] (keys, values)
-    one token a step at positions context, context + 1, ..."""
+    one token a step at positions context, context + 1, ... (`prepare`, then `write`: the model's
+    calls for one layer)."""
     batch = fresh.shape[2]
 
     def body(i, state):
         pos = jnp.full((batch, 1), context, jnp.int32) + i
+        (state,) = codec.prepare((state,), context + i, 1)  # the step's due work, as the model does it
         return codec.write(state, fresh[0, i], fresh[1, i], context + i, pos)
 
     return jax.lax.fori_loop(0, fresh.shape[1], body, state)
