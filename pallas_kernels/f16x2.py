@@ -58,12 +58,12 @@ def h2_unpack(x, asm: bool):
         return _h2_halves(x)
     # one result an instruction block: Pallas lowers inline assembly with a single result
     return tuple(inline_ptx(f"{{ .reg .b16 lo, hi; mov.b32 {{lo, hi}}, $1; cvt.f32.f16 $0, {half}; }}",
-                           [x], "=f,r", [jnp.float32])[0] for half in ("lo", "hi"))
+                            [x], "=f,r", [jnp.float32])[0] for half in ("lo", "hi"))
 
 
 def h2_code_fma(words, mask, magic, center, factor, acc, asm: bool):
     """acc + factor * (codes - mid), all f16x2: the code pair of `words` under `mask` OR-ed into
-    `magic`, less `center` (magic's value plus the mid code; see above)."""
+    `magic`, less `center` (see `h2_pair_constants`)."""
     if not asm:
         f_lo, f_hi = _h2_halves((words & mask) | magic)
         e_lo, e_hi = _h2_halves(center)
@@ -71,8 +71,8 @@ def h2_code_fma(words, mask, magic, center, factor, acc, asm: bool):
         a_lo, a_hi = _h2_halves(acc)
         return _h2_join(s_lo * (f_lo - e_lo) + a_lo, s_hi * (f_hi - e_hi) + a_hi)
     (out,) = inline_ptx("{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; sub.f16x2 t, t, $4; "
-                       "fma.rn.f16x2 $0, $5, t, $6; }",
-                       [words, mask, magic, center, factor, acc], "=r,r,r,r,r,r,r", [jnp.int32])
+                        "fma.rn.f16x2 $0, $5, t, $6; }",
+                        [words, mask, magic, center, factor, acc], "=r,r,r,r,r,r,r", [jnp.int32])
     return out
 
 
@@ -110,7 +110,6 @@ def inline_ptx(asm: str, args: list, constraints: str, dtypes: list) -> list:
     args = [jnp.broadcast_to(a, shape) for a in args]
     return plgpu.elementwise_inline_asm(asm, args=args, constraints=constraints, pack=1,
                                         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, t) for t in dtypes])
-
 
 
 def h2_pair_constants(bits: int, o):
