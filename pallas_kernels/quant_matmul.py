@@ -346,14 +346,16 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
             xs = jnp.where(valid[None, :], xs, jnp.zeros_like(xs))
         return xs
 
-    def load_x_col(t, j, i, factor=None):  # [rows, 1] fp32, row i of the block (times factor)
+    def load_x_raw(t, j, i):  # [rows, 1] in x's dtype, row i of the block (padded K zeroed)
         idx, valid = x_cols(t, j)
-        xs = x_ref[row_list[i], idx].astype(jnp.float32)
-        if factor is not None:
-            xs = xs * factor
+        xs = x_ref[row_list[i], idx]
         if valid is not None:
-            xs = jnp.where(valid, xs, 0.0)
+            xs = jnp.where(valid, xs, jnp.zeros_like(xs))
         return xs[:, None]
+
+    def load_x_col(t, j, i, factor=None):  # [rows, 1] fp32, row i of the block (times factor)
+        xs = load_x_raw(t, j, i).astype(jnp.float32)
+        return xs if factor is None else xs * factor
 
     def group_of(t, j):
         start, _ = lay.x_cols(t, j)
@@ -487,19 +489,9 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         zero_mid = 2.0 ** (bits - 1)
 
     def h2_x_raw(t):
-        """x of a tile as loaded ([rows, 1] per slab and row of x, padded K zeroed): the loads can
-        go out a step ahead (prefetch); scaling and packing wait for the arithmetic."""
-        out = []
-        for j in range(lay.period):
-            idx, valid = x_cols(t, j)
-            cols_j = []
-            for i in range(bm):
-                xs = x_ref[row_list[i], idx]
-                if valid is not None:
-                    xs = jnp.where(valid, xs, jnp.zeros_like(xs))
-                cols_j.append(xs[:, None])
-            out.append(cols_j)
-        return out
+        """x of a tile as loaded ([rows, 1] per slab and row of x): the loads can go out a step
+        ahead (prefetch); scaling and packing wait for the arithmetic."""
+        return [[load_x_raw(t, j, i) for i in range(bm)] for j in range(lay.period)]
 
     def h2_tile_step(t, acc, words, xraw, x_scale):
         """GEMV step of dequant="h2": per pair, the centred codes (shared by the rows of x) and

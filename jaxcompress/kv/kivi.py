@@ -189,10 +189,14 @@ class KIVICodec(PackedCodec):
         if new_tokens != 1 or not self.flush_per_step or not all(self._flushes(l) for l in layers):
             return layers
         n_old = self.flushed(index)
-        stores = jax.lax.cond(self.flushed(index + 1) > n_old,
+        stores = jax.lax.cond(self._flush_due(index),
                               lambda: tuple(self._flush_ring(l, n_old) for l in layers),
                               lambda: tuple((l["k"], l["v"]) for l in layers))
         return tuple({**l, "k": k, "v": v, FLUSHED: jnp.zeros((), jnp.bool_)} for l, (k, v) in zip(layers, stores))
+
+    def _flush_due(self, index):
+        """Whether writing one token at `index` moves a group out of the window."""
+        return self.flushed(index + 1) > self.flushed(index)
 
     def _flushes(self, state) -> bool:
         """Whether this state's ring ever flushes (a ring shorter than R + G, max_len < R + G, does not)."""
@@ -215,7 +219,7 @@ class KIVICodec(PackedCodec):
         kstore, vstore = state["k"], state["v"]
         if FLUSHED not in state and self._flushes(state):
             # everything inside the branch: nothing of it runs on the other G - 1 steps
-            kstore, vstore = jax.lax.cond(self.flushed(index + 1) > n_old, lambda: self._flush_ring(state, n_old),
+            kstore, vstore = jax.lax.cond(self._flush_due(index), lambda: self._flush_ring(state, n_old),
                                           lambda: (kstore, vstore))
         at = (0, index % win, 0, 0)
         res_k = jax.lax.dynamic_update_slice(res_k, k.astype(res_k.dtype), at)
