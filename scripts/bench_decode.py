@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --out docs/results/decode_h100.json
     PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --recipe rtn_w4_g128 ...
+    ... --fuse-projections   (q|k|v and gate|up as one matmul each, as served)
 
 Decode runs inside one jitted `lax.while_loop` (the same loop `generate` uses) over a cache
 already holding `--context` tokens; the median of three loops of `--steps` tokens, each continuing
@@ -12,6 +13,7 @@ the (donated) cache the last one left. Batch-1 decode is memory-bound, so its fl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 
@@ -94,6 +96,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="serve q|k|v and gate|up as one matmul each (jaxcompress.models.fuse)")
     p.add_argument("--skip-prefill", action="store_true", help="decode only (saves a compile)")
     p.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     p.add_argument("--out")
@@ -105,9 +109,16 @@ def main(argv=None):
         from jaxcompress.experiments.recipes import apply_recipe, load_recipe
 
         loaded = apply_recipe(loaded, load_recipe(args.recipe, []))
+    if args.fuse_projections:
+        from jaxcompress.models.fuse import fuse_projections
+
+        fused, report = fuse_projections(loaded.model)
+        loaded = dataclasses.replace(loaded, model=fused)
+        print(report.summary(), flush=True)
     weight_bytes = param_summary(loaded.model)["bytes"]
     bandwidth = copy_bandwidth(args.copy_mib << 20)
-    record = {"model": args.model, "recipe": args.recipe, "dtype": dtype.name, "context": args.context,
+    record = {"model": args.model, "recipe": args.recipe, "fused_projections": args.fuse_projections,
+              "dtype": dtype.name, "context": args.context,
               "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9, "decode": [], **provenance()}
     if not args.skip_prefill:
         prefill_s = bench_prefill(loaded, args.context)

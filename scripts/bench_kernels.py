@@ -27,6 +27,7 @@ def suites(name: str):
     from pallas_kernels.benchmark import Sweep
     from pallas_kernels.testing import Variant
 
+    from pallas_kernels.benchmark import FUSED_SHAPES as FUSED
     from pallas_kernels.benchmark import LLAMA_SHAPES as LLAMA
 
     small = ((4096, 4096), (4096, 11008))
@@ -82,6 +83,14 @@ def suites(name: str):
             *[Sweep(v, shapes=small, batches=(1,), tune_batches=(1,), max_candidates=8)
               for v in (Variant(8, 0), Variant(2, 128))],
         ]
+    if name == "fused":  # the fused q|k|v and gate|up shapes, Llama-2 asymmetric first (the e2e recipe)
+        asym, llama2 = Variant(4, 128, "asym"), FUSED[:2]
+        return [
+            Sweep(asym, shapes=llama2, batches=(1,), tune_batches=(1,), max_candidates=11),
+            Sweep(asym, shapes=llama2, batches=(8,), tune_batches=(8,), max_candidates=8),
+            Sweep(Variant(4, 128), shapes=FUSED, batches=(1,), tune_batches=(1,), max_candidates=11),
+            Sweep(Variant(4, 128), shapes=FUSED, batches=(2, 4, 8), tune_batches=(4,), max_candidates=6),
+        ]
     if name == "run3-rest":  # run3 after W4 batch 1-8 (recorded on the H100 in run 4): what it did not reach
         return suites("run3")[2:]
     if name == "quick":  # one shape per variant, few batches: a smoke run
@@ -89,7 +98,7 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, quick or w4")
 
 
 def card_tag(kind: str) -> str:

@@ -75,17 +75,33 @@ def test_e2e_runs_continue_the_donated_cache():
     assert (np.asarray(cache.positions[:, 22:]) == -1).all()
 
 
+def test_e2e_recipe_overrides_and_fusion():
+    """`name@section.key=value+fused`: the override reaches the codec, the projections are fused,
+    and greedy decoding equals the unfused model's with the same codec."""
+    from jaxcompress.kv.bench import e2e_setup
+
+    tokens = {}
+    for suffix in ("", "+fused"):
+        loaded, step_fn = e2e_setup("random:tiny", "kivi_k2v2@kv_cache.flush_per_step=false@kv_cache.group_size=16" + suffix, steps=4)
+        assert loaded.kv_codec.flush_per_step is False
+        assert (loaded.model.layers[0].self_attn.qkv_proj is not None) == (suffix == "+fused")
+        run, args = step_fn(40)
+        tokens[suffix] = np.asarray(run(*args))
+    np.testing.assert_array_equal(tokens["+fused"], tokens[""])
+
+
 def test_bench_decode_script_record(tmp_path):
-    """scripts/bench_decode.py (donated cache, three continuing loops): one decode row per batch
-    with its roofline, as the issue-5 records hold."""
+    """scripts/bench_decode.py (donated cache, three continuing loops, projections fused): one
+    decode row per batch with its roofline, as the issue-5 records hold."""
     path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
     spec = importlib.util.spec_from_file_location("bench_decode", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "decode.json"
     script.main(["--model", "random:tiny", "--batches", "1,2", "--steps", "3", "--context", "16", "--skip-prefill",
-                 "--copy-mib", "16", "--out", str(out)])
+                 "--copy-mib", "16", "--fuse-projections", "--out", str(out)])
     record = json.loads(out.read_text())
+    assert record["fused_projections"] is True
     assert [r["batch"] for r in record["decode"]] == [1, 2]
     for r in record["decode"]:
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3)

@@ -29,9 +29,15 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 
 
 class Linear(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+    """y = x @ kernel (+ bias); `kernel` a dense [in, out] array or any compressed leaf."""
+
+    def __init__(self, kernel, bias=None):
+        self.kernel = nnx.Param(kernel)
+        self.bias = None if bias is None else nnx.Param(bias)
+
+    @classmethod
+    def random(cls, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs) -> "Linear":
+        return cls(_normal(rngs, (d_in, d_out), dtype), jnp.zeros((d_out,), dtype) if bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = linear(x, self.kernel.get_value())
@@ -55,17 +61,27 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, h * dh, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, k * dh, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, k * dh, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(h * dh, d, bias=False, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear.random(d, h * dh, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear.random(d, k * dh, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear.random(d, k * dh, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear.random(h * dh, d, bias=False, dtype=dtype, rngs=rngs)
+        self.qkv_proj = nnx.data(None)  # set (and q/k/v_proj cleared) by models.fuse.fuse_projections
+
+    def project_qkv(self, x):
+        """q, k, v [B, T, out]: three matmuls, or one over the fused [in, q + k + v] weight."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        cfg = self.cfg
+        q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return jnp.split(self.qkv_proj(x), [q_width, q_width + kv_width], axis=-1)
 
     def __call__(self, x, positions, cos_sin, cache_layer=None, cache: KVCache | None = None):
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         cos, sin = cos_sin
         q = apply_rope(q, cos, sin)
         scale = cfg.head_dim ** -0.5
@@ -103,12 +119,17 @@ def _slot_rotation(cfg: ModelConfig, cache: KVCache, positions):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear.random(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear.random(d, f, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear.random(f, d, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = nnx.data(None)  # set (and gate/up_proj cleared) by models.fuse.fuse_projections
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -150,7 +171,7 @@ class LlamaModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, param_dtype, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
         self.lm_head = (None if cfg.tie_word_embeddings
-                        else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=param_dtype, rngs=rngs))
+                        else Linear.random(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=param_dtype, rngs=rngs))
 
     def hidden_states(self, tokens, positions=None, cache: KVCache | None = None):
         """Final-norm hidden states [B, T, D] and the updated cache (None without one).

@@ -196,3 +196,63 @@ def _register():
 
 
 _register()
+
+
+def concat_columns(parts, where: str = ""):
+    """One quantized weight whose output columns are those of `parts`, side by side.
+
+    For fusing projections that read the same input (q | k | v, gate | up) into one matmul.
+    Works for any leaf with QArray's fields and meaning (QArray, TiledQArray). The parts must
+    agree on type, bits, group size, K, dtype, act-order `perm` and (tiled) rows; per-tensor or
+    per-channel scales are broadcast to the widest grouping among them, and a symmetric part
+    joining asymmetric ones gets its implied zero 2**(bits-1) written out.
+    """
+    prefix = f"{where}: " if where else ""
+    first = parts[0]
+    fields = ("bits", "group_size", "dtype", "rows")
+
+    def signature(q):
+        return (type(q).__name__, q.shape[0], q.codebook is None, q.scale is None,
+                *(getattr(q, f, None) for f in fields))
+
+    for q in parts[1:]:
+        if signature(q) != signature(first):
+            raise ConfigError(
+                f"{prefix}cannot fuse quantized weights that differ in layout: "
+                f"(type, K, no codebook, no scale, bits, group size, dtype, rows) = "
+                f"{signature(first)} vs {signature(q)}; quantize them alike or leave them unfused")
+    perms = [None if q.perm is None else np.asarray(q.perm) for q in parts]
+    if any(p is None for p in perms) != all(p is None for p in perms) or (
+            perms[0] is not None and not all(np.array_equal(perms[0], p) for p in perms[1:])):
+        raise ConfigError(f"{prefix}cannot fuse weights with different act-order permutations "
+                          f"(their input rows are stored in different orders)")
+    widths = [q.shape[1] for q in parts]
+    n = sum(widths)
+    any_zero = any(q.zero is not None for q in parts)
+    group_rows = max(1 if q.scale is None else q.scale.shape[0] for q in parts)
+
+    def grid(q, x, fill):
+        """q's [G, n_q] group tensor x (or its implied value `fill`), broadcast to group_rows."""
+        if x is None:
+            x = jnp.full((1, 1), fill, q.scale.dtype)
+        return jnp.broadcast_to(x, (group_rows, q.shape[1]))
+
+    scale = None if first.scale is None else jnp.concatenate([grid(q, q.scale, 1) for q in parts], axis=1)
+    zero = None
+    if any_zero:
+        zero = jnp.concatenate([grid(q, q.zero, 2 ** (q.bits - 1)) for q in parts], axis=1)
+    codebook = None if first.codebook is None else jnp.concatenate([q.codebook for q in parts], axis=0)
+    outlier_index = outlier_value = None
+    if any(q.outlier_index is not None for q in parts):
+        index, value, offset = [], [], 0
+        for q, width in zip(parts, widths):
+            if q.outlier_index is not None:
+                row, col = jnp.divmod(q.outlier_index, width)  # flat [K, n_q] -> [K, n]
+                index.append((row * n + col + offset).astype(q.outlier_index.dtype))
+                value.append(q.outlier_value)
+            offset += width
+        outlier_index, outlier_value = jnp.concatenate(index), jnp.concatenate(value)
+    return dataclasses.replace(
+        first, codes=jnp.concatenate([q.codes for q in parts], axis=1), scale=scale, zero=zero,
+        codebook=codebook, outlier_index=outlier_index, outlier_value=outlier_value,
+        shape=(first.shape[0], n))

@@ -60,16 +60,25 @@ log "bench done"
 #    Short context (512) so the weights, not the KV cache, dominate the bytes of a step.
 #    linear() dispatches by the tuning table just measured (user cache = this run's table).
 export JAXCOMPRESS_TUNING_CACHE=$D/quant_matmul_tuning.json
+#    KERNELS_DECODE_FUSE="plain fused" also runs each recipe with q|k|v and gate|up fused.
+RUNS=()
 for recipe in bf16 rtn_w4_g128; do
-    [ "$recipe" = bf16 ] && T=$(( ($(left) - 10) * 2 / 5 )) || T=$(( $(left) - 10 ))
-    if [ "$T" -lt 20 ]; then log "no time left for decode $recipe"; continue; fi
+    for fuse in ${KERNELS_DECODE_FUSE:-plain}; do RUNS+=("$recipe:$fuse"); done
+done
+i=0
+for run in "${RUNS[@]}"; do
+    recipe=${run%%:*} fuse=${run##*:}
+    name=$recipe; [ "$fuse" = fused ] && name=${recipe}_fused
+    T=$(( ($(left) - 10) / (${#RUNS[@]} - i) )); i=$(( i + 1 ))
+    if [ "$T" -lt 20 ]; then log "no time left for decode $name"; continue; fi
     args=(--model random:llama2-7b --batches "${KERNELS_DECODE_BATCHES:-1,8,32}" --context 512 --steps 16 --skip-prefill
-          --out "$D/decode_$recipe.json")
+          --out "$D/decode_$name.json")
     [ "$recipe" != bf16 ] && args+=(--recipe "$recipe")
-    log "bench_decode $recipe (timeout ${T}s)"
-    timeout -k 5 "$T" python scripts/bench_decode.py "${args[@]}" > "$D/decode_$recipe.log" 2>&1
-    echo "rc=$?" >> "$D/decode_$recipe.log"
-    tail -6 "$D/decode_$recipe.log"
+    [ "$fuse" = fused ] && args+=(--fuse-projections)
+    log "bench_decode $name (timeout ${T}s)"
+    timeout -k 5 "$T" python scripts/bench_decode.py "${args[@]}" > "$D/decode_$name.log" 2>&1
+    echo "rc=$?" >> "$D/decode_$name.log"
+    tail -6 "$D/decode_$name.log"
 done
 log "decode done"
 
@@ -95,15 +104,19 @@ for r in recs:
     elif r.get("m") == 1 and r.get("kind") == "a16":
         summary["batch1_other_bits"].append({**row, "variant": r["variant"]})
 dec = {}
-for name in ("bf16", "rtn_w4_g128"):
+for name in ("bf16", "rtn_w4_g128", "bf16_fused", "rtn_w4_g128_fused"):
     p = os.path.join(d, f"decode_{name}.json")
     if os.path.exists(p):
         dec[name] = {row["batch"]: row for row in json.load(open(p))["decode"]}
-if len(dec) == 2:
-    for b in sorted(set(dec["bf16"]) & set(dec["rtn_w4_g128"])):
-        summary["decode"][b] = {"bf16_tok_s": dec["bf16"][b]["tokens_per_s"],
-                                "w4_tok_s": dec["rtn_w4_g128"][b]["tokens_per_s"],
-                                "w4_over_bf16": dec["rtn_w4_g128"][b]["tokens_per_s"] / dec["bf16"][b]["tokens_per_s"]}
+for suffix in ("", "_fused"):
+    bf16, w4 = dec.get("bf16" + suffix, {}), dec.get("rtn_w4_g128" + suffix, {})
+    for b in sorted(set(bf16) & set(w4)):
+        summary["decode"][f"batch{b}{suffix}"] = {
+            "bf16_tok_s": bf16[b]["tokens_per_s"], "w4_tok_s": w4[b]["tokens_per_s"],
+            "w4_over_bf16": w4[b]["tokens_per_s"] / bf16[b]["tokens_per_s"]}
+for b in sorted(set(dec.get("bf16", {})) & set(dec.get("rtn_w4_g128_fused", {}))):
+    summary["decode"][f"batch{b}_w4_fused_over_bf16_plain"] = (
+        dec["rtn_w4_g128_fused"][b]["tokens_per_s"] / dec["bf16"][b]["tokens_per_s"])
 json.dump(summary, open(os.path.join(d, "summary.json"), "w"), indent=1)
 with open(os.path.join(d, "candidates_w4_batch1.txt"), "w") as fh:  # every candidate's time, batch 1
     for r in recs:
