@@ -22,6 +22,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import sys
 import time
 
@@ -84,12 +85,13 @@ def main(argv=None):
         meta = {"model": args.model, "recipe": name, "attention_only": args.attention, "context": args.context, "batch": args.batch,
                 "steps": args.steps, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT", "")}
-        write_json(os.path.join(args.out, f"profile_{name}.json"), {**meta, "ops": rows})
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # "kivi_k2v2@kv_cache.x=y+fused" -> a plain file name
+        write_json(os.path.join(args.out, f"profile_{stem}.json"), {**meta, "ops": rows})
         table = summarize(rows, args.steps, args.top)
-        write_text(os.path.join(args.out, f"profile_{name}.md"),
+        write_text(os.path.join(args.out, f"profile_{stem}.md"),
                           f"# Decode step profile: {name}\n\n{json.dumps(meta)}\n\n{table}\n")
         if args.hlo:
-            with gzip.open(os.path.join(args.out, f"hlo_{name}.txt.gz"), "wt") as f:
+            with gzip.open(os.path.join(args.out, f"hlo_{stem}.txt.gz"), "wt") as f:
                 f.write(run.lower(*run_args).compile().as_text())
         print(f"== {name} ({time.time() - t0:.0f} s)\n{table}\n", flush=True)
         del run, run_args
