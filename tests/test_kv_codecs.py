@@ -319,6 +319,52 @@ def test_decode_kernel_path_matches_reference_in_model(small_model, kvquant_setu
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
 
 
+def test_bf16_cache_decode_kernel_matches_reference_in_model(small_model):
+    """The plain cache's decode attention through the dense flash-decoding kernel (interpret
+    mode, which the GPU runs compiled) = XLA's dot-softmax-dot, over a cache of 32 slots of which
+    the kernel reads only those written (prefill 17, then 7 decode steps)."""
+    from jaxcompress.models.cache import IdentityCodec
+
+    cfg, model = small_model
+    tokens = jax.random.randint(jax.random.key(4), (2, 24), 0, cfg.vocab_size)
+    ref = _decode_logits(model, cfg, IdentityCodec(attention="reference"), tokens, 17)
+    out = _decode_logits(model, cfg, IdentityCodec(attention="interpret"), tokens, 17)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4)
+
+
+def test_dense_decode_attention_reads_only_written_slots():
+    """Left padding, a hole and unwritten slots holding NaN: the kernel (interpret, bf16) reads
+    only up to the last slot any row may attend and equals float64 attention."""
+    from jaxcompress.kv.base import dense_decode_attention, written_length
+
+    rng = np.random.default_rng(7)
+    b, s, kh, g, d = 2, 64, 2, 2, 32
+    q = rng.normal(size=(b, 1, kh * g, d))
+    k, v = rng.normal(size=(2, b, s, kh, d))
+    mask = np.zeros((b, 1, s), bool)
+    mask[0, 0, :40] = True
+    mask[1, 0, 5:40] = True   # left padding
+    mask[1, 0, 20] = False    # a hole
+    assert int(written_length(jnp.asarray(mask[:, 0]))) == 40
+    k[:, 48:], v[:, 48:] = np.nan, np.nan  # beyond the written blocks: never read
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    got = dense_decode_attention(bf(q), bf(k), bf(v), jnp.asarray(mask), d ** -0.5, rows=16, interpret=True)
+    q64, k64, v64 = (np.asarray(bf(x), np.float64) for x in (q, k, v))
+    k64, v64 = np.nan_to_num(k64), np.nan_to_num(v64)
+    kk = np.repeat(k64, g, axis=2)
+    vv = np.repeat(v64, g, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q64, kk) * d ** -0.5
+    scores = np.where(mask[:, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshd->bthd", p, vv)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=2e-2)
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    with pytest.raises(ConfigError, match="divisible by one of .* 60 slots"):
+        dense_decode_attention(bf(q), bf(k[:, :60]), bf(v[:, :60]), jnp.asarray(mask[..., :60]), 1.0,
+                               rows=None, interpret=True)
+
+
 def test_noop_codec_generation_is_bit_identical(small_model):
     """KIVI whose window covers the whole cache never quantizes: generation (and the logits of
     prefill and decode) equal the uncompressed cache's bit for bit."""

@@ -20,16 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.models.cache import KVCodec
+from jaxcompress.models.cache import ATTENTION_MODES, KVCodec, check_attention_mode  # noqa: F401 (re-exported)
 from jaxcompress.ops.attention import reference_attention
 
-ATTENTION_MODES = ("auto", "pallas", "interpret", "reference")
 PACK_ROWS = 32  # tokens per unpacked tile (the kernel's step); packing blocks are c * PACK_ROWS
-
-
-def check_attention_mode(mode: str) -> None:
-    if mode not in ATTENTION_MODES:
-        raise ConfigError(f"attention={mode!r} is not a KV attention mode; choose one of {ATTENTION_MODES}")
 
 
 def scatter_slots(dense: jax.Array, values: jax.Array, slots: jax.Array) -> jax.Array:
@@ -83,6 +77,37 @@ def exact_partials(q, k, v, mask, scale: float, dot_dtype, interpret: bool):
     # a layer for a 160-slot ring on an H100, run 9).
     return dense_decode_partials(q, k.astype(q.dtype), v.astype(q.dtype), mask, k.shape[1], scale=scale,
                                  dot_dtype=dot_dtype, interpret=interpret, rows=EXACT_ROWS)
+
+
+DENSE_DECODE_ROWS = (64, 32, 16)  # slots a step of the dense decode kernel, largest dividing the cache
+
+
+def dense_decode_rows(slots: int) -> int | None:
+    return next((r for r in DENSE_DECODE_ROWS if slots % r == 0), None)
+
+
+def written_length(mask: jax.Array) -> jax.Array:
+    """1 + the last slot any row may attend (mask [B, S]): the kernel reads no slot beyond."""
+    seen = jnp.any(mask, axis=0)
+    return jnp.where(jnp.any(seen), mask.shape[-1] - jnp.argmax(seen[::-1]), 0).astype(jnp.int32)
+
+
+def dense_decode_attention(q, k, v, mask, scale: float, *, rows: int | None, interpret: bool):
+    """Decode attention (q [B, 1, H, D]) over a dense cache k, v [B, S, K, D] with mask
+    [B, 1, S], through the bf16 flash-decoding kernel: [B, 1, H, D] in q's dtype."""
+    from pallas_kernels.decode_attention import combine, dense_decode_partials
+
+    b, _, h, d = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    if rows is None:
+        raise ConfigError(f"the dense decode kernel needs a cache length divisible by one of {DENSE_DECODE_ROWS}; "
+                          f"this cache has {s} slots (create it with a max_len rounded up, or attention=reference)")
+    allowed = mask[:, 0, :]
+    qg = q[:, 0].reshape(b, kv_heads, h // kv_heads, d)
+    dot_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+    part = dense_decode_partials(qg, k.astype(q.dtype), v.astype(q.dtype), allowed, written_length(allowed),
+                                 scale=scale, dot_dtype=dot_dtype, interpret=interpret, rows=rows)
+    return combine([part]).reshape(b, 1, h, d).astype(q.dtype)
 
 
 class PackedCodec(KVCodec):

@@ -38,13 +38,14 @@ from jaxcompress.kv.calibration import collect_kv
 from jaxcompress.kv.kivi import KIVICodec
 from jaxcompress.kv.kvquant import KVQuantCodec, fit_kvquant
 from jaxcompress.kv.uniform import UniformCodec, fit_uniform_tensor
+from jaxcompress.models.cache import IdentityCodec
 
 METHODS = {
     "kivi": {"key_bits": 2, "value_bits": 2, "group_size": 32, "residual": 128, "sink": 0, "attention": "auto",
              "layout": "auto", "columns": 32, "flush_per_step": True},
     "kvquant": {"key_bits": 3, "value_bits": 3, "outlier_fraction": 0.01, "sink": 1, "attention": "auto"},
     "int": {"key_bits": 8, "value_bits": 8, "symmetric": False, "granularity": "head", "attention": "auto"},
-    "none": {},
+    "none": {"attention": "auto"},  # the bf16 cache; attention: auto (Pallas decode kernel on GPU) | reference
 }
 CALIBRATION_DEFAULTS = {"source": "wikitext2", "num_samples": 16, "seqlen": 512, "seed": 0, "batch_size": 4}
 
@@ -69,8 +70,7 @@ def normalize_section(section: dict) -> dict:
         raise ConfigError(f"kv_cache.{unknown[0]} is not an option of method {method}; "
                           f"its options: {', '.join(sorted(allowed)) or 'none'} (and bits, calibration)")
     out = {"method": method, **allowed, **section}
-    if method != "none":
-        build_codec(out)  # validates bits, group size, granularity, ...
+    build_codec(out)  # validates bits, group size, granularity, attention, ...
     if _needs_calibration(out):
         cal = {**CALIBRATION_DEFAULTS, **(calibration or {})}
         from jaxcompress.data.calibration import CalibrationConfig
@@ -87,8 +87,8 @@ def build_codec(section: dict, calibration=None):
     """The codec a normalized section describes (None for method `none`)."""
     opts = {k: v for k, v in section.items() if k not in ("method", "calibration")}
     method = section["method"]
-    if method == "none":
-        return None
+    if method == "none":  # the default cache (None) unless its attention path is chosen
+        return None if opts.get("attention", "auto") == "auto" else IdentityCodec(**opts)
     if method == "kivi":
         return KIVICodec(**opts)
     if method == "kvquant":

@@ -17,8 +17,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.errors import UserError
+from jaxcompress.errors import ConfigError, UserError
 from jaxcompress.ops.attention import attention_mask, reference_attention
+
+
+ATTENTION_MODES = ("auto", "pallas", "interpret", "reference")
+
+
+def check_attention_mode(mode: str) -> None:
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"attention={mode!r} is not a KV attention mode; choose one of {ATTENTION_MODES}")
 
 
 class KVCodec:
@@ -69,7 +77,31 @@ class KVCodec:
 
 @dataclasses.dataclass(frozen=True)
 class IdentityCodec(KVCodec):
-    """Keys and values stored as they come, in the cache dtype."""
+    """Keys and values stored as they come, in the cache dtype.
+
+    Decode attention (one query a row) runs the bf16 flash-decoding kernel on GPUs
+    (`attention="auto"`), which reads only the slots written so far; XLA's dot-softmax-dot over
+    every slot took 13 us a layer at context 512 on an H100 (run 9 of issue 5). "reference"
+    keeps XLA's, "pallas" / "interpret" force the kernel (as the packed codecs' option).
+    """
+
+    attention: str = "auto"
+
+    def __post_init__(self):
+        check_attention_mode(self.attention)
+
+    def attend(self, state, q, mask, scale, rotate_keys=None):
+        if q.shape[1] == 1 and rotate_keys is None:
+            from jaxcompress.kv.base import dense_decode_attention, dense_decode_rows
+
+            rows = dense_decode_rows(state["k"].shape[1])
+            use = self.attention in ("pallas", "interpret") or (
+                self.attention == "auto" and jax.default_backend() == "gpu" and rows is not None
+                and q.dtype in (jnp.bfloat16, jnp.float16))
+            if use:
+                return dense_decode_attention(q, state["k"], state["v"], mask, scale, rows=rows,
+                                              interpret=self.attention == "interpret" or jax.default_backend() != "gpu")
+        return super().attend(state, q, mask, scale, rotate_keys)
 
     def init(self, batch, max_len, kv_heads, head_dim, dtype):
         shape = (batch, max_len, kv_heads, head_dim)
