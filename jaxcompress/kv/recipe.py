@@ -10,7 +10,7 @@
       granularity: head     # int: head | token | tensor (tensor is calibrated)
       outlier_fraction: 0.01  # kvquant: dense-and-sparse budget per token vector
       sink: 1               # kvquant (default 1), kivi (default 0): first tokens kept exact
-      attention: auto       # auto (Pallas on GPU) | pallas | interpret | reference
+      attention: auto       # auto (Pallas on GPU) | pallas | interpret | reference (method none too)
       layout: auto          # kivi: auto | channel_words | token_rows (the stores' layout, i.e. the decode kernel)
       columns: 32           # kivi, channel_words: word columns of a decode-kernel tile
       flush_per_step: true  # kivi: one conditional a decode step flushes every layer (false: one a layer)
