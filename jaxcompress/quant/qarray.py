@@ -212,14 +212,14 @@ def concat_columns(parts, where: str = ""):
     fields = ("bits", "group_size", "dtype", "rows")
 
     def signature(q):
-        return (type(q).__name__, q.shape[0], q.codebook is None, q.scale is None,
-                *(getattr(q, f, None) for f in fields))
+        return (type(q).__name__, q.shape[0], q.codebook is None,
+                None if q.scale is None else jnp.dtype(q.scale.dtype).name, *(getattr(q, f, None) for f in fields))
 
     for q in parts[1:]:
         if signature(q) != signature(first):
             raise ConfigError(
                 f"{prefix}cannot fuse quantized weights that differ in layout: "
-                f"(type, K, no codebook, no scale, bits, group size, dtype, rows) = "
+                f"(type, K, no codebook, scale dtype, bits, group size, dtype, rows) = "
                 f"{signature(first)} vs {signature(q)}; quantize them alike or leave them unfused")
     perms = [None if q.perm is None else np.asarray(q.perm) for q in parts]
     if any(p is None for p in perms) != all(p is None for p in perms) or (
@@ -231,16 +231,19 @@ def concat_columns(parts, where: str = ""):
     any_zero = any(q.zero is not None for q in parts)
     group_rows = max(1 if q.scale is None else q.scale.shape[0] for q in parts)
 
-    def grid(q, x, fill):
+    def grid(q, x, fill, dtype):
         """q's [G, n_q] group tensor x (or its implied value `fill`), broadcast to group_rows."""
         if x is None:
-            x = jnp.full((1, 1), fill, q.scale.dtype)
+            x = jnp.full((1, 1), fill, dtype)
         return jnp.broadcast_to(x, (group_rows, q.shape[1]))
 
-    scale = None if first.scale is None else jnp.concatenate([grid(q, q.scale, 1) for q in parts], axis=1)
+    scale = None
+    if first.scale is not None:
+        scale = jnp.concatenate([grid(q, q.scale, 1, None) for q in parts], axis=1)
     zero = None
     if any_zero:
-        zero = jnp.concatenate([grid(q, q.zero, 2 ** (q.bits - 1)) for q in parts], axis=1)
+        zero_dtype = next(q.zero.dtype for q in parts if q.zero is not None)
+        zero = jnp.concatenate([grid(q, q.zero, 2 ** (q.bits - 1), zero_dtype) for q in parts], axis=1)
     codebook = None if first.codebook is None else jnp.concatenate([q.codebook for q in parts], axis=0)
     outlier_index = outlier_value = None
     if any(q.outlier_index is not None for q in parts):
