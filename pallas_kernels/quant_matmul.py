@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 
 import jax
@@ -289,7 +290,8 @@ def h2_x_exponent(bits: int) -> int:
     return H2_SUM_BOUND_EXP - (pairs.bit_length() - 1) - (bits - 1)
 
 
-def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm: bool = True):
+def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm: bool = True,
+            blocked: bool = False):
     it = iter(refs)
     x_ref, codes_ref = next(it), next(it)
     scale_ref = next(it) if ops.has_scale else None
@@ -299,7 +301,8 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
     o_ref = next(it)
 
     bm, bn, rows, bits = cfg.block_m, cfg.block_n, lay.rows, lay.bits
-    n0 = pl.program_id(1) * bn
+    col_block = pl.program_id(1)
+    n0 = col_block * bn
     cols = pl.ds(n0, bn)
     m0 = pl.program_id(0) * bm
     # Rows past M are clamped onto row M-1: they recompute and rewrite row M-1's exact values.
@@ -541,7 +544,10 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         words = []
         for w in range(lay.words):
             start, stride = lay.word_rows(t, w)
-            words.append(codes_ref[pl.ds(start, rows, stride=stride), cols])
+            if blocked:  # codes [N / bn, packed rows, bn]: this program's columns are contiguous
+                words.append(codes_ref[col_block, pl.ds(start, rows, stride=stride), :])
+            else:
+                words.append(codes_ref[pl.ds(start, rows, stride=stride), cols])
         return words
 
     def tile_step(t, acc, loaded):
@@ -680,7 +686,8 @@ INTERPRET_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_dis
 def jit_kernel_call(fn):
     """jit for `fn(x2, w, fill, *, lay, cfg, interpret, poisoned)`: every projection with the same
     shapes and config shares one lowering; interpret mode compiles without LLVM optimizations."""
-    static = ("lay", "cfg", "interpret", "poisoned")
+    params = inspect.signature(fn).parameters
+    static = tuple(n for n in ("lay", "cfg", "interpret", "poisoned", "blocked") if n in params)
     compiled = jax.jit(fn, static_argnames=static)
     interpreted = jax.jit(fn, static_argnames=static, compiler_options=INTERPRET_COMPILER_OPTIONS)
 
@@ -695,14 +702,15 @@ def jit_kernel_call(fn):
 
 @jit_kernel_call
 def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfig, interpret: bool,
-           poisoned: bool) -> jax.Array:
+           poisoned: bool, blocked: bool = False) -> jax.Array:
     if w.perm is not None:  # storage row i holds input feature perm[i]
         x2 = jnp.take(x2, w.perm, axis=1)
-    y = _pallas_matmul(x2, w, fill, lay, cfg, interpret, poisoned)
+    y = _pallas_matmul(x2, w, fill, lay, cfg, interpret, poisoned, blocked)
     return y if w.outlier_index is None else _add_outliers(y, x2, w)
 
 
-def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: bool, poisoned: bool):
+def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: bool, poisoned: bool,
+                   blocked: bool = False):
     m = x2.shape[0]
     ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
                     w.codebook is not None, has_magic=cfg.dequant == "fma")
@@ -716,7 +724,7 @@ def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: boo
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, lay.n), jnp.float32)
     path = "gemm" if cfg.use_dot else "gemv"
-    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops, asm=not interpret)
+    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops, asm=not interpret, blocked=blocked)
     aliases = {}
     if poisoned:  # the kernel writes into a buffer pre-filled with `fill` (last operand, aliased)
         operands.append(jnp.full(out_shape.shape, fill, out_shape.dtype))
@@ -742,18 +750,39 @@ def drop_poisoned_input(body, *refs):
     return body(*ins, out)
 
 
-def probe_matmul(x2: jax.Array, w, config: TileConfig) -> jax.Array:
+def probe_matmul(x2: jax.Array, w, config: TileConfig, *, blocked: bool = False,
+                 interpret: bool = False) -> jax.Array:
     """TIMING PROBE, WRONG RESULTS ON PURPOSE: the GEMV kernel of `config` (same grid, same code
     loads, same split-K pass) with the dequantization replaced by one FMA per code word. Its
-    time is what this grid costs when the loads are all that is left (benchmark diagnostics)."""
-    lay = kernel_layout(w)
+    time is what this grid costs when the loads are all that is left (benchmark diagnostics).
+
+    blocked=True: `w` comes from `block_codes(w, config.block_n)`, so each program's code words
+    are one contiguous run instead of block_n-word rows at a stride of N words; the probe then
+    reads the same words from there (equal results), and its time says what such a layout
+    would gain."""
+    lay = kernel_layout(w if not blocked else dataclasses.replace(w, codes=unblock_codes(w.codes)))
     cfg = dataclasses.replace(config, dequant="shift")
     problem = config_problem(cfg, lay, x2.shape[0]) or (
         "the probe needs the GEMV path" if cfg.use_dot else None)
+    if blocked and problem is None and w.codes.shape[2] != cfg.block_n:
+        problem = f"codes blocked by {w.codes.shape[2]} columns, the config has block_n={cfg.block_n}"
     if problem:
         raise UserError(f"probe_matmul: {problem}")
     return _fused(x2, w, jnp.float32(0.0), lay=lay, cfg=dataclasses.replace(config, dequant="probe"),
-                  interpret=False, poisoned=False)
+                  interpret=interpret, poisoned=False, blocked=blocked)
+
+
+def block_codes(w, block_n: int):
+    """`w` with codes [R, N] stored as [N / block_n, R, block_n] (for `probe_matmul(blocked=True)`)."""
+    r, n = w.codes.shape
+    if n % block_n:
+        raise UserError(f"block_codes: N={n} is not a multiple of block_n={block_n}")
+    return dataclasses.replace(w, codes=w.codes.reshape(r, n // block_n, block_n).transpose(1, 0, 2))
+
+
+def unblock_codes(codes: jax.Array) -> jax.Array:
+    nb, r, bn = codes.shape
+    return codes.transpose(1, 0, 2).reshape(r, nb * bn)
 
 
 def _add_outliers(y: jax.Array, x2: jax.Array, w) -> jax.Array:

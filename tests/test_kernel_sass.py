@@ -94,3 +94,15 @@ def test_profile_script_runs_the_kernel(capsys):
     spec.loader.exec_module(module)
     module.main(["--batch", "1", "--context", "1024"])
     assert "kivi_k2v2 path auto batch 1 context 1024: output (1, 1, 32, 128), finite True" in capsys.readouterr().out
+
+
+def test_blocked_codes_probe_lowers_for_cuda():
+    """The loads-only probe over column-blocked codes (`probe_matmul(blocked=True)`, a benchmark
+    diagnostic) lowers for CUDA: its code loads index the [N / block_n, R, block_n] array."""
+    from pallas_kernels.quant_matmul import block_codes, probe_matmul
+
+    w = block_codes(random_qarray(0, 4096, 256, Variant(4, 128)), 64)
+    cfg = TileConfig(block_n=64, split_k=4, tiles_per_step=2, acc2d=True, prefetch=True)
+    ((ir, _, _),) = kernel_sass.triton_ir(lambda x, w: probe_matmul(x, w, cfg, blocked=True),
+                                         jnp.ones((1, 4096), jnp.bfloat16), w)
+    assert "tt.func public @quant_matmul_w4_gemv" in ir and "tt.load" in ir
