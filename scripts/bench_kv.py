@@ -301,7 +301,8 @@ def main(argv=None):
     p.add_argument("--e2e", action="store_true", help="also time end-to-end decode (slow: one compile per cell)")
     p.add_argument("--e2e-contexts", default="8192,16384,32768")
     p.add_argument("--e2e-recipes", default=",kivi_k2v2,kivi_k2v2_w4",
-                   help="'' = bf16 cache; name@section.key=value adds overrides")
+                   help="'' = bf16 cache; name@section.key=value adds overrides; a trailing +fused fuses "
+                        "q|k|v and gate|up (e.g. kivi_k2v2_w4+fused, or +fused alone for bf16)")
     p.add_argument("--e2e-batch", type=int, default=1)
     p.add_argument("--e2e-steps", type=int, default=32, help="decode steps per timed run")
     p.add_argument("--out", help="folder for kv_bench_<card>.json and .md")

@@ -51,7 +51,8 @@ def attention_loop(model: str, recipe: str, batch: int, context: int, calls: int
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:llama2-7b")
-    p.add_argument("--recipes", default=",kivi_k2v2", help="comma-separated recipes; '' = bf16")
+    p.add_argument("--recipes", default=",kivi_k2v2", help="comma-separated recipes; '' = bf16; as in bench_kv.py "
+                   "--e2e-recipes (name@section.key=value, a trailing +fused)")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=8, help="decode steps in the profiled run")
