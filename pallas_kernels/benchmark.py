@@ -227,7 +227,8 @@ class Runner:
         # Cross-checks: each time against its bytes / bandwidth floor, CUPTI against the wall clock
         # (the kernels' own time cannot exceed the wall clock of the same calls).
         invalid = []
-        for key, fl, nbytes in (("kernel", floor * 1e6, moved), ("xla_bf16", bf16_floor * 1e6, 2 * k * n + 2 * m * (k + n))):
+        bf16_bytes = 2 * k * n + 2 * m * (k + n)
+        for key, fl, nbytes in (("kernel", floor * 1e6, moved), ("xla_bf16", bf16_floor * 1e6, bf16_bytes)):
             us, wall = rec[f"{key}_us"], rec[f"{key}_wall_us"]
             spec = None if self.spec_bandwidth is None else nbytes / self.spec_bandwidth * 1e6
             if below_floor(us, fl, spec) or below_floor(wall, fl, spec):

@@ -104,7 +104,7 @@ def dense_decode_attention(q, k, v, mask, scale: float, *, rows: int | None, int
                           f"this cache has {s} slots (create it with a max_len rounded up, or attention=reference)")
     allowed = mask[:, 0, :]
     qg = q[:, 0].reshape(b, kv_heads, h // kv_heads, d)
-    dot_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+    dot_dtype = q.dtype  # the cache's own precision (fp16 keeps its 10-bit mantissa)
     part = dense_decode_partials(qg, k.astype(q.dtype), v.astype(q.dtype), allowed, written_length(allowed),
                                  scale=scale, dot_dtype=dot_dtype, interpret=interpret, rows=rows)
     return combine([part]).reshape(b, 1, h, d).astype(q.dtype)
