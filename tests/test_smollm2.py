@@ -71,6 +71,23 @@ def test_greedy_capital_of_france(loaded):
     assert text.startswith(" Paris"), text
 
 
+def test_fused_projections_on_the_real_model(loaded):
+    """SmolLM2 (GQA 9 / 3 heads, tied embeddings) served with q|k|v and gate|up fused: the same
+    greedy answer, and logits equal to the unfused model's."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxcompress.models.fuse import fuse_projections
+
+    fused, report = fuse_projections(loaded.model)
+    assert len(report.fused) == 2 * loaded.config.num_layers
+    tokens = jnp.asarray([loaded.tokenizer("The capital of France is")["input_ids"]])
+    np.testing.assert_allclose(np.asarray(fused(tokens)[0]), np.asarray(loaded.model(tokens)[0]), rtol=1e-4, atol=1e-4)
+    text = generate(dataclasses.replace(loaded, model=fused), ["The capital of France is"], max_new_tokens=4)[0]
+    assert text.startswith(" Paris"), text
+
+
 def test_wikitext2_perplexity_matches_transformers(loaded, reference):
     model, _ = reference
     tokens = wikitext2_tokens(loaded.tokenizer)
