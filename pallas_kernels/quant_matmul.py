@@ -760,7 +760,7 @@ def probe_matmul(x2: jax.Array, w, config: TileConfig, *, blocked: bool = False,
     are one contiguous run instead of block_n-word rows at a stride of N words; the probe then
     reads the same words from there (equal results), and its time says what such a layout
     would gain."""
-    lay = kernel_layout(w if not blocked else dataclasses.replace(w, codes=unblock_codes(w.codes)))
+    lay = kernel_layout(w)  # from the logical shape and grid: blocked codes give the same layout
     cfg = dataclasses.replace(config, dequant="shift")
     problem = config_problem(cfg, lay, x2.shape[0]) or (
         "the probe needs the GEMV path" if cfg.use_dot else None)
@@ -778,11 +778,6 @@ def block_codes(w, block_n: int):
     if n % block_n:
         raise UserError(f"block_codes: N={n} is not a multiple of block_n={block_n}")
     return dataclasses.replace(w, codes=w.codes.reshape(r, n // block_n, block_n).transpose(1, 0, 2))
-
-
-def unblock_codes(codes: jax.Array) -> jax.Array:
-    nb, r, bn = codes.shape
-    return codes.transpose(1, 0, 2).reshape(r, nb * bn)
 
 
 def _add_outliers(y: jax.Array, x2: jax.Array, w) -> jax.Array:

@@ -14,9 +14,9 @@ from jaxcompress.models.fuse import fuse_projections
 from jaxcompress.models.generate import SamplingConfig, generate_tokens
 from jaxcompress.quant.config import LayerConfig
 from jaxcompress.quant.qarray import QArray, concat_columns
-from jaxcompress.quant.rtn import rtn_quantize
+from jaxcompress.quant.rtn import rtn_params
 from jaxcompress.models.build import params, path_str, with_params
-from jaxcompress.quant.tree import map_params, replace_leaves
+from jaxcompress.quant.tree import replace_leaves
 from jaxcompress.train.lora import LoRA
 from pallas_kernels.layout import repack_for_gpu
 
@@ -60,12 +60,11 @@ def _quantized(model, bits_of):
     """RTN on every projection; bits_of(path) -> (bits, group, symmetric)."""
     state = params(model)
     names = [path_str(p) for p, _ in nnx.to_flat_state(state) if path_str(p).endswith("proj.kernel")]
-
-    def rtn(name, w):
+    policy = {}
+    for name in names:
         bits, group, sym = bits_of(name)
-        return rtn_quantize(w, LayerConfig(bits=bits, group_size=group, symmetric=sym), name)
-
-    return with_params(model, map_params(state, {name: rtn for name in names}))
+        policy[name] = LayerConfig(bits=bits, group_size=group, symmetric=sym)
+    return with_params(model, rtn_params(state, policy))
 
 
 def test_fused_quantized_weight_dequantizes_to_its_parts(qwen2):

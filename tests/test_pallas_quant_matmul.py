@@ -271,7 +271,7 @@ def test_blocked_codes_probe_reads_the_same_words(v, cfg):
     """The loads-only probe over codes stored [N / block_n, R, block_n] (each program's words one
     contiguous run: the layout experiment of kernel_notes run 9) reads exactly the words the
     native layout gives each program: equal (wrong-on-purpose) results."""
-    from pallas_kernels.quant_matmul import block_codes, probe_matmul, unblock_codes
+    from pallas_kernels.quant_matmul import block_codes, probe_matmul
 
     k, n, m = 2048, 128, cfg.block_m
     w = random_weight(11, k, n, v)
@@ -279,7 +279,8 @@ def test_blocked_codes_probe_reads_the_same_words(v, cfg):
     native = probe_matmul(x, w, cfg, interpret=True)
     wb = block_codes(w, cfg.block_n)
     assert wb.codes.shape == (n // cfg.block_n, w.codes.shape[0], cfg.block_n)
-    np.testing.assert_array_equal(np.asarray(unblock_codes(wb.codes)), np.asarray(w.codes))
+    unblocked = np.asarray(wb.codes).transpose(1, 0, 2).reshape(w.codes.shape)
+    np.testing.assert_array_equal(unblocked, np.asarray(w.codes))
     blocked = probe_matmul(x, wb, cfg, blocked=True, interpret=True)
     assert np.isfinite(np.asarray(native, np.float32)).all()
     np.testing.assert_array_equal(np.asarray(blocked, np.float32), np.asarray(native, np.float32))

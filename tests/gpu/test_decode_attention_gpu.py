@@ -92,29 +92,35 @@ def test_bf16_kernel_on_gpu_equals_reference(batch, context):
     assert relative_error(out, reference_output(inputs, LLAMA2, q)) < 1e-2
 
 
-def test_gqa_model_decode_on_gpu():
-    """A whole (random, 2-layer, SmolLM2-shaped) model decoding with KIVI on the GPU kernel
-    matches the same model on the reference path."""
+def _model_decode(cfg, dtype, codecs: dict, prefill: int, total: int, max_len: int):
+    """A random 2-row model: prefill `prefill` tokens, then decode one token a step up to `total`;
+    the decode logits for each named codec, and the jitted step with its inputs (to inspect)."""
     from flax import nnx
 
     from jaxcompress.models.build import random_model
     from jaxcompress.models.cache import KVCache
 
-    cfg = dataclasses.replace(SMOL, num_layers=2)
-    model = random_model(cfg, jnp.float32)
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(random_model(cfg, dtype))
     step = jax.jit(lambda p, t, pos, c: nnx.merge(graphdef, p)(t, pos, c))
-    tokens = jax.random.randint(jax.random.key(0), (2, 300), 0, cfg.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (2, 300))
+    tokens = jax.random.randint(jax.random.key(0), (2, total), 0, cfg.vocab_size)
+    pos = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (2, total))
     outs = {}
-    for attention in ("pallas", "reference"):
-        cache = KVCache.create(cfg, 2, 320, jnp.float32, KIVICodec(2, 2, attention=attention))
-        _, cache = step(params, tokens[:, :260], pos[:, :260], cache)
+    for name, codec in codecs.items():
+        cache = KVCache.create(cfg, 2, max_len, dtype, codec)
+        _, cache = step(params, tokens[:, :prefill], pos[:, :prefill], cache)
         logits = []
-        for t in range(260, 300):
+        for t in range(prefill, total):
             out, cache = step(params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
             logits.append(out)
-        outs[attention] = jnp.concatenate(logits, axis=1)
+        outs[name] = jnp.concatenate(logits, axis=1)
+    return outs, step, (params, tokens[:, :1], pos[:, :1])
+
+
+def test_gqa_model_decode_on_gpu():
+    """A whole (random, 2-layer, SmolLM2-shaped) model decoding with KIVI on the GPU kernel
+    matches the same model on the reference path."""
+    outs, _, _ = _model_decode(dataclasses.replace(SMOL, num_layers=2), jnp.float32,
+                               {a: KIVICodec(2, 2, attention=a) for a in ("pallas", "reference")}, 260, 300, 320)
     assert relative_error(outs["pallas"], outs["reference"]) < 1e-4
 
 
@@ -122,28 +128,13 @@ def test_bf16_cache_model_decode_on_gpu():
     """The plain bf16 cache in a whole bf16 model (Llama-2 head shapes, 2 layers): "auto" takes
     the dense decode kernel on the GPU, reading only written slots of a 512-slot cache, and
     matches XLA's attention ("reference") over 24 decode steps."""
-    from flax import nnx
-
-    from jaxcompress.models.build import random_model
     from jaxcompress.models.cache import IdentityCodec, KVCache
 
     cfg = dataclasses.replace(LLAMA2, num_layers=2, vocab_size=512)
-    model = random_model(cfg, jnp.bfloat16)
-    graphdef, params = nnx.split(model)
-    step = jax.jit(lambda p, t, pos, c: nnx.merge(graphdef, p)(t, pos, c))
-    tokens = jax.random.randint(jax.random.key(0), (2, 224), 0, cfg.vocab_size)
-    pos = jnp.broadcast_to(jnp.arange(224, dtype=jnp.int32), (2, 224))
-    outs = {}
-    for attention in ("auto", "reference"):
-        cache = KVCache.create(cfg, 2, 512, jnp.bfloat16, IdentityCodec(attention=attention))
-        _, cache = step(params, tokens[:, :200], pos[:, :200], cache)
-        logits = []
-        for t in range(200, 224):
-            out, cache = step(params, tokens[:, t:t + 1], pos[:, t:t + 1], cache)
-            logits.append(out)
-        outs[attention] = jnp.concatenate(logits, axis=1)
+    outs, step, (params, tok, pos) = _model_decode(
+        cfg, jnp.bfloat16, {a: IdentityCodec(attention=a) for a in ("auto", "reference")}, 200, 224, 512)
     auto_cache = KVCache.create(cfg, 2, 512, jnp.bfloat16, IdentityCodec())
-    assert "kv_decode_dense" in str(jax.make_jaxpr(step)(params, tokens[:, :1], pos[:, :1], auto_cache))
+    assert "kv_decode_dense" in str(jax.make_jaxpr(step)(params, tok, pos, auto_cache))
     assert not bool(jnp.isnan(outs["auto"]).any())
     assert relative_error(outs["auto"], outs["reference"]) < 2e-2
 
