@@ -291,7 +291,7 @@ def h2_x_exponent(bits: int) -> int:
 
 
 def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm: bool = True,
-            blocked: bool = False):
+            blocked: bool = False, code_eviction: str | None = None):
     it = iter(refs)
     x_ref, codes_ref = next(it), next(it)
     scale_ref = next(it) if ops.has_scale else None
@@ -545,9 +545,12 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         for w in range(lay.words):
             start, stride = lay.word_rows(t, w)
             if blocked:  # codes [N / bn, packed rows, bn]: this program's columns are contiguous
-                words.append(codes_ref[col_block, pl.ds(start, rows, stride=stride), :])
+                src = codes_ref.at[col_block, pl.ds(start, rows, stride=stride), :]
             else:
-                words.append(codes_ref[pl.ds(start, rows, stride=stride), cols])
+                src = codes_ref.at[pl.ds(start, rows, stride=stride), cols]
+            # The codes are read once: an eviction hint ("evict_first") keeps them from pushing
+            # x and the scales out of the L2 (benchmark experiment, kernel_notes run 10).
+            words.append(plgpu.load(src, eviction_policy=code_eviction) if code_eviction else src[...])
         return words
 
     def tile_step(t, acc, loaded):
@@ -687,7 +690,7 @@ def jit_kernel_call(fn):
     """jit for `fn(x2, w, fill, *, lay, cfg, interpret, poisoned)`: every projection with the same
     shapes and config shares one lowering; interpret mode compiles without LLVM optimizations."""
     params = inspect.signature(fn).parameters
-    static = tuple(n for n in ("lay", "cfg", "interpret", "poisoned", "blocked") if n in params)
+    static = tuple(n for n in ("lay", "cfg", "interpret", "poisoned", "blocked", "code_eviction") if n in params)
     compiled = jax.jit(fn, static_argnames=static)
     interpreted = jax.jit(fn, static_argnames=static, compiler_options=INTERPRET_COMPILER_OPTIONS)
 
@@ -702,15 +705,15 @@ def jit_kernel_call(fn):
 
 @jit_kernel_call
 def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfig, interpret: bool,
-           poisoned: bool, blocked: bool = False) -> jax.Array:
+           poisoned: bool, blocked: bool = False, code_eviction: str | None = None) -> jax.Array:
     if w.perm is not None:  # storage row i holds input feature perm[i]
         x2 = jnp.take(x2, w.perm, axis=1)
-    y = _pallas_matmul(x2, w, fill, lay, cfg, interpret, poisoned, blocked)
+    y = _pallas_matmul(x2, w, fill, lay, cfg, interpret, poisoned, blocked, code_eviction)
     return y if w.outlier_index is None else _add_outliers(y, x2, w)
 
 
 def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: bool, poisoned: bool,
-                   blocked: bool = False):
+                   blocked: bool = False, code_eviction: str | None = None):
     m = x2.shape[0]
     ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
                     w.codebook is not None, has_magic=cfg.dequant == "fma")
@@ -724,7 +727,8 @@ def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: boo
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, lay.n), jnp.float32)
     path = "gemm" if cfg.use_dot else "gemv"
-    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops, asm=not interpret, blocked=blocked)
+    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops, asm=not interpret, blocked=blocked,
+                             code_eviction=code_eviction)
     aliases = {}
     if poisoned:  # the kernel writes into a buffer pre-filled with `fill` (last operand, aliased)
         operands.append(jnp.full(out_shape.shape, fill, out_shape.dtype))
