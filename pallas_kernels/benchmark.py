@@ -26,7 +26,7 @@ from jaxcompress.ops.linear import dense_linear
 from pallas_kernels import autotune
 from pallas_kernels.int8_matmul import int8_layout, int8_matmul, int8_matmul_reference
 from pallas_kernels.layout import kernel_layout
-from pallas_kernels.quant_matmul import TileConfig, block_codes, probe_matmul, quant_matmul, quant_matmul_reference
+from pallas_kernels.quant_matmul import NO_HINTS, TileConfig, probe_matmul, quant_matmul, quant_matmul_reference
 from pallas_kernels.testing import Variant, random_weight, relative_error
 
 log = logging.getLogger(__name__)
@@ -206,11 +206,10 @@ class Runner:
                     probe = autotune.time_per_call(
                         lambda x, ww: probe_matmul(x, ww, cfg), xs, ws)
                     rec["probe_us"] = probe.best_estimate_us  # same grid and loads, no dequantization
-                    # The same loads from column-blocked codes (each program's words contiguous):
-                    # what a blocked layout would gain on the load path (kernel_notes run 9).
-                    blocked = autotune.time_per_call(lambda x, ww: probe_matmul(x, ww, cfg, blocked=True), xs,
-                                                     [block_codes(ww, cfg.block_n) for ww in ws])
-                    rec["probe_blocked_us"] = blocked.best_estimate_us
+                    # The same kernel without the codes' evict_first hint (kernel_notes run 10).
+                    plain = autotune.time_per_call(
+                        lambda x, ww: quant_matmul(x, ww, config=cfg, hints=NO_HINTS), xs, ws)
+                    rec["kernel_unhinted_us"] = plain.best_estimate_us
                 except Exception as e:  # a diagnostic only: say why, keep the point
                     rec["probe_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if m >= 16:  # the dispatch's alternative; at small batch it never wins

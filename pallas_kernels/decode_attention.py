@@ -39,6 +39,7 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
 from pallas_kernels.f16x2 import (H2_SHIFT, h2_code_fma, h2_fma, h2_join, h2_mul, h2_pack, h2_pair_constants,
                                   h2_positions, h2_unpack)
+from pallas_kernels.hints import hinted_load, stream_policy
 from pallas_kernels.quant_matmul import MAGIC, inplace_positions
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
@@ -715,6 +716,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
     positions = h2_positions(bits)
     consts = [h2_pair_constants(bits, o) for _, o in positions]
     lane = lax.iota(jnp.int32, cols)
+    evict = stream_policy()  # the key words are read once a step
 
     def body(blk, top):
         col = blk * cols + lane                  # word column of each lane
@@ -723,7 +725,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
 
         def load(ci):  # words and key scales of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
             r0 = jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
-            return ([kw_ref[r0 + rr, pl.ds(blk * cols, cols)] for rr in range(KEY_ROWS_F16)],
+            return ([hinted_load(kw_ref.at[r0 + rr, pl.ds(blk * cols, cols)], evict) for rr in range(KEY_ROWS_F16)],
                     [ks_ref[r0 + rr, group] for rr in range(KEY_ROWS_F16)])
 
         def channel_rows(ci, carry):
@@ -789,6 +791,7 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
     lane = lax.iota(jnp.int32, cols)
     top = [ms_ref[pl.ds(h, 1)] for h in range(heads)]  # [1]: the split's maximum score
     n_groups = max(1, channels // vwidth)  # value channel groups among this program's rows
+    evict = stream_policy()  # each value word is read by one program once a step
 
     def body(blk, carry):
         l, acc, az = carry
@@ -812,7 +815,7 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
         zero2 = jnp.zeros((cols,), jnp.int32)
         new_acc = [list(a) for a in acc]
         for r in range(channels):
-            words = vw_ref[ch0 + r, pl.ds(blk * cols, cols)]
+            words = hinted_load(vw_ref.at[ch0 + r, pl.ds(blk * cols, cols)], evict)
             shifted = lax.shift_right_logical(words, jnp.int32(H2_SHIFT))
             g = min(r // vwidth, n_groups - 1)
             for h in range(heads):
@@ -1081,14 +1084,15 @@ def _dense_kernel(q_ref, mask_ref, len_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *
                   blocks_per_split: int, scale: float, dot_dtype):
     hp, d = q_ref.shape
     q = q_ref[...]
+    evict = stream_policy()  # the cached keys and values are read once a step
 
     def body(blk, carry):
         t0 = blk * rows
-        k = k_ref[pl.ds(t0, rows), :]
+        k = hinted_load(k_ref.at[pl.ds(t0, rows), :], evict)
         s = _dot(q, k, dot_dtype, True) * scale
         valid = mask_ref[pl.ds(t0, rows)] != 0
         return _softmax_step(carry, s, valid,
-                             lambda p: [_dot(p, v_ref[pl.ds(t0, rows), :], dot_dtype, False)])
+                             lambda p: [_dot(p, hinted_load(v_ref.at[pl.ds(t0, rows), :], evict), dot_dtype, False)])
 
     lo, hi = _split_blocks(len_ref, rows, blocks_per_split)
     init = (jnp.full((hp,), NEG_INF, jnp.float32), jnp.zeros((hp,), jnp.float32),

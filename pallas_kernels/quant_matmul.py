@@ -66,6 +66,7 @@ from jaxcompress.ops.linear import dense_linear
 from jaxcompress.quant.qarray import QArray
 from pallas_kernels.f16x2 import (H2_SHIFT, h2_codes, h2_fma, h2_pack, h2_pair_constants, h2_positions,
                                   h2_sum_halves)
+from pallas_kernels.hints import NO_HINTS, LoadHints, hinted_load
 from pallas_kernels.layout import CodeLayout, TiledQArray, grid_values_at, kernel_layout
 
 ACTIVATION_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -267,11 +268,11 @@ def interleave_slabs(slabs: list, interleaved: bool) -> jax.Array:
     return jnp.transpose(t, perm).reshape(rows * len(slabs), bn)
 
 
-def load_group_row(ref, g, cols):
+def load_group_row(ref, g, cols, policy: str | None = None):
     """fp32 [1, block_n] (or [1, 1] per-tensor) row of a per-group tensor for group g."""
     if ref.shape == (1, 1):
         return ref[pl.ds(0, 1), pl.ds(0, 1)].astype(jnp.float32)
-    return ref[pl.ds(0 if ref.shape[0] == 1 else g, 1), cols].astype(jnp.float32)
+    return hinted_load(ref.at[pl.ds(0 if ref.shape[0] == 1 else g, 1), cols], policy).astype(jnp.float32)
 
 
 def pow2_scale(amax: jax.Array, exp: int) -> tuple[jax.Array, jax.Array]:
@@ -290,8 +291,8 @@ def h2_x_exponent(bits: int) -> int:
     return H2_SUM_BOUND_EXP - (pairs.bit_length() - 1) - (bits - 1)
 
 
-def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm: bool = True,
-            blocked: bool = False, code_eviction: str | None = None):
+def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, hints: LoadHints,
+            asm: bool = True):
     it = iter(refs)
     x_ref, codes_ref = next(it), next(it)
     scale_ref = next(it) if ops.has_scale else None
@@ -301,8 +302,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
     o_ref = next(it)
 
     bm, bn, rows, bits = cfg.block_m, cfg.block_n, lay.rows, lay.bits
-    col_block = pl.program_id(1)
-    n0 = col_block * bn
+    n0 = pl.program_id(1) * bn
     cols = pl.ds(n0, bn)
     m0 = pl.program_id(0) * bm
     # Rows past M are clamped onto row M-1: they recompute and rewrite row M-1's exact values.
@@ -318,11 +318,14 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
     one_group = lay.num_groups == 1
     in_dtype = x_ref.dtype
 
+    def group_row(ref, g):
+        return load_group_row(ref, g, cols, hints.groups)
+
     def zero_plus_2_23(g):
         if ops.has_codebook:
             return None
         if ops.has_zero:
-            return load_group_row(zero_ref, g, cols) + _TWO23
+            return group_row(zero_ref, g) + _TWO23
         return jnp.float32(_TWO23 + 2 ** (bits - 1))
 
     def slab_weights(words, j, zc):
@@ -351,7 +354,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
 
     def load_x_raw(t, j, i):  # [rows, 1] in x's dtype, row i of the block (padded K zeroed)
         idx, valid = x_cols(t, j)
-        xs = x_ref[row_list[i], idx]
+        xs = hinted_load(x_ref.at[row_list[i], idx], hints.x)
         if valid is not None:
             xs = jnp.where(valid, xs, jnp.zeros_like(xs))
         return xs[:, None]
@@ -379,7 +382,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         """fp32 `code - zero` of slabs js (one group g) for the tensor-core paths."""
         if fma:
             shifted = words[0] >> shift if shift < 32 else None
-            zrow = load_group_row(zero_ref, g, cols) if ops.has_zero else None
+            zrow = group_row(zero_ref, g) if ops.has_zero else None
             return [fma_weights(words, shifted, j, zrow) for j in js]
         zc = fixed_zc if one_group else zero_plus_2_23(g)
         return [slab_weights(words, j, zc) for j in js]
@@ -391,7 +394,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
                        preferred_element_type=jnp.float32)
         if one_group or scale_ref is None:
             return acc + part
-        return acc + part * load_group_row(scale_ref, g, cols)
+        return acc + part * group_row(scale_ref, g)
 
     inplace, fma = cfg.dequant == "inplace", cfg.dequant == "fma"
     if inplace or fma:
@@ -443,9 +446,9 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
                 xsum = xs if xsum is None else [a + x for a, x in zip(xsum, xs)]
             if (j + 1) % lay.slabs_per_group == 0:
                 if ops.has_zero:
-                    z = load_group_row(zero_ref, g, cols)
+                    z = group_row(zero_ref, g)
                     part = [p - x * z for p, x in zip(part, xsum)]
-                s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+                s = None if (one_group or scale_ref is None) else group_row(scale_ref, g)
                 if not cfg.acc2d:
                     part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
                 acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, part))
@@ -467,7 +470,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
             if j % lay.slabs_per_group == 0:
                 g = group_of(t, j)
                 if inplace:
-                    zrow = load_group_row(zero_ref, g, cols) if ops.has_zero else None
+                    zrow = group_row(zero_ref, g) if ops.has_zero else None
                 else:
                     zc = fixed_zc if one_group else zero_plus_2_23(g)
                 part = None
@@ -479,7 +482,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
             prods = [load_x_col(t, j, i, factor) * wts for i in range(bm)]
             part = prods if part is None else [p + d for p, d in zip(part, prods)]
             if (j + 1) % lay.slabs_per_group == 0:
-                s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+                s = None if (one_group or scale_ref is None) else group_row(scale_ref, g)
                 if not cfg.acc2d:
                     part = [jnp.sum(p, axis=0, keepdims=True) for p in part]
                 acc = tuple(a + (v if s is None else v * s) for a, v in zip(acc, part))
@@ -513,8 +516,8 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
                 if ops.has_zero:
                     xsum[i] = lo + hi if xsum[i] is None else xsum[i] + lo + hi
         g = group_of(t, 0)
-        s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
-        zm = load_group_row(zero_ref, g, cols) - zero_mid if ops.has_zero else None
+        s = None if (one_group or scale_ref is None) else group_row(scale_ref, g)
+        zm = group_row(zero_ref, g) - zero_mid if ops.has_zero else None
         new = []
         for i in range(bm):
             v = h2_sum_halves(sums[i], asm)
@@ -544,13 +547,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         words = []
         for w in range(lay.words):
             start, stride = lay.word_rows(t, w)
-            if blocked:  # codes [N / bn, packed rows, bn]: this program's columns are contiguous
-                src = codes_ref.at[col_block, pl.ds(start, rows, stride=stride), :]
-            else:
-                src = codes_ref.at[pl.ds(start, rows, stride=stride), cols]
-            # The codes are read once: an eviction hint ("evict_first") keeps them from pushing
-            # x and the scales out of the L2 (benchmark experiment, kernel_notes run 10).
-            words.append(plgpu.load(src, eviction_policy=code_eviction) if code_eviction else src[...])
+            words.append(hinted_load(codes_ref.at[pl.ds(start, rows, stride=stride), cols], hints.codes))
         return words
 
     def tile_step(t, acc, loaded):
@@ -568,7 +565,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
             for j, wts in zip(range(j0, j0 + spg), dot_slabs(words, range(j0, j0 + spg), g)):
                 d = jnp.dot(load_x_rows(t, j), wts.astype(in_dtype), preferred_element_type=jnp.float32)
                 part = d if part is None else part + d
-            s = None if (one_group or scale_ref is None) else load_group_row(scale_ref, g, cols)
+            s = None if (one_group or scale_ref is None) else group_row(scale_ref, g)
             acc = acc + (part if s is None else part * s)
         return acc
 
@@ -612,7 +609,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, asm
         acc = tuple(a * inv for a, (_, inv) in zip(acc, scales))
 
     if one_group and scale_ref is not None:
-        s = load_group_row(scale_ref, 0, cols)
+        s = group_row(scale_ref, 0)
         acc = acc * s if cfg.use_dot else tuple(a * s for a in acc)
     out_dtype = o_ref.dtype
     if cfg.split_k == 1:
@@ -658,12 +655,15 @@ def layout_problem(w) -> str | None:
 
 
 def quant_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | None = None,
-                 interpret: bool = False, poison: float | None = None) -> jax.Array:
+                 interpret: bool = False, poison: float | None = None,
+                 hints: LoadHints | None = None) -> jax.Array:
     """y [..., N] = x [..., K] @ w.dequantize() with the fused kernel (bf16/fp16 x, fp32 accumulation).
 
     `config` picks the block sizes (default: `default_config`); `interpret=True` runs the
     kernel in Pallas interpret mode (CPU tests); `poison` pre-fills the kernel's output buffer
-    with that value (tests: NaN left anywhere means an element was never written).
+    with that value (tests: NaN left anywhere means an element was never written); `hints`
+    overrides the loads' eviction policies (default: `LoadHints()` where one block of rows reads
+    the codes, none where several do).
     """
     problem = layout_problem(w)
     if problem:
@@ -677,7 +677,7 @@ def quant_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | 
     if problem:
         raise UserError(f"quant_matmul: weight {w.shape}, batch M={m}: {problem}")
     y = _fused(x2, w, jnp.float32(0.0 if poison is None else poison), lay=lay, cfg=cfg,
-               interpret=interpret, poisoned=poison is not None)
+               interpret=interpret, poisoned=poison is not None, hints=hints)
     return y.reshape(*x.shape[:-1], lay.n)
 
 
@@ -690,7 +690,7 @@ def jit_kernel_call(fn):
     """jit for `fn(x2, w, fill, *, lay, cfg, interpret, poisoned)`: every projection with the same
     shapes and config shares one lowering; interpret mode compiles without LLVM optimizations."""
     params = inspect.signature(fn).parameters
-    static = tuple(n for n in ("lay", "cfg", "interpret", "poisoned", "blocked", "code_eviction") if n in params)
+    static = tuple(n for n in ("lay", "cfg", "interpret", "poisoned", "hints") if n in params)
     compiled = jax.jit(fn, static_argnames=static)
     interpreted = jax.jit(fn, static_argnames=static, compiler_options=INTERPRET_COMPILER_OPTIONS)
 
@@ -705,16 +705,20 @@ def jit_kernel_call(fn):
 
 @jit_kernel_call
 def _fused(x2: jax.Array, w, fill: jax.Array, *, lay: CodeLayout, cfg: TileConfig, interpret: bool,
-           poisoned: bool, blocked: bool = False, code_eviction: str | None = None) -> jax.Array:
+           poisoned: bool, hints: LoadHints | None = None) -> jax.Array:
     if w.perm is not None:  # storage row i holds input feature perm[i]
         x2 = jnp.take(x2, w.perm, axis=1)
-    y = _pallas_matmul(x2, w, fill, lay, cfg, interpret, poisoned, blocked, code_eviction)
+    y = _pallas_matmul(x2, w, fill, lay, cfg, interpret, poisoned, hints)
     return y if w.outlier_index is None else _add_outliers(y, x2, w)
 
 
 def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: bool, poisoned: bool,
-                   blocked: bool = False, code_eviction: str | None = None):
+                   hints: LoadHints | None = None):
     m = x2.shape[0]
+    if interpret:  # no caches to hint, and interpret mode cannot discharge a hinted strided load
+        hints = NO_HINTS
+    elif hints is None:  # codes read by one row block only are read once: hint them so
+        hints = LoadHints() if -(-m // cfg.block_m) == 1 else NO_HINTS
     ops = _Operands(w.scale is not None, w.zero is not None and w.codebook is None,
                     w.codebook is not None, has_magic=cfg.dequant == "fma")
     operands = [x2, w.codes]
@@ -727,8 +731,7 @@ def _pallas_matmul(x2, w, fill, lay: CodeLayout, cfg: TileConfig, interpret: boo
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_k, m, lay.n), jnp.float32)
     path = "gemm" if cfg.use_dot else "gemv"
-    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops, asm=not interpret, blocked=blocked,
-                             code_eviction=code_eviction)
+    body = functools.partial(_kernel, lay=lay, cfg=cfg, m=m, ops=ops, hints=hints, asm=not interpret)
     aliases = {}
     if poisoned:  # the kernel writes into a buffer pre-filled with `fill` (last operand, aliased)
         operands.append(jnp.full(out_shape.shape, fill, out_shape.dtype))
@@ -754,34 +757,18 @@ def drop_poisoned_input(body, *refs):
     return body(*ins, out)
 
 
-def probe_matmul(x2: jax.Array, w, config: TileConfig, *, blocked: bool = False,
-                 interpret: bool = False) -> jax.Array:
+def probe_matmul(x2: jax.Array, w, config: TileConfig, *, interpret: bool = False) -> jax.Array:
     """TIMING PROBE, WRONG RESULTS ON PURPOSE: the GEMV kernel of `config` (same grid, same code
     loads, same split-K pass) with the dequantization replaced by one FMA per code word. Its
-    time is what this grid costs when the loads are all that is left (benchmark diagnostics).
-
-    blocked=True: `w` comes from `block_codes(w, config.block_n)`, so each program's code words
-    are one contiguous run instead of block_n-word rows at a stride of N words; the probe then
-    reads the same words from there (equal results), and its time says what such a layout
-    would gain."""
-    lay = kernel_layout(w)  # from the logical shape and grid: blocked codes give the same layout
+    time is what this grid costs when the loads are all that is left (benchmark diagnostics)."""
+    lay = kernel_layout(w)
     cfg = dataclasses.replace(config, dequant="shift")
     problem = config_problem(cfg, lay, x2.shape[0]) or (
         "the probe needs the GEMV path" if cfg.use_dot else None)
-    if blocked and problem is None and w.codes.shape[2] != cfg.block_n:
-        problem = f"codes blocked by {w.codes.shape[2]} columns, the config has block_n={cfg.block_n}"
     if problem:
         raise UserError(f"probe_matmul: {problem}")
     return _fused(x2, w, jnp.float32(0.0), lay=lay, cfg=dataclasses.replace(config, dequant="probe"),
-                  interpret=interpret, poisoned=False, blocked=blocked)
-
-
-def block_codes(w, block_n: int):
-    """`w` with codes [R, N] stored as [N / block_n, R, block_n] (for `probe_matmul(blocked=True)`)."""
-    r, n = w.codes.shape
-    if n % block_n:
-        raise UserError(f"block_codes: N={n} is not a multiple of block_n={block_n}")
-    return dataclasses.replace(w, codes=w.codes.reshape(r, n // block_n, block_n).transpose(1, 0, 2))
+                  interpret=interpret, poisoned=False)
 
 
 def _add_outliers(y: jax.Array, x2: jax.Array, w) -> jax.Array:

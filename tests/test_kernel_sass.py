@@ -96,13 +96,25 @@ def test_profile_script_runs_the_kernel(capsys):
     assert "kivi_k2v2 path auto batch 1 context 1024: output (1, 1, 32, 128), finite True" in capsys.readouterr().out
 
 
-def test_blocked_codes_probe_lowers_for_cuda():
-    """The loads-only probe over column-blocked codes (`probe_matmul(blocked=True)`, a benchmark
-    diagnostic) lowers for CUDA: its code loads index the [N / block_n, R, block_n] array."""
-    from pallas_kernels.quant_matmul import block_codes, probe_matmul
+def test_code_loads_carry_the_evict_first_hint():
+    """The codes of a GEMV (one block of rows reads them) are loaded with `evict_first` (read
+    once: kernel_notes run 10 measured 3-12% from it); x and the scales are not; the tensor-core
+    path, whose row blocks share the codes, and `hints=NO_HINTS` give plain loads."""
+    import re
 
-    w = block_codes(random_qarray(0, 4096, 256, Variant(4, 128)), 64)
-    cfg = TileConfig(block_n=64, split_k=4, tiles_per_step=2, acc2d=True, prefetch=True)
-    ((ir, _, _),) = kernel_sass.triton_ir(lambda x, w: probe_matmul(x, w, cfg, blocked=True),
-                                         jnp.ones((1, 4096), jnp.bfloat16), w)
-    assert "tt.func public @quant_matmul_w4_gemv" in ir and "tt.load" in ir
+    from pallas_kernels.quant_matmul import NO_HINTS
+
+    w = random_qarray(0, 4096, 256, Variant(4, 128, "asym"))
+    gemv = TileConfig(block_n=64, split_k=4, tiles_per_step=2, dequant="h2", acc2d=True, prefetch=True)
+    dot = TileConfig(block_n=64, block_m=16, use_dot=True, dequant="fma")
+
+    def hinted_loads(cfg, m, **kw):
+        ((ir, _, _),) = kernel_sass.triton_ir(lambda x, w: quant_matmul(x, w, config=cfg, **kw),
+                                             jnp.ones((m, 4096), jnp.bfloat16), w)
+        loads = re.findall(r"tt\.load [^\n]*", ir)
+        return sum("evict_first" in ld for ld in loads), len(loads)
+
+    hinted, loads = hinted_loads(gemv, 1)
+    assert 0 < hinted < loads  # the codes (per tile of a step, and prefetched) but not x or the groups
+    assert hinted_loads(gemv, 1, hints=NO_HINTS)[0] == 0
+    assert hinted_loads(dot, 32)[0] == 0

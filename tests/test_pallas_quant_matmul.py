@@ -260,29 +260,3 @@ def test_h2_holds_any_activation_range(mult):
     err = {dq: relative_error(quant_matmul(x, w, config=GEMV(m=2, split=2, dq=dq, acc2d=True), interpret=True), ref)
            for dq in ("fma", "h2")}
     assert err["h2"] <= 1.1 * err["fma"] and err["h2"] <= TOL, err
-
-
-@pytest.mark.parametrize("v,cfg", [
-    (Variant(4, 128, "asym"), TileConfig(block_n=32, block_m=2, split_k=2, tiles_per_step=2, acc2d=True)),
-    (Variant(8, 0), TileConfig(block_n=64, block_m=1, split_k=3, prefetch=True)),
-    (Variant(3, 128, tiled_rows=32), TileConfig(block_n=32, block_m=1, split_k=2)),
-])
-def test_blocked_codes_probe_reads_the_same_words(v, cfg):
-    """The loads-only probe over codes stored [N / block_n, R, block_n] (each program's words one
-    contiguous run: the layout experiment of kernel_notes run 9) reads exactly the words the
-    native layout gives each program: equal (wrong-on-purpose) results."""
-    from pallas_kernels.quant_matmul import block_codes, probe_matmul
-
-    k, n, m = 2048, 128, cfg.block_m
-    w = random_weight(11, k, n, v)
-    x = random_activations(12, (m, k))
-    native = probe_matmul(x, w, cfg, interpret=True)
-    wb = block_codes(w, cfg.block_n)
-    assert wb.codes.shape == (n // cfg.block_n, w.codes.shape[0], cfg.block_n)
-    unblocked = np.asarray(wb.codes).transpose(1, 0, 2).reshape(w.codes.shape)
-    np.testing.assert_array_equal(unblocked, np.asarray(w.codes))
-    blocked = probe_matmul(x, wb, cfg, blocked=True, interpret=True)
-    assert np.isfinite(np.asarray(native, np.float32)).all()
-    np.testing.assert_array_equal(np.asarray(blocked, np.float32), np.asarray(native, np.float32))
-    with pytest.raises(UserError, match="blocked by 64 columns, the config has block_n=32"):
-        probe_matmul(x, block_codes(w, 64), dataclasses.replace(cfg, block_n=32), blocked=True, interpret=True)
