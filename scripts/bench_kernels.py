@@ -91,6 +91,15 @@ def suites(name: str):
             Sweep(Variant(4, 128), shapes=FUSED, batches=(1,), tune_batches=(1,), max_candidates=11),
             Sweep(Variant(4, 128), shapes=FUSED, batches=(2, 4, 8), tune_batches=(4,), max_candidates=6),
         ]
+    if name == "run10":  # after the evict_first hint: what the end-to-end W4 decode runs (asymmetric RTN,
+        # fused Llama-2-7B) at batch 1 and 8, then symmetric W4 on every shape at batch 1
+        asym = Variant(4, 128, "asym")
+        e2e = FUSED[:2] + ((11008, 4096), (4096, 4096))
+        return [
+            Sweep(asym, shapes=e2e, batches=(1,), tune_batches=(1,), max_candidates=8),
+            Sweep(Variant(4, 128), shapes=LLAMA, batches=(1,), tune_batches=(1,), max_candidates=6),
+            Sweep(asym, shapes=e2e, batches=(8,), tune_batches=(8,), max_candidates=6),
+        ]
     if name == "run3-rest":  # run3 after W4 batch 1-8 (recorded on the H100 in run 4): what it did not reach
         return suites("run3")[2:]
     if name == "quick":  # one shape per variant, few batches: a smoke run
@@ -98,7 +107,7 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, quick or w4")
 
 
 def card_tag(kind: str) -> str:

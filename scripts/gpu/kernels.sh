@@ -94,12 +94,13 @@ summary = {"w4_g128": [], "batch1_other_bits": [], "invalid": [], "decode": {}}
 for r in recs:
     key = (r.get("variant"), r.get("kind"))
     row = {k: r.get(k) for k in ("bits", "group_size", "m", "k", "n", "kernel_us", "xla_bf16_us", "speedup",
-                                 "roofline_fraction", "probe_us", "probe_blocked_us", "kernel_wall_us", "xla_bf16_wall_us",
+                                 "roofline_fraction", "probe_us", "kernel_unhinted_us", "kernel_wall_us", "xla_bf16_wall_us",
                                  "rel_err", "floor_us", "bf16_floor_us", "xla_bf16_launches_per_call")}
     row["config"] = r.get("config")
     if r.get("invalid") or r.get("error"):
         summary["invalid"].append({**row, "why": r.get("invalid") or r.get("error")})
-    elif key == ("w4_g128_sym", "a16"):
+    elif key in (("w4_g128_sym", "a16"), ("w4_g128_asym", "a16")):
+        row["variant"] = r["variant"]
         summary["w4_g128"].append(row)
     elif r.get("m") == 1 and r.get("kind") == "a16":
         summary["batch1_other_bits"].append({**row, "variant": r["variant"]})
@@ -127,16 +128,16 @@ with open(os.path.join(d, "candidates_w4_batch1.txt"), "w") as fh:  # every cand
                          f"device={c.get('device_us')} {c.get('error', '')}\n")
 f = lambda v, p=1: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
 print("\nW4 g128 (kernel = CUPTI us/call; probe = same grid, loads only)")
-print("| K x N | M | kernel us | bf16 us | speedup | roofline | probe us | blocked probe us | config |")
-for r in sorted(summary["w4_g128"], key=lambda r: (r["m"], r["k"], r["n"])):
+print("| variant | K x N | M | kernel us | bf16 us | speedup | roofline | probe us | unhinted us | config |")
+for r in sorted(summary["w4_g128"], key=lambda r: (r["variant"], r["m"], r["k"], r["n"])):
     c = r["config"] or {}
     cfg = (f"{'dot' if c.get('use_dot') else c.get('dequant')}{'-acc2d' if c.get('acc2d') else ''}"
            f"{'-pf' if c.get('prefetch') else ''} bn{c.get('block_n')} s{c.get('split_k')} t{c.get('tiles_per_step')} w{c.get('num_warps')}")
-    print(f"| {r['k']}x{r['n']} | {r['m']} | {f(r['kernel_us'])} | {f(r['xla_bf16_us'])} | {f(r['speedup'], 2)} | "
-          f"{f(r['roofline_fraction'], 2)} | {f(r['probe_us'])} | {f(r.get('probe_blocked_us'))} | {cfg} |")
+    print(f"| {r['variant']} | {r['k']}x{r['n']} | {r['m']} | {f(r['kernel_us'])} | {f(r['xla_bf16_us'])} | {f(r['speedup'], 2)} | "
+          f"{f(r['roofline_fraction'], 2)} | {f(r['probe_us'])} | {f(r.get('kernel_unhinted_us'))} | {cfg} |")
 for r in summary["batch1_other_bits"]:
-    print(f"| {r['variant']} {r['k']}x{r['n']} | 1 | {f(r['kernel_us'])} | {f(r['xla_bf16_us'])} | {f(r['speedup'], 2)} | "
-          f"{f(r['roofline_fraction'], 2)} | {f(r['probe_us'])} | {f(r.get('probe_blocked_us'))} | |")
+    print(f"| {r['variant']} | {r['k']}x{r['n']} | 1 | {f(r['kernel_us'])} | {f(r['xla_bf16_us'])} | {f(r['speedup'], 2)} | "
+          f"{f(r['roofline_fraction'], 2)} | {f(r['probe_us'])} | {f(r.get('kernel_unhinted_us'))} | |")
 print(f"invalid/failed points: {len(summary['invalid'])}")
 for r in summary["invalid"][:8]:
     print("  ", r["k"], r["n"], r["m"], str(r["why"])[:160])
