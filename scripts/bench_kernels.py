@@ -133,6 +133,40 @@ def report(path: str) -> None:
     print(f"wrote {stem}.md and {stem}.png")
 
 
+def table_from_records(records: list[dict]):
+    """A tuning table rebuilt from benchmark records: per point, the candidate ranked first by
+    `autotune.rank_us` (CUPTI device time where recorded), so records written before the ranking
+    changed (run 10c ranked by the wall clock) give the table the current rule would have kept."""
+    from pallas_kernels.autotune import Entry, Problem, TuningTable, m_bucket
+    from pallas_kernels.quant_matmul import TileConfig
+
+    table = TuningTable()
+    for r in records:
+        if r.get("invalid") or r.get("error") or not r.get("config"):
+            continue
+        problem = Problem(r["kind"], r["bits"], 0 if r["group_size"] >= r["k"] else r["group_size"], r["grid"],
+                          r["layout"], r["rows"], r["k"], r["n"], m_bucket(r["m"]))
+        timed = [c for c in r.get("candidates", []) if c.get("device_us") is not None]
+        best = min(timed, key=lambda c: c["device_us"]) if timed else {"config": r["config"], "device_us": r["kernel_us"]}
+        table.add(Entry(problem, TileConfig.from_json(best["config"]), best["device_us"], r.get("xla_dequant_us")))
+    return table
+
+
+def retable(records_path: str, into: str, note: str) -> int:
+    """Merges the table rebuilt from `records_path` into the table at `into` (last one wins)."""
+    from pallas_kernels.autotune import TuningTable
+
+    with open(records_path, encoding="utf-8") as f:
+        new = table_from_records(json.load(f))
+    table = TuningTable.load(into)
+    table.merge(new)
+    if note:
+        table.meta["note"] = f"{table.meta.get('note', '')}; {note}".lstrip("; ")
+    table.save(into)
+    print(f"merged {len(new.entries)} entries from {records_path} into {into} ({len(table.entries)} in all)")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="folder for the records, meta and tuning table")
@@ -143,10 +177,16 @@ def main(argv=None):
     p.add_argument("--report", help="records JSON: write its markdown table and plot, then exit")
     p.add_argument("--shapes", help="KxN,KxN,... instead of the suite's shapes")
     p.add_argument("--interpret", action="store_true", help="dry run on a CPU in interpret mode (tiny --shapes)")
+    p.add_argument("--retable", metavar="RECORDS", help="records JSON: merge the tuning table they give "
+                   "(each point's fastest candidate on the device) into --into, then exit")
+    p.add_argument("--into", default="pallas_kernels/quant_matmul_tuning.json")
+    p.add_argument("--note", default="", help="with --retable: appended to the table's meta note")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.report:
         return report(args.report)
+    if args.retable:
+        return retable(args.retable, args.into, args.note)
     if not args.out:
         p.error("--out is required (or --report)")
 

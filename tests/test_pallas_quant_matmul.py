@@ -206,6 +206,43 @@ def test_tuning_table_lookup_and_measured_rule(tmp_path):
     assert tab.lookup(autotune.problem_of(w3, 1), autotune.kernel_layout(w3), 1) is None
 
 
+def test_table_from_records_ranks_by_device_time(tmp_path):
+    """`bench_kernels.py --retable`: each point's entry is its candidate fastest on the device
+    (CUPTI), not on the host-bound wall clock; failed candidates and invalid points are skipped,
+    an untuned point keeps its config, and the problem matches the one `linear()` looks up."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a, b, c = GEMV(bn=64, split=4, dq="h2", acc2d=True), GEMV(bn=64, split=9, dq="inplace", acc2d=True), GEMV(bn=128)
+    point = {"kind": "a16", "bits": 4, "group_size": 128, "grid": "asym", "layout": "native", "rows": 16,
+             "k": 11008, "n": 4096, "m": 1, "config": b.to_json(), "kernel_us": 17.9,
+             "candidates": [{"config": a.to_json(), "wall_us": 27.3, "device_us": 14.7},
+                            {"config": b.to_json(), "wall_us": 27.2, "device_us": 18.0},
+                            {"config": c.to_json(), "error": "lowering failed"}]}
+    untuned = {**point, "m": 2, "candidates": [], "config": c.to_json(), "kernel_us": 20.0, "xla_dequant_us": 90.0}
+    per_channel = {**untuned, "bits": 8, "group_size": 11008, "grid": "sym", "m": 1}
+    invalid = {**point, "n": 1024, "invalid": ["xla_bf16: below the floor"]}
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([point, untuned, per_channel, invalid]))
+    into = tmp_path / "table.json"
+    assert bench.main(["--retable", str(records), "--into", str(into), "--note", "test"]) == 0
+    tab = autotune.TuningTable.load(into)
+    assert len(tab.entries) == 3 and tab.meta["note"] == "test"
+    w = abstract_weight(11008, 4096, Variant(4, 128, "asym"))
+    lay = autotune.kernel_layout(w)
+    got = tab.entries[autotune.problem_of(w, 1, lay=lay)]
+    assert got.config == a and got.kernel_us == 14.7 and got.use_kernel
+    got2 = tab.entries[autotune.problem_of(w, 2, lay=lay)]
+    assert got2.config == c and got2.kernel_us == 20.0 and got2.xla_us == 90.0
+    w8 = abstract_weight(11008, 4096, Variant(8, 0))
+    assert autotune.problem_of(w8, 1) in tab.entries
+
+
 def test_grid_values_at_matches_dequantize():
     """The grid value of single elements (what the outlier correction subtracts), 3-bit codes."""
     q = random_qarray(5, 96, 48, Variant(3, 32, "asym"))
