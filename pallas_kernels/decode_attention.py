@@ -39,7 +39,7 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
 from pallas_kernels.f16x2 import (H2_SHIFT, h2_code_fma, h2_fma, h2_join, h2_mul, h2_pack, h2_pair_constants,
                                   h2_positions, h2_unpack)
-from pallas_kernels.hints import hinted_load, stream_policy
+from pallas_kernels.hints import hinted_load
 from pallas_kernels.quant_matmul import MAGIC, inplace_positions
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
@@ -707,7 +707,7 @@ KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 w
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     q_scale: float, asm: bool):
+                     q_scale: float, evict: str | None, asm: bool):
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -716,7 +716,6 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
     positions = h2_positions(bits)
     consts = [h2_pair_constants(bits, o) for _, o in positions]
     lane = lax.iota(jnp.int32, cols)
-    evict = stream_policy()  # the key words are read once a step
 
     def body(blk, top):
         col = blk * cols + lane                  # word column of each lane
@@ -775,7 +774,8 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
 
 
 def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, rows: int,
-                       vwidth: int, channels: int, parts: int, blocks_per_split: int, heads: int, asm: bool):
+                       vwidth: int, channels: int, parts: int, blocks_per_split: int, heads: int,
+                       evict: str | None, asm: bool):
     """Values pass: each lane owns a word column (c slots) and walks `channels` channel rows of
     the value store, part `program_id(1) % parts` of D; fp32 sums per row and lane, reduced over
     the lanes once at the end."""
@@ -791,7 +791,6 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
     lane = lax.iota(jnp.int32, cols)
     top = [ms_ref[pl.ds(h, 1)] for h in range(heads)]  # [1]: the split's maximum score
     n_groups = max(1, channels // vwidth)  # value channel groups among this program's rows
-    evict = stream_policy()  # each value word is read by one program once a step
 
     def body(blk, carry):
         l, acc, az = carry
@@ -864,7 +863,7 @@ def _key_columns(k: QTokens) -> int:
 
 
 def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
-              num_warps: int, num_stages: int) -> Partials:
+              num_warps: int, num_stages: int, eviction: str | None) -> Partials:
     """The two-pass f16x2 body (see "two-pass fp16 body"). Both passes read word columns of
     `_key_columns` (one a lane); num_warps is not used (the tile width sets the warps)."""
     b, kv_heads, g, d = q.shape
@@ -905,7 +904,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          q_scale=scale * LOG2E, asm=not interpret),
+                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
@@ -931,7 +930,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     o, l, m = pl.pallas_call(
         functools.partial(_cw2_values_kernel, bits=v.bits, cols=kcols, rows=v.rows, vwidth=vwidth,
                           channels=channels, parts=parts, blocks_per_split=key_blocks, heads=chunk,
-                          asm=not interpret),
+                          evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks * parts, n_splits),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hc_of(hh), j, 0, hh % parts)),
@@ -1005,11 +1004,12 @@ def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool, exact: bool =
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "dot_dtype", "interpret",
-                                              "num_warps", "num_stages", "path"))
+                                              "num_warps", "num_stages", "path", "eviction"))
 def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Array, length,
                               *, scale: float, rope=None, num_splits: int | None = None,
                               dot_dtype=jnp.bfloat16, interpret: bool = False, num_warps: int | None = None,
-                              num_stages: int = 2, path: str = "auto") -> Partials:
+                              num_stages: int = 2, path: str = "auto",
+                              eviction: str | None = "evict_first") -> Partials:
     """Flash-decoding partials of q [B, K, G, D] over packed keys and values.
 
     rope: None, or (cos, sin) [B, S, D/2] per-slot tables when keys are stored before RoPE.
@@ -1021,7 +1021,8 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     stores, fp32 / f16x2 arithmetic, see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
     (read when the function is traced: the benchmark's choice for later model runs); cw2 takes its
     warps from its tile and its value rows a program from $JAXCOMPRESS_KV_VALUE_CHANNELS (default
-    VALUE_CHANNELS).
+    VALUE_CHANNELS). eviction: the cache policy of cw2's code-word loads (read once a step;
+    `pallas_kernels.hints`), None for plain loads.
     """
     num_warps = num_warps or _env_int("JAXCOMPRESS_KV_NUM_WARPS", 4)
     b, kv_heads, g, d = q.shape
@@ -1039,7 +1040,7 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     path = kernel_path(path, k, v, rope is not None, exact=dot_dtype == jnp.float32)
     if path == "cw2":
         return _cw2_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
-                         num_warps=num_warps, num_stages=num_stages)
+                         num_warps=num_warps, num_stages=num_stages, eviction=eviction)
     if path in ("cw", "cw16"):
         return _cw_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
                         num_warps=num_warps, num_stages=num_stages, packed=path == "cw16")
@@ -1084,15 +1085,14 @@ def _dense_kernel(q_ref, mask_ref, len_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *
                   blocks_per_split: int, scale: float, dot_dtype):
     hp, d = q_ref.shape
     q = q_ref[...]
-    evict = stream_policy()  # the cached keys and values are read once a step
 
     def body(blk, carry):
         t0 = blk * rows
-        k = hinted_load(k_ref.at[pl.ds(t0, rows), :], evict)
+        k = k_ref[pl.ds(t0, rows), :]
         s = _dot(q, k, dot_dtype, True) * scale
         valid = mask_ref[pl.ds(t0, rows)] != 0
         return _softmax_step(carry, s, valid,
-                             lambda p: [_dot(p, hinted_load(v_ref.at[pl.ds(t0, rows), :], evict), dot_dtype, False)])
+                             lambda p: [_dot(p, v_ref[pl.ds(t0, rows), :], dot_dtype, False)])
 
     lo, hi = _split_blocks(len_ref, rows, blocks_per_split)
     init = (jnp.full((hp,), NEG_INF, jnp.float32), jnp.zeros((hp,), jnp.float32),

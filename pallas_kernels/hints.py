@@ -1,15 +1,16 @@
 """Cache eviction hints for the kernels' loads (Triton's `eviction_policy`).
 
-A decode step reads each weight code and each cached key and value once. Hinted `evict_first`,
+A decode step reads each weight code and each packed key and value once. Hinted `evict_first`,
 those streams stop pushing the data that is read again (x, the scales, the attention scores) out
-of the L2: the W4 GEMV ran 3-12% faster on an H100 with its codes hinted (31 of 32 configs,
-docs/results/kernel_notes.md, run 10).
+of the L2. On an H100 the W4 GEMV ran 3-12% faster with its codes hinted (31 of 32 configs,
+docs/results/kernel_notes.md, run 10). KIVI's two-pass decode kernel (cw2) takes the hint as
+its `eviction` option (docs/results/kv_notes.md, run 13); the dense bf16 decode kernel measured
+no change from it across processes and is left unhinted.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from jax.experimental.pallas import triton as plgpu
 
@@ -36,14 +37,3 @@ def hinted_load(view, policy: str | None):
     if policy is not None and policy not in POLICIES:
         raise ConfigError(f"eviction policy {policy!r} must be one of {POLICIES} or None")
     return plgpu.load(view, eviction_policy=policy) if policy else view[...]
-
-
-def stream_policy(env: str = "JAXCOMPRESS_KV_EVICTION") -> str | None:
-    """The policy of read-once streams (cached keys and values), read when a kernel is traced:
-    `evict_first` unless `$JAXCOMPRESS_KV_EVICTION` says `none` (benchmark A/B runs)."""
-    raw = os.environ.get(env, "evict_first")
-    if raw == "none":
-        return None
-    if raw not in POLICIES:
-        raise ConfigError(f"${env}={raw!r} must be one of {POLICIES} or 'none'")
-    return raw

@@ -100,6 +100,9 @@ def suites(name: str):
             Sweep(Variant(4, 128), shapes=LLAMA, batches=(1,), tune_batches=(1,), max_candidates=6),
             Sweep(asym, shapes=e2e, batches=(8,), tune_batches=(8,), max_candidates=6),
         ]
+    if name == "run10b":  # the other bit widths at batch 1 with the hint: W8 per channel (target 1.8x), W2
+        return [Sweep(Variant(8, 0), shapes=LLAMA, batches=(1,), tune_batches=(1,), max_candidates=6),
+                Sweep(Variant(2, 128), shapes=small, batches=(1,), tune_batches=(1,), max_candidates=6)]
     if name == "run3-rest":  # run3 after W4 batch 1-8 (recorded on the H100 in run 4): what it did not reach
         return suites("run3")[2:]
     if name == "quick":  # one shape per variant, few batches: a smoke run
@@ -107,7 +110,7 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, quick or w4")
 
 
 def card_tag(kind: str) -> str:

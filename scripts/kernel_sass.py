@@ -98,7 +98,9 @@ def decode_ir(args):
     k, v = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[n]) for n in ("k", "v"))
     q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
     kernels = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
-                                                                     path=args.path, num_stages=args.stages), q, k, v, mask)
+                                                                     path=args.path, num_stages=args.stages,
+                                                                     eviction=getattr(args, "eviction", "evict_first")),
+                         q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
     c = 32 // args.bits

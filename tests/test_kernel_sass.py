@@ -83,6 +83,13 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
     assert "@kv_decode_k2_scores(" in keys[0] and keys[1] == 4 and keys[3].endswith("(keys pass)")
     assert keys[4] == 8 * 16 and "fma.rn.f16x2" in keys[0] and "tt.store" in keys[0]
     assert "@kv_decode_v2_values(" in values[0] and values[4] == 32 * 16  # a block: 32 channel rows of a word
+    # Each pass loads its code words with `evict_first` (read once a step, pallas_kernels/hints.py);
+    # the scores, scales and q are not hinted; eviction=None drops the hint.
+    for ir in (keys[0], values[0]):
+        loads = [ld for ld in ir.splitlines() if "tt.load" in ld]
+        assert 0 < sum("evict_first" in ld for ld in loads) < len(loads)
+    keys, values = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto", "eviction": None}))
+    assert "evict_first" not in keys[0] + values[0]
 
 
 def test_profile_script_runs_the_kernel(capsys):
