@@ -13,7 +13,10 @@ With --attention it profiles one layer's decode attention instead (the variants 
 times: the codec's path and, for packed codecs, the kernel alone), `--steps` calls in one
 jitted loop, at Llama-2-7B head shapes (--model names a preset then). XLA's command buffers (CUDA graphs) are turned off
 for the profile, since the trace does not see the kernels inside them; so the total is a little
-above the wall time `bench_kv.py --e2e` measures.
+above the wall time `bench_kv.py --e2e` measures. The profiled loop does not donate its cache
+(it runs twice on the same one), so XLA copies the cache once a run: `MemcpyD2D` in the tables,
+its time over --steps a step (run 10, batch 32 at context 512: 1.5 ms of a 4-step run's step).
+`bench_decode.py` and `bench_kv.py --e2e` donate the cache and pay no such copy.
 """
 
 from __future__ import annotations
