@@ -663,7 +663,7 @@ def quant_matmul(x: jax.Array, w: QArray | TiledQArray, *, config: TileConfig | 
     kernel in Pallas interpret mode (CPU tests); `poison` pre-fills the kernel's output buffer
     with that value (tests: NaN left anywhere means an element was never written); `hints`
     overrides the loads' eviction policies (default: `LoadHints()` where one block of rows reads
-    the codes, none where several do).
+    the codes, none where several do; interpret mode has no caches and always loads plainly).
     """
     problem = layout_problem(w)
     if problem:
