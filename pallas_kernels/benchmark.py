@@ -35,6 +35,8 @@ LLAMA_SHAPES = ((4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096,
 # The same projections fused as served (jaxcompress.models.fuse): q|k|v and gate|up of
 # Llama-2-7B (MHA: 3 x 4096; 2 x 11008), then Mistral-7B (GQA: 4096 + 2 x 1024; 2 x 14336).
 FUSED_SHAPES = ((4096, 12288), (4096, 22016), (4096, 6144), (4096, 28672))
+# What a decode step of the end-to-end model (Llama-2-7B, fused) multiplies: q|k|v, gate|up, down, o.
+E2E_SHAPES = FUSED_SHAPES[:2] + ((11008, 4096), (4096, 4096))
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 

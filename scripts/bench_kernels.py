@@ -27,6 +27,7 @@ def suites(name: str):
     from pallas_kernels.benchmark import Sweep
     from pallas_kernels.testing import Variant
 
+    from pallas_kernels.benchmark import E2E_SHAPES as E2E
     from pallas_kernels.benchmark import FUSED_SHAPES as FUSED
     from pallas_kernels.benchmark import LLAMA_SHAPES as LLAMA
 
@@ -94,20 +95,15 @@ def suites(name: str):
     if name == "run10":  # after the evict_first hint: what the end-to-end W4 decode runs (asymmetric RTN,
         # fused Llama-2-7B) at batch 1 and 8, then symmetric W4 on every shape at batch 1
         asym = Variant(4, 128, "asym")
-        e2e = FUSED[:2] + ((11008, 4096), (4096, 4096))
         return [
-            Sweep(asym, shapes=e2e, batches=(1,), tune_batches=(1,), max_candidates=8),
+            Sweep(asym, shapes=E2E, batches=(1,), tune_batches=(1,), max_candidates=8),
             Sweep(Variant(4, 128), shapes=LLAMA, batches=(1,), tune_batches=(1,), max_candidates=6),
-            Sweep(asym, shapes=e2e, batches=(8,), tune_batches=(8,), max_candidates=6),
+            Sweep(asym, shapes=E2E, batches=(8,), tune_batches=(8,), max_candidates=6),
         ]
-    if name == "run10f":  # the end-to-end shapes (asymmetric, fused) at batch 16 and 32, ranked by device time
-        asym = Variant(4, 128, "asym")
-        e2e = FUSED[:2] + ((11008, 4096), (4096, 4096))
-        return [Sweep(asym, shapes=e2e, batches=(16, 32), tune_batches=(16, 32), max_candidates=6)]
-    if name == "run10g":  # the same at batch 8 (run 10c reached only 4096 x 12288 there)
-        asym = Variant(4, 128, "asym")
-        return [Sweep(asym, shapes=FUSED[1:2] + ((11008, 4096), (4096, 4096)), batches=(8,), tune_batches=(8,),
-                      max_candidates=6)]
+    if name == "e2e":  # the end-to-end model's projections (asymmetric W4, fused) at every decode batch it
+        # runs, each batch tuned for itself (run 10: borrowed batch-32 configs made it 0.72x bf16, tuned 0.99x)
+        return [Sweep(Variant(4, 128, "asym"), shapes=E2E, batches=(b,), tune_batches=(b,), max_candidates=6)
+                for b in (1, 8, 16, 32)]
     if name == "run10b":  # the other bit widths at batch 1 with the hint: W8 per channel (target 1.8x), W2
         return [Sweep(Variant(8, 0), shapes=LLAMA, batches=(1,), tune_batches=(1,), max_candidates=6),
                 Sweep(Variant(2, 128), shapes=small, batches=(1,), tune_batches=(1,), max_candidates=6)]
@@ -118,7 +114,7 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, run10f, run10g, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, e2e, quick or w4")
 
 
 def card_tag(kind: str) -> str:
