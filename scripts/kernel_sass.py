@@ -7,7 +7,8 @@ the `dequant="fma"` GEMV was designed (docs/results/kernel_notes.md, "Run 6"): t
 confirms what the count predicts. The pip Triton is not the Triton inside jaxlib, so treat the
 counts as close, not exact.
 
-    pip install triton            # any machine; a separate venv is fine (--triton-python)
+    pip install triton==3.5.0     # any machine; a separate venv is fine (--triton-python); 3.9.0
+                                  # failed to parse the IR of jax 0.10.2
     python scripts/kernel_sass.py --bits 4 --group-size 128 --grid asym --dequant fma --acc2d
     python scripts/kernel_sass.py --dequant inplace --acc2d --block-n 128 --warps 8 --sass out.sass
     python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw2 body (two kernels)
@@ -183,7 +184,7 @@ def compile_sass(ttir: str, warps: int, stages: int, triton_python: str) -> tupl
                               capture_output=True, text=True, env=env)
         if done.returncode:
             raise UserError(f"compiling the kernel with {triton_python}'s triton failed (is `triton` "
-                            f"installed there? pip install triton):\n{done.stderr[-2000:]}")
+                            f"installed there? pip install triton==3.5.0):\n{done.stderr[-2000:]}")
         tools = os.path.join(os.path.dirname(subprocess.run(
             [triton_python, "-c", "import triton, os; print(triton.__file__)"],
             capture_output=True, text=True, check=True).stdout.strip()), "backends", "nvidia", "bin")
