@@ -163,8 +163,18 @@ def retable(records_path: str, into: str, note: str) -> int:
     """Merges the table rebuilt from `records_path` into the table at `into` (last one wins)."""
     from pallas_kernels.autotune import TuningTable
 
-    with open(records_path, encoding="utf-8") as f:
-        new = table_from_records(json.load(f))
+    from jaxcompress.errors import UserError
+
+    try:
+        with open(records_path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--retable {records_path}: cannot read benchmark records ({e}); pass the "
+                        f"quant_matmul_<card>.json a bench_kernels.py run wrote") from e
+    if not isinstance(records, list):
+        raise UserError(f"--retable {records_path}: expected a list of benchmark records, got "
+                        f"{type(records).__name__} (the _meta.json or _tuning.json file?)")
+    new = table_from_records(records)
     table = TuningTable.load(into)
     table.merge(new)
     if note:

@@ -241,6 +241,8 @@ def test_table_from_records_ranks_by_device_time(tmp_path):
     assert got2.config == c and got2.kernel_us == 20.0 and got2.xla_us == 90.0
     w8 = abstract_weight(11008, 4096, Variant(8, 0))
     assert autotune.problem_of(w8, 1) in tab.entries
+    with pytest.raises(UserError, match="expected a list of benchmark records"):
+        bench.main(["--retable", str(into), "--into", str(tmp_path / "other.json")])
 
 
 def test_grid_values_at_matches_dequantize():
