@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import json
 import logging
 import sys
 import time
