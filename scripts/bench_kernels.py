@@ -161,9 +161,8 @@ def table_from_records(records: list[dict]):
 
 def retable(records_path: str, into: str, note: str) -> int:
     """Merges the table rebuilt from `records_path` into the table at `into` (last one wins)."""
-    from pallas_kernels.autotune import TuningTable
-
     from jaxcompress.errors import UserError
+    from pallas_kernels.autotune import TuningTable
 
     try:
         with open(records_path, encoding="utf-8") as f:

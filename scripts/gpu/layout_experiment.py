@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -35,7 +36,6 @@ SHAPES = ((4096, 12288), (4096, 22016), (11008, 4096), (4096, 4096))
 VARIANT = Variant(4, 128, "asym")
 HINTS = {"none": NO_HINTS, "codes": LoadHints(), "codes+groups": LoadHints(groups="evict_first"),
          "codes+groups,x_last": LoadHints(groups="evict_first", x="evict_last")}
-LAYOUTS = tuple(HINTS)
 
 
 def extra_configs(lay, sms: int) -> list[TileConfig]:
@@ -51,10 +51,6 @@ def extra_configs(lay, sms: int) -> list[TileConfig]:
     return out
 
 
-def call(layout: str, cfg: TileConfig, interpret: bool):
-    return lambda x, w: quant_matmul(x, w, config=cfg, interpret=interpret, hints=HINTS[layout])
-
-
 def run_shape(k: int, n: int, max_candidates: int, interpret: bool = False) -> dict:
     w = random_weight(k * 7 + n, k, n, VARIANT)
     lay = kernel_layout(w)
@@ -66,29 +62,23 @@ def run_shape(k: int, n: int, max_candidates: int, interpret: bool = False) -> d
     ref = quant_matmul_reference(x, w)
     xs, ws = autotune.random_inputs(w, 1, jnp.bfloat16, seed=1)
     rows = []
-    for layout in LAYOUTS:
-        fns, wss, errs = [], [], []
+    for hint, hints in HINTS.items():
         for cfg in cands:
-            f = call(layout, cfg, interpret)
+            f = functools.partial(lambda x, ww, c, h: quant_matmul(x, ww, config=c, interpret=interpret, hints=h),
+                                  c=cfg, h=hints)
+            rec = {"layout": hint, "config": cfg.to_json()}  # "layout": the key of run 10a's records
             try:
-                errs.append(relative_error(jax.jit(f)(x, w), ref))
+                rec["rel_err"] = relative_error(jax.jit(f)(x, w), ref)
+                t = autotune.time_per_call(f, xs, ws)
+                rec.update(device_us=t.device_us, wall_us=t.wall_us)
             except Exception as e:  # reported, never hidden
-                errs.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            fns.append(f)
-            wss.append(ws)
-        for cfg, f, wl, err in zip(cands, fns, wss, errs):
-            rec = {"layout": layout, "config": cfg.to_json(), "rel_err": err}
-            if not isinstance(err, str):
-                try:
-                    t = autotune.time_per_call(f, xs, wl)
-                    rec.update(device_us=t.device_us, wall_us=t.wall_us)
-                except Exception as e:
-                    rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                rec.setdefault("rel_err", None)
+                rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             rows.append(rec)
-            log.info("%dx%d %-11s %s -> %s", k, n, layout, cfg, rec.get("device_us", rec.get("error", err)))
+            log.info("%dx%d %-20s %s -> %s", k, n, hint, cfg, rec.get("device_us", rec.get("error")))
     timed = [r for r in rows if r.get("device_us") is not None]
-    best = {lo: min((r for r in timed if r["layout"] == lo), key=lambda r: r["device_us"], default=None)
-            for lo in LAYOUTS}
+    best = {h: min((r for r in timed if r["layout"] == h), key=lambda r: r["device_us"], default=None)
+            for h in HINTS}
     probes = {}
     if best["codes"] is not None:
         cfg = TileConfig.from_json(best["codes"]["config"])
