@@ -68,12 +68,15 @@ def dense_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sc
 
 
 def combine(parts: Sequence[Partials]) -> jax.Array:
-    """Merges partials over disjoint slot sets into the normalized output [B, K, G, D] (fp32)."""
-    m = jnp.stack([p.m for p in parts])
-    top = jnp.max(m, axis=0)
+    """Merges partials over disjoint slot sets into the normalized output [B, K, G, D] (fp32).
+    A part is one partial [B, K, G, ...] or a kernel's splits [B, K, splits, G, ...]
+    (`merge_splits=False`): all merge in one step (at batch 1 each merge is a launch or two)."""
+    split = [p if p.m.ndim == 4 else Partials(p.o[:, :, None], p.l[:, :, None], p.m[:, :, None]) for p in parts]
+    m = jnp.concatenate([p.m for p in split], axis=2)
+    top = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - top)
-    l = jnp.sum(w * jnp.stack([p.l for p in parts]), axis=0)
-    o = jnp.sum(w[..., None] * jnp.stack([p.o for p in parts]), axis=0)
+    l = jnp.sum(w * jnp.concatenate([p.l for p in split], axis=2), axis=2)
+    o = jnp.sum(w[..., None] * jnp.concatenate([p.o for p in split], axis=2), axis=2)
     return o / jnp.where(l > 0, l, 1.0)[..., None]
 
 
@@ -340,7 +343,7 @@ def _quantized_kernel(*refs, kop: _Operand, vop: _Operand, rope: bool, block: in
 #     so slot j's 32 values are one contiguous load;
 #   * scores in log2 units (log2(e) folded into q): exp2 is one MUFU instruction; masked and
 #     out-of-length slots come as an additive NEG_INF bias (also in code order): a split that
-#     saw only masked slots ends with m = NEG_INF, so `_finish` / `combine` weight it by zero
+#     saw only masked slots ends with m = NEG_INF, so `merge_splits` / `combine` weight it by zero
 #     (a row with no valid slot at all gets an undefined output, where the reference gives 0).
 # Partial sums stay [D, 32] / [1, 32] until the end of the program.
 CW_MAX_HEADS = 2  # query heads per program of the cw body (registers); more are split over the grid
@@ -539,7 +542,7 @@ def _cw_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_split
         name=f"kv_decode_k{k.bits}v{v.bits}_{'cw16' if packed else 'cw'}",
     )(*inputs)
 
-    return _finish(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
+    return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 
 
 def _check_fp16_meta(k: QTokens, v: QTokens, path: str) -> None:
@@ -707,7 +710,7 @@ KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 w
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     q_scale: float, evict: str | None, asm: bool):
+                     q_scale: float, evict: str | None, asm: bool, prefetch: int):
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -728,9 +731,11 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
                     [ks_ref[r0 + rr, group] for rr in range(KEY_ROWS_F16)])
 
         def channel_rows(ci, carry):
-            sums, qsum, (words, kscales) = carry
+            sums, qsum, pending = carry
+            words, kscales = pending[0]
             qsum = list(qsum)
-            ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
+            # the loads `prefetch` steps ahead go out before this step's arithmetic
+            ahead = pending[1:] + [load(ci + prefetch)]
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
                 w = words[rr]
@@ -750,7 +755,8 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
             return new, qsum, ahead
 
         zero = jnp.zeros((cols,), jnp.float32)
-        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * c] * heads, [zero] * heads, load(0)))
+        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * c] * heads, [zero] * heads,
+                                                               [load(i) for i in range(prefetch)]))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
         new_top = []
@@ -775,7 +781,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
 
 def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, rows: int,
                        vwidth: int, channels: int, parts: int, blocks_per_split: int, heads: int,
-                       evict: str | None, asm: bool):
+                       evict: str | None, asm: bool, early_loads: bool):
     """Values pass: each lane owns a word column (c slots) and walks `channels` channel rows of
     the value store, part `program_id(1) % parts` of D; fp32 sums per row and lane, reduced over
     the lanes once at the end."""
@@ -794,6 +800,9 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
 
     def body(blk, carry):
         l, acc, az = carry
+        load_row = lambda r: hinted_load(vw_ref.at[ch0 + r, pl.ds(blk * cols, cols)], evict)  # noqa: E731
+        # early: every row's words are asked for before the probabilities are computed
+        early = [load_row(r) for r in range(channels)] if early_loads else None
         col = blk * cols + lane
         base = (col // rows) * (rows * c) + col % rows
         pos = [base + j * rows for j in range(c)]
@@ -814,7 +823,7 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
         zero2 = jnp.zeros((cols,), jnp.int32)
         new_acc = [list(a) for a in acc]
         for r in range(channels):
-            words = hinted_load(vw_ref.at[ch0 + r, pl.ds(blk * cols, cols)], evict)
+            words = early[r] if early_loads else load_row(r)
             shifted = lax.shift_right_logical(words, jnp.int32(H2_SHIFT))
             g = min(r // vwidth, n_groups - 1)
             for h in range(heads):
@@ -842,6 +851,26 @@ VALUE_CHANNELS = 32    # channel rows a values-pass program sums (fp32 registers
 INTERPRET_VALUE_CHANNELS = 16
 
 
+@dataclasses.dataclass(frozen=True)
+class Cw2Config:
+    """Tuning of the two-pass body (a static, hashable option of `quantized_decode_partials`).
+
+    value_channels: channel rows a values-pass program sums (None: $JAXCOMPRESS_KV_VALUE_CHANNELS,
+    else VALUE_CHANNELS; interpret mode INTERPRET_VALUE_CHANNELS). key_prefetch: channel-row
+    steps whose loads the keys pass keeps in flight ahead of its arithmetic. early_value_loads:
+    the values pass asks for all its code words before computing the probabilities."""
+
+    value_channels: int | None = None
+    key_prefetch: int = 1
+    early_value_loads: bool = False
+
+    def __post_init__(self):
+        if self.value_channels is not None and (self.value_channels < 1 or self.value_channels & (self.value_channels - 1)):
+            raise ConfigError(f"Cw2Config.value_channels={self.value_channels} must be a power of two")
+        if self.key_prefetch not in (1, 2, 3):
+            raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 3")
+
+
 def _env_int(name: str, default: int) -> int:
     """A positive integer tuning knob from the environment (read when a kernel is traced)."""
     raw = os.environ.get(name)
@@ -863,7 +892,7 @@ def _key_columns(k: QTokens) -> int:
 
 
 def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
-              num_warps: int, num_stages: int, eviction: str | None) -> Partials:
+              num_warps: int, num_stages: int, eviction: str | None, config: Cw2Config) -> Partials:
     """The two-pass f16x2 body (see "two-pass fp16 body"). Both passes read word columns of
     `_key_columns` (one a lane); num_warps is not used (the tile width sets the warps)."""
     b, kv_heads, g, d = q.shape
@@ -875,7 +904,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     warps = max(1, kcols // 32)
     vwidth = v.channel_group
     # Interpret mode unrolls fewer rows a program: the CPU compiles the unrolled body op by op.
-    want = INTERPRET_VALUE_CHANNELS if interpret else _env_int("JAXCOMPRESS_KV_VALUE_CHANNELS", VALUE_CHANNELS)
+    want = config.value_channels or (INTERPRET_VALUE_CHANNELS if interpret else
+                                     _env_int("JAXCOMPRESS_KV_VALUE_CHANNELS", VALUE_CHANNELS))
     channels = max(8, min(d, want // chunk))
     channels = math.gcd(channels, d)
     if channels < vwidth and vwidth % channels:
@@ -904,7 +934,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
+                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret, prefetch=config.key_prefetch),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
@@ -930,7 +960,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     o, l, m = pl.pallas_call(
         functools.partial(_cw2_values_kernel, bits=v.bits, cols=kcols, rows=v.rows, vwidth=vwidth,
                           channels=channels, parts=parts, blocks_per_split=key_blocks, heads=chunk,
-                          evict=eviction, asm=not interpret),
+                          evict=eviction, asm=not interpret, early_loads=config.early_value_loads),
         grid=(b, kv_heads * chunks * parts, n_splits),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hc_of(hh), j, 0, hh % parts)),
@@ -941,7 +971,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         interpret=interpret,
         name=f"kv_decode_v{v.bits}_values",
     )(*inputs)
-    return _finish(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
+    return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -966,12 +996,16 @@ def _pad_queries(q: jax.Array, min_rows: int = MIN_DOT_ROWS) -> jax.Array:
     return jnp.pad(q, ((0, 0), (0, 0), (0, hp - g), (0, 0)))
 
 
-def _finish(o, l, m, g: int) -> Partials:
-    """Merges the splits of a kernel's output ([B, K, splits, hp, ...]) into one partial."""
-    o, l, m = o[:, :, :, :g], l[:, :, :, :g], m[:, :, :, :g]
-    top = jnp.max(m, axis=2)
-    w = jnp.exp(m - top[:, :, None])
-    return Partials(jnp.sum(w[..., None] * o, axis=2), jnp.sum(w * l, axis=2), top)
+def _split_partials(o, l, m, g: int) -> Partials:
+    """A kernel's output [B, K, splits, hp, ...] -> partials with a split axis [B, K, splits, G, ...]."""
+    return Partials(o[:, :, :, :g], l[:, :, :, :g], m[:, :, :, :g])
+
+
+def merge_splits(part: Partials) -> Partials:
+    """Partials with a split axis [B, K, splits, G, ...] -> one partial [B, K, G, ...]."""
+    top = jnp.max(part.m, axis=2)
+    w = jnp.exp(part.m - top[:, :, None])
+    return Partials(jnp.sum(w[..., None] * part.o, axis=2), jnp.sum(w * part.l, axis=2), top)
 
 
 KERNEL_PATHS = ("auto", "mma", "cw", "cw16", "cw2")
@@ -1004,12 +1038,14 @@ def kernel_path(path: str, k: QTokens, v: QTokens, pre_rope: bool, exact: bool =
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "dot_dtype", "interpret",
-                                              "num_warps", "num_stages", "path", "eviction"))
+                                              "num_warps", "num_stages", "path", "eviction", "cw2",
+                                              "merge"))
 def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Array, length,
                               *, scale: float, rope=None, num_splits: int | None = None,
                               dot_dtype=jnp.bfloat16, interpret: bool = False, num_warps: int | None = None,
                               num_stages: int = 2, path: str = "auto",
-                              eviction: str | None = "evict_first") -> Partials:
+                              eviction: str | None = "evict_first", cw2: Cw2Config = Cw2Config(),
+                              merge: bool = True) -> Partials:
     """Flash-decoding partials of q [B, K, G, D] over packed keys and values.
 
     rope: None, or (cos, sin) [B, S, D/2] per-slot tables when keys are stored before RoPE.
@@ -1021,8 +1057,10 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     stores, fp32 / f16x2 arithmetic, see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
     (read when the function is traced: the benchmark's choice for later model runs); cw2 takes its
     warps from its tile and its value rows a program from $JAXCOMPRESS_KV_VALUE_CHANNELS (default
-    VALUE_CHANNELS). eviction: the cache policy of cw2's code-word loads (read once a step;
-    `pallas_kernels.hints`), None for plain loads.
+    VALUE_CHANNELS; `cw2` overrides). eviction: the cache policy of cw2's code-word loads (read
+    once a step; `pallas_kernels.hints`), None for plain loads. cw2: the two-pass body's tuning
+    (`Cw2Config`). merge: False returns the splits' partials [B, K, splits, G, ...] for `combine`
+    to merge with other parts in one step.
     """
     num_warps = num_warps or _env_int("JAXCOMPRESS_KV_NUM_WARPS", 4)
     b, kv_heads, g, d = q.shape
@@ -1038,12 +1076,13 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     if mask.shape != (b, s):
         raise ConfigError(f"mask shape {mask.shape} must be (batch, capacity) = {(b, s)}")
     path = kernel_path(path, k, v, rope is not None, exact=dot_dtype == jnp.float32)
+    finish = merge_splits if merge else (lambda part: part)
     if path == "cw2":
-        return _cw2_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
-                         num_warps=num_warps, num_stages=num_stages, eviction=eviction)
+        return finish(_cw2_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
+                                num_warps=num_warps, num_stages=num_stages, eviction=eviction, config=cw2))
     if path in ("cw", "cw16"):
-        return _cw_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
-                        num_warps=num_warps, num_stages=num_stages, packed=path == "cw16")
+        return finish(_cw_call(q, k, v, mask, length, scale=scale, num_splits=num_splits, interpret=interpret,
+                               num_warps=num_warps, num_stages=num_stages, packed=path == "cw16"))
     kop = _Operand.of(k, _tile_width(k, rope is not None))
     vop = _Operand.of(v, _tile_width(v, False))
     n_splits, per_split = _splits(b, kv_heads, s // block, num_splits)
@@ -1077,7 +1116,7 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
         interpret=interpret,
         name=f"kv_decode_k{k.bits}v{v.bits}_{path}",
     )(*inputs)
-    return _finish(o, l, m, g)
+    return finish(_split_partials(o, l, m, g))
 
 
 # ------------------------------------------------------------------------- bf16 baseline
@@ -1104,14 +1143,15 @@ def _dense_kernel(q_ref, mask_ref, len_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "num_splits", "dot_dtype", "interpret",
-                                              "num_warps", "num_stages", "rows"))
+                                              "num_warps", "num_stages", "rows", "merge"))
 def dense_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, length,
                           *, scale: float, num_splits: int | None = None, dot_dtype=jnp.bfloat16,
                           interpret: bool = False, num_warps: int = 4, num_stages: int = 2,
-                          rows: int = DENSE_ROWS) -> Partials:
+                          rows: int = DENSE_ROWS, merge: bool = True) -> Partials:
     """The bf16 baseline: flash-decoding partials over a dense cache k, v [B, S, K, D] (the
     identity codec's layout, read in place), `rows` slots a step. Also the packed codecs'
-    exact tokens (a residual window, a sink): one kernel instead of XLA's small fusions."""
+    exact tokens (a residual window, a sink): one kernel instead of XLA's small fusions.
+    merge: as `quantized_decode_partials`'s."""
     b, kv_heads, g, d = q.shape
     s = k.shape[1]
     if s % rows:
@@ -1140,7 +1180,8 @@ def dense_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         name="kv_decode_dense",
     )(qp, (mask & (jnp.arange(s) < length)[None, :]).astype(jnp.int8),
       jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), k, v)
-    return _finish(o, l, m, g)
+    part = _split_partials(o, l, m, g)
+    return merge_splits(part) if merge else part
 
 
 def dense_decode_reference(q, k, v, mask, length, *, scale: float) -> Partials:

@@ -106,3 +106,27 @@ def test_bench_decode_script_record(tmp_path):
     for r in record["decode"]:
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3)
         assert r["roofline_fraction"] == pytest.approx(r["roofline_ms"] / r["ms_per_step"])
+
+
+def test_attention_benchmark_rows_and_table():
+    """`attention_benchmark` on the CPU (the codec's Pallas path in interpret mode): every variant
+    agrees with the float reference, is timed both ways (calls unrolled, and the older loop),
+    and its ratios are the baselines' times over its own; the table renders them."""
+    from jaxcompress.kv.bench import attention_benchmark
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kv.py"
+    spec = importlib.util.spec_from_file_location("bench_kv", path)
+    bench_kv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kv)
+    codec = KIVICodec(2, 2, group_size=32, residual=32, attention="interpret")
+    rows = attention_benchmark(SMOL, {"kivi": codec}, 1, 256, calls=2, repeats=1, bandwidth=1e11, log=None)
+    assert [r["variant"] for r in rows] == ["xla-bf16", "pallas-bf16", "kivi"]
+    xla = rows[0]["us"]
+    for r in rows:
+        assert r["us"] > 0 and r["us_loop"] > 0 and r["device_us"] is None  # no CUPTI on the CPU
+        assert r["rel_err"] < 1e-2  # against attention over the cache as stored (bf16 / dequantized)
+        assert r["speedup_vs_xla_bf16"] == pytest.approx(xla / r["us"])
+        assert r["device_speedup_vs_xla_bf16"] is None
+    table = bench_kv.markdown({"device": "cpu", "versions": {"jax": jax.__version__}, "git_commit": "x",
+                               "model": "smollm2-135m", "copy_bandwidth_GBps": 100.0, "attention": rows})
+    assert "| kivi | 1 | 256 |" in table and "kernels vs XLA bf16" in table

@@ -110,13 +110,17 @@ def test_partials_combine_with_exact_tokens():
     ke = jnp.asarray(rng.normal(size=(B, 5, K, D)).astype(np.float32))
     ve = jnp.asarray(rng.normal(size=(B, 5, K, D)).astype(np.float32))
     emask = jnp.asarray([[True] * 5, [True, False, True, False, False]])
-    parts = [da.quantized_decode_partials(q, k, v, mask, jnp.int32(300), scale=SCALE, dot_dtype=jnp.float32,
-                                          interpret=True),
-             da.dense_partials(q, ke, ve, emask, SCALE)]
+    # the kernel's splits unmerged ([B, K, splits, G, ...]) beside a merged partial: one combine
+    split = da.quantized_decode_partials(q, k, v, mask, jnp.int32(300), scale=SCALE, dot_dtype=jnp.float32,
+                                         num_splits=2, interpret=True, merge=False)
+    assert split.m.shape == (B, K, 2, G) and split.o.shape == (B, K, 2, G, D)
+    parts = [split, da.dense_partials(q, ke, ve, emask, SCALE)]
     kd = jnp.concatenate([k.dequantize().transpose(0, 2, 1, 3)[:, :300], ke], axis=1)
     vd = jnp.concatenate([v.dequantize().transpose(0, 2, 1, 3)[:, :300], ve], axis=1)
     full = da.combine([da.dense_partials(q, kd, vd, jnp.concatenate([mask[:, :300], emask], 1), SCALE)])
     np.testing.assert_allclose(np.asarray(da.combine(parts)), np.asarray(full), rtol=0, atol=1e-5)
+    merged = da.combine([da.merge_splits(split), parts[1]])
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(full), rtol=0, atol=1e-5)
 
 
 def test_dense_bf16_kernel_equals_reference():
@@ -265,3 +269,30 @@ def test_kernel_tuning_knobs_from_the_environment_are_checked(monkeypatch):
     monkeypatch.setenv("JAXCOMPRESS_KV_NUM_WARPS", "0")
     with pytest.raises(Exception, match="JAXCOMPRESS_KV_NUM_WARPS='0' must be a positive integer"):
         da.quantized_decode_partials(q, kc, vc, jnp.ones((B, 512), bool), 10, scale=SCALE, interpret=True, path="cw16")
+
+
+def test_cw2_tuning_keeps_the_arithmetic():
+    """`Cw2Config` moves loads and splits the channel rows differently, never the arithmetic: the
+    deeper key prefetch, the early value loads and 8 channel rows a program give the default's
+    output bit for bit (KIVI-2, head_dim 128, two splits); a bad setting is a clear error."""
+    bits, d, g, s, length, kg, vg, zero, splits = CW_CASES[0]
+    rng = np.random.default_rng(bits + g)
+    k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
+    v = _store(rng, B, s, bits, 32, 1, vg, zero=zero, d=d, channel_words=True)
+    q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
+    mask = jnp.asarray(rng.random((B, s)) < 0.8)
+
+    def run(config):
+        return da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
+                                                        num_splits=splits, interpret=True, path="cw2", cw2=config)])
+
+    default = run(da.Cw2Config())
+    tuned = run(da.Cw2Config(value_channels=8, key_prefetch=2, early_value_loads=True))
+    np.testing.assert_array_equal(np.asarray(tuned), np.asarray(default))
+    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
+    np.testing.assert_allclose(np.asarray(tuned), np.asarray(ref), rtol=0,
+                               atol=CW_TOLERANCE["cw2"](bits) * float(jnp.abs(ref).max()))
+    with pytest.raises(Exception, match="value_channels=24 must be a power of two"):
+        da.Cw2Config(value_channels=24)
+    with pytest.raises(Exception, match="key_prefetch=0 must be 1, 2 or 3"):
+        da.Cw2Config(key_prefetch=0)

@@ -64,8 +64,8 @@ EXACT_ROWS = 32  # slots a step of the dense kernel over the exact tokens (a KIV
 
 
 def exact_partials(q, k, v, mask, scale: float, dot_dtype, interpret: bool):
-    """Partials of q [B, K, G, D] over the exact tokens k, v [B, F, K, D] (mask [B, F]): the
-    dense Pallas decode kernel, in one launch (XLA split these small dots into a few fusions, one
+    """Partials of q [B, K, G, D] over the exact tokens k, v [B, F, K, D] (mask [B, F]), per
+    split ([B, K, splits, G, ...], for `combine`): the dense Pallas decode kernel, in one launch (XLA split these small dots into a few fusions, one
     of them a per-element loop over the tokens: 25 us a layer on an H100, run 9)."""
     from pallas_kernels.decode_attention import dense_decode_partials
 
@@ -76,7 +76,7 @@ def exact_partials(q, k, v, mask, scale: float, dot_dtype, interpret: bool):
     # Default splits: a program per EXACT_ROWS tokens at batch 1 (one program per head took 8 us
     # a layer for a 160-slot ring on an H100, run 9).
     return dense_decode_partials(q, k.astype(q.dtype), v.astype(q.dtype), mask, k.shape[1], scale=scale,
-                                 dot_dtype=dot_dtype, interpret=interpret, rows=EXACT_ROWS)
+                                 dot_dtype=dot_dtype, interpret=interpret, rows=EXACT_ROWS, merge=False)
 
 
 DENSE_DECODE_ROWS = (64, 32, 16)  # slots a step of the dense decode kernel, largest dividing the cache
@@ -106,7 +106,7 @@ def dense_decode_attention(q, k, v, mask, scale: float, *, rows: int | None, int
     qg = q[:, 0].reshape(b, kv_heads, h // kv_heads, d)
     dot_dtype = q.dtype  # the cache's own precision (fp16 keeps its 10-bit mantissa)
     part = dense_decode_partials(qg, k.astype(q.dtype), v.astype(q.dtype), allowed, written_length(allowed),
-                                 scale=scale, dot_dtype=dot_dtype, interpret=interpret, rows=rows)
+                                 scale=scale, dot_dtype=dot_dtype, interpret=interpret, rows=rows, merge=False)
     return combine([part]).reshape(b, 1, h, d).astype(q.dtype)
 
 
@@ -198,8 +198,10 @@ class PackedCodec(KVCodec):
         # fp32 models get fp32 dots (exact); bf16/fp16 ones the tensor cores' bf16 operands.
         dot_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
         interpret = self.attention == "interpret" or jax.default_backend() != "gpu"
+        # the splits of both kernels merge in one step (`combine`)
         parts = [quantized_decode_partials(qg, kstore, vstore, quant_mask, n_q, scale=scale, rope=rope,
-                                           dot_dtype=dot_dtype, interpret=interpret, **kernel_options)]
+                                           dot_dtype=dot_dtype, interpret=interpret, merge=False,
+                                           **kernel_options)]
         if exact is not None:
             ke, ve, slots = exact
             if rope is not None:

@@ -10,9 +10,10 @@ same run on the same card:
                   tokens of a residual window or sink in XLA, merged)
 
 Each variant is checked against a float reference first, then timed as `repeats` medians of
-`calls` attention calls inside one jitted loop (each call a fresh query; the cache, hundreds of
-MB, is far larger than L2). Bytes moved are the cache bytes the variant must read; the roofline
-uses the copy bandwidth measured in the same run.
+`calls` attention calls unrolled in one jitted program, as a decode step's layers are (each call
+a fresh query; the cache, hundreds of MB, is far larger than L2): the wall clock a call and, on
+GPUs, the kernels' own time (CUPTI) with each kernel's share. Bytes moved are the cache bytes
+the variant must read; the roofline uses the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def attend_fn(inputs: DecodeInputs, cfg, variant: str, kernel_options: dict | No
             b, _, h, d = q.shape
             qg = q[:, 0].reshape(b, cfg.num_kv_heads, h // cfg.num_kv_heads, d)
             part = dense_decode_partials(qg, state["k"], state["v"], inputs.mask[:, 0], inputs.context,
-                                         scale=scale, interpret=jax.default_backend() != "gpu")
+                                         scale=scale, interpret=jax.default_backend() != "gpu", merge=False)
             return combine([part]).reshape(b, 1, h, d).astype(q.dtype)
 
         return dense
@@ -141,7 +142,8 @@ def kernel_only_fn(inputs: DecodeInputs, cfg, kernel_options: dict):
     def fn(state, q):
         qg, mask, n_q = _kernel_inputs(inputs, cfg, state, q)
         part = quantized_decode_partials(qg, state["k"], state["v"], mask, n_q, scale=cfg.head_dim ** -0.5,
-                                         interpret=jax.default_backend() != "gpu", **kernel_options)
+                                         interpret=jax.default_backend() != "gpu", merge=False,
+                                         **kernel_options)
         return combine([part]).reshape(q.shape).astype(q.dtype)
 
     return fn
@@ -190,9 +192,22 @@ def attention_calls(fn, q, calls: int):
 
 
 def time_attention(fn, state, q, calls: int, repeats: int) -> float:
-    """Seconds per attention call: `attention_calls`, median of `repeats` runs."""
+    """Seconds per attention call in a loop (`attention_calls`), median of `repeats` runs. The
+    loop's predicate goes to the host once an iteration, which a model's decode step (its layers
+    unrolled) never waits for: `attention_timing` times calls as the model makes them."""
     many, qs = attention_calls(fn, q, calls)
     return median_seconds(many, state, qs, warmup=1, repeats=repeats) / calls
+
+
+def attention_timing(fn, state, q, calls: int, repeats: int, breakdown: bool = False):
+    """`pallas_kernels.autotune.Timing` of one attention call `fn(state, q)`: `calls` calls
+    unrolled in one program, each with a fresh query, as a decode step's layers are: the wall
+    clock a call (launch gaps included) and, on GPUs, the kernels' own time a call (CUPTI), with
+    `breakdown` per kernel name."""
+    from pallas_kernels.autotune import time_per_call
+
+    qs = [q + jnp.asarray(1e-3 * i, q.dtype) for i in range(calls)]
+    return time_per_call(lambda x, s: fn(s, x), qs, [state], reps=repeats, breakdown=breakdown)
 
 
 def decode_writes(codec: KVCodec, context: int, state, fresh):
@@ -238,12 +253,19 @@ def write_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, s
 def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 8,
                         repeats: int = 5, bandwidth: float | None = None, log=print,
                         kernel_variants: dict[str, dict] | None = None, kernel_only: bool = False,
-                        on_row=None) -> list[dict]:
-    """Rows of {variant, batch, context, us, bytes, GBps, roofline_fraction, rel_err,
-    speedup_vs_xla_bf16, speedup_vs_pallas_bf16} for the bf16 baselines and each codec (with
-    each of `kernel_variants`: name -> kernel options, when given; with `kernel_only`, also
-    each variant's kernel alone, checked against the dequantize-then-attend reference of the
-    packed stores). `on_row(row)` sees each row as soon as it is measured."""
+                        on_row=None, loop: bool = True) -> list[dict]:
+    """Rows of {variant, batch, context, us, device_us, us_loop, kernels, bytes, GBps,
+    roofline_fraction, rel_err, speedup_vs_xla_bf16, speedup_vs_pallas_bf16, device_speedup_vs_*}
+    for the bf16 baselines and each codec (with each of `kernel_variants`: name -> kernel
+    options, when given; with `kernel_only`, also each variant's kernel alone, checked against
+    the dequantize-then-attend reference of the packed stores). `on_row(row)` sees each row as
+    soon as it is measured.
+
+    `us` is the wall clock a call of `calls` calls unrolled in one program (`attention_timing`,
+    as a decode step makes them), `device_us` the kernels' own time a call (CUPTI; None off
+    GPUs), `kernels` that time per kernel name. With `loop`, `us_loop` is the older harness's
+    time a call (`time_attention`: calls in a `lax.map` loop, which waits for the host each
+    iteration), kept so that records compare with earlier runs."""
     bandwidth = bandwidth or copy_bandwidth()
     q = jax.random.normal(jax.random.key(1), (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     rows = []
@@ -266,30 +288,48 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
                 if kind == "kernel-only" and kref is None:
                     kref = kernel_only_reference(inputs, cfg, q)
                 err = relative_error(jax.jit(fn)(inputs.state, q), kref if kind == "kernel-only" else ref)
-                seconds = time_attention(fn, inputs.state, q, calls, repeats)
+                timing = attention_timing(fn, inputs.state, q, calls, repeats, breakdown=True)
+                loop_us = time_attention(fn, inputs.state, q, calls, repeats) * 1e6 if loop else None
             except Exception as e:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
                 if log:
                     log(f"  {name + suffix:>14}: failed ({type(e).__name__}: {str(e)[:300]})")
                 continue
             nbytes = cache_read_bytes(inputs)
             label = f"{name}/{suffix}" if suffix else name
-            row = {"variant": label, "batch": batch, "context": context, "us": seconds * 1e6, "bytes": nbytes,
-                   "GBps": nbytes / seconds / 1e9, "roofline_fraction": nbytes / bandwidth / seconds,
-                   "rel_err": err, "kernel_options": options, "setup_s": round(time.time() - start, 1)}
+            seconds = timing.wall_us * 1e-6
+            row = {"variant": label, "batch": batch, "context": context, "us": timing.wall_us,
+                   "device_us": timing.device_us, "us_loop": loop_us, "kernels": timing.kernels,
+                   "bytes": nbytes, "GBps": nbytes / seconds / 1e9, "roofline_fraction": nbytes / bandwidth / seconds,
+                   "rel_err": err, "kernel_options": _jsonable(options), "setup_s": round(time.time() - start, 1)}
             rows.append(row)
             if on_row:
                 on_row(row)
             if log:
-                log(f"  {label:>24} batch {batch} ctx {context}: {row['us']:9.1f} us, {row['GBps']:7.0f} GB/s "
+                dev = "" if timing.device_us is None else f" ({timing.device_us:.1f} us of kernels)"
+                log(f"  {label:>24} batch {batch} ctx {context}: {row['us']:9.1f} us{dev}, {row['GBps']:7.0f} GB/s "
                     f"({row['roofline_fraction']:.0%} of copy bw), rel err {err:.1e}, {row['setup_s']}s")
         del ref, kref
         if inputs is not dense:
             del inputs
-    base = next((r["us"] for r in rows if r["variant"] == "xla-bf16"), float("nan"))
-    pallas = next((r["us"] for r in rows if r["variant"] == "pallas-bf16"), float("nan"))
-    for r in rows:
-        r["speedup_vs_xla_bf16"] = base / r["us"]
-        r["speedup_vs_pallas_bf16"] = pallas / r["us"]
+    return add_speedups(rows)
+
+
+def _jsonable(options: dict | None) -> dict | None:
+    """Kernel options for a JSON record (a `Cw2Config` as its fields)."""
+    if options is None:
+        return None
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in options.items()}
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """Each row's ratios to the bf16 baselines among `rows` (one batch, one run): wall clock
+    (`speedup_vs_*`) and, where measured, the kernels' own time (`device_speedup_vs_*`)."""
+    for key, prefix in (("us", "speedup"), ("device_us", "device_speedup")):
+        for base_name in ("xla-bf16", "pallas-bf16"):
+            base = next((r.get(key) for r in rows if r["variant"] == base_name), None)
+            for r in rows:
+                mine = r.get(key)
+                r[f"{prefix}_vs_{base_name.replace('-', '_')}"] = base / mine if base and mine else None
     return rows
 
 
