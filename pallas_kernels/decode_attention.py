@@ -710,7 +710,7 @@ KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 w
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     q_scale: float, evict: str | None, asm: bool, prefetch: int):
+                     q_scale: float, evict: str | None, asm: bool):
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -731,11 +731,9 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
                     [ks_ref[r0 + rr, group] for rr in range(KEY_ROWS_F16)])
 
         def channel_rows(ci, carry):
-            sums, qsum, pending = carry
-            words, kscales = pending[0]
+            sums, qsum, (words, kscales) = carry
             qsum = list(qsum)
-            # the loads `prefetch` steps ahead go out before this step's arithmetic
-            ahead = pending[1:] + [load(ci + prefetch)]
+            ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
                 w = words[rr]
@@ -755,8 +753,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
             return new, qsum, ahead
 
         zero = jnp.zeros((cols,), jnp.float32)
-        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * c] * heads, [zero] * heads,
-                                                               [load(i) for i in range(prefetch)]))
+        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * c] * heads, [zero] * heads, load(0)))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
         new_top = []
@@ -781,7 +778,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
 
 def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, rows: int,
                        vwidth: int, channels: int, parts: int, blocks_per_split: int, heads: int,
-                       evict: str | None, asm: bool, early_loads: bool):
+                       evict: str | None, asm: bool):
     """Values pass: each lane owns a word column (c slots) and walks `channels` channel rows of
     the value store, part `program_id(1) % parts` of D; fp32 sums per row and lane, reduced over
     the lanes once at the end."""
@@ -800,9 +797,6 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
 
     def body(blk, carry):
         l, acc, az = carry
-        load_row = lambda r: hinted_load(vw_ref.at[ch0 + r, pl.ds(blk * cols, cols)], evict)  # noqa: E731
-        # early: every row's words are asked for before the probabilities are computed
-        early = [load_row(r) for r in range(channels)] if early_loads else None
         col = blk * cols + lane
         base = (col // rows) * (rows * c) + col % rows
         pos = [base + j * rows for j in range(c)]
@@ -823,7 +817,7 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
         zero2 = jnp.zeros((cols,), jnp.int32)
         new_acc = [list(a) for a in acc]
         for r in range(channels):
-            words = early[r] if early_loads else load_row(r)
+            words = hinted_load(vw_ref.at[ch0 + r, pl.ds(blk * cols, cols)], evict)
             shifted = lax.shift_right_logical(words, jnp.int32(H2_SHIFT))
             g = min(r // vwidth, n_groups - 1)
             for h in range(heads):
@@ -851,24 +845,24 @@ VALUE_CHANNELS = 32    # channel rows a values-pass program sums (fp32 registers
 INTERPRET_VALUE_CHANNELS = 16
 
 
+SMALL_GRID_VALUE_CHANNELS = 16  # ... when one batch row of Llama-2's 32 heads is all the grid has
+SMALL_GRID_HEADS = 32           # (H100, KIVI-2 32k, batch 1: 79 against 83 us of kernels with 32 rows;
+                                # batch 8: 425 against 419, kv_notes run 14)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cw2Config:
     """Tuning of the two-pass body (a static, hashable option of `quantized_decode_partials`).
 
-    value_channels: channel rows a values-pass program sums (None: $JAXCOMPRESS_KV_VALUE_CHANNELS,
-    else VALUE_CHANNELS; interpret mode INTERPRET_VALUE_CHANNELS). key_prefetch: channel-row
-    steps whose loads the keys pass keeps in flight ahead of its arithmetic. early_value_loads:
-    the values pass asks for all its code words before computing the probabilities."""
+    value_channels: channel rows a values-pass program sums. None: $JAXCOMPRESS_KV_VALUE_CHANNELS,
+    else VALUE_CHANNELS, or SMALL_GRID_VALUE_CHANNELS when batch x kv heads is at most
+    SMALL_GRID_HEADS (more, shorter programs); interpret mode INTERPRET_VALUE_CHANNELS."""
 
     value_channels: int | None = None
-    key_prefetch: int = 1
-    early_value_loads: bool = False
 
     def __post_init__(self):
         if self.value_channels is not None and (self.value_channels < 1 or self.value_channels & (self.value_channels - 1)):
             raise ConfigError(f"Cw2Config.value_channels={self.value_channels} must be a power of two")
-        if self.key_prefetch not in (1, 2, 3):
-            raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 3")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -904,8 +898,9 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     warps = max(1, kcols // 32)
     vwidth = v.channel_group
     # Interpret mode unrolls fewer rows a program: the CPU compiles the unrolled body op by op.
-    want = config.value_channels or (INTERPRET_VALUE_CHANNELS if interpret else
-                                     _env_int("JAXCOMPRESS_KV_VALUE_CHANNELS", VALUE_CHANNELS))
+    small_grid = b * kv_heads * chunks <= SMALL_GRID_HEADS
+    want = config.value_channels or (INTERPRET_VALUE_CHANNELS if interpret else _env_int(
+        "JAXCOMPRESS_KV_VALUE_CHANNELS", SMALL_GRID_VALUE_CHANNELS if small_grid else VALUE_CHANNELS))
     channels = max(8, min(d, want // chunk))
     channels = math.gcd(channels, d)
     if channels < vwidth and vwidth % channels:
@@ -934,7 +929,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret, prefetch=config.key_prefetch),
+                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
@@ -960,7 +955,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     o, l, m = pl.pallas_call(
         functools.partial(_cw2_values_kernel, bits=v.bits, cols=kcols, rows=v.rows, vwidth=vwidth,
                           channels=channels, parts=parts, blocks_per_split=key_blocks, heads=chunk,
-                          evict=eviction, asm=not interpret, early_loads=config.early_value_loads),
+                          evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks * parts, n_splits),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hc_of(hh), j, 0, hh % parts)),

@@ -61,7 +61,7 @@ fi
 # at batches 1 and 8; the run times both bf16 baselines itself. (The tensor-core "mma" body over
 # token_rows stores was last timed in run 7: `--codecs kivi_k2v2:token_rows`.)
 step attention ${KV_ATTENTION_S:-150} ${KV_ATTENTION_RESERVE_S:-250} python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
-    --codecs kivi_k2v2 --kernel-variants "${KV_VARIANTS:-4:2:0,4:2:0:cw}" --kernel-only 1,8 --write --calls 8 --repeats 5 \
+    --codecs kivi_k2v2 --kernel-variants "${KV_VARIANTS:-4:2:0,4:2:0:cw}" --kernel-only 1,8 --write --calls 32 --repeats 5 \
     --e2e-contexts 8192,16384,32768 --best-env "$A/best_env.sh" --out "$A/attention"
 [ -s "$A/best_env.sh" ] || echo "export JAXCOMPRESS_KV_NUM_WARPS=4" > "$A/best_env.sh"
 source "$A/best_env.sh"
