@@ -70,13 +70,13 @@ def dense_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sc
 def combine(parts: Sequence[Partials]) -> jax.Array:
     """Merges partials over disjoint slot sets into the normalized output [B, K, G, D] (fp32).
     A part is one partial [B, K, G, ...] or a kernel's splits [B, K, splits, G, ...]
-    (`merge_splits=False`): all merge in one step (at batch 1 each merge is a launch or two)."""
+    (`merge_splits=False`): all merge in one step (at batch 1 each merge is a launch or two).
+    Each part is reduced where it lies: no concatenation (XLA materialized one per array)."""
     split = [p if p.m.ndim == 4 else Partials(p.o[:, :, None], p.l[:, :, None], p.m[:, :, None]) for p in parts]
-    m = jnp.concatenate([p.m for p in split], axis=2)
-    top = jnp.max(m, axis=2, keepdims=True)
-    w = jnp.exp(m - top)
-    l = jnp.sum(w * jnp.concatenate([p.l for p in split], axis=2), axis=2)
-    o = jnp.sum(w[..., None] * jnp.concatenate([p.o for p in split], axis=2), axis=2)
+    top = functools.reduce(jnp.maximum, [jnp.max(p.m, axis=2) for p in split])[:, :, None]
+    w = [jnp.exp(p.m - top) for p in split]
+    l = functools.reduce(jnp.add, [jnp.sum(wi * p.l, axis=2) for wi, p in zip(w, split)])
+    o = functools.reduce(jnp.add, [jnp.sum(wi[..., None] * p.o, axis=2) for wi, p in zip(w, split)])
     return o / jnp.where(l > 0, l, 1.0)[..., None]
 
 
