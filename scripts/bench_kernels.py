@@ -104,6 +104,10 @@ def suites(name: str):
         # runs, each batch tuned for itself (run 10: borrowed batch-32 configs made it 0.72x bf16, tuned 0.99x)
         return [Sweep(Variant(4, 128, "asym"), shapes=E2E, batches=(b,), tune_batches=(b,), max_candidates=6)
                 for b in (1, 8, 16, 32)]
+    if name == "sym-batched":  # the headline W4 g128 (symmetric) on every shape at batch 8 and 16, each
+        # tuned for itself (the shipped entries there were wall-ranked or borrowed, run 10)
+        return [Sweep(Variant(4, 128), shapes=LLAMA, batches=(b,), tune_batches=(b,), max_candidates=6)
+                for b in (8, 16)]
     if name == "run10b":  # the other bit widths at batch 1 with the hint: W8 per channel (target 1.8x), W2
         return [Sweep(Variant(8, 0), shapes=LLAMA, batches=(1,), tune_batches=(1,), max_candidates=6),
                 Sweep(Variant(2, 128), shapes=small, batches=(1,), tune_batches=(1,), max_candidates=6)]
@@ -114,7 +118,8 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
-    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, e2e, quick or w4")
+    raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, e2e, "
+                     f"sym-batched, quick or w4")
 
 
 def card_tag(kind: str) -> str:

@@ -73,12 +73,11 @@ def exact_partials(q, k, v, mask, scale: float, dot_dtype, interpret: bool):
     if pad:
         k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    # A program per EXACT_ROWS tokens at every batch: each is one short step (one program per
-    # head took 8 us a layer for a 160-slot ring on an H100, run 9; at batch 8 the default three
-    # splits of two steps took 11.5 us, run 14).
+    # Default splits: a program per EXACT_ROWS tokens at batch 1 (one program per head took 8 us
+    # a layer for a 160-slot ring on an H100, run 9); at batch 8, a program per block took 12.3
+    # against 11.5 us (run 14).
     return dense_decode_partials(q, k.astype(q.dtype), v.astype(q.dtype), mask, k.shape[1], scale=scale,
-                                 dot_dtype=dot_dtype, interpret=interpret, rows=EXACT_ROWS,
-                                 num_splits=k.shape[1] // EXACT_ROWS, merge=False)
+                                 dot_dtype=dot_dtype, interpret=interpret, rows=EXACT_ROWS, merge=False)
 
 
 DENSE_DECODE_ROWS = (64, 32, 16)  # slots a step of the dense decode kernel, largest dividing the cache
