@@ -710,66 +710,50 @@ KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 w
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     q_scale: float, evict: str | None, asm: bool, split_words: bool):
-    """Keys pass. A lane owns a word column, or with `split_words` half of one: two lanes read
-    the same word, one its code pairs at offsets below 8 of each half-word, the other those at 8
-    and above (from word >> 8, where they sit at the same offsets as the first lane's), so twice
-    the warps cover a block (batch 1: a grid too small to hide the loads' latency otherwise)."""
+                     q_scale: float, evict: str | None, asm: bool):
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
     d = kw_ref.shape[0]
     steps = d // KEY_ROWS_F16
     positions = h2_positions(bits)
-    own = pairs // 2 if split_words else pairs  # code pairs a lane sums
-    if split_words:  # pair j + pairs / 2 sits 8 bits above pair j: the upper lane reads word >> 8
-        assert all(not sh for sh, _ in positions[:own]), positions
-    consts = [h2_pair_constants(bits, o) for _, o in positions[:own]]
-    lanes = cols * (2 if split_words else 1)
-    lane = lax.iota(jnp.int32, lanes)
-    upper = lane % 2 if split_words else None  # which half of its word's pairs a lane sums
-    # a lane's k-th slot (k < 2 * own): pair k % own of its half, low (k < own) or high code
-    slot_of = [(k % own) + (k // own) * pairs + (upper * own if split_words else 0) for k in range(2 * own)]
+    consts = [h2_pair_constants(bits, o) for _, o in positions]
+    lane = lax.iota(jnp.int32, cols)
 
     def body(blk, top):
-        col = blk * cols + (lane // 2 if split_words else lane)  # word column of each lane
+        col = blk * cols + lane                  # word column of each lane
         group = col // (token_group // c)        # its key group
-        zero2 = jnp.zeros((lanes,), jnp.int32)
+        zero2 = jnp.zeros((cols,), jnp.int32)
 
         def load(ci):  # words and key scales of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
             r0 = jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
-            where = col if split_words else pl.ds(blk * cols, cols)
-            return ([hinted_load(kw_ref.at[r0 + rr, where], evict) for rr in range(KEY_ROWS_F16)],
+            return ([hinted_load(kw_ref.at[r0 + rr, pl.ds(blk * cols, cols)], evict) for rr in range(KEY_ROWS_F16)],
                     [ks_ref[r0 + rr, group] for rr in range(KEY_ROWS_F16)])
 
         def channel_rows(ci, carry):
             sums, qsum, (words, kscales) = carry
             qsum = list(qsum)
             ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
-            s2 = [[zero2] * own for _ in range(heads)]
+            s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
                 w = words[rr]
-                if split_words:
-                    w = lax.shift_right_logical(w, upper * H2_SHIFT)
-                    sources = [w] * own
-                else:
-                    shifted = lax.shift_right_logical(w, jnp.int32(H2_SHIFT))
-                    sources = [shifted if sh else w for sh, _ in positions]
+                shifted = lax.shift_right_logical(w, jnp.int32(H2_SHIFT))
                 kscale = kscales[rr].astype(jnp.float32)
                 for h in range(heads):
                     qk = (q_ref[h, ci * KEY_ROWS_F16 + rr].astype(jnp.float32) * q_scale) * kscale
                     if mid_term:  # q . scale of the column's group, for the zero-point term
                         qsum[h] = qsum[h] + qk
                     qk2 = h2_pack(qk, qk, asm)
-                    s2[h] = [h2_code_fma(sources[j], *consts[j], qk2, s2[h][j], asm) for j in range(own)]
+                    s2[h] = [h2_code_fma(shifted if sh else w, *consts[j], qk2, s2[h][j], asm)
+                             for j, (sh, _) in enumerate(positions)]
             new = []
             for h in range(heads):
                 halves = [h2_unpack(x, asm) for x in s2[h]]
-                new.append([sums[h][k] + halves[k % own][k // own] for k in range(2 * own)])
+                new.append([sums[h][j] + halves[j % pairs][j // pairs] for j in range(c)])
             return new, qsum, ahead
 
-        zero = jnp.zeros((lanes,), jnp.float32)
-        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * (2 * own)] * heads, [zero] * heads, load(0)))
+        zero = jnp.zeros((cols,), jnp.float32)
+        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * c] * heads, [zero] * heads, load(0)))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
         new_top = []
@@ -778,16 +762,16 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
             if mid_term:
                 cz = cz + float(1 << (bits - 1)) * qsum[h]
             t = top[h]
-            for k in range(2 * own):
-                pos = base + slot_of[k] * rows
-                score = sums[h][k] + cz + bias_ref[0, pos]
+            for j in range(c):
+                pos = base + j * rows
+                score = sums[h][j] + cz + bias_ref[0, pos]
                 s_ref[h, pos] = score
                 t = jnp.maximum(t, score)
             new_top.append(t)
         return new_top
 
     lo, hi = _split_blocks(len_ref, block, blocks_per_split)
-    top = lax.fori_loop(lo, hi, body, [jnp.full((lanes,), NEG_INF, jnp.float32)] * heads)
+    top = lax.fori_loop(lo, hi, body, [jnp.full((cols,), NEG_INF, jnp.float32)] * heads)
     for h in range(heads):
         m_ref[pl.ds(h, 1)] = jnp.reshape(jnp.max(top[h]), (1,))
 
@@ -872,12 +856,9 @@ class Cw2Config:
 
     value_channels: channel rows a values-pass program sums. None: $JAXCOMPRESS_KV_VALUE_CHANNELS,
     else VALUE_CHANNELS, or SMALL_GRID_VALUE_CHANNELS when batch x kv heads is at most
-    SMALL_GRID_HEADS (more, shorter programs); interpret mode INTERPRET_VALUE_CHANNELS.
-    split_words: the keys pass gives each word column two lanes (`_cw2_keys_kernel`); None: on
-    small grids only."""
+    SMALL_GRID_HEADS (more, shorter programs); interpret mode INTERPRET_VALUE_CHANNELS."""
 
     value_channels: int | None = None
-    split_words: bool | None = None
 
     def __post_init__(self):
         if self.value_channels is not None and (self.value_channels < 1 or self.value_channels & (self.value_channels - 1)):
@@ -918,7 +899,6 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     vwidth = v.channel_group
     # Interpret mode unrolls fewer rows a program: the CPU compiles the unrolled body op by op.
     small_grid = b * kv_heads * chunks <= SMALL_GRID_HEADS
-    split_words = small_grid if config.split_words is None else config.split_words
     want = config.value_channels or (INTERPRET_VALUE_CHANNELS if interpret else _env_int(
         "JAXCOMPRESS_KV_VALUE_CHANNELS", SMALL_GRID_VALUE_CHANNELS if small_grid else VALUE_CHANNELS))
     channels = max(8, min(d, want // chunk))
@@ -936,7 +916,6 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
 
     kv_of = lambda hh: hh // chunks  # noqa: E731  keys grid: K * chunks
     params = None if interpret else _compiler_params(warps, num_stages)
-    key_params = None if interpret else _compiler_params(warps * (2 if split_words else 1), num_stages)
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
                                             lambda i, hh, j: (i, kv_of(hh), hh % chunks) + (0,) * len(tail))
     # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
@@ -950,12 +929,12 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret, split_words=split_words),
+                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
-        compiler_params=key_params,
+        compiler_params=params,
         interpret=interpret,
         name=f"kv_decode_k{k.bits}_scores",
     )(*key_inputs)

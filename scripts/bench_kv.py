@@ -52,20 +52,12 @@ def codec_for(recipe: str, cfg):
 
 
 def parse_cw2(text: str):
-    """`vc16+sw0` -> Cw2Config(value_channels=16, split_words=False): vcN value channel rows a
-    program, sw1 / sw0 the keys pass's word columns over two lanes or one."""
+    """`vc16` -> Cw2Config(value_channels=16)."""
     from pallas_kernels.decode_attention import Cw2Config
 
-    fields = {}
-    for tok in (t for t in text.split("+") if t):
-        if tok.startswith("vc") and tok[2:].isdigit():
-            fields["value_channels"] = int(tok[2:])
-        elif tok in ("sw0", "sw1"):
-            fields["split_words"] = tok == "sw1"
-        else:
-            raise SystemExit(f"--kernel-variants cw2 option {tok!r}: expected vcN (value channel rows a "
-                             f"program) or sw0 / sw1 (keys pass: one or two lanes a word column), joined by '+'")
-    return Cw2Config(**fields)
+    if not (text.startswith("vc") and text[2:].isdigit()):
+        raise SystemExit(f"--kernel-variants cw2 option {text!r}: expected vcN (value channel rows a program)")
+    return Cw2Config(value_channels=int(text[2:]))
 
 
 def parse_variants(text: str) -> dict[str, dict]:

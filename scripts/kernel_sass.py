@@ -98,23 +98,19 @@ def decode_ir(args):
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
     k, v = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[n]) for n in ("k", "v"))
     q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
-    # batch 1 is a small grid: the keys pass splits word columns over two lanes unless told not to
-    split = getattr(args, "split_words", "on") == "on"
-    value_rows = getattr(args, "value_channels", 16)
-    cw2 = Cw2Config(value_channels=value_rows, split_words=split)
+    value_rows = getattr(args, "value_channels", 16)  # batch 1's default (a small grid)
     kernels = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),
-                                                                     cw2=cw2),
+                                                                     cw2=Cw2Config(value_channels=value_rows)),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
     c = 32 // args.bits
     out = []
     for i, (ttir, warps, stages) in enumerate(kernels):
-        if body == "cw2" and i == 0:  # keys: a step is KEY_ROWS_F16 channel rows of one word column (or half) a thread
-            out.append((ttir, warps, stages, desc + f" (keys pass{', split words' if split else ''})",
-                        KEY_ROWS_F16 * c // (2 if split else 1), "a key element"))
+        if body == "cw2" and i == 0:  # keys: a step is KEY_ROWS_F16 channel rows of one word column a thread
+            out.append((ttir, warps, stages, desc + " (keys pass)", KEY_ROWS_F16 * c, "a key element"))
         elif body == "cw2":  # values: a block, value_rows channel rows of one word column a thread
             out.append((ttir, warps, stages, desc + f" (values pass, {value_rows} rows)", value_rows * c,
                         "a value element"))
@@ -149,9 +145,8 @@ def main(argv=None):
     p.add_argument("--path", default="auto", help="decode: the kernel body (auto, mma, cw, cw16, cw2); "
                    "a cw16 loop step is a pair of slots")
     p.add_argument("--columns", type=int, default=32, help="decode, channel_words: word columns a tile")
-    p.add_argument("--split-words", default="on", choices=("on", "off"),
-                   help="decode, cw2: the keys pass's word columns over two lanes (batch 1's default)")
-    p.add_argument("--value-channels", type=int, default=16, help="decode, cw2: channel rows a values program")
+    p.add_argument("--value-channels", type=int, default=16,
+                   help="decode, cw2: channel rows a values program (16: batch 1's default)")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,

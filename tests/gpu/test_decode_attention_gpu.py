@@ -194,21 +194,3 @@ def test_packed_fp16_body_on_gpu_equals_reference(cfg, name, warps, path):
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5)])
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 2e-3
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_cw2_split_words_on_gpu_equals_reference(batch):
-    """The keys pass with a word column over two lanes (batch 1's default on Llama-2's 32 heads)
-    and over one, compiled for the GPU: both against the reference, and to each other (the same
-    arithmetic per slot, only the lanes differ)."""
-    context = 3001
-    _, k, v, q, mask = _random_layer(LLAMA2, "kivi-k2v2", batch, context, seed=13, q_seed=7, mask_seed=8)
-    scale = LLAMA2.head_dim ** -0.5
-    want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=scale)])
-    got = {split: da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=scale, path="cw2",
-                                                           cw2=da.Cw2Config(split_words=split))])
-           for split in (True, False)}
-    for out in got.values():
-        assert not bool(jnp.isnan(out).any())
-        assert relative_error(out, want) < 2e-3
-    assert relative_error(got[True], got[False]) < 1e-6
