@@ -69,8 +69,8 @@ def dense_partials(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sc
 
 def combine(parts: Sequence[Partials]) -> jax.Array:
     """Merges partials over disjoint slot sets into the normalized output [B, K, G, D] (fp32).
-    A part is one partial [B, K, G, ...] or a kernel's splits [B, K, splits, G, ...]
-    (`merge_splits=False`): all merge in one step (at batch 1 each merge is a launch or two).
+    A part is one partial [B, K, G, ...] or a kernel's splits [B, K, splits, G, ...] (`merge=False`
+    of the decode kernels): all merge in one step (at batch 1 each merge is a launch or two).
     Each part is reduced where it lies: no concatenation (XLA materialized one per array)."""
     split = [p if p.m.ndim == 4 else Partials(p.o[:, :, None], p.l[:, :, None], p.m[:, :, None]) for p in parts]
     top = functools.reduce(jnp.maximum, [jnp.max(p.m, axis=2) for p in split])[:, :, None]
@@ -845,9 +845,11 @@ VALUE_CHANNELS = 32    # channel rows a values-pass program sums (fp32 registers
 INTERPRET_VALUE_CHANNELS = 16
 
 
-SMALL_GRID_VALUE_CHANNELS = 16  # ... when one batch row of Llama-2's 32 heads is all the grid has
-SMALL_GRID_HEADS = 32           # (H100, KIVI-2 32k, batch 1: 79 against 83 us of kernels with 32 rows;
-                                # batch 8: 425 against 419, kv_notes run 14)
+# Channel rows a values-pass program sums when the grid is small (batch x kv heads <= SMALL_GRID_HEADS,
+# e.g. Llama-2 at batch 1): more, shorter programs. H100, KIVI-2 at 32k: batch 1 79 against 83 us
+# of kernels with 32 rows; batch 8 425 against 419 (kv_notes run 14).
+SMALL_GRID_VALUE_CHANNELS = 16
+SMALL_GRID_HEADS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1052,7 +1054,7 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     stores, fp32 / f16x2 arithmetic, see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
     (read when the function is traced: the benchmark's choice for later model runs); cw2 takes its
     warps from its tile and its value rows a program from $JAXCOMPRESS_KV_VALUE_CHANNELS (default
-    VALUE_CHANNELS; `cw2` overrides). eviction: the cache policy of cw2's code-word loads (read
+    VALUE_CHANNELS, or SMALL_GRID_VALUE_CHANNELS on small grids; `cw2` overrides). eviction: the cache policy of cw2's code-word loads (read
     once a step; `pallas_kernels.hints`), None for plain loads. cw2: the two-pass body's tuning
     (`Cw2Config`). merge: False returns the splits' partials [B, K, splits, G, ...] for `combine`
     to merge with other parts in one step.

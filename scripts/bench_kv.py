@@ -107,8 +107,8 @@ def markdown(record) -> str:
         out += [f"Decode attention, {record['model']} head shapes, bf16; copy bandwidth "
                 f"{record['copy_bandwidth_GBps']:.0f} GB/s (read + write, same run).", "",
                 "`us / call`: wall clock a call, calls unrolled in one program as a decode step's layers are; "
-                "`kernels`: the kernels' own time a call (CUPTI); `loop`: the earlier harness (calls in a "
-                "`lax.map` loop, a host round trip an iteration), where measured.", "",
+                "`kernels`: the kernels' own time a call (CUPTI); `loop`: the harness of records up to run 13 "
+                "(the calls in a `lax.map` loop), where measured.", "",
                 "| variant | batch | context | us / call | kernels us | loop us | cache MB read | GB/s | roofline | "
                 "vs XLA bf16 | vs Pallas bf16 | kernels vs XLA bf16 | rel err |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

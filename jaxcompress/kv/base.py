@@ -65,8 +65,9 @@ EXACT_ROWS = 32  # slots a step of the dense kernel over the exact tokens (a KIV
 
 def exact_partials(q, k, v, mask, scale: float, dot_dtype, interpret: bool):
     """Partials of q [B, K, G, D] over the exact tokens k, v [B, F, K, D] (mask [B, F]), per
-    split ([B, K, splits, G, ...], for `combine`): the dense Pallas decode kernel, in one launch (XLA split these small dots into a few fusions, one
-    of them a per-element loop over the tokens: 25 us a layer on an H100, run 9)."""
+    split ([B, K, splits, G, ...], for `combine`): the dense Pallas decode kernel, in one launch
+    (XLA split these small dots into a few fusions, one of them a per-element loop over the
+    tokens: 25 us a layer on an H100, run 9)."""
     from pallas_kernels.decode_attention import dense_decode_partials
 
     pad = -k.shape[1] % EXACT_ROWS

@@ -192,9 +192,9 @@ def attention_calls(fn, q, calls: int):
 
 
 def time_attention(fn, state, q, calls: int, repeats: int) -> float:
-    """Seconds per attention call in a loop (`attention_calls`), median of `repeats` runs. The
-    loop's predicate goes to the host once an iteration, which a model's decode step (its layers
-    unrolled) never waits for: `attention_timing` times calls as the model makes them."""
+    """Seconds per attention call in a `lax.map` loop (`attention_calls`), median of `repeats`
+    runs: the harness of records up to run 13. It inflated XLA's bf16 baseline by a cost paid once
+    an execution (kv_notes run 14); `attention_timing` times the calls as a decode step makes them."""
     many, qs = attention_calls(fn, q, calls)
     return median_seconds(many, state, qs, warmup=1, repeats=repeats) / calls
 
@@ -250,7 +250,7 @@ def write_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, s
     return rows
 
 
-def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 8,
+def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 32,
                         repeats: int = 5, bandwidth: float | None = None, log=print,
                         kernel_variants: dict[str, dict] | None = None, kernel_only: bool = False,
                         on_row=None, loop: bool = True) -> list[dict]:
@@ -264,8 +264,8 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
     `us` is the wall clock a call of `calls` calls unrolled in one program (`attention_timing`,
     as a decode step makes them), `device_us` the kernels' own time a call (CUPTI; None off
     GPUs), `kernels` that time per kernel name. With `loop`, `us_loop` is the older harness's
-    time a call (`time_attention`: calls in a `lax.map` loop, which waits for the host each
-    iteration), kept so that records compare with earlier runs."""
+    time a call (`time_attention`: the calls in a `lax.map` loop), kept so that records compare
+    with earlier runs."""
     bandwidth = bandwidth or copy_bandwidth()
     q = jax.random.normal(jax.random.key(1), (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     rows = []
