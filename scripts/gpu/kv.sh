@@ -58,10 +58,11 @@ fi
 
 # 1. decode attention (the speed target) + memory: KIVI-2 (channel_words stores) through the
 # default body (auto: the two-pass packed fp16 "cw2") and the fp32 "cw" body; codec path and kernel alone
-# at batches 1 and 8; the run times both bf16 baselines itself. (The tensor-core "mma" body over
+# at batches 1 and 8; the run times both bf16 baselines itself, 32 calls unrolled a program (run 14:
+# the older lax.map loop inflated XLA's baseline; --no-loop skips timing it). (The tensor-core "mma" body over
 # token_rows stores was last timed in run 7: `--codecs kivi_k2v2:token_rows`.)
-step attention ${KV_ATTENTION_S:-150} ${KV_ATTENTION_RESERVE_S:-250} python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
-    --codecs kivi_k2v2 --kernel-variants "${KV_VARIANTS:-4:2:0,4:2:0:cw}" --kernel-only 1,8 --write --calls 32 --repeats 5 \
+step attention ${KV_ATTENTION_S:-180} ${KV_ATTENTION_RESERVE_S:-250} python -u scripts/bench_kv.py --contexts 32768 --batches 1,8 \
+    --codecs kivi_k2v2 --kernel-variants "${KV_VARIANTS:-4:2:0,4:2:0:cw}" --kernel-only 1,8 --write --calls 32 --repeats 5 --no-loop \
     --e2e-contexts 8192,16384,32768 --best-env "$A/best_env.sh" --out "$A/attention"
 [ -s "$A/best_env.sh" ] || echo "export JAXCOMPRESS_KV_NUM_WARPS=4" > "$A/best_env.sh"
 source "$A/best_env.sh"
