@@ -309,8 +309,9 @@ def main(argv=None):
                    help="skip the earlier lax.map timing harness (us_loop), kept to compare with older records")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
-                   help="time each codec with these kernel settings, warps:stages:splits[:path],... (splits 0: "
-                        "automatic; path: auto, mma, cw, cw16, cw2), e.g. 4:2:0,4:2:0:cw16; default: the kernel's defaults. The body follows the "
+                   help="time each codec with these kernel settings, warps:stages:splits[:path[:vcN]],... (splits 0: "
+                        "automatic; path: auto, mma, cw, cw16, cw2; vcN: cw2's value channel rows a program), "
+                        "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",
                    help="at these batches (e.g. 1 or 1,8), also time each variant's kernel alone "

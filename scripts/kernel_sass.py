@@ -92,13 +92,14 @@ def decode_ir(args):
     the KV decode kernels over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens
     (Llama-2-7B). cw2 has two kernels (keys, then values)."""
     from jaxcompress.kv import KIVICodec
-    from pallas_kernels.decode_attention import KEY_ROWS_F16, Cw2Config, kernel_path, quantized_decode_partials
+    from pallas_kernels.decode_attention import (KEY_ROWS_F16, SMALL_GRID_VALUE_CHANNELS, Cw2Config, kernel_path,
+                                                 quantized_decode_partials)
 
     codec = KIVICodec(args.bits, args.bits, group_size=args.group_size, layout=args.layout, columns=args.columns)
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
     k, v = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[n]) for n in ("k", "v"))
     q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
-    value_rows = getattr(args, "value_channels", 16)  # batch 1's default (a small grid)
+    value_rows = getattr(args, "value_channels", SMALL_GRID_VALUE_CHANNELS)  # batch 1's default (a small grid)
     kernels = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),

@@ -17,6 +17,15 @@ from jaxcompress.models.presets import preset
 SMOL = preset("smollm2-135m")  # 3 kv heads, head_dim 64
 
 
+def _bench_kv_script():
+    """scripts/bench_kv.py as a module."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kv.py"
+    spec = importlib.util.spec_from_file_location("bench_kv", path)
+    bench_kv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kv)
+    return bench_kv
+
+
 @pytest.mark.parametrize("codec", [None, KIVICodec(2, 2, group_size=32, residual=32)], ids=["bf16", "kivi"])
 def test_decode_writes_put_each_token_at_its_position(codec):
     """80 decode-step writes after 256 tokens: every token lands at slot context + i. KIVI keeps
@@ -45,10 +54,7 @@ def test_decode_writes_put_each_token_at_its_position(codec):
 
 def test_bench_kv_write_table(tmp_path):
     """`bench_kv.py --write`: a record with one write row per cache and a markdown table."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kv.py"
-    spec = importlib.util.spec_from_file_location("bench_kv", path)
-    bench_kv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_kv)
+    bench_kv = _bench_kv_script()
     bench_kv.main(["--model", "smollm2-135m", "--no-attention", "--write", "--contexts", "256", "--batches", "1",
                    "--codecs", "kivi_k2v2", "--e2e-contexts", "256", "--repeats", "1", "--out", str(tmp_path)])
     (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("kv_bench_*.json") if "partial" not in p.name]
@@ -114,10 +120,7 @@ def test_attention_benchmark_rows_and_table():
     and its ratios are the baselines' times over its own; the table renders them."""
     from jaxcompress.kv.bench import attention_benchmark
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kv.py"
-    spec = importlib.util.spec_from_file_location("bench_kv", path)
-    bench_kv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_kv)
+    bench_kv = _bench_kv_script()
     codec = KIVICodec(2, 2, group_size=32, residual=32, attention="interpret")
     rows = attention_benchmark(SMOL, {"kivi": codec}, 1, 256, calls=2, repeats=1, bandwidth=1e11, log=None)
     assert [r["variant"] for r in rows] == ["xla-bf16", "pallas-bf16", "kivi"]
@@ -130,3 +133,16 @@ def test_attention_benchmark_rows_and_table():
     table = bench_kv.markdown({"device": "cpu", "versions": {"jax": jax.__version__}, "git_commit": "x",
                                "model": "smollm2-135m", "copy_bandwidth_GBps": 100.0, "attention": rows})
     assert "| kivi | 1 | 256 |" in table and "kernels vs XLA bf16" in table
+
+
+def test_kernel_variants_parse_the_cw2_option():
+    """--kernel-variants items warps:stages:splits[:path[:vcN]]: vcN sets cw2's value channel rows;
+    anything else there is a clear error."""
+    from pallas_kernels.decode_attention import Cw2Config
+
+    bench_kv = _bench_kv_script()
+    variants = bench_kv.parse_variants("4:2:0,4:2:6:auto:vc32")
+    assert variants["w4-s2-xauto"] == {"num_warps": 4, "num_stages": 2, "num_splits": None, "path": "auto"}
+    assert variants["w4-s2-x6-vc32"]["cw2"] == Cw2Config(value_channels=32)
+    with pytest.raises(SystemExit, match="cw2 option 'kp2'"):
+        bench_kv.parse_variants("4:2:0:auto:kp2")
