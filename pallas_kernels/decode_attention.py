@@ -449,7 +449,8 @@ def _cw_heads(g: int) -> int:
     return max(n for n in range(1, CW_MAX_HEADS + 1) if g % n == 0)
 
 
-def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool, mid_in_kernel: bool = False):
+def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool, mid_in_kernel: bool = False,
+               einsum: bool = True):
     """(q in log2 units [B, K, G, D], the zero-point term of every key group [B, K, G, T],
     the mask as an additive bias in code order [B, S]) for the CUDA-core bodies.
 
@@ -457,7 +458,8 @@ def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool, mid_in_
     centred codes: a(code) = (code - mid) * scale + (zero + mid * scale), and a symmetric grid
     is (code - mid) * scale (no term); the fp32 body multiplies the codes themselves. With
     `mid_in_kernel` the term leaves out q . (mid * scale), which the kernel sums itself (cw2:
-    it has q * scale at hand), so that XLA reads the zero points only."""
+    it has q * scale at hand), so that XLA reads the zero points only. einsum False: no term
+    (None; the kernel sums it all)."""
     b, kv_heads, g, _ = q.shape
     qs = q.astype(jnp.float32) * (scale * LOG2E)  # scores in log2 units
     mid_scale = 2.0 ** (k.bits - 1) * k.meta_rows(k.scale).astype(jnp.float32)  # [Bs, Ks, Ts, D]
@@ -465,7 +467,9 @@ def _cw_inputs(q, k: QTokens, mask, length, scale: float, centred: bool, mid_in_
         kzero = None if centred else -mid_scale
     else:
         kzero = k.meta_rows(k.zero).astype(jnp.float32) + (mid_scale if centred and not mid_in_kernel else 0.0)
-    if kzero is None:
+    if not einsum:
+        cz = None
+    elif kzero is None:
         cz = jnp.zeros((b, kv_heads, g, k.meta_rows(k.scale).shape[2]), jnp.float32)
     else:
         cz = jnp.einsum("bkgd,bktd->bkgt", qs, jnp.broadcast_to(kzero, (b, kv_heads) + kzero.shape[2:]))
@@ -708,9 +712,11 @@ KEY_ROWS_F16 = 8       # channel rows summed in f16x2 before the fp32 sums (cw16
 KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 warps
 
 
-def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_ref, *, bits: int,
+def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     q_scale: float, evict: str | None, asm: bool):
+                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool):
+    """Keys pass. zero_ref: with `zero_rows` the key zero points [D, T] (the term q . zero summed
+    here, row by row with the scales), else XLA's q . zero of each group [heads, T]."""
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -725,14 +731,16 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
         group = col // (token_group // c)        # its key group
         zero2 = jnp.zeros((cols,), jnp.int32)
 
-        def load(ci):  # words and key scales of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
+        def load(ci):  # words, key scales (and zero points) of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
             r0 = jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
-            return ([hinted_load(kw_ref.at[r0 + rr, pl.ds(blk * cols, cols)], evict) for rr in range(KEY_ROWS_F16)],
-                    [ks_ref[r0 + rr, group] for rr in range(KEY_ROWS_F16)])
+            rows_ = range(KEY_ROWS_F16)
+            return ([hinted_load(kw_ref.at[r0 + rr, pl.ds(blk * cols, cols)], evict) for rr in rows_],
+                    [ks_ref[r0 + rr, group] for rr in rows_],
+                    [zero_ref[r0 + rr, group] for rr in rows_] if zero_rows else [])
 
         def channel_rows(ci, carry):
-            sums, qsum, (words, kscales) = carry
-            qsum = list(qsum)
+            sums, qsum, qzero, (words, kscales, kzeros) = carry
+            qsum, qzero = list(qsum), list(qzero)
             ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
@@ -740,9 +748,12 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
                 shifted = lax.shift_right_logical(w, jnp.int32(H2_SHIFT))
                 kscale = kscales[rr].astype(jnp.float32)
                 for h in range(heads):
-                    qk = (q_ref[h, ci * KEY_ROWS_F16 + rr].astype(jnp.float32) * q_scale) * kscale
+                    qf = q_ref[h, ci * KEY_ROWS_F16 + rr].astype(jnp.float32) * q_scale
+                    qk = qf * kscale
                     if mid_term:  # q . scale of the column's group, for the zero-point term
                         qsum[h] = qsum[h] + qk
+                    if zero_rows:  # q . zero of the column's group
+                        qzero[h] = qzero[h] + qf * kzeros[rr].astype(jnp.float32)
                     qk2 = h2_pack(qk, qk, asm)
                     s2[h] = [h2_code_fma(shifted if sh else w, *consts[j], qk2, s2[h][j], asm)
                              for j, (sh, _) in enumerate(positions)]
@@ -750,15 +761,16 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, s_ref, m_
             for h in range(heads):
                 halves = [h2_unpack(x, asm) for x in s2[h]]
                 new.append([sums[h][j] + halves[j % pairs][j // pairs] for j in range(c)])
-            return new, qsum, ahead
+            return new, qsum, qzero, ahead
 
         zero = jnp.zeros((cols,), jnp.float32)
-        sums, qsum, _ = lax.fori_loop(0, steps, channel_rows, ([[zero] * c] * heads, [zero] * heads, load(0)))
+        sums, qsum, qzero, _ = lax.fori_loop(0, steps, channel_rows,
+                                             ([[zero] * c] * heads, [zero] * heads, [zero] * heads, load(0)))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
         new_top = []
         for h in range(heads):
-            cz = cz_ref[h, group]
+            cz = qzero[h] if zero_rows else zero_ref[h, group]
             if mid_term:
                 cz = cz + float(1 << (bits - 1)) * qsum[h]
             t = top[h]
@@ -858,9 +870,12 @@ class Cw2Config:
 
     value_channels: channel rows a values-pass program sums. None: $JAXCOMPRESS_KV_VALUE_CHANNELS,
     else VALUE_CHANNELS, or SMALL_GRID_VALUE_CHANNELS when batch x kv heads is at most
-    SMALL_GRID_HEADS (more, shorter programs); interpret mode INTERPRET_VALUE_CHANNELS."""
+    SMALL_GRID_HEADS (more, shorter programs); interpret mode INTERPRET_VALUE_CHANNELS.
+    keys_zero: the keys pass sums the zero-point term q . zero itself, from the zero points it
+    loads beside the scales, instead of an XLA einsum before it."""
 
     value_channels: int | None = None
+    keys_zero: bool = False
 
     def __post_init__(self):
         if self.value_channels is not None and (self.value_channels < 1 or self.value_channels & (self.value_channels - 1)):
@@ -912,7 +927,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     _check_fp16_meta(k, v, "cw2")
     # The zero-point term q . zero stays an XLA einsum: read inside the keys pass, the zero points
     # cost more than the einsum at batch 8 (H100: 368 against 225 + 48 us).
-    _, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True)
+    zero_rows = config.keys_zero and k.zero is not None
+    _, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True, einsum=not zero_rows)
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
@@ -921,17 +937,17 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
                                             lambda i, hh, j: (i, kv_of(hh), hh % chunks) + (0,) * len(tail))
     # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
-    key_inputs = [q, bias[:, None, :], length1, kwords, k.scale, cz]
+    key_inputs = [q, bias[:, None, :], length1, kwords, k.scale, k.zero if zero_rows else cz]
     key_specs = [heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
                  pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(kwords, kv_of),
                  _cw_meta_spec(k.scale, kv_of),
-                 heads_spec(cz.shape[-1])]
+                 _cw_meta_spec(k.zero, kv_of) if zero_rows else heads_spec(cz.shape[-1])]
     split_spec = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hh, j, 0))
     split_shape = lambda n: jax.ShapeDtypeStruct((b, n, n_splits, chunk), jnp.float32)  # noqa: E731
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
+                          zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],

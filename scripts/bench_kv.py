@@ -52,12 +52,20 @@ def codec_for(recipe: str, cfg):
 
 
 def parse_cw2(text: str):
-    """`vc16` -> Cw2Config(value_channels=16)."""
+    """`vc16+kz` -> Cw2Config(value_channels=16, keys_zero=True): options joined by '+', vcN (value
+    channel rows a program), kz (the keys pass sums q . zero)."""
     from pallas_kernels.decode_attention import Cw2Config
 
-    if not (text.startswith("vc") and text[2:].isdigit()):
-        raise SystemExit(f"--kernel-variants cw2 option {text!r}: expected vcN (value channel rows a program)")
-    return Cw2Config(value_channels=int(text[2:]))
+    options = {}
+    for item in text.split("+"):
+        if item.startswith("vc") and item[2:].isdigit():
+            options["value_channels"] = int(item[2:])
+        elif item == "kz":
+            options["keys_zero"] = True
+        else:
+            raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program) "
+                             f"or kz (zero-point term in the keys pass), joined by '+'")
+    return Cw2Config(**options)
 
 
 def parse_variants(text: str) -> dict[str, dict]:
@@ -310,7 +318,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
                    help="time each codec with these kernel settings, warps:stages:splits[:path[:vcN]],... (splits 0: "
-                        "automatic; path: auto, mma, cw, cw16, cw2; vcN: cw2's value channel rows a program), "
+                        "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
+                        "a program; kz, q . zero summed in the keys pass), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",

@@ -103,7 +103,8 @@ def decode_ir(args):
     kernels = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),
-                                                                     cw2=Cw2Config(value_channels=value_rows)),
+                                                                     cw2=Cw2Config(value_channels=value_rows,
+                                                                                   keys_zero=getattr(args, "keys_zero", False))),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
@@ -148,6 +149,7 @@ def main(argv=None):
     p.add_argument("--columns", type=int, default=32, help="decode, channel_words: word columns a tile")
     p.add_argument("--value-channels", type=int, default=16,
                    help="decode, cw2: channel rows a values program (16: batch 1's default)")
+    p.add_argument("--keys-zero", action="store_true", help="decode, cw2: q . zero summed in the keys pass")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,

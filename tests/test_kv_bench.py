@@ -136,7 +136,8 @@ def test_attention_benchmark_rows_and_table():
 
 
 def test_kernel_variants_parse_the_cw2_option():
-    """--kernel-variants items warps:stages:splits[:path[:vcN]]: vcN sets cw2's value channel rows;
+    """--kernel-variants items warps:stages:splits[:path[:cw2]]: vcN sets cw2's value channel rows, kz its
+    keys pass's zero term;
     anything else there is a clear error."""
     from pallas_kernels.decode_attention import Cw2Config
 
@@ -144,5 +145,6 @@ def test_kernel_variants_parse_the_cw2_option():
     variants = bench_kv.parse_variants("4:2:0,4:2:6:auto:vc32")
     assert variants["w4-s2-xauto"] == {"num_warps": 4, "num_stages": 2, "num_splits": None, "path": "auto"}
     assert variants["w4-s2-x6-vc32"]["cw2"] == Cw2Config(value_channels=32)
+    assert bench_kv.parse_variants("4:2:0:auto:vc16+kz")["w4-s2-xauto-vc16+kz"]["cw2"] == Cw2Config(16, keys_zero=True)
     with pytest.raises(SystemExit, match="cw2 option 'kp2'"):
         bench_kv.parse_variants("4:2:0:auto:kp2")

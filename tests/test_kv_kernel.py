@@ -294,3 +294,31 @@ def test_cw2_value_channels_keep_the_arithmetic():
                                atol=CW_TOLERANCE["cw2"](bits) * float(jnp.abs(ref).max()))
     with pytest.raises(Exception, match="value_channels=24 must be a power of two"):
         da.Cw2Config(value_channels=24)
+
+
+def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
+    """`Cw2Config(keys_zero=True)`: the keys pass sums q . zero from the zero points itself (no
+    XLA einsum). Same scores up to fp32 summation order: the outputs agree with the einsum's to
+    1e-5 of the largest, and with the float reference to the f16x2 bound; symmetric keys (no zero
+    points) take the path without a term."""
+    bits, d, g, s, length, kg, vg, zero, splits = CW_CASES[0]
+    rng = np.random.default_rng(bits + g)
+    k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
+    v = _store(rng, B, s, bits, 32, 1, vg, zero=zero, d=d, channel_words=True)
+    q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
+    mask = jnp.asarray(rng.random((B, s)) < 0.8)
+
+    def run(config, k=k):
+        return da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
+                                                        num_splits=splits, interpret=True, path="cw2", cw2=config)])
+
+    einsum, in_pass = run(da.Cw2Config()), run(da.Cw2Config(keys_zero=True))
+    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
+    top = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(in_pass), np.asarray(einsum), rtol=0, atol=1e-5 * top)
+    np.testing.assert_allclose(np.asarray(in_pass), np.asarray(ref), rtol=0, atol=CW_TOLERANCE["cw2"](bits) * top)
+    # a wrong zero term would move the scores by q . zero: make the zero points matter
+    assert float(jnp.abs(run(da.Cw2Config(keys_zero=True), dataclasses.replace(k, zero=k.zero * 0)) - in_pass).max()) > 1e-2 * top
+    ks = _store(rng, B, s, bits, 32, kg, 1, zero=False, d=d, channel_words=True)
+    np.testing.assert_array_equal(np.asarray(run(da.Cw2Config(keys_zero=True), ks)),
+                                  np.asarray(run(da.Cw2Config(), ks)))
