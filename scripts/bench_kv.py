@@ -53,7 +53,7 @@ def codec_for(recipe: str, cfg):
 
 def parse_cw2(text: str):
     """`vc16+kz` -> Cw2Config(value_channels=16, keys_zero=True): options joined by '+', vcN (value
-    channel rows a program), kz (the keys pass sums q . zero)."""
+    channel rows a program), kz (the keys pass sums q . zero), kp (the keys pass writes probabilities)."""
     from pallas_kernels.decode_attention import Cw2Config
 
     options = {}
@@ -62,9 +62,11 @@ def parse_cw2(text: str):
             options["value_channels"] = int(item[2:])
         elif item == "kz":
             options["keys_zero"] = True
+        elif item == "kp":
+            options["keys_probs"] = True
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program) "
-                             f"or kz (zero-point term in the keys pass), joined by '+'")
+                             f"kz (zero-point term in the keys pass) or kp (probabilities from the keys pass), joined by '+'")
     return Cw2Config(**options)
 
 
@@ -319,7 +321,7 @@ def main(argv=None):
     p.add_argument("--kernel-variants", default="",
                    help="time each codec with these kernel settings, warps:stages:splits[:path[:vcN]],... (splits 0: "
                         "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
-                        "a program; kz, q . zero summed in the keys pass), "
+                        "a program; kz, q . zero summed in the keys pass; kp, probabilities written by the keys pass), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",
