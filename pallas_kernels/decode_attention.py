@@ -712,15 +712,11 @@ KEY_ROWS_F16 = 8       # channel rows summed in f16x2 before the fp32 sums (cw16
 KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 warps
 
 
-def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, *outs, bits: int,
+def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     zero_rows: bool, probs: bool, q_scale: float, evict: str | None, asm: bool):
+                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool):
     """Keys pass. zero_ref: with `zero_rows` the key zero points [D, T] (the term q . zero summed
-    here, row by row with the scales), else XLA's q . zero of each group [heads, T].
-    outs: (scores in code order [heads, S], split maximum [heads]), or with `probs` (f16x2
-    probabilities [heads, S / 2], each word column's block maximum [heads, S / c], split maximum,
-    softmax sum [heads]): p = 2**(score - the block maximum of the word column) in pairs
-    (slot j, slot j + c / 2), word jj of block blk at blk * (c / 2) * cols + jj * cols + lane."""
+    here, row by row with the scales), else XLA's q . zero of each group [heads, T]."""
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -730,7 +726,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, *outs, 
     consts = [h2_pair_constants(bits, o) for _, o in positions]
     lane = lax.iota(jnp.int32, cols)
 
-    def body(blk, carry):
+    def body(blk, top):
         col = blk * cols + lane                  # word column of each lane
         group = col // (token_group // c)        # its key group
         zero2 = jnp.zeros((cols,), jnp.int32)
@@ -772,55 +768,34 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, *outs, 
                                              ([[zero] * c] * heads, [zero] * heads, [zero] * heads, load(0)))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
-        new_carry = []
+        new_top = []
         for h in range(heads):
             cz = qzero[h] if zero_rows else zero_ref[h, group]
             if mid_term:
                 cz = cz + float(1 << (bits - 1)) * qsum[h]
-            pos = [base + j * rows for j in range(c)]
-            scores = [sums[h][j] + cz + bias_ref[0, pos[j]] for j in range(c)]
-            if not probs:
-                s_ref = outs[0]
-                for j in range(c):
-                    s_ref[h, pos[j]] = scores[j]
-                new_carry.append(functools.reduce(jnp.maximum, scores, carry[h]))
-                continue
-            p_ref, mb_ref = outs[:2]
-            top, l = carry[h]
-            mb = functools.reduce(jnp.maximum, scores)
-            p = [jnp.exp2(x - mb) for x in scores]  # masked slots: 0 (a fully masked column: 1, times 0 below)
-            new_top = jnp.maximum(top, mb)
-            l = l * jnp.exp2(top - new_top) + jnp.exp2(mb - new_top) * functools.reduce(jnp.add, p)
-            for jj in range(pairs):
-                p_ref[h, pl.ds(blk * (pairs * cols) + jj * cols, cols)] = h2_pack(p[jj], p[jj + pairs], asm)
-            mb_ref[h, pl.ds(blk * cols, cols)] = mb
-            new_carry.append((new_top, l))
-        return new_carry
+            t = top[h]
+            for j in range(c):
+                pos = base + j * rows
+                score = sums[h][j] + cz + bias_ref[0, pos]
+                s_ref[h, pos] = score
+                t = jnp.maximum(t, score)
+            new_top.append(t)
+        return new_top
 
     lo, hi = _split_blocks(len_ref, block, blocks_per_split)
-    neg = jnp.full((cols,), NEG_INF, jnp.float32)
-    carry = lax.fori_loop(lo, hi, body, [(neg, jnp.zeros((cols,), jnp.float32)) if probs else neg] * heads)
-    m_ref = outs[-2] if probs else outs[-1]
+    top = lax.fori_loop(lo, hi, body, [jnp.full((cols,), NEG_INF, jnp.float32)] * heads)
     for h in range(heads):
-        top = carry[h][0] if probs else carry[h]
-        split_top = jnp.max(top)
-        m_ref[pl.ds(h, 1)] = jnp.reshape(split_top, (1,))
-        if probs:
-            outs[-1][pl.ds(h, 1)] = jnp.reshape(jnp.sum(carry[h][1] * jnp.exp2(top - split_top)), (1,))
+        m_ref[pl.ds(h, 1)] = jnp.reshape(jnp.max(top[h]), (1,))
 
 
-def _cw2_values_kernel(*refs, bits: int, cols: int, rows: int, vwidth: int, channels: int, parts: int,
-                       blocks_per_split: int, heads: int, has_zero: bool, probs: bool, evict: str | None, asm: bool):
+def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, rows: int,
+                       vwidth: int, channels: int, parts: int, blocks_per_split: int, heads: int,
+                       evict: str | None, asm: bool):
     """Values pass: each lane owns a word column (c slots) and walks `channels` channel rows of
     the value store, part `program_id(1) % parts` of D; fp32 sums per row and lane, reduced over
-    the lanes once at the end. refs: the keys pass's outputs (scores and split maxima, or with
-    `probs` its probabilities, block maxima, split maxima and sums), the length, the value words,
-    scales (and zero points), then the outputs o, l, m."""
-    n_keys = 4 if probs else 2
-    (*keys, len_ref, vw_ref, vs_ref), rest = refs[:n_keys + 3], refs[n_keys + 3:]
-    vz_ref = rest[0] if has_zero else None
+    the lanes once at the end."""
+    vz_ref = rest[0] if len(rest) == 4 else None
     o_ref, l_ref, m_ref = rest[-3:]
-    ms_ref = keys[-2] if probs else keys[1]
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -832,43 +807,12 @@ def _cw2_values_kernel(*refs, bits: int, cols: int, rows: int, vwidth: int, chan
     top = [ms_ref[pl.ds(h, 1)] for h in range(heads)]  # [1]: the split's maximum score
     n_groups = max(1, channels // vwidth)  # value channel groups among this program's rows
 
-    def probs_factors(blk, pos, gidx, az):
-        """The f16x2 factors p * scale of each group and code pair, from the keys pass's
-        probabilities rescaled by 2**(block maximum - split maximum) once a column; the zero-point
-        sums p * (zero + mid * scale) of a block in f16x2, added to `az` in fp32."""
-        p_ref, mb_ref = keys[:2]
-        vs2 = [[h2_join(vs_ref[g, pos[j]], vs_ref[g, pos[j + pairs]], asm) for j in range(pairs)] for g in gidx]
-        if vz_ref is not None:
-            mid2 = h2_pack(jnp.full((cols,), mid, jnp.float32), jnp.full((cols,), mid, jnp.float32), asm)
-            at_mid2 = [[h2_fma(mid2, vs2[gi][j], h2_join(vz_ref[g, pos[j]], vz_ref[g, pos[j + pairs]], asm), asm)
-                        for j in range(pairs)] for gi, g in enumerate(gidx)]
-        new_az, pv2 = [], []
-        for h in range(heads):
-            f = jnp.exp2(mb_ref[h, pl.ds(blk * cols, cols)] - top[h])
-            f2 = h2_pack(f, f, asm)
-            pf2 = [h2_mul(p_ref[h, pl.ds(blk * (pairs * cols) + j * cols, cols)], f2, asm) for j in range(pairs)]
-            pv2.append([[h2_mul(pf2[j], vs2[gi][j], asm) for j in range(pairs)] for gi in range(len(gidx))])
-            if vz_ref is None:
-                new_az.append(az[h])
-                continue
-            sums = []
-            for gi in range(len(gidx)):
-                z2 = functools.reduce(lambda a, j: h2_fma(pf2[j], at_mid2[gi][j], a, asm), range(pairs),
-                                      jnp.zeros((cols,), jnp.int32))
-                sums.append(az[h][gi] + functools.reduce(jnp.add, h2_unpack(z2, asm)))
-            new_az.append(sums)
-        return pv2, new_az
-
     def body(blk, carry):
         l, acc, az = carry
         col = blk * cols + lane
         base = (col // rows) * (rows * c) + col % rows
         pos = [base + j * rows for j in range(c)]
         gidx = [ch0 // vwidth + i for i in range(n_groups)]
-        if probs:
-            pv2, new_az = probs_factors(blk, pos, gidx, az)
-            return l, rows_sums(blk, pv2, acc), new_az
-        s_ref = keys[0]
         vs = [[vs_ref[g, pos[j]].astype(jnp.float32) for j in range(c)] for g in gidx]
         vz = None if vz_ref is None else [[vz_ref[g, pos[j]].astype(jnp.float32) for j in range(c)] for g in gidx]
         new_l, new_az, pv2 = [], [], []
@@ -882,10 +826,6 @@ def _cw2_values_kernel(*refs, bits: int, cols: int, rows: int, vwidth: int, chan
             else:  # value = (code - mid) * scale + (zero + mid * scale)
                 new_az.append([az[h][g] + functools.reduce(jnp.add, [p[j] * (vz[g][j] + mid * vs[g][j]) for j in range(c)])
                                for g in range(n_groups)])
-        return new_l, rows_sums(blk, pv2, acc), new_az
-
-    def rows_sums(blk, pv2, acc):
-        """acc + the block's value rows weighted by the f16x2 factors pv2[head][group][pair]."""
         zero2 = jnp.zeros((cols,), jnp.int32)
         new_acc = [list(a) for a in acc]
         for r in range(channels):
@@ -898,7 +838,7 @@ def _cw2_values_kernel(*refs, bits: int, cols: int, rows: int, vwidth: int, chan
                     a2 = h2_code_fma(shifted if sh else words, *consts[j], pv2[h][g][j], a2, asm)
                 lo_, hi_ = h2_unpack(a2, asm)
                 new_acc[h][r] = new_acc[h][r] + (lo_ + hi_)
-        return new_acc
+        return new_l, new_acc, new_az
 
     lo, hi = _split_blocks(len_ref, block, blocks_per_split)
     zeros = jnp.zeros((cols,), jnp.float32)
@@ -908,7 +848,7 @@ def _cw2_values_kernel(*refs, bits: int, cols: int, rows: int, vwidth: int, chan
         zterm = [jnp.sum(a) for a in az[h]]
         for r in range(channels):  # one store a row: Triton stacks only pairs of scalars
             o_ref[pl.ds(h, 1), pl.ds(r, 1)] = jnp.reshape(jnp.sum(acc[h][r]) + zterm[min(r // vwidth, n_groups - 1)], (1, 1))
-        l_ref[pl.ds(h, 1)] = keys[-1][pl.ds(h, 1)] if probs else jnp.reshape(jnp.sum(l[h]), (1,))
+        l_ref[pl.ds(h, 1)] = jnp.reshape(jnp.sum(l[h]), (1,))
         m_ref[pl.ds(h, 1)] = top[h] / LOG2E  # back to natural-log units
 
 
@@ -932,14 +872,12 @@ class Cw2Config:
     else VALUE_CHANNELS, or SMALL_GRID_VALUE_CHANNELS when batch x kv heads is at most
     SMALL_GRID_HEADS (more, shorter programs); interpret mode INTERPRET_VALUE_CHANNELS.
     keys_zero: the keys pass sums the zero-point term q . zero itself, from the zero points it
-    loads beside the scales, instead of an XLA einsum before it.
-    keys_probs: the keys pass writes the probabilities p = 2**(score - its column's block maximum)
-    as f16x2 pairs (with the block maxima and the softmax sums), so that each values-pass program
-    rescales a column's p once (one exp2) instead of exponentiating its c scores."""
+    loads beside the scales, instead of an XLA einsum before it. None: on small grids only (H100,
+    KIVI-2 at 32k, kv_notes run 15: batch 1 71.2 against 72.8 us of kernels and one launch fewer;
+    batch 8 415.2 against 409.8: the keys pass reads the zero points less well than the einsum)."""
 
     value_channels: int | None = None
-    keys_zero: bool = False
-    keys_probs: bool = False
+    keys_zero: bool | None = None
 
     def __post_init__(self):
         if self.value_channels is not None and (self.value_channels < 1 or self.value_channels & (self.value_channels - 1)):
@@ -991,7 +929,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     _check_fp16_meta(k, v, "cw2")
     # The zero-point term q . zero stays an XLA einsum: read inside the keys pass, the zero points
     # cost more than the einsum at batch 8 (H100: 368 against 225 + 48 us).
-    zero_rows = config.keys_zero and k.zero is not None
+    zero_rows = (small_grid if config.keys_zero is None else config.keys_zero) and k.zero is not None
     _, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True, einsum=not zero_rows)
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
@@ -1008,20 +946,14 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
                  _cw_meta_spec(k.zero, kv_of) if zero_rows else heads_spec(cz.shape[-1])]
     split_spec = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hh, j, 0))
     split_shape = lambda n: jax.ShapeDtypeStruct((b, n, n_splits, chunk), jnp.float32)  # noqa: E731
-    probs = config.keys_probs
-    per_slot = lambda n, dtype: (pl.BlockSpec((None, None, chunk, n), lambda i, hh, j: (i, hh, 0, 0)),  # noqa: E731
-                                 jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, n), dtype))
-    slot_outs = [per_slot(s // 2, jnp.int32), per_slot(s // c, jnp.float32)] if probs else [per_slot(s, jnp.float32)]
-    split_outs = [(split_spec, split_shape(kv_heads * chunks))] * (2 if probs else 1)
-    key_outs = pl.pallas_call(
+    scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          zero_rows=zero_rows, probs=probs, q_scale=scale * LOG2E, evict=eviction,
-                          asm=not interpret),
+                          zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
-        out_specs=[spec for spec, _ in slot_outs + split_outs],
-        out_shape=[shape for _, shape in slot_outs + split_outs],
+        out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
         compiler_params=params,
         interpret=interpret,
         name=f"kv_decode_k{k.bits}_scores",
@@ -1030,13 +962,11 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     # values grid: (K * chunks) * parts, part = hh % parts
     hc_of = lambda hh: hh // parts  # noqa: E731
     value_kv_of = lambda hh: hh // (parts * chunks)  # noqa: E731
-    slot_in = lambda x: pl.BlockSpec((None, None, chunk, x.shape[-1]), lambda i, hh, j: (i, hc_of(hh), 0, 0))  # noqa: E731
-    split_in = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hc_of(hh), j, 0))
-    n_slot = len(slot_outs)
-    inputs = list(key_outs) + [length1, vwords, v.scale]
-    specs = ([slot_in(x) for x in key_outs[:n_slot]] + [split_in] * (len(key_outs) - n_slot)
-             + [pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(vwords, value_kv_of),
-                _cw_meta_spec(v.scale, value_kv_of)])
+    inputs = [scores, top, length1, vwords, v.scale]
+    specs = [pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hc_of(hh), 0, 0)),
+             pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hc_of(hh), j, 0)),
+             pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(vwords, value_kv_of),
+             _cw_meta_spec(v.scale, value_kv_of)]
     if v.zero is not None:
         inputs.append(v.zero)
         specs.append(_cw_meta_spec(v.zero, value_kv_of))
@@ -1045,7 +975,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     o, l, m = pl.pallas_call(
         functools.partial(_cw2_values_kernel, bits=v.bits, cols=kcols, rows=v.rows, vwidth=vwidth,
                           channels=channels, parts=parts, blocks_per_split=key_blocks, heads=chunk,
-                          has_zero=v.zero is not None, probs=probs, evict=eviction, asm=not interpret),
+                          evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks * parts, n_splits),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hc_of(hh), j, 0, hh % parts)),

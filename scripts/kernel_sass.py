@@ -104,8 +104,7 @@ def decode_ir(args):
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),
                                                                      cw2=Cw2Config(value_channels=value_rows,
-                                                                                   keys_zero=getattr(args, "keys_zero", False),
-                                                                                   keys_probs=getattr(args, "keys_probs", False))),
+                                                                                   keys_zero=getattr(args, "keys_zero", False))),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
@@ -151,7 +150,6 @@ def main(argv=None):
     p.add_argument("--value-channels", type=int, default=16,
                    help="decode, cw2: channel rows a values program (16: batch 1's default)")
     p.add_argument("--keys-zero", action="store_true", help="decode, cw2: q . zero summed in the keys pass")
-    p.add_argument("--keys-probs", action="store_true", help="decode, cw2: the keys pass writes f16x2 probabilities")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,

@@ -196,16 +196,16 @@ def test_packed_fp16_body_on_gpu_equals_reference(cfg, name, warps, path):
     assert relative_error(got, want) < 2e-3
 
 
-@pytest.mark.parametrize("options", ["keys_zero", "keys_probs", "keys_zero,keys_probs"])
+@pytest.mark.parametrize("keys_zero", [True, False])
 @pytest.mark.parametrize("cfg,name", [(LLAMA2, "kivi-k2v2"), (SMOL, "kivi-k4v4")],
                          ids=lambda x: x if isinstance(x, str) else None)
-def test_cw2_options_on_gpu_equal_reference(cfg, name, options):
-    """cw2 with the zero-point term summed in the keys pass and / or the probabilities written by
-    it (`Cw2Config(keys_zero=True, keys_probs=True)`)."""
+def test_cw2_zero_term_on_gpu_equals_reference(cfg, name, keys_zero):
+    """cw2 with the zero-point term summed in the keys pass (`Cw2Config(keys_zero=True)`, the
+    default on small grids) and from XLA's einsum (False), at batch 2."""
     batch, context = 2, 3001
     _, k, v, q, mask = _random_layer(cfg, name, batch, context, seed=11, q_seed=5, mask_seed=6)
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5,
-                                                   path="cw2", cw2=da.Cw2Config(**{o: True for o in options.split(",")}))])
+                                                   path="cw2", cw2=da.Cw2Config(keys_zero=keys_zero))])
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, context - 37, scale=cfg.head_dim ** -0.5)])
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 2e-3
