@@ -122,6 +122,13 @@ def suites(name: str):
                      f"sym-batched, quick or w4")
 
 
+def only_batches(sweeps, batches: set[int]) -> list:
+    """The sweeps restricted to `batches` (timed and tuned); sweeps left with none are dropped."""
+    kept = [dataclasses.replace(s, batches=tuple(b for b in s.batches if b in batches),
+                                tune_batches=tuple(b for b in s.tune_batches if b in batches)) for s in sweeps]
+    return [s for s in kept if s.batches]
+
+
 def card_tag(kind: str) -> str:
     k = kind.lower()
     for tag in ("h200", "h100", "a100", "l40s", "l4"):
@@ -197,6 +204,8 @@ def main(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the correctness check of each point")
     p.add_argument("--report", help="records JSON: write its markdown table and plot, then exit")
     p.add_argument("--shapes", help="KxN,KxN,... instead of the suite's shapes")
+    p.add_argument("--batches", help="B,B,...: only the suite's sweeps and batches among these (e.g. the rest "
+                                     "of a suite a deadline cut)")
     p.add_argument("--interpret", action="store_true", help="dry run on a CPU in interpret mode (tiny --shapes)")
     p.add_argument("--retable", metavar="RECORDS", help="records JSON: merge the tuning table they give "
                    "(each point's fastest candidate on the device) into --into, then exit")
@@ -227,6 +236,8 @@ def main(argv=None):
     if args.shapes:
         shapes = tuple(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))
         sweeps = [dataclasses.replace(s, shapes=shapes) for s in sweeps]
+    if args.batches:
+        sweeps = only_batches(sweeps, {int(b) for b in args.batches.split(",")})
     def save():
         for r in runner.records:
             r["card"] = dev.device_kind

@@ -299,3 +299,17 @@ def test_h2_holds_any_activation_range(mult):
     err = {dq: relative_error(quant_matmul(x, w, config=GEMV(m=2, split=2, dq=dq, acc2d=True), interpret=True), ref)
            for dq in ("fma", "h2")}
     assert err["h2"] <= 1.1 * err["fma"] and err["h2"] <= TOL, err
+
+
+def test_bench_kernels_batches_option_restricts_a_suite():
+    """`bench_kernels.py --batches 16` keeps the sym-batched suite's batch-16 sweep only."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sweeps = bench.only_batches(bench.suites("sym-batched"), {16})
+    assert [(s.batches, s.tune_batches) for s in sweeps] == [((16,), (16,))]
+    assert bench.only_batches(bench.suites("sym-batched"), {3}) == []
