@@ -149,3 +149,12 @@ def test_kernel_variants_parse_the_cw2_option():
     assert bench_kv.parse_variants("4:2:0:auto:nokz")["w4-s2-xauto-nokz"]["cw2"] == Cw2Config(keys_zero=False)
     with pytest.raises(SystemExit, match="cw2 option 'kp2'"):
         bench_kv.parse_variants("4:2:0:auto:kp2")
+
+
+def test_e2e_needs_a_process_of_its_own(capsys):
+    """`--e2e` with the attention benchmark in the same process is refused (its rows measured 3-12%
+    slow on the H100): a clear error naming --no-attention."""
+    bench_kv = _bench_kv_script()
+    with pytest.raises(SystemExit):
+        bench_kv.main(["--e2e", "--contexts", "64"])
+    assert "add --no-attention" in capsys.readouterr().err
