@@ -271,10 +271,9 @@ def test_kernel_tuning_knobs_from_the_environment_are_checked(monkeypatch):
         da.quantized_decode_partials(q, kc, vc, jnp.ones((B, 512), bool), 10, scale=SCALE, interpret=True, path="cw16")
 
 
-def test_cw2_value_channels_keep_the_arithmetic():
-    """`Cw2Config.value_channels` splits the values pass's channel rows over more or fewer
-    programs, never the arithmetic: 8 rows a program give the default's output bit for bit
-    (KIVI-2, head_dim 128, two splits); a bad setting is a clear error."""
+def _cw2_case():
+    """(run(config, keys=None): the cw2 output, the float reference, the keys) of CW_CASES[0]
+    (KIVI-2, head_dim 128, two splits) with a random mask."""
     bits, d, g, s, length, kg, vg, zero, splits = CW_CASES[0]
     rng = np.random.default_rng(bits + g)
     k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
@@ -282,16 +281,24 @@ def test_cw2_value_channels_keep_the_arithmetic():
     q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
     mask = jnp.asarray(rng.random((B, s)) < 0.8)
 
-    def run(config):
-        return da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
-                                                        num_splits=splits, interpret=True, path="cw2", cw2=config)])
+    def run(config, keys=None):
+        return da.combine([da.quantized_decode_partials(q, k if keys is None else keys, v, mask, jnp.int32(length),
+                                                        scale=d ** -0.5, num_splits=splits, interpret=True,
+                                                        path="cw2", cw2=config)])
 
+    return run, da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)]), k
+
+
+def test_cw2_value_channels_keep_the_arithmetic():
+    """`Cw2Config.value_channels` splits the values pass's channel rows over more or fewer
+    programs, never the arithmetic: 8 rows a program give the default's output bit for bit
+    (KIVI-2, head_dim 128, two splits); a bad setting is a clear error."""
+    run, ref, _ = _cw2_case()
     default = run(da.Cw2Config())
     tuned = run(da.Cw2Config(value_channels=8))
     np.testing.assert_array_equal(np.asarray(tuned), np.asarray(default))
-    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
     np.testing.assert_allclose(np.asarray(tuned), np.asarray(ref), rtol=0,
-                               atol=CW_TOLERANCE["cw2"](bits) * float(jnp.abs(ref).max()))
+                               atol=CW_TOLERANCE["cw2"](CW_CASES[0][0]) * float(jnp.abs(ref).max()))
     with pytest.raises(Exception, match="value_channels=24 must be a power of two"):
         da.Cw2Config(value_channels=24)
 
@@ -302,26 +309,16 @@ def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
     1e-5 of the largest, and with the float reference to the f16x2 bound; it is the default on a
     small grid (B x K <= SMALL_GRID_HEADS); symmetric keys (no zero points) take the path without
     a term."""
-    bits, d, g, s, length, kg, vg, zero, splits = CW_CASES[0]
-    rng = np.random.default_rng(bits + g)
-    k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
-    v = _store(rng, B, s, bits, 32, 1, vg, zero=zero, d=d, channel_words=True)
-    q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
-    mask = jnp.asarray(rng.random((B, s)) < 0.8)
-
-    def run(config, k=k):
-        return da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
-                                                        num_splits=splits, interpret=True, path="cw2", cw2=config)])
-
+    run, ref, k = _cw2_case()
+    bits, d, _, s, _, kg, _, _, _ = CW_CASES[0]
     einsum, in_pass = run(da.Cw2Config(keys_zero=False)), run(da.Cw2Config(keys_zero=True))
     np.testing.assert_array_equal(np.asarray(run(da.Cw2Config())), np.asarray(in_pass))  # default on a small grid
-    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
     top = float(jnp.abs(ref).max())
     np.testing.assert_allclose(np.asarray(in_pass), np.asarray(einsum), rtol=0, atol=1e-5 * top)
     np.testing.assert_allclose(np.asarray(in_pass), np.asarray(ref), rtol=0, atol=CW_TOLERANCE["cw2"](bits) * top)
     # a wrong zero term would move the scores by q . zero: make the zero points matter
     assert float(jnp.abs(run(da.Cw2Config(keys_zero=True), dataclasses.replace(k, zero=k.zero * 0)) - in_pass).max()) > 1e-2 * top
-    ks = _store(rng, B, s, bits, 32, kg, 1, zero=False, d=d, channel_words=True)
+    ks = _store(np.random.default_rng(1), B, s, bits, 32, kg, 1, zero=False, d=d, channel_words=True)
     np.testing.assert_array_equal(np.asarray(run(da.Cw2Config(keys_zero=True), ks)),
                                   np.asarray(run(da.Cw2Config(keys_zero=False), ks)))
 
