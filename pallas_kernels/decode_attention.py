@@ -874,14 +874,18 @@ class Cw2Config:
     keys_zero: the keys pass sums the zero-point term q . zero itself, from the zero points it
     loads beside the scales, instead of an XLA einsum before it. None: on small grids only (H100,
     KIVI-2 at 32k, kv_notes run 15: batch 1 71.2 against 72.8 us of kernels and one launch fewer;
-    batch 8 415.2 against 409.8: the keys pass reads the zero points less well than the einsum)."""
+    batch 8 415.2 against 409.8: the keys pass reads the zero points less well than the einsum).
+    columns: word columns of a tile (one a lane; columns / 32 warps a program), both passes."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
+    columns: int = KEY_COLUMNS
 
     def __post_init__(self):
-        if self.value_channels is not None and (self.value_channels < 1 or self.value_channels & (self.value_channels - 1)):
-            raise ConfigError(f"Cw2Config.value_channels={self.value_channels} must be a power of two")
+        for name in ("value_channels", "columns"):
+            x = getattr(self, name)
+            if x is not None and (x < 1 or x & (x - 1)):
+                raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -894,11 +898,11 @@ def _env_int(name: str, default: int) -> int:
     return int(raw)
 
 
-def _key_columns(k: QTokens) -> int:
-    """Word columns of a keys-pass tile: KEY_COLUMNS, or fewer whole store tiles when the
-    capacity's tiles do not divide into it."""
+def _key_columns(k: QTokens, columns: int = KEY_COLUMNS) -> int:
+    """Word columns of a tile: `columns`, or fewer whole store tiles when the capacity's tiles
+    do not divide into it."""
     tiles = k.capacity // (k.rows * codes_per_word(k.bits))
-    per = max(1, KEY_COLUMNS // k.rows)
+    per = max(1, columns // k.rows)
     while tiles % per:
         per //= 2
     return per * k.rows
@@ -913,7 +917,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     c = codes_per_word(k.bits)
     chunk = _cw_heads(g)
     chunks = g // chunk
-    kcols = _key_columns(k)
+    kcols = _key_columns(k, config.columns)
     warps = max(1, kcols // 32)
     vwidth = v.channel_group
     # Interpret mode unrolls fewer rows a program: the CPU compiles the unrolled body op by op.

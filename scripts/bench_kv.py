@@ -53,18 +53,22 @@ def codec_for(recipe: str, cfg):
 
 def parse_cw2(text: str):
     """`vc16+kz` -> Cw2Config(value_channels=16, keys_zero=True): options joined by '+', vcN (value
-    channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids)."""
+    channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
+    colN (word columns of a tile)."""
     from pallas_kernels.decode_attention import Cw2Config
 
     options = {}
     for item in text.split("+"):
         if item.startswith("vc") and item[2:].isdigit():
             options["value_channels"] = int(item[2:])
+        elif item.startswith("col") and item[3:].isdigit():
+            options["columns"] = int(item[3:])
         elif item in ("kz", "nokz"):
             options["keys_zero"] = item == "kz"
         else:
-            raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program) "
-                             f"or kz / nokz (zero-point term in the keys pass or not), joined by '+'")
+            raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
+                             f"kz / nokz (zero-point term in the keys pass or not) or colN (word columns of a tile), "
+                             f"joined by '+'")
     return Cw2Config(**options)
 
 
@@ -319,7 +323,7 @@ def main(argv=None):
     p.add_argument("--kernel-variants", default="",
                    help="time each codec with these kernel settings, warps:stages:splits[:path[:vcN]],... (splits 0: "
                         "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
-                        "a program; kz / nokz, q . zero summed in the keys pass or by XLA), "
+                        "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",

@@ -147,6 +147,7 @@ def test_kernel_variants_parse_the_cw2_option():
     assert variants["w4-s2-x6-vc32"]["cw2"] == Cw2Config(value_channels=32)
     assert bench_kv.parse_variants("4:2:0:auto:vc16+kz")["w4-s2-xauto-vc16+kz"]["cw2"] == Cw2Config(16, keys_zero=True)
     assert bench_kv.parse_variants("4:2:0:auto:nokz")["w4-s2-xauto-nokz"]["cw2"] == Cw2Config(keys_zero=False)
+    assert bench_kv.parse_variants("4:2:0:auto:col256")["w4-s2-xauto-col256"]["cw2"] == Cw2Config(columns=256)
     with pytest.raises(SystemExit, match="cw2 option 'kp2'"):
         bench_kv.parse_variants("4:2:0:auto:kp2")
 

@@ -292,7 +292,8 @@ def _cw2_case():
 def test_cw2_value_channels_keep_the_arithmetic():
     """`Cw2Config.value_channels` splits the values pass's channel rows over more or fewer
     programs, never the arithmetic: 8 rows a program give the default's output bit for bit
-    (KIVI-2, head_dim 128, two splits); a bad setting is a clear error."""
+    (KIVI-2, head_dim 128, two splits); `columns` changes the tiles and splits (and so the fp16
+    roundings) only; a bad setting is a clear error."""
     run, ref, _ = _cw2_case()
     default = run(da.Cw2Config())
     tuned = run(da.Cw2Config(value_channels=8))
@@ -301,6 +302,14 @@ def test_cw2_value_channels_keep_the_arithmetic():
                                atol=CW_TOLERANCE["cw2"](CW_CASES[0][0]) * float(jnp.abs(ref).max()))
     with pytest.raises(Exception, match="value_channels=24 must be a power of two"):
         da.Cw2Config(value_channels=24)
+    # a tile of 32 word columns (one warp) instead of 128: other splits, so other split maxima and
+    # fp16 roundings of p * scale (not bit for bit), within the same bound of the reference
+    narrow = run(da.Cw2Config(columns=32))
+    assert not np.array_equal(np.asarray(narrow), np.asarray(default))
+    np.testing.assert_allclose(np.asarray(narrow), np.asarray(ref), rtol=0,
+                               atol=CW_TOLERANCE["cw2"](CW_CASES[0][0]) * float(jnp.abs(ref).max()))
+    with pytest.raises(Exception, match="columns=96 must be a power of two"):
+        da.Cw2Config(columns=96)
 
 
 def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
