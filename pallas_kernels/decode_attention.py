@@ -931,8 +931,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     parts = d // channels
     n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
-    # The zero-point term q . zero stays an XLA einsum: read inside the keys pass, the zero points
-    # cost more than the einsum at batch 8 (H100: 368 against 225 + 48 us).
+    # The zero-point term q . zero: summed by the keys pass on small grids, an XLA einsum on large
+    # ones, where the keys pass reads the zero points more slowly than the einsum (`Cw2Config.keys_zero`).
     zero_rows = (small_grid if config.keys_zero is None else config.keys_zero) and k.zero is not None
     _, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True, einsum=not zero_rows)
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))

@@ -87,6 +87,9 @@ def loop_counts(sass: str) -> list[tuple[int, collections.Counter]]:
     return loops
 
 
+KEYS_ZERO = {"auto": None, "on": True, "off": False}  # --keys-zero -> Cw2Config.keys_zero
+
+
 def decode_ir(args):
     """[(Triton IR, warps, stages, description, cache elements a thread per loop step, unit)] of
     the KV decode kernels over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens
@@ -104,7 +107,7 @@ def decode_ir(args):
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),
                                                                      cw2=Cw2Config(value_channels=value_rows,
-                                                                                   keys_zero=getattr(args, "keys_zero", False))),
+                                                                                   keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")])),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
@@ -149,7 +152,8 @@ def main(argv=None):
     p.add_argument("--columns", type=int, default=32, help="decode, channel_words: word columns a tile")
     p.add_argument("--value-channels", type=int, default=16,
                    help="decode, cw2: channel rows a values program (16: batch 1's default)")
-    p.add_argument("--keys-zero", action="store_true", help="decode, cw2: q . zero summed in the keys pass")
+    p.add_argument("--keys-zero", choices=tuple(KEYS_ZERO), default="auto",
+                   help="decode, cw2: q . zero summed in the keys pass (auto: as the kernel picks for batch 1, on)")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,
