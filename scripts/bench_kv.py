@@ -9,8 +9,9 @@ Llama-2-7B: 32 heads of 128), `--batches` rows: XLA's bf16 attention, the bf16 P
 each `--codecs` recipe's codec (kernel + exact tokens), checked against an fp32 reference, then
 timed in the same run; roofline = the copy bandwidth measured in the same run.
 Memory: the largest batch that fits each context with and without each codec on this device.
-End-to-end (--e2e --no-attention, a process of its own): decode tokens/s of `--model` at `--e2e-contexts` for a bf16 cache and each
-`--e2e-recipes` recipe (e.g. KV2, W4 + KV2). Writes kv_bench_<card>.json and .md into --out.
+End-to-end (--e2e --no-attention: a process of its own): decode tokens/s of `--model` at
+`--e2e-contexts` for a bf16 cache and each `--e2e-recipes` recipe (e.g. KV2, W4 + KV2).
+Writes kv_bench_<card>.json and .md into --out.
 """
 
 from __future__ import annotations
@@ -321,7 +322,7 @@ def main(argv=None):
                    help="skip the earlier lax.map timing harness (us_loop), kept to compare with older records")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel-variants", default="",
-                   help="time each codec with these kernel settings, warps:stages:splits[:path[:vcN]],... (splits 0: "
+                   help="time each codec with these kernel settings, warps:stages:splits[:path[:cw2]],... (splits 0: "
                         "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
                         "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
@@ -335,8 +336,8 @@ def main(argv=None):
     p.add_argument("--write", action="store_true",
                    help="also time one decode step's cache write per layer (bf16 and each codec, at --contexts "
                         "and --batches): with the attention rows, what a codec adds to a decode step")
-    p.add_argument("--e2e", action="store_true", help="time end-to-end decode instead (with --no-attention: "
-                                                      "a process of its own; slow: one compile per cell)")
+    p.add_argument("--e2e", action="store_true", help="time end-to-end decode (needs --no-attention: a process "
+                                                      "of its own; slow: one compile per cell)")
     p.add_argument("--e2e-contexts", default="8192,16384,32768")
     p.add_argument("--e2e-recipes", default=",kivi_k2v2,kivi_k2v2_w4",
                    help="'' = bf16 cache; name@section.key=value adds overrides; a trailing +fused fuses "

@@ -136,9 +136,8 @@ def test_attention_benchmark_rows_and_table():
 
 
 def test_kernel_variants_parse_the_cw2_option():
-    """--kernel-variants items warps:stages:splits[:path[:cw2]]: vcN sets cw2's value channel rows, kz its
-    keys pass's zero term;
-    anything else there is a clear error."""
+    """--kernel-variants items warps:stages:splits[:path[:cw2]]: vcN sets cw2's value channel rows,
+    kz / nokz its keys pass's zero term, colN its tile width; anything else there is a clear error."""
     from pallas_kernels.decode_attention import Cw2Config
 
     bench_kv = _bench_kv_script()
