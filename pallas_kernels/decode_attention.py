@@ -875,14 +875,18 @@ class Cw2Config:
     loads beside the scales, instead of an XLA einsum before it. None: on small grids only (H100,
     KIVI-2 at 32k, kv_notes run 15: batch 1 71.2 against 72.8 us of kernels and one launch fewer;
     batch 8 415.2 against 409.8: the keys pass reads the zero points less well than the einsum).
-    columns: word columns of a tile (one a lane; columns / 32 warps a program), both passes."""
+    columns: word columns of a tile, both passes. key_warps / value_warps: warps a program of each
+    pass (None: columns / 32, one column a lane; fewer give each lane several adjacent columns,
+    read as one wider load)."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
     columns: int = KEY_COLUMNS
+    key_warps: int | None = None
+    value_warps: int | None = None
 
     def __post_init__(self):
-        for name in ("value_channels", "columns"):
+        for name in ("value_channels", "columns", "key_warps", "value_warps"):
             x = getattr(self, name)
             if x is not None and (x < 1 or x & (x - 1)):
                 raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
@@ -918,7 +922,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     chunk = _cw_heads(g)
     chunks = g // chunk
     kcols = _key_columns(k, config.columns)
-    warps = max(1, kcols // 32)
+    lane_warps = max(1, kcols // 32)  # one word column a lane
     vwidth = v.channel_group
     # Interpret mode unrolls fewer rows a program: the CPU compiles the unrolled body op by op.
     small_grid = b * kv_heads * chunks <= SMALL_GRID_HEADS
@@ -939,7 +943,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
     kv_of = lambda hh: hh // chunks  # noqa: E731  keys grid: K * chunks
-    params = None if interpret else _compiler_params(warps, num_stages)
+    params = lambda warps: None if interpret else _compiler_params(warps or lane_warps, num_stages)  # noqa: E731
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
                                             lambda i, hh, j: (i, kv_of(hh), hh % chunks) + (0,) * len(tail))
     # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
@@ -958,7 +962,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
-        compiler_params=params,
+        compiler_params=params(config.key_warps),
         interpret=interpret,
         name=f"kv_decode_k{k.bits}_scores",
     )(*key_inputs)
@@ -986,7 +990,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
                    pl.BlockSpec((None, None, None, chunk), per_split), pl.BlockSpec((None, None, None, chunk), per_split)],
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, n_splits, chunk, d), jnp.float32),
                    split_shape(kv_heads * chunks), split_shape(kv_heads * chunks)],
-        compiler_params=params,
+        compiler_params=params(config.value_warps),
         interpret=interpret,
         name=f"kv_decode_v{v.bits}_values",
     )(*inputs)

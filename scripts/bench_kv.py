@@ -55,7 +55,7 @@ def codec_for(recipe: str, cfg):
 def parse_cw2(text: str):
     """`vc16+kz` -> Cw2Config(value_channels=16, keys_zero=True): options joined by '+', vcN (value
     channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
-    colN (word columns of a tile)."""
+    colN (word columns of a tile), kwN / vwN (warps a keys / values program)."""
     from pallas_kernels.decode_attention import Cw2Config
 
     options = {}
@@ -64,11 +64,14 @@ def parse_cw2(text: str):
             options["value_channels"] = int(item[2:])
         elif item.startswith("col") and item[3:].isdigit():
             options["columns"] = int(item[3:])
+        elif item[:2] in ("kw", "vw") and item[2:].isdigit():
+            options["key_warps" if item[0] == "k" else "value_warps"] = int(item[2:])
         elif item in ("kz", "nokz"):
             options["keys_zero"] = item == "kz"
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
-                             f"kz / nokz (zero-point term in the keys pass or not) or colN (word columns of a tile), "
+                             f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "
+                             f"(warps a keys / values program), "
                              f"joined by '+'")
     return Cw2Config(**options)
 
@@ -324,7 +327,8 @@ def main(argv=None):
     p.add_argument("--kernel-variants", default="",
                    help="time each codec with these kernel settings, warps:stages:splits[:path[:cw2]],... (splits 0: "
                         "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
-                        "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile), "
+                        "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile; kwN / vwN, warps a keys / "
+                        "values program), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",

@@ -107,7 +107,10 @@ def decode_ir(args):
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),
                                                                      cw2=Cw2Config(value_channels=value_rows,
-                                                                                   keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")])),
+                                                                                   keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")],
+                                                                                   columns=getattr(args, "cw2_columns", 128),
+                                                                                   key_warps=getattr(args, "cw2_warps", None),
+                                                                                   value_warps=getattr(args, "cw2_warps", None))),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
@@ -154,6 +157,8 @@ def main(argv=None):
                    help="decode, cw2: channel rows a values program (16: batch 1's default)")
     p.add_argument("--keys-zero", choices=tuple(KEYS_ZERO), default="auto",
                    help="decode, cw2: q . zero summed in the keys pass (auto: as the kernel picks for batch 1, on)")
+    p.add_argument("--cw2-columns", type=int, default=128, help="decode, cw2: word columns of a tile")
+    p.add_argument("--cw2-warps", type=int, default=None, help="decode, cw2: warps a program of both passes (default columns / 32)")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,

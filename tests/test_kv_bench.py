@@ -137,7 +137,8 @@ def test_attention_benchmark_rows_and_table():
 
 def test_kernel_variants_parse_the_cw2_option():
     """--kernel-variants items warps:stages:splits[:path[:cw2]]: vcN sets cw2's value channel rows,
-    kz / nokz its keys pass's zero term, colN its tile width; anything else there is a clear error."""
+    kz / nokz its keys pass's zero term, colN its tile width, kwN / vwN its warps; anything else there
+    is a clear error."""
     from pallas_kernels.decode_attention import Cw2Config
 
     bench_kv = _bench_kv_script()
@@ -146,7 +147,8 @@ def test_kernel_variants_parse_the_cw2_option():
     assert variants["w4-s2-x6-vc32"]["cw2"] == Cw2Config(value_channels=32)
     assert bench_kv.parse_variants("4:2:0:auto:vc16+kz")["w4-s2-xauto-vc16+kz"]["cw2"] == Cw2Config(16, keys_zero=True)
     assert bench_kv.parse_variants("4:2:0:auto:nokz")["w4-s2-xauto-nokz"]["cw2"] == Cw2Config(keys_zero=False)
-    assert bench_kv.parse_variants("4:2:0:auto:col256")["w4-s2-xauto-col256"]["cw2"] == Cw2Config(columns=256)
+    assert bench_kv.parse_variants("4:2:0:auto:col256+kw4+vw8")["w4-s2-xauto-col256+kw4+vw8"]["cw2"] == \
+        Cw2Config(columns=256, key_warps=4, value_warps=8)
     with pytest.raises(SystemExit, match="cw2 option 'kp2'"):
         bench_kv.parse_variants("4:2:0:auto:kp2")
 
