@@ -118,9 +118,11 @@ def main(argv=None) -> int:
             row = {"layout": "tiled" if tiled else "native", "batch": batch, "context": args.context,
                    "splits": splits, "bytes": int(w.nbytes)}
             if not args.interpret:
-                fn = functools.partial(lambda x, w, tiled: probe(w, tiled=tiled, splits=splits), tiled=tiled)
-                t = autotune.time_per_call(fn, [jnp.zeros((1,))] * 8, [w, w + 1])
-                row.update(wall_us=t.wall_us, device_us=t.device_us,
+                # x enters each call's output, so that no two calls are the same computation
+                fn = functools.partial(lambda x, w, tiled: probe(w, tiled=tiled, splits=splits) ^ x, tiled=tiled)
+                t = autotune.time_per_call(fn, [jnp.full((1,), i, jnp.int32) for i in range(8)], [w, w + 1],
+                                           breakdown=True)
+                row.update(wall_us=t.wall_us, device_us=t.device_us, kernels=t.kernels,
                            TBps=None if t.device_us is None else w.nbytes / t.device_us / 1e6)
             rows.append(row)
             print(row, flush=True)
