@@ -160,3 +160,26 @@ def test_e2e_needs_a_process_of_its_own(capsys):
     with pytest.raises(SystemExit):
         bench_kv.main(["--e2e", "--contexts", "64"])
     assert "add --no-attention" in capsys.readouterr().err
+
+
+def test_layout_probe_reads_every_word_once():
+    """scripts/gpu/kv_layout_probe.py: both loads-only kernels (the store's order and the tiled
+    copy) XOR exactly each split's words, uneven splits included (5 blocks over 2 splits)."""
+    import importlib.util
+    import pathlib
+
+    import jax
+    import jax.numpy as jnp
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "kv_layout_probe.py"
+    spec = importlib.util.spec_from_file_location("kv_layout_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    words = jax.random.randint(jax.random.key(0), (1, 2, 16, 5 * probe.COLUMNS), -2 ** 31, 2 ** 31 - 1, jnp.int32)
+    want = probe.reference(words, 2)
+    manual = jnp.stack([jnp.bitwise_xor.reduce(words[:, :, :, :3 * probe.COLUMNS].reshape(1, 2, -1, probe.COLUMNS), axis=2),
+                        jnp.bitwise_xor.reduce(words[:, :, :, 3 * probe.COLUMNS:].reshape(1, 2, -1, probe.COLUMNS), axis=2)], 2)
+    assert bool(jnp.array_equal(want, manual))
+    for tiled in (False, True):
+        got = probe.probe(probe.tile(words) if tiled else words, tiled=tiled, splits=2, interpret=True)
+        assert bool(jnp.array_equal(got, want)), tiled
