@@ -914,8 +914,9 @@ def _key_columns(k: QTokens, columns: int = KEY_COLUMNS) -> int:
 
 def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_splits, interpret: bool,
               num_warps: int, num_stages: int, eviction: str | None, config: Cw2Config) -> Partials:
-    """The two-pass f16x2 body (see "two-pass fp16 body"). Both passes read word columns of
-    `_key_columns` (one a lane); num_warps is not used (the tile width sets the warps)."""
+    """The two-pass f16x2 body (see "two-pass fp16 body"). Both passes read tiles of
+    `_key_columns(k, config.columns)` word columns; num_warps is not used (each pass's warps are
+    config.key_warps / value_warps, by default one column a lane)."""
     b, kv_heads, g, d = q.shape
     s = k.capacity
     c = codes_per_word(k.bits)
