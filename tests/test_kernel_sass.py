@@ -1,18 +1,14 @@
 """`scripts/kernel_sass.py`: the kernel's Triton IR is reachable on a CPU, and loop bodies are counted;
 `scripts/profile_kv_decode.py` runs."""
 
-import importlib.util
-import pathlib
 
 import jax.numpy as jnp
 
 from pallas_kernels.quant_matmul import TileConfig, quant_matmul
 from pallas_kernels.testing import Variant, random_qarray
+from script_loader import load_script
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "kernel_sass.py"
-spec = importlib.util.spec_from_file_location("kernel_sass", SCRIPT)
-kernel_sass = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(kernel_sass)
+kernel_sass = load_script("scripts/kernel_sass.py")
 
 
 def test_triton_ir_of_the_gemv_kernel_on_a_cpu():
@@ -95,10 +91,7 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
 def test_profile_script_runs_the_kernel(capsys):
     """scripts/profile_kv_decode.py (the program ncu watches) builds a KIVI-2 cache and runs the
     default decode body on it: here in interpret mode, at a short context."""
-    path = SCRIPT.parent / "profile_kv_decode.py"
-    spec = importlib.util.spec_from_file_location("profile_kv_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/profile_kv_decode.py")
     module.main(["--batch", "1", "--context", "1024"])
     assert "kivi_k2v2 path auto batch 1 context 1024: output (1, 1, 32, 128), finite True" in capsys.readouterr().out
 

@@ -1,9 +1,7 @@
 """The KV benchmark's pieces that run on any machine: the decode-step cache writes it times, and
 `scripts/bench_kv.py --write` end to end (small shapes, CPU)."""
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,17 +11,13 @@ import pytest
 from jaxcompress.kv import KIVICodec
 from jaxcompress.kv.bench import decode_writes, filled_layer
 from jaxcompress.models.presets import preset
+from script_loader import load_script
 
 SMOL = preset("smollm2-135m")  # 3 kv heads, head_dim 64
 
 
 def _bench_kv_script():
-    """scripts/bench_kv.py as a module."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kv.py"
-    spec = importlib.util.spec_from_file_location("bench_kv", path)
-    bench_kv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_kv)
-    return bench_kv
+    return load_script("scripts/bench_kv.py")
 
 
 @pytest.mark.parametrize("codec", [None, KIVICodec(2, 2, group_size=32, residual=32)], ids=["bf16", "kivi"])
@@ -99,10 +93,7 @@ def test_e2e_recipe_overrides_and_fusion():
 def test_bench_decode_script_record(tmp_path):
     """scripts/bench_decode.py (donated cache, three continuing loops, projections fused): one
     decode row per batch with its roofline, as the issue-5 records hold."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/bench_decode.py")
     out = tmp_path / "decode.json"
     script.main(["--model", "random:tiny", "--batches", "1,2", "--steps", "3", "--context", "16", "--skip-prefill",
                  "--copy-mib", "16", "--fuse-projections", "--out", str(out)])
@@ -165,16 +156,10 @@ def test_e2e_needs_a_process_of_its_own(capsys):
 def test_layout_probe_reads_every_word_once():
     """scripts/gpu/kv_layout_probe.py: both loads-only kernels (the store's order and the tiled
     copy) XOR exactly each split's words, uneven splits included (5 blocks over 2 splits)."""
-    import importlib.util
-    import pathlib
-
     import jax
     import jax.numpy as jnp
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "kv_layout_probe.py"
-    spec = importlib.util.spec_from_file_location("kv_layout_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("scripts/gpu/kv_layout_probe.py")
     words = jax.random.randint(jax.random.key(0), (1, 2, 16, 5 * probe.COLUMNS), -2 ** 31, 2 ** 31 - 1, jnp.int32)
     want = probe.reference(words, 2)
     manual = jnp.stack([jnp.bitwise_xor.reduce(words[:, :, :, :3 * probe.COLUMNS].reshape(1, 2, -1, probe.COLUMNS), axis=2),

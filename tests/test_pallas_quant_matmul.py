@@ -25,6 +25,7 @@ from pallas_kernels.quant_matmul import (TileConfig, config_problem, default_con
                                          quant_matmul_reference)
 from pallas_kernels.testing import (Variant, abstract_weight, float64_reference, random_activations,
                                     random_qarray, random_weight, relative_error)
+from script_loader import load_script
 
 TOL = 1e-2
 GEMV = lambda bn=32, m=1, split=1, step=1, dq="shift", acc2d=False, pre=False: TileConfig(  # noqa: E731
@@ -206,25 +207,13 @@ def test_tuning_table_lookup_and_measured_rule(tmp_path):
     assert tab.lookup(autotune.problem_of(w3, 1), autotune.kernel_layout(w3), 1) is None
 
 
-def _bench_kernels_script():
-    """scripts/bench_kernels.py as a module (scripts are not a package)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_table_from_records_ranks_by_device_time(tmp_path):
     """`bench_kernels.py --retable`: each point's entry is its candidate fastest on the device
     (CUPTI), not on the host-bound wall clock; failed candidates and invalid points are skipped,
     an untuned point keeps its config, and the problem matches the one `linear()` looks up."""
     import json
 
-    bench = _bench_kernels_script()
+    bench = load_script("scripts/bench_kernels.py")
     a, b, c = GEMV(bn=64, split=4, dq="h2", acc2d=True), GEMV(bn=64, split=9, dq="inplace", acc2d=True), GEMV(bn=128)
     point = {"kind": "a16", "bits": 4, "group_size": 128, "grid": "asym", "layout": "native", "rows": 16,
              "k": 11008, "n": 4096, "m": 1, "config": b.to_json(), "kernel_us": 17.9,
@@ -310,7 +299,7 @@ def test_h2_holds_any_activation_range(mult):
 
 def test_bench_kernels_batches_option_restricts_a_suite():
     """`bench_kernels.py --batches 16` keeps the sym-batched suite's batch-16 sweep only."""
-    bench = _bench_kernels_script()
+    bench = load_script("scripts/bench_kernels.py")
     sweeps = bench.only_batches(bench.suites("sym-batched"), {16})
     assert [(s.batches, s.tune_batches) for s in sweeps] == [((16,), (16,))]
     assert bench.only_batches(bench.suites("sym-batched"), {3}) == []

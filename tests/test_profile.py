@@ -1,15 +1,14 @@
 """The device-time profile (jaxcompress.bench.profile, scripts/profile_decode.py) on the CPU:
 real jax.profiler traces, counted op by op."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 
 from jaxcompress.bench.profile import device_op_times, summarize
+from script_loader import load_script
 
 
 def test_ops_of_a_loop_body_are_counted_once_per_iteration_and_the_loop_not_at_all():
@@ -25,10 +24,7 @@ def test_ops_of_a_loop_body_are_counted_once_per_iteration_and_the_loop_not_at_a
 
 def test_profile_decode_script_writes_a_table_per_recipe(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the script appends to it: restore
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
-    spec = importlib.util.spec_from_file_location("profile_decode", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/profile_decode.py")
     script.main(["--model", "random:tiny", "--recipes", "", "--context", "64", "--steps", "2", "--out", str(tmp_path)])
     record = json.loads((tmp_path / "profile_bf16.json").read_text())
     assert record["steps"] == 2 and record["context"] == 64 and record["ops"]
@@ -40,10 +36,7 @@ def test_profile_decode_script_writes_a_table_per_recipe(tmp_path, monkeypatch):
 def test_profile_decode_attention_mode(tmp_path, monkeypatch):
     """--attention: one layer's decode attention, the calls counted per call (bf16 and KIVI-2)."""
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_decode.py"
-    spec = importlib.util.spec_from_file_location("profile_decode", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("scripts/profile_decode.py")
     script.main(["--attention", "--model", "smollm2-135m", "--recipes", ",kivi_k2v2", "--context", "256",
                  "--steps", "3", "--out", str(tmp_path)])
     for name in ("xla-bf16", "kivi_k2v2"):

@@ -1,19 +1,15 @@
 """`scripts/record_quant.py --report`: the results table built from a folder of records."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "record_quant.py"
+from script_loader import load_script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("record_quant", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+
+def record_quant():
+    return load_script("scripts/record_quant.py")
 
 
 def record(recipe, wiki, c4=None, kv=None, nbytes=2**20):
@@ -33,7 +29,7 @@ def test_table_rows_changes_and_kv_columns(tmp_path):
                       "rtn_w4_g128": record("rtn_w4_g128", 25.0, 36.0, nbytes=2**19)}.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
     (tmp_path / "notes.json").write_text(json.dumps({"unrelated": 1}))  # not a record: ignored
-    lines = load_script().report_table(str(tmp_path)).splitlines()
+    lines = record_quant().report_table(str(tmp_path)).splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| recipe")]
     assert [r.split(" | ")[0] for r in rows] == ["| baseline", "| kivi_k2v2", "| rtn_w4_g128"]
     assert rows[1] == ("| kivi_k2v2 | 22.000 (148 win) | +10.00% | - | - | 1.0 | kivi-k2v2-g32-r128 "
@@ -43,4 +39,4 @@ def test_table_rows_changes_and_kv_columns(tmp_path):
 
 def test_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no record_quant.py records"):
-        load_script().report_table(str(tmp_path))
+        record_quant().report_table(str(tmp_path))

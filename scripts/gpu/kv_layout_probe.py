@@ -61,12 +61,8 @@ def probe(words: jax.Array, *, tiled: bool, splits: int, interpret: bool = False
     per = -(-n_blocks // splits)
     block = (None, None) + words.shape[2:]
     kernel = functools.partial(_probe_kernel, tiled=tiled, rows=d, blocks_per_split=per, n_blocks=n_blocks)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
+    from pallas_kernels.decode_attention import _compiler_params
 
-        cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-        params = {"compiler_params": cls(num_warps=4, num_stages=2)}
     return pl.pallas_call(
         kernel,
         grid=(b, k, splits),
@@ -74,8 +70,8 @@ def probe(words: jax.Array, *, tiled: bool, splits: int, interpret: bool = False
         out_specs=pl.BlockSpec((None, None, None, COLUMNS), lambda i, h, j: (i, h, j, 0)),
         out_shape=jax.ShapeDtypeStruct((b, k, splits, COLUMNS), jnp.int32),
         interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(4, 2),
         name="kv_probe_tiled" if tiled else "kv_probe_native",
-        **params,
     )(words)
 
 
@@ -118,8 +114,9 @@ def main(argv=None) -> int:
             row = {"layout": "tiled" if tiled else "native", "batch": batch, "context": args.context,
                    "splits": splits, "bytes": int(w.nbytes)}
             if not args.interpret:
-                # x enters each call's output, so that no two calls are the same computation
-                fn = functools.partial(lambda x, w, tiled: probe(w, tiled=tiled, splits=splits) ^ x, tiled=tiled)
+                def fn(x, w, tiled=tiled):  # x enters each call's output: no two calls are alike
+                    return probe(w, tiled=tiled, splits=splits) ^ x
+
                 t = autotune.time_per_call(fn, [jnp.full((1,), i, jnp.int32) for i in range(8)], [w, w + 1],
                                            breakdown=True)
                 row.update(wall_us=t.wall_us, device_us=t.device_us, kernels=t.kernels,
