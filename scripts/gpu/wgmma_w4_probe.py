@@ -1,0 +1,149 @@
+"""The Mosaic GPU W4 kernel (`pallas_kernels/wgmma_matmul.py`) against the Triton kernel and XLA bf16.
+
+For each (K, N, batch): checks `w4_matmul` against the float64 reference on a real random
+QArray (symmetric or asymmetric W4), then times each candidate `W4Config` beside the shipped
+Triton config (`quant_matmul` with the tuning table's entry) and XLA's bf16 dot, all in this
+process and by CUPTI device time. Writes one JSON record per point to --out and prints a table.
+
+    python scripts/gpu/wgmma_w4_probe.py --out $OUT/wgmma.json --shapes 4096x4096 --batches 1,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels import autotune, wgmma_matmul as wm  # noqa: E402
+from pallas_kernels.benchmark import bf16_timing  # noqa: E402
+from pallas_kernels.layout import kernel_layout  # noqa: E402
+from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
+from pallas_kernels.testing import Variant, float64_reference, random_activations, random_weight, relative_error  # noqa: E402
+
+log = logging.getLogger("wgmma_w4_probe")
+
+
+def random_w4(key, k: int, n: int, group_size: int, asym: bool) -> wm.W4Weight:
+    """Timing data in the kernel's layout (any int4 is a valid code)."""
+    kc, ks, kz = jax.random.split(key, 3)
+    codes = jax.random.randint(kc, (n, k), -8, 8, jnp.int8).astype(jnp.int4)
+    scale = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.bfloat16)
+    bias = jax.random.uniform(kz, scale.shape, jnp.float32, -0.01, 0.01) if asym else None
+    return wm.W4Weight(codes=codes, scale=scale, bias=bias, group_size=group_size, shape=(k, n))
+
+
+def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[wm.W4Config]:
+    """Tile widths x split counts that give 128-1056 programs (or as many as K allows) x stages."""
+    out = []
+    steps = k // 128
+    for tile_n in (64, 128):
+        tiles = n // tile_n
+        divisors = [s for s in (1, 2, 3, 4, 6, 8, 16, 43) if steps % s == 0]
+        fill = [s for s in divisors if 128 <= tiles * s <= 1056] or [max(divisors)]
+        for splits in fill[:2]:
+            for stages in (4, 8):
+                out.append(wm.W4Config(tile_n=tile_n, tile_k=128, splits=splits, stages=stages))
+    return out
+
+
+def time_fn(fn, xs, ws):
+    t = autotune.time_per_call(fn, xs, ws)
+    return autotune.rank_us(t), t.wall_us
+
+
+def probe_point(k: int, n: int, m: int, grid: str, max_cands: int) -> dict:
+    v = Variant(4, 128, grid)
+    w = random_weight(3, k, n, v)
+    rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": 128}
+    ww = wm.repack_w4(w)
+    x = random_activations(4, (m, k))
+    ref = float64_reference(x, w)
+    cands = candidate_configs(k, n, m, 128)[:max_cands]
+    rec["rel_err"] = relative_error(wm.w4_matmul(x, ww, cands[0]), ref)
+    n_buf = autotune.buffers_for(k * n // 2)
+    keys = jax.random.split(jax.random.key(5), n_buf)
+    wss = [random_w4(kk, k, n, 128, grid == "asym") for kk in keys]
+    xs = [random_activations(100 + i, (m, k)) for i in range(autotune.MIN_CALLS)]
+    results = []
+    for cfg in cands:
+        try:
+            us, wall = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
+            results.append({"config": cfg.__dict__, "us": us, "wall_us": wall})
+        except Exception as e:  # reported, not fatal: a config Mosaic GPU rejects
+            results.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            log.warning("config %s failed: %s", cfg, str(e)[:2000])
+    rec["candidates"] = results
+    ok = [r for r in results if "us" in r]
+    rec["wgmma_us"] = min((r["us"] for r in ok), default=None)
+    rec["wgmma_config"] = min(ok, key=lambda r: r["us"])["config"] if ok else None
+    # The shipped Triton kernel, as linear() dispatches it.
+    lay = kernel_layout(w)
+    entry = autotune.table().lookup(autotune.problem_of(w, m), lay, m)
+    if entry is not None and entry.config is not None:
+        txs, tws = autotune.random_inputs(w, m, jnp.bfloat16, seed=7)
+        rec["triton_us"], _ = time_fn(lambda xx, www, c=entry.config: quant_matmul(xx, www, config=c), txs, tws)
+        rec["triton_config"] = entry.config.to_json()
+    bt = bf16_timing(k, n, m)
+    rec["xla_bf16_us"] = autotune.rank_us(bt)
+    nbytes = k * n // 2 + ww.scale.size * 2 + (ww.bias.size * 4 if ww.bias is not None else 0)
+    rec["weight_bytes"] = nbytes
+    if rec["wgmma_us"]:
+        rec["wgmma_tb_s"] = nbytes / rec["wgmma_us"] / 1e6
+        rec["speedup_vs_bf16"] = rec["xla_bf16_us"] / rec["wgmma_us"]
+        if rec.get("triton_us"):
+            rec["speedup_vs_triton"] = rec["triton_us"] / rec["wgmma_us"]
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="4096x4096,4096x14336")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--grids", default="sym")
+    ap.add_argument("--max-candidates", type=int, default=8)
+    ap.add_argument("--deadline-s", type=float, default=400)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t0 = time.time()
+    records = []
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    for grid, (k, n), m in itertools.product(args.grids.split(","), shapes,
+                                             [int(b) for b in args.batches.split(",")]):
+        if time.time() - t0 > args.deadline_s:
+            log.warning("deadline: stopping before %s %dx%d m=%d", grid, k, n, m)
+            break
+        try:
+            rec = probe_point(k, n, m, grid, args.max_candidates)
+        except Exception as e:
+            traceback.print_exc()
+            rec = {"k": k, "n": n, "m": m, "grid": grid, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        records.append(rec)
+        log.info("%s", json.dumps({key: v for key, v in rec.items() if key != "candidates"}))
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                       "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT"), "records": records}, f, indent=1)
+    print(f"\n{'grid':5} {'K x N':13} {'m':>3} {'err':>8} {'wgmma':>7} {'triton':>7} {'bf16':>7} "
+          f"{'vs bf16':>7} {'vs tri':>7} {'TB/s':>5} config")
+    for r in records:
+        if "error" in r:
+            print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} ERROR {r['error'][:200]}")
+            continue
+        f = lambda v, p=".1f": format(v, p) if v is not None else "-"  # noqa: E731
+        print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} {r['rel_err']:8.1e} {f(r['wgmma_us']):>7} "
+              f"{f(r.get('triton_us')):>7} {f(r['xla_bf16_us']):>7} {f(r.get('speedup_vs_bf16'), '.2f'):>7} "
+              f"{f(r.get('speedup_vs_triton'), '.2f'):>7} {f(r.get('wgmma_tb_s'), '.2f'):>5} {r['wgmma_config']}")
+
+
+if __name__ == "__main__":
+    main()
