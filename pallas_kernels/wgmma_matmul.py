@@ -142,6 +142,7 @@ class W4Config:
     tile_k: int = 128
     splits: int = 1
     stages: int = 4
+    loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
 
 
 def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
@@ -206,6 +207,9 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
     )(_reinterpret_as_wgmma)
 
     def step(_, x_smem, c_smem, s_smem, acc):
+        if cfg.loads_only:
+            return acc
+
         def mma(acc_ref):
             for g in range(groups_per_step):
                 cols = pl.ds(g * step_group, step_group)
