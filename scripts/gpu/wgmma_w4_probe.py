@@ -78,8 +78,14 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     x = random_activations(4, (m, k))
     ref = float64_reference(x, w)
     cands = configs or candidate_configs(k, n, m, 128)[:max_cands]
-    errors = {c: relative_error(wm.w4_matmul(x, ww, c), ref) for c in cands if not c.loads_only}
-    rec["rel_err"] = max(errors.values())
+    errors = {}
+    for c in cands:
+        if not c.loads_only:
+            try:
+                errors[c] = relative_error(wm.w4_matmul(x, ww, c), ref)
+            except Exception as e:  # the timing below reports it
+                log.warning("config %s failed the check: %s", c, str(e)[:2000])
+    rec["rel_err"] = max(errors.values(), default=None)
     n_buf = autotune.buffers_for(k * n // 2)
     keys = jax.random.split(jax.random.key(5), n_buf)
     wss = [random_w4(kk, k, n, 128, grid == "asym") for kk in keys]
@@ -151,7 +157,7 @@ def main() -> None:
             print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} ERROR {r['error'][:200]}")
             continue
         f = lambda v, p=".1f": format(v, p) if v is not None else "-"  # noqa: E731
-        print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} {r['rel_err']:8.1e} {f(r['wgmma_us']):>7} "
+        print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} {f(r['rel_err'], '8.1e'):>8} {f(r['wgmma_us']):>7} "
               f"{f(r.get('triton_us')):>7} {f(r['xla_bf16_us']):>7} {f(r.get('speedup_vs_bf16'), '.2f'):>7} "
               f"{f(r.get('speedup_vs_triton'), '.2f'):>7} {f(r.get('wgmma_tb_s'), '.2f'):>5} {r['wgmma_config']}")
 
