@@ -266,9 +266,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     m = x.shape[0]
     m_padded = max(8, -(-m // 8) * 8)
     check_config(cfg, w, m_padded)
-    xb = x.astype(jnp.bfloat16)
-    if m_padded != m:
-        xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
+    xb = x.astype(jnp.bfloat16)  # rows m .. m_padded of each TMA box are zero-filled (out of bounds)
     k_slice = k // cfg.splits
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded)

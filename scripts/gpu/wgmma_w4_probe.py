@@ -57,8 +57,9 @@ def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[wm.W4Conf
 
 
 def time_fn(fn, xs, ws):
-    t = autotune.time_per_call(fn, xs, ws)
-    return autotune.rank_us(t), t.wall_us
+    t = autotune.time_per_call(fn, xs, ws, breakdown=True)
+    kernels = {name: round(us, 2) for name, us in (t.kernels or {}).items()}
+    return autotune.rank_us(t), t.wall_us, kernels
 
 
 def parse_configs(text: str) -> list[wm.W4Config]:
@@ -93,8 +94,9 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     results = []
     for cfg in cands:
         try:
-            us, wall = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
-            results.append({"config": cfg.__dict__, "us": us, "wall_us": wall, "rel_err": errors.get(cfg)})
+            us, wall, kernels = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
+            results.append({"config": cfg.__dict__, "us": us, "wall_us": wall, "rel_err": errors.get(cfg),
+                            "kernels": kernels})
         except Exception as e:  # reported, not fatal: a config Mosaic GPU rejects
             results.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             log.warning("config %s failed: %s", cfg, str(e)[:2000])
@@ -107,7 +109,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     entry = autotune.table().lookup(autotune.problem_of(w, m), lay, m)
     if entry is not None and entry.config is not None:
         txs, tws = autotune.random_inputs(w, m, jnp.bfloat16, seed=7)
-        rec["triton_us"], _ = time_fn(lambda xx, www, c=entry.config: quant_matmul(xx, www, config=c), txs, tws)
+        rec["triton_us"], _, rec["triton_kernels"] = time_fn(lambda xx, www, c=entry.config: quant_matmul(xx, www, config=c), txs, tws)
         rec["triton_config"] = entry.config.to_json()
     bt = bf16_timing(k, n, m)
     rec["xla_bf16_us"] = autotune.rank_us(bt)
