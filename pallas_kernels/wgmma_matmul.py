@@ -49,15 +49,26 @@ from jaxcompress.quant.qarray import QArray, unpack_codes
 CHUNK = 32  # columns of one UPCAST_4X word row: the unit of the repack's permutation
 
 
-def chunk_permutation() -> np.ndarray:
+ORDERS = ("lop3", "prmt")
+
+
+def chunk_permutation(order: str = "lop3") -> np.ndarray:
     """perm[p] = the logical column stored at physical column p of a 32-column chunk.
 
-    Physical column 8q + 2c + j holds logical column 8c + 2q + j (q, c in 0..3, j in 0..1); the
-    map swaps q and c, so it is its own inverse.
+    A thread's word holds physical columns 8q + i (i = 0..7); the wgmma fragment wants, for
+    c = 0..3, the pair of logical columns (8c + 2q, 8c + 2q + 1) in its c-th register.
+    * "lop3" (`_convert_lop3`): register c = nibbles (c, c + 4) of the word, one shift and one
+      lop3 a pair; so physical 8q + i holds logical 8 (i % 4) + 2q + i // 4.
+    * "prmt" (Mosaic GPU's int4 -> bf16 `astype`): register c = nibbles (2c, 2c + 1); so
+      physical 8q + 2c + j holds logical 8c + 2q + j.
     """
     p = np.arange(CHUNK)
-    q, c, j = p // 8, (p % 8) // 2, p % 2
-    return 8 * c + 2 * q + j
+    q, i = p // 8, p % 8
+    if order == "lop3":
+        return 8 * (i % 4) + 2 * q + i // 4
+    if order == "prmt":
+        return 8 * (i // 2) + 2 * q + i % 2
+    raise ConfigError(f"chunk_permutation: order={order!r}; choose one of {ORDERS}")
 
 
 @jax.tree_util.register_dataclass
@@ -65,7 +76,10 @@ def chunk_permutation() -> np.ndarray:
 class W4Weight:
     """A 4-bit `[K, N]` weight laid out for `w4_matmul` (see the module docstring).
 
-    codes: int4 `[N, K]`, code - 8, columns permuted within each 32-column chunk.
+    codes: int4 `[N, K]`, columns permuted within each 32-column chunk (`chunk_permutation`);
+    "prmt" order stores code - 8, "lop3" order the code's own bits (0..15 read as int4).
+    With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k]`, so that each
+    64 x block_k tile a pipeline step reads is one contiguous run of memory.
     scale: `[G, N]` bf16 (G = K / group_size). bias: `[G, N]` fp32 s * (8 - zero), or None
     for symmetric grids.
     """
@@ -75,6 +89,17 @@ class W4Weight:
     bias: jax.Array | None
     group_size: int = dataclasses.field(metadata=dict(static=True))
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    order: str = dataclasses.field(default="lop3", metadata=dict(static=True))
+    block_k: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    def logical_codes(self) -> jax.Array:
+        """int32 `[K, N]` codes - 8 in the original column order (tests, `emulate_w4`)."""
+        k, n = self.shape
+        c = self.codes.astype(jnp.int32)
+        if self.block_k:
+            c = c.transpose(0, 2, 1, 3).reshape(n, k)
+        c = c.T.reshape(-1, CHUNK, n)[:, np.argsort(chunk_permutation(self.order))].reshape(k, n)
+        return c if self.order == "prmt" else (c & 15) - 8
 
 
 def repack_problem(w: QArray) -> str | None:
@@ -95,15 +120,21 @@ def repack_problem(w: QArray) -> str | None:
     return None
 
 
-def repack_w4(w: QArray) -> W4Weight:
+def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0) -> W4Weight:
     """One-time repack of a 4-bit `QArray` into the layout `w4_matmul` reads."""
     if (problem := repack_problem(w)) is not None:
         raise ConfigError(f"repack_w4: cannot lay out this weight for the wgmma kernel: {problem}")
     k, n = w.shape
+    if block_k and (block_k % 128 or k % block_k):
+        raise ConfigError(f"repack_w4: block_k={block_k} must be a multiple of 128 dividing K={k}")
     codes = unpack_codes(w.codes, 4, k)  # [K, N] in 0..15
-    perm = chunk_permutation()
-    order = (np.arange(k).reshape(-1, CHUNK)[:, perm]).reshape(-1)
-    signed = (codes[order] - 8).astype(jnp.int8).T  # [N, K], physical column order
+    columns = (np.arange(k).reshape(-1, CHUNK)[:, chunk_permutation(order)]).reshape(-1)
+    codes = codes[columns]
+    # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
+    stored = codes - 8 if order == "prmt" else jnp.where(codes >= 8, codes - 16, codes)
+    signed = stored.astype(jnp.int8).T  # [N, K], physical column order
+    if block_k:
+        signed = signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3)
     groups = w.scale.shape[0]
     group_size = k // groups
     scale = w.scale.astype(jnp.bfloat16)
@@ -111,16 +142,12 @@ def repack_w4(w: QArray) -> W4Weight:
     if w.zero is not None:
         bias = (w.scale.astype(jnp.float32) * (8.0 - w.zero.astype(jnp.float32)))
     return W4Weight(codes=signed.astype(jnp.int4), scale=scale, bias=bias,
-                    group_size=group_size, shape=(k, n))
+                    group_size=group_size, shape=(k, n), order=order, block_k=block_k)
 
 
 def emulate_w4(x: jax.Array, w: W4Weight) -> jax.Array:
     """The kernel's arithmetic in plain JAX: bf16 c' * s per group, fp32 sums, the bias term."""
-    k, n = w.shape
-    perm = chunk_permutation()
-    inverse = np.argsort(perm)
-    codes = w.codes.astype(jnp.float32).T  # [K physical, N]
-    codes = codes.reshape(-1, CHUNK, n)[:, inverse].reshape(k, n)  # logical order
+    codes = w.logical_codes()
     scale = jnp.repeat(w.scale, w.group_size, axis=0)
     wt = (codes.astype(jnp.bfloat16) * scale).astype(jnp.float32)
     y = jnp.dot(x.astype(jnp.float32), wt, precision="highest")
@@ -142,6 +169,7 @@ class W4Config:
     tile_k: int = 128
     splits: int = 1
     stages: int = 4
+    scale_on_acc: bool = True  # each group into its own accumulator, scaled in fp32 (no bf16 mul a pair)
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
 
 
@@ -163,32 +191,66 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     del step
 
 
-def _reinterpret_as_wgmma(ctx, a4):
-    """Converts an int4 [T, K] array in WGMMA_LAYOUT_UPCAST_4X to bf16 and relabels its registers
-    as WGMMA_LAYOUT without moving data (the repack put each column where this relabel expects)."""
+def _relabel(regs_of_chunk, shape):
+    """A WGMMA_LAYOUT bf16 array from, per UPCAST_4X register, its four bf16 pairs (c = 0..3)."""
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
+
+    dst_shape = fa.WGMMA_LAYOUT.registers_shape(shape)
+    dst = np.empty(dst_shape, dtype=object)
+    # Register index (row tile, column block of 8, ..., row block, ...): the UPCAST_4X register of
+    # column chunk c holds the pairs of column blocks 4c .. 4c + 3.
+    for idx in np.ndindex(*dst_shape):
+        col8 = idx[1]
+        dst[idx] = regs_of_chunk((idx[0], col8 // 4) + idx[2:])[col8 % 4]
+    return mgpu.FragmentedArray(_registers=dst, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
+def _convert_lop3(ctx, a4):
+    """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> bf16 code - 8 in WGMMA_LAYOUT.
+
+    Pair c of a 32-bit word w is nibbles (c, c + 4): ((w >> 4c) & 0x000F000F) | 0x43004300 is
+    the bf16 pair (128 + code, 128 + code') exactly (one shift, one lop3), minus 136 (sub.bf16x2)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    bf16 = ir.BF16Type.get()
+    pair = ir.VectorType.get((2,), bf16)
+    c = lambda v: arith.constant(i32, v)  # noqa: E731
+    offset = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(bf16, 136.0)))
+    cache = {}
+
+    def pairs(idx):
+        if idx not in cache:
+            word = mgpu_utils.bitcast(a4.registers[idx], i32)
+            out = []
+            for part in range(4):
+                shifted = arith.shrui(word, c(4 * part)) if part else word
+                bits = arith.ori(arith.andi(shifted, c(0x000F000F)), c(0x43004300))
+                out.append(arith.subf(mgpu_utils.bitcast(bits, pair), offset))
+            cache[idx] = out
+        return cache[idx]
+
+    return _relabel(pairs, a4.shape)
+
+
+def _convert_prmt(ctx, a4):
+    """Signed int4 (code - 8) in WGMMA_LAYOUT_UPCAST_4X -> bf16 in WGMMA_LAYOUT, by Mosaic GPU's own
+    conversion (pair c = nibbles 2c, 2c + 1: one prmt, one lop3 and one sub.bf16x2 a pair)."""
     from jax._src.lib.mlir import ir
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     del ctx
     a16 = a4.astype(ir.BF16Type.get())
-    src = a16.registers
-    shape = a16.shape
-    dst_shape = fa.WGMMA_LAYOUT.registers_shape(shape)
-    dst = np.empty(dst_shape, dtype=object)
-    # Register index (row tile, column block of 8, ..., row block, ...): the UPCAST_4X register of
-    # column chunk c holds the 4 pairs of column blocks 4c .. 4c + 3.
-    for idx in np.ndindex(*dst_shape):
-        col8 = idx[1]
-        src_idx = (idx[0], col8 // 4) + idx[2:]
-        part = col8 % 4
-        dst[idx] = mgpu_utils.vector_slice(src[src_idx], slice(2 * part, 2 * part + 2))
-    return mgpu.FragmentedArray(_registers=dst, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+    return _relabel(lambda idx: [mgpu_utils.vector_slice(a16.registers[idx], slice(2 * p, 2 * p + 2))
+                                 for p in range(4)], a4.shape)
 
 
 def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4Config, k_slice: int,
-                 group_size: int, m_padded: int):
+                 group_size: int, m_padded: int, order: str, blocked: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -204,21 +266,37 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((tile_n, step_group), jnp.bfloat16,
                                            layout=plgpu.Layout.WGMMA),
-    )(_reinterpret_as_wgmma)
+    )(_convert_lop3 if order == "lop3" else _convert_prmt)
+
+    def weights(c_smem, s_smem, g, scaled: bool):
+        cols = pl.ds(g * step_group, step_group)
+        a = convert(plgpu.load(c_smem.at[:, cols], (), layout=plgpu.Layout.WGMMA_UPCAST_4X))
+        if scaled:
+            s = plgpu.load(s_smem.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            a = a * jax.lax.broadcast_in_dim(s, a.shape, [0])
+        return a, cols
 
     def step(_, x_smem, c_smem, s_smem, acc):
         if cfg.loads_only:
             return acc
+        if not cfg.scale_on_acc:
+            def mma(acc_ref):
+                for g in range(groups_per_step):
+                    a, cols = weights(c_smem, s_smem, g, scaled=True)
+                    plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0)))
+            return pl.run_state(mma)(plgpu.ACC.init(acc))
 
-        def mma(acc_ref):
-            for g in range(groups_per_step):
-                cols = pl.ds(g * step_group, step_group)
-                codes = plgpu.load(c_smem.at[:, cols], (), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-                a = convert(codes)
-                s = plgpu.load(s_smem.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                a = a * jax.lax.broadcast_in_dim(s, a.shape, [0])
+        def group_sums(*acc_refs):
+            for g, acc_ref in enumerate(acc_refs):
+                a, cols = weights(c_smem, s_smem, g, scaled=False)
                 plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0)))
-        return pl.run_state(mma)(plgpu.ACC.init(acc))
+            return [acc_ref[...] for acc_ref in acc_refs]
+
+        sums = pl.run_scoped(group_sums, *[plgpu.ACC((tile_n, m_padded), jnp.float32)] * groups_per_step)
+        for g, part in enumerate(sums):
+            s = plgpu.load(s_smem.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+            acc = acc + jax.lax.broadcast_in_dim(s, part.shape, [0]) * part
+        return acc
 
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
     x_swizzle = plgpu.find_swizzle(step_group * 16)
@@ -228,15 +306,21 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
     scale_rows = groups_per_step if group_size < tile_k else 1
     steps = k_slice // tile_k
     if group_size >= tile_k:
-        scale_index = lambda k: ((k * tile_k) // group_size, 0)
+        scale_index = lambda k: ((k * tile_k) // group_size, 0)  # noqa: E731
     else:
-        scale_index = lambda k: (k, 0)
+        scale_index = lambda k: (k, 0)  # noqa: E731
+    if blocked:  # codes [N / 64, K / tile_k, 64, tile_k]: one contiguous tile a step
+        c_spec = plgpu.BlockSpec((None, tile_n, tile_k), lambda k: (k, 0, 0), transforms=c_transforms)
+        codes = codes_gmem.at[n_idx, pl.ds(k0 // tile_k, steps)]
+    else:
+        c_spec = plgpu.BlockSpec((tile_n, tile_k), lambda k: (0, k), transforms=c_transforms)
+        codes = codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]
     pipeline = plgpu.emit_pipeline(
         step,
         grid=(steps,),
         in_specs=[
             plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms),
-            plgpu.BlockSpec((tile_n, tile_k), lambda k: (0, k), transforms=c_transforms),
+            c_spec,
             plgpu.BlockSpec((scale_rows, tile_n), scale_index),
         ],
         max_concurrent_steps=cfg.stages,
@@ -246,7 +330,7 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
     g_slice = max(k_slice // group_size, 1)
     acc = pipeline(
         x_gmem.at[:, pl.ds(k0, k_slice)],
-        codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)],
+        codes,
         scale_gmem.at[pl.ds(g0, g_slice), pl.ds(n0, tile_n)],
     )
     out_smem[...] = acc
@@ -266,10 +350,13 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     m = x.shape[0]
     m_padded = max(8, -(-m // 8) * 8)
     check_config(cfg, w, m_padded)
+    if w.block_k and (cfg.tile_n != 64 or cfg.tile_k != w.block_k):
+        raise ConfigError(f"w4_matmul: a weight blocked by 64 x {w.block_k} needs tile_n=64 and "
+                          f"tile_k={w.block_k}, not {cfg.tile_n} x {cfg.tile_k}")
     xb = x.astype(jnp.bfloat16)  # rows m .. m_padded of each TMA box are zero-filled (out of bounds)
     k_slice = k // cfg.splits
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
-                             m_padded=m_padded)
+                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k))
     partial_sums = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),

@@ -33,13 +33,15 @@ from pallas_kernels.testing import Variant, float64_reference, random_activation
 log = logging.getLogger("wgmma_w4_probe")
 
 
-def random_w4(key, k: int, n: int, group_size: int, asym: bool) -> wm.W4Weight:
+def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, block_k: int) -> wm.W4Weight:
     """Timing data in the kernel's layout (any int4 is a valid code)."""
     kc, ks, kz = jax.random.split(key, 3)
-    codes = jax.random.randint(kc, (n, k), -8, 8, jnp.int8).astype(jnp.int4)
+    shape = (n // 64, k // block_k, 64, block_k) if block_k else (n, k)
+    codes = jax.random.randint(kc, shape, -8, 8, jnp.int8).astype(jnp.int4)
     scale = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.bfloat16)
     bias = jax.random.uniform(kz, scale.shape, jnp.float32, -0.01, 0.01) if asym else None
-    return wm.W4Weight(codes=codes, scale=scale, bias=bias, group_size=group_size, shape=(k, n))
+    return wm.W4Weight(codes=codes, scale=scale, bias=bias, group_size=group_size, shape=(k, n),
+                       order=order, block_k=block_k)
 
 
 def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[wm.W4Config]:
@@ -62,12 +64,17 @@ def time_fn(fn, xs, ws):
     return autotune.rank_us(t), t.wall_us, kernels
 
 
-def parse_configs(text: str) -> list[wm.W4Config]:
-    """'tile_n:tile_k:splits:stages[:loads]' comma-separated ('loads': the loads-only probe)."""
+def parse_configs(text: str) -> list[tuple]:
+    """'tile_n:tile_k:splits:stages[+flag...]' comma-separated -> [(W4Config, order, block_k)].
+
+    Flags: loads (the loads-only probe), mul (scale the bf16 weights instead of the group sums),
+    prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles)."""
     out = []
     for item in filter(None, text.split(",")):
-        f = item.split(":")
-        out.append(wm.W4Config(int(f[0]), int(f[1]), int(f[2]), int(f[3]), loads_only=f[4:] == ["loads"]))
+        head, *flags = item.split("+")
+        f = [int(v) for v in head.split(":")]
+        cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags, loads_only="loads" in flags)
+        out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if "blocked" in flags else 0))
     return out
 
 
@@ -75,33 +82,36 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     v = Variant(4, 128, grid)
     w = random_weight(3, k, n, v)
     rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": 128}
-    ww = wm.repack_w4(w)
     x = random_activations(4, (m, k))
     ref = float64_reference(x, w)
-    cands = configs or candidate_configs(k, n, m, 128)[:max_cands]
+    cands = configs or [(c, "lop3", 0) for c in candidate_configs(k, n, m, 128)[:max_cands]]
     errors = {}
-    for c in cands:
-        if not c.loads_only:
+    for cand in cands:
+        cfg, order, block_k = cand
+        if not cfg.loads_only:
             try:
-                errors[c] = relative_error(wm.w4_matmul(x, ww, c), ref)
+                ww = wm.repack_w4(w, order=order, block_k=block_k)
+                errors[cand] = relative_error(wm.w4_matmul(x, ww, cfg), ref)
             except Exception as e:  # the timing below reports it
-                log.warning("config %s failed the check: %s", c, str(e)[:2000])
+                log.warning("config %s failed the check: %s", cand, str(e)[:2000])
     rec["rel_err"] = max(errors.values(), default=None)
     n_buf = autotune.buffers_for(k * n // 2)
     keys = jax.random.split(jax.random.key(5), n_buf)
-    wss = [random_w4(kk, k, n, 128, grid == "asym") for kk in keys]
     xs = [random_activations(100 + i, (m, k)) for i in range(autotune.MIN_CALLS)]
     results = []
-    for cfg in cands:
+    for cand in cands:
+        cfg, order, block_k = cand
+        desc = {**cfg.__dict__, "order": order, "block_k": block_k}
         try:
+            wss = [random_w4(kk, k, n, 128, grid == "asym", order, block_k) for kk in keys]
             us, wall, kernels = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
-            results.append({"config": cfg.__dict__, "us": us, "wall_us": wall, "rel_err": errors.get(cfg),
+            results.append({"config": desc, "us": us, "wall_us": wall, "rel_err": errors.get(cand),
                             "kernels": kernels})
         except Exception as e:  # reported, not fatal: a config Mosaic GPU rejects
-            results.append({"config": cfg.__dict__, "error": f"{type(e).__name__}: {str(e)[:400]}"})
-            log.warning("config %s failed: %s", cfg, str(e)[:2000])
+            results.append({"config": desc, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            log.warning("config %s failed: %s", desc, str(e)[:2000])
     rec["candidates"] = results
-    ok = [r for r in results if "us" in r and not r["config"]["loads_only"]]
+    ok = [r for r in results if "us" in r and not r["config"]["loads_only"] and r.get("rel_err") is not None]
     rec["wgmma_us"] = min((r["us"] for r in ok), default=None)
     rec["wgmma_config"] = min(ok, key=lambda r: r["us"])["config"] if ok else None
     # The shipped Triton kernel, as linear() dispatches it.
@@ -113,7 +123,8 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
         rec["triton_config"] = entry.config.to_json()
     bt = bf16_timing(k, n, m)
     rec["xla_bf16_us"] = autotune.rank_us(bt)
-    nbytes = k * n // 2 + ww.scale.size * 2 + (ww.bias.size * 4 if ww.bias is not None else 0)
+    groups = k // 128
+    nbytes = k * n // 2 + groups * n * 2 + (groups * n * 4 if grid == "asym" else 0)
     rec["weight_bytes"] = nbytes
     if rec["wgmma_us"]:
         rec["wgmma_tb_s"] = nbytes / rec["wgmma_us"] / 1e6
