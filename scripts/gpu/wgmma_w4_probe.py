@@ -44,18 +44,17 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
                        order=order, block_k=block_k)
 
 
-def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[wm.W4Config]:
-    """Tile widths x split counts that give 128-1056 programs (or as many as K allows) x stages."""
-    out = []
-    steps = k // 128
-    for tile_n in (64, 128):
-        tiles = n // tile_n
-        divisors = [s for s in (1, 2, 3, 4, 6, 8, 16, 43) if steps % s == 0]
-        fill = [s for s in divisors if 128 <= tiles * s <= 1056] or [max(divisors)]
-        for splits in fill[:2]:
-            for stages in (4, 8):
-                out.append(wm.W4Config(tile_n=tile_n, tile_k=128, splits=splits, stages=stages))
-    return out
+def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[tuple]:
+    """Blocked lop3 layouts: tile_k 256 (128 where K / 256 has no small divisor), the two
+    smallest split counts that give at least 200 programs, 4 and 8 stages."""
+    tiles = n // 64
+    for tile_k in (256, 128):
+        divisors = [s for s in range(1, 17) if (k // tile_k) % s == 0]
+        fill = [s for s in divisors if tiles * s >= 200][:2]
+        if fill or tile_k == 128:
+            return [(wm.W4Config(64, tile_k, splits, stages), "lop3", tile_k)
+                    for splits in fill or divisors[-1:] for stages in (4, 8)]
+    return []
 
 
 def time_fn(fn, xs, ws):
