@@ -83,7 +83,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": 128}
     x = random_activations(4, (m, k))
     ref = float64_reference(x, w)
-    cands = configs or [(c, "lop3", 0) for c in candidate_configs(k, n, m, 128)[:max_cands]]
+    cands = configs or candidate_configs(k, n, m, 128)[:max_cands]
     errors = {}
     for cand in cands:
         cfg, order, block_k = cand
