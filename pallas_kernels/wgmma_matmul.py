@@ -80,8 +80,8 @@ class W4Weight:
     "prmt" order stores code - 8, "lop3" order the code's own bits (0..15 read as int4).
     With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k]`, so that each
     64 x block_k tile a pipeline step reads is one contiguous run of memory.
-    scale: `[G, N]` bf16 (G = K / group_size). bias: `[G, N]` fp32 s * (8 - zero), or None
-    for symmetric grids.
+    scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). bias: `[G, N]` fp32
+    s * (8 - zero), or None for symmetric grids.
     """
 
     codes: jax.Array
@@ -91,6 +91,20 @@ class W4Weight:
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     order: str = dataclasses.field(default="lop3", metadata=dict(static=True))
     block_k: int = dataclasses.field(default=0, metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
+
+    def nbytes(self) -> int:
+        """Exact storage bytes: half a byte a code (int4 packs two a byte on the GPU), the rest."""
+        parts = [self.scale] + ([self.bias] if self.bias is not None else [])
+        return self.shape[0] * self.shape[1] // 2 + sum(int(x.size) * x.dtype.itemsize for x in parts)
+
+    def dequantize(self) -> jax.Array:
+        """The dense `[K, N]` weight: s * (code - 8) (+ s * (8 - zero)) in fp32, cast to `dtype`."""
+        w = self.logical_codes().astype(jnp.float32) * jnp.repeat(self.scale.astype(jnp.float32),
+                                                                  self.group_size, axis=0)
+        if self.bias is not None:
+            w = w + jnp.repeat(self.bias, self.group_size, axis=0)
+        return w.astype(self.dtype)
 
     def logical_codes(self) -> jax.Array:
         """int32 `[K, N]` codes - 8 in the original column order (tests, `emulate_w4`)."""
@@ -113,6 +127,8 @@ def repack_problem(w: QArray) -> str | None:
         return f"group_size={w.group_size} does not divide K={k}"
     if k % 128:
         return f"K={k} is not a multiple of 128"
+    if w.scale is not None and w.scale.shape[0] > 1 and w.group_size % 128:
+        return f"group_size={w.group_size} (groups of 128, 256, ... or per channel)"
     if n % 64:
         return f"N={n} is not a multiple of 64"
     if w.scale.shape == (1, 1):
@@ -137,20 +153,22 @@ def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0) -> W4Weight:
         signed = signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3)
     groups = w.scale.shape[0]
     group_size = k // groups
-    scale = w.scale.astype(jnp.bfloat16)
+    scale = w.scale  # fp32 / fp16 / bf16: the kernel scales the group sums in fp32
     bias = None
     if w.zero is not None:
         bias = (w.scale.astype(jnp.float32) * (8.0 - w.zero.astype(jnp.float32)))
     return W4Weight(codes=signed.astype(jnp.int4), scale=scale, bias=bias,
-                    group_size=group_size, shape=(k, n), order=order, block_k=block_k)
+                    group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype)
 
 
 def emulate_w4(x: jax.Array, w: W4Weight) -> jax.Array:
-    """The kernel's arithmetic in plain JAX: bf16 c' * s per group, fp32 sums, the bias term."""
-    codes = w.logical_codes()
-    scale = jnp.repeat(w.scale, w.group_size, axis=0)
-    wt = (codes.astype(jnp.bfloat16) * scale).astype(jnp.float32)
-    y = jnp.dot(x.astype(jnp.float32), wt, precision="highest")
+    """The kernel's arithmetic in plain JAX: x in bf16, exact c' x products summed per group in
+    fp32, each group sum times its fp32 scale, plus the bias term."""
+    m, (k, n) = x.shape[0], w.shape
+    xb = x.astype(jnp.bfloat16).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
+    codes = w.logical_codes().astype(jnp.float32).reshape(k // w.group_size, w.group_size, n)
+    sums = jnp.einsum("mgk,gkn->mgn", xb, codes, precision="highest")
+    y = jnp.einsum("mgn,gn->mn", sums, w.scale.astype(jnp.float32), precision="highest")
     if w.bias is not None:
         y = y + bias_term(x, w)
     return y.astype(x.dtype)
@@ -171,6 +189,34 @@ class W4Config:
     stages: int = 4
     scale_on_acc: bool = True  # each group into its own accumulator, scaled in fp32 (no bf16 mul a pair)
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
+
+
+MIN_PROGRAMS = 200  # programs that fill an H100's 132 SMs well (run 16: fewer left bandwidth unused)
+MAX_SPLITS = 16
+
+
+def split_choices(k: int, n: int, tile_k: int) -> list[int]:
+    """Split counts (dividing K's steps, at most MAX_SPLITS) that give 64-row tiles at least
+    MIN_PROGRAMS programs, fewest first; empty if none does."""
+    tiles = n // 64
+    return [s for s in range(1, MAX_SPLITS + 1) if (k // tile_k) % s == 0 and tiles * s >= MIN_PROGRAMS]
+
+
+def choose_block_k(k: int, n: int) -> int:
+    """The code tile a blocked weight stores: 256 columns where K splits into enough programs,
+    else 128 (K = 11008: 43 steps of 256 have no small divisor)."""
+    return 256 if k % 256 == 0 and split_choices(k, n, 256) else 128
+
+
+def default_config(w: W4Weight, m: int) -> W4Config:
+    """The configuration run 16 measured best on most Llama shapes at batch 8-32: 64-row tiles,
+    the weight's block as a step, the fewest splits that fill the GPU, 4 stages."""
+    k, n = w.shape
+    tile_k = w.block_k or (256 if k % 256 == 0 else 128)
+    splits = split_choices(k, n, tile_k)
+    if not splits:
+        splits = [max(s for s in range(1, MAX_SPLITS + 1) if (k // tile_k) % s == 0)]
+    return W4Config(tile_n=64, tile_k=tile_k, splits=splits[0], stages=4)
 
 
 def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
@@ -272,7 +318,7 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
         cols = pl.ds(g * step_group, step_group)
         a = convert(plgpu.load(c_smem.at[:, cols], (), layout=plgpu.Layout.WGMMA_UPCAST_4X))
         if scaled:
-            s = plgpu.load(s_smem.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            s = plgpu.load(s_smem.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.bfloat16)
             a = a * jax.lax.broadcast_in_dim(s, a.shape, [0])
         return a, cols
 
@@ -340,20 +386,24 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
 
 
 def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.Array:
-    """x [M, K] (bf16/fp16) @ W [K, N] -> [M, N] in x's dtype, on Hopper tensor cores."""
+    """x [..., K] (bf16/fp16) @ W [K, N] -> [..., N] in x's dtype, on Hopper tensor cores."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    cfg = config or W4Config()
     k, n = w.shape
-    if x.ndim != 2 or x.shape[1] != k:
+    if x.shape[-1] != k:
         raise ConfigError(f"w4_matmul: activations {x.shape} do not match the weight's K={k}")
-    m = x.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    cfg = config or default_config(w, m)
     m_padded = max(8, -(-m // 8) * 8)
     check_config(cfg, w, m_padded)
     if w.block_k and (cfg.tile_n != 64 or cfg.tile_k != w.block_k):
         raise ConfigError(f"w4_matmul: a weight blocked by 64 x {w.block_k} needs tile_n=64 and "
                           f"tile_k={w.block_k}, not {cfg.tile_n} x {cfg.tile_k}")
-    xb = x.astype(jnp.bfloat16)  # rows m .. m_padded of each TMA box are zero-filled (out of bounds)
+    xb = x2.astype(jnp.bfloat16)
+    if m > 8 and m % 8:  # TMA tiles x by 8 rows: below 8 it zero-fills the rows past m itself
+        xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
     k_slice = k // cfg.splits
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded, order=w.order, blocked=bool(w.block_k))
@@ -366,5 +416,66 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     )(xb, w.codes, w.scale)
     y = partial_sums.sum(0).T[:m]
     if w.bias is not None:
-        y = y + bias_term(x, w)
-    return y.astype(x.dtype)
+        y = y + bias_term(x2, w)
+    return y.astype(x.dtype).reshape(*lead, n)
+
+
+# --------------------------------------------------------------------------------------------
+# linear() for W4Weight
+# --------------------------------------------------------------------------------------------
+
+# Batches up to this run the kernel; larger ones (prefill) dequantize and let XLA's GEMM run.
+WGMMA_MAX_M = 32  # measured up to here (run 16): 1.3-2.8x XLA bf16 at batch 8-32
+
+
+@functools.cache
+def hopper_is_default_device() -> bool:
+    """wgmma exists on compute capability 9.x (Hopper) only."""
+    if jax.default_backend() != "gpu":
+        return False
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return cc is not None and 9.0 <= float(cc) < 10.0
+    except ValueError:
+        return False
+
+
+def kernel_problem(x: jax.Array, w: W4Weight) -> str | None:
+    """Why `w4_matmul` cannot run this call here, or None."""
+    if x.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"activations are {x.dtype}; the kernel takes bfloat16 or float16"
+    if not hopper_is_default_device():
+        return "the default device is not a Hopper GPU (wgmma needs compute capability 9.x)"
+    m = int(np.prod(x.shape[:-1]))
+    if m > WGMMA_MAX_M:
+        return f"batch {m} > {WGMMA_MAX_M} (measured range); XLA's GEMM on the dequantized weight"
+    return None
+
+
+def wgmma_linear(x: jax.Array, w: W4Weight) -> jax.Array:
+    """linear() for W4Weight: the kernel where it runs, dequantize-then-dot elsewhere.
+
+    `$JAXCOMPRESS_QUANT_KERNEL` applies as for QArray: `reference` forces the dot, `kernel`
+    raises where the kernel cannot run; `interpret` takes the dot (Mosaic GPU kernels have no
+    CPU interpreter here)."""
+    from jaxcompress.ops.linear import dense_linear
+    from jaxcompress.quant.kernels_dispatch import MODE_ENV, mode
+
+    how = mode()
+    problem = "forced by $JAXCOMPRESS_QUANT_KERNEL" if how in ("reference", "interpret") else kernel_problem(x, w)
+    if problem is None:
+        return w4_matmul(x, w)
+    if how == "kernel":
+        raise ConfigError(f"${MODE_ENV}=kernel but the wgmma kernel cannot run weight {w.shape}: {problem}")
+    return dense_linear(x, w.dequantize())
+
+
+def _register() -> None:
+    from jaxcompress.io.checkpoint import register_leaf_type
+    from jaxcompress.ops.linear import register_linear
+
+    register_leaf_type(W4Weight)
+    register_linear(W4Weight)(wgmma_linear)
+
+
+_register()

@@ -3,6 +3,7 @@
     PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --out docs/results/decode_h100.json
     PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --recipe rtn_w4_g128 ...
     ... --fuse-projections   (q|k|v and gate|up as one matmul each, as served)
+    ... --wgmma              (4-bit weights repacked for the Hopper wgmma kernel)
 
 Decode runs inside one jitted `lax.while_loop` (the same loop `generate` uses) over a cache
 already holding `--context` tokens; the median of three loops of `--steps` tokens, each continuing
@@ -98,6 +99,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--fuse-projections", action="store_true",
                    help="serve q|k|v and gate|up as one matmul each (jaxcompress.models.fuse)")
+    p.add_argument("--wgmma", action="store_true",
+                   help="repack 4-bit weights for the Hopper wgmma kernel (jaxcompress.models.repack), after fusing")
     p.add_argument("--skip-prefill", action="store_true", help="decode only (saves a compile)")
     p.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     p.add_argument("--out")
@@ -115,9 +118,16 @@ def main(argv=None):
         fused, report = fuse_projections(loaded.model)
         loaded = dataclasses.replace(loaded, model=fused)
         print(report.summary(), flush=True)
+    if args.wgmma:
+        from jaxcompress.models.repack import repack_for_wgmma
+
+        repacked, report = repack_for_wgmma(loaded.model)
+        loaded = dataclasses.replace(loaded, model=repacked)
+        print(report.summary(), flush=True)
     weight_bytes = param_summary(loaded.model)["bytes"]
     bandwidth = copy_bandwidth(args.copy_mib << 20)
     record = {"model": args.model, "recipe": args.recipe, "fused_projections": args.fuse_projections,
+              "wgmma": args.wgmma,
               "dtype": dtype.name, "context": args.context,
               "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9, "decode": [], **provenance()}
     if not args.skip_prefill:

@@ -1,0 +1,54 @@
+"""Repacking a quantized model's 4-bit projections for the Hopper wgmma kernel (a deployment step).
+
+`pallas_kernels.wgmma_matmul` multiplies by a `W4Weight`: the codes of a 4-bit `QArray`
+transposed, permuted within 32-column chunks and stored in 64 x block_k tiles, read with TMA
+into a pipeline of shared-memory stages. `repack_for_wgmma(model)` converts every projection
+whose weight it can lay out; `linear()` then runs the kernel at decode batches on an H100/H200
+and dequantize-then-dot elsewhere. Like `fuse_projections`, it is the last step before serving:
+fuse first (the fused q|k|v and gate|up weights repack as one each), then repack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from jaxcompress.models.build import path_str
+from jaxcompress.quant.qarray import QArray
+
+
+@dataclasses.dataclass
+class RepackReport:
+    repacked: list[str] = dataclasses.field(default_factory=list)  # "layers.0.mlp.down_proj.kernel"
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why
+
+    def summary(self) -> str:
+        text = f"repacked {len(self.repacked)} weights for the wgmma kernel"
+        if self.skipped:
+            first = next(iter(self.skipped.items()))
+            text += f"; left {len(self.skipped)} as they were (e.g. {first[0]}: {first[1]})"
+        return text
+
+
+def repack_for_wgmma(model):
+    """(repacked model, RepackReport); `model` is left as it was.
+
+    4-bit QArray leaves that `wgmma_matmul.repack_problem` accepts become `W4Weight`s, blocked by
+    `choose_block_k`; every other QArray is reported with the reason and kept."""
+    from pallas_kernels.wgmma_matmul import choose_block_k, repack_problem, repack_w4
+
+    graphdef, state = nnx.split(nnx.clone(model))
+    report = RepackReport()
+    for path, var in nnx.to_flat_state(state):
+        leaf = var.get_value()
+        if not isinstance(leaf, QArray):
+            continue
+        name = path_str(path)
+        problem = repack_problem(leaf)
+        if problem is not None:
+            report.skipped[name] = problem
+            continue
+        var.set_value(repack_w4(leaf, block_k=choose_block_k(*leaf.shape)))
+        report.repacked.append(name)
+    return nnx.merge(graphdef, state), report

@@ -1,0 +1,163 @@
+"""The Hopper W4 kernel's layout, arithmetic, dispatch and model repack on the CPU.
+
+The kernel itself needs an H100/H200 (tests/gpu/test_wgmma_matmul_gpu.py); here: the column
+permutations against hand-derived values, the repack against `QArray.dequantize()` bit for bit,
+the kernel's arithmetic (`emulate_w4`) against a float64 reference, `linear()` falling back where
+the kernel cannot run, `repack_for_wgmma` on a real (tiny random Hugging Face) Llama, the errors,
+and that every layout still lowers to a Mosaic GPU kernel for CUDA (catches API drift).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hf_models
+from jaxcompress.errors import ConfigError
+from jaxcompress.io.hf import load_hf_folder
+from jaxcompress.models.build import params, path_str, with_params
+from jaxcompress.models.fuse import fuse_projections
+from jaxcompress.models.repack import repack_for_wgmma
+from jaxcompress.ops.linear import linear
+from jaxcompress.quant.config import LayerConfig
+from jaxcompress.quant.rtn import rtn_params
+from pallas_kernels import wgmma_matmul as wm
+from pallas_kernels.testing import Variant, float64_reference, random_activations, random_weight, relative_error
+
+
+def test_chunk_permutations_match_the_fragment_layout():
+    """Hand-derived: a thread (q = lane % 4) owns physical columns 8q .. 8q + 7 of a chunk and
+    the wgmma fragment wants logical (8c + 2q, 8c + 2q + 1) in its register c."""
+    lop3, prmt = wm.chunk_permutation("lop3"), wm.chunk_permutation("prmt")
+    for perm in (lop3, prmt):
+        assert sorted(perm) == list(range(32))
+    # lop3: register c = nibbles (c, c + 4) of the thread's word
+    assert list(lop3[:8]) == [0, 8, 16, 24, 1, 9, 17, 25]  # thread q = 0
+    assert list(lop3[8:16]) == [2, 10, 18, 26, 3, 11, 19, 27]  # q = 1
+    # prmt: register c = nibbles (2c, 2c + 1); swapping q and c is its own inverse
+    assert list(prmt[:8]) == [0, 1, 8, 9, 16, 17, 24, 25]
+    np.testing.assert_array_equal(prmt[prmt], np.arange(32))
+    with pytest.raises(ConfigError, match="order='lut'"):
+        wm.chunk_permutation("lut")
+
+
+@pytest.mark.parametrize("grid", ["sym", "asym"])
+@pytest.mark.parametrize("group", [128, 256, 0])
+@pytest.mark.parametrize("order,block_k", [("lop3", 0), ("lop3", 128), ("lop3", 256), ("prmt", 0)])
+def test_repack_dequantizes_bit_for_bit(grid, group, order, block_k):
+    w = random_weight(0, 512, 192, Variant(4, group, grid))
+    ww = wm.repack_w4(w, order=order, block_k=block_k)
+    assert ww.codes.dtype == jnp.int4
+    assert ww.codes.shape == ((3, 512 // block_k, 64, block_k) if block_k else (192, 512))
+    np.testing.assert_array_equal(np.asarray(ww.dequantize(), np.float32), np.asarray(w.dequantize(), np.float32))
+    assert (ww.bias is None) == (grid == "sym")
+    groups = 1 if group == 0 else 512 // group
+    assert ww.nbytes() == 512 * 192 // 2 + groups * 192 * (2 + (4 if grid == "asym" else 0))
+
+
+@pytest.mark.parametrize("grid", ["sym", "asym"])
+def test_kernel_arithmetic_matches_float64(grid):
+    """emulate_w4 does what the kernel does (bf16 x, per-group fp32 sums times the scale, the
+    asymmetric bias): within bf16 output rounding of the float64 product, and a wrong column
+    order would be off by O(1)."""
+    w = random_weight(1, 1024, 256, Variant(4, 128, grid))
+    x = random_activations(2, (5, 1024))
+    ref = float64_reference(x, w)
+    for order in wm.ORDERS:
+        ww = wm.repack_w4(w, order=order, block_k=256)
+        assert relative_error(wm.emulate_w4(x, ww), ref) < 4e-3
+    shuffled = wm.W4Weight(codes=ww.codes, scale=ww.scale, bias=ww.bias, group_size=128, shape=ww.shape,
+                           order="lop3", block_k=256)  # prmt codes read in lop3 order
+    assert relative_error(wm.emulate_w4(x, shuffled), ref) > 0.3
+
+
+def test_linear_falls_back_off_hopper(monkeypatch):
+    w = random_weight(3, 256, 128, Variant(4, 128, "asym"))
+    ww = wm.repack_w4(w)
+    x = random_activations(4, (2, 3, 256))
+    assert wm.kernel_problem(x, ww) == "the default device is not a Hopper GPU (wgmma needs compute capability 9.x)"
+    y = linear(x, ww)
+    assert y.shape == (2, 3, 128) and y.dtype == x.dtype
+    assert relative_error(y.reshape(6, 128), float64_reference(x.reshape(6, 256), w)) < 1e-2
+    monkeypatch.setenv("JAXCOMPRESS_QUANT_KERNEL", "kernel")
+    with pytest.raises(ConfigError, match=r"cannot run weight \(256, 128\): the default device is not a Hopper"):
+        linear(x, ww)
+    assert "activations are float32" in wm.kernel_problem(x.astype(jnp.float32), ww)
+
+
+def test_bad_weights_and_configs_are_named():
+    with pytest.raises(ConfigError, match="bits=3"):
+        wm.repack_w4(random_weight(0, 256, 64, Variant(3, 128, "sym")))
+    with pytest.raises(ConfigError, match="group_size=32"):
+        wm.repack_w4(random_weight(0, 256, 64, Variant(4, 32, "sym")))
+    with pytest.raises(ConfigError, match="N=96 is not a multiple of 64"):
+        wm.repack_w4(random_weight(0, 256, 96, Variant(4, 128, "sym")))
+    with pytest.raises(ConfigError, match="block_k=384"):
+        wm.repack_w4(random_weight(0, 512, 64, Variant(4, 128, "sym")), block_k=384)
+    ww = wm.repack_w4(random_weight(0, 512, 128, Variant(4, 128, "sym")), block_k=256)
+    with pytest.raises(ConfigError, match="tile_n=96"):
+        wm.check_config(wm.W4Config(tile_n=96), ww, 8)
+    with pytest.raises(ConfigError, match=r"K=512 is not a multiple of tile_k x splits = 256 x 3"):
+        wm.check_config(wm.W4Config(tile_k=256, splits=3), ww, 8)
+    with pytest.raises(ConfigError, match="activations"):
+        wm.w4_matmul(jnp.zeros((1, 256), jnp.bfloat16), ww)
+
+
+def test_default_config_fills_the_gpu():
+    """Run 16's rule: 64-row tiles, the fewest splits giving >= 200 programs, tile = block."""
+    for (k, n), (block_k, splits) in {(4096, 4096): (256, 4), (4096, 14336): (256, 1),
+                                      (11008, 4096): (128, 2), (14336, 4096): (256, 4),
+                                      (4096, 1024): (256, 16)}.items():
+        assert wm.choose_block_k(k, n) == block_k
+        w = wm.W4Weight(codes=None, scale=None, bias=None, group_size=128, shape=(k, n), block_k=block_k)
+        cfg = wm.default_config(w, 8)
+        assert (cfg.tile_n, cfg.tile_k, cfg.splits, cfg.stages) == (64, block_k, splits, 4)
+
+
+@pytest.mark.parametrize("order,block_k,scale_on_acc,m", [("lop3", 256, True, 1), ("prmt", 0, False, 13),
+                                                          ("lop3", 128, True, 32)])
+def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m):
+    """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it)."""
+    k, n = 1024, 256
+    shape = (n // 64, k // block_k, 64, block_k) if block_k else (n, k)
+    cfg = wm.W4Config(64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc)
+
+    def f(x, codes, scale):
+        w = wm.W4Weight(codes=codes, scale=scale, bias=None, group_size=128, shape=(k, n), order=order,
+                        block_k=block_k)
+        return wm.w4_matmul(x, w, cfg)
+
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.int4),
+            jax.ShapeDtypeStruct((k // 128, n), jnp.float16))
+    text = jax.export.export(jax.jit(f), platforms=("cuda",))(*args).mlir_module()
+    assert "mosaic_gpu" in text
+
+
+@pytest.fixture(scope="module")
+def llama_w4(tmp_path_factory):
+    """A tiny random Llama wide enough for 64-row tiles and 128-column groups, RTN W4 g128
+    (asymmetric q/k/v, symmetric elsewhere), and one 3-bit projection that must stay a QArray."""
+    hf = hf_models.build("llama", hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
+    model, _ = load_hf_folder(hf_models.save(hf, tmp_path_factory.mktemp("wgmma")))
+    state = params(model)
+    names = [path_str(p) for p, _ in nnx.to_flat_state(state) if path_str(p).endswith("proj.kernel")]
+    policy = {n: LayerConfig(bits=3 if n == "layers.1.mlp.down_proj.kernel" else 4, group_size=128,
+                             symmetric=not any(t in n for t in ("q_proj", "k_proj", "v_proj")))
+              for n in names}
+    return with_params(model, rtn_params(state, policy))
+
+
+def test_repack_for_wgmma_keeps_the_function(llama_w4, monkeypatch):
+    monkeypatch.setenv("JAXCOMPRESS_QUANT_KERNEL", "reference")
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 200, size=(2, 7)))
+    expect = np.asarray(llama_w4(tokens)[0])
+    fused, _ = fuse_projections(llama_w4)
+    repacked, report = repack_for_wgmma(fused)
+    assert len(report.repacked) == 2 * 4 - 1  # qkv, o, gate_up, down a layer, less the 3-bit down
+    assert report.skipped == {"layers.1.mlp.down_proj.kernel": "bits=3 (the wgmma kernel reads 4-bit codes)"}
+    assert "layers.0.self_attn.qkv_proj.kernel" in report.repacked
+    assert isinstance(repacked.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)
+    assert not isinstance(fused.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)  # input kept
+    np.testing.assert_allclose(np.asarray(repacked(tokens)[0]), expect, rtol=1e-5, atol=1e-5)
+    assert "repacked 7 weights" in report.summary()
