@@ -143,7 +143,20 @@ def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0) -> W4Weight:
     k, n = w.shape
     if block_k and (block_k % 128 or k % block_k):
         raise ConfigError(f"repack_w4: block_k={block_k} must be a multiple of 128 dividing K={k}")
-    codes = unpack_codes(w.codes, 4, k)  # [K, N] in 0..15
+    groups = w.scale.shape[0]
+    group_size = k // groups
+    scale = w.scale  # fp32 / fp16 / bf16: the kernel scales the group sums in fp32
+    bias = None
+    if w.zero is not None:
+        bias = (w.scale.astype(jnp.float32) * (8.0 - w.zero.astype(jnp.float32)))
+    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k), scale=scale, bias=bias,
+                    group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))  # one program per shape: a 7B model repacks in seconds
+def _layout_codes(words: jax.Array, k: int, order: str, block_k: int) -> jax.Array:
+    n = words.shape[1]
+    codes = unpack_codes(words, 4, k)  # [K, N] in 0..15
     columns = (np.arange(k).reshape(-1, CHUNK)[:, chunk_permutation(order)]).reshape(-1)
     codes = codes[columns]
     # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
@@ -151,14 +164,7 @@ def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0) -> W4Weight:
     signed = stored.astype(jnp.int8).T  # [N, K], physical column order
     if block_k:
         signed = signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3)
-    groups = w.scale.shape[0]
-    group_size = k // groups
-    scale = w.scale  # fp32 / fp16 / bf16: the kernel scales the group sums in fp32
-    bias = None
-    if w.zero is not None:
-        bias = (w.scale.astype(jnp.float32) * (8.0 - w.zero.astype(jnp.float32)))
-    return W4Weight(codes=signed.astype(jnp.int4), scale=scale, bias=bias,
-                    group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype)
+    return signed.astype(jnp.int4)
 
 
 def emulate_w4(x: jax.Array, w: W4Weight) -> jax.Array:
