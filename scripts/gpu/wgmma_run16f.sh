@@ -1,10 +1,20 @@
-export JAXCOMPRESS_GIT_COMMIT=06b34b9 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
-D=$OUT/f; mkdir -p $D
-pip install -q --no-index --no-deps --target /tmp/sp .whl/{pytest,pluggy,iniconfig,pygments}-*.whl >/dev/null 2>&1
+# Run 16 (kernel_notes.md): GPU tests of the wgmma kernel, then end-to-end decode (random Llama-2-7B,
+# context 512) with the 4-bit weights repacked for it. Carry .whl (pytest wheels).
+export JAXCOMPRESS_GIT_COMMIT=${JAXCOMPRESS_GIT_COMMIT:-17e9028} XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+D=$OUT/${RUN16_DIR:-g}; mkdir -p $D
 nvidia-smi --query-gpu=name --format=csv,noheader
-PYTHONPATH=.:/tmp/sp timeout -k 5 150 python -m pytest -q tests/gpu/test_wgmma_matmul_gpu.py > $D/pytest.log 2>&1; echo "pytest rc=$?"; tail -3 $D/pytest.log
-for run in bf16_fused:--fuse-projections w4_fused:"--recipe rtn_w4_g128 --fuse-projections" w4_fused_wgmma:"--recipe rtn_w4_g128 --fuse-projections --wgmma"; do
-  name=${run%%:*}; args=${run#*:}
-  PYTHONPATH=. timeout -k 5 115 python scripts/bench_decode.py --model random:llama2-7b --batches 1,8,32 --context 512 --steps 16 --skip-prefill $args --out $D/decode_$name.json > $D/decode_$name.log 2>&1; echo "$name rc=$?"
-  grep "decode batch\|repacked\|fused" $D/decode_$name.log
+if [ "${RUN16_TESTS:-0}" = 1 ]; then
+  pip install -q --no-index --no-deps --target /tmp/sp .whl/{pytest,pluggy,iniconfig,pygments}-*.whl >/dev/null 2>&1
+  PYTHONPATH=.:/tmp/sp timeout -k 5 150 python -m pytest -q tests/gpu/test_wgmma_matmul_gpu.py > $D/pytest.log 2>&1
+  echo "pytest rc=$?"; tail -1 $D/pytest.log
+fi
+for run in ${RUN16_RUNS:-w4_fused_wgmma:300:1,8,32 w4_fused:90:32}; do
+  IFS=: read name cap batches <<< "$run"
+  args="--fuse-projections"
+  [ "$name" != bf16_fused ] && args="$args --recipe rtn_w4_g128"
+  [ "$name" = w4_fused_wgmma ] && args="$args --wgmma"
+  echo "$name start $(date +%T)"
+  PYTHONPATH=. timeout -k 5 $cap python scripts/bench_decode.py --model random:llama2-7b --batches $batches --context 512 \
+    --steps 16 --skip-prefill $args --out $D/decode_$name.json > $D/decode_$name.log 2>&1
+  echo "$name rc=$? $(date +%T)"; grep "decode batch\|repacked" $D/decode_$name.log
 done
