@@ -161,3 +161,16 @@ def test_repack_for_wgmma_keeps_the_function(llama_w4, monkeypatch):
     assert not isinstance(fused.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)  # input kept
     np.testing.assert_allclose(np.asarray(repacked(tokens)[0]), expect, rtol=1e-5, atol=1e-5)
     assert "repacked 7 weights" in report.summary()
+
+
+def test_probe_script_configs():
+    """scripts/gpu/wgmma_w4_probe.py: the flags of --configs and the default sweep (run 16's)."""
+    from script_loader import load_script
+
+    probe = load_script("scripts/gpu/wgmma_w4_probe.py")
+    (a, order_a, block_a), (b, order_b, block_b) = probe.parse_configs("64:256:2:4+loads+blocked,128:128:1:8+mul+prmt")
+    assert (a.tile_n, a.tile_k, a.splits, a.stages, a.loads_only, a.scale_on_acc) == (64, 256, 2, 4, True, True)
+    assert (order_a, block_a, order_b, block_b) == ("lop3", 256, "prmt", 0)
+    assert (b.scale_on_acc, b.loads_only) == (False, False)
+    sweep = probe.candidate_configs(11008, 4096, 8, 128)
+    assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]

@@ -45,22 +45,13 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
 
 
 def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[tuple]:
-    """Blocked lop3 layouts: tile_k 256 (128 where K / 256 has no small divisor), the two
-    smallest split counts that give at least 200 programs, 4 and 8 stages."""
-    tiles = n // 64
-    for tile_k in (256, 128):
-        divisors = [s for s in range(1, 17) if (k // tile_k) % s == 0]
-        fill = [s for s in divisors if tiles * s >= 200][:2]
-        if fill or tile_k == 128:
-            return [(wm.W4Config(64, tile_k, splits, stages), "lop3", tile_k)
-                    for splits in fill or divisors[-1:] for stages in (4, 8)]
-    return []
-
-
-def time_fn(fn, xs, ws):
-    t = autotune.time_per_call(fn, xs, ws, breakdown=True)
-    kernels = {name: round(us, 2) for name, us in (t.kernels or {}).items()}
-    return autotune.rank_us(t), t.wall_us, kernels
+    """Blocked lop3 layouts at the weight's block (`choose_block_k`): the two fewest split counts
+    that fill the GPU (`split_choices`; else the most K allows), 4 and 8 stages."""
+    del m, group_size
+    tile_k = wm.choose_block_k(k, n)
+    splits = wm.split_choices(k, n, tile_k)[:2] or [wm.default_config(
+        wm.W4Weight(None, None, None, 128, (k, n), block_k=tile_k), 1).splits]
+    return [(wm.W4Config(64, tile_k, s, stages), "lop3", tile_k) for s in splits for stages in (4, 8)]
 
 
 def parse_configs(text: str) -> list[tuple]:
