@@ -1,37 +1,40 @@
 """W4 weights x bf16 activations on Hopper tensor cores, loads decoupled from arithmetic (Mosaic GPU).
 
 The Triton kernels of `quant_matmul` load each step's code words into registers and convert them
-there, so a warp's loads and its arithmetic take turns: run 12 measured the GEMVs at 1.4-2.0 TB/s
-against 2.9 for XLA's bf16 GEMV. This kernel streams the codes with TMA into a ring of shared-memory
-stages (`plgpu.emit_pipeline`), so several steps of loads are in flight while the warpgroup
-converts and multiplies the current one, and it hands the multiply to `wgmma` at every batch:
+there, so a warp's loads and its arithmetic take turns, and at batch 8-32 their tensor-core path
+converts every tile in registers for `tl.dot` (kernel_notes.md runs 10-12). This kernel streams
+the codes with TMA into a ring of shared-memory stages (`plgpu.emit_pipeline`), so several steps
+of loads are in flight while the warpgroup converts and multiplies the current one, and it hands
+the multiply to `wgmma` at every batch:
 
     y^T [N, M] = W^T [N, K] @ x^T [K, M]      (weights are the left operand, "swap AB")
 
 so the weight tile is the A operand, fed from registers (wgmma's M = 64 output features a
-warpgroup), and the activations, padded to a multiple of 8 rows, are the B operand in shared
-memory (wgmma's N = 8 .. 256). One kernel serves batch 1 to 256.
+warpgroup), and the activations, zero-filled to 8 rows by TMA or padded to a multiple of 8, are
+the B operand in shared memory (wgmma's N = 8 .. 256).
 
 **Layout** (`repack_w4`, once per weight). The A fragment of a bf16 wgmma holds, per thread and
 row, the columns {8c + 2q, 8c + 2q + 1 : c = 0..3} of each 32-column chunk (q = lane % 4). The
 cheapest shared-memory load of 4-bit codes (`WGMMA_LAYOUT_UPCAST_4X`) gives the same thread the
-*contiguous* columns 8q .. 8q + 7 of that row as one 32-bit word. The repack stores logical column
-8c + 2q + j at physical column 8q + 2c + j, so the converted word, cut into four bf16 pairs, *is*
-the A fragment: no shuffle, no permute. Codes are stored as signed int4 (code - 8), which the
-Mosaic GPU conversion turns into bf16 pairs with one prmt, one lop3 and one sub.bf16x2.
+*contiguous* columns 8q .. 8q + 7 of that row as one 32-bit word. The repack stores each logical
+column where the converted word, cut into four bf16 pairs, *is* the A fragment (no shuffle, no
+permute); `chunk_permutation` gives the map of each conversion order. With `block_k` every
+64 x block_k tile a step reads is one contiguous run of memory.
 
 **Grid** (`W4Config`): the weight's N in tiles of `tile_n` rows (a multiple of 64), K in `splits`
 slices. Each program runs a pipeline over its K slice in steps of `tile_k` columns (a multiple of
-the group size or of 128 when per channel), `stages` steps in flight. The split-K partial sums
-are added by XLA.
+128 and of the group size below it), `stages` steps in flight. XLA adds the split-K partial sums.
 
-**Arithmetic**: w = s * (code - zero) = s * c' + s * (8 - zero), with c' = code - 8. The kernel
-multiplies the bf16 codes c' by their group's scale (one mul.bf16x2 a pair, exact up to bf16
-rounding, as `dequantize()` rounds) and accumulates in fp32 on the tensor cores. The asymmetric
-term sum_g s (8 - zero) * sum_{k in g} x_k is a [M, G] @ [G, N] product added outside.
+**Arithmetic**: w = s * (code - zero) = s * c' + s * (8 - zero), with c' = code - 8 exact in
+bf16. Each group's c' x products are summed by wgmma in an fp32 accumulator of their own, which
+is multiplied by the group's scale in fp32 (`scale_on_acc`; the alternative multiplies every
+bf16 pair by a bf16 scale). The asymmetric term sum_g s (8 - zero) * sum_{k in g} x_k is an
+[M, G] @ [G, N] product added by XLA.
 
-CPU tests check the repack and the kernel's arithmetic in plain JAX (`emulate_w4`); the kernel
-itself needs an H100/H200 (`tests/gpu/test_wgmma_matmul_gpu.py`).
+Measured on an H100 (kernel_notes.md run 13): 1.3-2.7x XLA's bf16 matmul at batch 8-32 on the
+Llama shapes; at batch 1 the Triton GEMV is faster. CPU tests check the repack and the kernel's
+arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA; the kernel itself runs in
+`tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
 
 from __future__ import annotations
@@ -189,6 +192,8 @@ def bias_term(x: jax.Array, w: W4Weight) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class W4Config:
+    """Tiles and pipeline of one `w4_matmul` call (see the module docstring's Grid)."""
+
     tile_n: int = 64
     tile_k: int = 128
     splits: int = 1
@@ -197,7 +202,7 @@ class W4Config:
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
 
 
-MIN_PROGRAMS = 200  # programs that fill an H100's 132 SMs well (run 16: fewer left bandwidth unused)
+MIN_PROGRAMS = 200  # programs that fill an H100's 132 SMs (kernel_notes run 13: fewer left bandwidth unused)
 MAX_SPLITS = 16
 
 
@@ -215,8 +220,8 @@ def choose_block_k(k: int, n: int) -> int:
 
 
 def default_config(w: W4Weight, m: int) -> W4Config:
-    """The configuration run 16 measured best on most Llama shapes at batch 8-32: 64-row tiles,
-    the weight's block as a step, the fewest splits that fill the GPU, 4 stages."""
+    """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages:
+    within 4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13)."""
     k, n = w.shape
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = split_choices(k, n, tile_k)
@@ -229,8 +234,7 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     k, n = w.shape
     if cfg.tile_n % 64 or n % cfg.tile_n:
         raise ConfigError(f"W4Config.tile_n={cfg.tile_n} must be a multiple of 64 dividing N={n}")
-    step = max(w.group_size, 128) if w.group_size < k else 128
-    if cfg.tile_k % 128 or cfg.tile_k % min(w.group_size, k) and w.group_size < cfg.tile_k:
+    if cfg.tile_k % 128 or (w.group_size < cfg.tile_k and cfg.tile_k % w.group_size):
         raise ConfigError(f"W4Config.tile_k={cfg.tile_k} must be a multiple of 128 and of the "
                           f"group size {w.group_size}")
     if w.group_size > cfg.tile_k and w.group_size % cfg.tile_k:
@@ -240,7 +244,6 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
                           f"{cfg.tile_k} x {cfg.splits}")
     if m_padded > 256:
         raise ConfigError(f"w4_matmul: batch {m_padded} > 256 rows (wgmma's N); tile the batch")
-    del step
 
 
 def _relabel(regs_of_chunk, shape):
@@ -431,7 +434,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
 # --------------------------------------------------------------------------------------------
 
 # Batches up to this run the kernel; larger ones (prefill) dequantize and let XLA's GEMM run.
-WGMMA_MAX_M = 32  # measured up to here (run 16): 1.3-2.8x XLA bf16 at batch 8-32
+WGMMA_MAX_M = 32  # measured up to here (kernel_notes run 13): 1.3-2.7x XLA bf16 at batch 8-32
 
 
 @functools.cache

@@ -54,6 +54,13 @@ def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[tuple]:
     return [(wm.W4Config(64, tile_k, s, stages), "lop3", tile_k) for s in splits for stages in (4, 8)]
 
 
+def time_fn(fn, xs, ws):
+    """CUPTI time a call (split-K sum included), wall clock, and each kernel's share."""
+    t = autotune.time_per_call(fn, xs, ws, breakdown=True)
+    kernels = {name: round(us, 2) for name, us in (t.kernels or {}).items()}
+    return autotune.rank_us(t), t.wall_us, kernels
+
+
 def parse_configs(text: str) -> list[tuple]:
     """'tile_n:tile_k:splits:stages[+flag...]' comma-separated -> [(W4Config, order, block_k)].
 

@@ -9,7 +9,6 @@ or a wrong column order fails that by far), never NaN. Then `linear()`'s dispatc
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
