@@ -199,6 +199,9 @@ class W4Config:
     splits: int = 1
     stages: int = 4
     scale_on_acc: bool = True  # each group into its own accumulator, scaled in fp32 (no bf16 mul a pair)
+    # The asymmetric term in the kernel: a wgmma of ones by x gives each group's sum of x, times the
+    # bias in fp32. Off: XLA adds it (two more small kernels a call). Not yet run on a GPU.
+    bias_in_kernel: bool = False
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
 
 
@@ -304,11 +307,15 @@ def _convert_prmt(ctx, a4):
                                  for p in range(4)], a4.shape)
 
 
-def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4Config, k_slice: int,
-                 group_size: int, m_padded: int, order: str, blocked: bool):
+def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: int, order: str,
+                 blocked: bool, with_bias: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    if with_bias:
+        x_gmem, codes_gmem, scale_gmem, bias_gmem, out_gmem, out_smem = refs
+    else:
+        (x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem), bias_gmem = refs, None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
     n_idx = jax.lax.axis_index("n")
     s_idx = jax.lax.axis_index("s")
@@ -331,7 +338,8 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
             a = a * jax.lax.broadcast_in_dim(s, a.shape, [0])
         return a, cols
 
-    def step(_, x_smem, c_smem, s_smem, acc):
+    def step(_, x_smem, c_smem, s_smem, *rest):
+        *b_smem, acc = rest
         if cfg.loads_only:
             return acc
         if not cfg.scale_on_acc:
@@ -342,17 +350,27 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
             return pl.run_state(mma)(plgpu.ACC.init(acc))
 
         def group_sums(*acc_refs):
-            for g, acc_ref in enumerate(acc_refs):
+            for g in range(groups_per_step):
                 a, cols = weights(c_smem, s_smem, g, scaled=False)
-                plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0)))
+                x_t = plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
+                plgpu.wgmma(acc_refs[g], a, x_t)
+                if b_smem:  # every row of this product is sum_{k in group} x[m, k], exact in fp32
+                    plgpu.wgmma(acc_refs[groups_per_step + g], ones, x_t)
             return [acc_ref[...] for acc_ref in acc_refs]
 
-        sums = pl.run_scoped(group_sums, *[plgpu.ACC((tile_n, m_padded), jnp.float32)] * groups_per_step)
-        for g, part in enumerate(sums):
-            s = plgpu.load(s_smem.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-            acc = acc + jax.lax.broadcast_in_dim(s, part.shape, [0]) * part
+        accs = (1 + bool(b_smem)) * groups_per_step
+        sums = pl.run_scoped(group_sums, *[plgpu.ACC((tile_n, m_padded), jnp.float32)] * accs)
+        for g in range(groups_per_step):
+            row = lambda ref: jax.lax.broadcast_in_dim(  # noqa: E731
+                plgpu.load(ref.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32),
+                (tile_n, m_padded), [0])
+            acc = acc + row(s_smem) * sums[g]
+            if b_smem:
+                acc = acc + row(b_smem[0]) * sums[groups_per_step + g]
         return acc
 
+    if with_bias:
+        ones = plgpu.layout_cast(jnp.ones((tile_n, step_group), jnp.bfloat16), plgpu.Layout.WGMMA)
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
     x_swizzle = plgpu.find_swizzle(step_group * 16)
     c_swizzle = plgpu.find_swizzle(step_group * 4)
@@ -377,17 +395,15 @@ def _kernel_body(x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem, *, cfg: W4C
             plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms),
             c_spec,
             plgpu.BlockSpec((scale_rows, tile_n), scale_index),
-        ],
+        ] + ([plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_bias else []),
         max_concurrent_steps=cfg.stages,
         init_carry=plgpu.layout_cast(jnp.zeros((tile_n, m_padded), jnp.float32), plgpu.Layout.WGMMA),
     )
     g0 = k0 // group_size
     g_slice = max(k_slice // group_size, 1)
-    acc = pipeline(
-        x_gmem.at[:, pl.ds(k0, k_slice)],
-        codes,
-        scale_gmem.at[pl.ds(g0, g_slice), pl.ds(n0, tile_n)],
-    )
+    groups = (pl.ds(g0, g_slice), pl.ds(n0, tile_n))
+    acc = pipeline(x_gmem.at[:, pl.ds(k0, k_slice)], codes, scale_gmem.at[groups],
+                   *([bias_gmem.at[groups]] if with_bias else []))
     out_smem[...] = acc
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s_idx, pl.ds(n0, tile_n)])
@@ -414,17 +430,20 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     if m > 8 and m % 8:  # TMA tiles x by 8 rows: below 8 it zero-fills the rows past m itself
         xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
     k_slice = k // cfg.splits
+    with_bias = w.bias is not None and cfg.bias_in_kernel and not cfg.loads_only
+    if with_bias and not cfg.scale_on_acc:
+        raise ConfigError("W4Config.bias_in_kernel needs scale_on_acc=True (the group sums carry it)")
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
-                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k))
+                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_bias=with_bias)
     partial_sums = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
         grid=(n // cfg.tile_n, cfg.splits),
         grid_names=("n", "s"),
         scratch_types=[plgpu.SMEM((cfg.tile_n, m_padded), jnp.float32)],
-    )(xb, w.codes, w.scale)
+    )(xb, w.codes, w.scale, *([w.bias] if with_bias else []))
     y = partial_sums.sum(0).T[:m]
-    if w.bias is not None:
+    if w.bias is not None and not with_bias:
         y = y + bias_term(x2, w)
     return y.astype(x.dtype).reshape(*lead, n)
 

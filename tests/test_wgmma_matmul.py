@@ -115,23 +115,19 @@ def test_default_config_fills_the_gpu():
         assert (cfg.tile_n, cfg.tile_k, cfg.splits, cfg.stages) == (64, block_k, splits, 4)
 
 
-@pytest.mark.parametrize("order,block_k,scale_on_acc,m", [("lop3", 256, True, 1), ("prmt", 0, False, 13),
-                                                          ("lop3", 128, True, 32)])
-def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m):
-    """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it)."""
-    k, n = 1024, 256
-    shape = (n // 64, k // block_k, 64, block_k) if block_k else (n, k)
-    cfg = wm.W4Config(64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc)
-
-    def f(x, codes, scale):
-        w = wm.W4Weight(codes=codes, scale=scale, bias=None, group_size=128, shape=(k, n), order=order,
-                        block_k=block_k)
-        return wm.w4_matmul(x, w, cfg)
-
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct(shape, jnp.int4),
-            jax.ShapeDtypeStruct((k // 128, n), jnp.float16))
-    text = jax.export.export(jax.jit(f), platforms=("cuda",))(*args).mlir_module()
+@pytest.mark.parametrize("order,block_k,scale_on_acc,m,bias", [("lop3", 256, True, 1, "xla"),
+                                                               ("prmt", 0, False, 13, None),
+                                                               ("lop3", 128, True, 32, "kernel")])
+def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, bias):
+    """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it); the
+    asymmetric term is an XLA dot unless the kernel takes it."""
+    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, 128, "asym" if bias else "sym")),
+                     order=order, block_k=block_k)
+    cfg = wm.W4Config(64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, bias_in_kernel=bias == "kernel")
+    text = jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
+        jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
     assert "mosaic_gpu" in text
+    assert ("dot_general" in text) == (bias == "xla")
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,12 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128), 4096, 4096, (1, 3, 8, 13, 32), dict(order="lop3", block_k=256), [None]),
     (Variant(4, 128), 4096, 4096, (1, 16), dict(order="prmt"),
      [wm.W4Config(64, 128, 4, 4, scale_on_acc=False), wm.W4Config(128, 256, 2, 8), wm.W4Config(64, 512, 1, 2)]),
-    (Variant(4, 128, "asym"), 11008, 4096, (1, 16), dict(block_k=128), [None, wm.W4Config(64, 128, 43, 2)]),
+    (Variant(4, 128, "asym"), 11008, 4096, (1, 16), dict(block_k=128),
+     [None, wm.W4Config(64, 128, 43, 2), wm.W4Config(64, 128, 2, 4, bias_in_kernel=True)]),
     (Variant(4, 0), 4096, 1024, (1, 8), dict(block_k=256), [None]),
-    (Variant(4, 256, "asym"), 4096, 1024, (2, 24), dict(order="lop3"), [wm.W4Config(64, 256, 16, 4)]),
+    (Variant(4, 256, "asym"), 4096, 1024, (2, 24), dict(order="lop3"),
+     [wm.W4Config(64, 256, 16, 4), wm.W4Config(128, 512, 4, 4, bias_in_kernel=True)]),
+    (Variant(4, 0, "asym"), 4096, 1024, (1, 9), dict(block_k=256), [wm.W4Config(64, 256, 4, 4, bias_in_kernel=True)]),
 ]
 
 
