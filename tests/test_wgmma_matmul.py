@@ -170,3 +170,19 @@ def test_probe_script_configs():
     assert (b.scale_on_acc, b.loads_only) == (False, False)
     sweep = probe.candidate_configs(11008, 4096, 8, 128)
     assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]
+
+
+def test_probe_issue_records():
+    """A hand-made probe point becomes two issue-format records (wgmma, triton) with the speedup
+    over bf16 and the roofline against the H100's specified 3.35 TB/s."""
+    from script_loader import load_script
+
+    probe = load_script("scripts/gpu/wgmma_w4_probe.py")
+    point = {"k": 4096, "n": 4096, "m": 8, "grid": "sym", "group_size": 128, "rel_err": 2e-3,
+             "wgmma_us": 5.0, "wgmma_config": {"tile_n": 64}, "triton_us": 10.0, "triton_config": {"block_n": 128},
+             "xla_bf16_us": 15.0, "weight_bytes": 3_350_000}
+    recs = probe.issue_records({"device": "NVIDIA H100 80GB HBM3", "jax": "0.11.2", "commit": "abc", "records": [point]})
+    assert [(r["kernel"], r["speedup"], round(r["roofline_fraction"], 6)) for r in recs] == [
+        ("wgmma", 3.0, 0.2), ("triton", 1.5, 0.1)]
+    for key in ("bits", "group_size", "m", "k", "n", "kernel_us", "xla_bf16_us", "speedup", "roofline_fraction"):
+        assert key in recs[0]

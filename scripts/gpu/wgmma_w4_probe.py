@@ -133,9 +133,57 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     return rec
 
 
+def issue_records(probe: dict) -> list[dict]:
+    """The probe's points in the issue-5 record format (`quant_matmul_<card>.json`): one record for
+    this kernel and one for the shipped Triton kernel a point. The roofline is the weight bytes
+    over the card's specified bandwidth (the probe does not measure a copy)."""
+    from pallas_kernels.benchmark import spec_bandwidth
+
+    bandwidth = spec_bandwidth(probe["device"])
+    out = []
+    for r in probe["records"]:
+        if r.get("wgmma_us") is None:
+            continue
+        floor_us = r["weight_bytes"] / bandwidth * 1e6 if bandwidth else None
+        for kernel, us in (("wgmma", r["wgmma_us"]), ("triton", r.get("triton_us"))):
+            if us is None:
+                continue
+            out.append({"variant": f"w4_g128_{r['grid']} {kernel}", "kernel": kernel, "bits": 4,
+                        "group_size": r["group_size"], "m": r["m"], "k": r["k"], "n": r["n"],
+                        "kernel_us": us, "xla_bf16_us": r["xla_bf16_us"], "speedup": r["xla_bf16_us"] / us,
+                        "roofline_fraction": floor_us / us if floor_us else None,
+                        "roofline_basis": f"spec {bandwidth / 1e12:.2f} TB/s" if bandwidth else None,
+                        "config": r["wgmma_config"] if kernel == "wgmma" else r.get("triton_config"),
+                        "rel_err": r["rel_err"] if kernel == "wgmma" else None,
+                        "device": probe["device"], "jax": probe["jax"], "commit": probe["commit"]})
+    return out
+
+
+def write_issue_report(probe_paths: list[str], out: str) -> None:
+    """--report: issue-format JSON, a markdown table and the speedup plot from probe JSONs."""
+    from jaxcompress.io.atomic import write_json
+    from pallas_kernels.benchmark import plot
+
+    records = [rec for path in probe_paths for rec in issue_records(json.load(open(path)))]
+    write_json(out, records)
+    lines = ["| kernel | K x N | batch | kernel us | XLA bf16 us | speedup | roofline |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        roof = f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] is not None else "-"
+        lines.append(f"| {r['kernel']} | {r['k']} x {r['n']} | {r['m']} | {r['kernel_us']:.1f} | "
+                     f"{r['xla_bf16_us']:.1f} | {r['speedup']:.2f}x | {roof} |")
+    base = out[:-len(".json")] if out.endswith(".json") else out
+    with open(base + ".md", "w") as f:
+        f.write(f"# W4 g128 on {records[0]['device']}: the wgmma kernel and the shipped Triton kernel\n\n"
+                f"jax {records[0]['jax']}, commit {records[0]['commit']}; CUPTI time a call, split-K sum "
+                f"included, XLA bf16 dot in the same process; roofline = weight bytes / "
+                f"{records[0]['roofline_basis']}.\n\n" + "\n".join(lines) + "\n")
+    plot(records, base + ".png", records[0]["device"], note="wgmma (Mosaic GPU) vs the shipped Triton kernels")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="probe JSON (with --report: the issue-format JSON to write)")
+    ap.add_argument("--report", nargs="+", help="probe JSONs to turn into --out, its .md table and .png plot")
     ap.add_argument("--shapes", default="4096x4096,4096x14336")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--grids", default="sym")
@@ -144,6 +192,8 @@ def main() -> None:
     ap.add_argument("--deadline-s", type=float, default=400)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.report:
+        return write_issue_report(args.report, args.out)
     t0 = time.time()
     records = []
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
