@@ -202,6 +202,9 @@ class W4Config:
     # The asymmetric term in the kernel: a wgmma of ones by x gives each group's sum of x, times the
     # bias in fp32. Off: XLA adds it (two more small kernels a call). Not yet run on a GPU.
     bias_in_kernel: bool = False
+    # A memory warpgroup issues the TMA copies while tile_n / 64 compute warpgroups multiply, so no
+    # warpgroup waits for its own loads (emit_pipeline_warp_specialized). Not yet run on a GPU.
+    warp_specialized: bool = False
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
 
 
@@ -317,6 +320,8 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     else:
         (x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem), bias_gmem = refs, None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
+    # Rows one warpgroup multiplies: the whole tile, or 64 a compute warpgroup when specialized.
+    rows = 64 if cfg.warp_specialized else tile_n
     n_idx = jax.lax.axis_index("n")
     s_idx = jax.lax.axis_index("s")
     n0 = n_idx * tile_n
@@ -326,51 +331,54 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
-        return_type=plgpu.ShapeDtypeStruct((tile_n, step_group), jnp.bfloat16,
-                                           layout=plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct((rows, step_group), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
     )(_convert_lop3 if order == "lop3" else _convert_prmt)
+    ones = plgpu.layout_cast(jnp.ones((rows, step_group), jnp.bfloat16), plgpu.Layout.WGMMA) if with_bias else None
 
-    def weights(c_smem, s_smem, g, scaled: bool):
-        cols = pl.ds(g * step_group, step_group)
-        a = convert(plgpu.load(c_smem.at[:, cols], (), layout=plgpu.Layout.WGMMA_UPCAST_4X))
-        if scaled:
-            s = plgpu.load(s_smem.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.bfloat16)
-            a = a * jax.lax.broadcast_in_dim(s, a.shape, [0])
-        return a, cols
+    def row_vector(ref, g, row_slice):
+        """A [rows] fp32 vector of a per-row table (scales, bias), broadcast over the batch columns."""
+        v = plgpu.load(ref.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+        return jax.lax.broadcast_in_dim(v, (rows, m_padded), [0])
 
-    def step(_, x_smem, c_smem, s_smem, *rest):
-        *b_smem, acc = rest
-        if cfg.loads_only:
-            return acc
+    def multiply(row_slice, x_smem, c_smem, s_smem, b_smem, acc):
+        """One pipeline step of one warpgroup: acc [rows, M] += its rows of W^T times x^T."""
+        def weights(g):
+            cols = pl.ds(g * step_group, step_group)
+            a = convert(plgpu.load(c_smem.at[row_slice, cols], (), layout=plgpu.Layout.WGMMA_UPCAST_4X))
+            return a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
+
         if not cfg.scale_on_acc:
             def mma(acc_ref):
                 for g in range(groups_per_step):
-                    a, cols = weights(c_smem, s_smem, g, scaled=True)
-                    plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0)))
+                    a, x_t = weights(g)
+                    s = plgpu.load(s_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(jnp.bfloat16), a.shape, [0]), x_t)
             return pl.run_state(mma)(plgpu.ACC.init(acc))
 
         def group_sums(*acc_refs):
             for g in range(groups_per_step):
-                a, cols = weights(c_smem, s_smem, g, scaled=False)
-                x_t = plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
+                a, x_t = weights(g)
                 plgpu.wgmma(acc_refs[g], a, x_t)
-                if b_smem:  # every row of this product is sum_{k in group} x[m, k], exact in fp32
+                if b_smem is not None:  # every row of this product is sum_{k in group} x[m, k], exact in fp32
                     plgpu.wgmma(acc_refs[groups_per_step + g], ones, x_t)
             return [acc_ref[...] for acc_ref in acc_refs]
 
-        accs = (1 + bool(b_smem)) * groups_per_step
-        sums = pl.run_scoped(group_sums, *[plgpu.ACC((tile_n, m_padded), jnp.float32)] * accs)
+        accs = (1 + (b_smem is not None)) * groups_per_step
+        sums = pl.run_scoped(group_sums, *[plgpu.ACC((rows, m_padded), jnp.float32)] * accs)
         for g in range(groups_per_step):
-            row = lambda ref: jax.lax.broadcast_in_dim(  # noqa: E731
-                plgpu.load(ref.at[g], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32),
-                (tile_n, m_padded), [0])
-            acc = acc + row(s_smem) * sums[g]
-            if b_smem:
-                acc = acc + row(b_smem[0]) * sums[groups_per_step + g]
+            acc = acc + row_vector(s_smem, g, row_slice) * sums[g]
+            if b_smem is not None:
+                acc = acc + row_vector(b_smem, g, row_slice) * sums[groups_per_step + g]
         return acc
 
-    if with_bias:
-        ones = plgpu.layout_cast(jnp.ones((tile_n, step_group), jnp.bfloat16), plgpu.Layout.WGMMA)
+    def step(row_slice):
+        def body(_, x_smem, c_smem, s_smem, *rest):
+            *b_smem, acc = rest
+            if cfg.loads_only:
+                return acc
+            return multiply(row_slice, x_smem, c_smem, s_smem, b_smem[0] if b_smem else None, acc)
+        return body
+
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
     x_swizzle = plgpu.find_swizzle(step_group * 16)
     c_swizzle = plgpu.find_swizzle(step_group * 4)
@@ -388,26 +396,36 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     else:
         c_spec = plgpu.BlockSpec((tile_n, tile_k), lambda k: (0, k), transforms=c_transforms)
         codes = codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]
-    pipeline = plgpu.emit_pipeline(
-        step,
-        grid=(steps,),
-        in_specs=[
-            plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms),
-            c_spec,
-            plgpu.BlockSpec((scale_rows, tile_n), scale_index),
-        ] + ([plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_bias else []),
-        max_concurrent_steps=cfg.stages,
-        init_carry=plgpu.layout_cast(jnp.zeros((tile_n, m_padded), jnp.float32), plgpu.Layout.WGMMA),
-    )
-    g0 = k0 // group_size
-    g_slice = max(k_slice // group_size, 1)
-    groups = (pl.ds(g0, g_slice), pl.ds(n0, tile_n))
-    acc = pipeline(x_gmem.at[:, pl.ds(k0, k_slice)], codes, scale_gmem.at[groups],
-                   *([bias_gmem.at[groups]] if with_bias else []))
-    out_smem[...] = acc
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s_idx, pl.ds(n0, tile_n)])
-    plgpu.wait_smem_to_gmem(0)
+    in_specs = [plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms), c_spec,
+                plgpu.BlockSpec((scale_rows, tile_n), scale_index)]
+    in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_bias else []
+    groups = (pl.ds(k0 // group_size, max(k_slice // group_size, 1)), pl.ds(n0, tile_n))
+    operands = (x_gmem.at[:, pl.ds(k0, k_slice)], codes, scale_gmem.at[groups],
+                *([bias_gmem.at[groups]] if with_bias else []))
+    zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_padded), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
+
+    def store(acc, smem, first_row):
+        smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+    if not cfg.warp_specialized:
+        pipeline = plgpu.emit_pipeline(step(slice(None)), grid=(steps,), in_specs=in_specs,
+                                       max_concurrent_steps=cfg.stages, init_carry=zeros())
+        store(pipeline(*operands), out_smem, n0)
+        return
+
+    # A memory warpgroup issues the TMA copies; tile_n / 64 compute warpgroups take 64 rows each.
+    wg = jax.lax.axis_index("wg")
+
+    def compute_context(eval_pipeline):
+        store(eval_pipeline(zeros()), out_smem.at[wg], n0 + wg * rows)
+
+    plgpu.emit_pipeline_warp_specialized(
+        step(pl.ds(wg * rows, rows)), grid=(steps,), memory_registers=40, in_specs=in_specs,
+        max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=tile_n // rows,
+        compute_context=compute_context)(*operands)
 
 
 def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.Array:
@@ -435,12 +453,20 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
         raise ConfigError("W4Config.bias_in_kernel needs scale_on_acc=True (the group sums carry it)")
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_bias=with_bias)
+    specialized = {}
+    out_smem = plgpu.SMEM((cfg.tile_n, m_padded), jnp.float32)
+    if cfg.warp_specialized:
+        if w.block_k and cfg.tile_n != 64:
+            raise ConfigError("W4Config.warp_specialized with a blocked weight takes tile_n=64")
+        specialized = dict(num_threads=cfg.tile_n // 64 + 1, thread_name="wg")
+        out_smem = plgpu.SMEM((cfg.tile_n // 64, 64, m_padded), jnp.float32)
     partial_sums = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
         grid=(n // cfg.tile_n, cfg.splits),
         grid_names=("n", "s"),
-        scratch_types=[plgpu.SMEM((cfg.tile_n, m_padded), jnp.float32)],
+        scratch_types=[out_smem],
+        **specialized,
     )(xb, w.codes, w.scale, *([w.bias] if with_bias else []))
     y = partial_sums.sum(0).T[:m]
     if w.bias is not None and not with_bias:

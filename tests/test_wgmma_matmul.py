@@ -115,15 +115,17 @@ def test_default_config_fills_the_gpu():
         assert (cfg.tile_n, cfg.tile_k, cfg.splits, cfg.stages) == (64, block_k, splits, 4)
 
 
-@pytest.mark.parametrize("order,block_k,scale_on_acc,m,bias", [("lop3", 256, True, 1, "xla"),
-                                                               ("prmt", 0, False, 13, None),
-                                                               ("lop3", 128, True, 32, "kernel")])
-def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, bias):
+@pytest.mark.parametrize("order,block_k,scale_on_acc,m,bias,ws", [("lop3", 256, True, 1, "xla", False),
+                                                                  ("prmt", 0, False, 13, None, False),
+                                                                  ("lop3", 128, True, 32, "kernel", False),
+                                                                  ("lop3", 0, True, 3, "kernel", True)])
+def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, bias, ws):
     """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it); the
     asymmetric term is an XLA dot unless the kernel takes it."""
     w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, 128, "asym" if bias else "sym")),
                      order=order, block_k=block_k)
-    cfg = wm.W4Config(64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, bias_in_kernel=bias == "kernel")
+    cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc,
+                      bias_in_kernel=bias == "kernel", warp_specialized=ws)
     text = jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
         jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
     assert "mosaic_gpu" in text
