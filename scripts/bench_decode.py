@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:llama2-7b")
     p.add_argument("--recipe", help="compress first (e.g. rtn_w4_g128)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set weights.symmetric=true (repeatable)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--batches", default="1,8,32")
@@ -105,28 +108,33 @@ def main(argv=None):
     p.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    start = time.perf_counter()
+    elapsed = lambda: f"[{time.perf_counter() - start:.0f} s]"  # noqa: E731  (where a slow compile goes)
 
     dtype = jnp.dtype(args.dtype)
     loaded = load_model(args.model, dtype=dtype, param_dtype=dtype)
     if args.recipe:
         from jaxcompress.experiments.recipes import apply_recipe, load_recipe
 
-        loaded = apply_recipe(loaded, load_recipe(args.recipe, []))
+        loaded = apply_recipe(loaded, load_recipe(args.recipe, args.set))
     if args.fuse_projections:
         from jaxcompress.models.fuse import fuse_projections
 
         fused, report = fuse_projections(loaded.model)
         loaded = dataclasses.replace(loaded, model=fused)
-        print(report.summary(), flush=True)
+        print(report.summary(), elapsed(), flush=True)
     if args.wgmma:
         from jaxcompress.models.repack import repack_for_wgmma
 
         repacked, report = repack_for_wgmma(loaded.model)
         loaded = dataclasses.replace(loaded, model=repacked)
-        print(report.summary(), flush=True)
+        print(report.summary(), elapsed(), flush=True)
     weight_bytes = param_summary(loaded.model)["bytes"]
     bandwidth = copy_bandwidth(args.copy_mib << 20)
-    record = {"model": args.model, "recipe": args.recipe, "fused_projections": args.fuse_projections,
+    if args.set and not args.recipe:
+        p.error("--set overrides a recipe's fields: give --recipe too")
+    record = {"model": args.model, "recipe": args.recipe, "overrides": args.set,
+              "fused_projections": args.fuse_projections,
               "wgmma": args.wgmma,
               "dtype": dtype.name, "context": args.context,
               "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9, "decode": [], **provenance()}
@@ -144,7 +152,7 @@ def main(argv=None):
         record["decode"].append(row)
         if args.out:  # after every batch, so a timeout keeps what was measured
             write_json(args.out, record)
-        print(f"decode batch {batch}: {row['ms_per_step']:.2f} ms/step, {row['tokens_per_s']:,.1f} tok/s, "
+        print(f"{elapsed()} decode batch {batch}: {row['ms_per_step']:.2f} ms/step, {row['tokens_per_s']:,.1f} tok/s, "
               f"roofline {row['roofline_ms']:.2f} ms -> {row['roofline_fraction']:.1%}", flush=True)
     if args.out:
         write_json(args.out, record)
