@@ -130,8 +130,10 @@ def repack_problem(w: QArray) -> str | None:
         return f"group_size={w.group_size} does not divide K={k}"
     if k % 128:
         return f"K={k} is not a multiple of 128"
-    if w.scale is not None and w.scale.shape[0] > 1 and w.group_size % 128:
-        return f"group_size={w.group_size} (groups of 128, 256, ... or per channel)"
+    if w.scale is not None and w.scale.shape[0] > 1 and w.group_size % 128 and 128 % w.group_size:
+        return f"group_size={w.group_size} (groups of 32, 64, 128, 256, ... or per channel)"
+    if w.scale is not None and w.scale.shape[0] > 1 and w.group_size < 32:
+        return f"group_size={w.group_size} (groups of 32, 64, 128, 256, ... or per channel)"
     if n % 64:
         return f"N={n} is not a multiple of 64"
     if w.scale.shape == (1, 1):
@@ -227,13 +229,15 @@ def choose_block_k(k: int, n: int) -> int:
 
 def default_config(w: W4Weight, m: int) -> W4Config:
     """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages:
-    within 4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13)."""
+    within 4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups
+    of 128; groups of 32 and 64 have not run on a GPU yet)."""
     k, n = w.shape
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = split_choices(k, n, tile_k)
     if not splits:
         splits = [max(s for s in range(1, MAX_SPLITS + 1) if (k // tile_k) % s == 0)]
-    return W4Config(tile_n=64, tile_k=tile_k, splits=splits[0], stages=4)
+    # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
+    return W4Config(tile_n=64, tile_k=tile_k, splits=splits[0], stages=4, scale_on_acc=w.group_size >= 128)
 
 
 def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
@@ -328,10 +332,14 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     k0 = s_idx * k_slice
     groups_per_step = max(tile_k // group_size, 1)
     step_group = group_size if group_size < tile_k else tile_k
+    # Codes are loaded and converted in pieces of at least 128 columns (a 64-byte swizzled row);
+    # groups of 32 or 64 are column slices of a converted piece.
+    piece = max(step_group, 128)
+    groups_per_piece = piece // step_group
 
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
-        return_type=plgpu.ShapeDtypeStruct((rows, step_group), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
     )(_convert_lop3 if order == "lop3" else _convert_prmt)
     ones = plgpu.layout_cast(jnp.ones((rows, step_group), jnp.bfloat16), plgpu.Layout.WGMMA) if with_bias else None
 
@@ -342,13 +350,26 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     def multiply(row_slice, x_smem, c_smem, s_smem, b_smem, acc):
         """One pipeline step of one warpgroup: acc [rows, M] += its rows of W^T times x^T."""
-        def weights(g):
-            cols = pl.ds(g * step_group, step_group)
-            a = convert(plgpu.load(c_smem.at[row_slice, cols], (), layout=plgpu.Layout.WGMMA_UPCAST_4X))
-            return a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
+        def group_weights():
+            """weights(g) -> (group g's bf16 codes [rows, group], its x^T); each piece converted once."""
+            converted = {}
+
+            def weights(g):
+                p, j = divmod(g, groups_per_piece)
+                if p not in converted:
+                    codes = plgpu.load(c_smem.at[row_slice, pl.ds(p * piece, piece)], (),
+                                       layout=plgpu.Layout.WGMMA_UPCAST_4X)
+                    converted[p] = convert(codes)
+                a = converted[p]
+                if groups_per_piece > 1:
+                    a = a[:, j * step_group:(j + 1) * step_group]
+                cols = pl.ds(g * step_group, step_group)
+                return a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
+            return weights
 
         if not cfg.scale_on_acc:
             def mma(acc_ref):
+                weights = group_weights()
                 for g in range(groups_per_step):
                     a, x_t = weights(g)
                     s = plgpu.load(s_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
@@ -356,6 +377,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             return pl.run_state(mma)(plgpu.ACC.init(acc))
 
         def group_sums(*acc_refs):
+            weights = group_weights()
             for g in range(groups_per_step):
                 a, x_t = weights(g)
                 plgpu.wgmma(acc_refs[g], a, x_t)
@@ -381,7 +403,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
     x_swizzle = plgpu.find_swizzle(step_group * 16)
-    c_swizzle = plgpu.find_swizzle(step_group * 4)
+    c_swizzle = plgpu.find_swizzle(piece * 4)
     x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
     c_transforms = (plgpu.TilingTransform((8, c_swizzle * 2)), plgpu.SwizzleTransform(c_swizzle))
     scale_rows = groups_per_step if group_size < tile_k else 1

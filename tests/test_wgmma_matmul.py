@@ -43,7 +43,7 @@ def test_chunk_permutations_match_the_fragment_layout():
 
 
 @pytest.mark.parametrize("grid", ["sym", "asym"])
-@pytest.mark.parametrize("group", [128, 256, 0])
+@pytest.mark.parametrize("group", [32, 64, 128, 256, 0])
 @pytest.mark.parametrize("order,block_k", [("lop3", 0), ("lop3", 128), ("lop3", 256), ("prmt", 0)])
 def test_repack_dequantizes_bit_for_bit(grid, group, order, block_k):
     w = random_weight(0, 512, 192, Variant(4, group, grid))
@@ -89,8 +89,9 @@ def test_linear_falls_back_off_hopper(monkeypatch):
 def test_bad_weights_and_configs_are_named():
     with pytest.raises(ConfigError, match="bits=3"):
         wm.repack_w4(random_weight(0, 256, 64, Variant(3, 128, "sym")))
-    with pytest.raises(ConfigError, match="group_size=32"):
-        wm.repack_w4(random_weight(0, 256, 64, Variant(4, 32, "sym")))
+    for group in (16, 96):
+        with pytest.raises(ConfigError, match=f"group_size={group}"):
+            wm.repack_w4(random_weight(0, 384, 64, Variant(4, group, "sym")))
     with pytest.raises(ConfigError, match="N=96 is not a multiple of 64"):
         wm.repack_w4(random_weight(0, 256, 96, Variant(4, 128, "sym")))
     with pytest.raises(ConfigError, match="block_k=384"):
@@ -115,14 +116,14 @@ def test_default_config_fills_the_gpu():
         assert (cfg.tile_n, cfg.tile_k, cfg.splits, cfg.stages) == (64, block_k, splits, 4)
 
 
-@pytest.mark.parametrize("order,block_k,scale_on_acc,m,bias,ws", [("lop3", 256, True, 1, "xla", False),
-                                                                  ("prmt", 0, False, 13, None, False),
-                                                                  ("lop3", 128, True, 32, "kernel", False),
-                                                                  ("lop3", 0, True, 3, "kernel", True)])
-def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, bias, ws):
+@pytest.mark.parametrize("order,block_k,scale_on_acc,m,bias,ws,group", [
+    ("lop3", 256, True, 1, "xla", False, 128), ("prmt", 0, False, 13, None, False, 128),
+    ("lop3", 128, True, 32, "kernel", False, 128), ("lop3", 0, True, 3, "kernel", True, 128),
+    ("lop3", 256, False, 8, "xla", False, 32), ("lop3", 256, True, 2, "kernel", False, 64)])
+def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, bias, ws, group):
     """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it); the
     asymmetric term is an XLA dot unless the kernel takes it."""
-    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, 128, "asym" if bias else "sym")),
+    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, group, "asym" if bias else "sym")),
                      order=order, block_k=block_k)
     cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc,
                       bias_in_kernel=bias == "kernel", warp_specialized=ws)

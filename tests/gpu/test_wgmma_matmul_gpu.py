@@ -43,6 +43,10 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 256, "asym"), 4096, 1024, (2, 24), dict(order="lop3"),
      [wm.W4Config(64, 256, 16, 4), wm.W4Config(128, 512, 4, 4, bias_in_kernel=True)]),
     (Variant(4, 0, "asym"), 4096, 1024, (1, 9), dict(block_k=256), [wm.W4Config(64, 256, 4, 4, bias_in_kernel=True)]),
+    # groups of 32 and 64: slices of a converted 128-column piece
+    (Variant(4, 32, "asym"), 4096, 1024, (1, 16), dict(block_k=256),
+     [None, wm.W4Config(64, 256, 4, 4, bias_in_kernel=True), wm.W4Config(64, 256, 8, 4, scale_on_acc=True)]),
+    (Variant(4, 64), 4096, 4096, (1, 32), dict(order="prmt"), [None, wm.W4Config(128, 256, 4, 4, warp_specialized=True)]),
     # warp-specialized: 1, 2 and 4 compute warpgroups under one memory warpgroup
     (Variant(4, 128, "asym"), 4096, 4096, (1, 13, 32), dict(block_k=256),
      [wm.W4Config(64, 256, 4, 8, warp_specialized=True),
