@@ -189,3 +189,21 @@ def test_probe_issue_records():
         ("wgmma", 3.0, 0.2), ("triton", 1.5, 0.1)]
     for key in ("bits", "group_size", "m", "k", "n", "kernel_us", "xla_bf16_us", "speedup", "roofline_fraction"):
         assert key in recs[0]
+
+
+def test_repacked_model_checkpoint_roundtrip(llama_w4, tmp_path):
+    """A model repacked for the kernel (unfused here: the checkpoint format stores the unfused
+    tree) saves and restores through orbax bit for bit, int4 codes included."""
+    from jaxcompress.io.checkpoint import load_checkpoint, save_checkpoint
+
+    repacked, _ = repack_for_wgmma(llama_w4)
+    save_checkpoint(repacked, str(tmp_path / "ckpt"))
+    loaded, _, _ = load_checkpoint(str(tmp_path / "ckpt"))
+    for name in ("q_proj", "k_proj"):
+        a = getattr(repacked.layers[0].self_attn, name).kernel.get_value()
+        b = getattr(loaded.layers[0].self_attn, name).kernel.get_value()
+        assert isinstance(b, wm.W4Weight) and b.codes.dtype == jnp.int4 and (b.order, b.block_k) == (a.order, a.block_k)
+        np.testing.assert_array_equal(np.asarray(b.codes.astype(jnp.int8)), np.asarray(a.codes.astype(jnp.int8)))
+        np.testing.assert_array_equal(np.asarray(b.bias), np.asarray(a.bias))
+    tokens = jnp.asarray([[3, 1, 4, 1, 5]])
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)[0]), np.asarray(repacked(tokens)[0]))
