@@ -345,7 +345,8 @@ def main(argv=None):
     p.add_argument("--e2e-contexts", default="8192,16384,32768")
     p.add_argument("--e2e-recipes", default=",kivi_k2v2,kivi_k2v2_w4",
                    help="'' = bf16 cache; name@section.key=value adds overrides; a trailing +fused fuses "
-                        "q|k|v and gate|up (e.g. kivi_k2v2_w4+fused, or +fused alone for bf16)")
+                        "q|k|v and gate|up (e.g. kivi_k2v2_w4+fused, or +fused alone for bf16); a last +wgmma "
+                        "repacks 4-bit weights for the Hopper wgmma kernel")
     p.add_argument("--e2e-batch", type=int, default=1)
     p.add_argument("--e2e-steps", type=int, default=32, help="decode steps per timed run")
     p.add_argument("--out", help="folder for kv_bench_<card>.json and .md")

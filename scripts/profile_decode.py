@@ -55,7 +55,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="random:llama2-7b")
     p.add_argument("--recipes", default=",kivi_k2v2", help="comma-separated recipes; '' = bf16; as in bench_kv.py "
-                   "--e2e-recipes (name@section.key=value, a trailing +fused)")
+                   "--e2e-recipes (name@section.key=value, a trailing +fused, then +wgmma)")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=8, help="decode steps in the profiled run")

@@ -168,3 +168,14 @@ def test_layout_probe_reads_every_word_once():
     for tiled in (False, True):
         got = probe.probe(probe.tile(words) if tiled else words, tiled=tiled, splits=2, interpret=True)
         assert bool(jnp.array_equal(got, want)), tiled
+
+
+def test_e2e_recipe_wgmma_suffix():
+    """`+fused+wgmma`: the suffixes are taken off the recipe name in order; the tiny model's
+    projections (K = 64) are too narrow for the wgmma kernel's 128-column steps, so its 4-bit
+    weights stay QArrays (repack_for_wgmma reports, never fails)."""
+    from jaxcompress.kv.bench import e2e_setup
+    from jaxcompress.quant.qarray import QArray
+
+    loaded, _ = e2e_setup("random:tiny", "rtn_w4_g128@weights.group_size=32+fused+wgmma", steps=2)
+    assert isinstance(loaded.model.layers[0].self_attn.qkv_proj.kernel.get_value(), QArray)

@@ -339,7 +339,8 @@ E2E_RUNS = 4  # decode loops e2e_decode runs on one cache: a warm-up and three t
 def e2e_setup(spec: str, recipe: str | None, batch: int = 1, steps: int = 32):
     """The loaded model (compressed by `recipe`: a name, then any `@section.key=value` overrides,
     e.g. `kivi_k2v2@kv_cache.flush_per_step=false`, then `+fused` to serve q|k|v and gate|up as
-    one matmul each; `+fused` alone fuses the bf16 model), and `step_fn(context, donate) -> (run, args)`:
+    one matmul each; `+fused` alone fuses the bf16 model; a last `+wgmma` repacks the 4-bit weights
+    for the Hopper wgmma kernel), and `step_fn(context, donate) -> (run, args)`:
     `run(*args)` decodes `steps` tokens of every row over a cache already holding `context` tokens
     (random keys and values written through the codec), in the jitted loop `generate` uses.
 
@@ -356,7 +357,8 @@ def e2e_setup(spec: str, recipe: str | None, batch: int = 1, steps: int = 32):
     from jaxcompress.models.generate import SamplingConfig, decode_loop
 
     loaded = load_model(spec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    recipe, fused = (recipe or "").removesuffix("+fused"), (recipe or "").endswith("+fused")
+    recipe, wgmma = (recipe or "").removesuffix("+wgmma"), (recipe or "").endswith("+wgmma")
+    recipe, fused = recipe.removesuffix("+fused"), recipe.endswith("+fused")
     if recipe:
         name, *overrides = recipe.split("@")
         loaded = apply_recipe(loaded, load_recipe(name, overrides))
@@ -364,6 +366,10 @@ def e2e_setup(spec: str, recipe: str | None, batch: int = 1, steps: int = 32):
         from jaxcompress.models.fuse import fuse_projections
 
         loaded = dataclasses.replace(loaded, model=fuse_projections(loaded.model)[0])
+    if wgmma:
+        from jaxcompress.models.repack import repack_for_wgmma
+
+        loaded = dataclasses.replace(loaded, model=repack_for_wgmma(loaded.model)[0])
     cfg = loaded.config
     graphdef, params = nnx.split(loaded.model)
     sampling = SamplingConfig(max_new_tokens=steps)
