@@ -126,18 +126,17 @@ def repack_problem(w: QArray) -> str | None:
         return f"bits={w.bits} (the wgmma kernel reads 4-bit codes)"
     if w.codebook is not None or w.perm is not None or w.outlier_index is not None:
         return "a codebook, act-order permutation or outliers (uniform grids in storage order only)"
-    if w.scale is None or w.scale.shape[0] * w.group_size != k and w.scale.shape[0] != 1:
-        return f"group_size={w.group_size} does not divide K={k}"
-    if k % 128:
-        return f"K={k} is not a multiple of 128"
-    if w.scale is not None and w.scale.shape[0] > 1 and w.group_size % 128 and 128 % w.group_size:
-        return f"group_size={w.group_size} (groups of 32, 64, 128, 256, ... or per channel)"
-    if w.scale is not None and w.scale.shape[0] > 1 and w.group_size < 32:
-        return f"group_size={w.group_size} (groups of 32, 64, 128, 256, ... or per channel)"
-    if n % 64:
-        return f"N={n} is not a multiple of 64"
     if w.scale.shape == (1, 1):
         return "per-tensor scale"
+    grouped = w.scale.shape[0] > 1
+    if grouped and w.scale.shape[0] * w.group_size != k:
+        return f"group_size={w.group_size} does not divide K={k}"
+    if grouped and (w.group_size < 32 or (w.group_size % 128 and 128 % w.group_size)):
+        return f"group_size={w.group_size} (groups of 32, 64, 128, 256, ... or per channel)"
+    if k % 128:
+        return f"K={k} is not a multiple of 128 (the kernel's 128-column steps)"
+    if n % 64:
+        return f"N={n} is not a multiple of 64 (wgmma's 64 rows a warpgroup)"
     return None
 
 
