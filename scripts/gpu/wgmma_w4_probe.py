@@ -38,7 +38,8 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
     kc, ks, kz = jax.random.split(key, 3)
     shape = (n // 64, k // block_k, 64, block_k) if block_k else (n, k)
     codes = jax.random.randint(kc, shape, -8, 8, jnp.int8).astype(jnp.int4)
-    scale = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.bfloat16)
+    # fp16 scales, as the quantizers write them (run 13's calls a-e, before repack kept them, used bf16)
+    scale = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
     bias = jax.random.uniform(kz, scale.shape, jnp.float32, -0.01, 0.01) if asym else None
     return wm.W4Weight(codes=codes, scale=scale, bias=bias, group_size=group_size, shape=(k, n),
                        order=order, block_k=block_k)
