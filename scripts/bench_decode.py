@@ -108,6 +108,8 @@ def main(argv=None):
     p.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.set and not args.recipe:
+        p.error("--set overrides a recipe's fields: give --recipe too")
     start = time.perf_counter()
     elapsed = lambda: f"[{time.perf_counter() - start:.0f} s]"  # noqa: E731  (where a slow compile goes)
 
@@ -131,8 +133,6 @@ def main(argv=None):
         print(report.summary(), elapsed(), flush=True)
     weight_bytes = param_summary(loaded.model)["bytes"]
     bandwidth = copy_bandwidth(args.copy_mib << 20)
-    if args.set and not args.recipe:
-        p.error("--set overrides a recipe's fields: give --recipe too")
     record = {"model": args.model, "recipe": args.recipe, "overrides": args.set,
               "fused_projections": args.fuse_projections,
               "wgmma": args.wgmma,
