@@ -172,10 +172,10 @@ def _layout_codes(words: jax.Array, k: int, order: str, block_k: int) -> jax.Arr
 
 
 def emulate_w4(x: jax.Array, w: W4Weight) -> jax.Array:
-    """The kernel's arithmetic in plain JAX: x in bf16, exact c' x products summed per group in
-    fp32, each group sum times its fp32 scale, plus the bias term."""
+    """The kernel's arithmetic in plain JAX: x in the compute dtype (`compute_dtype`), exact c' x
+    products summed per group in fp32, each group sum times its fp32 scale, plus the bias term."""
     m, (k, n) = x.shape[0], w.shape
-    xb = x.astype(jnp.bfloat16).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
+    xb = x.astype(compute_dtype(x.dtype, w)).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
     codes = w.logical_codes().astype(jnp.float32).reshape(k // w.group_size, w.group_size, n)
     sums = jnp.einsum("mgk,gkn->mgn", xb, codes, precision="highest")
     y = jnp.einsum("mgn,gn->mn", sums, w.scale.astype(jnp.float32), precision="highest")
@@ -256,7 +256,7 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
 
 
 def _relabel(regs_of_chunk, shape):
-    """A WGMMA_LAYOUT bf16 array from, per UPCAST_4X register, its four bf16 pairs (c = 0..3)."""
+    """A WGMMA_LAYOUT 16-bit array from, per UPCAST_4X register, its four pairs (c = 0..3)."""
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
 
@@ -270,21 +270,28 @@ def _relabel(regs_of_chunk, shape):
     return mgpu.FragmentedArray(_registers=dst, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
-def _convert_lop3(ctx, a4):
-    """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> bf16 code - 8 in WGMMA_LAYOUT.
+# The lop3 conversion's exponent: a code in the low mantissa bits of this pattern reads as
+# base + code exactly; subtracting base + 8 leaves code - 8.
+LOP3_MAGIC = {"bfloat16": (0x43004300, 128.0), "float16": (0x64006400, 1024.0)}
 
-    Pair c of a 32-bit word w is nibbles (c, c + 4): ((w >> 4c) & 0x000F000F) | 0x43004300 is
-    the bf16 pair (128 + code, 128 + code') exactly (one shift, one lop3), minus 136 (sub.bf16x2)."""
+
+def _convert_lop3(ctx, a4, dtype: str = "bfloat16"):
+    """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> code - 8 in WGMMA_LAYOUT, in bf16 or fp16.
+
+    Pair c of a 32-bit word w is nibbles (c, c + 4): ((w >> 4c) & 0x000F000F) | magic is the pair
+    (base + code, base + code') exactly (one shift, one lop3), minus base + 8 (one sub.bf16x2 or
+    sub.f16x2)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     del ctx
     i32 = ir.IntegerType.get_signless(32)
-    bf16 = ir.BF16Type.get()
-    pair = ir.VectorType.get((2,), bf16)
+    elt = ir.BF16Type.get() if dtype == "bfloat16" else ir.F16Type.get()
+    pair = ir.VectorType.get((2,), elt)
+    magic, base = LOP3_MAGIC[dtype]
     c = lambda v: arith.constant(i32, v)  # noqa: E731
-    offset = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(bf16, 136.0)))
+    offset = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(elt, base + 8)))
     cache = {}
 
     def pairs(idx):
@@ -293,7 +300,7 @@ def _convert_lop3(ctx, a4):
             out = []
             for part in range(4):
                 shifted = arith.shrui(word, c(4 * part)) if part else word
-                bits = arith.ori(arith.andi(shifted, c(0x000F000F)), c(0x43004300))
+                bits = arith.ori(arith.andi(shifted, c(0x000F000F)), c(magic))
                 out.append(arith.subf(mgpu_utils.bitcast(bits, pair), offset))
             cache[idx] = out
         return cache[idx]
@@ -314,7 +321,7 @@ def _convert_prmt(ctx, a4):
 
 
 def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: int, order: str,
-                 blocked: bool, with_bias: bool):
+                 blocked: bool, with_bias: bool, dtype: str):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -338,9 +345,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
-        return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
-    )(_convert_lop3 if order == "lop3" else _convert_prmt)
-    ones = plgpu.layout_cast(jnp.ones((rows, step_group), jnp.bfloat16), plgpu.Layout.WGMMA) if with_bias else None
+        return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
+    )(functools.partial(_convert_lop3, dtype=dtype) if order == "lop3" else _convert_prmt)
+    ones = plgpu.layout_cast(jnp.ones((rows, step_group), dtype), plgpu.Layout.WGMMA) if with_bias else None
 
     def row_vector(ref, g, row_slice):
         """A [rows] fp32 vector of a per-row table (scales, bias), broadcast over the batch columns."""
@@ -350,7 +357,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     def multiply(row_slice, x_smem, c_smem, s_smem, b_smem, acc):
         """One pipeline step of one warpgroup: acc [rows, M] += its rows of W^T times x^T."""
         def group_weights():
-            """weights(g) -> (group g's bf16 codes [rows, group], its x^T); each piece converted once."""
+            """weights(g) -> (group g's 16-bit codes [rows, group], its x^T); each piece converted once."""
             converted = {}
 
             def weights(g):
@@ -372,7 +379,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 for g in range(groups_per_step):
                     a, x_t = weights(g)
                     s = plgpu.load(s_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(jnp.bfloat16), a.shape, [0]), x_t)
+                    plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
             return pl.run_state(mma)(plgpu.ACC.init(acc))
 
         def group_sums(*acc_refs):
@@ -449,6 +456,12 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         compute_context=compute_context)(*operands)
 
 
+def compute_dtype(x_dtype, w: W4Weight) -> str:
+    """The tensor cores' input type: fp16 activations stay fp16 with the lop3 order (its magic has
+    an fp16 form); everything else multiplies in bf16."""
+    return "float16" if jnp.dtype(x_dtype) == jnp.float16 and w.order == "lop3" else "bfloat16"
+
+
 def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.Array:
     """x [..., K] (bf16/fp16) @ W [K, N] -> [..., N] in x's dtype, on Hopper tensor cores."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -465,7 +478,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     if w.block_k and (cfg.tile_n != 64 or cfg.tile_k != w.block_k):
         raise ConfigError(f"w4_matmul: a weight blocked by 64 x {w.block_k} needs tile_n=64 and "
                           f"tile_k={w.block_k}, not {cfg.tile_n} x {cfg.tile_k}")
-    xb = x2.astype(jnp.bfloat16)
+    dtype = compute_dtype(x.dtype, w)
+    xb = x2.astype(dtype)
     if m > 8 and m % 8:  # TMA tiles x by 8 rows: below 8 it zero-fills the rows past m itself
         xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
     k_slice = k // cfg.splits
@@ -473,7 +487,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     if with_bias and not cfg.scale_on_acc:
         raise ConfigError("W4Config.bias_in_kernel needs scale_on_acc=True (the group sums carry it)")
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
-                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_bias=with_bias)
+                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_bias=with_bias,
+                             dtype=dtype)
     specialized = {}
     out_smem = plgpu.SMEM((cfg.tile_n, m_padded), jnp.float32)
     if cfg.warp_specialized:

@@ -207,3 +207,19 @@ def test_repacked_model_checkpoint_roundtrip(llama_w4, tmp_path):
         np.testing.assert_array_equal(np.asarray(b.bias), np.asarray(a.bias))
     tokens = jnp.asarray([[3, 1, 4, 1, 5]])
     np.testing.assert_array_equal(np.asarray(loaded(tokens)[0]), np.asarray(repacked(tokens)[0]))
+
+
+def test_fp16_activations_stay_fp16_with_the_lop3_order():
+    """fp16 x: the lop3 order converts codes to fp16 (magic 0x6400, exact) and multiplies in fp16,
+    so the result is as close to float64 as fp16 rounding allows; the prmt order (Mosaic's bf16
+    conversion) multiplies in bf16, about 6x further off."""
+    w = random_weight(1, 1024, 256, Variant(4, 128, "asym"))
+    x = random_activations(2, (5, 1024), jnp.float16)
+    ref = float64_reference(x, w)
+    lop3, prmt = wm.repack_w4(w, order="lop3"), wm.repack_w4(w, order="prmt")
+    assert (wm.compute_dtype(x.dtype, lop3), wm.compute_dtype(x.dtype, prmt)) == ("float16", "bfloat16")
+    assert relative_error(wm.emulate_w4(x, lop3), ref) < 5e-4
+    assert 5e-4 < relative_error(wm.emulate_w4(x, prmt), ref) < 4e-3
+    text = jax.export.export(jax.jit(lambda x_, w_: wm.w4_matmul(x_, w_, wm.W4Config(64, 256, 2, 4))),
+                             platforms=("cuda",))(jax.ShapeDtypeStruct((3, 1024), jnp.float16), lop3).mlir_module()
+    assert "mosaic_gpu" in text

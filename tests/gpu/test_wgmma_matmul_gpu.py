@@ -57,6 +57,22 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
 ]
 
 
+@pytest.mark.parametrize("order", ["lop3", "prmt"])
+def test_fp16_activations(order):
+    """fp16 x: fp16 tensor-core inputs with the lop3 order (tighter than bf16), bf16 with prmt."""
+    w = random_weight(21, 4096, 1024, Variant(4, 128, "asym"))
+    ww = wm.repack_w4(w, order=order)
+    for m in (1, 16):
+        x = random_activations(m, (m, 4096)).astype(np.float16)
+        ref = float64_reference(x, w)
+        y = jax.jit(wm.w4_matmul)(x, ww)
+        assert y.dtype == np.float16
+        assert_blocks_close(y, ref)
+        if order == "lop3":
+            err = np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
+            assert err < 1e-3, err
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_kernel_matches_float64_reference(case):
     v, k, n, batches, repack, configs = CASES[case]
