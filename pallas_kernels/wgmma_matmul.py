@@ -1,4 +1,4 @@
-"""W4 weights x bf16 activations on Hopper tensor cores, loads decoupled from arithmetic (Mosaic GPU).
+"""W4 weights x bf16/fp16 activations on Hopper tensor cores, loads decoupled from arithmetic (Mosaic GPU).
 
 The Triton kernels of `quant_matmul` load each step's code words into registers and convert them
 there, so a warp's loads and its arithmetic take turns, and at batch 8-32 their tensor-core path
@@ -29,7 +29,8 @@ slices. Each program runs a pipeline over its K slice in steps of `tile_k` colum
 bf16. Each group's c' x products are summed by wgmma in an fp32 accumulator of their own, which
 is multiplied by the group's scale in fp32 (`scale_on_acc`; the alternative multiplies every
 bf16 pair by a bf16 scale). The asymmetric term sum_g s (8 - zero) * sum_{k in g} x_k is an
-[M, G] @ [G, N] product added by XLA.
+[M, G] @ [G, N] product added by XLA (or, with `bias_in_kernel`, by the kernel). fp16 activations
+multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf16.
 
 Measured on an H100 (kernel_notes.md run 13): 1.3-2.7x XLA's bf16 matmul at batch 8-32 on the
 Llama shapes; at batch 1 the Triton GEMV is faster. CPU tests check the repack and the kernel's
