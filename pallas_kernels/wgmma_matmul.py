@@ -214,11 +214,15 @@ MIN_PROGRAMS = 200  # programs that fill an H100's 132 SMs (kernel_notes run 13:
 MAX_SPLITS = 16
 
 
+def split_counts(k: int, tile_k: int) -> list[int]:
+    """Split counts dividing K's steps of tile_k, at most MAX_SPLITS, fewest first."""
+    return [s for s in range(1, MAX_SPLITS + 1) if (k // tile_k) % s == 0]
+
+
 def split_choices(k: int, n: int, tile_k: int) -> list[int]:
-    """Split counts (dividing K's steps, at most MAX_SPLITS) that give 64-row tiles at least
-    MIN_PROGRAMS programs, fewest first; empty if none does."""
-    tiles = n // 64
-    return [s for s in range(1, MAX_SPLITS + 1) if (k // tile_k) % s == 0 and tiles * s >= MIN_PROGRAMS]
+    """The split counts that give 64-row tiles at least MIN_PROGRAMS programs, fewest first;
+    empty if none does."""
+    return [s for s in split_counts(k, tile_k) if n // 64 * s >= MIN_PROGRAMS]
 
 
 def choose_block_k(k: int, n: int) -> int:
@@ -227,17 +231,15 @@ def choose_block_k(k: int, n: int) -> int:
     return 256 if k % 256 == 0 and split_choices(k, n, 256) else 128
 
 
-def default_config(w: W4Weight, m: int) -> W4Config:
+def default_config(w: W4Weight) -> W4Config:
     """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages:
     within 4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups
     of 128; groups of 32 and 64 have not run on a GPU yet)."""
     k, n = w.shape
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
-    splits = split_choices(k, n, tile_k)
-    if not splits:
-        splits = [max(s for s in range(1, MAX_SPLITS + 1) if (k // tile_k) % s == 0)]
+    splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
-    return W4Config(tile_n=64, tile_k=tile_k, splits=splits[0], stages=4, scale_on_acc=w.group_size >= 128)
+    return W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=w.group_size >= 128)
 
 
 def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
@@ -473,7 +475,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    cfg = config or default_config(w, m)
+    cfg = config or default_config(w)
     m_padded = max(8, -(-m // 8) * 8)
     check_config(cfg, w, m_padded)
     if w.block_k and (cfg.tile_n != 64 or cfg.tile_k != w.block_k):
@@ -519,16 +521,12 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
 WGMMA_MAX_M = 32  # measured up to here (kernel_notes run 13): 1.3-2.7x XLA bf16 at batch 8-32
 
 
-@functools.cache
 def hopper_is_default_device() -> bool:
     """wgmma exists on compute capability 9.x (Hopper) only."""
-    if jax.default_backend() != "gpu":
-        return False
-    cc = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-        return cc is not None and 9.0 <= float(cc) < 10.0
-    except ValueError:
-        return False
+    from jaxcompress.quant.kernels_dispatch import compute_capability
+
+    cc = compute_capability()
+    return cc is not None and 9.0 <= cc < 10.0
 
 
 def kernel_problem(x: jax.Array, w: W4Weight) -> str | None:
@@ -537,7 +535,9 @@ def kernel_problem(x: jax.Array, w: W4Weight) -> str | None:
         return f"activations are {x.dtype}; the kernel takes bfloat16 or float16"
     if not hopper_is_default_device():
         return "the default device is not a Hopper GPU (wgmma needs compute capability 9.x)"
-    m = int(np.prod(x.shape[:-1]))
+    from jaxcompress.quant.kernels_dispatch import batch_of
+
+    m = batch_of(x)
     if m > WGMMA_MAX_M:
         return f"batch {m} > {WGMMA_MAX_M} (measured range); XLA's GEMM on the dequantized weight"
     return None

@@ -112,7 +112,7 @@ def test_default_config_fills_the_gpu():
                                       (4096, 1024): (256, 16)}.items():
         assert wm.choose_block_k(k, n) == block_k
         w = wm.W4Weight(codes=None, scale=None, bias=None, group_size=128, shape=(k, n), block_k=block_k)
-        cfg = wm.default_config(w, 8)
+        cfg = wm.default_config(w)
         assert (cfg.tile_n, cfg.tile_k, cfg.splits, cfg.stages) == (64, block_k, splits, 4)
 
 

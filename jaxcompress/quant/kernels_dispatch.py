@@ -47,16 +47,20 @@ def mode() -> str:
 
 
 @functools.cache
+def compute_capability() -> float | None:
+    """The default device's CUDA compute capability (9.0 on an H100), or None off NVIDIA GPUs."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", None))
+    except (TypeError, ValueError):
+        return None
+
+
 def gpu_can_run_kernels() -> bool:
     """An NVIDIA GPU with bf16 tensor cores (compute capability >= 8.0) is the default device."""
-    if jax.default_backend() != "gpu":
-        return False
-    dev = jax.devices()[0]
-    cc = getattr(dev, "compute_capability", None)
-    try:
-        return cc is not None and float(cc) >= 8.0
-    except ValueError:
-        return False
+    cc = compute_capability()
+    return cc is not None and cc >= 8.0
 
 
 def batch_of(x: jax.Array) -> int:

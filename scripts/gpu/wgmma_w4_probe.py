@@ -47,11 +47,10 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
 
 def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[tuple]:
     """Blocked lop3 layouts at the weight's block (`choose_block_k`): the two fewest split counts
-    that fill the GPU (`split_choices`; else the most K allows), 4 and 8 stages."""
+    that fill the GPU (`split_choices`; else the most K allows, `split_counts`), 4 and 8 stages."""
     del m, group_size
     tile_k = wm.choose_block_k(k, n)
-    splits = wm.split_choices(k, n, tile_k)[:2] or [wm.default_config(
-        wm.W4Weight(None, None, None, 128, (k, n), block_k=tile_k), 1).splits]
+    splits = wm.split_choices(k, n, tile_k)[:2] or wm.split_counts(k, tile_k)[-1:]
     return [(wm.W4Config(64, tile_k, s, stages), "lop3", tile_k) for s in splits for stages in (4, 8)]
 
 
