@@ -202,10 +202,12 @@ class W4Config:
     stages: int = 4
     scale_on_acc: bool = True  # each group into its own accumulator, scaled in fp32 (no bf16 mul a pair)
     # The asymmetric term in the kernel: a wgmma of ones by x gives each group's sum of x, times the
-    # bias in fp32. Off: XLA adds it (two more small kernels a call). Not yet run on a GPU.
+    # bias in fp32. Off: XLA adds it, two or three more small kernels a call (kernel_notes run 14:
+    # 4096 x 4096 at batch 1, 8.8 us in the kernel against 10.8 with XLA's term).
     bias_in_kernel: bool = False
     # A memory warpgroup issues the TMA copies while tile_n / 64 compute warpgroups multiply, so no
-    # warpgroup waits for its own loads (emit_pipeline_warp_specialized). Not yet run on a GPU.
+    # warpgroup waits for its own loads (emit_pipeline_warp_specialized). Correct on an H100 but
+    # slower at batch 1 (kernel_notes run 14: 22.9 against 16.5 us on 4096 x 14336), so off.
     warp_specialized: bool = False
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
 
@@ -234,12 +236,15 @@ def choose_block_k(k: int, n: int) -> int:
 def default_config(w: W4Weight) -> W4Config:
     """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages:
     within 4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups
-    of 128; groups of 32 and 64 have not run on a GPU yet)."""
+    of 128; groups of 32 and 64 are correct on an H100 but untimed). An asymmetric grid's term is
+    taken inside the kernel where the group sums are kept (faster by 1.3-2.9 us a call, run 14)."""
     k, n = w.shape
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
-    return W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=w.group_size >= 128)
+    scale_on_acc = w.group_size >= 128
+    return W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc,
+                    bias_in_kernel=scale_on_acc and w.bias is not None)
 
 
 def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
@@ -465,6 +470,10 @@ def compute_dtype(x_dtype, w: W4Weight) -> str:
     return "float16" if jnp.dtype(x_dtype) == jnp.float16 and w.order == "lop3" else "bfloat16"
 
 
+# jit: every call site of one shape and config lowers to the same function, hence one Mosaic GPU
+# module. Unjitted, each call site's module differs in its debug locations, and a decode step of
+# 32 layers carried 128 kernels to compile instead of 4.
+@functools.partial(jax.jit, static_argnames=("config",))
 def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.Array:
     """x [..., K] (bf16/fp16) @ W [K, N] -> [..., N] in x's dtype, on Hopper tensor cores."""
     from jax.experimental.pallas import mosaic_gpu as plgpu

@@ -114,6 +114,33 @@ def test_default_config_fills_the_gpu():
         w = wm.W4Weight(codes=None, scale=None, bias=None, group_size=128, shape=(k, n), block_k=block_k)
         cfg = wm.default_config(w)
         assert (cfg.tile_n, cfg.tile_k, cfg.splits, cfg.stages) == (64, block_k, splits, 4)
+        assert not cfg.bias_in_kernel and not cfg.warp_specialized
+
+
+def test_default_config_takes_the_asymmetric_term_where_group_sums_are_kept():
+    """Run 14: the term inside the kernel beat XLA's at batch 1 and 8; groups below 128 keep one
+    accumulator (no group sums), so XLA adds their term."""
+    for group, inside in ((128, True), (256, True), (0, True), (64, False), (32, False)):
+        w = wm.W4Weight(codes=None, scale=None, bias=jnp.zeros((1, 1)), group_size=group or 4096,
+                        shape=(4096, 4096), block_k=256)
+        cfg = wm.default_config(w)
+        assert (cfg.bias_in_kernel, cfg.scale_on_acc) == (inside, inside)
+
+
+def test_call_sites_share_one_kernel_module():
+    """A decode step calls the kernel once a projection a layer: calls of one shape must lower to
+    one Mosaic GPU module (each distinct module is compiled on the GPU; 128 of them took minutes)."""
+    ws = [wm.repack_w4(random_weight(i, 1024, 1024, Variant(4, 128, "asym")), block_k=256) for i in range(3)]
+
+    def layers(x, ws):
+        for w in ws:
+            x = wm.w4_matmul(x, w)
+        return x
+
+    text = jax.export.export(jax.jit(layers), platforms=("cuda",))(
+        jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), ws).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert text.count("call @w4_matmul") == 3
 
 
 @pytest.mark.parametrize("order,block_k,scale_on_acc,m,bias,ws,group", [
