@@ -506,6 +506,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     if cfg.warp_specialized:
         if w.block_k and cfg.tile_n != 64:
             raise ConfigError("W4Config.warp_specialized with a blocked weight takes tile_n=64")
+        if cfg.tile_n > 128:  # 4 compute warpgroups did not finish in 60 s on an H100 (run 14), twice
+            raise ConfigError(f"W4Config.warp_specialized takes tile_n 64 or 128, not {cfg.tile_n}")
         specialized = dict(num_threads=cfg.tile_n // 64 + 1, thread_name="wg")
         out_smem = plgpu.SMEM((cfg.tile_n // 64, 64, m_padded), jnp.float32)
     partial_sums = plgpu.kernel(

@@ -103,6 +103,9 @@ def test_bad_weights_and_configs_are_named():
         wm.check_config(wm.W4Config(tile_k=256, splits=3), ww, 8)
     with pytest.raises(ConfigError, match="activations"):
         wm.w4_matmul(jnp.zeros((1, 256), jnp.bfloat16), ww)
+    wide = wm.repack_w4(random_weight(0, 512, 256, Variant(4, 128, "sym")))
+    with pytest.raises(ConfigError, match="warp_specialized takes tile_n 64 or 128, not 256"):
+        wm.w4_matmul(jnp.zeros((1, 512), jnp.bfloat16), wide, wm.W4Config(256, 256, 1, 4, warp_specialized=True))
 
 
 def test_default_config_fills_the_gpu():
