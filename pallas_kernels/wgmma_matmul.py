@@ -233,18 +233,39 @@ def choose_block_k(k: int, n: int) -> int:
     return 256 if k % 256 == 0 and split_choices(k, n, 256) else 128
 
 
-def default_config(w: W4Weight) -> W4Config:
-    """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages:
-    within 4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups
-    of 128; groups of 32 and 64 are correct on an H100 but untimed). An asymmetric grid's term is
-    taken inside the kernel where the group sums are kept (faster by 1.3-2.9 us a call, run 14)."""
+SMEM_BYTES = 227 * 1024  # an H100/H200 block's shared memory
+
+
+def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
+    """Shared memory of one program: `stages` slots of (x tile, code tile, per-row tables), and
+    the output tile (Mosaic GPU adds a few barriers)."""
+    tables = 1 + (w.bias is not None and cfg.bias_in_kernel)
+    rows = max(cfg.tile_k // w.group_size, 1)
+    slot = m_padded * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
+    return cfg.stages * slot + cfg.tile_n * m_padded * 4
+
+
+def padded_batch(m: int) -> int:
+    """The rows of x the kernel multiplies: TMA tiles of 8 rows."""
+    return max(8, -(-m // 8) * 8)
+
+
+def default_config(w: W4Weight, m: int = 1) -> W4Config:
+    """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
+    (fewer where a batch's x tiles do not fit the shared memory): within 4% of the best candidate
+    on every Llama shape at batch 8-32 (kernel_notes run 13, groups of 128; groups of 32 and 64 are
+    correct on an H100 but untimed). An asymmetric grid's term is taken inside the kernel where the
+    group sums are kept (faster by 1.3-2.9 us a call, run 14)."""
     k, n = w.shape
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
     scale_on_acc = w.group_size >= 128
-    return W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc,
-                    bias_in_kernel=scale_on_acc and w.bias is not None)
+    cfg = W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc,
+                   bias_in_kernel=scale_on_acc and w.bias is not None)
+    while cfg.stages > 1 and smem_bytes(cfg, w, padded_batch(m)) > SMEM_BYTES:
+        cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+    return cfg
 
 
 def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
@@ -261,6 +282,10 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
                           f"{cfg.tile_k} x {cfg.splits}")
     if m_padded > 256:
         raise ConfigError(f"w4_matmul: batch {m_padded} > 256 rows (wgmma's N); tile the batch")
+    if smem_bytes(cfg, w, m_padded) > SMEM_BYTES:
+        raise ConfigError(f"W4Config: {cfg.stages} stages of tile_k={cfg.tile_k} at batch {m_padded} need "
+                          f"{smem_bytes(cfg, w, m_padded)} bytes of shared memory (> {SMEM_BYTES}); "
+                          "use fewer stages or a smaller tile_k")
 
 
 def _relabel(regs_of_chunk, shape):
@@ -484,8 +509,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    cfg = config or default_config(w)
-    m_padded = max(8, -(-m // 8) * 8)
+    cfg = config or default_config(w, m)
+    m_padded = padded_batch(m)
     check_config(cfg, w, m_padded)
     if w.block_k and (cfg.tile_n != 64 or cfg.tile_k != w.block_k):
         raise ConfigError(f"w4_matmul: a weight blocked by 64 x {w.block_k} needs tile_n=64 and "

@@ -7,6 +7,8 @@ the kernel cannot run, `repack_for_wgmma` on a real (tiny random Hugging Face) L
 and that every layout still lowers to a Mosaic GPU kernel for CUDA (catches API drift).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +132,21 @@ def test_default_config_takes_the_asymmetric_term_where_group_sums_are_kept():
         assert (cfg.bias_in_kernel, cfg.scale_on_acc) == (inside, inside)
 
 
+def test_default_config_fits_the_shared_memory_at_large_batches():
+    """x tiles grow with the batch: at 128 rows a 256-column step holds 64 KB of x, so only two
+    stages fit the 227 KB; an explicit config that does not fit is refused with its numbers
+    (Mosaic GPU's own error names neither stages nor batch)."""
+    w = wm.W4Weight(codes=None, scale=None, bias=None, group_size=128, shape=(4096, 4096), block_k=256)
+    assert [wm.default_config(w, m).stages for m in (1, 32, 64, 128, 256)] == [4, 4, 4, 2, 1]
+    # 2 stages x (128 x 256 x 2 + 64 x 256 / 2 + 2 x 64 x 4) + 64 x 128 x 4 = 181,248 bytes
+    assert wm.smem_bytes(wm.default_config(w, 128), w, 128) == 181248
+    with pytest.raises(ConfigError, match=r"4 stages of tile_k=256 at batch 128 need 329728 bytes"):
+        wm.check_config(wm.W4Config(64, 256, 4, 4), w, 128)
+    shell = dataclasses.replace(w, bias=0)  # asymmetric: the bias table rides in every slot
+    assert wm.smem_bytes(wm.W4Config(64, 256, 1, 1, bias_in_kernel=True), shell, 8) == \
+        wm.smem_bytes(wm.W4Config(64, 256, 1, 1), w, 8) + 2 * 64 * 4
+
+
 def test_call_sites_share_one_kernel_module():
     """A decode step calls the kernel once a projection a layer: calls of one shape must lower to
     one Mosaic GPU module (each distinct module is compiled on the GPU; 128 of them took minutes)."""
@@ -203,6 +220,8 @@ def test_probe_script_configs():
     assert (b.scale_on_acc, b.loads_only) == (False, False)
     sweep = probe.candidate_configs(11008, 4096, 8, 128)
     assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]
+    big = probe.candidate_configs(4096, 4096, 128, 128, "asym")  # stages cut to what fits, the term inside
+    assert [(c.splits, c.stages, c.bias_in_kernel) for c, _, _ in big] == [(4, 2, True), (8, 2, True)]
 
 
 def test_probe_issue_records():

@@ -11,6 +11,7 @@ process and by CUPTI device time. Writes one JSON record per point to --out and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -45,13 +46,23 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
                        order=order, block_k=block_k)
 
 
-def candidate_configs(k: int, n: int, m: int, group_size: int) -> list[tuple]:
+def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym") -> list[tuple]:
     """Blocked lop3 layouts at the weight's block (`choose_block_k`): the two fewest split counts
-    that fill the GPU (`split_choices`; else the most K allows, `split_counts`), 4 and 8 stages."""
-    del m, group_size
+    that fill the GPU (`split_choices`; else the most K allows, `split_counts`), 4 and 8 stages, or
+    the most that fit the shared memory at this batch; `default_config`'s asymmetric term."""
     tile_k = wm.choose_block_k(k, n)
-    splits = wm.split_choices(k, n, tile_k)[:2] or wm.split_counts(k, tile_k)[-1:]
-    return [(wm.W4Config(64, tile_k, s, stages), "lop3", tile_k) for s in splits for stages in (4, 8)]
+    shell = wm.W4Weight(codes=None, scale=None, bias=None if grid == "sym" else 0, group_size=group_size,
+                        shape=(k, n), block_k=tile_k)
+    base = wm.default_config(shell, m)
+    out = []
+    for s in wm.split_choices(k, n, tile_k)[:2] or wm.split_counts(k, tile_k)[-1:]:
+        for stages in (4, 8):
+            cfg = dataclasses.replace(base, splits=s, stages=stages)
+            while cfg.stages > 1 and wm.smem_bytes(cfg, shell, wm.padded_batch(m)) > wm.SMEM_BYTES:
+                cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+            if (cfg, "lop3", tile_k) not in out:
+                out.append((cfg, "lop3", tile_k))
+    return out
 
 
 def time_fn(fn, xs, ws):
@@ -84,7 +95,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": 128}
     x = random_activations(4, (m, k))
     ref = float64_reference(x, w)
-    cands = configs or candidate_configs(k, n, m, 128)[:max_cands]
+    cands = configs or candidate_configs(k, n, m, 128, grid)[:max_cands]
     errors = {}
     for cand in cands:
         cfg, order, block_k = cand
