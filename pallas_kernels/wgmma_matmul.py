@@ -25,11 +25,11 @@ permute); `chunk_permutation` gives the map of each conversion order. With `bloc
 slices. Each program runs a pipeline over its K slice in steps of `tile_k` columns (a multiple of
 128 and of the group size below it), `stages` steps in flight. XLA adds the split-K partial sums.
 
-**Arithmetic**: w = s * (code - zero) = s * c' + s * (8 - zero), with c' = code - 8 exact in
-bf16. Each group's c' x products are summed by wgmma in an fp32 accumulator of their own, which
-is multiplied by the group's scale in fp32 (`scale_on_acc`; the alternative multiplies every
-bf16 pair by a bf16 scale). The asymmetric term sum_g s (8 - zero) * sum_{k in g} x_k is an
-[M, G] @ [G, N] product added by XLA (or, with `bias_in_kernel`, by the kernel). fp16 activations
+**Arithmetic**: w = s * (code - zero). The conversion gives c' = code - 8 in bf16; an asymmetric
+grid's integer zero point is subtracted from it, c' - (zero - 8) = code - zero, still exact in
+bf16 (one sub a pair, as Marlin does). Each group's (code - zero) x products are summed by wgmma
+in an fp32 accumulator of their own, which is multiplied by the group's scale in fp32
+(`scale_on_acc`; the alternative multiplies every bf16 pair by a bf16 scale). fp16 activations
 multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf16.
 
 Measured on an H100 (kernel_notes.md run 13): 1.3-2.7x XLA's bf16 matmul at batch 8-32 on the
@@ -84,13 +84,13 @@ class W4Weight:
     "prmt" order stores code - 8, "lop3" order the code's own bits (0..15 read as int4).
     With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k]`, so that each
     64 x block_k tile a pipeline step reads is one contiguous run of memory.
-    scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). bias: `[G, N]` fp32
-    s * (8 - zero), or None for symmetric grids.
+    scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). zero: the QArray's
+    integer-valued `[G, N]` zero points (asymmetric grids), or None (symmetric: 8 implied).
     """
 
     codes: jax.Array
     scale: jax.Array
-    bias: jax.Array | None
+    zero: jax.Array | None
     group_size: int = dataclasses.field(metadata=dict(static=True))
     shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
     order: str = dataclasses.field(default="lop3", metadata=dict(static=True))
@@ -99,16 +99,20 @@ class W4Weight:
 
     def nbytes(self) -> int:
         """Exact storage bytes: half a byte a code (int4 packs two a byte on the GPU), the rest."""
-        parts = [self.scale] + ([self.bias] if self.bias is not None else [])
+        parts = [self.scale] + ([self.zero] if self.zero is not None else [])
         return self.shape[0] * self.shape[1] // 2 + sum(int(x.size) * x.dtype.itemsize for x in parts)
 
     def dequantize(self) -> jax.Array:
-        """The dense `[K, N]` weight: s * (code - 8) (+ s * (8 - zero)) in fp32, cast to `dtype`."""
-        w = self.logical_codes().astype(jnp.float32) * jnp.repeat(self.scale.astype(jnp.float32),
-                                                                  self.group_size, axis=0)
-        if self.bias is not None:
-            w = w + jnp.repeat(self.bias, self.group_size, axis=0)
-        return w.astype(self.dtype)
+        """The dense `[K, N]` weight: (code - zero) * s in fp32 (as `QArray.dequantize`), cast to `dtype`."""
+        w = self.centered_codes().astype(jnp.float32)
+        return (w * jnp.repeat(self.scale.astype(jnp.float32), self.group_size, axis=0)).astype(self.dtype)
+
+    def centered_codes(self) -> jax.Array:
+        """int32 `[K, N]` code - zero (code - 8 if symmetric): what the kernel multiplies."""
+        c = self.logical_codes()
+        if self.zero is None:
+            return c
+        return c - jnp.repeat(self.zero.astype(jnp.int32) - 8, self.group_size, axis=0)
 
     def logical_codes(self) -> jax.Array:
         """int32 `[K, N]` codes - 8 in the original column order (tests, `emulate_w4`)."""
@@ -151,10 +155,7 @@ def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0) -> W4Weight:
     groups = w.scale.shape[0]
     group_size = k // groups
     scale = w.scale  # fp32 / fp16 / bf16: the kernel scales the group sums in fp32
-    bias = None
-    if w.zero is not None:
-        bias = (w.scale.astype(jnp.float32) * (8.0 - w.zero.astype(jnp.float32)))
-    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k), scale=scale, bias=bias,
+    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k), scale=scale, zero=w.zero,
                     group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype)
 
 
@@ -173,23 +174,14 @@ def _layout_codes(words: jax.Array, k: int, order: str, block_k: int) -> jax.Arr
 
 
 def emulate_w4(x: jax.Array, w: W4Weight) -> jax.Array:
-    """The kernel's arithmetic in plain JAX: x in the compute dtype (`compute_dtype`), exact c' x
-    products summed per group in fp32, each group sum times its fp32 scale, plus the bias term."""
+    """The kernel's arithmetic in plain JAX: x in the compute dtype (`compute_dtype`), exact
+    (code - zero) x products summed per group in fp32, each group sum times its fp32 scale."""
     m, (k, n) = x.shape[0], w.shape
     xb = x.astype(compute_dtype(x.dtype, w)).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
-    codes = w.logical_codes().astype(jnp.float32).reshape(k // w.group_size, w.group_size, n)
+    codes = w.centered_codes().astype(jnp.float32).reshape(k // w.group_size, w.group_size, n)
     sums = jnp.einsum("mgk,gkn->mgn", xb, codes, precision="highest")
     y = jnp.einsum("mgn,gn->mn", sums, w.scale.astype(jnp.float32), precision="highest")
-    if w.bias is not None:
-        y = y + bias_term(x, w)
     return y.astype(x.dtype)
-
-
-def bias_term(x: jax.Array, w: W4Weight) -> jax.Array:
-    """sum_g (s * (8 - zero))[g, n] * sum_{k in g} x[m, k]: the asymmetric grids' offset, fp32."""
-    m = x.shape[0]
-    xsum = x.astype(jnp.float32).reshape(m, -1, w.group_size).sum(-1)
-    return jnp.dot(xsum, w.bias, precision="highest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,10 +193,6 @@ class W4Config:
     splits: int = 1
     stages: int = 4
     scale_on_acc: bool = True  # each group into its own accumulator, scaled in fp32 (no bf16 mul a pair)
-    # The asymmetric term in the kernel: a wgmma of ones by x gives each group's sum of x, times the
-    # bias in fp32. Off: XLA adds it, two or three more small kernels a call (kernel_notes run 14:
-    # 4096 x 4096 at batch 1, 8.8 us in the kernel against 10.8 with XLA's term).
-    bias_in_kernel: bool = False
     # A memory warpgroup issues the TMA copies while tile_n / 64 compute warpgroups multiply, so no
     # warpgroup waits for its own loads (emit_pipeline_warp_specialized). Correct on an H100 but
     # slower at batch 1 (kernel_notes run 14: 22.9 against 16.5 us on 4096 x 14336), so off.
@@ -237,12 +225,14 @@ SMEM_BYTES = 227 * 1024  # an H100/H200 block's shared memory
 
 
 def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
-    """Shared memory of one program: `stages` slots of (x tile, code tile, per-row tables), and
-    the output tile (Mosaic GPU adds a few barriers)."""
-    tables = 1 + (w.bias is not None and cfg.bias_in_kernel)
+    """Shared memory of one program: a slot of (x tile, code tile, per-row tables) for each of
+    `stages` steps in flight (at most the slice's steps), and the output tile (Mosaic GPU adds a
+    few barriers). Tables are counted at 4 bytes an entry, an upper bound."""
+    tables = 1 + (w.zero is not None)  # scales, zero points
     rows = max(cfg.tile_k // w.group_size, 1)
     slot = m_padded * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
-    return cfg.stages * slot + cfg.tile_n * m_padded * 4
+    slots = min(cfg.stages, max(w.shape[0] // (cfg.tile_k * cfg.splits), 1))
+    return slots * slot + cfg.tile_n * m_padded * 4
 
 
 def padded_batch(m: int) -> int:
@@ -254,15 +244,13 @@ def default_config(w: W4Weight, m: int = 1) -> W4Config:
     """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
     (fewer where a batch's x tiles do not fit the shared memory): within 4% of the best candidate
     on every Llama shape at batch 8-32 (kernel_notes run 13, groups of 128; groups of 32 and 64 are
-    correct on an H100 but untimed). An asymmetric grid's term is taken inside the kernel where the
-    group sums are kept (faster by 1.3-2.9 us a call, run 14)."""
+    correct on an H100 but untimed)."""
     k, n = w.shape
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
     scale_on_acc = w.group_size >= 128
-    cfg = W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc,
-                   bias_in_kernel=scale_on_acc and w.bias is not None)
+    cfg = W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc)
     while cfg.stages > 1 and smem_bytes(cfg, w, padded_batch(m)) > SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
@@ -354,14 +342,14 @@ def _convert_prmt(ctx, a4):
 
 
 def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: int, order: str,
-                 blocked: bool, with_bias: bool, dtype: str):
+                 blocked: bool, with_zero: bool, dtype: str):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if with_bias:
-        x_gmem, codes_gmem, scale_gmem, bias_gmem, out_gmem, out_smem = refs
+    if with_zero:
+        x_gmem, codes_gmem, scale_gmem, zero_gmem, out_gmem, out_smem = refs
     else:
-        (x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem), bias_gmem = refs, None
+        (x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem), zero_gmem = refs, None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
     # Rows one warpgroup multiplies: the whole tile, or 64 a compute warpgroup when specialized.
     rows = 64 if cfg.warp_specialized else tile_n
@@ -380,14 +368,12 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
     )(functools.partial(_convert_lop3, dtype=dtype) if order == "lop3" else _convert_prmt)
-    ones = plgpu.layout_cast(jnp.ones((rows, step_group), dtype), plgpu.Layout.WGMMA) if with_bias else None
-
     def row_vector(ref, g, row_slice):
-        """A [rows] fp32 vector of a per-row table (scales, bias), broadcast over the batch columns."""
+        """A [rows] fp32 vector of a per-row table (scales), broadcast over the batch columns."""
         v = plgpu.load(ref.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
         return jax.lax.broadcast_in_dim(v, (rows, m_padded), [0])
 
-    def multiply(row_slice, x_smem, c_smem, s_smem, b_smem, acc):
+    def multiply(row_slice, x_smem, c_smem, s_smem, z_smem, acc):
         """One pipeline step of one warpgroup: acc [rows, M] += its rows of W^T times x^T."""
         def group_weights():
             """weights(g) -> (group g's 16-bit codes [rows, group], its x^T); each piece converted once."""
@@ -402,6 +388,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 a = converted[p]
                 if groups_per_piece > 1:
                     a = a[:, j * step_group:(j + 1) * step_group]
+                if z_smem is not None:  # (code - 8) - (zero - 8): exact small integers in bf16 / fp16
+                    z = plgpu.load(z_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    z = (z.astype(jnp.float32) - 8.0).astype(dtype)
+                    a = a - jax.lax.broadcast_in_dim(z, a.shape, [0])
                 cols = pl.ds(g * step_group, step_group)
                 return a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
             return weights
@@ -420,24 +410,19 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             for g in range(groups_per_step):
                 a, x_t = weights(g)
                 plgpu.wgmma(acc_refs[g], a, x_t)
-                if b_smem is not None:  # every row of this product is sum_{k in group} x[m, k], exact in fp32
-                    plgpu.wgmma(acc_refs[groups_per_step + g], ones, x_t)
             return [acc_ref[...] for acc_ref in acc_refs]
 
-        accs = (1 + (b_smem is not None)) * groups_per_step
-        sums = pl.run_scoped(group_sums, *[plgpu.ACC((rows, m_padded), jnp.float32)] * accs)
+        sums = pl.run_scoped(group_sums, *[plgpu.ACC((rows, m_padded), jnp.float32)] * groups_per_step)
         for g in range(groups_per_step):
             acc = acc + row_vector(s_smem, g, row_slice) * sums[g]
-            if b_smem is not None:
-                acc = acc + row_vector(b_smem, g, row_slice) * sums[groups_per_step + g]
         return acc
 
     def step(row_slice):
         def body(_, x_smem, c_smem, s_smem, *rest):
-            *b_smem, acc = rest
+            *z_smem, acc = rest
             if cfg.loads_only:
                 return acc
-            return multiply(row_slice, x_smem, c_smem, s_smem, b_smem[0] if b_smem else None, acc)
+            return multiply(row_slice, x_smem, c_smem, s_smem, z_smem[0] if z_smem else None, acc)
         return body
 
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
@@ -459,10 +444,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         codes = codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]
     in_specs = [plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms), c_spec,
                 plgpu.BlockSpec((scale_rows, tile_n), scale_index)]
-    in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_bias else []
+    in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_zero else []
     groups = (pl.ds(k0 // group_size, max(k_slice // group_size, 1)), pl.ds(n0, tile_n))
     operands = (x_gmem.at[:, pl.ds(k0, k_slice)], codes, scale_gmem.at[groups],
-                *([bias_gmem.at[groups]] if with_bias else []))
+                *([zero_gmem.at[groups]] if with_zero else []))
     zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_padded), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
     def store(acc, smem, first_row):
@@ -520,11 +505,9 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     if m > 8 and m % 8:  # TMA tiles x by 8 rows: below 8 it zero-fills the rows past m itself
         xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
     k_slice = k // cfg.splits
-    with_bias = w.bias is not None and cfg.bias_in_kernel and not cfg.loads_only
-    if with_bias and not cfg.scale_on_acc:
-        raise ConfigError("W4Config.bias_in_kernel needs scale_on_acc=True (the group sums carry it)")
+    with_zero = w.zero is not None
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
-                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_bias=with_bias,
+                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_zero=with_zero,
                              dtype=dtype)
     specialized = {}
     out_smem = plgpu.SMEM((cfg.tile_n, m_padded), jnp.float32)
@@ -542,10 +525,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
         grid_names=("n", "s"),
         scratch_types=[out_smem],
         **specialized,
-    )(xb, w.codes, w.scale, *([w.bias] if with_bias else []))
+    )(xb, w.codes, w.scale, *([w.zero] if with_zero else []))
     y = partial_sums.sum(0).T[:m]
-    if w.bias is not None and not with_bias:
-        y = y + bias_term(x2, w)
     return y.astype(x.dtype).reshape(*lead, n)
 
 
@@ -554,7 +535,9 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
 # --------------------------------------------------------------------------------------------
 
 # Batches up to this run the kernel; larger ones (prefill) dequantize and let XLA's GEMM run.
-WGMMA_MAX_M = 32  # measured up to here (kernel_notes run 13): 1.3-2.7x XLA bf16 at batch 8-32
+# Measured (kernel_notes runs 13, 14): 1.3-2.7x XLA bf16 at batch 8-32, 1.2-1.8x at 64-128; at 256
+# the kernel is 2-3x slower than bf16.
+WGMMA_MAX_M = 128
 
 
 def hopper_is_default_device() -> bool:

@@ -53,15 +53,15 @@ def test_repack_dequantizes_bit_for_bit(grid, group, order, block_k):
     assert ww.codes.dtype == jnp.int4
     assert ww.codes.shape == ((3, 512 // block_k, 64, block_k) if block_k else (192, 512))
     np.testing.assert_array_equal(np.asarray(ww.dequantize(), np.float32), np.asarray(w.dequantize(), np.float32))
-    assert (ww.bias is None) == (grid == "sym")
+    assert (ww.zero is None) == (grid == "sym")
     groups = 1 if group == 0 else 512 // group
-    assert ww.nbytes() == 512 * 192 // 2 + groups * 192 * (2 + (4 if grid == "asym" else 0))
+    assert ww.nbytes() == 512 * 192 // 2 + groups * 192 * (2 + (2 if grid == "asym" else 0))  # fp16 scales, zeros
 
 
 @pytest.mark.parametrize("grid", ["sym", "asym"])
 def test_kernel_arithmetic_matches_float64(grid):
-    """emulate_w4 does what the kernel does (bf16 x, per-group fp32 sums times the scale, the
-    asymmetric bias): within bf16 output rounding of the float64 product, and a wrong column
+    """emulate_w4 does what the kernel does (bf16 x, code - zero exact in bf16, per-group fp32 sums
+    times the scale): within bf16 output rounding of the float64 product, and a wrong column
     order would be off by O(1)."""
     w = random_weight(1, 1024, 256, Variant(4, 128, grid))
     x = random_activations(2, (5, 1024))
@@ -69,7 +69,7 @@ def test_kernel_arithmetic_matches_float64(grid):
     for order in wm.ORDERS:
         ww = wm.repack_w4(w, order=order, block_k=256)
         assert relative_error(wm.emulate_w4(x, ww), ref) < 4e-3
-    shuffled = wm.W4Weight(codes=ww.codes, scale=ww.scale, bias=ww.bias, group_size=128, shape=ww.shape,
+    shuffled = wm.W4Weight(codes=ww.codes, scale=ww.scale, zero=ww.zero, group_size=128, shape=ww.shape,
                            order="lop3", block_k=256)  # prmt codes read in lop3 order
     assert relative_error(wm.emulate_w4(x, shuffled), ref) > 0.3
 
@@ -116,35 +116,24 @@ def test_default_config_fills_the_gpu():
                                       (11008, 4096): (128, 2), (14336, 4096): (256, 4),
                                       (4096, 1024): (256, 16)}.items():
         assert wm.choose_block_k(k, n) == block_k
-        w = wm.W4Weight(codes=None, scale=None, bias=None, group_size=128, shape=(k, n), block_k=block_k)
+        w = wm.W4Weight(codes=None, scale=None, zero=None, group_size=128, shape=(k, n), block_k=block_k)
         cfg = wm.default_config(w)
         assert (cfg.tile_n, cfg.tile_k, cfg.splits, cfg.stages) == (64, block_k, splits, 4)
-        assert not cfg.bias_in_kernel and not cfg.warp_specialized
-
-
-def test_default_config_takes_the_asymmetric_term_where_group_sums_are_kept():
-    """Run 14: the term inside the kernel beat XLA's at batch 1 and 8; groups below 128 keep one
-    accumulator (no group sums), so XLA adds their term."""
-    for group, inside in ((128, True), (256, True), (0, True), (64, False), (32, False)):
-        w = wm.W4Weight(codes=None, scale=None, bias=jnp.zeros((1, 1)), group_size=group or 4096,
-                        shape=(4096, 4096), block_k=256)
-        cfg = wm.default_config(w)
-        assert (cfg.bias_in_kernel, cfg.scale_on_acc) == (inside, inside)
+        assert cfg.scale_on_acc and not cfg.warp_specialized
 
 
 def test_default_config_fits_the_shared_memory_at_large_batches():
     """x tiles grow with the batch: at 128 rows a 256-column step holds 64 KB of x, so only two
     stages fit the 227 KB; an explicit config that does not fit is refused with its numbers
     (Mosaic GPU's own error names neither stages nor batch)."""
-    w = wm.W4Weight(codes=None, scale=None, bias=None, group_size=128, shape=(4096, 4096), block_k=256)
+    w = wm.W4Weight(codes=None, scale=None, zero=None, group_size=128, shape=(4096, 4096), block_k=256)
     assert [wm.default_config(w, m).stages for m in (1, 32, 64, 128, 256)] == [4, 4, 4, 2, 1]
     # 2 stages x (128 x 256 x 2 + 64 x 256 / 2 + 2 x 64 x 4) + 64 x 128 x 4 = 181,248 bytes
     assert wm.smem_bytes(wm.default_config(w, 128), w, 128) == 181248
     with pytest.raises(ConfigError, match=r"4 stages of tile_k=256 at batch 128 need 329728 bytes"):
         wm.check_config(wm.W4Config(64, 256, 4, 4), w, 128)
-    shell = dataclasses.replace(w, bias=0)  # asymmetric: the bias table rides in every slot
-    assert wm.smem_bytes(wm.W4Config(64, 256, 1, 1, bias_in_kernel=True), shell, 8) == \
-        wm.smem_bytes(wm.W4Config(64, 256, 1, 1), w, 8) + 2 * 64 * 4
+    shell = dataclasses.replace(w, zero=0)  # asymmetric: the zero points' table rides in every slot
+    assert wm.smem_bytes(wm.W4Config(64, 256, 1, 1), shell, 8) == wm.smem_bytes(wm.W4Config(64, 256, 1, 1), w, 8) + 2 * 64 * 4
 
 
 def test_call_sites_share_one_kernel_module():
@@ -163,21 +152,19 @@ def test_call_sites_share_one_kernel_module():
     assert text.count("call @w4_matmul") == 3
 
 
-@pytest.mark.parametrize("order,block_k,scale_on_acc,m,bias,ws,group", [
-    ("lop3", 256, True, 1, "xla", False, 128), ("prmt", 0, False, 13, None, False, 128),
-    ("lop3", 128, True, 32, "kernel", False, 128), ("lop3", 0, True, 3, "kernel", True, 128),
-    ("lop3", 256, False, 8, "xla", False, 32), ("lop3", 256, True, 2, "kernel", False, 64)])
-def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, bias, ws, group):
-    """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it); the
-    asymmetric term is an XLA dot unless the kernel takes it."""
-    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, group, "asym" if bias else "sym")),
-                     order=order, block_k=block_k)
-    cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc,
-                      bias_in_kernel=bias == "kernel", warp_specialized=ws)
+@pytest.mark.parametrize("order,block_k,scale_on_acc,m,grid,ws,group", [
+    ("lop3", 256, True, 1, "asym", False, 128), ("prmt", 0, False, 13, "sym", False, 128),
+    ("lop3", 128, True, 32, "asym", False, 128), ("lop3", 0, True, 3, "asym", True, 128),
+    ("lop3", 256, False, 8, "asym", False, 32), ("prmt", 256, True, 2, "asym", False, 64)])
+def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group):
+    """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it), with
+    the zero points inside: one kernel a call, no XLA dot beside it."""
+    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, group, grid)), order=order, block_k=block_k)
+    cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, warp_specialized=ws)
     text = jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
         jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
-    assert "mosaic_gpu" in text
-    assert ("dot_general" in text) == (bias == "xla")
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert "dot_general" not in text
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +208,7 @@ def test_probe_script_configs():
     sweep = probe.candidate_configs(11008, 4096, 8, 128)
     assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]
     big = probe.candidate_configs(4096, 4096, 128, 128, "asym")  # stages cut to what fits, the term inside
-    assert [(c.splits, c.stages, c.bias_in_kernel) for c, _, _ in big] == [(4, 2, True), (8, 2, True)]
+    assert [(c.splits, c.stages) for c, _, _ in big] == [(4, 2), (8, 2)]
 
 
 def test_probe_issue_records():
@@ -253,7 +240,7 @@ def test_repacked_model_checkpoint_roundtrip(llama_w4, tmp_path):
         b = getattr(loaded.layers[0].self_attn, name).kernel.get_value()
         assert isinstance(b, wm.W4Weight) and b.codes.dtype == jnp.int4 and (b.order, b.block_k) == (a.order, a.block_k)
         np.testing.assert_array_equal(np.asarray(b.codes.astype(jnp.int8)), np.asarray(a.codes.astype(jnp.int8)))
-        np.testing.assert_array_equal(np.asarray(b.bias), np.asarray(a.bias))
+        np.testing.assert_array_equal(np.asarray(b.zero), np.asarray(a.zero))
     tokens = jnp.asarray([[3, 1, 4, 1, 5]])
     np.testing.assert_array_equal(np.asarray(loaded(tokens)[0]), np.asarray(repacked(tokens)[0]))
 

@@ -41,17 +41,17 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
     codes = jax.random.randint(kc, shape, -8, 8, jnp.int8).astype(jnp.int4)
     # fp16 scales, as the quantizers write them (run 13's calls a-e, before repack kept them, used bf16)
     scale = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
-    bias = jax.random.uniform(kz, scale.shape, jnp.float32, -0.01, 0.01) if asym else None
-    return wm.W4Weight(codes=codes, scale=scale, bias=bias, group_size=group_size, shape=(k, n),
+    zero = jax.random.randint(kz, scale.shape, 0, 16).astype(jnp.float16) if asym else None
+    return wm.W4Weight(codes=codes, scale=scale, zero=zero, group_size=group_size, shape=(k, n),
                        order=order, block_k=block_k)
 
 
 def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym") -> list[tuple]:
     """Blocked lop3 layouts at the weight's block (`choose_block_k`): the two fewest split counts
     that fill the GPU (`split_choices`; else the most K allows, `split_counts`), 4 and 8 stages, or
-    the most that fit the shared memory at this batch; `default_config`'s asymmetric term."""
+    the most that fit the shared memory at this batch (with the zero points' table if asymmetric)."""
     tile_k = wm.choose_block_k(k, n)
-    shell = wm.W4Weight(codes=None, scale=None, bias=None if grid == "sym" else 0, group_size=group_size,
+    shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=group_size,
                         shape=(k, n), block_k=tile_k)
     base = wm.default_config(shell, m)
     out = []
@@ -77,14 +77,13 @@ def parse_configs(text: str) -> list[tuple]:
 
     Flags: loads (the loads-only probe), mul (scale the bf16 weights instead of the group sums),
     prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
-    bias (the asymmetric term inside the kernel), ws (a memory warpgroup feeding tile_n / 64 compute
-    warpgroups)."""
+    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
         f = [int(v) for v in head.split(":")]
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags, loads_only="loads" in flags,
-                          bias_in_kernel="bias" in flags, warp_specialized="ws" in flags)
+                          warp_specialized="ws" in flags)
         out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if "blocked" in flags else 0))
     return out
 

@@ -2,8 +2,9 @@
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q tests/gpu/test_wgmma_matmul_gpu.py
 
-Fresh random QArrays (symmetric and asymmetric, groups of 128 and per channel), repacked in both
-column orders, blocked and not, at batches that do and do not fill an 8-row TMA tile; every
+Fresh random QArrays (symmetric and asymmetric with the zero points in the kernel, groups of 32 to
+256 and per channel), repacked in both column orders, blocked and not, at batches 1 to 128 that do
+and do not fill an 8-row TMA tile (128: fewer stages fit the shared memory); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. Then `linear()`'s dispatch.
 """
@@ -34,23 +35,23 @@ def assert_blocks_close(y, ref):
 
 
 CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
-    (Variant(4, 128), 4096, 4096, (1, 3, 8, 13, 32), dict(order="lop3", block_k=256), [None]),
+    (Variant(4, 128), 4096, 4096, (1, 3, 8, 13, 32, 64, 128), dict(order="lop3", block_k=256), [None]),
     (Variant(4, 128), 4096, 4096, (1, 16), dict(order="prmt"),
      [wm.W4Config(64, 128, 4, 4, scale_on_acc=False), wm.W4Config(128, 256, 2, 8), wm.W4Config(64, 512, 1, 2)]),
-    (Variant(4, 128, "asym"), 11008, 4096, (1, 16), dict(block_k=128),
-     [None, wm.W4Config(64, 128, 43, 2), wm.W4Config(64, 128, 2, 4, bias_in_kernel=True)]),
+    (Variant(4, 128, "asym"), 11008, 4096, (1, 16, 120), dict(block_k=128),
+     [None, wm.W4Config(64, 128, 43, 2), wm.W4Config(64, 128, 2, 4, scale_on_acc=False)]),
     (Variant(4, 0), 4096, 1024, (1, 8), dict(block_k=256), [None]),
     (Variant(4, 256, "asym"), 4096, 1024, (2, 24), dict(order="lop3"),
-     [wm.W4Config(64, 256, 16, 4), wm.W4Config(128, 512, 4, 4, bias_in_kernel=True)]),
-    (Variant(4, 0, "asym"), 4096, 1024, (1, 9), dict(block_k=256), [wm.W4Config(64, 256, 4, 4, bias_in_kernel=True)]),
+     [wm.W4Config(64, 256, 16, 4), wm.W4Config(128, 512, 4, 4)]),
+    (Variant(4, 0, "asym"), 4096, 1024, (1, 9), dict(block_k=256), [wm.W4Config(64, 256, 4, 4)]),
     # groups of 32 and 64: slices of a converted 128-column piece
     (Variant(4, 32, "asym"), 4096, 1024, (1, 16), dict(block_k=256),
-     [None, wm.W4Config(64, 256, 4, 4, bias_in_kernel=True), wm.W4Config(64, 256, 8, 4, scale_on_acc=True)]),
+     [None, wm.W4Config(64, 256, 4, 4), wm.W4Config(64, 256, 8, 4, scale_on_acc=False)]),
     (Variant(4, 64), 4096, 4096, (1, 32), dict(order="prmt"), [None, wm.W4Config(128, 256, 4, 4, warp_specialized=True)]),
     # warp-specialized: 1 and 2 compute warpgroups under one memory warpgroup (4 are refused)
     (Variant(4, 128, "asym"), 4096, 4096, (1, 13, 32), dict(block_k=256),
      [wm.W4Config(64, 256, 4, 8, warp_specialized=True),
-      wm.W4Config(64, 256, 4, 4, warp_specialized=True, bias_in_kernel=True)]),
+      wm.W4Config(64, 256, 4, 4, warp_specialized=True, scale_on_acc=False)]),
     (Variant(4, 128), 4096, 4096, (1, 8), dict(order="prmt"),
      [wm.W4Config(128, 256, 4, 4, warp_specialized=True),
       wm.W4Config(128, 128, 2, 4, warp_specialized=True, scale_on_acc=False)]),
