@@ -535,9 +535,9 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
 # --------------------------------------------------------------------------------------------
 
 # Batches up to this run the kernel; larger ones (prefill) dequantize and let XLA's GEMM run.
-# Measured (kernel_notes runs 13, 14): 1.3-2.7x XLA bf16 at batch 8-32, 1.2-1.8x at 64-128; at 256
-# the kernel is 2-3x slower than bf16.
-WGMMA_MAX_M = 128
+# Measured with default_config (kernel_notes runs 13, 14): 1.3-2.7x XLA bf16 at batch 8-32 and
+# 1.15-1.6x at 64 on the six Llama shapes; at 128 (two stages fit) 0.78-1.13x, so XLA takes it.
+WGMMA_MAX_M = 64
 
 
 def hopper_is_default_device() -> bool:

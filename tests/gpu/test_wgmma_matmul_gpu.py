@@ -4,7 +4,7 @@
 
 Fresh random QArrays (symmetric and asymmetric with the zero points in the kernel, groups of 32 to
 256 and per channel), repacked in both column orders, blocked and not, at batches 1 to 128 that do
-and do not fill an 8-row TMA tile (128: fewer stages fit the shared memory); every
+and do not fill an 8-row TMA tile (past 64: fewer stages fit the shared memory); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. Then `linear()`'s dispatch.
 """
