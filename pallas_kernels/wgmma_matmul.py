@@ -32,8 +32,8 @@ in an fp32 accumulator of their own, which is multiplied by the group's scale in
 (`scale_on_acc`; the alternative multiplies every bf16 pair by a bf16 scale). fp16 activations
 multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf16.
 
-Measured on an H100 (kernel_notes.md run 13): 1.3-2.7x XLA's bf16 matmul at batch 8-32 on the
-Llama shapes; at batch 1 the Triton GEMV is faster. CPU tests check the repack and the kernel's
+Measured on an H100 (kernel_notes.md runs 13, 14): 1.3-2.7x XLA's bf16 matmul at batch 8-32 on
+the Llama shapes, 1.15-1.6x at 64; at batch 1 the Triton GEMV is faster by 5-13%. CPU tests check the repack and the kernel's
 arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA; the kernel itself runs in
 `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
