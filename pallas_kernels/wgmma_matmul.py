@@ -33,9 +33,9 @@ in an fp32 accumulator of their own, which is multiplied by the group's scale in
 multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf16.
 
 Measured on an H100 (kernel_notes.md runs 13, 14): 1.3-2.7x XLA's bf16 matmul at batch 8-32 on
-the Llama shapes, 1.15-1.6x at 64; at batch 1 the Triton GEMV is faster by 5-13%. CPU tests check the repack and the kernel's
-arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA; the kernel itself runs in
-`tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
+the Llama shapes, 1.15-1.6x at 64; at batch 1 the Triton GEMV is faster by 5-13%. CPU tests check
+the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
+the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ def repack_problem(w: QArray) -> str | None:
         return "a codebook, act-order permutation or outliers (uniform grids in storage order only)"
     if w.scale.shape == (1, 1):
         return "per-tensor scale"
+    if (w.zero is not None and not isinstance(w.zero, jax.core.Tracer)
+            and not bool(jnp.all(w.zero == jnp.round(w.zero)))):
+        return "zero points that are not integers (the kernel subtracts them from the codes in bf16)"
     grouped = w.scale.shape[0] > 1
     if grouped and w.scale.shape[0] * w.group_size != k:
         return f"group_size={w.group_size} does not divide K={k}"
@@ -368,6 +371,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
     )(functools.partial(_convert_lop3, dtype=dtype) if order == "lop3" else _convert_prmt)
+
     def row_vector(ref, g, row_slice):
         """A [rows] fp32 vector of a per-row table (scales), broadcast over the batch columns."""
         v = plgpu.load(ref.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)

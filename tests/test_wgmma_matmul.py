@@ -94,6 +94,9 @@ def test_bad_weights_and_configs_are_named():
     for group in (16, 96):
         with pytest.raises(ConfigError, match=f"group_size={group}"):
             wm.repack_w4(random_weight(0, 384, 64, Variant(4, group, "sym")))
+    asym = random_weight(0, 256, 64, Variant(4, 128, "asym"))
+    with pytest.raises(ConfigError, match="zero points that are not integers"):
+        wm.repack_w4(dataclasses.replace(asym, zero=asym.zero + 0.5))
     with pytest.raises(ConfigError, match="N=96 is not a multiple of 64"):
         wm.repack_w4(random_weight(0, 256, 96, Variant(4, 128, "sym")))
     with pytest.raises(ConfigError, match="block_k=384"):
