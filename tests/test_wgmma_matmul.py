@@ -214,6 +214,18 @@ def test_probe_script_configs():
     assert [(c.splits, c.stages) for c, _, _ in big] == [(4, 2), (8, 2)]
 
 
+def test_one_matmul_script_runs_both_paths(capsys):
+    """scripts/gpu/one_matmul.py (the ncu driver) runs here through linear()'s fallback and reports
+    the output's error against float64."""
+    from script_loader import load_script
+
+    one = load_script("scripts/gpu/one_matmul.py")
+    for kernel in ("wgmma", "triton"):
+        one.main(["--kernel", kernel, "--shape", "256x128", "--batch", "2", "--grid", "asym", "--calls", "1"])
+        err = float(capsys.readouterr().out.split("relative error ")[1].split()[0])
+        assert err < 1e-2
+
+
 def test_probe_issue_records():
     """A hand-made probe point becomes two issue-format records (wgmma, triton) with the speedup
     over bf16 and the roofline against the H100's specified 3.35 TB/s."""
