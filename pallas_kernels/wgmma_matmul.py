@@ -253,7 +253,11 @@ def default_config(w: W4Weight, m: int = 1) -> W4Config:
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
     scale_on_acc = w.group_size >= 128
-    cfg = W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc)
+    return fit_stages(W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc), w, m)
+
+
+def fit_stages(cfg: W4Config, w: W4Weight, m: int) -> W4Config:
+    """`cfg` with as many of its stages as fit the shared memory at batch m (at least one)."""
     while cfg.stages > 1 and smem_bytes(cfg, w, padded_batch(m)) > SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg

@@ -58,8 +58,7 @@ def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym"
     for s in wm.split_choices(k, n, tile_k)[:2] or wm.split_counts(k, tile_k)[-1:]:
         for stages in (4, 8):
             cfg = dataclasses.replace(base, splits=s, stages=min(stages, k // (tile_k * s)))  # slots used
-            while cfg.stages > 1 and wm.smem_bytes(cfg, shell, wm.padded_batch(m)) > wm.SMEM_BYTES:
-                cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
+            cfg = wm.fit_stages(cfg, shell, m)
             if (cfg, "lop3", tile_k) not in out:
                 out.append((cfg, "lop3", tile_k))
     return out
