@@ -201,6 +201,24 @@ class W4Config:
     # slower at batch 1 (kernel_notes run 14: 22.9 against 16.5 us on 4096 x 14336), so off.
     warp_specialized: bool = False
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
+    # Where the split-K partial sums meet (`split_sum_of`): "cluster" makes the splits of a tile one
+    # thread-block cluster; each sends its fp32 sum into the first one's shared memory, which adds
+    # them and stores y [M, N] in x's dtype itself. "xla" writes fp32 partial sums [splits, N, M] for
+    # XLA to sum and transpose beside the kernel: one more kernel a call, 1.2-1.8 us on an H100
+    # (kernel_notes runs 13, 14). None picks "cluster" where it applies.
+    split_sum: str | None = None
+
+
+SPLIT_SUMS = ("cluster", "xla")
+MAX_CLUSTER = 8  # the portable thread-block cluster size
+
+
+def split_sum_of(cfg: W4Config) -> str:
+    """The config's `split_sum`, or by default "cluster" unless warp specialized (its compute
+    warpgroups store their own rows) or split more than a cluster holds."""
+    if cfg.split_sum is not None:
+        return cfg.split_sum
+    return "xla" if cfg.warp_specialized or cfg.splits > MAX_CLUSTER else "cluster"
 
 
 MIN_PROGRAMS = 200  # programs that fill an H100's 132 SMs (kernel_notes run 13: fewer left bandwidth unused)
@@ -229,13 +247,15 @@ SMEM_BYTES = 227 * 1024  # an H100/H200 block's shared memory
 
 def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
     """Shared memory of one program: a slot of (x tile, code tile, per-row tables) for each of
-    `stages` steps in flight (at most the slice's steps), and the output tile (Mosaic GPU adds a
-    few barriers). Tables are counted at 4 bytes an entry, an upper bound."""
+    `stages` steps in flight (at most the slice's steps), and the fp32 output tiles: one to copy
+    out ("xla"), or the other splits' sums that a cluster's first program receives ("cluster").
+    Mosaic GPU adds a few barriers. Tables are counted at 4 bytes an entry, an upper bound."""
     tables = 1 + (w.zero is not None)  # scales, zero points
     rows = max(cfg.tile_k // w.group_size, 1)
     slot = m_padded * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
     slots = min(cfg.stages, max(w.shape[0] // (cfg.tile_k * cfg.splits), 1))
-    return slots * slot + cfg.tile_n * m_padded * 4
+    out_tiles = cfg.splits - 1 if split_sum_of(cfg) == "cluster" else 1
+    return slots * slot + out_tiles * cfg.tile_n * m_padded * 4
 
 
 def padded_batch(m: int) -> int:
@@ -245,7 +265,8 @@ def padded_batch(m: int) -> int:
 
 def default_config(w: W4Weight, m: int = 1) -> W4Config:
     """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
-    (fewer where a batch's x tiles do not fit the shared memory): within 4% of the best candidate
+    (fewer where a batch's x tiles do not fit the shared memory), the splits summed in a cluster
+    (`split_sum`) unless that costs stages: within 4% of the best candidate
     on every Llama shape at batch 8-32 (kernel_notes run 13, groups of 128; groups of 32 and 64 are
     correct on an H100 but untimed)."""
     k, n = w.shape
@@ -253,7 +274,11 @@ def default_config(w: W4Weight, m: int = 1) -> W4Config:
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
     scale_on_acc = w.group_size >= 128
-    return fit_stages(W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc), w, m)
+    cfg = fit_stages(W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc), w, m)
+    # The cluster's sums take shared memory; where that would cost pipeline stages (batches past
+    # 64), XLA adds the splits instead.
+    via_xla = fit_stages(dataclasses.replace(cfg, stages=4, split_sum="xla"), w, m)
+    return via_xla if via_xla.stages > cfg.stages else cfg
 
 
 def fit_stages(cfg: W4Config, w: W4Weight, m: int) -> W4Config:
@@ -277,6 +302,12 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
                           f"{cfg.tile_k} x {cfg.splits}")
     if m_padded > 256:
         raise ConfigError(f"w4_matmul: batch {m_padded} > 256 rows (wgmma's N); tile the batch")
+    if split_sum_of(cfg) not in SPLIT_SUMS:
+        raise ConfigError(f"W4Config.split_sum={cfg.split_sum!r}; choose one of {SPLIT_SUMS} or None")
+    if split_sum_of(cfg) == "cluster" and (cfg.warp_specialized or cfg.splits > MAX_CLUSTER):
+        raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits and no warp "
+                          f"specialization (splits={cfg.splits}, warp_specialized={cfg.warp_specialized}); "
+                          "use split_sum='xla'")
     if smem_bytes(cfg, w, m_padded) > SMEM_BYTES:
         raise ConfigError(f"W4Config: {cfg.stages} stages of tile_k={cfg.tile_k} at batch {m_padded} need "
                           f"{smem_bytes(cfg, w, m_padded)} bytes of shared memory (> {SMEM_BYTES}); "
@@ -353,10 +384,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    if with_zero:
-        x_gmem, codes_gmem, scale_gmem, zero_gmem, out_gmem, out_smem = refs
-    else:
-        (x_gmem, codes_gmem, scale_gmem, out_gmem, out_smem), zero_gmem = refs, None
+    inputs, (out_gmem, *scratch) = refs[:3 + with_zero], refs[3 + with_zero:]
+    x_gmem, codes_gmem, scale_gmem, *zero_gmem = inputs
+    zero_gmem = zero_gmem[0] if zero_gmem else None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
     # Rows one warpgroup multiplies: the whole tile, or 64 a compute warpgroup when specialized.
     rows = 64 if cfg.warp_specialized else tile_n
@@ -458,7 +488,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 *([zero_gmem.at[groups]] if with_zero else []))
     zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_padded), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
-    def store(acc, smem, first_row):
+    def store(acc, smem, first_row):  # "xla": this split's fp32 sum, transposed, for XLA to add
         smem[...] = acc
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows)])
@@ -467,19 +497,79 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     if not cfg.warp_specialized:
         pipeline = plgpu.emit_pipeline(step(slice(None)), grid=(steps,), in_specs=in_specs,
                                        max_concurrent_steps=cfg.stages, init_carry=zeros())
-        store(pipeline(*operands), out_smem, n0)
+        acc = pipeline(*operands)
+        if split_sum_of(cfg) == "xla":
+            store(acc, scratch[0], n0)
+        else:
+            _cluster_sum_and_store(acc, out_gmem.at[:, pl.ds(n0, tile_n)], scratch, cfg.splits, s_idx)
         return
 
     # A memory warpgroup issues the TMA copies; tile_n / 64 compute warpgroups take 64 rows each.
     wg = jax.lax.axis_index("wg")
 
     def compute_context(eval_pipeline):
-        store(eval_pipeline(zeros()), out_smem.at[wg], n0 + wg * rows)
+        store(eval_pipeline(zeros()), scratch[0].at[wg], n0 + wg * rows)
 
     plgpu.emit_pipeline_warp_specialized(
         step(pl.ds(wg * rows, rows)), grid=(steps,), memory_registers=40, in_specs=in_specs,
         max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=tile_n // rows,
         compute_context=compute_context)(*operands)
+
+
+def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx) -> None:
+    """split_sum="cluster": programs 1 .. splits-1 of the tile's cluster send their fp32 sums
+    [rows, M] into program 0's shared memory (st.async, counted by its barrier's transaction
+    bytes); program 0 adds them to its own in a fixed order and stores y^T's rows itself."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if splits == 1:
+        _store_transposed(acc, out_rows)
+        return
+    parts, arrived = scratch
+
+    @pl.when(s_idx != 0)
+    def _send():
+        plgpu.async_store_smem(acc, parts.at[s_idx - 1], arrived, cluster_idx=0, cluster_dim="s")
+
+    @pl.when(s_idx == 0)
+    def _sum():
+        plgpu.barrier_wait(arrived)
+        total = acc
+        for j in range(splits - 1):
+            total = total + plgpu.load(parts.at[j], (), layout=plgpu.Layout.WGMMA)
+        _store_transposed(total, out_rows)
+
+
+def _store_transposed(acc, out_rows) -> None:
+    """out_rows[b, r] = acc[r, b] for the batch rows b < M of `out_rows` [M, rows] (HBM), in its
+    dtype: each thread stores its own elements, so y needs no transpose or slice after the kernel."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_transposed_mgpu)(acc, out_rows)
+
+
+def _store_transposed_mgpu(ctx, acc, out):
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref, scf
+
+    del ctx
+    elt = ir.MemRefType(out.type).element_type
+    m = ir.MemRefType(out.type).shape[0]
+    limit = arith.constant(ir.IndexType.get(), m)
+
+    def put(value, idx):
+        row, col = idx
+        value = arith.truncf(elt, value)
+        if m == acc.shape[1]:
+            memref.store(value, out, [col, row])
+            return
+        inside = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, limit))  # the padding's columns stay
+        with ir.InsertionPoint(inside.then_block):
+            memref.store(value, out, [col, row])
+            scf.yield_([])
+
+    acc.foreach(put)
 
 
 def compute_dtype(x_dtype, w: W4Weight) -> str:
@@ -517,6 +607,18 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_zero=with_zero,
                              dtype=dtype)
+    operands = (xb, w.codes, w.scale, *([w.zero] if with_zero else []))
+    if split_sum_of(cfg) == "cluster":
+        scratch = []
+        if cfg.splits > 1:  # the other splits' sums, tiled and swizzled as st.async stores them
+            swizzle = plgpu.find_swizzle(m_padded * 32)
+            scratch = [plgpu.SMEM((cfg.splits - 1, cfg.tile_n, m_padded), jnp.float32,
+                                  transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))),
+                       plgpu.Barrier(num_arrivals=128 * (cfg.splits - 1))]  # every sending thread arrives
+        y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(n // cfg.tile_n,),
+                         grid_names=("n",), cluster=(cfg.splits,), cluster_names=("s",),
+                         scratch_types=scratch)(*operands)
+        return y.reshape(*lead, n)
     specialized = {}
     out_smem = plgpu.SMEM((cfg.tile_n, m_padded), jnp.float32)
     if cfg.warp_specialized:
@@ -533,7 +635,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
         grid_names=("n", "s"),
         scratch_types=[out_smem],
         **specialized,
-    )(xb, w.codes, w.scale, *([w.zero] if with_zero else []))
+    )(*operands)
     y = partial_sums.sum(0).T[:m]
     return y.astype(x.dtype).reshape(*lead, n)
 

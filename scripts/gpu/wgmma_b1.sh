@@ -7,7 +7,7 @@ D=$OUT/${B1_DIR:-b1}; mkdir -p $D
 nvidia-smi --query-gpu=name --format=csv,noheader
 CONFIGS=${B1_CONFIGS:-64:256:1:4+loads+blocked,64:256:2:4+loads+blocked,64:256:4:4+loads+blocked,64:256:1:4+blocked,64:256:2:4+blocked}
 PYTHONPATH=. timeout -k 5 ${B1_PROBE_S:-240} python scripts/gpu/wgmma_w4_probe.py --out $D/wave.json \
-  --shapes ${B1_SHAPES:-4096x14336,4096x16896,4096x8448} --batches 1 --configs $CONFIGS > $D/wave.log 2>&1
+  --shapes ${B1_SHAPES:-4096x14336,4096x16896,4096x8448} --batches ${B1_BATCHES:-1} --configs $CONFIGS > $D/wave.log 2>&1
 echo "probe rc=$?"
 if [ "${B1_NCU:-1}" = 1 ] && command -v ncu >/dev/null; then
   for kernel in wgmma triton; do
@@ -21,14 +21,16 @@ fi
 python - "$D/wave.json" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(f"{'K x N':12} {'cfg':28} {'us':>6} {'kernel':>6} {'TB/s':>5}  (bf16 us)")
+print(f"{'K x N':12} {'m':>3} {'cfg':28} {'us':>6} {'kernel':>6} {'TB/s':>5}  (bf16 us)")
 for r in d["records"]:
     for c in r.get("candidates", []):
         cfg = c["config"]
-        name = f"{cfg['tile_n']}:{cfg['tile_k']}:{cfg['splits']}:{cfg['stages']}{'+loads' if cfg['loads_only'] else ''}"
+        name = (f"{cfg['tile_n']}:{cfg['tile_k']}:{cfg['splits']}:{cfg['stages']}{'+loads' if cfg['loads_only'] else ''}"
+                f"{'+xla' if cfg.get('split_sum') == 'xla' else ''}")
         if "us" not in c:
             print(f"{r['k']}x{r['n']:<7} {name:28} ERROR {c.get('error', '')[:80]}")
             continue
         kern = sum(v for k, v in c["kernels"].items() if "mosaic" in k)
-        print(f"{r['k']}x{r['n']:<7} {name:28} {c['us']:6.2f} {kern:6.2f} {r['weight_bytes'] / kern / 1e6:5.2f}  ({r['xla_bf16_us']:.1f})")
+        print(f"{r['k']}x{r['n']:<7} {r['m']:>3} {name:28} {c['us']:6.2f} {kern:6.2f} {r['weight_bytes'] / kern / 1e6:5.2f}  "
+              f"({r['xla_bf16_us']:.1f}) err {c.get('rel_err') or 0:.1e}")
 EOF

@@ -76,13 +76,14 @@ def parse_configs(text: str) -> list[tuple]:
 
     Flags: loads (the loads-only probe), mul (scale the bf16 weights instead of the group sums),
     prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
-    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups)."""
+    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla (XLA sums the splits
+    beside the kernel instead of a thread-block cluster inside it)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
         f = [int(v) for v in head.split(":")]
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags, loads_only="loads" in flags,
-                          warp_specialized="ws" in flags)
+                          warp_specialized="ws" in flags, split_sum="xla" if "xla" in flags else None)
         out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if "blocked" in flags else 0))
     return out
 

@@ -6,7 +6,8 @@ Fresh random QArrays (symmetric and asymmetric with the zero points in the kerne
 256 and per channel), repacked in both column orders, blocked and not, at batches 1 to 128 that do
 and do not fill an 8-row TMA tile (past 64: fewer stages fit the shared memory); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
-or a wrong column order fails that by far), never NaN. Then `linear()`'s dispatch.
+or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
+cluster (default) or in XLA. Then `linear()`'s dispatch.
 """
 
 import jax
@@ -55,6 +56,10 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128), 4096, 4096, (1, 8), dict(order="prmt"),
      [wm.W4Config(128, 256, 4, 4, warp_specialized=True),
       wm.W4Config(128, 128, 2, 4, warp_specialized=True, scale_on_acc=False)]),
+    # split-K sums: in a cluster of 1, 2 or 8 programs (128-row tiles too), and by XLA
+    (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 40), dict(order="lop3"),
+     [wm.W4Config(64, 256, 1, 4), wm.W4Config(64, 256, 8, 2), wm.W4Config(128, 256, 2, 4),
+      wm.W4Config(64, 256, 2, 4, split_sum="xla")]),
 ]
 
 
@@ -80,10 +85,11 @@ def test_kernel_matches_float64_reference(case):
     w = random_weight(case, k, n, v)
     ww = wm.repack_w4(w, **repack)
     for m in batches:
-        x = random_activations(100 + m, (m, k))
-        ref = float64_reference(x, w)
-        for cfg in configs:
-            assert_blocks_close(wm.w4_matmul(x, ww, cfg), ref)  # jitted, config static
+        for i, cfg in enumerate(configs):
+            # fresh x for each config: a kernel that left its output unwritten could otherwise pass on
+            # a recycled buffer that holds the previous config's (correct) result
+            x = random_activations(100 + m + 1000 * i, (m, k))
+            assert_blocks_close(wm.w4_matmul(x, ww, cfg), float64_reference(x, w))  # jitted, config static
 
 
 def test_linear_dispatches_to_the_kernel_at_decode_batches():
