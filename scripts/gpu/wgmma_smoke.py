@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--shape", default="4096x4096")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--grid", choices=("sym", "asym"), default="asym")
-    ap.add_argument("--configs", required=True)
+    ap.add_argument("--configs", default="")
     ap.add_argument("--timeout-s", type=float, default=45)
     ap.add_argument("--log-dir", default=None, help="write each child's output to <dir>/<n>.log")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
