@@ -614,7 +614,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
             swizzle = plgpu.find_swizzle(m_padded * 32)
             scratch = [plgpu.SMEM((cfg.splits - 1, cfg.tile_n, m_padded), jnp.float32,
                                   transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))),
-                       plgpu.Barrier(num_arrivals=128 * (cfg.splits - 1))]  # every sending thread arrives
+                       plgpu.Barrier(num_arrivals=cfg.splits - 1)]  # a warpgroup a sender (Pallas counts its 128 threads)
         y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(n // cfg.tile_n,),
                          grid_names=("n",), cluster=(cfg.splits,), cluster_names=("s",),
                          scratch_types=scratch)(*operands)
