@@ -211,14 +211,18 @@ class W4Config:
 
 SPLIT_SUMS = ("cluster", "xla")
 MAX_CLUSTER = 8  # the portable thread-block cluster size
+# Measured on an H100 (kernel_notes run 15, batch 1 and 8): the cluster's sum wins at 1 split (no
+# kernel beside it: -1.1 us on 4096 x 14336) and at 2 (-0.5 to -1.2 us), and loses at 4 and 8,
+# where each tile waits for the slowest program of its cluster (+0.1 to +2.3 us of kernel).
+CLUSTER_SUM_MAX_SPLITS = 2
 
 
 def split_sum_of(cfg: W4Config) -> str:
-    """The config's `split_sum`, or by default "cluster" unless warp specialized (its compute
-    warpgroups store their own rows) or split more than a cluster holds."""
+    """The config's `split_sum`, or by default "cluster" up to CLUSTER_SUM_MAX_SPLITS splits
+    without warp specialization (its compute warpgroups store their own rows), else "xla"."""
     if cfg.split_sum is not None:
         return cfg.split_sum
-    return "xla" if cfg.warp_specialized or cfg.splits > MAX_CLUSTER else "cluster"
+    return "cluster" if not cfg.warp_specialized and cfg.splits <= CLUSTER_SUM_MAX_SPLITS else "xla"
 
 
 MIN_PROGRAMS = 200  # programs that fill an H100's 132 SMs (kernel_notes run 13: fewer left bandwidth unused)
