@@ -23,7 +23,10 @@ permute); `chunk_permutation` gives the map of each conversion order. With `bloc
 
 **Grid** (`W4Config`): the weight's N in tiles of `tile_n` rows (a multiple of 64), K in `splits`
 slices. Each program runs a pipeline over its K slice in steps of `tile_k` columns (a multiple of
-128 and of the group size below it), `stages` steps in flight. XLA adds the split-K partial sums.
+128 and of the group size below it), `stages` steps in flight. The split-K partial sums meet
+inside the kernel (`split_sum="cluster"`): a tile's splits form a thread-block cluster, the others
+send their fp32 sums into the first program's shared memory (st.async), and it stores y [M, N] in
+x's dtype itself, so nothing runs beside the kernel. Or XLA adds fp32 partial sums after it ("xla").
 
 **Arithmetic**: w = s * (code - zero). The conversion gives c' = code - 8 in bf16; an asymmetric
 grid's integer zero point is subtracted from it, c' - (zero - 8) = code - zero, still exact in
@@ -32,8 +35,9 @@ in an fp32 accumulator of their own, which is multiplied by the group's scale in
 (`scale_on_acc`; the alternative multiplies every bf16 pair by a bf16 scale). fp16 activations
 multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf16.
 
-Measured on an H100 (kernel_notes.md runs 13, 14): 1.3-2.7x XLA's bf16 matmul at batch 8-32 on
-the Llama shapes, 1.15-1.6x at 64; at batch 1 the Triton GEMV is faster by 5-13%. CPU tests check
+Measured on an H100 (kernel_notes.md runs 13-15): 1.3-2.9x XLA's bf16 matmul at batch 8-32 on
+the Llama shapes, 1.15-1.6x at 64; at batch 1 1.95-2.73x (asymmetric g128), ahead of the Triton
+GEMV on the wide shapes since the output is stored in the kernel. CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
@@ -269,20 +273,16 @@ def padded_batch(m: int) -> int:
 
 def default_config(w: W4Weight, m: int = 1) -> W4Config:
     """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
-    (fewer where a batch's x tiles do not fit the shared memory), the splits summed in a cluster
-    (`split_sum`) unless that costs stages: within 4% of the best candidate
-    on every Llama shape at batch 8-32 (kernel_notes run 13, groups of 128; groups of 32 and 64 are
-    correct on an H100 but untimed)."""
+    (fewer where a batch's x tiles do not fit the shared memory), the default `split_sum`
+    (at 1-2 splits the cluster's: at most one received sum, the size of XLA's output tile). Within
+    4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups of
+    128; groups of 32 and 64 are correct on an H100 but untimed)."""
     k, n = w.shape
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
     scale_on_acc = w.group_size >= 128
-    cfg = fit_stages(W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc), w, m)
-    # The cluster's sums take shared memory; where that would cost pipeline stages (batches past
-    # 64), XLA adds the splits instead.
-    via_xla = fit_stages(dataclasses.replace(cfg, stages=4, split_sum="xla"), w, m)
-    return via_xla if via_xla.stages > cfg.stages else cfg
+    return fit_stages(W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc), w, m)
 
 
 def fit_stages(cfg: W4Config, w: W4Weight, m: int) -> W4Config:

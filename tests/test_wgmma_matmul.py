@@ -133,7 +133,8 @@ def test_default_config_fits_the_shared_memory_at_large_batches():
     assert [wm.default_config(w, m).stages for m in (1, 32, 64, 128, 256)] == [4, 4, 4, 2, 1]
     # K = 4096 takes 4 splits, which XLA adds (a cluster of 4 measured slower)
     assert [wm.split_sum_of(wm.default_config(w, m)) for m in (1, 64, 128)] == ["xla"] * 3
-    # 2 splits: a cluster, whose one received sum takes the shared memory of XLA's output tile
+    # 2 splits: a cluster, whose one received sum takes the shared memory of XLA's output tile,
+    # so the batch-128 stages are those of run 14
     w2 = dataclasses.replace(w, shape=(4096, 12288))
     assert [wm.split_sum_of(wm.default_config(w2, m)) for m in (1, 64, 128)] == ["cluster"] * 3
     assert wm.smem_bytes(wm.default_config(w2, 128), w2, 128) == 181248
