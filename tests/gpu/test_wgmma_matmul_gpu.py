@@ -58,7 +58,7 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
       wm.W4Config(128, 128, 2, 4, warp_specialized=True, scale_on_acc=False)]),
     # split-K sums: in a cluster of 1, 2 or 8 programs (128-row tiles too), and by XLA
     (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 40), dict(order="lop3"),
-     [wm.W4Config(64, 256, 1, 4), wm.W4Config(64, 256, 8, 2), wm.W4Config(128, 256, 2, 4),
+     [wm.W4Config(64, 256, 1, 4), wm.W4Config(64, 256, 8, 2, split_sum="cluster"), wm.W4Config(128, 256, 2, 4),
       wm.W4Config(64, 256, 2, 4, split_sum="xla")]),
 ]
 
