@@ -36,8 +36,8 @@ in an fp32 accumulator of their own, which is multiplied by the group's scale in
 multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf16.
 
 Measured on an H100 (kernel_notes.md runs 13-15): 1.3-2.9x XLA's bf16 matmul at batch 8-32 on
-the Llama shapes, 1.15-1.6x at 64; at batch 1 1.95-2.73x (asymmetric g128), ahead of the Triton
-GEMV on the wide shapes since the output is stored in the kernel. CPU tests check
+the Llama shapes, 1.15-1.6x at 64; at batch 1 1.94-2.73x (symmetric g128), level with or ahead of
+the Triton GEMV on 4096 x 14336 and 4096 x 22016 and behind it on the other shapes. CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
@@ -209,7 +209,7 @@ class W4Config:
     # thread-block cluster; each sends its fp32 sum into the first one's shared memory, which adds
     # them and stores y [M, N] in x's dtype itself. "xla" writes fp32 partial sums [splits, N, M] for
     # XLA to sum and transpose beside the kernel: one more kernel a call, 1.2-1.8 us on an H100
-    # (kernel_notes runs 13, 14). None picks "cluster" where it applies.
+    # (kernel_notes runs 13, 14). None: the measured rule of `split_sum_of`.
     split_sum: str | None = None
 
 
@@ -523,7 +523,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx) -> None:
     """split_sum="cluster": programs 1 .. splits-1 of the tile's cluster send their fp32 sums
     [rows, M] into program 0's shared memory (st.async, counted by its barrier's transaction
-    bytes); program 0 adds them to its own in a fixed order and stores y^T's rows itself."""
+    bytes); program 0 adds them to its own in a fixed order and stores its tile of y itself."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -568,7 +568,7 @@ def _store_transposed_mgpu(ctx, acc, out):
         if m == acc.shape[1]:
             memref.store(value, out, [col, row])
             return
-        inside = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, limit))  # the padding's columns stay
+        inside = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ult, col, limit))  # not x's padding rows past M
         with ir.InsertionPoint(inside.then_block):
             memref.store(value, out, [col, row])
             scf.yield_([])
