@@ -90,6 +90,9 @@ class W4Weight:
     64 x block_k tile a pipeline step reads is one contiguous run of memory.
     scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). zero: the QArray's
     integer-valued `[G, N]` zero points (asymmetric grids), or None (symmetric: 8 implied).
+    stored_k: 0, or a K past the logical one up to which codes, scales and zero points are stored
+    as zeros (`padded_k`), so that the kernel's steps split K evenly; the kernel reads x's
+    columns past K as zeros (TMA fills out-of-bounds reads with zeros).
     """
 
     codes: jax.Array
@@ -100,31 +103,41 @@ class W4Weight:
     order: str = dataclasses.field(default="lop3", metadata=dict(static=True))
     block_k: int = dataclasses.field(default=0, metadata=dict(static=True))
     dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
+    stored_k: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def k_stored(self) -> int:
+        """The K the kernel steps over: the logical K, or `stored_k` where zeros pad it."""
+        return self.stored_k or self.shape[0]
 
     def nbytes(self) -> int:
         """Exact storage bytes: half a byte a code (int4 packs two a byte on the GPU), the rest."""
         parts = [self.scale] + ([self.zero] if self.zero is not None else [])
-        return self.shape[0] * self.shape[1] // 2 + sum(int(x.size) * x.dtype.itemsize for x in parts)
+        return self.k_stored * self.shape[1] // 2 + sum(int(x.size) * x.dtype.itemsize for x in parts)
+
+    def group_scales(self) -> jax.Array:
+        """fp32 `[G, N]` scales of the logical K's groups (the padding's zeros dropped)."""
+        return self.scale.astype(jnp.float32)[:max(self.shape[0] // self.group_size, 1)]
 
     def dequantize(self) -> jax.Array:
         """The dense `[K, N]` weight: (code - zero) * s in fp32 (as `QArray.dequantize`), cast to `dtype`."""
         w = self.centered_codes().astype(jnp.float32)
-        return (w * jnp.repeat(self.scale.astype(jnp.float32), self.group_size, axis=0)).astype(self.dtype)
+        return (w * jnp.repeat(self.group_scales(), self.group_size, axis=0)).astype(self.dtype)
 
     def centered_codes(self) -> jax.Array:
         """int32 `[K, N]` code - zero (code - 8 if symmetric): what the kernel multiplies."""
         c = self.logical_codes()
         if self.zero is None:
             return c
-        return c - jnp.repeat(self.zero.astype(jnp.int32) - 8, self.group_size, axis=0)
+        return c - jnp.repeat(self.zero.astype(jnp.int32) - 8, self.group_size, axis=0)[:self.shape[0]]
 
     def logical_codes(self) -> jax.Array:
         """int32 `[K, N]` codes - 8 in the original column order (tests, `emulate_w4`)."""
-        k, n = self.shape
+        (k, n), ks = self.shape, self.k_stored
         c = self.codes.astype(jnp.int32)
         if self.block_k:
-            c = c.transpose(0, 2, 1, 3).reshape(n, k)
-        c = c.T.reshape(-1, CHUNK, n)[:, np.argsort(chunk_permutation(self.order))].reshape(k, n)
+            c = c.transpose(0, 2, 1, 3).reshape(n, ks)
+        c = c.T.reshape(-1, CHUNK, n)[:, np.argsort(chunk_permutation(self.order))].reshape(ks, n)[:k]
         return c if self.order == "prmt" else (c & 15) - 8
 
 
@@ -152,24 +165,34 @@ def repack_problem(w: QArray) -> str | None:
     return None
 
 
-def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0) -> W4Weight:
-    """One-time repack of a 4-bit `QArray` into the layout `w4_matmul` reads."""
+def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0, stored_k: int = 0) -> W4Weight:
+    """One-time repack of a 4-bit `QArray` into the layout `w4_matmul` reads; `stored_k` pads K
+    with zero codes, scales and zero points (`padded_k`)."""
     if (problem := repack_problem(w)) is not None:
         raise ConfigError(f"repack_w4: cannot lay out this weight for the wgmma kernel: {problem}")
     k, n = w.shape
-    if block_k and (block_k % 128 or k % block_k):
-        raise ConfigError(f"repack_w4: block_k={block_k} must be a multiple of 128 dividing K={k}")
+    ks = stored_k or k
+    if block_k and (block_k % 128 or ks % block_k):
+        raise ConfigError(f"repack_w4: block_k={block_k} must be a multiple of 128 dividing K={ks}")
     groups = w.scale.shape[0]
     group_size = k // groups
-    scale = w.scale  # fp32 / fp16 / bf16: the kernel scales the group sums in fp32
-    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k), scale=scale, zero=w.zero,
-                    group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype)
+    if ks != k and (ks < k or ks % max(group_size, 128) or groups == 1):
+        raise ConfigError(f"repack_w4: stored_k={ks} must exceed K={k} by whole groups of {group_size} "
+                          "(multiples of 128), and the scales must be grouped (not per channel)")
+    pad = ((0, ks // group_size - groups), (0, 0))
+    # fp32 / fp16 / bf16 scales: the kernel scales the group sums in fp32; the padding's are zero
+    scale = jnp.pad(w.scale, pad) if ks != k else w.scale
+    zero = jnp.pad(w.zero, pad) if ks != k and w.zero is not None else w.zero
+    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k, ks), scale=scale, zero=zero,
+                    group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype,
+                    stored_k=stored_k if ks != k else 0)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))  # one program per shape: a 7B model repacks in seconds
-def _layout_codes(words: jax.Array, k: int, order: str, block_k: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))  # one program per shape: a 7B model repacks in seconds
+def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: int) -> jax.Array:
     n = words.shape[1]
-    codes = unpack_codes(words, 4, k)  # [K, N] in 0..15
+    codes = jnp.pad(unpack_codes(words, 4, k), ((0, stored_k - k), (0, 0)))  # [K stored, N] in 0..15
+    k = stored_k
     columns = (np.arange(k).reshape(-1, CHUNK)[:, chunk_permutation(order)]).reshape(-1)
     codes = codes[columns]
     # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
@@ -187,7 +210,7 @@ def emulate_w4(x: jax.Array, w: W4Weight) -> jax.Array:
     xb = x.astype(compute_dtype(x.dtype, w)).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
     codes = w.centered_codes().astype(jnp.float32).reshape(k // w.group_size, w.group_size, n)
     sums = jnp.einsum("mgk,gkn->mgn", xb, codes, precision="highest")
-    y = jnp.einsum("mgn,gn->mn", sums, w.scale.astype(jnp.float32), precision="highest")
+    y = jnp.einsum("mgn,gn->mn", sums, w.group_scales(), precision="highest")
     return y.astype(x.dtype)
 
 
@@ -244,6 +267,17 @@ def split_choices(k: int, n: int, tile_k: int) -> list[int]:
     return [s for s in split_counts(k, tile_k) if n // 64 * s >= MIN_PROGRAMS]
 
 
+def padded_k(k: int, n: int, block: int = 256) -> int:
+    """The K to store a weight at (`repack_w4(stored_k=...)`): K itself where its 256-column steps
+    split into enough programs (`split_choices`), else the next multiple of 256 within K / 16 that
+    does, else K. Llama-2's 11008 = 43 x 256 has no small divisor; 11264 = 44 x 256 splits in 4."""
+    steps = -(-k // block)
+    for s in range(steps, steps + max(steps // 16, 1) + 1):
+        if split_choices(s * block, n, block):
+            return s * block
+    return k
+
+
 def choose_block_k(k: int, n: int) -> int:
     """The code tile a blocked weight stores: 256 columns where K splits into enough programs,
     else 128 (K = 11008: 43 steps of 256 have no small divisor)."""
@@ -261,7 +295,7 @@ def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
     tables = 1 + (w.zero is not None)  # scales, zero points
     rows = max(cfg.tile_k // w.group_size, 1)
     slot = m_padded * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
-    slots = min(cfg.stages, max(w.shape[0] // (cfg.tile_k * cfg.splits), 1))
+    slots = min(cfg.stages, max(w.k_stored // (cfg.tile_k * cfg.splits), 1))
     out_tiles = cfg.splits - 1 if split_sum_of(cfg) == "cluster" else 1
     return slots * slot + out_tiles * cfg.tile_n * m_padded * 4
 
@@ -277,7 +311,7 @@ def default_config(w: W4Weight, m: int = 1) -> W4Config:
     (at 1-2 splits the cluster's: at most one received sum, the size of XLA's output tile). Within
     4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups of
     128; groups of 32 and 64 are correct on an H100 but untimed)."""
-    k, n = w.shape
+    k, n = w.k_stored, w.shape[1]
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
@@ -293,7 +327,7 @@ def fit_stages(cfg: W4Config, w: W4Weight, m: int) -> W4Config:
 
 
 def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
-    k, n = w.shape
+    k, n = w.k_stored, w.shape[1]
     if cfg.tile_n % 64 or n % cfg.tile_n:
         raise ConfigError(f"W4Config.tile_n={cfg.tile_n} must be a multiple of 64 dividing N={n}")
     if cfg.tile_k % 128 or (w.group_size < cfg.tile_k and cfg.tile_k % w.group_size):
@@ -606,7 +640,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     xb = x2.astype(dtype)
     if m > 8 and m % 8:  # TMA tiles x by 8 rows: below 8 it zero-fills the rows past m itself
         xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
-    k_slice = k // cfg.splits
+    k_slice = w.k_stored // cfg.splits  # past K (padding) the last slice's x tiles read as zeros
     with_zero = w.zero is not None
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_zero=with_zero,

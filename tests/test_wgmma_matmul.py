@@ -147,6 +147,72 @@ def test_default_config_fits_the_shared_memory_at_large_batches():
     assert wm.smem_bytes(wm.W4Config(64, 256, 1, 1), shell, 8) == wm.smem_bytes(wm.W4Config(64, 256, 1, 1), w, 8) + 2 * 64 * 4
 
 
+def test_padded_k_splits_llama2_down_projection():
+    """K = 11008 is 43 steps of 256, which no small count divides: only 2 splits of 128-column
+    steps (128 programs, one an SM; 17.5 us against the Triton GEMV's 14.1 on an H100, run 15).
+    Stored padded to 11264 = 44 x 256 it splits 4 ways; K that already splits stays as it is."""
+    assert wm.padded_k(11008, 4096) == 11264
+    assert [wm.padded_k(k, n) for k, n in ((4096, 4096), (14336, 4096), (4096, 14336), (4096, 1024))] == [
+        4096, 14336, 4096, 4096]
+    q = random_weight(0, 11008, 64, Variant(4, 128, "asym"))
+    w = wm.repack_w4(q, block_k=256, stored_k=wm.padded_k(11008, 4096))
+    assert (w.k_stored, w.codes.shape, w.scale.shape, w.zero.shape) == (11264, (1, 44, 64, 256), (88, 64), (88, 64))
+    np.testing.assert_array_equal(np.asarray(w.scale[86:]), 0)  # the padding contributes nothing
+    shell = dataclasses.replace(w, shape=(11008, 4096))
+    cfg = wm.default_config(shell, 1)
+    assert (cfg.tile_k, cfg.splits) == (256, 4)
+    # half a byte a code of the stored K; the scales and zero points of its groups
+    assert w.nbytes() == 11264 * 64 // 2 + 2 * 88 * 64 * w.scale.dtype.itemsize
+
+
+@pytest.mark.parametrize("grid,group,order,block_k", [("asym", 128, "lop3", 256), ("sym", 64, "prmt", 0),
+                                                       ("asym", 32, "lop3", 0)])
+def test_padded_weight_is_the_same_weight(grid, group, order, block_k):
+    """Padding K with zero codes, scales and zero points changes the storage only: the dense
+    weight is bit-identical to the unpadded repack's, the kernel's arithmetic (emulated) matches
+    float64 as closely, and the kernel lowers with the last slice reaching past K."""
+    q = random_weight(3, 1280, 128, Variant(4, group, grid))
+    padded = wm.repack_w4(q, order=order, block_k=block_k, stored_k=1536)
+    plain = wm.repack_w4(q, order=order)
+    np.testing.assert_array_equal(np.asarray(padded.dequantize()), np.asarray(plain.dequantize()))
+    np.testing.assert_array_equal(np.asarray(padded.centered_codes()), np.asarray(plain.centered_codes()))
+    x = random_activations(4, (5, 1280))
+    ref = float64_reference(x, q)
+    assert relative_error(wm.emulate_w4(x, padded), ref) == pytest.approx(relative_error(wm.emulate_w4(x, plain), ref))
+    assert relative_error(wm.emulate_w4(x, padded), ref) < 5e-3
+    cfg = wm.W4Config(64, 256, 3, 2)  # 6 steps of the stored 1536 in 3 slices: the last one's 2nd step is padding
+    text = jax.export.export(jax.jit(lambda x_, w_: wm.w4_matmul(x_, w_, cfg)), platforms=("cuda",))(
+        jax.ShapeDtypeStruct((5, 1280), jnp.bfloat16), padded).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+def test_repack_for_wgmma_pads_k_on_request():
+    """repack_for_wgmma(pad_k=True) stores a down projection of Llama-2's K = 11008 (N = 3200:
+    50 tiles, so 4 splits fill the GPU) padded to 11264 and blocked by 256; by default it keeps
+    K and steps by 128, as run 15 measured."""
+
+    class Down(nnx.Module):
+        def __init__(self, w):
+            self.kernel = nnx.Param(w)
+
+    model = Down(random_weight(0, 11008, 3200, Variant(4, 128, "asym")))
+    padded = repack_for_wgmma(model, pad_k=True)[0].kernel.get_value()
+    plain = repack_for_wgmma(model)[0].kernel.get_value()
+    assert (padded.k_stored, padded.block_k, plain.k_stored, plain.block_k) == (11264, 256, 11008, 128)
+
+
+def test_padding_is_refused_where_it_cannot_hold():
+    q = random_weight(0, 1280, 64, Variant(4, 128, "sym"))
+    with pytest.raises(ConfigError, match="stored_k=1024 must exceed K=1280"):
+        wm.repack_w4(q, stored_k=1024)
+    with pytest.raises(ConfigError, match="stored_k=1344 must exceed K=1280 by whole groups"):
+        wm.repack_w4(q, stored_k=1344)
+    with pytest.raises(ConfigError, match="grouped"):
+        wm.repack_w4(random_weight(0, 1280, 64, Variant(4, 0, "sym")), stored_k=1536)
+    with pytest.raises(ConfigError, match="block_k=1024 must be a multiple of 128 dividing K=1536"):
+        wm.repack_w4(q, block_k=1024, stored_k=1536)
+
+
 def test_split_sums_meet_in_a_cluster():
     """By default the splits of a tile form a thread-block cluster that adds their fp32 sums and
     stores y [M, N] itself, so the exported program is the kernel alone; split_sum="xla" keeps the
@@ -248,14 +314,16 @@ def test_probe_script_configs():
     from script_loader import load_script
 
     probe = load_script("scripts/gpu/wgmma_w4_probe.py")
-    (a, order_a, block_a), (b, order_b, block_b) = probe.parse_configs("64:256:2:4+loads+blocked,128:128:1:8+mul+prmt")
+    (a, order_a, block_a, pad_a), (b, order_b, block_b, pad_b), (c, _, block_c, pad_c) = probe.parse_configs(
+        "64:256:2:4+loads+blocked,128:128:1:8+mul+prmt,64:256:4:4+pad+xla")
     assert (a.tile_n, a.tile_k, a.splits, a.stages, a.loads_only, a.scale_on_acc) == (64, 256, 2, 4, True, True)
     assert (order_a, block_a, order_b, block_b) == ("lop3", 256, "prmt", 0)
-    assert (b.scale_on_acc, b.loads_only) == (False, False)
+    assert (b.scale_on_acc, b.loads_only, pad_a, pad_b) == (False, False, False, False)
+    assert (c.split_sum, block_c, pad_c) == ("xla", 256, True)  # padded K is stored blocked
     sweep = probe.candidate_configs(11008, 4096, 8, 128)
-    assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]
+    assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk, _ in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]
     big = probe.candidate_configs(4096, 4096, 128, 128, "asym")  # stages cut to what fits, the term inside
-    assert [(c.splits, c.stages) for c, _, _ in big] == [(4, 2), (8, 2)]
+    assert [(c.splits, c.stages) for c, _, _, _ in big] == [(4, 2), (8, 2)]
 
 
 def test_one_matmul_script_runs_both_paths(capsys):

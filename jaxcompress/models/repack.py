@@ -31,12 +31,14 @@ class RepackReport:
         return text
 
 
-def repack_for_wgmma(model):
+def repack_for_wgmma(model, *, pad_k: bool = False):
     """(repacked model, RepackReport); `model` is left as it was.
 
     4-bit QArray leaves that `wgmma_matmul.repack_problem` accepts become `W4Weight`s, blocked by
-    `choose_block_k`; every other QArray is reported with the reason and kept."""
-    from pallas_kernels.wgmma_matmul import choose_block_k, repack_problem, repack_w4
+    `choose_block_k`; every other QArray is reported with the reason and kept. `pad_k` stores a
+    K that 256-column steps cannot split well (Llama-2's 11008) padded with zeros (`padded_k`,
+    2.3% more bytes for 11008), blocked by 256; not yet timed on a GPU, so off by default."""
+    from pallas_kernels.wgmma_matmul import choose_block_k, padded_k, repack_problem, repack_w4
 
     graphdef, state = nnx.split(nnx.clone(model))
     report = RepackReport()
@@ -49,6 +51,10 @@ def repack_for_wgmma(model):
         if problem is not None:
             report.skipped[name] = problem
             continue
-        var.set_value(repack_w4(leaf, block_k=choose_block_k(*leaf.shape)))
+        stored_k = padded_k(*leaf.shape) if pad_k and leaf.scale.shape[0] > 1 else leaf.shape[0]
+        if stored_k != leaf.shape[0]:
+            var.set_value(repack_w4(leaf, block_k=256, stored_k=stored_k))
+        else:
+            var.set_value(repack_w4(leaf, block_k=choose_block_k(*leaf.shape)))
         report.repacked.append(name)
     return nnx.merge(graphdef, state), report

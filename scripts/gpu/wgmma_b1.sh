@@ -26,7 +26,7 @@ for r in d["records"]:
     for c in r.get("candidates", []):
         cfg = c["config"]
         name = (f"{cfg['tile_n']}:{cfg['tile_k']}:{cfg['splits']}:{cfg['stages']}{'+loads' if cfg['loads_only'] else ''}"
-                f"{'+xla' if cfg.get('split_sum') == 'xla' else ''}")
+                f"{'+' + cfg['split_sum'] if cfg.get('split_sum') else ''}{'+pad' if cfg.get('stored_k') else ''}")
         if "us" not in c:
             print(f"{r['k']}x{r['n']:<7} {name:28} ERROR {c.get('error', '')[:80]}")
             continue

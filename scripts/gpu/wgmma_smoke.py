@@ -29,9 +29,9 @@ def child(shape: str, batch: int, config: str, grid: str) -> None:
     from wgmma_w4_probe import parse_configs
 
     k, n = (int(v) for v in shape.split("x"))
-    [(cfg, order, block_k)] = parse_configs(config)
+    [(cfg, order, block_k, pad)] = parse_configs(config)
     q = random_weight(0, k, n, Variant(4, 128, grid))
-    w = wm.repack_w4(q, order=order, block_k=block_k)
+    w = wm.repack_w4(q, order=order, block_k=block_k, stored_k=wm.padded_k(k, n) if pad else 0)
     x = random_activations(1, (batch, k))
     t0 = time.time()
     compiled = jax.jit(lambda x_, w_: wm.w4_matmul(x_, w_, cfg)).lower(x, w).compile()

@@ -34,16 +34,18 @@ from pallas_kernels.testing import Variant, float64_reference, random_activation
 log = logging.getLogger("wgmma_w4_probe")
 
 
-def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, block_k: int) -> wm.W4Weight:
-    """Timing data in the kernel's layout (any int4 is a valid code)."""
+def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, block_k: int,
+              stored_k: int = 0) -> wm.W4Weight:
+    """Timing data in the kernel's layout (any int4 is a valid code), K stored as `stored_k`."""
     kc, ks, kz = jax.random.split(key, 3)
-    shape = (n // 64, k // block_k, 64, block_k) if block_k else (n, k)
+    kk = stored_k or k
+    shape = (n // 64, kk // block_k, 64, block_k) if block_k else (n, kk)
     codes = jax.random.randint(kc, shape, -8, 8, jnp.int8).astype(jnp.int4)
     # fp16 scales, as the quantizers write them (run 13's calls a-e, before repack kept them, used bf16)
-    scale = jax.random.uniform(ks, (k // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
+    scale = jax.random.uniform(ks, (kk // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
     zero = jax.random.randint(kz, scale.shape, 0, 16).astype(jnp.float16) if asym else None
     return wm.W4Weight(codes=codes, scale=scale, zero=zero, group_size=group_size, shape=(k, n),
-                       order=order, block_k=block_k)
+                       order=order, block_k=block_k, stored_k=stored_k)
 
 
 def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym") -> list[tuple]:
@@ -59,8 +61,8 @@ def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym"
         for stages in (4, 8):
             cfg = dataclasses.replace(base, splits=s, stages=min(stages, k // (tile_k * s)))  # slots used
             cfg = wm.fit_stages(cfg, shell, m)
-            if (cfg, "lop3", tile_k) not in out:
-                out.append((cfg, "lop3", tile_k))
+            if (cfg, "lop3", tile_k, False) not in out:
+                out.append((cfg, "lop3", tile_k, False))
     return out
 
 
@@ -72,19 +74,22 @@ def time_fn(fn, xs, ws):
 
 
 def parse_configs(text: str) -> list[tuple]:
-    """'tile_n:tile_k:splits:stages[+flag...]' comma-separated -> [(W4Config, order, block_k)].
+    """'tile_n:tile_k:splits:stages[+flag...]' comma-separated -> [(W4Config, order, block_k, pad)].
 
     Flags: loads (the loads-only probe), mul (scale the bf16 weights instead of the group sums),
     prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
-    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla (XLA sums the splits
-    beside the kernel instead of a thread-block cluster inside it)."""
+    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster (where the split
+    sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
+    zeros to `padded_k`, blocked by tile_k)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
         f = [int(v) for v in head.split(":")]
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags, loads_only="loads" in flags,
-                          warp_specialized="ws" in flags, split_sum="xla" if "xla" in flags else None)
-        out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if "blocked" in flags else 0))
+                          warp_specialized="ws" in flags,
+                          split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None)
+        blocked = "blocked" in flags or "pad" in flags
+        out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if blocked else 0, "pad" in flags))
     return out
 
 
@@ -97,10 +102,10 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     cands = configs or candidate_configs(k, n, m, 128, grid)[:max_cands]
     errors = {}
     for cand in cands:
-        cfg, order, block_k = cand
+        cfg, order, block_k, pad = cand
         if not cfg.loads_only:
             try:
-                ww = wm.repack_w4(w, order=order, block_k=block_k)
+                ww = wm.repack_w4(w, order=order, block_k=block_k, stored_k=wm.padded_k(k, n) if pad else 0)
                 errors[cand] = relative_error(wm.w4_matmul(x, ww, cfg), ref)
             except Exception as e:  # the timing below reports it
                 log.warning("config %s failed the check: %s", cand, str(e)[:2000])
@@ -110,10 +115,11 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     xs = [random_activations(100 + i, (m, k)) for i in range(autotune.MIN_CALLS)]
     results = []
     for cand in cands:
-        cfg, order, block_k = cand
-        desc = {**cfg.__dict__, "order": order, "block_k": block_k}
+        cfg, order, block_k, pad = cand
+        stored_k = wm.padded_k(k, n) if pad else 0
+        desc = {**cfg.__dict__, "order": order, "block_k": block_k, "stored_k": stored_k}
         try:
-            wss = [random_w4(kk, k, n, 128, grid == "asym", order, block_k) for kk in keys]
+            wss = [random_w4(kk, k, n, 128, grid == "asym", order, block_k, stored_k) for kk in keys]
             us, wall, kernels = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
             results.append({"config": desc, "us": us, "wall_us": wall, "rel_err": errors.get(cand),
                             "kernels": kernels})

@@ -7,7 +7,7 @@ Fresh random QArrays (symmetric and asymmetric with the zero points in the kerne
 and do not fill an 8-row TMA tile (past 64: fewer stages fit the shared memory); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
-cluster (default) or in XLA. Then `linear()`'s dispatch.
+cluster (default) or in XLA; a K stored padded with zeros. Then `linear()`'s dispatch.
 """
 
 import jax
@@ -60,6 +60,9 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 40), dict(order="lop3"),
      [wm.W4Config(64, 256, 1, 4), wm.W4Config(64, 256, 8, 2, split_sum="cluster"), wm.W4Config(128, 256, 2, 4),
       wm.W4Config(64, 256, 2, 4, split_sum="xla")]),
+    # K = 11008 stored padded to 11264: the last slice's last step reads x past K (TMA's zeros)
+    (Variant(4, 128, "asym"), 11008, 4096, (1, 8, 13), dict(block_k=256, stored_k=11264),
+     [None, wm.W4Config(64, 256, 4, 4, split_sum="cluster"), wm.W4Config(64, 256, 11, 2)]),
 ]
 
 
