@@ -239,8 +239,9 @@ class W4Config:
 SPLIT_SUMS = ("cluster", "xla")
 MAX_CLUSTER = 8  # the portable thread-block cluster size
 # Measured on an H100 (kernel_notes run 15, batch 1 and 8): the cluster's sum wins at 1 split (no
-# kernel beside it: -1.1 us on 4096 x 14336) and at 2 (-0.5 to -1.2 us), and loses at 4 and 8,
-# where each tile waits for the slowest program of its cluster (+0.1 to +2.3 us of kernel).
+# kernel beside it: -1.1 us on 4096 x 14336) and at 2 (-0.5 to -1.2 us a call), and loses at 4
+# (+0.1 to +1.1 us a call on 7 of 8 points) and 8, where each tile waits for the slowest program
+# of its cluster.
 CLUSTER_SUM_MAX_SPLITS = 2
 
 
