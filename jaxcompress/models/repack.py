@@ -51,10 +51,8 @@ def repack_for_wgmma(model, *, pad_k: bool = False):
         if problem is not None:
             report.skipped[name] = problem
             continue
-        stored_k = padded_k(*leaf.shape) if pad_k and leaf.scale.shape[0] > 1 else leaf.shape[0]
-        if stored_k != leaf.shape[0]:
-            var.set_value(repack_w4(leaf, block_k=256, stored_k=stored_k))
-        else:
-            var.set_value(repack_w4(leaf, block_k=choose_block_k(*leaf.shape)))
+        k, n = leaf.shape
+        stored_k = padded_k(k, n) if pad_k and leaf.scale.shape[0] > 1 else k  # padding needs groups
+        var.set_value(repack_w4(leaf, block_k=256 if stored_k != k else choose_block_k(k, n), stored_k=stored_k))
         report.repacked.append(name)
     return nnx.merge(graphdef, state), report
