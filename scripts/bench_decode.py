@@ -104,17 +104,15 @@ def main(argv=None):
                    help="serve q|k|v and gate|up as one matmul each (jaxcompress.models.fuse)")
     p.add_argument("--wgmma", action="store_true",
                    help="repack 4-bit weights for the Hopper wgmma kernel (jaxcompress.models.repack), after fusing")
-    p.add_argument("--wgmma-pad-k", action="store_true",
+    p.add_argument("--wgmma-pad-k", action=argparse.BooleanOptionalAction, default=True,
                    help="with --wgmma: store a K that 256-column steps split badly (11008) padded with zeros "
-                        "(repack_for_wgmma(pad_k=True))")
+                        "(repack_for_wgmma's default; --no-wgmma-pad-k keeps it unpadded)")
     p.add_argument("--skip-prefill", action="store_true", help="decode only (saves a compile)")
     p.add_argument("--copy-mib", type=int, default=2048, help="array size of the copy-bandwidth measurement")
     p.add_argument("--out")
     args = p.parse_args(argv)
     if args.set and not args.recipe:
         p.error("--set overrides a recipe's fields: give --recipe too")
-    if args.wgmma_pad_k and not args.wgmma:
-        p.error("--wgmma-pad-k pads the wgmma kernel's weights: give --wgmma too")
     start = time.perf_counter()
     elapsed = lambda: f"[{time.perf_counter() - start:.0f} s]"  # noqa: E731  (where a slow compile goes)
 
@@ -140,7 +138,7 @@ def main(argv=None):
     bandwidth = copy_bandwidth(args.copy_mib << 20)
     record = {"model": args.model, "recipe": args.recipe, "overrides": args.set,
               "fused_projections": args.fuse_projections,
-              "wgmma": args.wgmma, "wgmma_pad_k": args.wgmma_pad_k,
+              "wgmma": args.wgmma, "wgmma_pad_k": args.wgmma and args.wgmma_pad_k,
               "dtype": dtype.name, "context": args.context,
               "weight_bytes": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9, "decode": [], **provenance()}
     if not args.skip_prefill:
