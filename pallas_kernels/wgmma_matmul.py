@@ -234,6 +234,11 @@ class W4Config:
     # XLA to sum and transpose beside the kernel: one more kernel a call, 1.2-1.8 us on an H100
     # (kernel_notes runs 13, 14). None: the measured rule of `split_sum_of`.
     split_sum: str | None = None
+    # One accumulator carried through the whole pipeline, the codes scaled in bf16 (no scale_on_acc):
+    # each step issues its wgmmas and waits only for the previous step's, so the tensor cores work on
+    # while the warpgroup loads and converts the next step (x's slot is released a step late, since
+    # wgmma reads it from shared memory). Without it every step reads its group sums back and waits.
+    overlap_mma: bool = False
 
 
 SPLIT_SUMS = ("cluster", "xla")
@@ -347,6 +352,13 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
         raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits and no warp "
                           f"specialization (splits={cfg.splits}, warp_specialized={cfg.warp_specialized}); "
                           "use split_sum='xla'")
+    if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
+        raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
+                          "scale_on_acc=False, warp_specialized=False and loads_only=False")
+    if cfg.overlap_mma and min(cfg.stages, k // (cfg.tile_k * cfg.splits)) < 2:
+        raise ConfigError(f"W4Config.overlap_mma releases x's slot a step late: it needs at least 2 stages "
+                          f"and 2 steps a split (stages={cfg.stages}, K={k} in {cfg.splits} splits of "
+                          f"tile_k={cfg.tile_k})")
     if smem_bytes(cfg, w, m_padded) > SMEM_BYTES:
         raise ConfigError(f"W4Config: {cfg.stages} stages of tile_k={cfg.tile_k} at batch {m_padded} need "
                           f"{smem_bytes(cfg, w, m_padded)} bytes of shared memory (> {SMEM_BYTES}); "
@@ -473,14 +485,19 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 return a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
             return weights
 
+        def scaled_mma(acc_ref):
+            weights = group_weights()
+            for g in range(groups_per_step):
+                a, x_t = weights(g)
+                s = plgpu.load(s_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
+
+        if cfg.overlap_mma:  # acc is the carried accumulator ref: leave this step's wgmmas in flight
+            scaled_mma(acc)
+            plgpu.wgmma_wait(groups_per_step)
+            return acc
         if not cfg.scale_on_acc:
-            def mma(acc_ref):
-                weights = group_weights()
-                for g in range(groups_per_step):
-                    a, x_t = weights(g)
-                    s = plgpu.load(s_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                    plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
-            return pl.run_state(mma)(plgpu.ACC.init(acc))
+            return pl.run_state(scaled_mma)(plgpu.ACC.init(acc))
 
         def group_sums(*acc_refs):
             weights = group_weights()
@@ -519,7 +536,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     else:
         c_spec = plgpu.BlockSpec((tile_n, tile_k), lambda k: (0, k), transforms=c_transforms)
         codes = codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]
-    in_specs = [plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms), c_spec,
+    # overlap_mma: a step's x is still read by its wgmma when the next step starts, so its slot is
+    # refilled a step later; codes and tables are in registers before the wgmma and go at once.
+    in_specs = [plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms,
+                                delay_release=int(cfg.overlap_mma)), c_spec,
                 plgpu.BlockSpec((scale_rows, tile_n), scale_index)]
     in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_zero else []
     groups = (pl.ds(k0 // group_size, max(k_slice // group_size, 1)), pl.ds(n0, tile_n))
@@ -534,9 +554,14 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         plgpu.wait_smem_to_gmem(0)
 
     if not cfg.warp_specialized:
-        pipeline = plgpu.emit_pipeline(step(slice(None)), grid=(steps,), in_specs=in_specs,
-                                       max_concurrent_steps=cfg.stages, init_carry=zeros())
-        acc = pipeline(*operands)
+        def run_pipeline(init):
+            return plgpu.emit_pipeline(step(slice(None)), grid=(steps,), in_specs=in_specs,
+                                       max_concurrent_steps=cfg.stages, init_carry=init)(*operands)
+
+        if cfg.overlap_mma:
+            acc = pl.run_scoped(lambda acc_ref: run_pipeline(acc_ref)[...], plgpu.ACC((rows, m_padded), jnp.float32))
+        else:
+            acc = run_pipeline(zeros())
         if split_sum_of(cfg) == "xla":
             store(acc, scratch[0], n0)
         else:

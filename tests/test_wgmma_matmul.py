@@ -265,15 +265,17 @@ def test_call_sites_share_one_kernel_module():
     assert text.count("call @w4_matmul") == 3
 
 
-@pytest.mark.parametrize("order,block_k,scale_on_acc,m,grid,ws,group", [
-    ("lop3", 256, True, 1, "asym", False, 128), ("prmt", 0, False, 13, "sym", False, 128),
-    ("lop3", 128, True, 32, "asym", False, 128), ("lop3", 0, True, 3, "asym", True, 128),
-    ("lop3", 256, False, 8, "asym", False, 32), ("prmt", 256, True, 2, "asym", False, 64)])
-def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group):
+@pytest.mark.parametrize("order,block_k,scale_on_acc,m,grid,ws,group,overlap", [
+    ("lop3", 256, True, 1, "asym", False, 128, False), ("prmt", 0, False, 13, "sym", False, 128, False),
+    ("lop3", 128, True, 32, "asym", False, 128, False), ("lop3", 0, True, 3, "asym", True, 128, False),
+    ("lop3", 256, False, 8, "asym", False, 32, False), ("prmt", 256, True, 2, "asym", False, 64, False),
+    ("lop3", 128, False, 1, "asym", False, 128, True), ("lop3", 0, False, 16, "sym", False, 64, True)])
+def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, overlap):
     """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it), with
     the zero points inside: one kernel a call, no XLA dot beside it."""
     w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, group, grid)), order=order, block_k=block_k)
-    cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, warp_specialized=ws)
+    cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, warp_specialized=ws,
+                      overlap_mma=overlap)
     text = jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
         jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
@@ -315,11 +317,12 @@ def test_probe_script_configs():
 
     probe = load_script("scripts/gpu/wgmma_w4_probe.py")
     (a, order_a, block_a, pad_a), (b, order_b, block_b, pad_b), (c, _, block_c, pad_c) = probe.parse_configs(
-        "64:256:2:4+loads+blocked,128:128:1:8+mul+prmt,64:256:4:4+pad+xla")
+        "64:256:2:4+loads+blocked,128:128:1:8+mul+prmt,64:256:4:4+pad+xla+ovl")
     assert (a.tile_n, a.tile_k, a.splits, a.stages, a.loads_only, a.scale_on_acc) == (64, 256, 2, 4, True, True)
     assert (order_a, block_a, order_b, block_b) == ("lop3", 256, "prmt", 0)
     assert (b.scale_on_acc, b.loads_only, pad_a, pad_b) == (False, False, False, False)
     assert (c.split_sum, block_c, pad_c) == ("xla", 256, True)  # padded K is stored blocked
+    assert (a.overlap_mma, c.overlap_mma, c.scale_on_acc) == (False, True, False)
     sweep = probe.candidate_configs(11008, 4096, 8, 128)
     assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk, _ in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]
     big = probe.candidate_configs(4096, 4096, 128, 128, "asym")  # stages cut to what fits, the term inside

@@ -80,13 +80,15 @@ def parse_configs(text: str) -> list[tuple]:
     prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
     ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster (where the split
     sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
-    zeros to `padded_k`, blocked by tile_k)."""
+    zeros to `padded_k`, blocked by tile_k), ovl (`overlap_mma`: one accumulator carried through
+    the pipeline, the codes scaled in bf16)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
         f = [int(v) for v in head.split(":")]
-        cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags, loads_only="loads" in flags,
-                          warp_specialized="ws" in flags,
+        overlap = "ovl" in flags
+        cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags and not overlap,
+                          loads_only="loads" in flags, warp_specialized="ws" in flags, overlap_mma=overlap,
                           split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None)
         blocked = "blocked" in flags or "pad" in flags
         out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if blocked else 0, "pad" in flags))

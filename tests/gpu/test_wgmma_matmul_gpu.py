@@ -7,7 +7,8 @@ Fresh random QArrays (symmetric and asymmetric with the zero points in the kerne
 and do not fill an 8-row TMA tile (past 64: fewer stages fit the shared memory); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
-cluster (default) or in XLA; a K stored padded with zeros. Then `linear()`'s dispatch.
+cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
+(`overlap_mma`). Then `linear()`'s dispatch.
 """
 
 import jax
@@ -60,9 +61,17 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 40), dict(order="lop3"),
      [wm.W4Config(64, 256, 1, 4), wm.W4Config(64, 256, 8, 2, split_sum="cluster"), wm.W4Config(128, 256, 2, 4),
       wm.W4Config(64, 256, 2, 4, split_sum="xla")]),
+    # overlap_mma: one accumulator through the pipeline, x's slot released a step late
+    (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 40), dict(block_k=256),
+     [wm.W4Config(64, 256, 1, 4, scale_on_acc=False, overlap_mma=True),
+      wm.W4Config(64, 256, 2, 2, scale_on_acc=False, overlap_mma=True),
+      wm.W4Config(64, 256, 4, 5, scale_on_acc=False, overlap_mma=True, split_sum="xla")]),
+    (Variant(4, 32), 4096, 1024, (1, 16), dict(order="prmt"),
+     [wm.W4Config(64, 128, 4, 4, scale_on_acc=False, overlap_mma=True)]),
     # K = 11008 stored padded to 11264: the last slice's last step reads x past K (TMA's zeros)
     (Variant(4, 128, "asym"), 11008, 4096, (1, 8, 13), dict(block_k=256, stored_k=11264),
-     [None, wm.W4Config(64, 256, 4, 4, split_sum="cluster"), wm.W4Config(64, 256, 11, 2)]),
+     [None, wm.W4Config(64, 256, 4, 4, split_sum="cluster"), wm.W4Config(64, 256, 11, 2),
+      wm.W4Config(64, 256, 4, 4, scale_on_acc=False, overlap_mma=True)]),
 ]
 
 
