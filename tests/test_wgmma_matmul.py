@@ -323,6 +323,9 @@ def test_probe_script_configs():
     assert (b.scale_on_acc, b.loads_only, pad_a, pad_b) == (False, False, False, False)
     assert (c.split_sum, block_c, pad_c) == ("xla", 256, True)  # padded K is stored blocked
     assert (a.overlap_mma, c.overlap_mma, c.scale_on_acc) == (False, True, False)
+    [d] = probe.parse_configs("default+ovl")  # the shipped default at each point, padded K as repacked
+    cfg, order, block_k, pad = probe.resolve_default(d, 11008, 4096, 1, "asym")
+    assert (cfg.tile_k, cfg.splits, cfg.overlap_mma, cfg.scale_on_acc, block_k, pad) == (256, 4, True, False, 256, True)
     sweep = probe.candidate_configs(11008, 4096, 8, 128)
     assert [(c.tile_k, c.splits, c.stages, blk) for c, _, blk, _ in sweep] == [(128, 2, 4, 128), (128, 2, 8, 128)]
     big = probe.candidate_configs(4096, 4096, 128, 128, "asym")  # stages cut to what fits, the term inside

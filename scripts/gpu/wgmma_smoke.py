@@ -26,10 +26,11 @@ def child(shape: str, batch: int, config: str, grid: str) -> None:
 
     from pallas_kernels import wgmma_matmul as wm
     from pallas_kernels.testing import Variant, float64_reference, random_activations, random_weight, relative_error
-    from wgmma_w4_probe import parse_configs
+    from wgmma_w4_probe import parse_configs, resolve_default
 
     k, n = (int(v) for v in shape.split("x"))
-    [(cfg, order, block_k, pad)] = parse_configs(config)
+    [cand] = parse_configs(config)
+    cfg, order, block_k, pad = resolve_default(cand, k, n, batch, grid)
     q = random_weight(0, k, n, Variant(4, 128, grid))
     w = wm.repack_w4(q, order=order, block_k=block_k, stored_k=wm.padded_k(k, n) if pad else 0)
     x = random_activations(1, (batch, k))

@@ -80,11 +80,15 @@ def parse_configs(text: str) -> list[tuple]:
     prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
     ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster (where the split
     sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
-    zeros to `padded_k`, blocked by tile_k), ovl (`overlap_mma`: one accumulator carried through
+    zeros to `padded_k`, blocked by tile_k). "default[+flags]" stands for `default_config` at each
+    point (`resolve_default`). ovl (`overlap_mma`: one accumulator carried through
     the pipeline, the codes scaled in bf16)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
+        if head == "default":  # resolved per point (`resolve_default`)
+            out.append(("default", tuple(flags)))
+            continue
         f = [int(v) for v in head.split(":")]
         overlap = "ovl" in flags
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags and not overlap,
@@ -95,13 +99,32 @@ def parse_configs(text: str) -> list[tuple]:
     return out
 
 
+def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
+    """A parsed config, with "default[+ovl|xla|cluster]" made concrete for this point: the weight as
+    `repack_for_wgmma` lays it out (K padded where `padded_k` says), `default_config` at batch m,
+    then the flags (ovl: `overlap_mma` with the codes scaled in bf16)."""
+    if cand[0] != "default":
+        return cand
+    flags = cand[1]
+    stored_k = wm.padded_k(k, n)
+    block_k = 256 if stored_k != k else wm.choose_block_k(k, n)
+    shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=128,
+                        shape=(k, n), block_k=block_k, stored_k=stored_k if stored_k != k else 0)
+    cfg = wm.default_config(shell, m)
+    if "ovl" in flags:
+        cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
+    if "xla" in flags or "cluster" in flags:
+        cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
+    return cfg, "lop3", block_k, stored_k != k
+
+
 def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list) -> dict:
     v = Variant(4, 128, grid)
     w = random_weight(3, k, n, v)
     rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": 128}
     x = random_activations(4, (m, k))
     ref = float64_reference(x, w)
-    cands = configs or candidate_configs(k, n, m, 128, grid)[:max_cands]
+    cands = [resolve_default(c, k, n, m, grid) for c in configs] or candidate_configs(k, n, m, 128, grid)[:max_cands]
     errors = {}
     for cand in cands:
         cfg, order, block_k, pad = cand
