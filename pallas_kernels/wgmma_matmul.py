@@ -203,13 +203,22 @@ def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: 
     return signed.astype(jnp.int4)
 
 
-def emulate_w4(x: jax.Array, w: W4Weight) -> jax.Array:
+def emulate_w4(x: jax.Array, w: W4Weight, offset_on_acc: bool = False) -> jax.Array:
     """The kernel's arithmetic in plain JAX: x in the compute dtype (`compute_dtype`), exact
-    (code - zero) x products summed per group in fp32, each group sum times its fp32 scale."""
+    (code - zero) x products summed per group in fp32, each group sum times its fp32 scale.
+    offset_on_acc: as `W4Config.offset_on_acc`, the sums of (base + code) x less (base + zero)
+    times the group's sum of x, in fp32."""
     m, (k, n) = x.shape[0], w.shape
-    xb = x.astype(compute_dtype(x.dtype, w)).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
+    dtype = compute_dtype(x.dtype, w)
+    xb = x.astype(dtype).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
     codes = w.centered_codes().astype(jnp.float32).reshape(k // w.group_size, w.group_size, n)
-    sums = jnp.einsum("mgk,gkn->mgn", xb, codes, precision="highest")
+    if offset_on_acc:
+        zero = w.zero.astype(jnp.float32)[:k // w.group_size] if w.zero is not None else 8.0
+        offset = LOP3_MAGIC[dtype][1] + jnp.broadcast_to(zero, (k // w.group_size, n))  # base + zero
+        raw = jnp.einsum("mgk,gkn->mgn", xb, codes + offset[:, None], precision="highest")  # base + code
+        sums = raw - xb.sum(-1)[..., None] * offset
+    else:
+        sums = jnp.einsum("mgk,gkn->mgn", xb, codes, precision="highest")
     y = jnp.einsum("mgn,gn->mn", sums, w.group_scales(), precision="highest")
     return y.astype(x.dtype)
 
@@ -239,6 +248,11 @@ class W4Config:
     # while the warpgroup loads and converts the next step (x's slot is released a step late, since
     # wgmma reads it from shared memory). Without it every step reads its group sums back and waits.
     overlap_mma: bool = False
+    # The codes enter the tensor cores as base + code (the lop3 conversion without its sub, and no
+    # zero-point sub), and each group's fp32 sum is corrected by (base + zero) times the group's sum
+    # of x, which a wgmma of a ones tile gives: w x = s (sum (base + c) x - (base + z) sum x).
+    # Two fewer instructions a weight pair (one for symmetric grids); lop3 order, scale_on_acc.
+    offset_on_acc: bool = False
 
 
 SPLIT_SUMS = ("cluster", "xla")
@@ -355,6 +369,9 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
         raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
                           "scale_on_acc=False, warp_specialized=False and loads_only=False")
+    if cfg.offset_on_acc and not (cfg.scale_on_acc and w.order == "lop3" and not cfg.loads_only):
+        raise ConfigError("W4Config.offset_on_acc corrects each group's sum in fp32: it needs scale_on_acc=True, "
+                          f"the lop3 order (this weight: {w.order!r}) and loads_only=False")
     if cfg.overlap_mma and min(cfg.stages, k // (cfg.tile_k * cfg.splits)) < 2:
         raise ConfigError(f"W4Config.overlap_mma releases x's slot a step late: it needs at least 2 stages "
                           f"and 2 steps a split (stages={cfg.stages}, K={k} in {cfg.splits} splits of "
@@ -385,12 +402,12 @@ def _relabel(regs_of_chunk, shape):
 LOP3_MAGIC = {"bfloat16": (0x43004300, 128.0), "float16": (0x64006400, 1024.0)}
 
 
-def _convert_lop3(ctx, a4, dtype: str = "bfloat16"):
+def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True):
     """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> code - 8 in WGMMA_LAYOUT, in bf16 or fp16.
 
     Pair c of a 32-bit word w is nibbles (c, c + 4): ((w >> 4c) & 0x000F000F) | magic is the pair
     (base + code, base + code') exactly (one shift, one lop3), minus base + 8 (one sub.bf16x2 or
-    sub.f16x2)."""
+    sub.f16x2). offset=False leaves base + code (`W4Config.offset_on_acc` subtracts it in fp32)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -401,7 +418,7 @@ def _convert_lop3(ctx, a4, dtype: str = "bfloat16"):
     pair = ir.VectorType.get((2,), elt)
     magic, base = LOP3_MAGIC[dtype]
     c = lambda v: arith.constant(i32, v)  # noqa: E731
-    offset = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(elt, base + 8)))
+    offset_pair = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(elt, base + 8)))
     cache = {}
 
     def pairs(idx):
@@ -411,7 +428,8 @@ def _convert_lop3(ctx, a4, dtype: str = "bfloat16"):
             for part in range(4):
                 shifted = arith.shrui(word, c(4 * part)) if part else word
                 bits = arith.ori(arith.andi(shifted, c(0x000F000F)), c(magic))
-                out.append(arith.subf(mgpu_utils.bitcast(bits, pair), offset))
+                bits = mgpu_utils.bitcast(bits, pair)
+                out.append(arith.subf(bits, offset_pair) if offset else bits)
             cache[idx] = out
         return cache[idx]
 
@@ -455,7 +473,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
-    )(functools.partial(_convert_lop3, dtype=dtype) if order == "lop3" else _convert_prmt)
+    )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc) if order == "lop3" else _convert_prmt)
+
+    lop3_base = LOP3_MAGIC[dtype][1]
 
     def row_vector(ref, g, row_slice):
         """A [rows] fp32 vector of a per-row table (scales), broadcast over the batch columns."""
@@ -477,7 +497,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 a = converted[p]
                 if groups_per_piece > 1:
                     a = a[:, j * step_group:(j + 1) * step_group]
-                if z_smem is not None:  # (code - 8) - (zero - 8): exact small integers in bf16 / fp16
+                if z_smem is not None and not cfg.offset_on_acc:  # (code - 8) - (zero - 8): exact in bf16 / fp16
                     z = plgpu.load(z_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
                     z = (z.astype(jnp.float32) - 8.0).astype(dtype)
                     a = a - jax.lax.broadcast_in_dim(z, a.shape, [0])
@@ -501,14 +521,24 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
         def group_sums(*acc_refs):
             weights = group_weights()
+            if cfg.offset_on_acc:
+                ones = plgpu.layout_cast(jnp.ones((rows, step_group), dtype), plgpu.Layout.WGMMA)
             for g in range(groups_per_step):
                 a, x_t = weights(g)
                 plgpu.wgmma(acc_refs[g], a, x_t)
+                if cfg.offset_on_acc:  # every row: the group's sum of x, exact products summed in fp32
+                    plgpu.wgmma(acc_refs[groups_per_step + g], ones, x_t)
             return [acc_ref[...] for acc_ref in acc_refs]
 
-        sums = pl.run_scoped(group_sums, *[plgpu.ACC((rows, m_padded), jnp.float32)] * groups_per_step)
+        n_acc = groups_per_step * (1 + cfg.offset_on_acc)
+        sums = pl.run_scoped(group_sums, *[plgpu.ACC((rows, m_padded), jnp.float32)] * n_acc)
         for g in range(groups_per_step):
-            acc = acc + row_vector(s_smem, g, row_slice) * sums[g]
+            total = sums[g]
+            if cfg.offset_on_acc:  # sum (base + c) x - (base + zero) sum x = sum (c - zero) x
+                offset = (row_vector(z_smem, g, row_slice) + lop3_base if z_smem is not None
+                          else lop3_base + 8.0)
+                total = total - offset * sums[groups_per_step + g]
+            acc = acc + row_vector(s_smem, g, row_slice) * total
         return acc
 
     def step(row_slice):

@@ -74,6 +74,25 @@ def test_kernel_arithmetic_matches_float64(grid):
     assert relative_error(wm.emulate_w4(x, shuffled), ref) > 0.3
 
 
+@pytest.mark.parametrize("grid,dtype", [("sym", jnp.bfloat16), ("asym", jnp.bfloat16), ("asym", jnp.float16)])
+def test_offset_on_acc_arithmetic(grid, dtype):
+    """W4Config.offset_on_acc: sums of (base + code) x in fp32, less (base + zero) times the
+    group's sum of x, give the same product as (code - zero) x to fp32 cancellation (base 128 in
+    bf16, 1024 in fp16); the wrong offset (base + 8 for an asymmetric grid) is off by far."""
+    w = random_weight(7, 1024, 256, Variant(4, 128, grid))
+    x = random_activations(8, (5, 1024), dtype)
+    ww = wm.repack_w4(w, block_k=256)
+    ref = float64_reference(x, w)
+    plain, folded = wm.emulate_w4(x, ww), wm.emulate_w4(x, ww, offset_on_acc=True)
+    assert relative_error(folded, ref) < 4e-3
+    assert relative_error(folded, np.asarray(plain, np.float64)) < 2e-3  # output rounding apart
+    if grid == "asym":
+        as_sym = dataclasses.replace(ww, zero=jnp.full_like(ww.zero, 8))
+        assert relative_error(wm.emulate_w4(x, as_sym, offset_on_acc=True), ref) > 0.05
+    with pytest.raises(ConfigError, match="offset_on_acc .* lop3 order"):
+        wm.check_config(wm.W4Config(offset_on_acc=True), wm.repack_w4(w, order="prmt"), 8)
+
+
 def test_linear_falls_back_off_hopper(monkeypatch):
     w = random_weight(3, 256, 128, Variant(4, 128, "asym"))
     ww = wm.repack_w4(w)
@@ -269,13 +288,15 @@ def test_call_sites_share_one_kernel_module():
     ("lop3", 256, True, 1, "asym", False, 128, False), ("prmt", 0, False, 13, "sym", False, 128, False),
     ("lop3", 128, True, 32, "asym", False, 128, False), ("lop3", 0, True, 3, "asym", True, 128, False),
     ("lop3", 256, False, 8, "asym", False, 32, False), ("prmt", 256, True, 2, "asym", False, 64, False),
-    ("lop3", 128, False, 1, "asym", False, 128, True), ("lop3", 0, False, 16, "sym", False, 64, True)])
+    ("lop3", 128, False, 1, "asym", False, 128, True), ("lop3", 0, False, 16, "sym", False, 64, True),
+    ("lop3", 256, True, 1, "asym", False, 128, "fold"), ("lop3", 0, True, 8, "sym", False, 64, "fold"),
+    ("lop3", 0, True, 3, "asym", True, 128, "fold")])
 def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, overlap):
     """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it), with
     the zero points inside: one kernel a call, no XLA dot beside it."""
     w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, group, grid)), order=order, block_k=block_k)
     cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, warp_specialized=ws,
-                      overlap_mma=overlap)
+                      overlap_mma=overlap is True, offset_on_acc=overlap == "fold")
     text = jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
         jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1

@@ -82,7 +82,8 @@ def parse_configs(text: str) -> list[tuple]:
     sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
     zeros to `padded_k`, blocked by tile_k). "default[+flags]" stands for `default_config` at each
     point (`resolve_default`). ovl (`overlap_mma`: one accumulator carried through
-    the pipeline, the codes scaled in bf16)."""
+    the pipeline, the codes scaled in bf16), fold (`offset_on_acc`: base + code into the tensor cores,
+    the offset taken off each group's sum in fp32)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
@@ -93,6 +94,7 @@ def parse_configs(text: str) -> list[tuple]:
         overlap = "ovl" in flags
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags and not overlap,
                           loads_only="loads" in flags, warp_specialized="ws" in flags, overlap_mma=overlap,
+                          offset_on_acc="fold" in flags,
                           split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None)
         blocked = "blocked" in flags or "pad" in flags
         out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if blocked else 0, "pad" in flags))
@@ -113,6 +115,8 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
     cfg = wm.default_config(shell, m)
     if "ovl" in flags:
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
+    if "fold" in flags:
+        cfg = dataclasses.replace(cfg, offset_on_acc=True)
     if "xla" in flags or "cluster" in flags:
         cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
     return cfg, "lop3", block_k, stored_k != k

@@ -8,7 +8,7 @@ and do not fill an 8-row TMA tile (past 64: fewer stages fit the shared memory);
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
 cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
-(`overlap_mma`). Then `linear()`'s dispatch.
+(`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`). Then `linear()`'s dispatch.
 """
 
 import jax
@@ -68,10 +68,17 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
       wm.W4Config(64, 256, 4, 5, scale_on_acc=False, overlap_mma=True, split_sum="xla")]),
     (Variant(4, 32), 4096, 1024, (1, 16), dict(order="prmt"),
      [wm.W4Config(64, 128, 4, 4, scale_on_acc=False, overlap_mma=True)]),
+    # offset_on_acc: base + code into the tensor cores, (base + zero) x the group's sum of x taken off
+    (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 40), dict(block_k=256),
+     [wm.W4Config(64, 256, 1, 4, offset_on_acc=True), wm.W4Config(64, 256, 2, 4, offset_on_acc=True),
+      wm.W4Config(64, 256, 4, 4, offset_on_acc=True, split_sum="xla")]),
+    (Variant(4, 64), 4096, 1024, (1, 16), dict(order="lop3"),
+     [wm.W4Config(64, 256, 4, 4, offset_on_acc=True),
+      wm.W4Config(128, 256, 2, 4, offset_on_acc=True, warp_specialized=True)]),
     # K = 11008 stored padded to 11264: the last slice's last step reads x past K (TMA's zeros)
     (Variant(4, 128, "asym"), 11008, 4096, (1, 8, 13), dict(block_k=256, stored_k=11264),
      [None, wm.W4Config(64, 256, 4, 4, split_sum="cluster"), wm.W4Config(64, 256, 11, 2),
-      wm.W4Config(64, 256, 4, 4, scale_on_acc=False, overlap_mma=True)]),
+      wm.W4Config(64, 256, 4, 4, scale_on_acc=False, overlap_mma=True), wm.W4Config(64, 256, 4, 4, offset_on_acc=True)]),
 ]
 
 
@@ -87,6 +94,10 @@ def test_fp16_activations(order):
         assert y.dtype == np.float16
         assert_blocks_close(y, ref)
         if order == "lop3":
+            err = np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
+            assert err < 1e-3, err
+            # offset_on_acc in fp16: base 1024 + code into the tensor cores, still as close
+            y = wm.w4_matmul(x, ww, wm.W4Config(64, 256, 4, 4, offset_on_acc=True))
             err = np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
             assert err < 1e-3, err
 
