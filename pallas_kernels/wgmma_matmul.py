@@ -382,6 +382,23 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
                           "use fewer stages or a smaller tile_k")
 
 
+@functools.cache
+def _load_takes_index() -> bool:
+    import inspect
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def _load(ref, layout):
+    """`plgpu.load` of a whole (already indexed) ref: jax 0.10 needs the index `()`, which 0.11
+    deprecates (it reads a missing index as `()`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.load(ref, (), layout=layout) if _load_takes_index() else plgpu.load(ref, layout=layout)
+
+
 def _relabel(regs_of_chunk, shape):
     """A WGMMA_LAYOUT 16-bit array from, per UPCAST_4X register, its four pairs (c = 0..3)."""
     from jax.experimental.mosaic import gpu as mgpu
@@ -479,7 +496,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     def row_vector(ref, g, row_slice):
         """A [rows] fp32 vector of a per-row table (scales), broadcast over the batch columns."""
-        v = plgpu.load(ref.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+        v = _load(ref.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
         return jax.lax.broadcast_in_dim(v, (rows, m_padded), [0])
 
     def multiply(row_slice, x_smem, c_smem, s_smem, z_smem, acc):
@@ -491,25 +508,24 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             def weights(g):
                 p, j = divmod(g, groups_per_piece)
                 if p not in converted:
-                    codes = plgpu.load(c_smem.at[row_slice, pl.ds(p * piece, piece)], (),
-                                       layout=plgpu.Layout.WGMMA_UPCAST_4X)
+                    codes = _load(c_smem.at[row_slice, pl.ds(p * piece, piece)], layout=plgpu.Layout.WGMMA_UPCAST_4X)
                     converted[p] = convert(codes)
                 a = converted[p]
                 if groups_per_piece > 1:
                     a = a[:, j * step_group:(j + 1) * step_group]
                 if z_smem is not None and not cfg.offset_on_acc:  # (code - 8) - (zero - 8): exact in bf16 / fp16
-                    z = plgpu.load(z_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                    z = _load(z_smem.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
                     z = (z.astype(jnp.float32) - 8.0).astype(dtype)
                     a = a - jax.lax.broadcast_in_dim(z, a.shape, [0])
                 cols = pl.ds(g * step_group, step_group)
-                return a, plgpu.transpose_ref(x_smem.at[:, cols], (1, 0))
+                return a, x_smem.at[:, cols].transpose((1, 0))
             return weights
 
         def scaled_mma(acc_ref):
             weights = group_weights()
             for g in range(groups_per_step):
                 a, x_t = weights(g)
-                s = plgpu.load(s_smem.at[g, row_slice], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                s = _load(s_smem.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
                 plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
 
         if cfg.overlap_mma:  # acc is the carried accumulator ref: leave this step's wgmmas in flight
@@ -631,7 +647,7 @@ def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx) -> None:
         plgpu.barrier_wait(arrived)
         total = acc
         for j in range(splits - 1):
-            total = total + plgpu.load(parts.at[j], (), layout=plgpu.Layout.WGMMA)
+            total = total + _load(parts.at[j], layout=plgpu.Layout.WGMMA)
         _store_transposed(total, out_rows)
 
 

@@ -215,7 +215,7 @@ def write_issue_report(probe_paths: list[str], out: str) -> None:
     lines = ["| kernel | K x N | batch | kernel us | XLA bf16 us | speedup | roofline |", "|---|---|---|---|---|---|---|"]
     for r in records:
         roof = f"{r['roofline_fraction']:.0%}" if r["roofline_fraction"] is not None else "-"
-        lines.append(f"| {r['kernel']} | {r['k']} x {r['n']} | {r['m']} | {r['kernel_us']:.1f} | "
+        lines.append(f"| {r['variant']} | {r['k']} x {r['n']} | {r['m']} | {r['kernel_us']:.1f} | "
                      f"{r['xla_bf16_us']:.1f} | {r['speedup']:.2f}x | {roof} |")
     base = out[:-len(".json")] if out.endswith(".json") else out
     with open(base + ".md", "w") as f:
