@@ -37,7 +37,10 @@ multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf1
 
 Measured on an H100 (kernel_notes.md runs 13-15): 1.3-2.9x XLA's bf16 matmul at batch 8-32 on
 the Llama shapes, 1.15-1.6x at 64; at batch 1 1.94-2.73x (symmetric g128), level with or ahead of
-the Triton GEMV on 4096 x 14336 and 4096 x 22016 and behind it on the other shapes. CPU tests check
+the Triton GEMV on 4096 x 14336 and 4096 x 22016 and behind it on the other shapes. On an H200
+(run 16; XLA's bf16 is about 1.35x faster there, this kernel barely): 1.3-2.3x XLA's bf16 at batch
+1 and 8 on the Llama shapes (3.8x on 4096 x 1024 at batch 1, where XLA's own GEMV is slow), from
+0.85x to 1.16x the Triton GEMV at batch 1 and 1.3-2.6x faster than the Triton kernels at batch 8. CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
@@ -247,11 +250,15 @@ class W4Config:
     # each step issues its wgmmas and waits only for the previous step's, so the tensor cores work on
     # while the warpgroup loads and converts the next step (x's slot is released a step late, since
     # wgmma reads it from shared memory). Without it every step reads its group sums back and waits.
+    # Correct on an H200 but 2-13% slower than the default on all 28 points timed (kernel_notes run 16),
+    # so off: the wait on each step's wgmma is not what holds batch 1 back.
     overlap_mma: bool = False
     # The codes enter the tensor cores as base + code (the lop3 conversion without its sub, and no
     # zero-point sub), and each group's fp32 sum is corrected by (base + zero) times the group's sum
     # of x, which a wgmma of a ones tile gives: w x = s (sum (base + c) x - (base + z) sum x).
     # Two fewer instructions a weight pair (one for symmetric grids); lop3 order, scale_on_acc.
+    # Correct on an H200 but slower on all 24 points timed (kernel_notes run 16): 4-13% asymmetric,
+    # 10-44% symmetric. The second wgmma a group costs more than the instructions it saves.
     offset_on_acc: bool = False
 
 
