@@ -38,9 +38,9 @@ multiply in fp16 with the "lop3" order (`compute_dtype`), everything else in bf1
 Measured on an H100 (kernel_notes.md runs 13-15): 1.3-2.9x XLA's bf16 matmul at batch 8-32 on
 the Llama shapes, 1.15-1.6x at 64; at batch 1 1.94-2.73x (symmetric g128), level with or ahead of
 the Triton GEMV on 4096 x 14336 and 4096 x 22016 and behind it on the other shapes. On an H200
-(run 16; XLA's bf16 is about 1.35x faster there, this kernel barely): 1.3-2.3x XLA's bf16 at batch
-1 and 8 on the Llama shapes (3.8x on 4096 x 1024 at batch 1, where XLA's own GEMV is slow), from
-0.85x to 1.16x the Triton GEMV at batch 1 and 1.3-2.6x faster than the Triton kernels at batch 8. CPU tests check
+(run 16; XLA's bf16 is about 1.35x faster there, this kernel barely): 1.3-2.3x XLA's bf16 at
+batch 1 and 8 on the Llama shapes (3.8x on 4096 x 1024 at batch 1, where XLA's own GEMV is slow),
+0.85-1.16x the Triton GEMV at batch 1 and 1.3-2.6x the Triton kernels at batch 8. CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
@@ -311,6 +311,14 @@ def choose_block_k(k: int, n: int) -> int:
     return 256 if k % 256 == 0 and split_choices(k, n, 256) else 128
 
 
+def stored_layout(k: int, n: int, grouped: bool = True, pad_k: bool = True) -> tuple[int, int]:
+    """(block_k, stored_k) of a [K, N] weight as `repack_for_wgmma` stores it: K padded where
+    `padded_k` says (grouped scales only: the padding is whole groups of zeros), then blocked by
+    256; else K as it is, blocked by `choose_block_k`."""
+    stored_k = padded_k(k, n) if pad_k and grouped else k
+    return (256 if stored_k != k else choose_block_k(k, n)), stored_k
+
+
 SMEM_BYTES = 227 * 1024  # an H100/H200 block's shared memory
 
 
@@ -515,7 +523,8 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             def weights(g):
                 p, j = divmod(g, groups_per_piece)
                 if p not in converted:
-                    codes = _load(c_smem.at[row_slice, pl.ds(p * piece, piece)], layout=plgpu.Layout.WGMMA_UPCAST_4X)
+                    codes = _load(c_smem.at[row_slice, pl.ds(p * piece, piece)],
+                                  layout=plgpu.Layout.WGMMA_UPCAST_4X)
                     converted[p] = convert(codes)
                 a = converted[p]
                 if groups_per_piece > 1:

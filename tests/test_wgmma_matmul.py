@@ -218,6 +218,9 @@ def test_repack_for_wgmma_pads_k_by_default():
     padded = repack_for_wgmma(model)[0].kernel.get_value()
     plain = repack_for_wgmma(model, pad_k=False)[0].kernel.get_value()
     assert (padded.k_stored, padded.block_k, plain.k_stored, plain.block_k) == (11264, 256, 11008, 128)
+    assert wm.stored_layout(11008, 3200) == (256, 11264)
+    assert wm.stored_layout(11008, 3200, grouped=False) == wm.stored_layout(11008, 3200, pad_k=False) == (128, 11008)
+    assert wm.stored_layout(4096, 14336) == (256, 4096)  # K that splits well stays as it is
 
 
 def test_padding_is_refused_where_it_cannot_hold():

@@ -40,7 +40,7 @@ def repack_for_wgmma(model, *, pad_k: bool = True):
     2.3% more bytes for 11008), blocked by 256: on an H200 the down projection 11008 x 4096 took
     11.8 us a call padded against 17.4 unpadded, and a decode step 2.60 against 2.86 ms at batch 1
     (kernel_notes run 16)."""
-    from pallas_kernels.wgmma_matmul import choose_block_k, padded_k, repack_problem, repack_w4
+    from pallas_kernels.wgmma_matmul import repack_problem, repack_w4, stored_layout
 
     graphdef, state = nnx.split(nnx.clone(model))
     report = RepackReport()
@@ -53,8 +53,7 @@ def repack_for_wgmma(model, *, pad_k: bool = True):
         if problem is not None:
             report.skipped[name] = problem
             continue
-        k, n = leaf.shape
-        stored_k = padded_k(k, n) if pad_k and leaf.scale.shape[0] > 1 else k  # padding needs groups
-        var.set_value(repack_w4(leaf, block_k=256 if stored_k != k else choose_block_k(k, n), stored_k=stored_k))
+        block_k, stored_k = stored_layout(*leaf.shape, grouped=leaf.scale.shape[0] > 1, pad_k=pad_k)
+        var.set_value(repack_w4(leaf, block_k=block_k, stored_k=stored_k))
         report.repacked.append(name)
     return nnx.merge(graphdef, state), report

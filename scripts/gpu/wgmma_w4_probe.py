@@ -102,14 +102,13 @@ def parse_configs(text: str) -> list[tuple]:
 
 
 def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
-    """A parsed config, with "default[+ovl|xla|cluster]" made concrete for this point: the weight as
-    `repack_for_wgmma` lays it out (K padded where `padded_k` says), `default_config` at batch m,
-    then the flags (ovl: `overlap_mma` with the codes scaled in bf16)."""
+    """A parsed config, with "default[+ovl|fold|xla|cluster]" made concrete for this point: the
+    weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
+    the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`)."""
     if cand[0] != "default":
         return cand
     flags = cand[1]
-    stored_k = wm.padded_k(k, n)
-    block_k = 256 if stored_k != k else wm.choose_block_k(k, n)
+    block_k, stored_k = wm.stored_layout(k, n)
     shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=128,
                         shape=(k, n), block_k=block_k, stored_k=stored_k if stored_k != k else 0)
     cfg = wm.default_config(shell, m)
