@@ -260,6 +260,13 @@ class W4Config:
     # Correct on an H200 but slower on all 24 points timed (kernel_notes run 16): 4-13% asymmetric,
     # 10-44% symmetric. The second wgmma a group costs more than the instructions it saves.
     offset_on_acc: bool = False
+    # Batch rows a program multiplies (wgmma's N, a multiple of 8 up to 256): 0 takes the whole padded
+    # batch in one program; otherwise the grid tiles the batch, so prefill-sized batches run too.
+    tile_m: int = 0
+    # Warp-specialized only: weight rows each compute warpgroup multiplies, in 64-row wgmma blocks
+    # (tile_n / rows_per_wg compute warpgroups, at most 2). 128 halves how often x's tile is read
+    # from shared memory a weight row, which large batches need (`gemm_config`).
+    rows_per_wg: int = 64
 
 
 SPLIT_SUMS = ("cluster", "xla")
@@ -273,9 +280,12 @@ CLUSTER_SUM_MAX_SPLITS = 2
 
 def split_sum_of(cfg: W4Config) -> str:
     """The config's `split_sum`, or by default "cluster" up to CLUSTER_SUM_MAX_SPLITS splits
-    without warp specialization (its compute warpgroups store their own rows), else "xla"."""
+    without warp specialization, else "xla". With one split nothing is summed: "cluster" then means
+    that the kernel stores y [M, N] itself (warp-specialized too: each compute warpgroup its rows)."""
     if cfg.split_sum is not None:
         return cfg.split_sum
+    if cfg.splits == 1:
+        return "cluster"
     return "cluster" if not cfg.warp_specialized and cfg.splits <= CLUSTER_SUM_MAX_SPLITS else "xla"
 
 
@@ -327,25 +337,69 @@ def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
     `stages` steps in flight (at most the slice's steps), and the fp32 output tiles: one to copy
     out ("xla"), or the other splits' sums that a cluster's first program receives ("cluster").
     Mosaic GPU adds a few barriers. Tables are counted at 4 bytes an entry, an upper bound."""
+    m_tile = batch_tile(cfg, m_padded)
     tables = 1 + (w.zero is not None)  # scales, zero points
     rows = max(cfg.tile_k // w.group_size, 1)
-    slot = m_padded * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
+    slot = m_tile * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
     slots = min(cfg.stages, max(w.k_stored // (cfg.tile_k * cfg.splits), 1))
     out_tiles = cfg.splits - 1 if split_sum_of(cfg) == "cluster" else 1
-    return slots * slot + out_tiles * cfg.tile_n * m_padded * 4
+    return slots * slot + out_tiles * cfg.tile_n * m_tile * 4
 
 
-def padded_batch(m: int) -> int:
-    """The rows of x the kernel multiplies: TMA tiles of 8 rows."""
-    return max(8, -(-m // 8) * 8)
+def padded_batch(m: int, tile_m: int = 0) -> int:
+    """The rows of x the kernel multiplies: TMA tiles of 8 rows, or whole batch tiles of `tile_m`
+    where the batch needs more than one."""
+    rows = max(8, -(-m // 8) * 8)
+    return -(-rows // tile_m) * tile_m if tile_m and rows > tile_m else rows
+
+
+def batch_tile(cfg: W4Config, m_padded: int) -> int:
+    """The batch rows one program multiplies (wgmma's N)."""
+    return cfg.tile_m if cfg.tile_m and m_padded > cfg.tile_m else m_padded
+
+
+def compute_warpgroups(cfg: W4Config) -> int:
+    """Warpgroups that convert and multiply: one, or tile_n / rows_per_wg under a memory warpgroup."""
+    return cfg.tile_n // cfg.rows_per_wg if cfg.warp_specialized else 1
+
+
+GEMM_TILE_M = 128  # batch rows a large-batch program multiplies
+GEMM_PROGRAMS = 100  # programs a large-batch grid should reach before K is split (132 SMs)
+
+
+def gemm_config(w: W4Weight, m: int) -> W4Config:
+    """Batches past WGMMA_MAX_M (prefill), where the tensor cores, not the weight's bytes, set the
+    time: a memory warpgroup streams 128-column steps into two compute warpgroups, which scale the
+    bf16 codes (one accumulator a 64-row block) and multiply tiles of up to 128 batch rows. Each
+    warpgroup takes 128 weight rows where that still leaves GEMM_PROGRAMS programs (x's tile is then
+    read from shared memory once every 256 weight rows), else 64; K is split only where the tiles
+    alone leave the GPU half empty, since XLA then adds fp32 partial sums of the whole output."""
+    k, n = w.k_stored, w.shape[1]
+    rows8 = padded_batch(m)
+    tile_m = min(GEMM_TILE_M, rows8)
+    m_tiles = -(-rows8 // tile_m)
+    if n % 256 == 0 and n // 256 * m_tiles >= GEMM_PROGRAMS:
+        tile_n, per_wg = 256, 128
+    elif n % 128 == 0:
+        tile_n, per_wg = 128, 64
+    else:
+        tile_n, per_wg = 64, 64
+    programs = n // tile_n * m_tiles
+    counts = split_counts(k, w.block_k or 128)
+    splits = 1 if 2 * programs >= GEMM_PROGRAMS else next((s for s in counts if programs * s >= GEMM_PROGRAMS), counts[-1])
+    cfg = W4Config(tile_n=tile_n, tile_k=128, splits=splits, stages=4, scale_on_acc=False,
+                   warp_specialized=True, tile_m=tile_m, rows_per_wg=per_wg)
+    return fit_stages(cfg, w, m)
 
 
 def default_config(w: W4Weight, m: int = 1) -> W4Config:
-    """64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
+    """Past WGMMA_MAX_M rows `gemm_config`; else 64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
     (fewer where a batch's x tiles do not fit the shared memory), the default `split_sum`
     (at 1-2 splits the cluster's: at most one received sum, the size of XLA's output tile). Within
     4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups of
     128; groups of 32 and 64 are correct on an H100 but untimed)."""
+    if m > WGMMA_MAX_M:
+        return gemm_config(w, m)
     k, n = w.k_stored, w.shape[1]
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
     splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
@@ -356,7 +410,7 @@ def default_config(w: W4Weight, m: int = 1) -> W4Config:
 
 def fit_stages(cfg: W4Config, w: W4Weight, m: int) -> W4Config:
     """`cfg` with as many of its stages as fit the shared memory at batch m (at least one)."""
-    while cfg.stages > 1 and smem_bytes(cfg, w, padded_batch(m)) > SMEM_BYTES:
+    while cfg.stages > 1 and smem_bytes(cfg, w, padded_batch(m, cfg.tile_m)) > SMEM_BYTES:
         cfg = dataclasses.replace(cfg, stages=cfg.stages - 1)
     return cfg
 
@@ -373,14 +427,29 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     if k % (cfg.tile_k * cfg.splits):
         raise ConfigError(f"W4Config: K={k} is not a multiple of tile_k x splits = "
                           f"{cfg.tile_k} x {cfg.splits}")
-    if m_padded > 256:
-        raise ConfigError(f"w4_matmul: batch {m_padded} > 256 rows (wgmma's N); tile the batch")
+    if cfg.tile_m % 8 or cfg.tile_m > 256:
+        raise ConfigError(f"W4Config.tile_m={cfg.tile_m} must be 0 (the whole batch) or a multiple of 8 "
+                          "up to 256 (wgmma's N)")
+    if batch_tile(cfg, m_padded) > 256:
+        raise ConfigError(f"w4_matmul: batch {m_padded} > 256 rows (wgmma's N) in one program; "
+                          "tile the batch with W4Config.tile_m")
+    if w.block_k and (w.block_k % cfg.tile_k or k % (cfg.splits * w.block_k)):
+        raise ConfigError(f"W4Config: a weight blocked by 64 x {w.block_k} needs tile_k dividing {w.block_k} "
+                          f"and splits of whole blocks (tile_k={cfg.tile_k}, splits={cfg.splits}, K={k})")
+    if cfg.warp_specialized and (cfg.rows_per_wg % 64 or cfg.tile_n % cfg.rows_per_wg
+                                 or compute_warpgroups(cfg) > 2):
+        raise ConfigError(f"W4Config.rows_per_wg={cfg.rows_per_wg} must be a multiple of 64 giving tile_n="
+                          f"{cfg.tile_n} to one or two compute warpgroups (4 did not finish in 60 s on an "
+                          "H100, kernel_notes run 14)")
+    if not cfg.warp_specialized and w.block_k and cfg.tile_n != 64:
+        raise ConfigError(f"W4Config.tile_n={cfg.tile_n} on a weight blocked by 64 rows needs "
+                          "warp_specialized=True (each compute warpgroup takes whole 64-row blocks)")
     if split_sum_of(cfg) not in SPLIT_SUMS:
         raise ConfigError(f"W4Config.split_sum={cfg.split_sum!r}; choose one of {SPLIT_SUMS} or None")
-    if split_sum_of(cfg) == "cluster" and (cfg.warp_specialized or cfg.splits > MAX_CLUSTER):
-        raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits and no warp "
-                          f"specialization (splits={cfg.splits}, warp_specialized={cfg.warp_specialized}); "
-                          "use split_sum='xla'")
+    if split_sum_of(cfg) == "cluster" and (cfg.splits > MAX_CLUSTER or (cfg.warp_specialized and cfg.splits > 1)):
+        raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits, and one "
+                          f"with warp specialization (splits={cfg.splits}, warp_specialized="
+                          f"{cfg.warp_specialized}); use split_sum='xla'")
     if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
         raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
                           "scale_on_acc=False, warp_specialized=False and loads_only=False")
@@ -481,7 +550,7 @@ def _convert_prmt(ctx, a4):
 
 
 def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: int, order: str,
-                 blocked: bool, with_zero: bool, dtype: str):
+                 block_k: int, with_zero: bool, dtype: str):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -489,10 +558,13 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     x_gmem, codes_gmem, scale_gmem, *zero_gmem = inputs
     zero_gmem = zero_gmem[0] if zero_gmem else None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
-    # Rows one warpgroup multiplies: the whole tile, or 64 a compute warpgroup when specialized.
+    m_tile = batch_tile(cfg, m_padded)
+    # Rows one wgmma block multiplies: the whole tile, or 64 when specialized (each compute
+    # warpgroup takes rows_per_wg / 64 such blocks).
     rows = 64 if cfg.warp_specialized else tile_n
     n_idx = jax.lax.axis_index("n")
     s_idx = jax.lax.axis_index("s")
+    m0 = jax.lax.axis_index("m") * m_tile if m_tile < m_padded else 0  # the grid tiles the batch only where it must
     n0 = n_idx * tile_n
     k0 = s_idx * k_slice
     groups_per_step = max(tile_k // group_size, 1)
@@ -512,9 +584,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     def row_vector(ref, g, row_slice):
         """A [rows] fp32 vector of a per-row table (scales), broadcast over the batch columns."""
         v = _load(ref.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
-        return jax.lax.broadcast_in_dim(v, (rows, m_padded), [0])
+        return jax.lax.broadcast_in_dim(v, (rows, m_tile), [0])
 
-    def multiply(row_slice, x_smem, c_smem, s_smem, z_smem, acc):
+    def multiply(row_slice, code_piece, x_smem, s_smem, z_smem, acc):
         """One pipeline step of one warpgroup: acc [rows, M] += its rows of W^T times x^T."""
         def group_weights():
             """weights(g) -> (group g's 16-bit codes [rows, group], its x^T); each piece converted once."""
@@ -523,8 +595,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             def weights(g):
                 p, j = divmod(g, groups_per_piece)
                 if p not in converted:
-                    codes = _load(c_smem.at[row_slice, pl.ds(p * piece, piece)],
-                                  layout=plgpu.Layout.WGMMA_UPCAST_4X)
+                    codes = _load(code_piece(pl.ds(p * piece, piece)), layout=plgpu.Layout.WGMMA_UPCAST_4X)
                     converted[p] = convert(codes)
                 a = converted[p]
                 if groups_per_piece > 1:
@@ -563,7 +634,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             return [acc_ref[...] for acc_ref in acc_refs]
 
         n_acc = groups_per_step * (1 + cfg.offset_on_acc)
-        sums = pl.run_scoped(group_sums, *[plgpu.ACC((rows, m_padded), jnp.float32)] * n_acc)
+        sums = pl.run_scoped(group_sums, *[plgpu.ACC((rows, m_tile), jnp.float32)] * n_acc)
         for g in range(groups_per_step):
             total = sums[g]
             if cfg.offset_on_acc:  # sum (base + c) x - (base + zero) sum x = sum (c - zero) x
@@ -573,12 +644,16 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             acc = acc + row_vector(s_smem, g, row_slice) * total
         return acc
 
-    def step(row_slice):
-        def body(_, x_smem, c_smem, s_smem, *rest):
-            *z_smem, acc = rest
+    def step(blocks):
+        """The pipeline's step over `blocks`: (row slice of the tables, the block's code rows in
+        the code tile) for each wgmma block this warpgroup multiplies; its carry is their sums."""
+        def body(_, x_smem, *rest):
+            c_smems, (s_smem, *z_smem), acc = rest[:len(code_operands)], rest[len(code_operands):-1], rest[-1]
             if cfg.loads_only:
                 return acc
-            return multiply(row_slice, x_smem, c_smem, s_smem, z_smem[0] if z_smem else None, acc)
+            z = z_smem[0] if z_smem else None
+            return tuple(multiply(row_slice, functools.partial(code_rows, c_smems), x_smem, s_smem, z, a)
+                         for (row_slice, code_rows), a in zip(blocks, acc))
         return body
 
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
@@ -592,53 +667,73 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         scale_index = lambda k: ((k * tile_k) // group_size, 0)  # noqa: E731
     else:
         scale_index = lambda k: (k, 0)  # noqa: E731
-    if blocked:  # codes [N / 64, K / tile_k, 64, tile_k]: one contiguous tile a step
-        c_spec = plgpu.BlockSpec((None, tile_n, tile_k), lambda k: (k, 0, 0), transforms=c_transforms)
-        codes = codes_gmem.at[n_idx, pl.ds(k0 // tile_k, steps)]
+    n_blocks, k_parts = tile_n // 64, max(block_k // tile_k, 1)  # 64-row blocks; steps a stored block
+    if block_k and n_blocks == 1 and k_parts == 1:  # codes [N / 64, K / tile_k, 64, tile_k]: one contiguous tile a step
+        code_specs = [plgpu.BlockSpec((None, tile_n, tile_k), lambda k: (k, 0, 0), transforms=c_transforms)]
+        code_operands = [codes_gmem.at[n_idx, pl.ds(k0 // tile_k, steps)]]
+        block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[:, cols]  # noqa: E731
+    elif block_k:  # codes viewed [N / 64, K / block_k x 64, block_k] (`_stacks_blocks`): the tile's blocks side by side
+        code_specs = [plgpu.BlockSpec((n_blocks, 64, tile_k), lambda k: (0, k // k_parts, k % k_parts),
+                                      transforms=c_transforms)]
+        code_operands = [codes_gmem.at[pl.ds(n_idx * n_blocks, n_blocks), pl.ds(k0 // block_k * 64, k_slice // block_k * 64)]]
+        block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[b, :, cols]  # noqa: E731
     else:
-        c_spec = plgpu.BlockSpec((tile_n, tile_k), lambda k: (0, k), transforms=c_transforms)
-        codes = codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]
+        code_specs = [plgpu.BlockSpec((tile_n, tile_k), lambda k: (0, k), transforms=c_transforms)]
+        code_operands = [codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]]
+        block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[pl.ds(b * rows, rows), cols]  # noqa: E731
     # overlap_mma: a step's x is still read by its wgmma when the next step starts, so its slot is
     # refilled a step later; codes and tables are in registers before the wgmma and go at once.
-    in_specs = [plgpu.BlockSpec((m_padded, tile_k), lambda k: (0, k), transforms=x_transforms,
-                                delay_release=int(cfg.overlap_mma)), c_spec,
+    in_specs = [plgpu.BlockSpec((m_tile, tile_k), lambda k: (0, k), transforms=x_transforms,
+                                delay_release=int(cfg.overlap_mma)), *code_specs,
                 plgpu.BlockSpec((scale_rows, tile_n), scale_index)]
     in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_zero else []
     groups = (pl.ds(k0 // group_size, max(k_slice // group_size, 1)), pl.ds(n0, tile_n))
-    operands = (x_gmem.at[:, pl.ds(k0, k_slice)], codes, scale_gmem.at[groups],
+    # One batch tile: x's rows as they are (below 8, TMA reads the missing rows as zeros), y's all.
+    batch = pl.ds(m0, m_tile) if m_tile < m_padded else slice(None)
+    operands = (x_gmem.at[batch, pl.ds(k0, k_slice)], *code_operands, scale_gmem.at[groups],
                 *([zero_gmem.at[groups]] if with_zero else []))
-    zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_padded), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
+    zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_tile), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
     def store(acc, smem, first_row):  # "xla": this split's fp32 sum, transposed, for XLA to add
         smem[...] = acc
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows)])
+        plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows), batch])
         plgpu.wait_smem_to_gmem(0)
 
     if not cfg.warp_specialized:
         def run_pipeline(init):
-            return plgpu.emit_pipeline(step(slice(None)), grid=(steps,), in_specs=in_specs,
-                                       max_concurrent_steps=cfg.stages, init_carry=init)(*operands)
+            blocks = ((slice(None), block_rows(0)),)
+            return plgpu.emit_pipeline(step(blocks), grid=(steps,), in_specs=in_specs,
+                                       max_concurrent_steps=cfg.stages, init_carry=init)(*operands)[0]
 
         if cfg.overlap_mma:
-            acc = pl.run_scoped(lambda acc_ref: run_pipeline(acc_ref)[...], plgpu.ACC((rows, m_padded), jnp.float32))
+            acc = pl.run_scoped(lambda acc_ref: run_pipeline((acc_ref,))[...], plgpu.ACC((rows, m_tile), jnp.float32))
         else:
-            acc = run_pipeline(zeros())
+            acc = run_pipeline((zeros(),))
         if split_sum_of(cfg) == "xla":
             store(acc, scratch[0], n0)
         else:
-            _cluster_sum_and_store(acc, out_gmem.at[:, pl.ds(n0, tile_n)], scratch, cfg.splits, s_idx)
+            _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0, tile_n)], scratch, cfg.splits, s_idx)
         return
 
-    # A memory warpgroup issues the TMA copies; tile_n / 64 compute warpgroups take 64 rows each.
+    # A memory warpgroup issues the TMA copies; each compute warpgroup takes rows_per_wg rows, in
+    # 64-row wgmma blocks, and stores them itself (one split) or hands XLA their fp32 sums.
     wg = jax.lax.axis_index("wg")
+    per_wg = cfg.rows_per_wg // 64
 
     def compute_context(eval_pipeline):
-        store(eval_pipeline(zeros()), scratch[0].at[wg], n0 + wg * rows)
+        sums = eval_pipeline(tuple(zeros() for _ in range(per_wg)))
+        for j, acc in enumerate(sums):
+            b = wg * per_wg + j
+            if split_sum_of(cfg) == "xla":
+                store(acc, scratch[0].at[b], n0 + b * rows)
+            else:
+                _store_transposed(acc, out_gmem.at[batch, pl.ds(n0 + b * rows, rows)])
 
+    blocks = tuple((pl.ds((wg * per_wg + j) * rows, rows), block_rows(wg * per_wg + j)) for j in range(per_wg))
     plgpu.emit_pipeline_warp_specialized(
-        step(pl.ds(wg * rows, rows)), grid=(steps,), memory_registers=40, in_specs=in_specs,
-        max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=tile_n // rows,
+        step(blocks), grid=(steps,), memory_registers=40, in_specs=in_specs,
+        max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=compute_warpgroups(cfg),
         compute_context=compute_context)(*operands)
 
 
@@ -698,6 +793,13 @@ def _store_transposed_mgpu(ctx, acc, out):
     acc.foreach(put)
 
 
+def _stacks_blocks(cfg: W4Config, block_k: int) -> bool:
+    """Whether a step reads several stored 64-row blocks, or part of one: the kernel then sees the
+    codes [N / 64, K / block_k, 64, block_k] as [N / 64, K / block_k x 64, block_k], so that each
+    step's TMA copy strides 5 dimensions (Mosaic GPU's limit), not 6."""
+    return bool(block_k) and (cfg.tile_n > 64 or cfg.tile_k < block_k)
+
+
 def compute_dtype(x_dtype, w: W4Weight) -> str:
     """The tensor cores' input type: fp16 activations stay fp16 with the lop3 order (its magic has
     an fp16 form); everything else multiplies in bf16."""
@@ -719,48 +821,45 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     cfg = config or default_config(w, m)
-    m_padded = padded_batch(m)
+    m_padded = padded_batch(m, cfg.tile_m)
     check_config(cfg, w, m_padded)
-    if w.block_k and (cfg.tile_n != 64 or cfg.tile_k != w.block_k):
-        raise ConfigError(f"w4_matmul: a weight blocked by 64 x {w.block_k} needs tile_n=64 and "
-                          f"tile_k={w.block_k}, not {cfg.tile_n} x {cfg.tile_k}")
+    m_tile = batch_tile(cfg, m_padded)
     dtype = compute_dtype(x.dtype, w)
     xb = x2.astype(dtype)
-    if m > 8 and m % 8:  # TMA tiles x by 8 rows: below 8 it zero-fills the rows past m itself
+    if m > 8 and m != m_padded:  # TMA tiles x by 8 rows: below 8 it zero-fills the rows past m itself
         xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
     k_slice = w.k_stored // cfg.splits  # past K (padding) the last slice's x tiles read as zeros
     with_zero = w.zero is not None
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
-                             m_padded=m_padded, order=w.order, blocked=bool(w.block_k), with_zero=with_zero,
+                             m_padded=m_padded, order=w.order, block_k=w.block_k, with_zero=with_zero,
                              dtype=dtype)
-    operands = (xb, w.codes, w.scale, *([w.zero] if with_zero else []))
+    codes = w.codes.reshape(n // 64, -1, w.block_k) if _stacks_blocks(cfg, w.block_k) else w.codes
+    operands = (xb, codes, w.scale, *([w.zero] if with_zero else []))
+    tiles = dict(grid=(n // cfg.tile_n,), grid_names=("n",))
+    if m_tile < m_padded:
+        tiles = dict(grid=(n // cfg.tile_n, m_padded // m_tile), grid_names=("n", "m"))
+    if cfg.warp_specialized:
+        tiles.update(num_threads=compute_warpgroups(cfg) + 1, thread_name="wg")
     if split_sum_of(cfg) == "cluster":
         scratch = []
         if cfg.splits > 1:  # the other splits' sums, tiled and swizzled as st.async stores them
-            swizzle = plgpu.find_swizzle(m_padded * 32)
-            scratch = [plgpu.SMEM((cfg.splits - 1, cfg.tile_n, m_padded), jnp.float32,
+            swizzle = plgpu.find_swizzle(m_tile * 32)
+            scratch = [plgpu.SMEM((cfg.splits - 1, cfg.tile_n, m_tile), jnp.float32,
                                   transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))),
                        plgpu.Barrier(num_arrivals=cfg.splits - 1)]  # a warpgroup a sender (Pallas counts its 128 threads)
-        y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(n // cfg.tile_n,),
-                         grid_names=("n",), cluster=(cfg.splits,), cluster_names=("s",),
-                         scratch_types=scratch)(*operands)
-        return y.reshape(*lead, n)
-    specialized = {}
-    out_smem = plgpu.SMEM((cfg.tile_n, m_padded), jnp.float32)
-    if cfg.warp_specialized:
-        if w.block_k and cfg.tile_n != 64:
-            raise ConfigError("W4Config.warp_specialized with a blocked weight takes tile_n=64")
-        if cfg.tile_n > 128:  # 4 compute warpgroups did not finish in 60 s on an H100 (run 14), twice
-            raise ConfigError(f"W4Config.warp_specialized takes tile_n 64 or 128, not {cfg.tile_n}")
-        specialized = dict(num_threads=cfg.tile_n // 64 + 1, thread_name="wg")
-        out_smem = plgpu.SMEM((cfg.tile_n // 64, 64, m_padded), jnp.float32)
+        # One batch tile stores y's M rows (past them nothing); several store whole tiles of rows.
+        m_out = m if m_tile == m_padded else m_padded
+        y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_out, n), x.dtype), cluster=(cfg.splits,),
+                         cluster_names=("s",), scratch_types=scratch, **tiles)(*operands)
+        return y[:m].reshape(*lead, n)
+    out_smem = (plgpu.SMEM((cfg.tile_n // 64, 64, m_tile), jnp.float32) if cfg.warp_specialized
+                else plgpu.SMEM((cfg.tile_n, m_tile), jnp.float32))
+    tiles.update(grid=tiles["grid"] + (cfg.splits,), grid_names=tiles["grid_names"] + ("s",))
     partial_sums = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
-        grid=(n // cfg.tile_n, cfg.splits),
-        grid_names=("n", "s"),
         scratch_types=[out_smem],
-        **specialized,
+        **tiles,
     )(*operands)
     y = partial_sums.sum(0).T[:m]
     return y.astype(x.dtype).reshape(*lead, n)

@@ -128,8 +128,16 @@ def test_bad_weights_and_configs_are_named():
     with pytest.raises(ConfigError, match="activations"):
         wm.w4_matmul(jnp.zeros((1, 256), jnp.bfloat16), ww)
     wide = wm.repack_w4(random_weight(0, 512, 256, Variant(4, 128, "sym")))
-    with pytest.raises(ConfigError, match="warp_specialized takes tile_n 64 or 128, not 256"):
+    with pytest.raises(ConfigError, match="rows_per_wg=64 must be a multiple of 64 giving tile_n=256 to one or two"):
         wm.w4_matmul(jnp.zeros((1, 512), jnp.bfloat16), wide, wm.W4Config(256, 256, 1, 4, warp_specialized=True))
+    with pytest.raises(ConfigError, match="tile_m=12 must be 0"):
+        wm.check_config(wm.W4Config(tile_m=12), ww, 16)
+    with pytest.raises(ConfigError, match="batch 264 > 256 rows .* tile the batch with W4Config.tile_m"):
+        wm.check_config(wm.W4Config(), ww, 264)
+    with pytest.raises(ConfigError, match="tile_n=128 on a weight blocked by 64 rows needs warp_specialized"):
+        wm.check_config(wm.W4Config(128, 256, 1, 2), ww, 8)
+    with pytest.raises(ConfigError, match="blocked by 64 x 256 needs tile_k dividing 256"):
+        wm.check_config(wm.W4Config(64, 512, 1, 2), ww, 8)
 
 
 def test_default_config_fills_the_gpu():
@@ -149,21 +157,48 @@ def test_default_config_fits_the_shared_memory_at_large_batches():
     stages fit the 227 KB; an explicit config that does not fit is refused with its numbers
     (Mosaic GPU's own error names neither stages nor batch)."""
     w = wm.W4Weight(codes=None, scale=None, zero=None, group_size=128, shape=(4096, 4096), block_k=256)
-    assert [wm.default_config(w, m).stages for m in (1, 32, 64, 128, 256)] == [4, 4, 4, 2, 1]
+    assert [wm.default_config(w, m).stages for m in (1, 32, 64)] == [4, 4, 4]
     # K = 4096 takes 4 splits, which XLA adds (a cluster of 4 measured slower)
-    assert [wm.split_sum_of(wm.default_config(w, m)) for m in (1, 64, 128)] == ["xla"] * 3
-    # 2 splits: a cluster, whose one received sum takes the shared memory of XLA's output tile,
-    # so the batch-128 stages are those of run 14
+    assert [wm.split_sum_of(wm.default_config(w, m)) for m in (1, 64)] == ["xla"] * 2
+    decode_128 = wm.fit_stages(wm.W4Config(64, 256, 4, 4), w, 128)  # run 14's batch-128 config
+    assert decode_128.stages == 2 and wm.split_sum_of(decode_128) == "xla"
+    # 2 splits: a cluster, whose one received sum takes the shared memory of XLA's output tile
     w2 = dataclasses.replace(w, shape=(4096, 12288))
-    assert [wm.split_sum_of(wm.default_config(w2, m)) for m in (1, 64, 128)] == ["cluster"] * 3
-    assert wm.smem_bytes(wm.default_config(w2, 128), w2, 128) == 181248
+    assert [wm.split_sum_of(wm.default_config(w2, m)) for m in (1, 64)] == ["cluster"] * 2
+    assert wm.smem_bytes(wm.fit_stages(wm.W4Config(64, 256, 2, 4), w2, 128), w2, 128) == 181248
     # 2 stages x (128 x 256 x 2 + 64 x 256 / 2 + 2 x 64 x 4) + 64 x 128 x 4 = 181,248 bytes
-    assert wm.smem_bytes(wm.default_config(w, 128), w, 128) == 181248
+    assert wm.smem_bytes(decode_128, w, 128) == 181248
     # 4 x 74,240 + the cluster's 3 received sums of 64 x 128 x 4 bytes
     with pytest.raises(ConfigError, match=r"4 stages of tile_k=256 at batch 128 need 395264 bytes"):
         wm.check_config(wm.W4Config(64, 256, 4, 4, split_sum="cluster"), w, 128)
     shell = dataclasses.replace(w, zero=0)  # asymmetric: the zero points' table rides in every slot
     assert wm.smem_bytes(wm.W4Config(64, 256, 1, 1), shell, 8) == wm.smem_bytes(wm.W4Config(64, 256, 1, 1), w, 8) + 2 * 64 * 4
+
+
+def test_gemm_config_tiles_large_batches():
+    """Past WGMMA_MAX_M rows: batch tiles of 128, two compute warpgroups of 128 weight rows where
+    that still gives GEMM_PROGRAMS programs, else of 64; K split only where the tiles leave the GPU
+    half empty; 128-column steps, as many stages as fit."""
+    def shell(k, n):
+        return wm.W4Weight(codes=None, scale=None, zero=None, group_size=128, shape=(k, n), block_k=256)
+
+    expect = {  # (K, N, batch): (tile_n, rows_per_wg, tile_m, splits, stages)
+        (4096, 14336, 256): (256, 128, 128, 1, 4),  # 56 x 2 programs
+        (4096, 14336, 128): (128, 64, 128, 1, 4),  # 56 tiles of 256 rows are too few
+        (4096, 4096, 256): (128, 64, 128, 1, 4),  # 64 programs: more than half of GEMM_PROGRAMS
+        (4096, 1024, 128): (128, 64, 128, 16, 4),  # 8 tiles: 16 splits (of 2 steps each)
+        (4096, 4096, 72): (128, 64, 72, 4, 4),
+    }
+    for (k, n, m), want in expect.items():
+        cfg = wm.default_config(shell(k, n), m)
+        assert (cfg.tile_n, cfg.rows_per_wg, cfg.tile_m, cfg.splits, cfg.stages) == want, (k, n, m, cfg)
+        assert cfg.warp_specialized and not cfg.scale_on_acc and cfg.tile_k == 128
+        wm.check_config(cfg, shell(k, n), wm.padded_batch(m, cfg.tile_m))
+    assert wm.default_config(shell(4096, 4096), wm.WGMMA_MAX_M).tile_m == 0  # decode config up to the limit
+    # slot: 128 x 128 x 2 (x) + 256 x 128 / 2 (codes) + 256 x 4 (scales); one split stores y itself
+    cfg = wm.default_config(shell(4096, 14336), 256)
+    assert wm.smem_bytes(cfg, shell(4096, 14336), 256) == 4 * (32768 + 16384 + 1024)
+    assert [wm.padded_batch(m, 128) for m in (1, 100, 128, 129, 300)] == [8, 104, 128, 256, 384]
 
 
 def test_padded_k_splits_llama2_down_projection():
@@ -293,13 +328,17 @@ def test_call_sites_share_one_kernel_module():
     ("lop3", 256, False, 8, "asym", False, 32, False), ("prmt", 256, True, 2, "asym", False, 64, False),
     ("lop3", 128, False, 1, "asym", False, 128, True), ("lop3", 0, False, 16, "sym", False, 64, True),
     ("lop3", 256, True, 1, "asym", False, 128, "fold"), ("lop3", 0, True, 8, "sym", False, 64, "fold"),
-    ("lop3", 0, True, 3, "asym", True, 128, "fold")])
+    ("lop3", 0, True, 3, "asym", True, 128, "fold"),
+    # large batches: tiles of the batch, 128-column steps of 256-column blocks, 2 blocks a warpgroup
+    ("lop3", 256, False, 300, "asym", "gemm", 128, False), ("prmt", 0, False, 200, "sym", "gemm", 32, False)])
 def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, overlap):
     """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it), with
     the zero points inside: one kernel a call, no XLA dot beside it."""
     w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, group, grid)), order=order, block_k=block_k)
     cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, warp_specialized=ws,
                       overlap_mma=overlap is True, offset_on_acc=overlap == "fold")
+    if ws == "gemm":
+        cfg = wm.W4Config(256, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, rows_per_wg=128)
     text = jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
         jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1

@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -83,7 +84,9 @@ def parse_configs(text: str) -> list[tuple]:
     zeros to `padded_k`, blocked by tile_k). "default[+flags]" stands for `default_config` at each
     point (`resolve_default`). ovl (`overlap_mma`: one accumulator carried through
     the pipeline, the codes scaled in bf16), fold (`offset_on_acc`: base + code into the tensor cores,
-    the offset taken off each group's sum in fp32)."""
+    the offset taken off each group's sum in fp32). mN (`tile_m`: the grid tiles the batch by N rows),
+    rN (`rows_per_wg`: N weight rows a compute warpgroup, with ws), bkN (blocked by N columns, read
+    in steps of tile_k)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
@@ -91,13 +94,16 @@ def parse_configs(text: str) -> list[tuple]:
             out.append(("default", tuple(flags)))
             continue
         f = [int(v) for v in head.split(":")]
+        sizes = {m.group(1): int(m.group(2)) for m in map(re.compile(r"(m|r|bk)(\d+)").fullmatch, flags) if m}
         overlap = "ovl" in flags
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags and not overlap,
                           loads_only="loads" in flags, warp_specialized="ws" in flags, overlap_mma=overlap,
                           offset_on_acc="fold" in flags,
-                          split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None)
-        blocked = "blocked" in flags or "pad" in flags
-        out.append((cfg, "prmt" if "prmt" in flags else "lop3", f[1] if blocked else 0, "pad" in flags))
+                          split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None,
+                          tile_m=sizes.get("m", 0), rows_per_wg=sizes.get("r", 64))
+        blocked = "blocked" in flags or "pad" in flags or "bk" in sizes
+        out.append((cfg, "prmt" if "prmt" in flags else "lop3", sizes.get("bk", f[1]) if blocked else 0,
+                    "pad" in flags))
     return out
 
 
@@ -151,6 +157,8 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
             us, wall, kernels = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
             results.append({"config": desc, "us": us, "wall_us": wall, "rel_err": errors.get(cand),
                             "kernels": kernels})
+            if m > wm.WGMMA_MAX_M and "dequant_dot_us" not in rec:  # what linear() ran past WGMMA_MAX_M
+                rec["dequant_dot_us"] = time_fn(lambda xx, www: xx @ www.dequantize().astype(xx.dtype), xs, wss)[0]
         except Exception as e:  # reported, not fatal: a config Mosaic GPU rejects
             results.append({"config": desc, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             log.warning("config %s failed: %s", desc, str(e)[:2000])
@@ -258,7 +266,7 @@ def main() -> None:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                        "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT"), "records": records}, f, indent=1)
     print(f"\n{'grid':5} {'K x N':13} {'m':>3} {'err':>8} {'wgmma':>7} {'triton':>7} {'bf16':>7} "
-          f"{'vs bf16':>7} {'vs tri':>7} {'TB/s':>5} config")
+          f"{'vs bf16':>7} {'vs tri':>7} {'TB/s':>5} {'deq+dot':>7} config")
     for r in records:
         if "error" in r:
             print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} ERROR {r['error'][:200]}")
@@ -266,7 +274,8 @@ def main() -> None:
         f = lambda v, p=".1f": format(v, p) if v is not None else "-"  # noqa: E731
         print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} {f(r['rel_err'], '8.1e'):>8} {f(r['wgmma_us']):>7} "
               f"{f(r.get('triton_us')):>7} {f(r['xla_bf16_us']):>7} {f(r.get('speedup_vs_bf16'), '.2f'):>7} "
-              f"{f(r.get('speedup_vs_triton'), '.2f'):>7} {f(r.get('wgmma_tb_s'), '.2f'):>5} {r['wgmma_config']}")
+              f"{f(r.get('speedup_vs_triton'), '.2f'):>7} {f(r.get('wgmma_tb_s'), '.2f'):>5} "
+              f"{f(r.get('dequant_dot_us')):>7} {r['wgmma_config']}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 
 Fresh random QArrays (symmetric and asymmetric with the zero points in the kernel, groups of 32 to
 256 and per channel), repacked in both column orders, blocked and not, at batches 1 to 128 that do
-and do not fill an 8-row TMA tile (past 64: fewer stages fit the shared memory); every
+and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
 cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
@@ -79,6 +79,15 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128, "asym"), 11008, 4096, (1, 8, 13), dict(block_k=256, stored_k=11264),
      [None, wm.W4Config(64, 256, 4, 4, split_sum="cluster"), wm.W4Config(64, 256, 11, 2),
       wm.W4Config(64, 256, 4, 4, scale_on_acc=False, overlap_mma=True), wm.W4Config(64, 256, 4, 4, offset_on_acc=True)]),
+    # large batches (`gemm_config`): the grid tiles the batch (200 and 300 leave a part tile), 128-column
+    # steps from 256-column blocks, two blocks a program and two a compute warpgroup, stored by the
+    # kernel (one split) or summed by XLA
+    (Variant(4, 128, "asym"), 4096, 4096, (72, 128, 200, 256, 300), dict(block_k=256),
+     [None, wm.W4Config(256, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, rows_per_wg=128),
+      wm.W4Config(128, 128, 2, 4, scale_on_acc=False, warp_specialized=True, tile_m=64)]),
+    (Variant(4, 32), 4096, 1024, (96, 256), dict(order="prmt"),
+     [None, wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=256)]),
+    (Variant(4, 128, "asym"), 11008, 4096, (136,), dict(block_k=256, stored_k=11264), [None]),
 ]
 
 
