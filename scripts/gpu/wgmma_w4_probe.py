@@ -56,7 +56,7 @@ def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym"
     tile_k = wm.choose_block_k(k, n)
     shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=group_size,
                         shape=(k, n), block_k=tile_k)
-    base = wm.default_config(shell, m)
+    base = wm.default_config(shell, min(m, wm.WGMMA_MAX_M))  # the decode configs (past it: `gemm_config`)
     out = []
     for s in wm.split_choices(k, n, tile_k)[:2] or wm.split_counts(k, tile_k)[-1:]:
         for stages in (4, 8):
