@@ -15,3 +15,11 @@ timeout -k 5 ${GEMM_PROBE_S:-300} python scripts/gpu/wgmma_w4_probe.py --out $D/
   --shapes ${GEMM_SHAPES:-4096x14336,4096x4096,14336x4096,4096x1024} --batches ${GEMM_BATCHES:-128,256} \
   --configs "${GEMM_CONFIGS:-default}" --deadline-s $(( ${GEMM_PROBE_S:-300} - 40 )) > $D/probe.log 2>&1
 echo "probe rc=$?"; sed -n '/^grid /,$p' $D/probe.log
+python - $D/probe.json <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["records"]:
+    head = f"{r['k']}x{r['n']} m={r['m']} bf16={r.get('xla_bf16_us', 0):.1f} deq+dot={r.get('dequant_dot_us') or 0:.1f} err={r.get('rel_err')}"
+    cands = [f"{c['config']['tile_n']}/{c['config']['rows_per_wg']}/m{c['config']['tile_m']}/s{c['config']['splits']}/st{c['config']['stages']}"
+             f"{'/ws' if c['config']['warp_specialized'] else ''}:{c.get('us', c.get('error', '?')[:60])}" for c in r.get("candidates", [])]
+    print(head, *cands, sep="\n  ")
+PY
