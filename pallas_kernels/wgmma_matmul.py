@@ -363,42 +363,54 @@ def compute_warpgroups(cfg: W4Config) -> int:
     return cfg.tile_n // cfg.rows_per_wg if cfg.warp_specialized else 1
 
 
-GEMM_TILE_M = 128  # batch rows a large-batch program multiplies
-GEMM_PROGRAMS = 100  # programs a large-batch grid should reach before K is split (132 SMs)
+# Run 17 (H200): one program of `gemm_config`'s tiles (128 weight rows, two compute warpgroups) takes
+# about STEP_US[0] + STEP_US[1] x batch rows a 128-column step (0.86 us at 128 rows, 1.38 at 256),
+# plus PROGRAM_US to fill and drain its pipeline; XLA writes and reads split-K partial sums at
+# about SUM_BYTES_PER_US. The cost of a grid is then its waves of programs plus those sums.
+STEP_US = (0.34, 0.00406)
+PROGRAM_US = 1.5
+SUM_BYTES_PER_US = 3.0e6
 
 
-def gemm_config(w: W4Weight, m: int) -> W4Config:
-    """Batches past WGMMA_MAX_M (prefill), where the tensor cores, not the weight's bytes, set the
-    time: a memory warpgroup streams 128-column steps into two compute warpgroups, which scale the
-    bf16 codes (one accumulator a 64-row block) and multiply tiles of up to 128 batch rows. Each
-    warpgroup takes 128 weight rows where that still leaves GEMM_PROGRAMS programs (x's tile is then
-    read from shared memory once every 256 weight rows), else 64; K is split only where the tiles
-    alone leave the GPU half empty, since XLA then adds fp32 partial sums of the whole output."""
+def gemm_cost_us(k: int, n: int, m: int, tile_m: int, splits: int, sms: int = 132) -> float:
+    """Run 17's model of a `gemm_config` grid's time (us): batch tiles of tile_m rows, K in splits."""
+    m_padded = padded_batch(m, tile_m)
+    tile = min(tile_m, m_padded)
+    programs = n // 128 * (m_padded // tile) * splits
+    step = STEP_US[0] + STEP_US[1] * tile
+    sums = 0.0 if splits == 1 else splits * n * m_padded * 8 / SUM_BYTES_PER_US  # fp32, out and back
+    return -(-programs // sms) * (k // 128 // splits * step + PROGRAM_US) + sums
+
+
+def gemm_config(w: W4Weight, m: int, sms: int = 132) -> W4Config:
+    """Past DECODE_MAX_M rows (prefill), where the tensor cores, not the weight's bytes, set the time:
+    a memory warpgroup streams 128-column steps into two compute warpgroups of 64 weight rows each,
+    which scale the bf16 codes (one accumulator) and multiply a tile of the batch. The batch tile
+    (the whole batch, or 128 or 256 rows) and the split count are those `gemm_cost_us` ranks fastest:
+    more rows a tile convert each weight fewer times, while too few programs leave SMs idle and
+    every split adds XLA's sum of fp32 partials. (Tiles of 256 weight rows, `rows_per_wg=128`,
+    ran no faster a row than 128 in run 17.)"""
     k, n = w.k_stored, w.shape[1]
     rows8 = padded_batch(m)
-    tile_m = min(GEMM_TILE_M, rows8)
-    m_tiles = -(-rows8 // tile_m)
-    if n % 256 == 0 and n // 256 * m_tiles >= GEMM_PROGRAMS:
-        tile_n, per_wg = 256, 128
-    elif n % 128 == 0:
-        tile_n, per_wg = 128, 64
-    else:
-        tile_n, per_wg = 64, 64
-    programs = n // tile_n * m_tiles
-    counts = split_counts(k, w.block_k or 128)
-    splits = 1 if 2 * programs >= GEMM_PROGRAMS else next((s for s in counts if programs * s >= GEMM_PROGRAMS), counts[-1])
-    cfg = W4Config(tile_n=tile_n, tile_k=128, splits=splits, stages=4, scale_on_acc=False,
-                   warp_specialized=True, tile_m=tile_m, rows_per_wg=per_wg)
-    return fit_stages(cfg, w, m)
+    tiles = sorted({min(rows8, 256)} | {t for t in (128, 256) if t < rows8})
+    tile_n = 128 if n % 128 == 0 else 64
+    configs = [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=s, stages=4, scale_on_acc=False,
+                                   warp_specialized=True, tile_m=t), w, m)
+               for t in tiles for s in split_counts(k, w.block_k or 128)]
+    # at least 2 stages, so that loads overlap the arithmetic (XLA's fp32 output tile of 256 x 128
+    # rows leaves room for one)
+    ranked = [(gemm_cost_us(k, n * 128 // tile_n, m, c.tile_m, c.splits, sms), c.splits, c.tile_m, c)
+              for c in configs if c.stages >= 2]
+    return min(ranked)[-1]
 
 
 def default_config(w: W4Weight, m: int = 1) -> W4Config:
-    """Past WGMMA_MAX_M rows `gemm_config`; else 64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
+    """Past DECODE_MAX_M rows `gemm_config`; else 64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
     (fewer where a batch's x tiles do not fit the shared memory), the default `split_sum`
     (at 1-2 splits the cluster's: at most one received sum, the size of XLA's output tile). Within
     4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups of
     128; groups of 32 and 64 are correct on an H100 but untimed)."""
-    if m > WGMMA_MAX_M:
+    if m > DECODE_MAX_M:
         return gemm_config(w, m)
     k, n = w.k_stored, w.shape[1]
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
@@ -869,10 +881,10 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
 # linear() for W4Weight
 # --------------------------------------------------------------------------------------------
 
-# Batches up to this run the kernel; larger ones (prefill) dequantize and let XLA's GEMM run.
-# Measured with default_config (kernel_notes runs 13, 14): 1.3-2.7x XLA bf16 at batch 8-32 and
-# 1.15-1.6x at 64 on the six Llama shapes; at 128 (two stages fit) 0.78-1.13x, so XLA takes it.
-WGMMA_MAX_M = 64
+# Batches up to this take the decode configs (`default_config`), larger ones `gemm_config`. The
+# kernel runs at every batch: past 64 rows, dequantizing the weight for XLA's dot took 44-506 us a
+# call on an H200, 4.9-17x the kernel's time (kernel_notes run 17).
+DECODE_MAX_M = 64
 
 
 def hopper_is_default_device() -> bool:
@@ -889,11 +901,6 @@ def kernel_problem(x: jax.Array, w: W4Weight) -> str | None:
         return f"activations are {x.dtype}; the kernel takes bfloat16 or float16"
     if not hopper_is_default_device():
         return "the default device is not a Hopper GPU (wgmma needs compute capability 9.x)"
-    from jaxcompress.quant.kernels_dispatch import batch_of
-
-    m = batch_of(x)
-    if m > WGMMA_MAX_M:
-        return f"batch {m} > {WGMMA_MAX_M} (measured range); XLA's GEMM on the dequantized weight"
     return None
 
 

@@ -176,28 +176,33 @@ def test_default_config_fits_the_shared_memory_at_large_batches():
 
 
 def test_gemm_config_tiles_large_batches():
-    """Past WGMMA_MAX_M rows: batch tiles of 128, two compute warpgroups of 128 weight rows where
-    that still gives GEMM_PROGRAMS programs, else of 64; K split only where the tiles leave the GPU
-    half empty; 128-column steps, as many stages as fit."""
+    """Past DECODE_MAX_M rows: tiles of 128 weight rows on two compute warpgroups, 128-column steps,
+    and the batch tile and split count that run 17's cost model ranks fastest, with 2 stages or more."""
     def shell(k, n):
         return wm.W4Weight(codes=None, scale=None, zero=None, group_size=128, shape=(k, n), block_k=256)
 
-    expect = {  # (K, N, batch): (tile_n, rows_per_wg, tile_m, splits, stages)
-        (4096, 14336, 256): (256, 128, 128, 1, 4),  # 56 x 2 programs
-        (4096, 14336, 128): (128, 64, 128, 1, 4),  # 56 tiles of 256 rows are too few
-        (4096, 4096, 256): (128, 64, 128, 1, 4),  # 64 programs: more than half of GEMM_PROGRAMS
-        (4096, 1024, 128): (128, 64, 128, 16, 4),  # 8 tiles: 16 splits (of 2 steps each)
-        (4096, 4096, 72): (128, 64, 72, 4, 4),
+    expect = {  # (K, N, batch): (tile_m, splits, stages)
+        (4096, 14336, 128): (128, 1, 4),  # 112 programs: one wave
+        (4096, 14336, 256): (256, 1, 3),  # one wave of 256-row tiles beats two of 128
+        (4096, 4096, 256): (128, 2, 4),  # 32 tiles of 128 x 128: K split for a wave of 128 programs
+        (14336, 4096, 2048): (256, 1, 3),  # enough tiles: no split
+        (4096, 1024, 128): (128, 8, 4),
+        (4096, 4096, 72): (72, 4, 4),  # the whole batch in one tile
     }
     for (k, n, m), want in expect.items():
         cfg = wm.default_config(shell(k, n), m)
-        assert (cfg.tile_n, cfg.rows_per_wg, cfg.tile_m, cfg.splits, cfg.stages) == want, (k, n, m, cfg)
-        assert cfg.warp_specialized and not cfg.scale_on_acc and cfg.tile_k == 128
+        assert (cfg.tile_m, cfg.splits, cfg.stages) == want, (k, n, m, cfg)
+        assert (cfg.tile_n, cfg.tile_k, cfg.rows_per_wg, cfg.warp_specialized, cfg.scale_on_acc) == (128, 128, 64, True, False)
         wm.check_config(cfg, shell(k, n), wm.padded_batch(m, cfg.tile_m))
-    assert wm.default_config(shell(4096, 4096), wm.WGMMA_MAX_M).tile_m == 0  # decode config up to the limit
-    # slot: 128 x 128 x 2 (x) + 256 x 128 / 2 (codes) + 256 x 4 (scales); one split stores y itself
+    assert wm.default_config(shell(4096, 4096), wm.DECODE_MAX_M).tile_m == 0  # decode configs up to the limit
+    # the model: one wave of 112 programs of 32 steps at 128 rows, against two waves of 16-step
+    # programs plus XLA's sum of 2 x 14336 x 128 fp32 partials, written and read
+    assert wm.gemm_cost_us(4096, 14336, 128, 128, 1) == pytest.approx(32 * (0.34 + 0.00406 * 128) + 1.5)
+    assert wm.gemm_cost_us(4096, 14336, 128, 128, 2) == pytest.approx(
+        2 * (16 * (0.34 + 0.00406 * 128) + 1.5) + 2 * 14336 * 128 * 8 / 3.0e6)
+    # slot: 256 x 128 x 2 (x) + 128 x 128 / 2 (codes) + 128 x 4 (scales); one split stores y itself
     cfg = wm.default_config(shell(4096, 14336), 256)
-    assert wm.smem_bytes(cfg, shell(4096, 14336), 256) == 4 * (32768 + 16384 + 1024)
+    assert wm.smem_bytes(cfg, shell(4096, 14336), 256) == 3 * (65536 + 8192 + 512)
     assert [wm.padded_batch(m, 128) for m in (1, 100, 128, 129, 300)] == [8, 104, 128, 256, 384]
 
 

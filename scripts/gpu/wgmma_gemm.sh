@@ -8,7 +8,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 T=tests/gpu/test_wgmma_matmul_gpu.py
 if [ -n "${GEMM_TESTS-16 17 18 0}" ]; then
   ids=""; for c in ${GEMM_TESTS-16 17 18 0}; do ids="$ids $T::test_kernel_matches_float64_reference[$c]"; done
-  timeout -k 5 ${GEMM_TEST_S:-200} python -m pytest -q $ids $T::test_linear_dispatches_to_the_kernel_at_decode_batches > $D/pytest.log 2>&1
+  timeout -k 5 ${GEMM_TEST_S:-200} python -m pytest -q $ids $T::test_linear_dispatches_to_the_kernel_at_every_batch > $D/pytest.log 2>&1
   echo "pytest rc=$?"; tail -3 $D/pytest.log
 fi
 timeout -k 5 ${GEMM_PROBE_S:-300} python scripts/gpu/wgmma_w4_probe.py --out $D/probe.json --grids ${GEMM_GRIDS:-sym} \

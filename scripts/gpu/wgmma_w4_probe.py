@@ -56,7 +56,7 @@ def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym"
     tile_k = wm.choose_block_k(k, n)
     shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=group_size,
                         shape=(k, n), block_k=tile_k)
-    base = wm.default_config(shell, min(m, wm.WGMMA_MAX_M))  # the decode configs (past it: `gemm_config`)
+    base = wm.default_config(shell, min(m, wm.DECODE_MAX_M))  # the decode configs (past it: `gemm_config`)
     out = []
     for s in wm.split_choices(k, n, tile_k)[:2] or wm.split_counts(k, tile_k)[-1:]:
         for stages in (4, 8):
@@ -108,16 +108,17 @@ def parse_configs(text: str) -> list[tuple]:
 
 
 def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
-    """A parsed config, with "default[+ovl|fold|xla|cluster]" made concrete for this point: the
+    """A parsed config, with "default[+ovl|fold|xla|cluster|gemm]" made concrete for this point: the
     weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
-    the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`)."""
+    the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`; gemm:
+    `gemm_config` at any batch)."""
     if cand[0] != "default":
         return cand
     flags = cand[1]
     block_k, stored_k = wm.stored_layout(k, n)
     shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=128,
                         shape=(k, n), block_k=block_k, stored_k=stored_k if stored_k != k else 0)
-    cfg = wm.default_config(shell, m)
+    cfg = wm.gemm_config(shell, m) if "gemm" in flags else wm.default_config(shell, m)
     if "ovl" in flags:
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
     if "fold" in flags:
@@ -133,7 +134,8 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": 128}
     x = random_activations(4, (m, k))
     ref = float64_reference(x, w)
-    cands = [resolve_default(c, k, n, m, grid) for c in configs] or candidate_configs(k, n, m, 128, grid)[:max_cands]
+    cands = list(dict.fromkeys(resolve_default(c, k, n, m, grid) for c in configs))  # "default" may repeat another
+    cands = cands or candidate_configs(k, n, m, 128, grid)[:max_cands]
     errors = {}
     for cand in cands:
         cfg, order, block_k, pad = cand
@@ -157,7 +159,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
             us, wall, kernels = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
             results.append({"config": desc, "us": us, "wall_us": wall, "rel_err": errors.get(cand),
                             "kernels": kernels})
-            if m > wm.WGMMA_MAX_M and "dequant_dot_us" not in rec:  # what linear() ran past WGMMA_MAX_M
+            if m > wm.DECODE_MAX_M and "dequant_dot_us" not in rec:  # what linear() ran past 64 rows before run 17
                 rec["dequant_dot_us"] = time_fn(lambda xx, www: xx @ www.dequantize().astype(xx.dtype), xs, wss)[0]
         except Exception as e:  # reported, not fatal: a config Mosaic GPU rejects
             results.append({"config": desc, "error": f"{type(e).__name__}: {str(e)[:400]}"})

@@ -124,10 +124,10 @@ def test_kernel_matches_float64_reference(case):
             assert_blocks_close(wm.w4_matmul(x, ww, cfg), float64_reference(x, w))  # jitted, config static
 
 
-def test_linear_dispatches_to_the_kernel_at_decode_batches():
+def test_linear_dispatches_to_the_kernel_at_every_batch():
     w = random_weight(7, 4096, 1024, Variant(4, 128))
     ww = wm.repack_w4(w, block_k=wm.choose_block_k(4096, 1024))
-    for m, kernel in ((4, True), (wm.WGMMA_MAX_M + 8, False)):
+    for m, kernel in ((4, True), (wm.DECODE_MAX_M + 8, True), (300, True)):  # every batch since run 17
         x = random_activations(m, (1, m, 4096))
         fn = jax.jit(linear)
         assert ("mosaic_gpu" in fn.lower(x, ww).as_text()) == kernel
