@@ -881,10 +881,12 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
 # linear() for W4Weight
 # --------------------------------------------------------------------------------------------
 
-# Batches up to this take the decode configs (`default_config`), larger ones `gemm_config`. The
-# kernel runs at every batch: past 64 rows, dequantizing the weight for XLA's dot took 44-506 us a
-# call on an H200, 4.9-17x the kernel's time (kernel_notes run 17).
-DECODE_MAX_M = 64
+# Batches up to this take the decode configs (`default_config`), larger ones `gemm_config`: on an
+# H200 the decode configs were 4-10% faster at 32 rows on 4 Llama shapes, `gemm_config` 3-28% faster
+# at 48 on 3 of them and at 64 on 4 of 5 (40 lies between, unmeasured). The kernel runs at every
+# batch: past 64 rows, dequantizing the weight for XLA's dot took 44-585 us a call on an H200,
+# 3.8-17x the kernel's time (kernel_notes run 17).
+DECODE_MAX_M = 40
 
 
 def hopper_is_default_device() -> bool:
