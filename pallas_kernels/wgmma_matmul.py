@@ -22,11 +22,14 @@ permute); `chunk_permutation` gives the map of each conversion order. With `bloc
 64 x block_k tile a step reads is one contiguous run of memory.
 
 **Grid** (`W4Config`): the weight's N in tiles of `tile_n` rows (a multiple of 64), K in `splits`
-slices. Each program runs a pipeline over its K slice in steps of `tile_k` columns (a multiple of
+slices, and past 256 rows (or wherever `tile_m` asks) the batch in tiles of `tile_m` rows. Each program runs a pipeline over its K slice in steps of `tile_k` columns (a multiple of
 128 and of the group size below it), `stages` steps in flight. The split-K partial sums meet
 inside the kernel (`split_sum="cluster"`): a tile's splits form a thread-block cluster, the others
 send their fp32 sums into the first program's shared memory (st.async), and it stores y [M, N] in
 x's dtype itself, so nothing runs beside the kernel. Or XLA adds fp32 partial sums after it ("xla").
+Large batches (`gemm_config`, past DECODE_MAX_M rows) are compute-bound: a memory warpgroup feeds
+two compute warpgroups of 64 weight rows (`warp_specialized`), each step is 128 columns of the
+stored 256-column blocks, and the batch tile and split count come from a cost model fitted to run 17.
 
 **Arithmetic**: w = s * (code - zero). The conversion gives c' = code - 8 in bf16; an asymmetric
 grid's integer zero point is subtracted from it, c' - (zero - 8) = code - zero, still exact in
@@ -40,7 +43,9 @@ the Llama shapes, 1.15-1.6x at 64; at batch 1 1.94-2.73x (symmetric g128), level
 the Triton GEMV on 4096 x 14336 and 4096 x 22016 and behind it on the other shapes. On an H200
 (run 16; XLA's bf16 is about 1.35x faster there, this kernel barely): 1.3-2.3x XLA's bf16 at
 batch 1 and 8 on the Llama shapes (3.8x on 4096 x 1024 at batch 1, where XLA's own GEMV is slow),
-0.85-1.16x the Triton GEMV at batch 1 and 1.3-2.6x the Triton kernels at batch 8. CPU tests check
+0.85-1.16x the Triton GEMV at batch 1 and 1.3-2.6x the Triton kernels at batch 8. At batches
+64-512 on the H200 (run 17): 1.09-1.77x XLA's bf16 at 64-128 rows, 0.87-1.29x at 256-512, and
+3.8-17x faster than the dequantize-then-dot that ran there before. CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
