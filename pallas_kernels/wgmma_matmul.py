@@ -463,10 +463,9 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
                           "warp_specialized=True (each compute warpgroup takes whole 64-row blocks)")
     if split_sum_of(cfg) not in SPLIT_SUMS:
         raise ConfigError(f"W4Config.split_sum={cfg.split_sum!r}; choose one of {SPLIT_SUMS} or None")
-    if split_sum_of(cfg) == "cluster" and (cfg.splits > MAX_CLUSTER or (cfg.warp_specialized and cfg.splits > 1)):
-        raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits, and one "
-                          f"with warp specialization (splits={cfg.splits}, warp_specialized="
-                          f"{cfg.warp_specialized}); use split_sum='xla'")
+    if split_sum_of(cfg) == "cluster" and cfg.splits > MAX_CLUSTER:
+        raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits "
+                          f"(splits={cfg.splits}); use split_sum='xla'")
     if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
         raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
                           "scale_on_acc=False, warp_specialized=False and loads_only=False")
@@ -744,8 +743,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             b = wg * per_wg + j
             if split_sum_of(cfg) == "xla":
                 store(acc, scratch[0].at[b], n0 + b * rows)
-            else:
-                _store_transposed(acc, out_gmem.at[batch, pl.ds(n0 + b * rows, rows)])
+            else:  # each block's splits meet in the cluster's first program (or there is one split)
+                _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0 + b * rows, rows)], scratch, cfg.splits,
+                                       s_idx, rows=pl.ds(b * rows, rows))
 
     blocks = tuple((pl.ds((wg * per_wg + j) * rows, rows), block_rows(wg * per_wg + j)) for j in range(per_wg))
     plgpu.emit_pipeline_warp_specialized(
@@ -754,10 +754,11 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         compute_context=compute_context)(*operands)
 
 
-def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx) -> None:
+def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx, rows=None) -> None:
     """split_sum="cluster": programs 1 .. splits-1 of the tile's cluster send their fp32 sums
     [rows, M] into program 0's shared memory (st.async, counted by its barrier's transaction
-    bytes); program 0 adds them to its own in a fixed order and stores its tile of y itself."""
+    bytes); program 0 adds them to its own in a fixed order and stores its tile of y itself.
+    rows: the tile's rows this sum is (a warp-specialized warpgroup's 64-row block), else all."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -765,17 +766,18 @@ def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx) -> None:
         _store_transposed(acc, out_rows)
         return
     parts, arrived = scratch
+    part = (lambda j: parts.at[j]) if rows is None else (lambda j: parts.at[j, rows])  # noqa: E731
 
     @pl.when(s_idx != 0)
     def _send():
-        plgpu.async_store_smem(acc, parts.at[s_idx - 1], arrived, cluster_idx=0, cluster_dim="s")
+        plgpu.async_store_smem(acc, part(s_idx - 1), arrived, cluster_idx=0, cluster_dim="s")
 
     @pl.when(s_idx == 0)
     def _sum():
         plgpu.barrier_wait(arrived)
         total = acc
         for j in range(splits - 1):
-            total = total + _load(parts.at[j], layout=plgpu.Layout.WGMMA)
+            total = total + _load(part(j), layout=plgpu.Layout.WGMMA)
         _store_transposed(total, out_rows)
 
 
@@ -863,7 +865,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
             swizzle = plgpu.find_swizzle(m_tile * 32)
             scratch = [plgpu.SMEM((cfg.splits - 1, cfg.tile_n, m_tile), jnp.float32,
                                   transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))),
-                       plgpu.Barrier(num_arrivals=cfg.splits - 1)]  # a warpgroup a sender (Pallas counts its 128 threads)
+                       # an arrival a sent block (Pallas counts a warpgroup's 128 threads as one)
+                       plgpu.Barrier(num_arrivals=(cfg.splits - 1) * (cfg.tile_n // 64 if cfg.warp_specialized else 1))]
         # One batch tile stores y's M rows (past them nothing); several store whole tiles of rows.
         m_out = m if m_tile == m_padded else m_padded
         y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_out, n), x.dtype), cluster=(cfg.splits,),

@@ -279,7 +279,7 @@ def test_split_sums_meet_in_a_cluster():
     """By default the splits of a tile form a thread-block cluster that adds their fp32 sums and
     stores y [M, N] itself, so the exported program is the kernel alone; split_sum="xla" keeps the
     partial sums' reduce and transpose beside it. The first program's shared memory holds the
-    other splits' sums, and a cluster takes at most 8 programs and no warp specialization."""
+    other splits' sums, and a cluster takes at most 8 programs."""
     import re
 
     w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, 128, "asym")), block_k=256)
@@ -305,8 +305,9 @@ def test_split_sums_meet_in_a_cluster():
     with pytest.raises(ConfigError, match="split_sum='cluster' takes at most 8 splits"):
         wm.check_config(wm.W4Config(64, 128, 16, 4, split_sum="cluster"), wm.repack_w4(
             random_weight(0, 2048, 64, Variant(4, 128, "sym"))), 8)
-    with pytest.raises(ConfigError, match="and one with warp specialization"):
-        wm.check_config(wm.W4Config(128, 256, 2, 4, warp_specialized=True, split_sum="cluster"), w, 8)
+    # warp-specialized: each compute warpgroup sends its 64-row block, one kernel in the program
+    ws = wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, split_sum="cluster")
+    assert hlo_ops(ws, 8) == {"custom_call"}
     with pytest.raises(ConfigError, match="split_sum='sum'"):
         wm.check_config(wm.W4Config(64, 256, 2, 4, split_sum="sum"), w, 8)
 

@@ -125,7 +125,7 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
         cfg = dataclasses.replace(cfg, offset_on_acc=True)
     if "xla" in flags or "cluster" in flags:
         cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
-    return cfg, "lop3", block_k, stored_k != k
+    return wm.fit_stages(cfg, shell, m), "lop3", block_k, stored_k != k  # a cluster's received sums take room
 
 
 def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list) -> dict:
