@@ -463,9 +463,12 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
                           "warp_specialized=True (each compute warpgroup takes whole 64-row blocks)")
     if split_sum_of(cfg) not in SPLIT_SUMS:
         raise ConfigError(f"W4Config.split_sum={cfg.split_sum!r}; choose one of {SPLIT_SUMS} or None")
-    if split_sum_of(cfg) == "cluster" and cfg.splits > MAX_CLUSTER:
-        raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits "
-                          f"(splits={cfg.splits}); use split_sum='xla'")
+    if split_sum_of(cfg) == "cluster" and cfg.splits > 1 and (
+            cfg.splits > MAX_CLUSTER or (cfg.warp_specialized and cfg.rows_per_wg != 64)):
+        # a warpgroup waits once on the barrier of received sums: a second wait would be for its next phase
+        raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits, and one 64-row "
+                          f"block a compute warpgroup (splits={cfg.splits}, rows_per_wg={cfg.rows_per_wg}); "
+                          "use split_sum='xla'")
     if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
         raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
                           "scale_on_acc=False, warp_specialized=False and loads_only=False")
