@@ -240,9 +240,10 @@ class W4Config:
     splits: int = 1
     stages: int = 4
     scale_on_acc: bool = True  # each group into its own accumulator, scaled in fp32 (no bf16 mul a pair)
-    # A memory warpgroup issues the TMA copies while tile_n / 64 compute warpgroups multiply, so no
-    # warpgroup waits for its own loads (emit_pipeline_warp_specialized). Correct on an H100 but
-    # slower at batch 1 (kernel_notes run 14: 22.9 against 16.5 us on 4096 x 14336), so off.
+    # A memory warpgroup issues the TMA copies while tile_n / rows_per_wg compute warpgroups multiply,
+    # so no warpgroup waits for its own loads (emit_pipeline_warp_specialized). Slower at batch 1
+    # (kernel_notes run 14: 22.9 against 16.5 us on 4096 x 14336), so off in the decode configs; on
+    # in `gemm_config`, where two compute warpgroups share each x tile (run 17).
     warp_specialized: bool = False
     loads_only: bool = False  # probe: the pipeline's loads without the arithmetic (output is zero)
     # Where the split-K partial sums meet (`split_sum_of`): "cluster" makes the splits of a tile one
