@@ -22,8 +22,9 @@ permute); `chunk_permutation` gives the map of each conversion order. With `bloc
 64 x block_k tile a step reads is one contiguous run of memory.
 
 **Grid** (`W4Config`): the weight's N in tiles of `tile_n` rows (a multiple of 64), K in `splits`
-slices, and past 256 rows (or wherever `tile_m` asks) the batch in tiles of `tile_m` rows. Each program runs a pipeline over its K slice in steps of `tile_k` columns (a multiple of
-128 and of the group size below it), `stages` steps in flight. The split-K partial sums meet
+slices, and the batch in tiles of `tile_m` rows where it has more. Each program runs a pipeline
+over its K slice in steps of `tile_k` columns (a multiple of 128 and of the group size below it),
+`stages` steps in flight. The split-K partial sums meet
 inside the kernel (`split_sum="cluster"`): a tile's splits form a thread-block cluster, the others
 send their fp32 sums into the first program's shared memory (st.async), and it stores y [M, N] in
 x's dtype itself, so nothing runs beside the kernel. Or XLA adds fp32 partial sums after it ("xla").
@@ -378,11 +379,11 @@ PROGRAM_US = 1.5
 SUM_BYTES_PER_US = 3.0e6
 
 
-def gemm_cost_us(k: int, n: int, m: int, tile_m: int, splits: int, sms: int = 132) -> float:
+def gemm_cost_us(k: int, n: int, m: int, tile_m: int, splits: int, sms: int = 132, tile_n: int = 128) -> float:
     """Run 17's model of a `gemm_config` grid's time (us): batch tiles of tile_m rows, K in splits."""
     m_padded = padded_batch(m, tile_m)
     tile = min(tile_m, m_padded)
-    programs = n // 128 * (m_padded // tile) * splits
+    programs = n // tile_n * (m_padded // tile) * splits
     step = STEP_US[0] + STEP_US[1] * tile
     sums = 0.0 if splits == 1 else splits * n * m_padded * 8 / SUM_BYTES_PER_US  # fp32, out and back
     return -(-programs // sms) * (k // 128 // splits * step + PROGRAM_US) + sums
@@ -405,14 +406,15 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132) -> W4Config:
                for t in tiles for s in split_counts(k, w.block_k or 128)]
     # at least 2 stages, so that loads overlap the arithmetic (XLA's fp32 output tile of 256 x 128
     # rows leaves room for one)
-    ranked = [(gemm_cost_us(k, n * 128 // tile_n, m, c.tile_m, c.splits, sms), c.splits, c.tile_m, c)
+    ranked = [(gemm_cost_us(k, n, m, c.tile_m, c.splits, sms, tile_n), c.splits, c.tile_m, c)
               for c in configs if c.stages >= 2]
     return min(ranked)[-1]
 
 
 def default_config(w: W4Weight, m: int = 1) -> W4Config:
-    """Past DECODE_MAX_M rows `gemm_config`; else 64-row tiles, the weight's block as a step, the fewest splits that fill the GPU, 4 stages
-    (fewer where a batch's x tiles do not fit the shared memory), the default `split_sum`
+    """Past DECODE_MAX_M rows `gemm_config`; else 64-row tiles, the weight's block as a step, the
+    fewest splits that fill the GPU, 4 stages (fewer where a batch's x tiles do not fit the shared
+    memory), the default `split_sum`
     (at 1-2 splits the cluster's: at most one received sum, the size of XLA's output tile). Within
     4% of the best candidate on every Llama shape at batch 8-32 (kernel_notes run 13, groups of
     128; groups of 32 and 64 are correct on an H100 but untimed)."""
@@ -688,7 +690,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     else:
         scale_index = lambda k: (k, 0)  # noqa: E731
     n_blocks, k_parts = tile_n // 64, max(block_k // tile_k, 1)  # 64-row blocks; steps a stored block
-    if block_k and n_blocks == 1 and k_parts == 1:  # codes [N / 64, K / tile_k, 64, tile_k]: one contiguous tile a step
+    if block_k and not _stacks_blocks(cfg, block_k):  # codes [N / 64, K / tile_k, 64, tile_k]: one contiguous tile a step
         code_specs = [plgpu.BlockSpec((None, tile_n, tile_k), lambda k: (k, 0, 0), transforms=c_transforms)]
         code_operands = [codes_gmem.at[n_idx, pl.ds(k0 // tile_k, steps)]]
         block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[:, cols]  # noqa: E731
@@ -869,8 +871,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
             swizzle = plgpu.find_swizzle(m_tile * 32)
             scratch = [plgpu.SMEM((cfg.splits - 1, cfg.tile_n, m_tile), jnp.float32,
                                   transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))),
-                       # an arrival a sent block (Pallas counts a warpgroup's 128 threads as one)
-                       plgpu.Barrier(num_arrivals=(cfg.splits - 1) * (cfg.tile_n // 64 if cfg.warp_specialized else 1))]
+                       # an arrival a sending warpgroup (Pallas counts its 128 threads as one)
+                       plgpu.Barrier(num_arrivals=(cfg.splits - 1) * compute_warpgroups(cfg))]
         # One batch tile stores y's M rows (past them nothing); several store whole tiles of rows.
         m_out = m if m_tile == m_padded else m_padded
         y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_out, n), x.dtype), cluster=(cfg.splits,),
@@ -896,7 +898,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
 # Batches up to this take the decode configs (`default_config`), larger ones `gemm_config`: on an
 # H200 the decode configs were 4-10% faster at 32 rows on 4 Llama shapes, `gemm_config` 3-28% faster
 # at 48 on 3 of them and at 64 on 4 of 5 (40 lies between, unmeasured). The kernel runs at every
-# batch: past 64 rows, dequantizing the weight for XLA's dot took 44-585 us a call on an H200,
+# batch: past 64 rows, dequantizing the weight for XLA's dot took 44-592 us a call on an H200,
 # 3.8-17x the kernel's time (kernel_notes run 17).
 DECODE_MAX_M = 40
 
