@@ -251,7 +251,10 @@ class W4Config:
     # thread-block cluster; each sends its fp32 sum into the first one's shared memory, which adds
     # them and stores y [M, N] in x's dtype itself. "xla" writes fp32 partial sums [splits, N, M] for
     # XLA to sum and transpose beside the kernel: one more kernel a call, 1.2-1.8 us on an H100
-    # (kernel_notes runs 13, 14). None: the measured rule of `split_sum_of`.
+    # (kernel_notes runs 13, 14). "add": every split adds its fp32 sum into one zeroed [N, M] buffer
+    # with TMA's reduce-add (the adds happen in L2, in no fixed order), which XLA zeroes before the
+    # kernel and transposes and casts after it: it moves N x M x 10 bytes through HBM beside the
+    # kernel at any split count, against splits x N x M x 8 for "xla". None: the rule of `split_sum_of`.
     split_sum: str | None = None
     # One accumulator carried through the whole pipeline, the codes scaled in bf16 (no scale_on_acc):
     # each step issues its wgmmas and waits only for the previous step's, so the tensor cores work on
@@ -276,7 +279,7 @@ class W4Config:
     rows_per_wg: int = 64
 
 
-SPLIT_SUMS = ("cluster", "xla")
+SPLIT_SUMS = ("cluster", "xla", "add")
 MAX_CLUSTER = 8  # the portable thread-block cluster size
 # Measured on an H100 (kernel_notes run 15, batch 1 and 8): the cluster's sum wins at 1 split (no
 # kernel beside it: -1.1 us on 4096 x 14336) and at 2 (-0.5 to -1.2 us a call), and loses at 4
@@ -349,8 +352,16 @@ def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
     rows = max(cfg.tile_k // w.group_size, 1)
     slot = m_tile * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
     slots = min(cfg.stages, max(w.k_stored // (cfg.tile_k * cfg.splits), 1))
-    out_tiles = cfg.splits - 1 if split_sum_of(cfg) == "cluster" else 1
-    return slots * slot + out_tiles * cfg.tile_n * m_tile * 4
+    if split_sum_of(cfg) == "cluster":
+        return slots * slot + (cfg.splits - 1) * cfg.tile_n * m_tile * 4
+    return slots * slot + cfg.tile_n * store_columns(m_tile) * 4
+
+
+def store_columns(m_tile: int) -> int:
+    """Batch columns of the fp32 staging tile through which a program stores its split's sum: a batch
+    tile past 128 rows goes in two halves (where they stay multiples of 8), so that a 256-row tile's
+    128 KB do not crowd out the pipeline's stages."""
+    return m_tile // 2 if m_tile > 128 and m_tile % 16 == 0 else m_tile
 
 
 def padded_batch(m: int, tile_m: int = 0) -> int:
@@ -472,9 +483,9 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
         raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits, and one 64-row "
                           f"block a compute warpgroup (splits={cfg.splits}, rows_per_wg={cfg.rows_per_wg}); "
                           "use split_sum='xla'")
-    if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
+    if cfg.overlap_mma and (cfg.scale_on_acc or cfg.loads_only):
         raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
-                          "scale_on_acc=False, warp_specialized=False and loads_only=False")
+                          "scale_on_acc=False and loads_only=False")
     if cfg.offset_on_acc and not (cfg.scale_on_acc and w.order == "lop3" and not cfg.loads_only):
         raise ConfigError("W4Config.offset_on_acc corrects each group's sum in fp32: it needs scale_on_acc=True, "
                           f"the lop3 order (this weight: {w.order!r}) and loads_only=False")
@@ -704,11 +715,14 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         code_operands = [codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]]
         block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[pl.ds(b * rows, rows), cols]  # noqa: E731
     # overlap_mma: a step's x is still read by its wgmma when the next step starts, so its slot is
-    # refilled a step later; codes and tables are in registers before the wgmma and go at once.
-    in_specs = [plgpu.BlockSpec((m_tile, tile_k), lambda k: (0, k), transforms=x_transforms,
-                                delay_release=int(cfg.overlap_mma)), *code_specs,
-                plgpu.BlockSpec((scale_rows, tile_n), scale_index)]
-    in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_zero else []
+    # refilled a step later; codes and tables are in registers before the wgmma and could go at once,
+    # but a warp-specialized pipeline releases all its inputs alike.
+    late = int(cfg.overlap_mma)
+    table_late = late if cfg.warp_specialized else 0
+    in_specs = [plgpu.BlockSpec((m_tile, tile_k), lambda k: (0, k), transforms=x_transforms, delay_release=late),
+                *[dataclasses.replace(spec, delay_release=table_late) for spec in code_specs],
+                plgpu.BlockSpec((scale_rows, tile_n), scale_index, delay_release=table_late)]
+    in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index, delay_release=table_late)] if with_zero else []
     groups = (pl.ds(k0 // group_size, max(k_slice // group_size, 1)), pl.ds(n0, tile_n))
     # One batch tile: x's rows as they are (below 8, TMA reads the missing rows as zeros), y's all.
     batch = pl.ds(m0, m_tile) if m_tile < m_padded else slice(None)
@@ -716,10 +730,20 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 *([zero_gmem.at[groups]] if with_zero else []))
     zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_tile), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
-    def store(acc, smem, first_row):  # "xla": this split's fp32 sum, transposed, for XLA to add
-        smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows), batch])
+    def store(acc, smem, first_row):
+        """This split's fp32 sum [rows, M] (y transposed): "xla" its own slice for XLA to add, "add"
+        added into the one zeroed buffer by TMA's reduce-add; through `smem` in chunks of its columns."""
+        width = smem.shape[-1]
+        for c in range(0, m_tile, width):
+            if c:  # the previous chunk has left the staging tile
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            smem[...] = acc if width == m_tile else acc[:, c:c + width]
+            plgpu.commit_smem()
+            cols = batch if width == m_tile else pl.ds(m0 + c, width)
+            if split_sum_of(cfg) == "add":
+                plgpu.copy_smem_to_gmem(smem, out_gmem.at[pl.ds(first_row, rows), cols], reduction_op="add")
+            else:
+                plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows), cols])
         plgpu.wait_smem_to_gmem(0)
 
     if not cfg.warp_specialized:
@@ -732,7 +756,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             acc = pl.run_scoped(lambda acc_ref: run_pipeline((acc_ref,))[...], plgpu.ACC((rows, m_tile), jnp.float32))
         else:
             acc = run_pipeline((zeros(),))
-        if split_sum_of(cfg) == "xla":
+        if split_sum_of(cfg) in ("xla", "add"):
             store(acc, scratch[0], n0)
         else:
             _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0, tile_n)], scratch, cfg.splits, s_idx)
@@ -744,10 +768,14 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     per_wg = cfg.rows_per_wg // 64
 
     def compute_context(eval_pipeline):
-        sums = eval_pipeline(tuple(zeros() for _ in range(per_wg)))
+        if cfg.overlap_mma:  # accumulators in flight through the pipeline (see `multiply`)
+            sums = pl.run_scoped(lambda *accs: [acc[...] for acc in eval_pipeline(accs)],
+                                 *[plgpu.ACC((rows, m_tile), jnp.float32)] * per_wg)
+        else:
+            sums = eval_pipeline(tuple(zeros() for _ in range(per_wg)))
         for j, acc in enumerate(sums):
             b = wg * per_wg + j
-            if split_sum_of(cfg) == "xla":
+            if split_sum_of(cfg) in ("xla", "add"):
                 store(acc, scratch[0].at[b], n0 + b * rows)
             else:  # each block's splits meet in the cluster's first program (or there is one split)
                 _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0 + b * rows, rows)], scratch, cfg.splits,
@@ -878,17 +906,37 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
         y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_out, n), x.dtype), cluster=(cfg.splits,),
                          cluster_names=("s",), scratch_types=scratch, **tiles)(*operands)
         return y[:m].reshape(*lead, n)
-    out_smem = (plgpu.SMEM((cfg.tile_n // 64, 64, m_tile), jnp.float32) if cfg.warp_specialized
-                else plgpu.SMEM((cfg.tile_n, m_tile), jnp.float32))
+    width = store_columns(m_tile)
+    out_smem = (plgpu.SMEM((cfg.tile_n // 64, 64, width), jnp.float32) if cfg.warp_specialized
+                else plgpu.SMEM((cfg.tile_n, width), jnp.float32))
     tiles.update(grid=tiles["grid"] + (cfg.splits,), grid_names=tiles["grid_names"] + ("s",))
-    partial_sums = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
-        scratch_types=[out_smem],
-        **tiles,
-    )(*operands)
-    y = partial_sums.sum(0).T[:m]
+    if split_sum_of(cfg) == "add":
+        total = jax.new_ref(jnp.zeros((n, m_padded), jnp.float32))
+        _kernel_on_refs(body, scratch_types=[out_smem], **tiles)(*operands, total)
+        y = total[...].T[:m]
+    else:
+        partial_sums = plgpu.kernel(
+            body,
+            out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
+            scratch_types=[out_smem],
+            **tiles,
+        )(*operands)
+        y = partial_sums.sum(0).T[:m]
     return y.astype(x.dtype).reshape(*lead, n)
+
+
+def _kernel_on_refs(body, *, scratch_types, thread_name=None, **mesh):
+    """A Mosaic GPU kernel that writes into the `jax.new_ref` operands it is given, as
+    `plgpu.kernel` does into new outputs (whose batching wrapper does not take refs): the scratch
+    is allocated the same way, shared by the warpgroups of a warp-specialized kernel."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def with_scratch(*refs):
+        pl.run_scoped(functools.partial(body, *refs), *scratch_types, collective_axes=thread_name or ())
+
+    return pl.kernel(with_scratch, out_type=(), mesh=plgpu.Mesh(thread_name=thread_name, **mesh),
+                     name=body.func.__name__ if isinstance(body, functools.partial) else None)
 
 
 # --------------------------------------------------------------------------------------------
