@@ -769,8 +769,11 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     def compute_context(eval_pipeline):
         if cfg.overlap_mma:  # accumulators in flight through the pipeline (see `multiply`)
-            sums = pl.run_scoped(lambda *accs: [acc[...] for acc in eval_pipeline(accs)],
-                                 *[plgpu.ACC((rows, m_tile), jnp.float32)] * per_wg)
+            def finish(*accs):
+                accs = eval_pipeline(accs)
+                plgpu.wgmma_wait(0)  # the last step's wgmmas, before their sums are read
+                return [acc[...] for acc in accs]
+            sums = pl.run_scoped(finish, *[plgpu.ACC((rows, m_tile), jnp.float32)] * per_wg)
         else:
             sums = eval_pipeline(tuple(zeros() for _ in range(per_wg)))
         for j, acc in enumerate(sums):
