@@ -251,10 +251,7 @@ class W4Config:
     # thread-block cluster; each sends its fp32 sum into the first one's shared memory, which adds
     # them and stores y [M, N] in x's dtype itself. "xla" writes fp32 partial sums [splits, N, M] for
     # XLA to sum and transpose beside the kernel: one more kernel a call, 1.2-1.8 us on an H100
-    # (kernel_notes runs 13, 14). "add": every split adds its fp32 sum into one zeroed [N, M] buffer
-    # with TMA's reduce-add (the adds happen in L2, in no fixed order), which XLA zeroes before the
-    # kernel and transposes and casts after it: it moves N x M x 10 bytes through HBM beside the
-    # kernel at any split count, against splits x N x M x 8 for "xla". None: the rule of `split_sum_of`.
+    # (kernel_notes runs 13, 14). None: the measured rule of `split_sum_of`.
     split_sum: str | None = None
     # One accumulator carried through the whole pipeline, the codes scaled in bf16 (no scale_on_acc):
     # each step issues its wgmmas and waits only for the previous step's, so the tensor cores work on
@@ -277,9 +274,15 @@ class W4Config:
     # (tile_n / rows_per_wg compute warpgroups, at most 2). 128 halves how often x's tile is read
     # from shared memory a weight row, which large batches need (`gemm_config`).
     rows_per_wg: int = 64
+    # Warp-specialized with two compute warpgroups, the codes scaled in bf16: the warpgroups take turns
+    # on the tensor cores, as CUTLASS's ping-pong schedule does. Each converts its step's codes, waits
+    # for its turn, issues its wgmmas and passes the turn on, so that one converts while the other's
+    # wgmmas run. Without turns both convert at once and then both multiply: a step of run 17's tiles
+    # took about the two warpgroups' wgmmas plus 0.34 us.
+    mma_turns: bool = False
 
 
-SPLIT_SUMS = ("cluster", "xla", "add")
+SPLIT_SUMS = ("cluster", "xla")
 MAX_CLUSTER = 8  # the portable thread-block cluster size
 # Measured on an H100 (kernel_notes run 15, batch 1 and 8): the cluster's sum wins at 1 split (no
 # kernel beside it: -1.1 us on 4096 x 14336) and at 2 (-0.5 to -1.2 us a call), and loses at 4
@@ -483,9 +486,15 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
         raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits, and one 64-row "
                           f"block a compute warpgroup (splits={cfg.splits}, rows_per_wg={cfg.rows_per_wg}); "
                           "use split_sum='xla'")
-    if cfg.overlap_mma and (cfg.scale_on_acc or cfg.loads_only):
+    if cfg.mma_turns and not (cfg.warp_specialized and compute_warpgroups(cfg) == 2 and not cfg.scale_on_acc
+                              and not cfg.loads_only):
+        raise ConfigError("W4Config.mma_turns passes the tensor cores between two compute warpgroups: it needs "
+                          f"warp_specialized=True, tile_n / rows_per_wg = 2 (tile_n={cfg.tile_n}, rows_per_wg="
+                          f"{cfg.rows_per_wg}), scale_on_acc=False and loads_only=False")
+    if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
+        # warp-specialized, it gave NaN on an H200 (kernel_notes run 18)
         raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
-                          "scale_on_acc=False and loads_only=False")
+                          "scale_on_acc=False, warp_specialized=False and loads_only=False")
     if cfg.offset_on_acc and not (cfg.scale_on_acc and w.order == "lop3" and not cfg.loads_only):
         raise ConfigError("W4Config.offset_on_acc corrects each group's sum in fp32: it needs scale_on_acc=True, "
                           f"the lop3 order (this weight: {w.order!r}) and loads_only=False")
@@ -588,6 +597,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     inputs, (out_gmem, *scratch) = refs[:3 + with_zero], refs[3 + with_zero:]
+    turns = None
+    if cfg.mma_turns:  # one barrier a compute warpgroup: its turn on the tensor cores
+        *scratch, turns = scratch
     x_gmem, codes_gmem, scale_gmem, *zero_gmem = inputs
     zero_gmem = zero_gmem[0] if zero_gmem else None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
@@ -596,6 +608,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     # warpgroup takes rows_per_wg / 64 such blocks).
     rows = 64 if cfg.warp_specialized else tile_n
     n_idx = jax.lax.axis_index("n")
+    wg = jax.lax.axis_index("wg") if cfg.warp_specialized else None
     s_idx = jax.lax.axis_index("s")
     m0 = jax.lax.axis_index("m") * m_tile if m_tile < m_padded else 0  # the grid tiles the batch only where it must
     n0 = n_idx * tile_n
@@ -643,10 +656,21 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
         def scaled_mma(acc_ref):
             weights = group_weights()
-            for g in range(groups_per_step):
+
+            def scaled(g):
                 a, x_t = weights(g)
                 s = _load(s_smem.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
-                plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
+                return a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t
+
+            if turns is None:
+                for g in range(groups_per_step):
+                    plgpu.wgmma(acc_ref, *scaled(g))
+                return
+            products = [scaled(g) for g in range(groups_per_step)]  # converted before the turn comes
+            plgpu.barrier_wait(turns.at[wg])
+            for a, x_t in products:
+                plgpu.wgmma(acc_ref, a, x_t)
+            plgpu.barrier_arrive(turns.at[1 - wg])
 
         if cfg.overlap_mma:  # acc is the carried accumulator ref: leave this step's wgmmas in flight
             scaled_mma(acc)
@@ -715,14 +739,11 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         code_operands = [codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]]
         block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[pl.ds(b * rows, rows), cols]  # noqa: E731
     # overlap_mma: a step's x is still read by its wgmma when the next step starts, so its slot is
-    # refilled a step later; codes and tables are in registers before the wgmma and could go at once,
-    # but a warp-specialized pipeline releases all its inputs alike.
-    late = int(cfg.overlap_mma)
-    table_late = late if cfg.warp_specialized else 0
-    in_specs = [plgpu.BlockSpec((m_tile, tile_k), lambda k: (0, k), transforms=x_transforms, delay_release=late),
-                *[dataclasses.replace(spec, delay_release=table_late) for spec in code_specs],
-                plgpu.BlockSpec((scale_rows, tile_n), scale_index, delay_release=table_late)]
-    in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index, delay_release=table_late)] if with_zero else []
+    # refilled a step later; codes and tables are in registers before the wgmma and go at once.
+    in_specs = [plgpu.BlockSpec((m_tile, tile_k), lambda k: (0, k), transforms=x_transforms,
+                                delay_release=int(cfg.overlap_mma)), *code_specs,
+                plgpu.BlockSpec((scale_rows, tile_n), scale_index)]
+    in_specs += [plgpu.BlockSpec((scale_rows, tile_n), scale_index)] if with_zero else []
     groups = (pl.ds(k0 // group_size, max(k_slice // group_size, 1)), pl.ds(n0, tile_n))
     # One batch tile: x's rows as they are (below 8, TMA reads the missing rows as zeros), y's all.
     batch = pl.ds(m0, m_tile) if m_tile < m_padded else slice(None)
@@ -731,8 +752,8 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_tile), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
 
     def store(acc, smem, first_row):
-        """This split's fp32 sum [rows, M] (y transposed): "xla" its own slice for XLA to add, "add"
-        added into the one zeroed buffer by TMA's reduce-add; through `smem` in chunks of its columns."""
+        """split_sum="xla": this split's fp32 sum [rows, M] (y transposed) for XLA to add, through
+        `smem` in chunks of its columns (`store_columns`)."""
         width = smem.shape[-1]
         for c in range(0, m_tile, width):
             if c:  # the previous chunk has left the staging tile
@@ -740,10 +761,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             smem[...] = acc if width == m_tile else acc[:, c:c + width]
             plgpu.commit_smem()
             cols = batch if width == m_tile else pl.ds(m0 + c, width)
-            if split_sum_of(cfg) == "add":
-                plgpu.copy_smem_to_gmem(smem, out_gmem.at[pl.ds(first_row, rows), cols], reduction_op="add")
-            else:
-                plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows), cols])
+            plgpu.copy_smem_to_gmem(smem, out_gmem.at[s_idx, pl.ds(first_row, rows), cols])
         plgpu.wait_smem_to_gmem(0)
 
     if not cfg.warp_specialized:
@@ -756,7 +774,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             acc = pl.run_scoped(lambda acc_ref: run_pipeline((acc_ref,))[...], plgpu.ACC((rows, m_tile), jnp.float32))
         else:
             acc = run_pipeline((zeros(),))
-        if split_sum_of(cfg) in ("xla", "add"):
+        if split_sum_of(cfg) == "xla":
             store(acc, scratch[0], n0)
         else:
             _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0, tile_n)], scratch, cfg.splits, s_idx)
@@ -764,21 +782,15 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     # A memory warpgroup issues the TMA copies; each compute warpgroup takes rows_per_wg rows, in
     # 64-row wgmma blocks, and stores them itself (one split) or hands XLA their fp32 sums.
-    wg = jax.lax.axis_index("wg")
     per_wg = cfg.rows_per_wg // 64
 
     def compute_context(eval_pipeline):
-        if cfg.overlap_mma:  # accumulators in flight through the pipeline (see `multiply`)
-            def finish(*accs):
-                accs = eval_pipeline(accs)
-                plgpu.wgmma_wait(0)  # the last step's wgmmas, before their sums are read
-                return [acc[...] for acc in accs]
-            sums = pl.run_scoped(finish, *[plgpu.ACC((rows, m_tile), jnp.float32)] * per_wg)
-        else:
-            sums = eval_pipeline(tuple(zeros() for _ in range(per_wg)))
+        if turns is not None:  # the first turn is warpgroup 0's
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
+        sums = eval_pipeline(tuple(zeros() for _ in range(per_wg)))
         for j, acc in enumerate(sums):
             b = wg * per_wg + j
-            if split_sum_of(cfg) in ("xla", "add"):
+            if split_sum_of(cfg) == "xla":
                 store(acc, scratch[0].at[b], n0 + b * rows)
             else:  # each block's splits meet in the cluster's first program (or there is one split)
                 _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0 + b * rows, rows)], scratch, cfg.splits,
@@ -789,6 +801,13 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         step(blocks), grid=(steps,), memory_registers=40, in_specs=in_specs,
         max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=compute_warpgroups(cfg),
         compute_context=compute_context)(*operands)
+
+
+def turns_barrier(cfg: W4Config) -> list:
+    """The scratch of `W4Config.mma_turns`: a barrier a compute warpgroup (an arrival is a warpgroup's)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if cfg.mma_turns else []
 
 
 def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx, rows=None) -> None:
@@ -904,6 +923,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
                                   transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))),
                        # an arrival a sending warpgroup (Pallas counts its 128 threads as one)
                        plgpu.Barrier(num_arrivals=(cfg.splits - 1) * compute_warpgroups(cfg))]
+        scratch += turns_barrier(cfg)
         # One batch tile stores y's M rows (past them nothing); several store whole tiles of rows.
         m_out = m if m_tile == m_padded else m_padded
         y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_out, n), x.dtype), cluster=(cfg.splits,),
@@ -913,33 +933,14 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     out_smem = (plgpu.SMEM((cfg.tile_n // 64, 64, width), jnp.float32) if cfg.warp_specialized
                 else plgpu.SMEM((cfg.tile_n, width), jnp.float32))
     tiles.update(grid=tiles["grid"] + (cfg.splits,), grid_names=tiles["grid_names"] + ("s",))
-    if split_sum_of(cfg) == "add":
-        total = jax.new_ref(jnp.zeros((n, m_padded), jnp.float32))
-        _kernel_on_refs(body, scratch_types=[out_smem], **tiles)(*operands, total)
-        y = total[...].T[:m]
-    else:
-        partial_sums = plgpu.kernel(
-            body,
-            out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
-            scratch_types=[out_smem],
-            **tiles,
-        )(*operands)
-        y = partial_sums.sum(0).T[:m]
+    partial_sums = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
+        scratch_types=[out_smem, *turns_barrier(cfg)],
+        **tiles,
+    )(*operands)
+    y = partial_sums.sum(0).T[:m]
     return y.astype(x.dtype).reshape(*lead, n)
-
-
-def _kernel_on_refs(body, *, scratch_types, thread_name=None, **mesh):
-    """A Mosaic GPU kernel that writes into the `jax.new_ref` operands it is given, as
-    `plgpu.kernel` does into new outputs (whose batching wrapper does not take refs): the scratch
-    is allocated the same way, shared by the warpgroups of a warp-specialized kernel."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    def with_scratch(*refs):
-        pl.run_scoped(functools.partial(body, *refs), *scratch_types, collective_axes=thread_name or ())
-
-    return pl.kernel(with_scratch, out_type=(), mesh=plgpu.Mesh(thread_name=thread_name, **mesh),
-                     name=body.func.__name__ if isinstance(body, functools.partial) else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ Fresh random QArrays (symmetric and asymmetric with the zero points in the kerne
 and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
-cluster (default), in XLA, or by TMA's reduce-add into one buffer; a K stored padded with zeros; one accumulator through the pipeline
+cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
 (`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`). Then `linear()`'s dispatch.
 """
 
@@ -93,18 +93,16 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     # a 2-blocks-a-warpgroup variant, since refused by check_config)
     (Variant(4, 128, "asym"), 4096, 4096, (256,), dict(block_k=256),
      [wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=128, split_sum="cluster")]),
-    # split_sum="add": the splits add their fp32 sums into one zeroed buffer with TMA's reduce-add,
-    # warp-specialized over batch tiles (a part tile at 200) and in the decode configs
-    (Variant(4, 128, "asym"), 4096, 4096, (13, 200, 256), dict(block_k=256),
-     [wm.W4Config(128, 128, 4, 2, scale_on_acc=False, warp_specialized=True, tile_m=128, split_sum="add")]),
-    (Variant(4, 128), 11008, 4096, (1, 13), dict(block_k=256, stored_k=11264),
-     [wm.W4Config(64, 256, 4, 4, split_sum="add"), wm.W4Config(64, 256, 11, 2, split_sum="add")]),
-    # warp-specialized overlap_mma: each compute warpgroup's accumulator in flight through the pipeline,
-    # all inputs released a step late; a 256-row batch tile stored in two halves of 128 columns
+    # a 256-row batch tile's split sums staged in two halves of 128 columns (`store_columns`)
+    (Variant(4, 128), 4096, 4096, (256, 300), dict(block_k=256),
+     [wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="xla")]),
+    # mma_turns: the two compute warpgroups take turns on the tensor cores (xla sums, stored by the
+    # kernel, two blocks a warpgroup)
     (Variant(4, 128, "asym"), 4096, 4096, (72, 256, 300), dict(block_k=256),
-     [wm.W4Config(128, 128, 2, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, overlap_mma=True, split_sum="add"),
-      wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=256, overlap_mma=True),
-      wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="xla")]),
+     [wm.W4Config(128, 128, 2, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, mma_turns=True),
+      wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=256, mma_turns=True),
+      wm.W4Config(256, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, rows_per_wg=128,
+                  mma_turns=True)]),
 ]
 
 
