@@ -274,12 +274,6 @@ class W4Config:
     # (tile_n / rows_per_wg compute warpgroups, at most 2). 128 halves how often x's tile is read
     # from shared memory a weight row, which large batches need (`gemm_config`).
     rows_per_wg: int = 64
-    # Warp-specialized with two compute warpgroups, the codes scaled in bf16: the warpgroups take turns
-    # on the tensor cores, as CUTLASS's ping-pong schedule does. Each converts its step's codes, waits
-    # for its turn, issues its wgmmas and passes the turn on, so that one converts while the other's
-    # wgmmas run. Without turns both convert at once and then both multiply: a step of run 17's tiles
-    # took about the two warpgroups' wgmmas plus 0.34 us.
-    mma_turns: bool = False
 
 
 SPLIT_SUMS = ("cluster", "xla")
@@ -418,8 +412,8 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132) -> W4Config:
     configs = [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=s, stages=4, scale_on_acc=False,
                                    warp_specialized=True, tile_m=t), w, m)
                for t in tiles for s in split_counts(k, w.block_k or 128)]
-    # at least 2 stages, so that loads overlap the arithmetic (XLA's fp32 output tile of 256 x 128
-    # rows leaves room for one)
+    # at least 2 stages, so that loads overlap the arithmetic (a 256-row batch tile with split sums
+    # has room for 2 beside its staging tile of 128 batch columns, `store_columns`)
     ranked = [(gemm_cost_us(k, n, m, c.tile_m, c.splits, sms, tile_n), c.splits, c.tile_m, c)
               for c in configs if c.stages >= 2]
     return min(ranked)[-1]
@@ -486,11 +480,6 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
         raise ConfigError(f"W4Config.split_sum='cluster' takes at most {MAX_CLUSTER} splits, and one 64-row "
                           f"block a compute warpgroup (splits={cfg.splits}, rows_per_wg={cfg.rows_per_wg}); "
                           "use split_sum='xla'")
-    if cfg.mma_turns and not (cfg.warp_specialized and compute_warpgroups(cfg) == 2 and not cfg.scale_on_acc
-                              and not cfg.loads_only):
-        raise ConfigError("W4Config.mma_turns passes the tensor cores between two compute warpgroups: it needs "
-                          f"warp_specialized=True, tile_n / rows_per_wg = 2 (tile_n={cfg.tile_n}, rows_per_wg="
-                          f"{cfg.rows_per_wg}), scale_on_acc=False and loads_only=False")
     if cfg.overlap_mma and (cfg.scale_on_acc or cfg.warp_specialized or cfg.loads_only):
         # warp-specialized, it gave NaN on an H200 (kernel_notes run 18)
         raise ConfigError("W4Config.overlap_mma scales the codes in bf16 into one accumulator: it needs "
@@ -597,9 +586,6 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     inputs, (out_gmem, *scratch) = refs[:3 + with_zero], refs[3 + with_zero:]
-    turns = None
-    if cfg.mma_turns:  # one barrier a compute warpgroup: its turn on the tensor cores
-        *scratch, turns = scratch
     x_gmem, codes_gmem, scale_gmem, *zero_gmem = inputs
     zero_gmem = zero_gmem[0] if zero_gmem else None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
@@ -608,7 +594,6 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     # warpgroup takes rows_per_wg / 64 such blocks).
     rows = 64 if cfg.warp_specialized else tile_n
     n_idx = jax.lax.axis_index("n")
-    wg = jax.lax.axis_index("wg") if cfg.warp_specialized else None
     s_idx = jax.lax.axis_index("s")
     m0 = jax.lax.axis_index("m") * m_tile if m_tile < m_padded else 0  # the grid tiles the batch only where it must
     n0 = n_idx * tile_n
@@ -656,21 +641,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
         def scaled_mma(acc_ref):
             weights = group_weights()
-
-            def scaled(g):
+            for g in range(groups_per_step):
                 a, x_t = weights(g)
                 s = _load(s_smem.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
-                return a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t
-
-            if turns is None:
-                for g in range(groups_per_step):
-                    plgpu.wgmma(acc_ref, *scaled(g))
-                return
-            products = [scaled(g) for g in range(groups_per_step)]  # converted before the turn comes
-            plgpu.barrier_wait(turns.at[wg])
-            for a, x_t in products:
-                plgpu.wgmma(acc_ref, a, x_t)
-            plgpu.barrier_arrive(turns.at[1 - wg])
+                plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
 
         if cfg.overlap_mma:  # acc is the carried accumulator ref: leave this step's wgmmas in flight
             scaled_mma(acc)
@@ -782,11 +756,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     # A memory warpgroup issues the TMA copies; each compute warpgroup takes rows_per_wg rows, in
     # 64-row wgmma blocks, and stores them itself (one split) or hands XLA their fp32 sums.
+    wg = jax.lax.axis_index("wg")
     per_wg = cfg.rows_per_wg // 64
 
     def compute_context(eval_pipeline):
-        if turns is not None:  # the first turn is warpgroup 0's
-            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turns.at[0]))
         sums = eval_pipeline(tuple(zeros() for _ in range(per_wg)))
         for j, acc in enumerate(sums):
             b = wg * per_wg + j
@@ -801,13 +774,6 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         step(blocks), grid=(steps,), memory_registers=40, in_specs=in_specs,
         max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=compute_warpgroups(cfg),
         compute_context=compute_context)(*operands)
-
-
-def turns_barrier(cfg: W4Config) -> list:
-    """The scratch of `W4Config.mma_turns`: a barrier a compute warpgroup (an arrival is a warpgroup's)."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return [plgpu.Barrier(num_arrivals=1, num_barriers=2)] if cfg.mma_turns else []
 
 
 def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx, rows=None) -> None:
@@ -923,7 +889,6 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
                                   transforms=(plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))),
                        # an arrival a sending warpgroup (Pallas counts its 128 threads as one)
                        plgpu.Barrier(num_arrivals=(cfg.splits - 1) * compute_warpgroups(cfg))]
-        scratch += turns_barrier(cfg)
         # One batch tile stores y's M rows (past them nothing); several store whole tiles of rows.
         m_out = m if m_tile == m_padded else m_padded
         y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_out, n), x.dtype), cluster=(cfg.splits,),
@@ -936,7 +901,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     partial_sums = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((cfg.splits, n, m_padded), jnp.float32),
-        scratch_types=[out_smem, *turns_barrier(cfg)],
+        scratch_types=[out_smem],
         **tiles,
     )(*operands)
     y = partial_sums.sum(0).T[:m]

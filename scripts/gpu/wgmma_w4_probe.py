@@ -74,25 +74,19 @@ def time_fn(fn, xs, ws):
     return autotune.rank_us(t), t.wall_us, kernels
 
 
-def split_sum_flag(flags) -> str | None:
-    """The `W4Config.split_sum` a config's flags name (xla, cluster), or None for the default."""
-    named = [f for f in flags if f in wm.SPLIT_SUMS]
-    return named[-1] if named else None
-
-
 def parse_configs(text: str) -> list[tuple]:
     """'tile_n:tile_k:splits:stages[+flag...]' comma-separated -> [(W4Config, order, block_k, pad)].
 
     Flags: loads (the loads-only probe), mul (scale the bf16 weights instead of the group sums),
     prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
-    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster (where the
-    split sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
+    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster (where the split
+    sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
     zeros to `padded_k`, blocked by tile_k). "default[+flags]" stands for `default_config` at each
     point (`resolve_default`). ovl (`overlap_mma`: one accumulator carried through
     the pipeline, the codes scaled in bf16), fold (`offset_on_acc`: base + code into the tensor cores,
     the offset taken off each group's sum in fp32). mN (`tile_m`: the grid tiles the batch by N rows),
     rN (`rows_per_wg`: N weight rows a compute warpgroup, with ws), bkN (blocked by N columns, read
-    in steps of tile_k), turns (`mma_turns`: two compute warpgroups take turns on the tensor cores)."""
+    in steps of tile_k)."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
@@ -104,8 +98,8 @@ def parse_configs(text: str) -> list[tuple]:
         overlap = "ovl" in flags
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags and not overlap,
                           loads_only="loads" in flags, warp_specialized="ws" in flags, overlap_mma=overlap,
-                          offset_on_acc="fold" in flags, mma_turns="turns" in flags,
-                          split_sum=split_sum_flag(flags),
+                          offset_on_acc="fold" in flags,
+                          split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None,
                           tile_m=sizes.get("m", 0), rows_per_wg=sizes.get("r", 64))
         blocked = "blocked" in flags or "pad" in flags or "bk" in sizes
         out.append((cfg, "prmt" if "prmt" in flags else "lop3", sizes.get("bk", f[1]) if blocked else 0,
@@ -114,7 +108,7 @@ def parse_configs(text: str) -> list[tuple]:
 
 
 def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
-    """A parsed config, with "default[+ovl|fold|xla|cluster|turns|gemm]" made concrete for this point: the
+    """A parsed config, with "default[+ovl|fold|xla|cluster|gemm]" made concrete for this point: the
     weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
     the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`; gemm:
     `gemm_config` at any batch)."""
@@ -129,10 +123,8 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
     if "fold" in flags:
         cfg = dataclasses.replace(cfg, offset_on_acc=True)
-    if "turns" in flags:
-        cfg = dataclasses.replace(cfg, mma_turns=True)
-    if split_sum_flag(flags):
-        cfg = dataclasses.replace(cfg, split_sum=split_sum_flag(flags))
+    if "xla" in flags or "cluster" in flags:
+        cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
     return wm.fit_stages(cfg, shell, m), "lop3", block_k, stored_k != k  # a cluster's received sums take room
 
 

@@ -96,13 +96,6 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     # a 256-row batch tile's split sums staged in two halves of 128 columns (`store_columns`)
     (Variant(4, 128), 4096, 4096, (256, 300), dict(block_k=256),
      [wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="xla")]),
-    # mma_turns: the two compute warpgroups take turns on the tensor cores (xla sums, stored by the
-    # kernel, two blocks a warpgroup)
-    (Variant(4, 128, "asym"), 4096, 4096, (72, 256, 300), dict(block_k=256),
-     [wm.W4Config(128, 128, 2, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, mma_turns=True),
-      wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=256, mma_turns=True),
-      wm.W4Config(256, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, rows_per_wg=128,
-                  mma_turns=True)]),
 ]
 
 
