@@ -351,14 +351,17 @@ def time_candidates(fns: Sequence[Callable], xs: Sequence, ws: Sequence, reps: i
     return out
 
 
-def random_like(w: QArray | TiledQArray, key: jax.Array):
-    """A weight with w's structure and fresh random contents (timing data; any bits are valid codes)."""
+def random_like(w, key: jax.Array):
+    """A weight (QArray, TiledQArray, W4Weight) with w's structure and fresh random contents (timing
+    data; any bits are valid codes)."""
     leaves, treedef = jax.tree_util.tree_flatten(w)
     keys = jax.random.split(key, len(leaves))
     new = []
     for leaf, k in zip(leaves, keys):
         if leaf.dtype == jnp.uint32:
             new.append(jax.random.bits(k, leaf.shape, jnp.uint32))
+        elif leaf.dtype == jnp.int4:  # W4Weight codes: every int4 is a valid code
+            new.append(jax.random.randint(k, leaf.shape, -8, 8, jnp.int8).astype(jnp.int4))
         elif jnp.issubdtype(leaf.dtype, jnp.integer):  # perm / outlier indices: keep them valid
             new.append(leaf)
         else:

@@ -49,7 +49,7 @@ class Sweep:
     shapes: tuple = LLAMA_SHAPES
     batches: tuple = BATCHES
     tune_batches: tuple = (1, 4, 16, 64, 256)
-    kind: str = "a16"  # "a8": int8 activations
+    kind: str = "a16"  # "a8": int8 activations; "wgmma": the Hopper W4 kernel on repacked weights
     max_candidates: int | None = None  # None: the runner's cap
 
 
@@ -196,11 +196,7 @@ class Runner:
         matmul_fn = self._matmul(kind)
         kern = autotune.time_per_call(lambda x, ww: matmul_fn(x, ww, config=cfg), xs, ws, breakdown=detail)
         base = bf16_timing(k, n, m)  # cached per shape and batch
-        # kernel_us / xla_bf16_us: the GPU kernels' own time (CUPTI) where available, else wall clock.
-        rec["timing"] = "cupti" if kern.device_us is not None and base.device_us is not None else "wall"
-        pick = (lambda t: t.device_us) if rec["timing"] == "cupti" else (lambda t: t.wall_us)  # noqa: E731
-        rec["kernel_us"], rec["xla_bf16_us"] = pick(kern), pick(base)
-        rec["kernel_wall_us"], rec["xla_bf16_wall_us"] = kern.wall_us, base.wall_us
+        _put_times(rec, kern, base)
         if detail:
             rec["kernel_breakdown_us"], rec["xla_bf16_breakdown_us"] = kern.kernels, base.kernels
             if not cfg.use_dot and not self.interpret:
@@ -219,7 +215,43 @@ class Runner:
             rec["xla_dequant_wall_us"] = deq.wall_us
             if deq.device_us is not None:
                 rec["xla_dequant_us"] = deq.device_us
-        wbytes = _nbytes(w)
+        if not self._finish(rec, _nbytes(w), base):
+            return cfg
+        # The dispatch compares the same kind of time as the ranking (autotune.rank_us).
+        xla = rec.get("xla_dequant_us" if rec["timing"] == "cupti" else "xla_dequant_wall_us")
+        entry = autotune.Entry(autotune.problem_of(w, m, kind, lay), cfg, rec["kernel_us"], xla)
+        self.table.add(entry)
+        return cfg
+
+    def wgmma_point(self, sweep: Sweep, k: int, n: int, m: int) -> None:  # returns no config to reuse
+        """The Hopper W4 kernel as `linear()` runs a repacked model's weight: the layout of
+        `repack_for_wgmma` (`stored_layout`) and the config `w4_matmul` picks for the batch itself
+        (`default_config`: nothing tuned here). Checked against the QArray's reference, then timed."""
+        from pallas_kernels import wgmma_matmul as wm
+
+        v = sweep.variant
+        q = random_weight(k * 7 + n, k, n, v)
+        block_k, stored_k = wm.stored_layout(k, n, grouped=q.scale.shape[0] > 1)
+        w = wm.repack_w4(q, block_k=block_k, stored_k=stored_k)
+        cfg = wm.default_config(w, m)
+        rec = {"variant": f"{v.name}-wgmma", "kind": "wgmma", "bits": v.bits, "group_size": v.group_size or k,
+               "grid": v.grid, "layout": f"wgmma-bk{block_k}", "m": m, "k": k, "n": n, "tuned": False,
+               "config": {**dataclasses.asdict(cfg), "block_k": block_k, "stored_k": stored_k}}
+        if self.check:
+            x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
+            rec["rel_err"] = relative_error(wm.w4_matmul(x, w), quant_matmul_reference(x, q))
+        xs, ws = autotune.random_inputs(w, m, jnp.bfloat16, seed=1000 + m, nbytes=w.nbytes())
+        kern = autotune.time_per_call(wm.w4_matmul, xs, ws, breakdown=m == 1)
+        base = bf16_timing(k, n, m)
+        _put_times(rec, kern, base)
+        if m == 1:
+            rec["kernel_breakdown_us"], rec["xla_bf16_breakdown_us"] = kern.kernels, base.kernels
+        self._finish(rec, w.nbytes(), base)
+
+    def _finish(self, rec: dict, wbytes: int, base: autotune.Timing) -> bool:
+        """Floors, cross-checks, speedup and roofline of a timed point; records it. False if its
+        timing is invalid (flagged in the record, never reported as a result)."""
+        k, n, m = rec["k"], rec["n"], rec["m"]
         moved = wbytes + 2 * m * (k + n)
         floor = max(moved / self.bandwidth, 2 * m * k * n / self.flops)
         bf16_floor = max((2 * k * n + 2 * m * (k + n)) / self.bandwidth, 2 * m * k * n / self.flops)
@@ -247,22 +279,18 @@ class Runner:
             rec["kernel_us_invalid"], rec["xla_bf16_us_invalid"] = rec.pop("kernel_us"), rec.pop("xla_bf16_us")
             rec["kernel_us"] = rec["xla_bf16_us"] = rec["speedup"] = rec["roofline_fraction"] = None
             self.records.append(rec)
-            log.warning("%s K=%d N=%d M=%d: INVALID timing: %s", v.name, k, n, m, "; ".join(invalid))
-            return cfg
+            log.warning("%s K=%d N=%d M=%d: INVALID timing: %s", rec["variant"], k, n, m, "; ".join(invalid))
+            return False
         rec["speedup"] = rec["xla_bf16_us"] / rec["kernel_us"]
         rec["speedup_wall"] = rec["xla_bf16_wall_us"] / rec["kernel_wall_us"]
         rec["bandwidth_GBps"] = moved / rec["kernel_us"] / 1e3
         rec["roofline_fraction"] = floor * 1e6 / rec["kernel_us"]
         rec["bf16_roofline_fraction"] = bf16_floor * 1e6 / rec["xla_bf16_us"]
         self.records.append(rec)
-        # The dispatch compares the same kind of time as the ranking (autotune.rank_us).
-        xla = rec.get("xla_dequant_us" if rec["timing"] == "cupti" else "xla_dequant_wall_us")
-        entry = autotune.Entry(autotune.problem_of(w, m, kind, lay), cfg, rec["kernel_us"], xla)
-        self.table.add(entry)
         log.info("%s K=%d N=%d M=%d: %.1f us vs bf16 %.1f us (%.2fx, %.0f%% roofline) err %.1e",
-                 v.name, k, n, m, rec["kernel_us"], rec["xla_bf16_us"], rec["speedup"],
+                 rec["variant"], k, n, m, rec["kernel_us"], rec["xla_bf16_us"], rec["speedup"],
                  100 * rec["roofline_fraction"], rec.get("rel_err", float("nan")))
-        return cfg
+        return True
 
     def run(self, sweep: Sweep) -> None:
         self.cap = sweep.max_candidates
@@ -276,7 +304,10 @@ class Runner:
                 near = min(tuned, key=lambda t: abs(t - m), default=None) if tuned else None
                 hint = None if m in sweep.tune_batches else tuned.get(near)
                 try:
-                    cfg = self.point(sweep, k, n, m, hint)
+                    if sweep.kind == "wgmma":  # not tuned: the kernel picks its config per batch
+                        cfg = self.wgmma_point(sweep, k, n, m)
+                    else:
+                        cfg = self.point(sweep, k, n, m, hint)
                 except Exception as e:  # keep the other points; the record says what broke
                     log.exception("point %s K=%d N=%d M=%d failed", sweep.variant.name, k, n, m)
                     first_line = str(e).splitlines()[0][:300] if str(e) else ""
@@ -288,6 +319,14 @@ class Runner:
                     tuned[m] = cfg
                 if self.on_record is not None:  # a hard timeout later loses nothing measured
                     self.on_record()
+
+
+def _put_times(rec: dict, kern: autotune.Timing, base: autotune.Timing) -> None:
+    """kernel_us / xla_bf16_us: the GPU kernels' own time (CUPTI) where available, else wall clock."""
+    rec["timing"] = "cupti" if kern.device_us is not None and base.device_us is not None else "wall"
+    pick = (lambda t: t.device_us) if rec["timing"] == "cupti" else (lambda t: t.wall_us)  # noqa: E731
+    rec["kernel_us"], rec["xla_bf16_us"] = pick(kern), pick(base)
+    rec["kernel_wall_us"], rec["xla_bf16_wall_us"] = kern.wall_us, base.wall_us
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,19 +357,29 @@ def markdown(records: list[dict], meta: dict) -> str:
                          " | | | | | | |")
             continue
         cfg = r["config"]
+        if r.get("kind") == "wgmma":
+            short = (f"wgmma tn{cfg['tile_n']} tk{cfg['tile_k']} s{cfg['splits']} st{cfg['stages']}"
+                     f"{' m' + str(cfg['tile_m']) if cfg['tile_m'] else ''}{' ws' if cfg['warp_specialized'] else ''}")
+            lines.append(_row(r, short))
+            continue
         path = "tiledot" if cfg.get("tile_dot") else "dot" if cfg["use_dot"] else "gemv"
         path += f"-{cfg.get('dequant', 'shift')}"
         path += "-acc2d" if cfg.get("acc2d") else ""
         path += "-prefetch" if cfg.get("prefetch") else ""
         short = (f"{path} bm{cfg['block_m']} bn{cfg['block_n']} "
                  f"s{cfg['split_k']} u{cfg['tiles_per_step']} w{cfg['num_warps']}")
-        deq = f" / {r['xla_dequant_wall_us']:.1f}" if "xla_dequant_wall_us" in r else ""
-        wall = f"{r.get('kernel_wall_us', r['kernel_us']):.1f} / {r.get('xla_bf16_wall_us', r['xla_bf16_us']):.1f}{deq}"
-        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        lines.append(f"| {r['variant']} | {r['k']} | {r['n']} | {r['m']} | {r['kernel_us']:.1f} | "
-                     f"{r['xla_bf16_us']:.1f} | {r['speedup']:.2f}x | {r['roofline_fraction']:.0%} | "
-                     f"{r['bandwidth_GBps']:.0f} | {wall} | {err} | {short} |")
+        lines.append(_row(r, short))
     return "\n".join(lines) + "\n"
+
+
+def _row(r: dict, config: str) -> str:
+    """A timed record's line of the markdown table."""
+    deq = f" / {r['xla_dequant_wall_us']:.1f}" if "xla_dequant_wall_us" in r else ""
+    wall = f"{r.get('kernel_wall_us', r['kernel_us']):.1f} / {r.get('xla_bf16_wall_us', r['xla_bf16_us']):.1f}{deq}"
+    err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+    return (f"| {r['variant']} | {r['k']} | {r['n']} | {r['m']} | {r['kernel_us']:.1f} | "
+            f"{r['xla_bf16_us']:.1f} | {r['speedup']:.2f}x | {r['roofline_fraction']:.0%} | "
+            f"{r['bandwidth_GBps']:.0f} | {wall} | {err} | {config} |")
 
 
 def plot(records: list[dict], path: str, card: str, note: str = "") -> None:

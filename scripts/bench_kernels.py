@@ -118,8 +118,12 @@ def suites(name: str):
                       kind=s.kind) for s in full]
     if name == "w4":
         return full[:1]
+    if name == "wgmma":  # the Hopper kernel on repacked W4 g128 weights (what linear() runs for a model
+        # repacked by `repack_for_wgmma`): every shape and batch, symmetric, then asymmetric
+        return [Sweep(Variant(4, 128), kind="wgmma"),
+                Sweep(Variant(4, 128, "asym"), shapes=LLAMA[:4], batches=(1, 8, 32, 128, 512), kind="wgmma")]
     raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, e2e, "
-                     f"sym-batched, quick or w4")
+                     f"sym-batched, quick, w4 or wgmma")
 
 
 def only_batches(sweeps, batches: set[int]) -> list:
@@ -161,8 +165,8 @@ def table_from_records(records: list[dict]):
 
     table = TuningTable()
     for r in records:
-        if r.get("invalid") or r.get("error") or not r.get("config"):
-            continue
+        if r.get("invalid") or r.get("error") or not r.get("config") or r.get("kind") == "wgmma":
+            continue  # the wgmma kernel picks its own config (not a Triton tuning entry)
         problem = Problem(r["kind"], r["bits"], 0 if r["group_size"] >= r["k"] else r["group_size"], r["grid"],
                           r["layout"], r["rows"], r["k"], r["n"], m_bucket(r["m"]))
         timed = [c for c in r.get("candidates", []) if c.get("device_us") is not None]

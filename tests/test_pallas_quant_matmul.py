@@ -303,3 +303,26 @@ def test_bench_kernels_batches_option_restricts_a_suite():
     sweeps = bench.only_batches(bench.suites("sym-batched"), {16})
     assert [(s.batches, s.tune_batches) for s in sweeps] == [((16,), (16,))]
     assert bench.only_batches(bench.suites("sym-batched"), {3}) == []
+
+
+def test_bench_kernels_times_the_wgmma_kernel_on_fresh_buffers():
+    """The "wgmma" suite times repacked W4 weights: every timing buffer gets its own random int4
+    codes (a shared codes array would let the L2 serve the calls), the markdown names the kernel's
+    config, and --retable leaves the wgmma records out of the Triton tuning table."""
+    from pallas_kernels import wgmma_matmul as wm
+    from pallas_kernels.benchmark import markdown
+
+    bench = load_script("scripts/bench_kernels.py")
+    assert {s.kind for s in bench.suites("wgmma")} == {"wgmma"}
+    w = wm.repack_w4(random_weight(0, 256, 128, Variant(4, 128, "asym")), block_k=256)
+    a, b = (autotune.random_like(w, jax.random.key(i)) for i in (1, 2))
+    assert a.codes.dtype == jnp.int4 and a.codes.shape == w.codes.shape
+    assert not np.array_equal(np.asarray(a.codes, np.int8), np.asarray(b.codes, np.int8))
+    assert a.shape == w.shape and a.block_k == w.block_k
+    cfg = {**dataclasses.asdict(wm.gemm_config(w, 256)), "block_k": 256, "stored_k": 0}
+    rec = {"variant": "w4_g128_asym-wgmma", "kind": "wgmma", "bits": 4, "group_size": 128, "grid": "asym",
+           "layout": "wgmma-bk256", "m": 256, "k": 256, "n": 128, "config": cfg, "kernel_us": 10.0,
+           "xla_bf16_us": 12.0, "speedup": 1.2, "roofline_fraction": 0.5, "bandwidth_GBps": 100.0, "rel_err": 3e-3}
+    assert f"| w4_g128_asym-wgmma | 256 | 128 | 256 | 10.0 | 12.0 | 1.20x | 50% | 100 | 10.0 / 12.0 | 3.0e-03 | " \
+           f"wgmma tn{cfg['tile_n']} tk128 s{cfg['splits']} st{cfg['stages']} m{cfg['tile_m']} ws |" in markdown([rec], {})
+    assert bench.table_from_records([rec]).entries == {}
