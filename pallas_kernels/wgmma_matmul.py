@@ -45,8 +45,9 @@ the Triton GEMV on 4096 x 14336 and 4096 x 22016 and behind it on the other shap
 (run 16; XLA's bf16 is about 1.35x faster there, this kernel barely): 1.3-2.3x XLA's bf16 at
 batch 1 and 8 on the Llama shapes (3.8x on 4096 x 1024 at batch 1, where XLA's own GEMV is slow),
 0.85-1.16x the Triton GEMV at batch 1 and 1.3-2.6x the Triton kernels at batch 8. At batches
-64-512 on the H200 (run 17): 1.09-1.77x XLA's bf16 at 64-128 rows, 0.87-1.29x at 256-512, and
-3.8-17x faster than the dequantize-then-dot that ran there before. CPU tests check
+64-512 on the H200 (runs 17-18): 1.03-1.77x XLA's bf16 at 64-128 rows, 0.76-1.25x at 256-512 (the
+asymmetric grids and the shapes whose tiles make uneven waves lowest), and 3.8-17x faster than the
+dequantize-then-dot that ran there before. CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
