@@ -2,6 +2,8 @@
 
     # on the GPU machine (writes records, meta and the tuning table under --out):
     PYTHONPATH=. python scripts/bench_kernels.py --out $OUT
+    # the Hopper W4 kernel (wgmma) as linear() runs a repacked model, every shape and batch:
+    PYTHONPATH=. python scripts/bench_kernels.py --suite wgmma --out $OUT
     # anywhere: markdown table and plot from a records file
     PYTHONPATH=. python scripts/bench_kernels.py --report docs/results/quant_matmul_h100.json
 
