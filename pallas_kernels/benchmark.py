@@ -223,7 +223,7 @@ class Runner:
         self.table.add(entry)
         return cfg
 
-    def wgmma_point(self, sweep: Sweep, k: int, n: int, m: int) -> None:  # returns no config to reuse
+    def wgmma_point(self, sweep: Sweep, k: int, n: int, m: int) -> None:
         """The Hopper W4 kernel as `linear()` runs a repacked model's weight: the layout of
         `repack_for_wgmma` (`stored_layout`) and the config `w4_matmul` picks for the batch itself
         (`default_config`: nothing tuned here). Checked against the QArray's reference, then timed."""
@@ -304,8 +304,9 @@ class Runner:
                 near = min(tuned, key=lambda t: abs(t - m), default=None) if tuned else None
                 hint = None if m in sweep.tune_batches else tuned.get(near)
                 try:
-                    if sweep.kind == "wgmma":  # not tuned: the kernel picks its config per batch
-                        cfg = self.wgmma_point(sweep, k, n, m)
+                    if sweep.kind == "wgmma":
+                        self.wgmma_point(sweep, k, n, m)
+                        cfg = None  # not tuned: the kernel picks its config per batch
                     else:
                         cfg = self.point(sweep, k, n, m, hint)
                 except Exception as e:  # keep the other points; the record says what broke
