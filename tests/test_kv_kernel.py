@@ -331,3 +331,47 @@ def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
     np.testing.assert_array_equal(np.asarray(run(da.Cw2Config(keys_zero=True), ks)),
                                   np.asarray(run(da.Cw2Config(keys_zero=False), ks)))
 
+
+
+def test_cw2_loop_stages_keep_the_arithmetic_and_mark_the_loops():
+    """`Cw2Config(key_stages=3, value_stages=2)`: the keys pass loads a step's words in that step
+    (for Triton's pipeliner), the same arithmetic: bit for bit the default's output. Lowered for
+    CUDA, the two kernels' Triton modules carry `tt.num_stages` on their innermost loops (what
+    makes Triton issue cp.async copies for loads that feed no dot); without stages they do not."""
+    from jax._src.lib.mlir import ir
+
+    from pallas_kernels import loop_stages
+
+    run, _, _ = _cw2_case()
+    np.testing.assert_array_equal(np.asarray(run(da.Cw2Config(key_stages=3, value_stages=2))),
+                                  np.asarray(run(da.Cw2Config())))
+    with pytest.raises(Exception, match="key_stages=1 must be 0"):
+        da.Cw2Config(key_stages=1)
+
+    bits, d, g, s, length, kg, vg, zero, _ = CW_CASES[0]
+    rng = np.random.default_rng(0)
+    k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
+    v = _store(rng, B, s, bits, 32, 1, vg, zero=zero, d=d, channel_words=True)
+    q, mask = jnp.ones((B, K, g, d)), jnp.ones((B, s), bool)
+    seen = {}
+    original = loop_stages.mark_module
+
+    def spy(module):  # the loop attributes of each Triton module, as the hook leaves them
+        count = original(module)
+        for func in module.body.operations:
+            seen[ir.StringAttr(func.attributes["sym_name"]).value] = [
+                ir.IntegerAttr(loop.attributes["tt.num_stages"]).value if "tt.num_stages" in loop.attributes else 0
+                for loop in loop_stages._innermost_loops(func.operation)]
+        return count
+
+    loop_stages.install()
+    loop_stages.mark_module = spy
+    try:
+        for config in (da.Cw2Config(key_stages=3, value_stages=2), da.Cw2Config()):
+            jax.jit(lambda q, k, v, m, c=config: da.quantized_decode_partials(
+                q, k, v, m, length, scale=0.1, path="cw2", cw2=c)).trace(q, k, v, mask).lower(
+                lowering_platforms=("cuda",))
+    finally:
+        loop_stages.mark_module = original
+    assert seen == {"kv_decode_k2_scores__stages3": [3], "kv_decode_v2_values__stages2": [2],
+                    "kv_decode_k2_scores": [0], "kv_decode_v2_values": [0]}, seen
