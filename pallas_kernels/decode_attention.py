@@ -39,9 +39,7 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
 from pallas_kernels.f16x2 import (H2_SHIFT, h2_code_fma, h2_fma, h2_join, h2_mul, h2_pack, h2_pair_constants,
                                   h2_positions, h2_unpack)
-from pallas_kernels import loop_stages
 from pallas_kernels.hints import hinted_load
-from pallas_kernels.loop_stages import staged_name
 from pallas_kernels.quant_matmul import MAGIC, inplace_positions
 
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
@@ -716,12 +714,9 @@ KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 w
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool, staged: bool = False):
+                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool):
     """Keys pass. zero_ref: with `zero_rows` the key zero points [D, T] (the term q . zero summed
-    here, row by row with the scales), else XLA's q . zero of each group [heads, T]. staged: the
-    words of a step are loaded in it, for Triton's pipeliner to copy ahead into shared memory
-    (`Cw2Config.key_stages`); the scales (2-byte gathers, too small for it) stay a step ahead in
-    registers."""
+    here, row by row with the scales), else XLA's q . zero of each group [heads, T]."""
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -736,22 +731,16 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
         group = col // (token_group // c)        # its key group
         zero2 = jnp.zeros((cols,), jnp.int32)
 
-        def load_words(ci):  # words of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
-            r0 = jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
-            return [hinted_load(kw_ref.at[r0 + rr, pl.ds(blk * cols, cols)], evict) for rr in range(KEY_ROWS_F16)]
-
-        def load(ci):  # words (unless staged), key scales (and zero points) of those rows
+        def load(ci):  # words, key scales (and zero points) of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
             r0 = jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
             rows_ = range(KEY_ROWS_F16)
-            return ([] if staged else load_words(ci),
+            return ([hinted_load(kw_ref.at[r0 + rr, pl.ds(blk * cols, cols)], evict) for rr in rows_],
                     [ks_ref[r0 + rr, group] for rr in rows_],
                     [zero_ref[r0 + rr, group] for rr in rows_] if zero_rows else [])
 
         def channel_rows(ci, carry):
             sums, qsum, qzero, (words, kscales, kzeros) = carry
             qsum, qzero = list(qsum), list(qzero)
-            if staged:  # Triton's pipeliner issues these copies `key_stages - 1` steps ahead
-                words = load_words(ci)
             ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
@@ -888,30 +877,19 @@ class Cw2Config:
     batch 8 415.2 against 409.8: the keys pass reads the zero points less well than the einsum).
     columns: word columns of a tile, both passes. key_warps / value_warps: warps a program of each
     pass (None: columns / 32, one column a lane; fewer give each lane several adjacent columns,
-    read as one wider load).
-    key_stages / value_stages: 0, or the stages of Triton's asynchronous-copy pipeliner on the
-    pass's inner loop (`loop_stages`): its word loads become cp.async copies into shared memory,
-    stages - 1 steps ahead, decoupled from the arithmetic (kv_notes.md run 15 names their coupling
-    as what holds both passes at about half their loads-only rate). The keys pass then loads a
-    step's words in that step; the values pass's loop is its block loop."""
+    read as one wider load)."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
     columns: int = KEY_COLUMNS
     key_warps: int | None = None
     value_warps: int | None = None
-    key_stages: int = 0
-    value_stages: int = 0
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
             x = getattr(self, name)
             if x is not None and (x < 1 or x & (x - 1)):
                 raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
-        for name in ("key_stages", "value_stages"):
-            x = getattr(self, name)
-            if x < 0 or x == 1:
-                raise ConfigError(f"Cw2Config.{name}={x} must be 0 (no pipelined loop) or at least 2")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -965,8 +943,6 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
-    if not interpret and max(config.key_stages, config.value_stages) > 1:
-        loop_stages.install()
     kv_of = lambda hh: hh // chunks  # noqa: E731  keys grid: K * chunks
     params = lambda warps: None if interpret else _compiler_params(warps or lane_warps, num_stages)  # noqa: E731
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
@@ -982,15 +958,14 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret,
-                          staged=config.key_stages > 1),
+                          zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
         compiler_params=params(config.key_warps),
         interpret=interpret,
-        name=staged_name(f"kv_decode_k{k.bits}_scores", config.key_stages),
+        name=f"kv_decode_k{k.bits}_scores",
     )(*key_inputs)
 
     # values grid: (K * chunks) * parts, part = hh % parts
@@ -1018,7 +993,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
                    split_shape(kv_heads * chunks), split_shape(kv_heads * chunks)],
         compiler_params=params(config.value_warps),
         interpret=interpret,
-        name=staged_name(f"kv_decode_v{v.bits}_values", config.value_stages),
+        name=f"kv_decode_v{v.bits}_values",
     )(*inputs)
     return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 

@@ -55,8 +55,7 @@ def codec_for(recipe: str, cfg):
 def parse_cw2(text: str):
     """`vc16+kz` -> Cw2Config(value_channels=16, keys_zero=True): options joined by '+', vcN (value
     channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
-    colN (word columns of a tile), kwN / vwN (warps a keys / values program), ksN / vsN (Triton's
-    asynchronous-copy pipeline of N stages on the keys / values pass's loop)."""
+    colN (word columns of a tile), kwN / vwN (warps a keys / values program)."""
     from pallas_kernels.decode_attention import Cw2Config
 
     options = {}
@@ -69,12 +68,10 @@ def parse_cw2(text: str):
             options["key_warps" if item[0] == "k" else "value_warps"] = int(item[2:])
         elif item in ("kz", "nokz"):
             options["keys_zero"] = item == "kz"
-        elif item[:2] in ("ks", "vs") and item[2:].isdigit():
-            options["key_stages" if item[0] == "k" else "value_stages"] = int(item[2:])
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
                              f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "
-                             f"(warps a keys / values program) or ksN / vsN (pipelined loop stages), "
+                             f"(warps a keys / values program), "
                              f"joined by '+'")
     return Cw2Config(**options)
 

@@ -13,7 +13,6 @@ counts as close, not exact.
     python scripts/kernel_sass.py --dequant inplace --acc2d --block-n 128 --warps 8 --sass out.sass
     python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw2 body (two kernels)
     python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --path cw  # the fp32 cw body
-    python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --key-stages 3  # LDGSTS in the keys loop
 """
 
 from __future__ import annotations
@@ -111,9 +110,7 @@ def decode_ir(args):
                                                                                    keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")],
                                                                                    columns=getattr(args, "cw2_columns", 128),
                                                                                    key_warps=getattr(args, "cw2_warps", None),
-                                                                                   value_warps=getattr(args, "cw2_warps", None),
-                                                                                   key_stages=getattr(args, "key_stages", 0),
-                                                                                   value_stages=getattr(args, "value_stages", 0))),
+                                                                                   value_warps=getattr(args, "cw2_warps", None))),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
@@ -162,8 +159,6 @@ def main(argv=None):
                    help="decode, cw2: q . zero summed in the keys pass (auto: as the kernel picks for batch 1, on)")
     p.add_argument("--cw2-columns", type=int, default=128, help="decode, cw2: word columns of a tile")
     p.add_argument("--cw2-warps", type=int, default=None, help="decode, cw2: warps a program of both passes (default columns / 32)")
-    p.add_argument("--key-stages", type=int, default=0, help="decode, cw2: Cw2Config.key_stages (pipelined keys loop)")
-    p.add_argument("--value-stages", type=int, default=0, help="decode, cw2: Cw2Config.value_stages (pipelined values loop)")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,
