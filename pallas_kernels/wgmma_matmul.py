@@ -252,10 +252,7 @@ class W4Config:
     # thread-block cluster; each sends its fp32 sum into the first one's shared memory, which adds
     # them and stores y [M, N] in x's dtype itself. "xla" writes fp32 partial sums [splits, N, M] for
     # XLA to sum and transpose beside the kernel: one more kernel a call, 1.2-1.8 us on an H100
-    # (kernel_notes runs 13, 14). "gmem": splits 0 .. splits-2 store their fp32 sums into a global
-    # workspace (L2) and signal a semaphore of their tile; the last split waits for them there, adds
-    # them to its own and stores y [M, N] itself (no kernel beside it, no cluster to co-schedule).
-    # None: the measured rule of `split_sum_of`.
+    # (kernel_notes runs 13, 14). None: the measured rule of `split_sum_of`.
     split_sum: str | None = None
     # One accumulator carried through the whole pipeline, the codes scaled in bf16 (no scale_on_acc):
     # each step issues its wgmmas and waits only for the previous step's, so the tensor cores work on
@@ -280,7 +277,7 @@ class W4Config:
     rows_per_wg: int = 64
 
 
-SPLIT_SUMS = ("cluster", "xla", "gmem")
+SPLIT_SUMS = ("cluster", "xla")
 MAX_CLUSTER = 8  # the portable thread-block cluster size
 # Measured on an H100 (kernel_notes run 15, batch 1 and 8): the cluster's sum wins at 1 split (no
 # kernel beside it: -1.1 us on 4096 x 14336) and at 2 (-0.5 to -1.2 us a call), and loses at 4
@@ -355,8 +352,6 @@ def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
     slots = min(cfg.stages, max(w.k_stored // (cfg.tile_k * cfg.splits), 1))
     if split_sum_of(cfg) == "cluster":
         return slots * slot + (cfg.splits - 1) * cfg.tile_n * m_tile * 4
-    if split_sum_of(cfg) == "gmem":  # sums go from registers to the workspace and y
-        return slots * slot
     return slots * slot + cfg.tile_n * store_columns(m_tile) * 4
 
 
@@ -730,13 +725,6 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     operands = (x_gmem.at[batch, pl.ds(k0, k_slice)], *code_operands, scale_gmem.at[groups],
                 *([zero_gmem.at[groups]] if with_zero else []))
     zeros = lambda: plgpu.layout_cast(jnp.zeros((rows, m_tile), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
-    sems, row_block = None, None
-    if split_sum_of(cfg) == "gmem" and cfg.splits > 1:
-        # one semaphore a block of `rows` weight rows and a batch tile: its splits' arrivals (zeroed each call)
-        m_idx = jax.lax.axis_index("m") if m_tile < m_padded else 0
-        blocks_n = out_gmem.shape[1] // rows
-        sems = pl.get_global(plgpu.SemaphoreType.REGULAR((m_padded // m_tile * blocks_n,)))
-        row_block = lambda b: m_idx * blocks_n + n0 // rows + b  # noqa: E731
 
     def store(acc, smem, first_row):
         """split_sum="xla": this split's fp32 sum [rows, M] (y transposed) for XLA to add, through
@@ -763,9 +751,6 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             acc = run_pipeline((zeros(),))
         if split_sum_of(cfg) == "xla":
             store(acc, scratch[0], n0)
-        elif split_sum_of(cfg) == "gmem":
-            _gmem_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0, tile_n)], scratch[0].at[:, pl.ds(n0, tile_n), batch],
-                                sems.at[row_block(0)] if sems is not None else None, cfg.splits, s_idx)
         else:
             _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0, tile_n)], scratch, cfg.splits, s_idx)
         return
@@ -781,10 +766,6 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             b = wg * per_wg + j
             if split_sum_of(cfg) == "xla":
                 store(acc, scratch[0].at[b], n0 + b * rows)
-            elif split_sum_of(cfg) == "gmem":
-                block_rows_ = pl.ds(n0 + b * rows, rows)
-                _gmem_sum_and_store(acc, out_gmem.at[batch, block_rows_], scratch[0].at[:, block_rows_, batch],
-                                    sems.at[row_block(b)] if sems is not None else None, cfg.splits, s_idx)
             else:  # each block's splits meet in the cluster's first program (or there is one split)
                 _cluster_sum_and_store(acc, out_gmem.at[batch, pl.ds(n0 + b * rows, rows)], scratch, cfg.splits,
                                        s_idx, rows=pl.ds(b * rows, rows))
@@ -821,76 +802,6 @@ def _cluster_sum_and_store(acc, out_rows, scratch, splits: int, s_idx, rows=None
         for j in range(splits - 1):
             total = total + _load(part(j), layout=plgpu.Layout.WGMMA)
         _store_transposed(total, out_rows)
-
-
-def _gmem_sum_and_store(acc, out_rows, parts, sem, splits: int, s_idx) -> None:
-    """split_sum="gmem": programs 0 .. splits-2 of a tile store their fp32 sums [rows, M] into
-    `parts` [splits - 1, rows, M] (global memory, mostly L2) and signal `sem`; the last split
-    (dispatched after them: the split is the grid's slowest axis) waits until all have, adds them
-    to its own in a fixed order and stores its tile of y itself. Only its warpgroup waits, and no
-    cluster has to be co-scheduled."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    if splits == 1:
-        _store_transposed(acc, out_rows)
-        return
-
-    @pl.when(s_idx != splits - 1)
-    def _send():
-        _store_fragment(acc, parts.at[s_idx])
-        # a barrier of the warpgroup, then one release add: every thread's stores are visible first
-        signal = getattr(plgpu, "semaphore_signal", None)
-        if signal is not None:
-            signal(sem, 1, memory_scope="gpu")
-        else:  # pragma: no cover - older jax
-            pl.semaphore_signal(sem, 1)
-
-    @pl.when(s_idx == splits - 1)
-    def _sum():
-        pl.semaphore_wait(sem, splits - 1, decrement=False)  # the buffer is zeroed for every call
-        _store_transposed(_add_stored(acc, parts), out_rows)
-
-
-def _store_fragment(acc, out) -> None:
-    """out[r, b] = acc[r, b] (fp32, global memory): each thread stores its own elements."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))(_store_fragment_mgpu)(acc, out)
-
-
-def _store_fragment_mgpu(ctx, acc, out):
-    from jax._src.lib.mlir.dialects import memref
-
-    del ctx
-    acc.foreach(lambda value, idx: memref.store(value, out, list(idx)))
-
-
-def _add_stored(acc, parts):
-    """acc + parts[0] + parts[1] + ... (parts [n, rows, M] fp32 in global memory), in acc's layout:
-    each thread loads the elements it holds."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    return plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
-        return_type=plgpu.ShapeDtypeStruct(acc.shape, jnp.float32, layout=plgpu.Layout.WGMMA),
-    )(_add_stored_mgpu)(acc, parts)
-
-
-def _add_stored_mgpu(ctx, acc, parts):
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, memref
-
-    del ctx
-    count = ir.MemRefType(parts.type).shape[0]
-    index = ir.IndexType.get()
-
-    def add(value, idx):
-        for j in range(count):
-            value = arith.addf(value, memref.load(parts, [arith.constant(index, j), *idx]))
-        return value
-
-    return acc.foreach(add, create_array=True)
 
 
 def _store_transposed(acc, out_rows) -> None:
@@ -983,13 +894,6 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
         m_out = m if m_tile == m_padded else m_padded
         y = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_out, n), x.dtype), cluster=(cfg.splits,),
                          cluster_names=("s",), scratch_types=scratch, **tiles)(*operands)
-        return y[:m].reshape(*lead, n)
-    if split_sum_of(cfg) == "gmem":  # y, and the workspace of the first splits-1 splits' fp32 sums
-        m_out = m if m_tile == m_padded else m_padded
-        tiles.update(grid=tiles["grid"] + (cfg.splits,), grid_names=tiles["grid_names"] + ("s",))
-        y, _ = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((m_out, n), x.dtype),
-                                            jax.ShapeDtypeStruct((max(cfg.splits - 1, 1), n, m_padded), jnp.float32)),
-                            **tiles)(*operands)
         return y[:m].reshape(*lead, n)
     width = store_columns(m_tile)
     out_smem = (plgpu.SMEM((cfg.tile_n // 64, 64, width), jnp.float32) if cfg.warp_specialized

@@ -79,7 +79,7 @@ def parse_configs(text: str) -> list[tuple]:
 
     Flags: loads (the loads-only probe), mul (scale the bf16 weights instead of the group sums),
     prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
-    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster / gmem (where the split
+    ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster (where the split
     sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
     zeros to `padded_k`, blocked by tile_k). "default[+flags]" stands for `default_config` at each
     point (`resolve_default`). ovl (`overlap_mma`: one accumulator carried through
@@ -99,7 +99,7 @@ def parse_configs(text: str) -> list[tuple]:
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags and not overlap,
                           loads_only="loads" in flags, warp_specialized="ws" in flags, overlap_mma=overlap,
                           offset_on_acc="fold" in flags,
-                          split_sum=next((f for f in flags if f in wm.SPLIT_SUMS), None),
+                          split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None,
                           tile_m=sizes.get("m", 0), rows_per_wg=sizes.get("r", 64))
         blocked = "blocked" in flags or "pad" in flags or "bk" in sizes
         out.append((cfg, "prmt" if "prmt" in flags else "lop3", sizes.get("bk", f[1]) if blocked else 0,
@@ -108,7 +108,7 @@ def parse_configs(text: str) -> list[tuple]:
 
 
 def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
-    """A parsed config, with "default[+ovl|fold|xla|cluster|gmem|gemm]" made concrete for this point: the
+    """A parsed config, with "default[+ovl|fold|xla|cluster|gemm]" made concrete for this point: the
     weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
     the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`; gemm:
     `gemm_config` at any batch)."""
@@ -123,8 +123,8 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
     if "fold" in flags:
         cfg = dataclasses.replace(cfg, offset_on_acc=True)
-    if any(f in wm.SPLIT_SUMS for f in flags):
-        cfg = dataclasses.replace(cfg, split_sum=next(f for f in flags if f in wm.SPLIT_SUMS))
+    if "xla" in flags or "cluster" in flags:
+        cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
     return wm.fit_stages(cfg, shell, m), "lop3", block_k, stored_k != k  # a cluster's received sums take room
 
 

@@ -7,7 +7,7 @@ Fresh random QArrays (symmetric and asymmetric with the zero points in the kerne
 and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
-cluster (default), in XLA, or in a global workspace behind a semaphore; a K stored padded with zeros; one accumulator through the pipeline
+cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
 (`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`). Then `linear()`'s dispatch.
 """
 
@@ -96,16 +96,6 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     # a 256-row batch tile's split sums staged in two halves of 128 columns (`store_columns`)
     (Variant(4, 128), 4096, 4096, (256, 300), dict(block_k=256),
      [wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="xla")]),
-    # split sums through a global workspace and a semaphore a block (`split_sum="gmem"`): decode tiles
-    # (4 and 16 splits), and warp-specialized 256- and 128-row batch tiles (300: a part tile, 3 batch tiles)
-    (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 40), dict(block_k=256),
-     [wm.W4Config(64, 256, 4, 4, split_sum="gmem"), wm.W4Config(64, 256, 16, 1, split_sum="gmem")]),
-    (Variant(4, 128), 4096, 4096, (256, 300), dict(block_k=256),
-     [wm.W4Config(128, 128, 4, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="gmem"),
-      wm.W4Config(128, 128, 2, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, split_sum="gmem")]),
-    (Variant(4, 128, "asym"), 11008, 4096, (8, 256), dict(block_k=256, stored_k=11264),
-     [wm.W4Config(64, 256, 4, 4, split_sum="gmem"),
-      wm.W4Config(128, 128, 4, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="gmem")]),
 ]
 
 
