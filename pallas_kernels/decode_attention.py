@@ -714,9 +714,10 @@ KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 w
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool):
+                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool, prefetch: int = 1):
     """Keys pass. zero_ref: with `zero_rows` the key zero points [D, T] (the term q . zero summed
-    here, row by row with the scales), else XLA's q . zero of each group [heads, T]."""
+    here, row by row with the scales), else XLA's q . zero of each group [heads, T]. prefetch: steps
+    of loads in flight ahead of the arithmetic (`Cw2Config.key_prefetch`)."""
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
@@ -738,10 +739,10 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
                     [ks_ref[r0 + rr, group] for rr in rows_],
                     [zero_ref[r0 + rr, group] for rr in rows_] if zero_rows else [])
 
-        def channel_rows(ci, carry):
-            sums, qsum, qzero, (words, kscales, kzeros) = carry
+        def channel_rows(ci, sums, qsum, qzero, loaded):
+            words, kscales, kzeros = loaded
             qsum, qzero = list(qsum), list(qzero)
-            ahead = load(ci + 1)  # the next rows' loads go out before this step's arithmetic
+            ahead = load(ci + prefetch)  # later rows' loads go out before this step's arithmetic
             s2 = [[zero2] * pairs for _ in range(heads)]
             for rr in range(KEY_ROWS_F16):
                 w = words[rr]
@@ -763,9 +764,19 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
                 new.append([sums[h][j] + halves[j % pairs][j // pairs] for j in range(c)])
             return new, qsum, qzero, ahead
 
+        def prefetch_rounds(i, carry):
+            """`prefetch` steps; step j reads slot j and refills it `prefetch` steps ahead (no
+            register moves between slots)."""
+            sums, qsum, qzero, slots = carry
+            slots = list(slots)
+            for j in range(prefetch):
+                sums, qsum, qzero, slots[j] = channel_rows(i * prefetch + j, sums, qsum, qzero, slots[j])
+            return sums, qsum, qzero, tuple(slots)
+
         zero = jnp.zeros((cols,), jnp.float32)
-        sums, qsum, qzero, _ = lax.fori_loop(0, steps, channel_rows,
-                                             ([[zero] * c] * heads, [zero] * heads, [zero] * heads, load(0)))
+        sums, qsum, qzero, _ = lax.fori_loop(0, steps // prefetch, prefetch_rounds,
+                                             ([[zero] * c] * heads, [zero] * heads, [zero] * heads,
+                                              tuple(load(i) for i in range(prefetch))))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
         new_top = []
@@ -877,19 +888,26 @@ class Cw2Config:
     batch 8 415.2 against 409.8: the keys pass reads the zero points less well than the einsum).
     columns: word columns of a tile, both passes. key_warps / value_warps: warps a program of each
     pass (None: columns / 32, one column a lane; fewer give each lane several adjacent columns,
-    read as one wider load)."""
+    read as one wider load).
+    key_prefetch: steps of the keys pass's loads (8 channel rows each) issued ahead of its
+    arithmetic, in registers (ncu on an H200, batch 8: its warps stall mostly on those loads, and
+    the grid, not the registers, limits its occupancy)."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
     columns: int = KEY_COLUMNS
     key_warps: int | None = None
     value_warps: int | None = None
+    key_prefetch: int = 1
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
             x = getattr(self, name)
             if x is not None and (x < 1 or x & (x - 1)):
                 raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
+        if self.key_prefetch not in (1, 2, 4):
+            raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 4 (steps of loads in "
+                              "flight; the head dimension's steps of 8 channel rows split evenly)")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -936,6 +954,9 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     parts = d // channels
     n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
+    if (d // KEY_ROWS_F16) % config.key_prefetch:
+        raise ConfigError(f"Cw2Config.key_prefetch={config.key_prefetch} must divide the keys pass's "
+                          f"{d // KEY_ROWS_F16} steps of {KEY_ROWS_F16} channel rows (head_dim {d})")
     # The zero-point term q . zero: summed by the keys pass on small grids, an XLA einsum on large
     # ones, where the keys pass reads the zero points more slowly than the einsum (`Cw2Config.keys_zero`).
     zero_rows = (small_grid if config.keys_zero is None else config.keys_zero) and k.zero is not None
@@ -958,7 +979,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret),
+                          zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret,
+                          prefetch=config.key_prefetch),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],

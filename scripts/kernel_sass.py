@@ -110,7 +110,8 @@ def decode_ir(args):
                                                                                    keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")],
                                                                                    columns=getattr(args, "cw2_columns", 128),
                                                                                    key_warps=getattr(args, "cw2_warps", None),
-                                                                                   value_warps=getattr(args, "cw2_warps", None))),
+                                                                                   value_warps=getattr(args, "cw2_warps", None),
+                                                                                   key_prefetch=getattr(args, "key_prefetch", 1))),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
@@ -159,6 +160,7 @@ def main(argv=None):
                    help="decode, cw2: q . zero summed in the keys pass (auto: as the kernel picks for batch 1, on)")
     p.add_argument("--cw2-columns", type=int, default=128, help="decode, cw2: word columns of a tile")
     p.add_argument("--cw2-warps", type=int, default=None, help="decode, cw2: warps a program of both passes (default columns / 32)")
+    p.add_argument("--key-prefetch", type=int, default=1, help="decode, cw2: steps of loads the keys pass keeps in flight")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,

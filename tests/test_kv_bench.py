@@ -128,7 +128,8 @@ def test_attention_benchmark_rows_and_table():
 
 def test_kernel_variants_parse_the_cw2_option():
     """--kernel-variants items warps:stages:splits[:path[:cw2]]: vcN sets cw2's value channel rows,
-    kz / nokz its keys pass's zero term, colN its tile width, kwN / vwN its warps; anything else there
+    kz / nokz its keys pass's zero term, colN its tile width, kwN / vwN its warps, kpN its keys pass's
+    prefetch steps; anything else there
     is a clear error."""
     from pallas_kernels.decode_attention import Cw2Config
 
@@ -140,8 +141,9 @@ def test_kernel_variants_parse_the_cw2_option():
     assert bench_kv.parse_variants("4:2:0:auto:nokz")["w4-s2-xauto-nokz"]["cw2"] == Cw2Config(keys_zero=False)
     assert bench_kv.parse_variants("4:2:0:auto:col256+kw4+vw8")["w4-s2-xauto-col256+kw4+vw8"]["cw2"] == \
         Cw2Config(columns=256, key_warps=4, value_warps=8)
-    with pytest.raises(SystemExit, match="cw2 option 'kp2'"):
-        bench_kv.parse_variants("4:2:0:auto:kp2")
+    assert bench_kv.parse_variants("4:2:0:auto:kp2")["w4-s2-xauto-kp2"]["cw2"] == Cw2Config(key_prefetch=2)
+    with pytest.raises(SystemExit, match="cw2 option 'zz2'"):
+        bench_kv.parse_variants("4:2:0:auto:zz2")
 
 
 def test_e2e_needs_a_process_of_its_own(capsys):

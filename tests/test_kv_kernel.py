@@ -331,3 +331,24 @@ def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
     np.testing.assert_array_equal(np.asarray(run(da.Cw2Config(keys_zero=True), ks)),
                                   np.asarray(run(da.Cw2Config(keys_zero=False), ks)))
 
+
+
+def test_cw2_key_prefetch_keeps_the_arithmetic():
+    """`Cw2Config.key_prefetch`: the keys pass keeps 2 or 4 steps of loads in flight (register
+    slots refilled in turn), the same arithmetic: bit for bit the default's output. A depth that
+    does not divide the pass's steps, or another than 1, 2, 4, is a clear error."""
+    run, ref, _ = _cw2_case()
+    default = np.asarray(run(da.Cw2Config()))
+    for depth in (2, 4):
+        np.testing.assert_array_equal(np.asarray(run(da.Cw2Config(key_prefetch=depth))), default)
+    np.testing.assert_allclose(default, np.asarray(ref), rtol=0,
+                               atol=CW_TOLERANCE["cw2"](CW_CASES[0][0]) * float(jnp.abs(ref).max()))
+    with pytest.raises(Exception, match="key_prefetch=3 must be 1, 2 or 4"):
+        da.Cw2Config(key_prefetch=3)
+    bits, _, g, s, length, kg, vg, zero, splits = CW_CASES[0]
+    rng = np.random.default_rng(0)
+    k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=16, channel_words=True)
+    v = _store(rng, B, s, bits, 32, 1, 16, zero=zero, d=16, channel_words=True)
+    with pytest.raises(Exception, match="key_prefetch=4 must divide the keys pass's 2 steps"):
+        da.quantized_decode_partials(jnp.ones((B, K, g, 16)), k, v, jnp.ones((B, s), bool), length, scale=0.25,
+                                     interpret=True, path="cw2", cw2=da.Cw2Config(key_prefetch=4))
