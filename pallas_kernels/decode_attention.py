@@ -710,6 +710,7 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
 # L2), against 32 bytes of 2-bit codes a slot and head of 128 channels.
 KEY_ROWS_F16 = 8       # channel rows summed in f16x2 before the fp32 sums (cw16: D / rows = 8)
 KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 warps
+DEFAULT_KEY_PREFETCH = 2  # steps of keys-pass loads in flight (`Cw2Config.key_prefetch`)
 
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, m_ref, *, bits: int,
@@ -890,22 +891,24 @@ class Cw2Config:
     pass (None: columns / 32, one column a lane; fewer give each lane several adjacent columns,
     read as one wider load).
     key_prefetch: steps of the keys pass's loads (8 channel rows each) issued ahead of its
-    arithmetic, in registers (ncu on an H200, batch 8: its warps stall mostly on those loads, and
-    the grid, not the registers, limits its occupancy)."""
+    arithmetic, in register slots refilled in turn. ncu on an H200 at batch 8: its warps stall mostly
+    on those loads, and the grid, not the registers, limits its occupancy. None: 2 where it divides
+    the pass's steps, else 1 (H200, KIVI-2 at 32k, kv_notes run 18: keys pass 163.3 against 167.6 us
+    at batch 8, 28.6 against 28.9 at batch 1; 4 steps, at 150 registers, lost: 188.2 and 38.1)."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
     columns: int = KEY_COLUMNS
     key_warps: int | None = None
     value_warps: int | None = None
-    key_prefetch: int = 1
+    key_prefetch: int | None = None
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
             x = getattr(self, name)
             if x is not None and (x < 1 or x & (x - 1)):
                 raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
-        if self.key_prefetch not in (1, 2, 4):
+        if self.key_prefetch not in (None, 1, 2, 4):
             raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 4 (steps of loads in "
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
 
@@ -954,9 +957,11 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     parts = d // channels
     n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
-    if (d // KEY_ROWS_F16) % config.key_prefetch:
-        raise ConfigError(f"Cw2Config.key_prefetch={config.key_prefetch} must divide the keys pass's "
-                          f"{d // KEY_ROWS_F16} steps of {KEY_ROWS_F16} channel rows (head_dim {d})")
+    key_steps = d // KEY_ROWS_F16
+    prefetch = config.key_prefetch or (DEFAULT_KEY_PREFETCH if key_steps % DEFAULT_KEY_PREFETCH == 0 else 1)
+    if key_steps % prefetch:
+        raise ConfigError(f"Cw2Config.key_prefetch={prefetch} must divide the keys pass's "
+                          f"{key_steps} steps of {KEY_ROWS_F16} channel rows (head_dim {d})")
     # The zero-point term q . zero: summed by the keys pass on small grids, an XLA einsum on large
     # ones, where the keys pass reads the zero points more slowly than the einsum (`Cw2Config.keys_zero`).
     zero_rows = (small_grid if config.keys_zero is None else config.keys_zero) and k.zero is not None
@@ -980,7 +985,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
                           zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret,
-                          prefetch=config.key_prefetch),
+                          prefetch=prefetch),
         grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
         out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],

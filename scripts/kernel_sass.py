@@ -95,8 +95,8 @@ def decode_ir(args):
     the KV decode kernels over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens
     (Llama-2-7B). cw2 has two kernels (keys, then values)."""
     from jaxcompress.kv import KIVICodec
-    from pallas_kernels.decode_attention import (KEY_ROWS_F16, SMALL_GRID_VALUE_CHANNELS, Cw2Config, kernel_path,
-                                                 quantized_decode_partials)
+    from pallas_kernels.decode_attention import (DEFAULT_KEY_PREFETCH, KEY_ROWS_F16, SMALL_GRID_VALUE_CHANNELS, Cw2Config,
+                                                 kernel_path, quantized_decode_partials)
 
     codec = KIVICodec(args.bits, args.bits, group_size=args.group_size, layout=args.layout, columns=args.columns)
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
@@ -111,15 +111,17 @@ def decode_ir(args):
                                                                                    columns=getattr(args, "cw2_columns", 128),
                                                                                    key_warps=getattr(args, "cw2_warps", None),
                                                                                    value_warps=getattr(args, "cw2_warps", None),
-                                                                                   key_prefetch=getattr(args, "key_prefetch", 1))),
+                                                                                   key_prefetch=getattr(args, "key_prefetch", None))),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
     c = 32 // args.bits
     out = []
     for i, (ttir, warps, stages) in enumerate(kernels):
-        if body == "cw2" and i == 0:  # keys: a step is KEY_ROWS_F16 channel rows of one word column a thread
-            out.append((ttir, warps, stages, desc + " (keys pass)", KEY_ROWS_F16 * c, "a key element"))
+        if body == "cw2" and i == 0:  # keys: a loop trip is `prefetch` steps of KEY_ROWS_F16 channel rows of one word column a thread
+            prefetch = getattr(args, "key_prefetch", None) or DEFAULT_KEY_PREFETCH
+            out.append((ttir, warps, stages, desc + f" (keys pass, {prefetch} steps a trip)", prefetch * KEY_ROWS_F16 * c,
+                        "a key element"))
         elif body == "cw2":  # values: a block, value_rows channel rows of one word column a thread
             out.append((ttir, warps, stages, desc + f" (values pass, {value_rows} rows)", value_rows * c,
                         "a value element"))
@@ -160,7 +162,8 @@ def main(argv=None):
                    help="decode, cw2: q . zero summed in the keys pass (auto: as the kernel picks for batch 1, on)")
     p.add_argument("--cw2-columns", type=int, default=128, help="decode, cw2: word columns of a tile")
     p.add_argument("--cw2-warps", type=int, default=None, help="decode, cw2: warps a program of both passes (default columns / 32)")
-    p.add_argument("--key-prefetch", type=int, default=1, help="decode, cw2: steps of loads the keys pass keeps in flight")
+    p.add_argument("--key-prefetch", type=int, default=None,
+                   help="decode, cw2: steps of loads the keys pass keeps in flight (default: the kernel's)")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,

@@ -334,12 +334,13 @@ def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
 
 
 def test_cw2_key_prefetch_keeps_the_arithmetic():
-    """`Cw2Config.key_prefetch`: the keys pass keeps 2 or 4 steps of loads in flight (register
-    slots refilled in turn), the same arithmetic: bit for bit the default's output. A depth that
-    does not divide the pass's steps, or another than 1, 2, 4, is a clear error."""
+    """`Cw2Config.key_prefetch`: the keys pass keeps 1, 2 (the default where it divides its steps)
+    or 4 steps of loads in flight (register slots refilled in turn), the same arithmetic: bit for
+    bit one output. A depth that does not divide the pass's steps, or another than 1, 2, 4, is a
+    clear error; the default falls back to 1 step where 2 do not divide them."""
     run, ref, _ = _cw2_case()
-    default = np.asarray(run(da.Cw2Config()))
-    for depth in (2, 4):
+    default = np.asarray(run(da.Cw2Config()))  # 2 steps ahead: 16 steps of 8 channel rows divide
+    for depth in (1, 4):
         np.testing.assert_array_equal(np.asarray(run(da.Cw2Config(key_prefetch=depth))), default)
     np.testing.assert_allclose(default, np.asarray(ref), rtol=0,
                                atol=CW_TOLERANCE["cw2"](CW_CASES[0][0]) * float(jnp.abs(ref).max()))
@@ -352,3 +353,9 @@ def test_cw2_key_prefetch_keeps_the_arithmetic():
     with pytest.raises(Exception, match="key_prefetch=4 must divide the keys pass's 2 steps"):
         da.quantized_decode_partials(jnp.ones((B, K, g, 16)), k, v, jnp.ones((B, s), bool), length, scale=0.25,
                                      interpret=True, path="cw2", cw2=da.Cw2Config(key_prefetch=4))
+    k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=24, channel_words=True)  # 3 steps: the default takes 1
+    v = _store(rng, B, s, bits, 32, 1, 8, zero=zero, d=24, channel_words=True)
+    q, mask = jnp.asarray(rng.normal(size=(B, K, g, 24)).astype(np.float32)), jnp.ones((B, s), bool)
+    odd = [da.combine([da.quantized_decode_partials(q, k, v, mask, length, scale=0.2, interpret=True, path="cw2",
+                                                    cw2=c)]) for c in (da.Cw2Config(), da.Cw2Config(key_prefetch=1))]
+    np.testing.assert_array_equal(np.asarray(odd[0]), np.asarray(odd[1]))
