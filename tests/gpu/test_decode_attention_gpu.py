@@ -212,11 +212,13 @@ def test_cw2_zero_term_on_gpu_equals_reference(cfg, name, keys_zero):
 
 
 @pytest.mark.parametrize("config", [dict(columns=64), dict(columns=256, key_warps=4, value_warps=4),
-                                    dict(columns=512, key_warps=4, value_warps=8)],
+                                    dict(columns=512, key_warps=4, value_warps=8), dict(key_prefetch=1),
+                                    dict(key_prefetch=4)],
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_cw2_tiles_on_gpu_equal_reference(config):
-    """cw2's tuning knobs off the default path (`Cw2Config.columns`, several columns a lane), on
-    Llama-2 KIVI-2 at batch 2: against the reference at the f16x2 bound."""
+    """cw2's tuning knobs off the default path (`Cw2Config.columns`, several columns a lane, the keys
+    pass's loads 1 or 4 steps ahead), on Llama-2 KIVI-2 at batch 2: against the reference at the
+    f16x2 bound."""
     batch, context = 2, 3001
     _, k, v, q, mask = _random_layer(LLAMA2, "kivi-k2v2", batch, context, seed=11, q_seed=5, mask_seed=6)
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, context - 37, scale=LLAMA2.head_dim ** -0.5,
