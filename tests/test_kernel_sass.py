@@ -60,8 +60,8 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
     """--kernel decode: the KIVI-2 cache in the channel_words layout lowers to the cw body (with
     --path cw), whose slot loop sits inside the block loop (two nested scf.for; the bit offsets
     are loop values), with --path cw16 to the one-pass f16x2 body (inline PTX, a loop step per
-    pair), and by default to cw2's two kernels: keys (a step of 8 channel rows of a word column a
-    lane) and values (a block: 16 channel rows of a word column a lane, batch 1's default)."""
+    pair), and by default to cw2's two kernels: keys (a loop trip of 2 steps of 8 channel rows of a
+    word column a lane, `key_prefetch`) and values (a block: 16 channel rows of a word column a lane, batch 1's default)."""
     import argparse
 
     args = argparse.Namespace(bits=2, group_size=32, layout="channel_words", columns=32, warps=4, stages=2,
@@ -76,8 +76,8 @@ def test_decode_ir_lowers_the_cuda_core_bodies():
     assert "fma.rn.f16x2" in ir and "lop3.b32" in ir and "cvt.rn.f16x2.f32" in ir
     assert per_thread == 2 * 2 * 128 * 32 / 128
     keys, values = kernel_sass.decode_ir(argparse.Namespace(**{**vars(args), "path": "auto"}))  # auto: cw2
-    assert "@kv_decode_k2_scores(" in keys[0] and keys[1] == 4 and keys[3].endswith("(keys pass)")
-    assert keys[4] == 8 * 16 and "fma.rn.f16x2" in keys[0] and "tt.store" in keys[0]
+    assert "@kv_decode_k2_scores(" in keys[0] and keys[1] == 4 and keys[3].endswith("(keys pass, 2 steps a trip)")
+    assert keys[4] == 2 * 8 * 16 and "fma.rn.f16x2" in keys[0] and "tt.store" in keys[0]
     assert "@kv_decode_v2_values(" in values[0] and values[4] == 16 * 16  # a block: 16 channel rows of a word
     # Each pass loads its code words with `evict_first` (read once a step, pallas_kernels/hints.py);
     # the scores, scales and q are not hinted; eviction=None drops the hint.

@@ -11,7 +11,7 @@ S="--clock-control none --section SpeedOfLight --section WarpStateStats --sectio
    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section LaunchStats
    --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
 timeout -k 5 ${NCU_KV_S:-150} ncu $S --kernel-name regex:'scores|values' --launch-skip 2 --launch-count 2 \
-  python scripts/gpu/one_kv_decode.py --batch ${NCU_KV_BATCH:-8} > "$D/ncu_kv.txt" 2>&1; echo "kv rc=$?"
+  python scripts/profile_kv_decode.py --batch ${NCU_KV_BATCH:-8} > "$D/ncu_kv.txt" 2>&1; echo "kv rc=$?"
 timeout -k 5 ${NCU_MM_S:-100} ncu $S --kernel-name regex:'mosaic' --launch-skip 1 --launch-count 1 \
   python scripts/gpu/one_matmul.py --kernel wgmma --shape 14336x4096 --batch 256 > "$D/ncu_gemm256.txt" 2>&1; echo "gemm rc=$?"
 timeout -k 5 ${NCU_MM_S:-100} ncu $S --kernel-name regex:'mosaic' --launch-skip 1 --launch-count 1 \
