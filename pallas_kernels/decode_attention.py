@@ -715,7 +715,7 @@ DEFAULT_KEY_PREFETCH = 2  # steps of keys-pass loads in flight (`Cw2Config.key_p
 
 def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool, prefetch: int = 1):
+                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool, prefetch: int):
     """Keys pass. zero_ref: with `zero_rows` the key zero points [D, T] (the term q . zero summed
     here, row by row with the scales), else XLA's q . zero of each group [heads, T]. prefetch: steps
     of loads in flight ahead of the arithmetic (`Cw2Config.key_prefetch`)."""
@@ -913,6 +913,17 @@ class Cw2Config:
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
 
 
+def key_prefetch_of(config: Cw2Config, head_dim: int) -> int:
+    """The keys pass's steps of loads in flight: `config.key_prefetch`, or DEFAULT_KEY_PREFETCH where
+    it divides the pass's head_dim / KEY_ROWS_F16 steps, else 1."""
+    steps = head_dim // KEY_ROWS_F16
+    prefetch = config.key_prefetch or (DEFAULT_KEY_PREFETCH if steps % DEFAULT_KEY_PREFETCH == 0 else 1)
+    if steps % prefetch:
+        raise ConfigError(f"Cw2Config.key_prefetch={prefetch} must divide the keys pass's "
+                          f"{steps} steps of {KEY_ROWS_F16} channel rows (head_dim {head_dim})")
+    return prefetch
+
+
 def _env_int(name: str, default: int) -> int:
     """A positive integer tuning knob from the environment (read when a kernel is traced)."""
     raw = os.environ.get(name)
@@ -957,11 +968,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     parts = d // channels
     n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
-    key_steps = d // KEY_ROWS_F16
-    prefetch = config.key_prefetch or (DEFAULT_KEY_PREFETCH if key_steps % DEFAULT_KEY_PREFETCH == 0 else 1)
-    if key_steps % prefetch:
-        raise ConfigError(f"Cw2Config.key_prefetch={prefetch} must divide the keys pass's "
-                          f"{key_steps} steps of {KEY_ROWS_F16} channel rows (head_dim {d})")
+    prefetch = key_prefetch_of(config, d)
     # The zero-point term q . zero: summed by the keys pass on small grids, an XLA einsum on large
     # ones, where the keys pass reads the zero points more slowly than the einsum (`Cw2Config.keys_zero`).
     zero_rows = (small_grid if config.keys_zero is None else config.keys_zero) and k.zero is not None

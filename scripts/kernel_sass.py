@@ -95,23 +95,21 @@ def decode_ir(args):
     the KV decode kernels over a KIVI cache: batch 1, 32 kv heads, head_dim 128, 32k tokens
     (Llama-2-7B). cw2 has two kernels (keys, then values)."""
     from jaxcompress.kv import KIVICodec
-    from pallas_kernels.decode_attention import (DEFAULT_KEY_PREFETCH, KEY_ROWS_F16, SMALL_GRID_VALUE_CHANNELS, Cw2Config,
-                                                 kernel_path, quantized_decode_partials)
+    from pallas_kernels.decode_attention import (KEY_ROWS_F16, SMALL_GRID_VALUE_CHANNELS, Cw2Config, kernel_path,
+                                                 key_prefetch_of, quantized_decode_partials)
 
     codec = KIVICodec(args.bits, args.bits, group_size=args.group_size, layout=args.layout, columns=args.columns)
     state = jax.eval_shape(lambda: codec.init(1, 32768, 32, 128, jnp.bfloat16))
     k, v = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state[n]) for n in ("k", "v"))
     q, mask = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, k.capacity), bool)
     value_rows = getattr(args, "value_channels", SMALL_GRID_VALUE_CHANNELS)  # batch 1's default (a small grid)
+    cw2 = Cw2Config(value_channels=value_rows, keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")],
+                    columns=getattr(args, "cw2_columns", 128), key_warps=getattr(args, "cw2_warps", None),
+                    value_warps=getattr(args, "cw2_warps", None), key_prefetch=getattr(args, "key_prefetch", None))
     kernels = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),
-                                                                     cw2=Cw2Config(value_channels=value_rows,
-                                                                                   keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")],
-                                                                                   columns=getattr(args, "cw2_columns", 128),
-                                                                                   key_warps=getattr(args, "cw2_warps", None),
-                                                                                   value_warps=getattr(args, "cw2_warps", None),
-                                                                                   key_prefetch=getattr(args, "key_prefetch", None))),
+                                                                     cw2=cw2),
                          q, k, v, mask)
     body = kernel_path(args.path, k, v, False)
     desc = f"{codec.name} {codec.store_layout} columns/rows {k.rows} warps {args.warps} body {body}"
@@ -119,7 +117,7 @@ def decode_ir(args):
     out = []
     for i, (ttir, warps, stages) in enumerate(kernels):
         if body == "cw2" and i == 0:  # keys: a loop trip is `prefetch` steps of KEY_ROWS_F16 channel rows of one word column a thread
-            prefetch = getattr(args, "key_prefetch", None) or DEFAULT_KEY_PREFETCH
+            prefetch = key_prefetch_of(cw2, 128)
             out.append((ttir, warps, stages, desc + f" (keys pass, {prefetch} steps a trip)", prefetch * KEY_ROWS_F16 * c,
                         "a key element"))
         elif body == "cw2":  # values: a block, value_rows channel rows of one word column a thread
