@@ -13,10 +13,9 @@ With --attention it profiles one layer's decode attention instead (the variants 
 times: the codec's path and, for packed codecs, the kernel alone), `--steps` calls in one
 jitted loop, at Llama-2-7B head shapes (--model names a preset then). XLA's command buffers (CUDA graphs) are turned off
 for the profile, since the trace does not see the kernels inside them; so the total is a little
-above the wall time `bench_kv.py --e2e` measures. The profiled loop does not donate its cache
-(it runs twice on the same one), so XLA copies the cache once a run: `MemcpyD2D` in the tables,
-its time over --steps a step (run 10, batch 32 at context 512: 1.5 ms of a 4-step run's step).
-`bench_decode.py` and `bench_kv.py --e2e` donate the cache and pay no such copy.
+above the wall time `bench_kv.py --e2e` measures. The profiled loop donates its cache as
+`bench_kv.py --e2e` does: the profiled run continues from the cache the warm-up run left. (Until
+session 23 it reused one cache, so XLA copied it once a run: the `MemcpyD2D` rows of older tables.)
 """
 
 from __future__ import annotations
@@ -84,8 +83,11 @@ def main(argv=None):
             run, run_args, name = attention_loop(args.model, recipe, args.batch, args.context, args.steps)
         else:
             _, step_fn = e2e_setup(args.model, recipe or None, args.batch, args.steps)
-            run, run_args = step_fn(args.context)
-        rows = device_op_times(run, *run_args)
+            run, run_args = step_fn(args.context, donate=True)
+        if args.hlo:  # before the profile consumes the donated cache
+            with gzip.open(os.path.join(args.out, f"hlo_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt.gz"), "wt") as f:
+                f.write(run.lower(*run_args).compile().as_text())
+        rows = device_op_times(run, *run_args, carried=not args.attention)
         meta = {"model": args.model, "recipe": name, "attention_only": args.attention, "context": args.context, "batch": args.batch,
                 "steps": args.steps, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT", "")}
@@ -94,9 +96,6 @@ def main(argv=None):
         table = summarize(rows, args.steps, args.top)
         write_text(os.path.join(args.out, f"profile_{stem}.md"),
                           f"# Decode step profile: {name}\n\n{json.dumps(meta)}\n\n{table}\n")
-        if args.hlo:
-            with gzip.open(os.path.join(args.out, f"hlo_{stem}.txt.gz"), "wt") as f:
-                f.write(run.lower(*run_args).compile().as_text())
         print(f"== {name} ({time.time() - t0:.0f} s)\n{table}\n", flush=True)
         del run, run_args
 

@@ -6,6 +6,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jaxcompress.bench.profile import device_op_times, summarize
 from script_loader import load_script
@@ -20,6 +21,16 @@ def test_ops_of_a_loop_body_are_counted_once_per_iteration_and_the_loop_not_at_a
     assert all(r["total_us"] >= 0 for r in rows) and sum(r["total_us"] for r in rows) > 0
     table = summarize(rows, steps=5, top=1)
     assert table.startswith("device time per step:") and "more ops" in table
+
+
+def test_carried_profile_feeds_the_warm_up_output_to_a_loop_that_donates_its_first_argument():
+    """A decode loop consumes its cache: the profiled call must take the cache the warm-up left
+    (reusing the donated buffer is an error, and copying it would show in the trace)."""
+    step = jax.jit(lambda c, y: (jnp.tanh(c @ y).sum(), c + y), donate_argnums=0)
+    with pytest.raises(ValueError, match="donated"):
+        device_op_times(step, jnp.ones((64, 64)), jnp.ones((64, 64)))
+    rows = device_op_times(step, jnp.ones((64, 64)), jnp.ones((64, 64)), carried=True)
+    assert any("add" in r["name"] for r in rows) and sum(r["total_us"] for r in rows) > 0, rows
 
 
 def test_profile_decode_script_writes_a_table_per_recipe(tmp_path, monkeypatch):

@@ -48,10 +48,16 @@ def op_table(xplane_path: str) -> list[dict]:
     return sorted(rows, key=lambda r: -r["total_us"])
 
 
-def device_op_times(fn, *args, trace_dir: str | None = None) -> list[dict]:
+def device_op_times(fn, *args, trace_dir: str | None = None, carried: bool = False) -> list[dict]:
     """Runs `fn(*args)` once to compile and warm up, then once under the profiler; returns
-    `op_table` of that run. `trace_dir` keeps the trace (a temporary folder otherwise)."""
-    jax.block_until_ready(fn(*args))
+    `op_table` of that run. `trace_dir` keeps the trace (a temporary folder otherwise).
+
+    carried=True: `fn` donates its first argument and returns (output, its next value), as a
+    decode loop that consumes its cache does; the profiled call takes what the warm-up left, so
+    the trace shows the step as served, without the copy a reused donated buffer would force."""
+    out = jax.block_until_ready(fn(*args))
+    if carried:
+        args = (out[1], *args[1:])
     with tempfile.TemporaryDirectory() as tmp:
         folder = trace_dir or tmp
         jax.profiler.start_trace(folder)
