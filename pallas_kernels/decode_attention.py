@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.kv.store import QTokens, codes_per_word, to_code_order
+from jaxcompress.kv.store import PASS_COLUMNS, QTokens, codes_per_word, to_code_order
 from pallas_kernels.f16x2 import (H2_SHIFT, h2_code_fma, h2_fma, h2_join, h2_mul, h2_pack, h2_pair_constants,
                                   h2_positions, h2_unpack)
 from pallas_kernels.hints import hinted_load
@@ -709,7 +709,7 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
 # The scores cost 4 bytes a slot and head to write and 4 to read per value program (mostly from
 # L2), against 32 bytes of 2-bit codes a slot and head of 128 channels.
 KEY_ROWS_F16 = 8       # channel rows summed in f16x2 before the fp32 sums (cw16: D / rows = 8)
-KEY_COLUMNS = 128      # word columns of a keys-pass tile: one a thread with 4 warps
+KEY_COLUMNS = PASS_COLUMNS  # word columns of a keys-pass tile: one a thread with 4 warps
 DEFAULT_KEY_PREFETCH = 2  # steps of keys-pass loads in flight (`Cw2Config.key_prefetch`)
 
 

@@ -169,3 +169,26 @@ def test_code_order_and_meta_writes():
                                   scale[0, 0, 700, 1])
     expect = (codes * np.repeat(scale, 2, -1).astype(np.float64) + np.repeat(zero, 2, -1))[:, :, :701]
     np.testing.assert_allclose(np.asarray(store.dequantize())[:, :, :701], expect, rtol=1e-6)
+
+
+def test_capacity_rounds_to_whole_decode_pass_tiles_when_that_costs_at_most_an_eighth():
+    """2-bit codes, 32 word columns a block (512 slots), passes of 128 columns (2048 slots)."""
+    from jaxcompress.kv.store import capacity_for
+
+    cap = lambda n, tile=2048: capacity_for(n, (2, 2), 32, multiple_of=32, pass_tile=tile)  # noqa: E731
+    assert cap(32768) == 32768                  # already whole tiles
+    assert cap(32768 + 24) == 34816             # 17 tiles (was 65 blocks of 512: one warp a pass)
+    assert cap(8200) == 9216                    # 5 x 2048 would add 25%: 9 x 1024 adds 12%
+    assert cap(300) == 512                      # one block: nothing to round
+    assert cap(32768 + 24, tile=None) == 33280  # without a pass tile: whole blocks only
+
+
+def test_kivi_store_at_an_odd_length_keeps_the_full_decode_pass_width():
+    """A decode loop's cache holds context + new tokens: the cw2 passes still read 128 columns."""
+    from jaxcompress.kv.kivi import KIVICodec
+    from pallas_kernels.decode_attention import KEY_COLUMNS, _key_columns
+
+    codec = KIVICodec(key_bits=2, value_bits=2, group_size=32, residual=128)
+    state = jax.eval_shape(lambda: codec.init(1, 32768 + 24, 2, 128, jnp.bfloat16))
+    assert state["k"].capacity == state["v"].capacity == 34816
+    assert _key_columns(state["k"]) == KEY_COLUMNS == 128

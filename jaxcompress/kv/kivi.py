@@ -35,8 +35,8 @@ import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.kv.base import PackedCodec, check_attention_mode, init_sink, write_sink
-from jaxcompress.kv.store import (CHANNEL_WORDS, META_DTYPE, TOKEN_ROWS, WORD_COLUMNS, QTokens, capacity_for,
-                                  channel_words_supported, check_bits, codes_per_word, minmax_scale_zero,
+from jaxcompress.kv.store import (CHANNEL_WORDS, META_DTYPE, PASS_COLUMNS, TOKEN_ROWS, WORD_COLUMNS, QTokens,
+                                  capacity_for, channel_words_supported, check_bits, codes_per_word, minmax_scale_zero,
                                   uniform_codes)
 
 
@@ -126,7 +126,8 @@ class KIVICodec(PackedCodec):
         self.check_head_dim(head_dim)
         g, rows, layout = self.group_size, self.rows, self.store_layout
         cw = layout == CHANNEL_WORDS
-        cap = capacity_for(max_len, (self.key_bits, self.value_bits), rows, multiple_of=g)
+        tile = PASS_COLUMNS * codes_per_word(max(self.key_bits, self.value_bits)) if cw else None
+        cap = capacity_for(max_len, (self.key_bits, self.value_bits), rows, multiple_of=g, pass_tile=tile)
 
         def meta(rows_, cols_):  # token_rows [.., Ts, Cs]; channel_words [.., Cs, Ts]
             return jnp.zeros((batch, kv_heads) + ((cols_, rows_) if cw else (rows_, cols_)), META_DTYPE)

@@ -44,6 +44,7 @@ NO_OUTLIER = 255          # outlier_index of an empty outlier slot (head_dim mus
 FP16_MAX = 65504.0
 TOKEN_ROWS, CHANNEL_WORDS = "token_rows", "channel_words"
 WORD_COLUMNS = 32         # channel_words: default word columns of one kernel tile (a block; `rows`)
+PASS_COLUMNS = 128        # channel_words: word columns the cw2 decode passes read a step (one a thread, 4 warps)
 
 
 def check_bits(bits: int, what: str) -> None:
@@ -328,8 +329,17 @@ class QTokens:
         return sum(int(a.size) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(self))
 
 
-def capacity_for(max_len: int, bits: tuple[int, ...], rows: int, multiple_of: int = 1) -> int:
+def capacity_for(max_len: int, bits: tuple[int, ...], rows: int, multiple_of: int = 1,
+                 pass_tile: int | None = None) -> int:
     """Slots of a packed store holding max_len tokens: a multiple of every operand's block
-    (and of `multiple_of`, e.g. a token group)."""
+    (and of `multiple_of`, e.g. a token group).
+
+    pass_tile (slots a decode pass reads a step, a power of 2): round up to whole such tiles, or
+    the largest power-of-2 fraction of one, that adds at most an eighth of max_len. The passes
+    read the widest tile that divides the capacity; a capacity of odd blocks (32768 + 24 slots
+    is 65 of 512) would cut them to one warp a program, at twice the time (session 23)."""
     block = math.lcm(multiple_of, *(pack_block(b, rows) for b in bits))
-    return -(-max_len // block) * block
+    tile = math.lcm(block, pass_tile or block)
+    while tile > block and -(-max_len // tile) * tile - max_len > max_len // 8:
+        tile //= 2
+    return -(-max_len // tile) * tile
