@@ -713,20 +713,16 @@ KEY_COLUMNS = PASS_COLUMNS  # word columns of a keys-pass tile: one a thread wit
 DEFAULT_KEY_PREFETCH = 2  # steps of keys-pass loads in flight (`Cw2Config.key_prefetch`)
 
 
-def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, *m_ref, bits: int,
+def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, m_ref, *, bits: int,
                      cols: int, rows: int, token_group: int, blocks_per_split: int, heads: int, mid_term: bool,
-                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool, prefetch: int, groups: int):
+                     zero_rows: bool, q_scale: float, evict: str | None, asm: bool, prefetch: int):
     """Keys pass. zero_ref: with `zero_rows` the key zero points [D, T] (the term q . zero summed
     here, row by row with the scales), else XLA's q . zero of each group [heads, T]. prefetch: steps
-    of loads in flight ahead of the arithmetic (`Cw2Config.key_prefetch`). groups: channel groups P
-    (`Cw2Config.key_channel_groups`): the program sums channel rows [p * D / P, (p + 1) * D / P),
-    p = program_id(1) % P, into its own partial scores (group 0 adds the mask bias and XLA's
-    zero-point term); with P > 1 it writes no maximum (the values pass keeps one a lane)."""
+    of loads in flight ahead of the arithmetic (`Cw2Config.key_prefetch`)."""
     c = codes_per_word(bits)
     pairs = c // 2
     block = cols * c
-    d = kw_ref.shape[0] // groups  # channel rows of this program's group
-    first = 0 if groups == 1 else (pl.program_id(1) % groups) * d  # its first channel row
+    d = kw_ref.shape[0]
     steps = d // KEY_ROWS_F16
     positions = h2_positions(bits)
     consts = [h2_pair_constants(bits, o) for _, o in positions]
@@ -738,7 +734,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
         zero2 = jnp.zeros((cols,), jnp.int32)
 
         def load(ci):  # words, key scales (and zero points) of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
-            r0 = first + jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
+            r0 = jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
             rows_ = range(KEY_ROWS_F16)
             return ([hinted_load(kw_ref.at[r0 + rr, pl.ds(blk * cols, cols)], evict) for rr in rows_],
                     [ks_ref[r0 + rr, group] for rr in rows_],
@@ -754,7 +750,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
                 shifted = lax.shift_right_logical(w, jnp.int32(H2_SHIFT))
                 kscale = kscales[rr].astype(jnp.float32)
                 for h in range(heads):
-                    qf = q_ref[h, first + ci * KEY_ROWS_F16 + rr].astype(jnp.float32) * q_scale
+                    qf = q_ref[h, ci * KEY_ROWS_F16 + rr].astype(jnp.float32) * q_scale
                     qk = qf * kscale
                     if mid_term:  # q . scale of the column's group, for the zero-point term
                         qsum[h] = qsum[h] + qk
@@ -784,18 +780,15 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
                                               tuple(load(i) for i in range(prefetch))))
         # code order: slot j of word column `col` sits at (col // rows) * rows * c + j * rows + col % rows
         base = (col // rows) * (rows * c) + col % rows
-        lead = first == 0  # the group that adds the per-slot and per-group terms once
         new_top = []
         for h in range(heads):
-            cz = qzero[h] if zero_rows else (zero_ref[h, group] if groups == 1 else
-                                              jnp.where(lead, zero_ref[h, group], 0.0))
+            cz = qzero[h] if zero_rows else zero_ref[h, group]
             if mid_term:
                 cz = cz + float(1 << (bits - 1)) * qsum[h]
             t = top[h]
             for j in range(c):
                 pos = base + j * rows
-                bias = bias_ref[0, pos] if groups == 1 else jnp.where(lead, bias_ref[0, pos], 0.0)
-                score = sums[h][j] + cz + bias
+                score = sums[h][j] + cz + bias_ref[0, pos]
                 s_ref[h, pos] = score
                 t = jnp.maximum(t, score)
             new_top.append(t)
@@ -803,21 +796,16 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
 
     lo, hi = _split_blocks(len_ref, block, blocks_per_split)
     top = lax.fori_loop(lo, hi, body, [jnp.full((cols,), NEG_INF, jnp.float32)] * heads)
-    for m_out in m_ref:  # one group: the split's maximum
-        for h in range(heads):
-            m_out[pl.ds(h, 1)] = jnp.reshape(jnp.max(top[h]), (1,))
+    for h in range(heads):
+        m_ref[pl.ds(h, 1)] = jnp.reshape(jnp.max(top[h]), (1,))
 
 
-def _cw2_values_kernel(s_ref, *refs, bits: int, cols: int, rows: int,
+def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int, cols: int, rows: int,
                        vwidth: int, channels: int, parts: int, blocks_per_split: int, heads: int,
-                       evict: str | None, asm: bool, key_groups: int = 1):
+                       evict: str | None, asm: bool):
     """Values pass: each lane owns a word column (c slots) and walks `channels` channel rows of
     the value store, part `program_id(1) % parts` of D; fp32 sums per row and lane, reduced over
-    the lanes once at the end. s_ref: the keys pass's `key_groups` partial scores [P, heads, S],
-    summed here. With one group, p = 2**(score - the split's maximum, ms_ref); with more, whose
-    keys programs saw part of each score, every lane keeps its own running maximum (its sums
-    scaled down, once a block, when it grows) and the lanes meet on the largest at the end."""
-    ms_ref, len_ref, vw_ref, vs_ref, *rest = refs if key_groups == 1 else (None,) + refs
+    the lanes once at the end."""
     vz_ref = rest[0] if len(rest) == 4 else None
     o_ref, l_ref, m_ref = rest[-3:]
     c = codes_per_word(bits)
@@ -828,28 +816,20 @@ def _cw2_values_kernel(s_ref, *refs, bits: int, cols: int, rows: int,
     mid = float(1 << (bits - 1))
     ch0 = (pl.program_id(1) % parts) * channels
     lane = lax.iota(jnp.int32, cols)
-    lane_max = key_groups > 1
-    top = None if lane_max else [ms_ref[pl.ds(h, 1)] for h in range(heads)]  # [1]: the split's maximum score
+    top = [ms_ref[pl.ds(h, 1)] for h in range(heads)]  # [1]: the split's maximum score
     n_groups = max(1, channels // vwidth)  # value channel groups among this program's rows
 
     def body(blk, carry):
-        l, acc, az, *mx = carry  # mx: with lane_max, the lanes' running maxima a head
+        l, acc, az = carry
         col = blk * cols + lane
         base = (col // rows) * (rows * c) + col % rows
         pos = [base + j * rows for j in range(c)]
         gidx = [ch0 // vwidth + i for i in range(n_groups)]
         vs = [[vs_ref[g, pos[j]].astype(jnp.float32) for j in range(c)] for g in gidx]
         vz = None if vz_ref is None else [[vz_ref[g, pos[j]].astype(jnp.float32) for j in range(c)] for g in gidx]
-        l, acc, az = list(l), [list(a) for a in acc], [list(a) for a in az]
-        new_l, new_az, pv2, new_mx = [], [], [], []
+        new_l, new_az, pv2 = [], [], []
         for h in range(heads):
-            score = [functools.reduce(jnp.add, [s_ref[gk, h, pos[j]] for gk in range(key_groups)]) for j in range(c)]
-            if lane_max:  # a new running maximum of the lane scales its sums down
-                new_mx.append(functools.reduce(jnp.maximum, score, mx[0][h]))
-                down = jnp.exp2(mx[0][h] - new_mx[h])
-                l[h], acc[h], az[h] = l[h] * down, [a * down for a in acc[h]], [a * down for a in az[h]]
-            ref = new_mx[h] if lane_max else top[h]
-            p = [jnp.exp2(score[j] - ref) for j in range(c)]
+            p = [jnp.exp2(s_ref[h, pos[j]] - top[h]) for j in range(c)]
             new_l.append(l[h] + functools.reduce(jnp.add, p))
             pv2.append([[h2_pack(p[j] * vs[g][j], p[j + pairs] * vs[g][j + pairs], asm) for j in range(pairs)]
                         for g in range(n_groups)])
@@ -859,7 +839,7 @@ def _cw2_values_kernel(s_ref, *refs, bits: int, cols: int, rows: int,
                 new_az.append([az[h][g] + functools.reduce(jnp.add, [p[j] * (vz[g][j] + mid * vs[g][j]) for j in range(c)])
                                for g in range(n_groups)])
         zero2 = jnp.zeros((cols,), jnp.int32)
-        new_acc = acc
+        new_acc = [list(a) for a in acc]
         for r in range(channels):
             words = hinted_load(vw_ref.at[ch0 + r, pl.ds(blk * cols, cols)], evict)
             shifted = lax.shift_right_logical(words, jnp.int32(H2_SHIFT))
@@ -870,27 +850,18 @@ def _cw2_values_kernel(s_ref, *refs, bits: int, cols: int, rows: int,
                     a2 = h2_code_fma(shifted if sh else words, *consts[j], pv2[h][g][j], a2, asm)
                 lo_, hi_ = h2_unpack(a2, asm)
                 new_acc[h][r] = new_acc[h][r] + (lo_ + hi_)
-        return (new_l, new_acc, new_az) + ((new_mx,) if lane_max else ())
+        return new_l, new_acc, new_az
 
     lo, hi = _split_blocks(len_ref, block, blocks_per_split)
     zeros = jnp.zeros((cols,), jnp.float32)
     init = ([zeros] * heads, [[zeros] * channels for _ in range(heads)], [[zeros] * n_groups for _ in range(heads)])
-    l, acc, az, *mx = lax.fori_loop(lo, hi, body, init + (([jnp.full((cols,), NEG_INF, jnp.float32)] * heads,)
-                                                          if lane_max else ()))
+    l, acc, az = lax.fori_loop(lo, hi, body, init)
     for h in range(heads):
-        if lane_max:  # the lanes meet on the largest maximum
-            split_top = jnp.max(mx[0][h])
-            weight = jnp.exp2(mx[0][h] - split_top)
-            weigh = lambda x: x * weight  # noqa: E731
-            split_top = jnp.reshape(split_top, (1,))
-        else:
-            split_top, weigh = top[h], (lambda x: x)
-        zterm = [jnp.sum(weigh(a)) for a in az[h]]
+        zterm = [jnp.sum(a) for a in az[h]]
         for r in range(channels):  # one store a row: Triton stacks only pairs of scalars
-            o_ref[pl.ds(h, 1), pl.ds(r, 1)] = jnp.reshape(jnp.sum(weigh(acc[h][r])) + zterm[min(r // vwidth, n_groups - 1)],
-                                                          (1, 1))
-        l_ref[pl.ds(h, 1)] = jnp.reshape(jnp.sum(weigh(l[h])), (1,))
-        m_ref[pl.ds(h, 1)] = split_top / LOG2E  # back to natural-log units
+            o_ref[pl.ds(h, 1), pl.ds(r, 1)] = jnp.reshape(jnp.sum(acc[h][r]) + zterm[min(r // vwidth, n_groups - 1)], (1, 1))
+        l_ref[pl.ds(h, 1)] = jnp.reshape(jnp.sum(l[h]), (1,))
+        m_ref[pl.ds(h, 1)] = top[h] / LOG2E  # back to natural-log units
 
 
 VALUE_CHANNELS = 32    # channel rows a values-pass program sums (fp32 registers a lane and head;
@@ -923,10 +894,7 @@ class Cw2Config:
     arithmetic, in register slots refilled in turn. ncu on an H200 at batch 8: its warps stall mostly
     on those loads, and the grid, not the registers, limits its occupancy. None: 2 where it divides
     the pass's steps, else 1 (H200, KIVI-2 at 32k, kv_notes run 18: keys pass 163.3 against 167.6 us
-    at batch 8, 28.6 against 28.9 at batch 1; 4 steps, at 150 registers, lost: 188.2 and 38.1).
-    key_channel_groups: P keys-pass programs a head and split, each summing D / P of the channel
-    rows into its own partial scores (P times the programs, each 1/P of the sequential walk), which
-    the values pass adds; that pass then keeps a running maximum a lane instead of the split's. None: 1."""
+    at batch 8, 28.6 against 28.9 at batch 1; 4 steps, at 150 registers, lost: 188.2 and 38.1)."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
@@ -934,10 +902,9 @@ class Cw2Config:
     key_warps: int | None = None
     value_warps: int | None = None
     key_prefetch: int | None = None
-    key_channel_groups: int | None = None
 
     def __post_init__(self):
-        for name in ("value_channels", "columns", "key_warps", "value_warps", "key_channel_groups"):
+        for name in ("value_channels", "columns", "key_warps", "value_warps"):
             x = getattr(self, name)
             if x is not None and (x < 1 or x & (x - 1)):
                 raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
@@ -948,17 +915,12 @@ class Cw2Config:
 
 def key_prefetch_of(config: Cw2Config, head_dim: int) -> int:
     """The keys pass's steps of loads in flight: `config.key_prefetch`, or DEFAULT_KEY_PREFETCH where
-    it divides the pass's head_dim / key_channel_groups / KEY_ROWS_F16 steps, else 1."""
-    groups = config.key_channel_groups or 1
-    if head_dim % (groups * KEY_ROWS_F16):
-        raise ConfigError(f"Cw2Config.key_channel_groups={groups} must split head_dim {head_dim} into groups of "
-                          f"whole steps of {KEY_ROWS_F16} channel rows")
-    steps = head_dim // groups // KEY_ROWS_F16
+    it divides the pass's head_dim / KEY_ROWS_F16 steps, else 1."""
+    steps = head_dim // KEY_ROWS_F16
     prefetch = config.key_prefetch or (DEFAULT_KEY_PREFETCH if steps % DEFAULT_KEY_PREFETCH == 0 else 1)
     if steps % prefetch:
         raise ConfigError(f"Cw2Config.key_prefetch={prefetch} must divide the keys pass's "
-                          f"{steps} steps of {KEY_ROWS_F16} channel rows (head_dim {head_dim}, "
-                          f"{groups} channel group(s))")
+                          f"{steps} steps of {KEY_ROWS_F16} channel rows (head_dim {head_dim})")
     return prefetch
 
 
@@ -1006,7 +968,6 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     parts = d // channels
     n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
-    key_groups = config.key_channel_groups or 1
     prefetch = key_prefetch_of(config, d)
     # The zero-point term q . zero: summed by the keys pass on small grids, an XLA einsum on large
     # ones, where the keys pass reads the zero points more slowly than the einsum (`Cw2Config.keys_zero`).
@@ -1015,10 +976,10 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
-    kv_of = lambda hh: hh // (chunks * key_groups)  # noqa: E731  keys grid: K * chunks * key_groups
+    kv_of = lambda hh: hh // chunks  # noqa: E731  keys grid: K * chunks
     params = lambda warps: None if interpret else _compiler_params(warps or lane_warps, num_stages)  # noqa: E731
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
-                                            lambda i, hh, j: (i, kv_of(hh), hh // key_groups % chunks) + (0,) * len(tail))
+                                            lambda i, hh, j: (i, kv_of(hh), hh % chunks) + (0,) * len(tail))
     # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
     key_inputs = [q, bias[:, None, :], length1, kwords, k.scale, k.zero if zero_rows else cz]
     key_specs = [heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
@@ -1027,18 +988,15 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
                  _cw_meta_spec(k.zero, kv_of) if zero_rows else heads_spec(cz.shape[-1])]
     split_spec = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hh, j, 0))
     split_shape = lambda n: jax.ShapeDtypeStruct((b, n, n_splits, chunk), jnp.float32)  # noqa: E731
-    # scores [B, K * chunks, P, chunk, S]: one partial a channel group; one group also gives its maximum
-    score_spec = pl.BlockSpec((None, None, None, chunk, s), lambda i, hh, j: (i, hh // key_groups, hh % key_groups, 0, 0))
-    score_shape = jax.ShapeDtypeStruct((b, kv_heads * chunks, key_groups, chunk, s), jnp.float32)
-    scores, *top = pl.pallas_call(
+    scores, top = pl.pallas_call(
         functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
                           blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
                           zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret,
-                          prefetch=prefetch, groups=key_groups),
-        grid=(b, kv_heads * chunks * key_groups, n_splits),
+                          prefetch=prefetch),
+        grid=(b, kv_heads * chunks, n_splits),
         in_specs=key_specs,
-        out_specs=[score_spec] + ([split_spec] if key_groups == 1 else []),
-        out_shape=[score_shape] + ([split_shape(kv_heads * chunks)] if key_groups == 1 else []),
+        out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
         compiler_params=params(config.key_warps),
         interpret=interpret,
         name=f"kv_decode_k{k.bits}_scores",
@@ -1047,9 +1005,9 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     # values grid: (K * chunks) * parts, part = hh % parts
     hc_of = lambda hh: hh // parts  # noqa: E731
     value_kv_of = lambda hh: hh // (parts * chunks)  # noqa: E731
-    inputs = [scores, *top, length1, vwords, v.scale]
-    specs = [pl.BlockSpec((None, None, key_groups, chunk, s), lambda i, hh, j: (i, hc_of(hh), 0, 0, 0)),
-             *[pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hc_of(hh), j, 0))] * len(top),
+    inputs = [scores, top, length1, vwords, v.scale]
+    specs = [pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hc_of(hh), 0, 0)),
+             pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hc_of(hh), j, 0)),
              pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(vwords, value_kv_of),
              _cw_meta_spec(v.scale, value_kv_of)]
     if v.zero is not None:
@@ -1060,7 +1018,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     o, l, m = pl.pallas_call(
         functools.partial(_cw2_values_kernel, bits=v.bits, cols=kcols, rows=v.rows, vwidth=vwidth,
                           channels=channels, parts=parts, blocks_per_split=key_blocks, heads=chunk,
-                          evict=eviction, asm=not interpret, key_groups=key_groups),
+                          evict=eviction, asm=not interpret),
         grid=(b, kv_heads * chunks * parts, n_splits),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, None, chunk, channels), lambda i, hh, j: (i, hc_of(hh), j, 0, hh % parts)),

@@ -105,8 +105,7 @@ def decode_ir(args):
     value_rows = getattr(args, "value_channels", SMALL_GRID_VALUE_CHANNELS)  # batch 1's default (a small grid)
     cw2 = Cw2Config(value_channels=value_rows, keys_zero=KEYS_ZERO[getattr(args, "keys_zero", "auto")],
                     columns=getattr(args, "cw2_columns", 128), key_warps=getattr(args, "cw2_warps", None),
-                    value_warps=getattr(args, "cw2_warps", None), key_prefetch=getattr(args, "key_prefetch", None),
-                    key_channel_groups=getattr(args, "key_channel_groups", None))
+                    value_warps=getattr(args, "cw2_warps", None), key_prefetch=getattr(args, "key_prefetch", None))
     kernels = triton_ir(lambda q, k, v, m: quantized_decode_partials(q, k, v, m, 32768, scale=0.1, num_warps=args.warps,
                                                                      path=args.path, num_stages=args.stages,
                                                                      eviction=getattr(args, "eviction", "evict_first"),
@@ -119,8 +118,7 @@ def decode_ir(args):
     for i, (ttir, warps, stages) in enumerate(kernels):
         if body == "cw2" and i == 0:  # keys: a loop trip is `prefetch` steps of KEY_ROWS_F16 channel rows of one word column a thread
             prefetch = key_prefetch_of(cw2, 128)
-            out.append((ttir, warps, stages, desc + f" (keys pass, {prefetch} steps a trip, "
-                        f"{cw2.key_channel_groups or 1} channel group(s))", prefetch * KEY_ROWS_F16 * c,
+            out.append((ttir, warps, stages, desc + f" (keys pass, {prefetch} steps a trip)", prefetch * KEY_ROWS_F16 * c,
                         "a key element"))
         elif body == "cw2":  # values: a block, value_rows channel rows of one word column a thread
             out.append((ttir, warps, stages, desc + f" (values pass, {value_rows} rows)", value_rows * c,
@@ -164,8 +162,6 @@ def main(argv=None):
     p.add_argument("--cw2-warps", type=int, default=None, help="decode, cw2: warps a program of both passes (default columns / 32)")
     p.add_argument("--key-prefetch", type=int, default=None,
                    help="decode, cw2: steps of loads the keys pass keeps in flight (default: the kernel's)")
-    p.add_argument("--key-channel-groups", type=int, default=None,
-                   help="decode, cw2: keys-pass programs a head, each summing 1/N of its channel rows (default: the kernel's)")
     p.add_argument("--layout", default="channel_words", choices=("channel_words", "token_rows"),
                    help="decode: the KIVI store layout (channel_words: the cw body; token_rows: mma)")
     p.add_argument("--triton-python", default=sys.executable,

@@ -142,8 +142,6 @@ def test_kernel_variants_parse_the_cw2_option():
     assert bench_kv.parse_variants("4:2:0:auto:col256+kw4+vw8")["w4-s2-xauto-col256+kw4+vw8"]["cw2"] == \
         Cw2Config(columns=256, key_warps=4, value_warps=8)
     assert bench_kv.parse_variants("4:2:0:auto:kp2")["w4-s2-xauto-kp2"]["cw2"] == Cw2Config(key_prefetch=2)
-    assert bench_kv.parse_variants("4:2:0:auto:kg2+kp1")["w4-s2-xauto-kg2+kp1"]["cw2"] == \
-        Cw2Config(key_channel_groups=2, key_prefetch=1)
     with pytest.raises(SystemExit, match="cw2 option 'zz2'"):
         bench_kv.parse_variants("4:2:0:auto:zz2")
 

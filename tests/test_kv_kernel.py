@@ -333,46 +333,6 @@ def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
 
 
 
-def test_cw2_key_channel_groups_split_the_keys_pass_over_programs():
-    """`Cw2Config.key_channel_groups`: P keys-pass programs each sum D / P channel rows into their
-    own partial scores; the values pass adds them and keeps a running maximum a lane. Each
-    partial is the same f16x2 chains of 8 rows; only the fp32 order of the sums and the reference
-    point of p = 2**(score - max) move (the fp16 rounding of p * scale with them), so 2 and 4
-    groups agree with 1 to an fp16 rounding (2**-11) of the largest output, and with the float
-    reference to the f16x2 bound: with the keys pass's zero-point term (the default on this small
-    grid) and with XLA's einsum, two splits and a random mask. A split into parts of less than 8
-    rows, or a prefetch that does not divide a group's steps, is a clear error."""
-    run, ref, _ = _cw2_case()
-    top = float(jnp.abs(ref).max())
-    for keys_zero in (None, False):
-        one = np.asarray(run(da.Cw2Config(keys_zero=keys_zero)))
-        for groups in (2, 4):
-            split = np.asarray(run(da.Cw2Config(keys_zero=keys_zero, key_channel_groups=groups)))
-            np.testing.assert_allclose(split, one, rtol=0, atol=2.0 ** -11 * top)
-            np.testing.assert_allclose(split, np.asarray(ref), rtol=0, atol=CW_TOLERANCE["cw2"](CW_CASES[0][0]) * top)
-    # GQA (G = 4: two programs of 2 query heads a kv head) and a split of two blocks (a lane's
-    # maximum grows between blocks, so its sums are scaled down)
-    for case, columns, splits in ((CW_CASES[1], 128, None), (CW_CASES[0], 32, 1)):
-        bits, d, g, s, length, kg, vg, zero, _ = case
-        rng = np.random.default_rng(7)
-        k = _store(rng, B, s, bits, 32, kg, 1, zero=zero, d=d, channel_words=True)
-        v = _store(rng, B, s, bits, 32, 1, vg, zero=zero, d=d, channel_words=True)
-        q = jnp.asarray(3 * rng.normal(size=(B, K, g, d)).astype(np.float32))
-        mask = jnp.asarray(rng.random((B, s)) < 0.8)
-        out = {groups: np.asarray(da.combine([da.quantized_decode_partials(
-            q, k, v, mask, jnp.int32(length), scale=d ** -0.5, num_splits=splits, interpret=True, path="cw2",
-            cw2=da.Cw2Config(columns=columns, key_channel_groups=groups))])) for groups in (1, 2)}
-        want = np.asarray(da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)]))
-        np.testing.assert_allclose(out[2], out[1], rtol=0, atol=2.0 ** -11 * np.abs(want).max())
-        np.testing.assert_allclose(out[2], want, rtol=0, atol=CW_TOLERANCE["cw2"](bits) * np.abs(want).max())
-    with pytest.raises(Exception, match="key_channel_groups=3 must be a power of two"):
-        da.Cw2Config(key_channel_groups=3)
-    with pytest.raises(Exception, match="key_channel_groups=32 must split head_dim 128"):
-        run(da.Cw2Config(key_channel_groups=32))
-    with pytest.raises(Exception, match="key_prefetch=4 must divide the keys pass's 2 steps"):
-        run(da.Cw2Config(key_channel_groups=8, key_prefetch=4))
-
-
 def test_cw2_key_prefetch_keeps_the_arithmetic():
     """`Cw2Config.key_prefetch`: the keys pass keeps 1, 2 (the default where it divides its steps)
     or 4 steps of loads in flight (register slots refilled in turn), the same arithmetic: bit for
