@@ -16,7 +16,7 @@
 #   3. passkey + needle at 8k on SmolLM2-135M (5 depths x 2 trials each; KV_LONGCTX_S, default 80 s):
 #      KV_LONGCTX_RECIPES, default none,kivi_k4v4,kivi_k2v2,kvquant_2bit
 #   4. end-to-end decode tokens/s, random:llama2-7b: 32k first (bf16, KV2, W4 + KV2; cap 170 s),
-#      then 8k, 16k (KV_E2E_8K16K_S, default 200 s)
+#      then 8k, 16k (KV_E2E_8K16K_S, default 280 s: 230 s cut W4 + KV2 at 16k in run 19)
 #   5. (only when KV_STEPS names "profile") kernel times of one decode step at 8k, KV2 and bf16
 #      (scripts/profile_decode.py; KV_PROFILE_S, default 150 s)
 set -u
@@ -101,7 +101,7 @@ PY
 #    the old 85 / 100 s caps cut them after the bf16 rows)
 step e2e_32k 170 8 python -u scripts/bench_kv.py --no-attention --e2e --e2e-contexts 32768 --e2e-steps 16 \
     --codecs kivi_k2v2 --out "$A/e2e_32k"
-step e2e_8k16k ${KV_E2E_8K16K_S:-200} 8 python -u scripts/bench_kv.py --no-attention --e2e --e2e-contexts 8192,16384 --e2e-steps 16 \
+step e2e_8k16k ${KV_E2E_8K16K_S:-280} 8 python -u scripts/bench_kv.py --no-attention --e2e --e2e-contexts 8192,16384 --e2e-steps 16 \
     --codecs kivi_k2v2 --out "$A/e2e_8k16k"
 
 step profile ${KV_PROFILE_S:-150} 8 python -u scripts/profile_decode.py --recipes kivi_k2v2, --context 8192 --steps 4 \
