@@ -439,9 +439,3 @@ def test_kivi_flushes_all_layers_under_one_conditional():
         return str(jaxpr).count(" cond[")
 
     assert (conds(per_step), conds(per_layer)) == (1, cfg.num_layers)
-    # flush_branchless: no conditional at all, the next group quantized every step past the
-    # quantized length; the same logits bit for bit (the attended slots hold the same codes)
-    branchless = dataclasses.replace(per_step, flush_branchless=True)
-    assert conds(branchless) == 0
-    np.testing.assert_array_equal(_decode_logits(model, cfg, branchless, tokens, 30),
-                                  _decode_logits(model, cfg, per_step, tokens, 30))

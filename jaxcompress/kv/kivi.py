@@ -54,7 +54,6 @@ class KIVICodec(PackedCodec):
     layout: str = "auto"  # the stores' layout: auto | channel_words | token_rows (see store_layout)
     columns: int = WORD_COLUMNS  # channel_words: word columns of a decode-kernel tile (a tuning knob)
     flush_per_step: bool = True  # decode: one conditional flushes all layers (see `prepare`)
-    flush_branchless: bool = False  # decode: no conditional; the next group is quantized every step (`prepare`)
 
     def __post_init__(self):
         check_bits(self.key_bits, "key_bits")
@@ -191,15 +190,9 @@ class KIVICodec(PackedCodec):
         if new_tokens != 1 or not self.flush_per_step or not all(self._flushes(l) for l in layers):
             return layers
         n_old = self.flushed(index)
-        if self.flush_branchless:
-            # Every step quantizes the ring's group n_old.. into slots [n_old, n_old + G), past the
-            # quantized length until the step it is due, when its tokens are all in the ring and
-            # the write is the flush itself: more work a step, but no conditional (no host round trip).
-            stores = tuple(self._flush_ring(l, n_old) for l in layers)
-        else:
-            stores = jax.lax.cond(self._flush_due(index),
-                                  lambda: tuple(self._flush_ring(l, n_old) for l in layers),
-                                  lambda: tuple((l["k"], l["v"]) for l in layers))
+        stores = jax.lax.cond(self._flush_due(index),
+                              lambda: tuple(self._flush_ring(l, n_old) for l in layers),
+                              lambda: tuple((l["k"], l["v"]) for l in layers))
         return tuple({**l, "k": k, "v": v, FLUSHED: jnp.zeros((), jnp.bool_)} for l, (k, v) in zip(layers, stores))
 
     def _flush_due(self, index):

@@ -14,7 +14,6 @@
       layout: auto          # kivi: auto | channel_words | token_rows (the stores' layout, i.e. the decode kernel)
       columns: 32           # kivi, channel_words: word columns of a decode-kernel tile
       flush_per_step: true  # kivi: one conditional a decode step flushes every layer (false: one a layer)
-      flush_branchless: false  # kivi, with flush_per_step: no conditional; the next group is quantized every step
       calibration:          # kvquant, int/tensor: activations the codec is fitted on
         source: wikitext2
         num_samples: 16
@@ -43,7 +42,7 @@ from jaxcompress.models.cache import IdentityCodec
 
 METHODS = {
     "kivi": {"key_bits": 2, "value_bits": 2, "group_size": 32, "residual": 128, "sink": 0, "attention": "auto",
-             "layout": "auto", "columns": 32, "flush_per_step": True, "flush_branchless": False},
+             "layout": "auto", "columns": 32, "flush_per_step": True},
     "kvquant": {"key_bits": 3, "value_bits": 3, "outlier_fraction": 0.01, "sink": 1, "attention": "auto"},
     "int": {"key_bits": 8, "value_bits": 8, "symmetric": False, "granularity": "head", "attention": "auto"},
     "none": {"attention": "auto"},  # the bf16 cache; attention: auto (Pallas decode kernel on GPU) | reference
