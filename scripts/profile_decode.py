@@ -15,7 +15,7 @@ jitted loop, at Llama-2-7B head shapes (--model names a preset then). XLA's comm
 for the profile, since the trace does not see the kernels inside them; so the total is a little
 above the wall time `bench_kv.py --e2e` measures. The profiled loop donates its cache as
 `bench_kv.py --e2e` does: the profiled run continues from the cache the warm-up run left. (Until
-session 23 it reused one cache, so XLA copied it once a run: the `MemcpyD2D` rows of older tables.)
+kv_notes run 19 it reused one cache, so XLA copied it once a run: the `MemcpyD2D` rows of older tables.)
 """
 
 from __future__ import annotations
@@ -84,14 +84,14 @@ def main(argv=None):
         else:
             _, step_fn = e2e_setup(args.model, recipe or None, args.batch, args.steps)
             run, run_args = step_fn(args.context, donate=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # "kivi_k2v2@kv_cache.x=y+fused" -> a plain file name
         if args.hlo:  # before the profile consumes the donated cache
-            with gzip.open(os.path.join(args.out, f"hlo_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.txt.gz"), "wt") as f:
+            with gzip.open(os.path.join(args.out, f"hlo_{stem}.txt.gz"), "wt") as f:
                 f.write(run.lower(*run_args).compile().as_text())
         rows = device_op_times(run, *run_args, carried=not args.attention)
         meta = {"model": args.model, "recipe": name, "attention_only": args.attention, "context": args.context, "batch": args.batch,
                 "steps": args.steps, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT", "")}
-        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)  # "kivi_k2v2@kv_cache.x=y+fused" -> a plain file name
         write_json(os.path.join(args.out, f"profile_{stem}.json"), {**meta, "ops": rows})
         table = summarize(rows, args.steps, args.top)
         write_text(os.path.join(args.out, f"profile_{stem}.md"),

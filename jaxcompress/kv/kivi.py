@@ -126,7 +126,7 @@ class KIVICodec(PackedCodec):
         self.check_head_dim(head_dim)
         g, rows, layout = self.group_size, self.rows, self.store_layout
         cw = layout == CHANNEL_WORDS
-        tile = PASS_COLUMNS * codes_per_word(max(self.key_bits, self.value_bits)) if cw else None
+        tile = PASS_COLUMNS * codes_per_word(self.key_bits) if cw else None  # cw: keys and values share a width
         cap = capacity_for(max_len, (self.key_bits, self.value_bits), rows, multiple_of=g, pass_tile=tile)
 
         def meta(rows_, cols_):  # token_rows [.., Ts, Cs]; channel_words [.., Cs, Ts]

@@ -337,7 +337,7 @@ def capacity_for(max_len: int, bits: tuple[int, ...], rows: int, multiple_of: in
     pass_tile (slots a decode pass reads a step, a power of 2): round up to whole such tiles, or
     the largest power-of-2 fraction of one, that adds at most an eighth of max_len. The passes
     read the widest tile that divides the capacity; a capacity of odd blocks (32768 + 24 slots
-    is 65 of 512) would cut them to one warp a program, at twice the time (session 23)."""
+    is 65 of 512) would cut them to one warp a program, at twice the time (kv_notes run 19)."""
     block = math.lcm(multiple_of, *(pack_block(b, rows) for b in bits))
     tile = math.lcm(block, pass_tile or block)
     while tile > block and -(-max_len // tile) * tile - max_len > max_len // 8:
