@@ -5,9 +5,12 @@
 
 For each recipe ('' = the bf16 model and cache) it builds the decode loop `bench_kv.py --e2e`
 times (jaxcompress.kv.bench.e2e_setup), runs it once to compile, once under `jax.profiler`,
-and sums the device time of each kernel. Writes `<out>/profile_<recipe>.json` (every op) and
-`.md` (the top ops per decode step), and with --hlo the optimized HLO (gzip), to map XLA's
-fusion names back to the model's operations.
+and sums the device time of each kernel. It also reads the run as a timeline: the time no
+kernel covers (the device waiting on the host) and which kernels those gaps came before, which
+is where a step whose wall time exceeds its kernels' sum loses it. Writes
+`<out>/profile_<recipe>.json` (every op, the timeline) and `.md` (the top ops and gaps per decode
+step), and with --hlo the optimized HLO (gzip), to map XLA's fusion names back to the model's
+operations.
 
 With --attention it profiles one layer's decode attention instead (the variants `bench_kv.py`
 times: the codec's path and, for packed codecs, the kernel alone), `--steps` calls in one
@@ -71,7 +74,7 @@ def main(argv=None):
 
     import jax
 
-    from jaxcompress.bench.profile import device_op_times, summarize
+    from jaxcompress.bench.profile import idle_gaps, op_table, profile_run, summarize, summarize_idle
     from jaxcompress.io.atomic import write_json, write_text
     from jaxcompress.kv.bench import e2e_setup
 
@@ -88,12 +91,13 @@ def main(argv=None):
         if args.hlo:  # before the profile consumes the donated cache
             with gzip.open(os.path.join(args.out, f"hlo_{stem}.txt.gz"), "wt") as f:
                 f.write(run.lower(*run_args).compile().as_text())
-        rows = device_op_times(run, *run_args, carried=not args.attention)
+        events = profile_run(run, *run_args, carried=not args.attention)
+        rows, timeline = op_table(events), idle_gaps(events)
         meta = {"model": args.model, "recipe": name, "attention_only": args.attention, "context": args.context, "batch": args.batch,
                 "steps": args.steps, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT", "")}
-        write_json(os.path.join(args.out, f"profile_{stem}.json"), {**meta, "ops": rows})
-        table = summarize(rows, args.steps, args.top)
+        write_json(os.path.join(args.out, f"profile_{stem}.json"), {**meta, "ops": rows, "timeline": timeline})
+        table = summarize(rows, args.steps, args.top) + "\n\n" + summarize_idle(timeline, args.steps)
         write_text(os.path.join(args.out, f"profile_{stem}.md"),
                           f"# Decode step profile: {name}\n\n{json.dumps(meta)}\n\n{table}\n")
         print(f"== {name} ({time.time() - t0:.0f} s)\n{table}\n", flush=True)
