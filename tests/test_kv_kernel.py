@@ -332,7 +332,6 @@ def test_cw2_keys_zero_sums_the_zero_term_in_the_keys_pass():
                                   np.asarray(run(da.Cw2Config(keys_zero=False), ks)))
 
 
-
 def test_cw2_key_prefetch_keeps_the_arithmetic():
     """`Cw2Config.key_prefetch`: the keys pass keeps 1, 2 (the default where it divides its steps)
     or 4 steps of loads in flight (register slots refilled in turn), the same arithmetic: bit for
