@@ -384,6 +384,7 @@ def compute_warpgroups(cfg: W4Config) -> int:
 # plus PROGRAM_US to fill and drain its pipeline; XLA writes and reads split-K partial sums at
 # about SUM_BYTES_PER_US. The cost of a grid is then its waves of programs plus those sums.
 STEP_US = (0.34, 0.00406)
+BALANCED_TILE_ROWS = 16  # balanced batch tiles are multiples of this (the measured 176 is)
 PROGRAM_US = 1.5
 SUM_BYTES_PER_US = 3.0e6
 
@@ -398,14 +399,25 @@ def gemm_cost_us(k: int, n: int, m: int, tile_m: int, splits: int, sms: int = 13
     return -(-programs // sms) * (k // 128 // splits * step + PROGRAM_US) + sums
 
 
-def gemm_config(w: W4Weight, m: int, sms: int = 132) -> W4Config:
+def balanced_tiles(rows: int) -> list[int]:
+    """Batch tiles that cover `rows` (past 256) in 2 or more nearly equal tiles, other than 128 and
+    256 rows: for each tile count, the fewest multiples of BALANCED_TILE_ROWS that cover rows in that
+    many (512 rows: 176, 112, 96, 80)."""
+    if rows <= 256:
+        return []
+    counts = range(-(-rows // 256), rows // 64 + 1)
+    tiles = {-(-rows // count // BALANCED_TILE_ROWS) * BALANCED_TILE_ROWS for count in counts}
+    return sorted(t for t in tiles if 64 < t < 256 and t != 128)
+
+
+def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W4Config:
     """Past DECODE_MAX_M rows (prefill), where the tensor cores, not the weight's bytes, set the time:
     a memory warpgroup streams 128-column steps into two compute warpgroups of 64 weight rows each,
     which scale the bf16 codes (one accumulator) and multiply a tile of the batch. The batch tile
     (the whole batch, or 128 or 256 rows) and the split count are those `gemm_cost_us` ranks fastest:
     more rows a tile convert each weight fewer times, while too few programs leave SMs idle and
-    every split adds XLA's sum of fp32 partials. (Tiles of 256 weight rows, `rows_per_wg=128`,
-    ran no faster a row than 128 in run 17.)"""
+    every split adds XLA's sum of fp32 partials. balanced: also rank `balanced_tiles` (at one split).
+    (Tiles of 256 weight rows, `rows_per_wg=128`, ran no faster a row than 128 in run 17.)"""
     k, n = w.k_stored, w.shape[1]
     rows8 = padded_batch(m)
     tiles = sorted({min(rows8, 256)} | {t for t in (128, 256) if t < rows8})
@@ -413,6 +425,12 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132) -> W4Config:
     configs = [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=s, stages=4, scale_on_acc=False,
                                    warp_specialized=True, tile_m=t), w, m)
                for t in tiles for s in split_counts(k, w.block_k or 128)]
+    # Balanced tiles (one split only: the only kind measured) even out the waves where 128 and 256
+    # rows do not (kernel_notes run 20: 4096 x 11008 at 512 rows, 3 tiles of 176 rows 74.4 us
+    # against 82.8 with 128-row tiles).
+    configs += [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=1, stages=4, scale_on_acc=False,
+                                    warp_specialized=True, tile_m=t), w, m)
+                for t in (balanced_tiles(rows8) if balanced else [])]
     # at least 2 stages, so that loads overlap the arithmetic (a 256-row batch tile with split sums
     # has room for 2 beside its staging tile of 128 batch columns, `store_columns`)
     ranked = [(gemm_cost_us(k, n, m, c.tile_m, c.splits, sms, tile_n), c.splits, c.tile_m, c)

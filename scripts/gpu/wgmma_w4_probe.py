@@ -108,17 +108,17 @@ def parse_configs(text: str) -> list[tuple]:
 
 
 def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
-    """A parsed config, with "default[+ovl|fold|xla|cluster|gemm]" made concrete for this point: the
+    """A parsed config, with "default[+ovl|fold|xla|cluster|gemm[+nobal]]" made concrete for this point: the
     weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
     the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`; gemm:
-    `gemm_config` at any batch)."""
+    `gemm_config` at any batch; nobal: without its balanced batch tiles)."""
     if cand[0] != "default":
         return cand
     flags = cand[1]
     block_k, stored_k = wm.stored_layout(k, n)
     shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=128,
                         shape=(k, n), block_k=block_k, stored_k=stored_k if stored_k != k else 0)
-    cfg = wm.gemm_config(shell, m) if "gemm" in flags else wm.default_config(shell, m)
+    cfg = wm.gemm_config(shell, m, balanced="nobal" not in flags) if "gemm" in flags else wm.default_config(shell, m)
     if "ovl" in flags:
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
     if "fold" in flags:

@@ -4,7 +4,7 @@
 
 Fresh random QArrays (symmetric and asymmetric with the zero points in the kernel, groups of 32 to
 256 and per channel), repacked in both column orders, blocked and not, at batches 1 to 128 that do
-and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`); every
+and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`, balanced ones too); every
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
 cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
@@ -96,6 +96,11 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     # a 256-row batch tile's split sums staged in two halves of 128 columns (`store_columns`)
     (Variant(4, 128), 4096, 4096, (256, 300), dict(block_k=256),
      [wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="xla")]),
+    # balanced batch tiles (`balanced_tiles`), not multiples of 64: 3 tiles of 176 rows (500 leaves a
+    # part tile), 4 of 96 (the default at 384 rows)
+    (Variant(4, 128, "asym"), 4096, 4096, (384, 500), dict(block_k=256),
+     [None, wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=176),
+      wm.W4Config(128, 128, 1, 4, scale_on_acc=False, warp_specialized=True, tile_m=96)]),
 ]
 
 
