@@ -414,7 +414,8 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W
     """Past DECODE_MAX_M rows (prefill), where the tensor cores, not the weight's bytes, set the time:
     a memory warpgroup streams 128-column steps into two compute warpgroups of 64 weight rows each,
     which scale the bf16 codes (one accumulator) and multiply a tile of the batch. The batch tile
-    (the whole batch, or 128 or 256 rows) and the split count are those `gemm_cost_us` ranks fastest:
+    (the whole batch, 128 or 256 rows, or a balanced tile) and the split count are those
+    `gemm_cost_us` ranks fastest:
     more rows a tile convert each weight fewer times, while too few programs leave SMs idle and
     every split adds XLA's sum of fp32 partials. balanced: also rank `balanced_tiles` (at one split).
     (Tiles of 256 weight rows, `rows_per_wg=128`, ran no faster a row than 128 in run 17.)"""
@@ -426,8 +427,8 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W
                                    warp_specialized=True, tile_m=t), w, m)
                for t in tiles for s in split_counts(k, w.block_k or 128)]
     # Balanced tiles (one split only: the only kind measured) even out the waves where 128 and 256
-    # rows do not (kernel_notes run 20: 4096 x 11008 at 512 rows, 3 tiles of 176 rows 74.4 us
-    # against 82.8 with 128-row tiles).
+    # rows do not: faster on all 10 points measured at 300-2048 rows (kernel_notes run 20, e.g.
+    # 4096 x 4096 at 640 rows 33.9 against 47.7 us).
     configs += [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=1, stages=4, scale_on_acc=False,
                                     warp_specialized=True, tile_m=t), w, m)
                 for t in (balanced_tiles(rows8) if balanced else [])]
