@@ -14,9 +14,12 @@ operations.
 
 With --attention it profiles one layer's decode attention instead (the variants `bench_kv.py`
 times: the codec's path and, for packed codecs, the kernel alone), `--steps` calls in one
-jitted loop, at Llama-2-7B head shapes (--model names a preset then). XLA's command buffers (CUDA graphs) are turned off
-for the profile, since the trace does not see the kernels inside them; so the total is a little
-above the wall time `bench_kv.py --e2e` measures. The profiled loop donates its cache as
+jitted loop, at Llama-2-7B head shapes (--model names a preset then). XLA's command buffers (CUDA
+graphs) are turned off for the profile by default, so the total is a little above the wall time
+`bench_kv.py --e2e` measures. --command-buffers keeps them, and has XLA run them as graphs under the
+profiler too (`--xla_enable_command_buffers_during_profiling`; XLA otherwise runs their kernels one
+by one while profiling): the kernels appear the same, but the host's time between graphs shows up
+much inflated (kv_notes run 20). The profiled loop donates its cache as
 `bench_kv.py --e2e` does: the profiled run continues from the cache the warm-up run left. (Until
 kv_notes run 19 it reused one cache, so XLA copied it once a run: the `MemcpyD2D` rows of older tables.)
 """
@@ -65,12 +68,14 @@ def main(argv=None):
     p.add_argument("--attention", action="store_true", help="profile one layer's decode attention")
     p.add_argument("--hlo", action="store_true", help="also write the optimized HLO of each run")
     p.add_argument("--command-buffers", action="store_true",
-                   help="keep XLA's CUDA command buffers (graphs): faster, but the trace then misses the "
-                        "kernels inside them; by default they are turned off for the profile")
+                   help="keep XLA's CUDA command buffers (graphs), run as graphs under the profiler too "
+                        "(the idle gaps between them come out inflated); by default they are turned off")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    if not args.command_buffers:  # before jax starts its backend
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+    # before jax starts its backend
+    flag = ("--xla_enable_command_buffers_during_profiling=true" if args.command_buffers
+            else "--xla_gpu_enable_command_buffer=")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
     import jax
 
