@@ -384,7 +384,6 @@ def compute_warpgroups(cfg: W4Config) -> int:
 # plus PROGRAM_US to fill and drain its pipeline; XLA writes and reads split-K partial sums at
 # about SUM_BYTES_PER_US. The cost of a grid is then its waves of programs plus those sums.
 STEP_US = (0.34, 0.00406)
-BALANCED_TILE_ROWS = 16  # balanced batch tiles are multiples of this (the measured 176 is)
 PROGRAM_US = 1.5
 SUM_BYTES_PER_US = 3.0e6
 
@@ -399,10 +398,13 @@ def gemm_cost_us(k: int, n: int, m: int, tile_m: int, splits: int, sms: int = 13
     return -(-programs // sms) * (k // 128 // splits * step + PROGRAM_US) + sums
 
 
+BALANCED_TILE_ROWS = 16  # balanced batch tiles are multiples of this many rows
+
+
 def balanced_tiles(rows: int) -> list[int]:
     """Batch tiles that cover `rows` (past 256) in 2 or more nearly equal tiles, other than 128 and
     256 rows: for each tile count, the fewest multiples of BALANCED_TILE_ROWS that cover rows in that
-    many (512 rows: 176, 112, 96, 80)."""
+    many (512 rows: 80, 96, 112 and 176)."""
     if rows <= 256:
         return []
     counts = range(-(-rows // 256), rows // 64 + 1)

@@ -97,7 +97,7 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128), 4096, 4096, (256, 300), dict(block_k=256),
      [wm.W4Config(128, 128, 2, 2, scale_on_acc=False, warp_specialized=True, tile_m=256, split_sum="xla")]),
     # balanced batch tiles (`balanced_tiles`), not multiples of 64: 3 tiles of 176 rows (500 leaves a
-    # part tile), 4 of 96 (the default at 384 rows)
+    # part tile), 4 of 96 (the default at 384 rows; at 500 it is 128)
     (Variant(4, 128, "asym"), 4096, 4096, (384, 500), dict(block_k=256),
      [None, wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=176),
       wm.W4Config(128, 128, 1, 4, scale_on_acc=False, warp_specialized=True, tile_m=96)]),
