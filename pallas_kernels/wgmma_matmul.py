@@ -425,15 +425,13 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W
     rows8 = padded_batch(m)
     tiles = sorted({min(rows8, 256)} | {t for t in (128, 256) if t < rows8})
     tile_n = 128 if n % 128 == 0 else 64
-    configs = [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=s, stages=4, scale_on_acc=False,
-                                   warp_specialized=True, tile_m=t), w, m)
-               for t in tiles for s in split_counts(k, w.block_k or 128)]
+    shapes = [(t, s) for t in tiles for s in split_counts(k, w.block_k or 128)]
     # Balanced tiles (one split only: the only kind measured) even out the waves where 128 and 256
     # rows do not: faster on all 10 points measured at 300-2048 rows (kernel_notes run 20, e.g.
     # 4096 x 4096 at 640 rows 33.9 against 47.7 us).
-    configs += [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=1, stages=4, scale_on_acc=False,
-                                    warp_specialized=True, tile_m=t), w, m)
-                for t in (balanced_tiles(rows8) if balanced else [])]
+    shapes += [(t, 1) for t in (balanced_tiles(rows8) if balanced else [])]
+    configs = [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=s, stages=4, scale_on_acc=False,
+                                   warp_specialized=True, tile_m=t), w, m) for t, s in shapes]
     # at least 2 stages, so that loads overlap the arithmetic (a 256-row batch tile with split sums
     # has room for 2 beside its staging tile of 128 batch columns, `store_columns`)
     ranked = [(gemm_cost_us(k, n, m, c.tile_m, c.splits, sms, tile_n), c.splits, c.tile_m, c)

@@ -104,7 +104,7 @@ def main(argv=None):
         write_json(os.path.join(args.out, f"profile_{stem}.json"), {**meta, "ops": rows, "timeline": timeline})
         table = summarize(rows, args.steps, args.top) + "\n\n" + summarize_idle(timeline, args.steps)
         write_text(os.path.join(args.out, f"profile_{stem}.md"),
-                          f"# Decode step profile: {name}\n\n{json.dumps(meta)}\n\n{table}\n")
+                   f"# Decode step profile: {name}\n\n{json.dumps(meta)}\n\n{table}\n")
         print(f"== {name} ({time.time() - t0:.0f} s)\n{table}\n", flush=True)
         del run, run_args
 
