@@ -67,7 +67,8 @@ from jaxcompress.quant.qarray import QArray, unpack_codes
 CHUNK = 32  # columns of one UPCAST_4X word row: the unit of the repack's permutation
 
 
-ORDERS = ("lop3", "prmt")
+ORDERS = ("lop3", "prmt")  # 4-bit column orders; 8-bit codes keep the natural order ("natural")
+BITS = (4, 8)
 
 
 def chunk_permutation(order: str = "lop3") -> np.ndarray:
@@ -92,14 +93,16 @@ def chunk_permutation(order: str = "lop3") -> np.ndarray:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class W4Weight:
-    """A 4-bit `[K, N]` weight laid out for `w4_matmul` (see the module docstring).
+    """A 4-bit (or 8-bit, `bits=8`) `[K, N]` weight laid out for `w4_matmul` (see the module docstring).
 
     codes: int4 `[N, K]`, columns permuted within each 32-column chunk (`chunk_permutation`);
     "prmt" order stores code - 8, "lop3" order the code's own bits (0..15 read as int4).
+    8-bit: int8 `[N, K]` holding code - 128 in the natural column order ("natural"): Mosaic GPU's
+    own relayout and int8 -> bf16 conversion put them in the wgmma fragment.
     With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k]`, so that each
     64 x block_k tile a pipeline step reads is one contiguous run of memory.
     scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). zero: the QArray's
-    integer-valued `[G, N]` zero points (asymmetric grids), or None (symmetric: 8 implied).
+    integer-valued `[G, N]` zero points (asymmetric grids), or None (symmetric: 2**(bits-1) implied).
     stored_k: 0, or a K past the logical one up to which codes, scales and zero points are stored
     as zeros (`padded_k`), so that the kernel's steps split K evenly; the kernel reads x's
     columns past K as zeros (TMA fills out-of-bounds reads with zeros).
@@ -114,6 +117,12 @@ class W4Weight:
     block_k: int = dataclasses.field(default=0, metadata=dict(static=True))
     dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
     stored_k: int = dataclasses.field(default=0, metadata=dict(static=True))
+    bits: int = dataclasses.field(default=4, metadata=dict(static=True))
+
+    @property
+    def mid(self) -> int:
+        """The symmetric grid's implied zero point, 2**(bits-1): what the stored codes are offset by."""
+        return 1 << (self.bits - 1)
 
     @property
     def k_stored(self) -> int:
@@ -121,9 +130,9 @@ class W4Weight:
         return self.stored_k or self.shape[0]
 
     def nbytes(self) -> int:
-        """Exact storage bytes: half a byte a code (int4 packs two a byte on the GPU), the rest."""
+        """Exact storage bytes: bits / 8 a code (int4 packs two a byte on the GPU), the rest."""
         parts = [self.scale] + ([self.zero] if self.zero is not None else [])
-        return self.k_stored * self.shape[1] // 2 + sum(int(x.size) * x.dtype.itemsize for x in parts)
+        return self.k_stored * self.shape[1] * self.bits // 8 + sum(int(x.size) * x.dtype.itemsize for x in parts)
 
     def group_scales(self) -> jax.Array:
         """fp32 `[G, N]` scales of the logical K's groups (the padding's zeros dropped)."""
@@ -135,18 +144,20 @@ class W4Weight:
         return (w * jnp.repeat(self.group_scales(), self.group_size, axis=0)).astype(self.dtype)
 
     def centered_codes(self) -> jax.Array:
-        """int32 `[K, N]` code - zero (code - 8 if symmetric): what the kernel multiplies."""
+        """int32 `[K, N]` code - zero (code - mid if symmetric): what the kernel multiplies."""
         c = self.logical_codes()
         if self.zero is None:
             return c
-        return c - jnp.repeat(self.zero.astype(jnp.int32) - 8, self.group_size, axis=0)[:self.shape[0]]
+        return c - jnp.repeat(self.zero.astype(jnp.int32) - self.mid, self.group_size, axis=0)[:self.shape[0]]
 
     def logical_codes(self) -> jax.Array:
-        """int32 `[K, N]` codes - 8 in the original column order (tests, `emulate_w4`)."""
+        """int32 `[K, N]` codes - mid in the original column order (tests, `emulate_w4`)."""
         (k, n), ks = self.shape, self.k_stored
         c = self.codes.astype(jnp.int32)
         if self.block_k:
             c = c.transpose(0, 2, 1, 3).reshape(n, ks)
+        if self.bits == 8:
+            return c.T[:k]
         c = c.T.reshape(-1, CHUNK, n)[:, np.argsort(chunk_permutation(self.order))].reshape(ks, n)[:k]
         return c if self.order == "prmt" else (c & 15) - 8
 
@@ -154,8 +165,8 @@ class W4Weight:
 def repack_problem(w: QArray) -> str | None:
     """Why `w` cannot be repacked for `w4_matmul`, or None if it can."""
     k, n = w.shape
-    if w.bits != 4:
-        return f"bits={w.bits} (the wgmma kernel reads 4-bit codes)"
+    if w.bits not in BITS:
+        return f"bits={w.bits} (the wgmma kernel reads 4- and 8-bit codes)"
     if w.codebook is not None or w.perm is not None or w.outlier_index is not None:
         return "a codebook, act-order permutation or outliers (uniform grids in storage order only)"
     if w.scale.shape == (1, 1):
@@ -176,10 +187,12 @@ def repack_problem(w: QArray) -> str | None:
 
 
 def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0, stored_k: int = 0) -> W4Weight:
-    """One-time repack of a 4-bit `QArray` into the layout `w4_matmul` reads; `stored_k` pads K
-    with zero codes, scales and zero points (`padded_k`)."""
+    """One-time repack of a 4- or 8-bit `QArray` into the layout `w4_matmul` reads; `stored_k` pads K
+    with zero codes, scales and zero points (`padded_k`). 8-bit codes keep their natural column
+    order (`order` is then "natural", whatever is passed)."""
     if (problem := repack_problem(w)) is not None:
         raise ConfigError(f"repack_w4: cannot lay out this weight for the wgmma kernel: {problem}")
+    order = "natural" if w.bits == 8 else order
     k, n = w.shape
     ks = stored_k or k
     if block_k and (block_k % 128 or ks % block_k):
@@ -193,16 +206,19 @@ def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0, stored_k: int
     # fp32 / fp16 / bf16 scales: the kernel scales the group sums in fp32; the padding's are zero
     scale = jnp.pad(w.scale, pad) if ks != k else w.scale
     zero = jnp.pad(w.zero, pad) if ks != k and w.zero is not None else w.zero
-    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k, ks), scale=scale, zero=zero,
+    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k, ks, w.bits), scale=scale, zero=zero,
                     group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype,
-                    stored_k=stored_k if ks != k else 0)
+                    stored_k=stored_k if ks != k else 0, bits=w.bits)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))  # one program per shape: a 7B model repacks in seconds
-def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))  # one program per shape: a 7B model repacks in seconds
+def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: int, bits: int = 4) -> jax.Array:
     n = words.shape[1]
-    codes = jnp.pad(unpack_codes(words, 4, k), ((0, stored_k - k), (0, 0)))  # [K stored, N] in 0..15
+    codes = jnp.pad(unpack_codes(words, bits, k), ((0, stored_k - k), (0, 0)))  # [K stored, N] in 0 .. 2**bits - 1
     k = stored_k
+    if bits == 8:  # code - 128 as int8, natural column order
+        signed = (codes - 128).astype(jnp.int8).T
+        return signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3) if block_k else signed
     columns = (np.arange(k).reshape(-1, CHUNK)[:, chunk_permutation(order)]).reshape(-1)
     codes = codes[columns]
     # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
@@ -348,7 +364,7 @@ def smem_bytes(cfg: W4Config, w: W4Weight, m_padded: int) -> int:
     m_tile = batch_tile(cfg, m_padded)
     tables = 1 + (w.zero is not None)  # scales, zero points
     rows = max(cfg.tile_k // w.group_size, 1)
-    slot = m_tile * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k // 2 + tables * rows * cfg.tile_n * 4
+    slot = m_tile * cfg.tile_k * 2 + cfg.tile_n * cfg.tile_k * w.bits // 8 + tables * rows * cfg.tile_n * 4
     slots = min(cfg.stages, max(w.k_stored // (cfg.tile_k * cfg.splits), 1))
     if split_sum_of(cfg) == "cluster":
         return slots * slot + (cfg.splits - 1) * cfg.tile_n * m_tile * 4
@@ -601,7 +617,7 @@ def _convert_prmt(ctx, a4):
 
 
 def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: int, order: str,
-                 block_k: int, with_zero: bool, dtype: str):
+                 block_k: int, with_zero: bool, dtype: str, bits: int = 4):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -620,15 +636,28 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     k0 = s_idx * k_slice
     groups_per_step = max(tile_k // group_size, 1)
     step_group = group_size if group_size < tile_k else tile_k
-    # Codes are loaded and converted in pieces of at least 128 columns (a 64-byte swizzled row);
+    # Codes are loaded and converted in pieces of at least 128 columns (a 64-byte swizzled row of
+    # 4-bit codes; 8-bit pieces are 128 columns, one 128-byte row, and a larger group takes several);
     # groups of 32 or 64 are column slices of a converted piece.
-    piece = max(step_group, 128)
-    groups_per_piece = piece // step_group
+    piece = 128 if bits == 8 else max(step_group, 128)
+    groups_per_piece = max(piece // step_group, 1)
+    pieces_per_group = max(step_group // piece, 1)
+    mid = 1 << (bits - 1)
 
-    convert = plgpu.inline_mgpu(
-        arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
-        return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
-    )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc) if order == "lop3" else _convert_prmt)
+    if bits == 8:
+        def load_converted(ref):
+            """int8 code - 128 -> bf16 in WGMMA_LAYOUT: 32-bit shared-memory loads, one shuffle and
+            prmt a word into the fragment, Mosaic GPU's exact int8 -> bf16 (4 instructions a pair)."""
+            a8 = plgpu.layout_cast(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_2X), plgpu.Layout.WGMMA)
+            return a8.astype(jnp.dtype(dtype))
+    else:
+        convert = plgpu.inline_mgpu(
+            arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+            return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
+        )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc) if order == "lop3" else _convert_prmt)
+
+        def load_converted(ref):
+            return convert(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_4X))
 
     lop3_base = LOP3_MAGIC[dtype][1]
 
@@ -640,31 +669,39 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     def multiply(row_slice, code_piece, x_smem, s_smem, z_smem, acc):
         """One pipeline step of one warpgroup: acc [rows, M] += its rows of W^T times x^T."""
         def group_weights():
-            """weights(g) -> (group g's 16-bit codes [rows, group], its x^T); each piece converted once."""
+            """weights(g) -> [(16-bit codes [rows, columns], their x^T)] of group g, one pair a piece
+            (several where an 8-bit group spans pieces); each piece converted once."""
             converted = {}
 
-            def weights(g):
-                p, j = divmod(g, groups_per_piece)
+            def piece_weights(g, p, j, col0, width):
+                """Piece p of the step's codes (its j-th group slice where groups are narrower), for
+                group g, against x's columns col0 .. col0 + width."""
                 if p not in converted:
-                    codes = _load(code_piece(pl.ds(p * piece, piece)), layout=plgpu.Layout.WGMMA_UPCAST_4X)
-                    converted[p] = convert(codes)
+                    converted[p] = load_converted(code_piece(pl.ds(p * piece, piece)))
                 a = converted[p]
                 if groups_per_piece > 1:
                     a = a[:, j * step_group:(j + 1) * step_group]
-                if z_smem is not None and not cfg.offset_on_acc:  # (code - 8) - (zero - 8): exact in bf16 / fp16
+                # (code - mid) - (zero - mid): exact in bf16 / fp16 (|difference| < 256 for 8-bit)
+                if z_smem is not None and not cfg.offset_on_acc:
                     z = _load(z_smem.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
-                    z = (z.astype(jnp.float32) - 8.0).astype(dtype)
+                    z = (z.astype(jnp.float32) - float(mid)).astype(dtype)
                     a = a - jax.lax.broadcast_in_dim(z, a.shape, [0])
-                cols = pl.ds(g * step_group, step_group)
-                return a, x_smem.at[:, cols].transpose((1, 0))
+                return a, x_smem.at[:, pl.ds(col0, width)].transpose((1, 0))
+
+            def weights(g):
+                if pieces_per_group > 1:
+                    return [piece_weights(g, g * pieces_per_group + i, 0, g * step_group + i * piece, piece)
+                            for i in range(pieces_per_group)]
+                p, j = divmod(g, groups_per_piece)
+                return [piece_weights(g, p, j, g * step_group, step_group)]
             return weights
 
         def scaled_mma(acc_ref):
             weights = group_weights()
             for g in range(groups_per_step):
-                a, x_t = weights(g)
                 s = _load(s_smem.at[g, row_slice], layout=plgpu.Layout.WGMMA.reduce(1))
-                plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
+                for a, x_t in weights(g):
+                    plgpu.wgmma(acc_ref, a * jax.lax.broadcast_in_dim(s.astype(dtype), a.shape, [0]), x_t)
 
         if cfg.overlap_mma:  # acc is the carried accumulator ref: leave this step's wgmmas in flight
             scaled_mma(acc)
@@ -678,10 +715,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             if cfg.offset_on_acc:
                 ones = plgpu.layout_cast(jnp.ones((rows, step_group), dtype), plgpu.Layout.WGMMA)
             for g in range(groups_per_step):
-                a, x_t = weights(g)
-                plgpu.wgmma(acc_refs[g], a, x_t)
-                if cfg.offset_on_acc:  # every row: the group's sum of x, exact products summed in fp32
-                    plgpu.wgmma(acc_refs[groups_per_step + g], ones, x_t)
+                for a, x_t in weights(g):
+                    plgpu.wgmma(acc_refs[g], a, x_t)
+                    if cfg.offset_on_acc:  # every row: the group's sum of x, exact products summed in fp32
+                        plgpu.wgmma(acc_refs[groups_per_step + g], ones, x_t)
             return [acc_ref[...] for acc_ref in acc_refs]
 
         n_acc = groups_per_step * (1 + cfg.offset_on_acc)
@@ -709,9 +746,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
     x_swizzle = plgpu.find_swizzle(step_group * 16)
-    c_swizzle = plgpu.find_swizzle(piece * 4)
+    c_swizzle = plgpu.find_swizzle(piece * bits)
     x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
-    c_transforms = (plgpu.TilingTransform((8, c_swizzle * 2)), plgpu.SwizzleTransform(c_swizzle))
+    c_transforms = (plgpu.TilingTransform((8, 8 * c_swizzle // bits)), plgpu.SwizzleTransform(c_swizzle))
     scale_rows = groups_per_step if group_size < tile_k else 1
     steps = k_slice // tile_k
     if group_size >= tile_k:
@@ -893,7 +930,7 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     with_zero = w.zero is not None
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded, order=w.order, block_k=w.block_k, with_zero=with_zero,
-                             dtype=dtype)
+                             dtype=dtype, bits=w.bits)
     codes = w.codes.reshape(n // 64, -1, w.block_k) if _stacks_blocks(cfg, w.block_k) else w.codes
     operands = (xb, codes, w.scale, *([w.zero] if with_zero else []))
     tiles = dict(grid=(n // cfg.tile_n,), grid_names=("n",))

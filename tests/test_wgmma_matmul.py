@@ -59,6 +59,38 @@ def test_repack_dequantizes_bit_for_bit(grid, group, order, block_k):
 
 
 @pytest.mark.parametrize("grid", ["sym", "asym"])
+@pytest.mark.parametrize("group", [32, 128, 0])
+@pytest.mark.parametrize("block_k", [0, 256])
+def test_w8_repack_dequantizes_bit_for_bit(grid, group, block_k):
+    """8-bit codes: int8 code - 128 in the natural column order, one byte a code."""
+    w = random_weight(5, 512, 192, Variant(8, group, grid))
+    ww = wm.repack_w4(w, order="lop3", block_k=block_k)  # the order is ignored: 8-bit stays natural
+    assert (ww.codes.dtype, ww.order, ww.bits, ww.mid) == (jnp.int8, "natural", 8, 128)
+    assert ww.codes.shape == ((3, 512 // block_k, 64, block_k) if block_k else (192, 512))
+    np.testing.assert_array_equal(np.asarray(ww.dequantize(), np.float32), np.asarray(w.dequantize(), np.float32))
+    # the stored int8 is exactly code - 128, row n of W^T (hand-checked against the QArray's codes)
+    codes = np.asarray(w.unpacked_codes())
+    stored = np.asarray(ww.codes).transpose(0, 2, 1, 3).reshape(192, 512) if block_k else np.asarray(ww.codes)
+    np.testing.assert_array_equal(stored, (codes - 128).T)
+    groups = 1 if group == 0 else 512 // group
+    assert ww.nbytes() == 512 * 192 + groups * 192 * (2 + (2 if grid == "asym" else 0))
+
+
+@pytest.mark.parametrize("grid", ["sym", "asym"])
+def test_w8_kernel_arithmetic_matches_float64(grid):
+    """emulate_w4 on 8-bit codes: |code - zero| up to 255 is exact in bf16, so the error is bf16
+    rounding of x and the output; reading the codes as 4-bit (wrong bits) is off by O(1)."""
+    w = random_weight(9, 1024, 256, Variant(8, 0, grid))
+    x = random_activations(10, (5, 1024))
+    ref = float64_reference(x, w)
+    ww = wm.repack_w4(w, block_k=256)
+    assert relative_error(wm.emulate_w4(x, ww), ref) < 4e-3
+    assert relative_error(wm.emulate_w4(x, dataclasses.replace(ww, bits=4, order="prmt")), ref) > 0.3
+    with pytest.raises(ConfigError, match="offset_on_acc .* lop3 order .* 'natural'"):
+        wm.check_config(wm.W4Config(offset_on_acc=True), ww, 8)
+
+
+@pytest.mark.parametrize("grid", ["sym", "asym"])
 def test_kernel_arithmetic_matches_float64(grid):
     """emulate_w4 does what the kernel does (bf16 x, code - zero exact in bf16, per-group fp32 sums
     times the scale): within bf16 output rounding of the float64 product, and a wrong column
@@ -353,10 +385,10 @@ def test_call_sites_share_one_kernel_module():
     ("lop3", 0, True, 3, "asym", True, 128, "fold"),
     # large batches: tiles of the batch, 128-column steps of 256-column blocks, 2 blocks a warpgroup
     ("lop3", 256, False, 300, "asym", "gemm", 128, False), ("prmt", 0, False, 200, "sym", "gemm", 32, False)])
-def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, overlap):
+def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, overlap, bits=4):
     """The Mosaic GPU kernel traces and lowers for CUDA here (the GPU compiles and runs it), with
     the zero points inside: one kernel a call, no XLA dot beside it."""
-    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(4, group, grid)), order=order, block_k=block_k)
+    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(bits, group, grid)), order=order, block_k=block_k)
     cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, warp_specialized=ws,
                       overlap_mma=overlap is True, offset_on_acc=overlap == "fold")
     if ws == "gemm":
@@ -365,6 +397,14 @@ def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group
         jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert "dot_general" not in text
+
+
+@pytest.mark.parametrize("block_k,scale_on_acc,m,grid,ws,group", [
+    (256, True, 1, "sym", False, 0), (256, True, 13, "asym", False, 128), (0, False, 8, "asym", False, 32),
+    (256, True, 3, "sym", True, 0), (256, False, 300, "asym", "gemm", 128)])
+def test_w8_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group):
+    """8-bit codes: a 256-column group in two 128-byte pieces, groups of 32 sliced from one."""
+    test_kernel_lowers_for_cuda("natural", block_k, scale_on_acc, m, grid, ws, group, False, bits=8)
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +428,7 @@ def test_repack_for_wgmma_keeps_the_function(llama_w4, monkeypatch):
     fused, _ = fuse_projections(llama_w4)
     repacked, report = repack_for_wgmma(fused)
     assert len(report.repacked) == 2 * 4 - 1  # qkv, o, gate_up, down a layer, less the 3-bit down
-    assert report.skipped == {"layers.1.mlp.down_proj.kernel": "bits=3 (the wgmma kernel reads 4-bit codes)"}
+    assert report.skipped == {"layers.1.mlp.down_proj.kernel": "bits=3 (the wgmma kernel reads 4- and 8-bit codes)"}
     assert "layers.0.self_attn.qkv_proj.kernel" in report.repacked
     assert isinstance(repacked.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)
     assert not isinstance(fused.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)  # input kept

@@ -1,7 +1,7 @@
-"""The Mosaic GPU W4 kernel (`pallas_kernels/wgmma_matmul.py`) against the Triton kernel and XLA bf16.
+"""The Mosaic GPU W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) against the Triton kernel and XLA bf16.
 
 For each (K, N, batch): checks `w4_matmul` against the float64 reference on a real random
-QArray (symmetric or asymmetric W4), then times each candidate `W4Config` beside the shipped
+QArray (symmetric or asymmetric, `--bits` 4 or 8, `--group` 128 or 0 for per channel), then times each candidate `W4Config` beside the shipped
 Triton config (`quant_matmul` with the tuning table's entry) and XLA's bf16 dot, all in this
 process and by CUPTI device time. Writes one JSON record per point to --out and prints a table.
 
@@ -36,26 +36,29 @@ log = logging.getLogger("wgmma_w4_probe")
 
 
 def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, block_k: int,
-              stored_k: int = 0) -> wm.W4Weight:
-    """Timing data in the kernel's layout (any int4 is a valid code), K stored as `stored_k`."""
+              stored_k: int = 0, bits: int = 4) -> wm.W4Weight:
+    """Timing data in the kernel's layout (any int4 / int8 is a valid code), K stored as `stored_k`;
+    group_size 0: per channel."""
     kc, ks, kz = jax.random.split(key, 3)
     kk = stored_k or k
+    group_size = group_size or k
     shape = (n // 64, kk // block_k, 64, block_k) if block_k else (n, kk)
-    codes = jax.random.randint(kc, shape, -8, 8, jnp.int8).astype(jnp.int4)
+    mid = 1 << (bits - 1)
+    codes = jax.random.randint(kc, shape, -mid, mid, jnp.int8).astype(jnp.int4 if bits == 4 else jnp.int8)
     # fp16 scales, as the quantizers write them (run 13's calls a-e, before repack kept them, used bf16)
-    scale = jax.random.uniform(ks, (kk // group_size, n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
-    zero = jax.random.randint(kz, scale.shape, 0, 16).astype(jnp.float16) if asym else None
+    scale = jax.random.uniform(ks, (max(kk // group_size, 1), n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
+    zero = jax.random.randint(kz, scale.shape, 0, 2 * mid).astype(jnp.float16) if asym else None
     return wm.W4Weight(codes=codes, scale=scale, zero=zero, group_size=group_size, shape=(k, n),
-                       order=order, block_k=block_k, stored_k=stored_k)
+                       order="natural" if bits == 8 else order, block_k=block_k, stored_k=stored_k, bits=bits)
 
 
-def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym") -> list[tuple]:
+def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym", bits: int = 4) -> list[tuple]:
     """Blocked lop3 layouts at the weight's block (`choose_block_k`): the two fewest split counts
     that fill the GPU (`split_choices`; else the most K allows, `split_counts`), 4 and 8 stages, or
     the most that fit the shared memory at this batch (with the zero points' table if asymmetric)."""
     tile_k = wm.choose_block_k(k, n)
-    shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=group_size,
-                        shape=(k, n), block_k=tile_k)
+    shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=group_size or k,
+                        shape=(k, n), block_k=tile_k, bits=bits)
     base = wm.default_config(shell, min(m, wm.DECODE_MAX_M))  # the decode configs (past it: `gemm_config`)
     out = []
     for s in wm.split_choices(k, n, tile_k)[:2] or wm.split_counts(k, tile_k)[-1:]:
@@ -107,7 +110,7 @@ def parse_configs(text: str) -> list[tuple]:
     return out
 
 
-def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
+def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 4, group: int = 128) -> tuple:
     """A parsed config, with "default[+ovl|fold|xla|cluster|gemm[+nobal]]" made concrete for this point: the
     weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
     the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`; gemm:
@@ -115,9 +118,9 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
     if cand[0] != "default":
         return cand
     flags = cand[1]
-    block_k, stored_k = wm.stored_layout(k, n)
-    shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=128,
-                        shape=(k, n), block_k=block_k, stored_k=stored_k if stored_k != k else 0)
+    block_k, stored_k = wm.stored_layout(k, n, grouped=group > 0)
+    shell = wm.W4Weight(codes=None, scale=None, zero=None if grid == "sym" else 0, group_size=group or k,
+                        shape=(k, n), block_k=block_k, stored_k=stored_k if stored_k != k else 0, bits=bits)
     cfg = wm.gemm_config(shell, m, balanced="nobal" not in flags) if "gemm" in flags else wm.default_config(shell, m)
     if "ovl" in flags:
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
@@ -128,14 +131,16 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str) -> tuple:
     return wm.fit_stages(cfg, shell, m), "lop3", block_k, stored_k != k  # a cluster's received sums take room
 
 
-def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list) -> dict:
-    v = Variant(4, 128, grid)
+def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list, bits: int = 4,
+                group: int = 128) -> dict:
+    v = Variant(bits, group, grid)
     w = random_weight(3, k, n, v)
-    rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": 128}
+    rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": group, "bits": bits}
     x = random_activations(4, (m, k))
     ref = float64_reference(x, w)
-    cands = list(dict.fromkeys(resolve_default(c, k, n, m, grid) for c in configs))  # "default" may repeat another
-    cands = cands or candidate_configs(k, n, m, 128, grid)[:max_cands]
+    # "default" may repeat another
+    cands = list(dict.fromkeys(resolve_default(c, k, n, m, grid, bits, group) for c in configs))
+    cands = cands or candidate_configs(k, n, m, group, grid, bits)[:max_cands]
     errors = {}
     for cand in cands:
         cfg, order, block_k, pad = cand
@@ -146,7 +151,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
             except Exception as e:  # the timing below reports it
                 log.warning("config %s failed the check: %s", cand, str(e)[:2000])
     rec["rel_err"] = max(errors.values(), default=None)
-    n_buf = autotune.buffers_for(k * n // 2)
+    n_buf = autotune.buffers_for(k * n * bits // 8)
     keys = jax.random.split(jax.random.key(5), n_buf)
     xs = [random_activations(100 + i, (m, k)) for i in range(autotune.MIN_CALLS)]
     results = []
@@ -155,7 +160,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
         stored_k = wm.padded_k(k, n) if pad else 0
         desc = {**cfg.__dict__, "order": order, "block_k": block_k, "stored_k": stored_k}
         try:
-            wss = [random_w4(kk, k, n, 128, grid == "asym", order, block_k, stored_k) for kk in keys]
+            wss = [random_w4(kk, k, n, group, grid == "asym", order, block_k, stored_k, bits) for kk in keys]
             us, wall, kernels = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
             results.append({"config": desc, "us": us, "wall_us": wall, "rel_err": errors.get(cand),
                             "kernels": kernels})
@@ -177,8 +182,8 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
         rec["triton_config"] = entry.config.to_json()
     bt = bf16_timing(k, n, m)
     rec["xla_bf16_us"] = autotune.rank_us(bt)
-    groups = k // 128
-    nbytes = k * n // 2 + groups * n * 2 + (groups * n * 4 if grid == "asym" else 0)
+    groups = k // group if group else 1
+    nbytes = k * n * bits // 8 + groups * n * 2 + (groups * n * 2 if grid == "asym" else 0)  # fp16 tables
     rec["weight_bytes"] = nbytes
     if rec["wgmma_us"]:
         rec["wgmma_tb_s"] = nbytes / rec["wgmma_us"] / 1e6
@@ -203,7 +208,9 @@ def issue_records(probe: dict) -> list[dict]:
         for kernel, us in (("wgmma", r["wgmma_us"]), ("triton", r.get("triton_us"))):
             if us is None:
                 continue
-            out.append({"variant": f"w4_g128_{r['grid']} {kernel}", "kernel": kernel, "bits": 4,
+            bits, group = r.get("bits", 4), r["group_size"]
+            out.append({"variant": f"w{bits}_{f'g{group}' if group else 'ch'}_{r['grid']} {kernel}", "kernel": kernel,
+                        "bits": bits,
                         "group_size": r["group_size"], "m": r["m"], "k": r["k"], "n": r["n"],
                         "kernel_us": us, "xla_bf16_us": r["xla_bf16_us"], "speedup": r["xla_bf16_us"] / us,
                         "roofline_fraction": floor_us / us if floor_us else None,
@@ -228,7 +235,8 @@ def write_issue_report(probe_paths: list[str], out: str) -> None:
                      f"{r['xla_bf16_us']:.1f} | {r['speedup']:.2f}x | {roof} |")
     base = out[:-len(".json")] if out.endswith(".json") else out
     with open(base + ".md", "w") as f:
-        f.write(f"# W4 g128 on {records[0]['device']}: the wgmma kernel and the shipped Triton kernel\n\n"
+        f.write(f"# {', '.join(sorted({r['variant'].split()[0] for r in records}))} on {records[0]['device']}: "
+                f"the wgmma kernel and the shipped Triton kernel\n\n"
                 f"jax {records[0]['jax']}, commit {records[0]['commit']}; CUPTI time a call, split-K sum "
                 f"included, XLA bf16 dot in the same process; roofline = weight bytes / "
                 f"{records[0]['roofline_basis']}.\n\n" + "\n".join(lines) + "\n")
@@ -242,6 +250,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="4096x4096,4096x14336")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--grids", default="sym")
+    ap.add_argument("--bits", type=int, default=4, choices=wm.BITS)
+    ap.add_argument("--group", type=int, default=128, help="group size; 0: per channel")
     ap.add_argument("--max-candidates", type=int, default=8)
     ap.add_argument("--configs", default="", help="tile_n:tile_k:splits:stages[:loads],... (default: a sweep)")
     ap.add_argument("--deadline-s", type=float, default=400)
@@ -258,7 +268,7 @@ def main() -> None:
             log.warning("deadline: stopping before %s %dx%d m=%d", grid, k, n, m)
             break
         try:
-            rec = probe_point(k, n, m, grid, args.max_candidates, parse_configs(args.configs))
+            rec = probe_point(k, n, m, grid, args.max_candidates, parse_configs(args.configs), args.bits, args.group)
         except Exception as e:
             traceback.print_exc()
             rec = {"k": k, "n": n, "m": m, "grid": grid, "error": f"{type(e).__name__}: {str(e)[:2000]}"}

@@ -1,4 +1,4 @@
-"""The Hopper W4 kernel (`pallas_kernels/wgmma_matmul.py`) compiled and run on an H100/H200.
+"""The Hopper W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) compiled and run on an H100/H200.
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q tests/gpu/test_wgmma_matmul_gpu.py
 
@@ -8,7 +8,7 @@ and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`, ba
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
 cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
-(`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`). Then `linear()`'s dispatch.
+(`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`); 8-bit codes. Then `linear()`'s dispatch.
 """
 
 import jax
@@ -101,6 +101,15 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128, "asym"), 4096, 4096, (384, 500), dict(block_k=256),
      [None, wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=176),
       wm.W4Config(128, 128, 1, 4, scale_on_acc=False, warp_specialized=True, tile_m=96)]),
+    # 8-bit codes (int8 code - 128, natural order): per channel (a group spans two 128-column pieces
+    # of a 256-column step), groups of 128 and 32 (slices of a piece), asymmetric zero points
+    # (|code - zero| up to 255, exact in bf16), decode and gemm configs, the bf16 scale multiply
+    (Variant(8, 0), 4096, 4096, (1, 3, 8, 13, 32, 64, 300), dict(block_k=256), [None]),
+    (Variant(8, 0, "asym"), 4096, 1024, (1, 16), dict(block_k=256),
+     [None, wm.W4Config(64, 256, 4, 4, scale_on_acc=False), wm.W4Config(64, 128, 2, 4, split_sum="xla")]),
+    (Variant(8, 128, "asym"), 11008, 4096, (1, 8, 40, 136), dict(block_k=128), [None]),
+    (Variant(8, 32), 4096, 1024, (1, 16, 96), dict(block_k=256),
+     [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
 ]
 
 
@@ -122,6 +131,17 @@ def test_fp16_activations(order):
             y = wm.w4_matmul(x, ww, wm.W4Config(64, 256, 4, 4, offset_on_acc=True))
             err = np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
             assert err < 1e-3, err
+
+
+def test_w8_fp16_activations():
+    """8-bit codes multiply in bf16 whatever x's dtype: fp16 x in, fp16 y out, within bf16's error."""
+    w = random_weight(22, 4096, 1024, Variant(8, 0))
+    ww = wm.repack_w4(w, block_k=256)
+    for m in (1, 16):
+        x = random_activations(m, (m, 4096)).astype(np.float16)
+        y = jax.jit(wm.w4_matmul)(x, ww)
+        assert y.dtype == np.float16
+        assert_blocks_close(y, float64_reference(x, w))
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
