@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from jaxcompress.ops.linear import linear  # noqa: E402
 from pallas_kernels import autotune, wgmma_matmul as wm  # noqa: E402
 from pallas_kernels.benchmark import bf16_timing  # noqa: E402
 from pallas_kernels.layout import kernel_layout  # noqa: E402
@@ -65,8 +66,9 @@ def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym"
         for stages in (4, 8):
             cfg = dataclasses.replace(base, splits=s, stages=min(stages, k // (tile_k * s)))  # slots used
             cfg = wm.fit_stages(cfg, shell, m)
-            if (cfg, "lop3", tile_k, False) not in out:
-                out.append((cfg, "lop3", tile_k, False))
+            order = "natural" if bits == 8 else "lop3"
+            if (cfg, order, tile_k, False) not in out:
+                out.append((cfg, order, tile_k, False))
     return out
 
 
@@ -128,7 +130,8 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 
         cfg = dataclasses.replace(cfg, offset_on_acc=True)
     if "xla" in flags or "cluster" in flags:
         cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
-    return wm.fit_stages(cfg, shell, m), "lop3", block_k, stored_k != k  # a cluster's received sums take room
+    # (fit_stages: a cluster's received sums take room)
+    return wm.fit_stages(cfg, shell, m), "natural" if bits == 8 else "lop3", block_k, stored_k != k
 
 
 def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list, bits: int = 4,
@@ -180,6 +183,10 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
         txs, tws = autotune.random_inputs(w, m, jnp.bfloat16, seed=7)
         rec["triton_us"], _, rec["triton_kernels"] = time_fn(lambda xx, www, c=entry.config: quant_matmul(xx, www, config=c), txs, tws)
         rec["triton_config"] = entry.config.to_json()
+    # What linear() runs for the QArray itself today (its tuning-table entry, the default Triton
+    # config of an unmeasured batch, or dequantize-then-dot), on random QArrays of this structure.
+    qxs, qws = autotune.random_inputs(w, m, jnp.bfloat16, seed=9)
+    rec["qarray_linear_us"], _, rec["qarray_linear_kernels"] = time_fn(linear, qxs, qws)
     bt = bf16_timing(k, n, m)
     rec["xla_bf16_us"] = autotune.rank_us(bt)
     groups = k // group if group else 1
@@ -277,7 +284,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                        "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT"), "records": records}, f, indent=1)
-    print(f"\n{'grid':5} {'K x N':13} {'m':>3} {'err':>8} {'wgmma':>7} {'triton':>7} {'bf16':>7} "
+    print(f"\n{'grid':5} {'K x N':13} {'m':>3} {'err':>8} {'wgmma':>7} {'triton':>7} {'linear':>7} {'bf16':>7} "
           f"{'vs bf16':>7} {'vs tri':>7} {'TB/s':>5} {'deq+dot':>7} config")
     for r in records:
         if "error" in r:
@@ -285,7 +292,7 @@ def main() -> None:
             continue
         f = lambda v, p=".1f": format(v, p) if v is not None else "-"  # noqa: E731
         print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} {f(r['rel_err'], '8.1e'):>8} {f(r['wgmma_us']):>7} "
-              f"{f(r.get('triton_us')):>7} {f(r['xla_bf16_us']):>7} {f(r.get('speedup_vs_bf16'), '.2f'):>7} "
+              f"{f(r.get('triton_us')):>7} {f(r.get('qarray_linear_us')):>7} {f(r['xla_bf16_us']):>7} {f(r.get('speedup_vs_bf16'), '.2f'):>7} "
               f"{f(r.get('speedup_vs_triton'), '.2f'):>7} {f(r.get('wgmma_tb_s'), '.2f'):>5} "
               f"{f(r.get('dequant_dot_us')):>7} {r['wgmma_config']}")
 
