@@ -67,8 +67,10 @@ from jaxcompress.quant.qarray import QArray, unpack_codes
 CHUNK = 32  # columns of one UPCAST_4X word row: the unit of the repack's permutation
 
 
-ORDERS = ("lop3", "prmt")  # 4-bit column orders; 8-bit codes keep the natural order ("natural")
+ORDERS = ("lop3", "prmt")  # 4-bit column orders
+ORDERS_8 = ("paired", "natural")  # 8-bit column orders (`byte_permutation`)
 BITS = (4, 8)
+SEGMENT = 16  # columns of one UPCAST_2X row segment: the unit of the 8-bit permutation
 
 
 def chunk_permutation(order: str = "lop3") -> np.ndarray:
@@ -90,6 +92,24 @@ def chunk_permutation(order: str = "lop3") -> np.ndarray:
     raise ConfigError(f"chunk_permutation: order={order!r}; choose one of {ORDERS}")
 
 
+def byte_permutation(order: str = "paired") -> np.ndarray:
+    """perm[p] = the logical column stored at physical column p of a 16-column segment (8-bit codes).
+
+    WGMMA_LAYOUT_UPCAST_2X gives thread q (= lane % 4) of a row the 4 contiguous bytes at physical
+    columns 4b .. 4b + 3 with b = (0, 2, 1, 3)[q]; the bf16 wgmma fragment wants the pairs (2q, 2q + 1)
+    and (8 + 2q, 9 + 2q).
+    * "paired": those bytes hold exactly that, so the converted register is the fragment itself;
+    * "natural": the identity, which Mosaic GPU's relayout puts in place with a shuffle and a prmt
+      a word."""
+    p = np.arange(SEGMENT)
+    if order == "natural":
+        return p
+    if order != "paired":
+        raise ConfigError(f"byte_permutation: order={order!r}; choose one of {ORDERS_8}")
+    q, i = np.array([0, 2, 1, 3])[p // 4], p % 4
+    return np.where(i < 2, 2 * q + i, 8 + 2 * q + i - 2)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class W4Weight:
@@ -97,8 +117,8 @@ class W4Weight:
 
     codes: int4 `[N, K]`, columns permuted within each 32-column chunk (`chunk_permutation`);
     "prmt" order stores code - 8, "lop3" order the code's own bits (0..15 read as int4).
-    8-bit: int8 `[N, K]` holding code - 128 in the natural column order ("natural"): Mosaic GPU's
-    own relayout and int8 -> bf16 conversion put them in the wgmma fragment.
+    8-bit: int8 `[N, K]` holding code - 128, columns permuted within 16-column segments
+    (`byte_permutation`: "paired" or "natural").
     With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k]`, so that each
     64 x block_k tile a pipeline step reads is one contiguous run of memory.
     scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). zero: the QArray's
@@ -157,7 +177,7 @@ class W4Weight:
         if self.block_k:
             c = c.transpose(0, 2, 1, 3).reshape(n, ks)
         if self.bits == 8:
-            return c.T[:k]
+            return c.T.reshape(-1, SEGMENT, n)[:, np.argsort(byte_permutation(self.order))].reshape(ks, n)[:k]
         c = c.T.reshape(-1, CHUNK, n)[:, np.argsort(chunk_permutation(self.order))].reshape(ks, n)[:k]
         return c if self.order == "prmt" else (c & 15) - 8
 
@@ -186,13 +206,16 @@ def repack_problem(w: QArray) -> str | None:
     return None
 
 
-def repack_w4(w: QArray, *, order: str = "lop3", block_k: int = 0, stored_k: int = 0) -> W4Weight:
+def repack_w4(w: QArray, *, order: str | None = None, block_k: int = 0, stored_k: int = 0) -> W4Weight:
     """One-time repack of a 4- or 8-bit `QArray` into the layout `w4_matmul` reads; `stored_k` pads K
-    with zero codes, scales and zero points (`padded_k`). 8-bit codes keep their natural column
-    order (`order` is then "natural", whatever is passed)."""
+    with zero codes, scales and zero points (`padded_k`). `order`: one of ORDERS (4-bit) or
+    ORDERS_8 (8-bit); None takes the first."""
     if (problem := repack_problem(w)) is not None:
         raise ConfigError(f"repack_w4: cannot lay out this weight for the wgmma kernel: {problem}")
-    order = "natural" if w.bits == 8 else order
+    orders = ORDERS_8 if w.bits == 8 else ORDERS
+    order = order or orders[0]
+    if order not in orders:
+        raise ConfigError(f"repack_w4: order={order!r} for {w.bits}-bit codes; choose one of {orders}")
     k, n = w.shape
     ks = stored_k or k
     if block_k and (block_k % 128 or ks % block_k):
@@ -216,7 +239,8 @@ def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: 
     n = words.shape[1]
     codes = jnp.pad(unpack_codes(words, bits, k), ((0, stored_k - k), (0, 0)))  # [K stored, N] in 0 .. 2**bits - 1
     k = stored_k
-    if bits == 8:  # code - 128 as int8, natural column order
+    if bits == 8:  # code - 128 as int8, columns permuted within 16-column segments
+        codes = codes[np.arange(k).reshape(-1, SEGMENT)[:, byte_permutation(order)].reshape(-1)]
         signed = (codes - 128).astype(jnp.int8).T
         return signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3) if block_k else signed
     columns = (np.arange(k).reshape(-1, CHUNK)[:, chunk_permutation(order)]).reshape(-1)
@@ -616,6 +640,25 @@ def _convert_prmt(ctx, a4):
                                  for p in range(4)], a4.shape)
 
 
+def _convert_i8_paired(ctx, a8):
+    """int8 (code - 128) in WGMMA_LAYOUT_UPCAST_2X, "paired" order -> bf16 in WGMMA_LAYOUT: Mosaic GPU's
+    exact conversion of each 4-byte register, whose halves are the fragment's pairs (2q, 2q + 1) and
+    (8 + 2q, 9 + 2q): the register map of Mosaic's own UPCAST_2X -> WGMMA relayout, without its shuffle."""
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    del ctx
+    a16 = a8.astype(ir.BF16Type.get())
+    dst = np.empty(fa.WGMMA_LAYOUT.registers_shape(a8.shape), dtype=object)
+    for idx, reg in np.ndenumerate(a16.registers):
+        for i in range(2):
+            dst[(idx[0], idx[1] * 2 + i, *idx[2:-1])] = mgpu_utils.vector_slice(reg, slice(2 * i, 2 * i + 2))
+    assert all(r is not None for r in dst.flat)
+    return mgpu.FragmentedArray(_registers=dst, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+
 def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: int, order: str,
                  block_k: int, with_zero: bool, dtype: str, bits: int = 4):
     from jax.experimental import pallas as pl
@@ -644,12 +687,20 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     pieces_per_group = max(step_group // piece, 1)
     mid = 1 << (bits - 1)
 
-    if bits == 8:
+    if bits == 8 and order == "natural":
         def load_converted(ref):
             """int8 code - 128 -> bf16 in WGMMA_LAYOUT: 32-bit shared-memory loads, one shuffle and
             prmt a word into the fragment, Mosaic GPU's exact int8 -> bf16 (4 instructions a pair)."""
             a8 = plgpu.layout_cast(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_2X), plgpu.Layout.WGMMA)
             return a8.astype(jnp.dtype(dtype))
+    elif bits == 8:  # "paired": each converted word is two registers of the fragment, no shuffle
+        convert8 = plgpu.inline_mgpu(
+            arg_types=(plgpu.Layout.WGMMA_UPCAST_2X,),
+            return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
+        )(_convert_i8_paired)
+
+        def load_converted(ref):
+            return convert8(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_2X))
     else:
         convert = plgpu.inline_mgpu(
             arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),

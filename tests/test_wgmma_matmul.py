@@ -61,19 +61,36 @@ def test_repack_dequantizes_bit_for_bit(grid, group, order, block_k):
 @pytest.mark.parametrize("grid", ["sym", "asym"])
 @pytest.mark.parametrize("group", [32, 128, 0])
 @pytest.mark.parametrize("block_k", [0, 256])
-def test_w8_repack_dequantizes_bit_for_bit(grid, group, block_k):
-    """8-bit codes: int8 code - 128 in the natural column order, one byte a code."""
+@pytest.mark.parametrize("order", ["paired", "natural"])
+def test_w8_repack_dequantizes_bit_for_bit(grid, group, block_k, order):
+    """8-bit codes: int8 code - 128, one byte a code, columns permuted within 16-column segments."""
     w = random_weight(5, 512, 192, Variant(8, group, grid))
-    ww = wm.repack_w4(w, order="lop3", block_k=block_k)  # the order is ignored: 8-bit stays natural
-    assert (ww.codes.dtype, ww.order, ww.bits, ww.mid) == (jnp.int8, "natural", 8, 128)
+    ww = wm.repack_w4(w, order=order, block_k=block_k)
+    assert (ww.codes.dtype, ww.order, ww.bits, ww.mid) == (jnp.int8, order, 8, 128)
     assert ww.codes.shape == ((3, 512 // block_k, 64, block_k) if block_k else (192, 512))
     np.testing.assert_array_equal(np.asarray(ww.dequantize(), np.float32), np.asarray(w.dequantize(), np.float32))
-    # the stored int8 is exactly code - 128, row n of W^T (hand-checked against the QArray's codes)
-    codes = np.asarray(w.unpacked_codes())
+    # the stored int8 is exactly code - 128 of W^T, in the segment's order (hand-checked positions)
+    codes = np.asarray(w.unpacked_codes()).T - 128  # [N, K] logical
     stored = np.asarray(ww.codes).transpose(0, 2, 1, 3).reshape(192, 512) if block_k else np.asarray(ww.codes)
-    np.testing.assert_array_equal(stored, (codes - 128).T)
+    if order == "natural":
+        np.testing.assert_array_equal(stored, codes)
+    else:  # thread 1 of a row owns physical bytes 8..11: logical (2, 3, 10, 11); thread 2 bytes 4..7
+        np.testing.assert_array_equal(stored[:, 16 + 8:16 + 12], codes[:, [18, 19, 26, 27]])
+        np.testing.assert_array_equal(stored[:, 4:8], codes[:, [4, 5, 12, 13]])
     groups = 1 if group == 0 else 512 // group
     assert ww.nbytes() == 512 * 192 + groups * 192 * (2 + (2 if grid == "asym" else 0))
+
+
+def test_byte_permutation_matches_the_fragment_layout():
+    """Hand-derived: UPCAST_2X hands thread q the bytes 4b .. 4b + 3, b = (0, 2, 1, 3)[q]; the
+    fragment wants (2q, 2q + 1) and (8 + 2q, 9 + 2q) there."""
+    perm = wm.byte_permutation("paired")
+    assert list(perm) == [0, 1, 8, 9, 4, 5, 12, 13, 2, 3, 10, 11, 6, 7, 14, 15]
+    assert list(wm.byte_permutation("natural")) == list(range(16))
+    with pytest.raises(ConfigError, match="order='lop3'"):
+        wm.byte_permutation("lop3")
+    with pytest.raises(ConfigError, match=r"order='lop3' for 8-bit codes; choose one of \('paired', 'natural'\)"):
+        wm.repack_w4(random_weight(0, 256, 64, Variant(8, 0, "sym")), order="lop3")
 
 
 @pytest.mark.parametrize("grid", ["sym", "asym"])
@@ -83,8 +100,10 @@ def test_w8_kernel_arithmetic_matches_float64(grid):
     w = random_weight(9, 1024, 256, Variant(8, 0, grid))
     x = random_activations(10, (5, 1024))
     ref = float64_reference(x, w)
-    ww = wm.repack_w4(w, block_k=256)
-    assert relative_error(wm.emulate_w4(x, ww), ref) < 4e-3
+    for order in wm.ORDERS_8:
+        ww = wm.repack_w4(w, block_k=256, order=order)
+        assert relative_error(wm.emulate_w4(x, ww), ref) < 4e-3
+    assert relative_error(wm.emulate_w4(x, dataclasses.replace(ww, order="paired")), ref) > 0.3  # wrong order
     assert relative_error(wm.emulate_w4(x, dataclasses.replace(ww, bits=4, order="prmt")), ref) > 0.3
     with pytest.raises(ConfigError, match="offset_on_acc .* lop3 order .* 'natural'"):
         wm.check_config(wm.W4Config(offset_on_acc=True), ww, 8)
@@ -399,12 +418,13 @@ def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group
     assert "dot_general" not in text
 
 
-@pytest.mark.parametrize("block_k,scale_on_acc,m,grid,ws,group", [
-    (256, True, 1, "sym", False, 0), (256, True, 13, "asym", False, 128), (0, False, 8, "asym", False, 32),
-    (256, True, 3, "sym", True, 0), (256, False, 300, "asym", "gemm", 128)])
-def test_w8_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group):
+@pytest.mark.parametrize("order,block_k,scale_on_acc,m,grid,ws,group", [
+    ("paired", 256, True, 1, "sym", False, 0), ("natural", 256, True, 1, "sym", False, 0),
+    ("paired", 256, True, 13, "asym", False, 128), ("paired", 0, False, 8, "asym", False, 32),
+    ("natural", 256, True, 3, "sym", True, 0), ("paired", 256, False, 300, "asym", "gemm", 128)])
+def test_w8_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group):
     """8-bit codes: a 256-column group in two 128-byte pieces, groups of 32 sliced from one."""
-    test_kernel_lowers_for_cuda("natural", block_k, scale_on_acc, m, grid, ws, group, False, bits=8)
+    test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, False, bits=8)
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +454,26 @@ def test_repack_for_wgmma_keeps_the_function(llama_w4, monkeypatch):
     assert not isinstance(fused.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)  # input kept
     np.testing.assert_allclose(np.asarray(repacked(tokens)[0]), expect, rtol=1e-5, atol=1e-5)
     assert "repacked 7 weights" in report.summary()
+
+
+def test_repack_for_wgmma_takes_8_bit_weights(tmp_path, monkeypatch):
+    """RTN W8 per channel: repacked (the function kept) unless `bits` leaves 8 out."""
+    monkeypatch.setenv("JAXCOMPRESS_QUANT_KERNEL", "reference")
+    hf = hf_models.build("llama", hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
+    model, _ = load_hf_folder(hf_models.save(hf, tmp_path))
+    state = params(model)
+    policy = {path_str(p): LayerConfig(bits=8, group_size="channel", symmetric=True)
+              for p, _ in nnx.to_flat_state(state) if path_str(p).endswith("proj.kernel")}
+    w8 = with_params(model, rtn_params(state, policy))
+    tokens = jnp.asarray(np.random.default_rng(6).integers(0, 200, size=(2, 5)))
+    repacked, report = repack_for_wgmma(w8)
+    assert len(report.repacked) == 2 * 7 and not report.skipped
+    leaf = repacked.layers[0].mlp.down_proj.kernel.get_value()
+    assert (leaf.bits, leaf.order, leaf.codes.dtype) == (8, "paired", jnp.int8)
+    np.testing.assert_allclose(np.asarray(repacked(tokens)[0]), np.asarray(w8(tokens)[0]), rtol=1e-5, atol=1e-5)
+    _, kept = repack_for_wgmma(w8, bits=(4,))
+    assert not kept.repacked
+    assert kept.skipped["layers.0.mlp.down_proj.kernel"] == "bits=8 not asked for (bits=(4,))"
 
 
 def test_probe_script_configs():

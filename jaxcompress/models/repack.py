@@ -1,8 +1,8 @@
-"""Repacking a quantized model's 4-bit projections for the Hopper wgmma kernel (a deployment step).
+"""Repacking a quantized model's 4- and 8-bit projections for the Hopper wgmma kernel (a deployment step).
 
-`pallas_kernels.wgmma_matmul` multiplies by a `W4Weight`: the codes of a 4-bit `QArray`
-transposed, permuted within 32-column chunks and stored in 64 x block_k tiles, read with TMA
-into a pipeline of shared-memory stages. `repack_for_wgmma(model)` converts every projection
+`pallas_kernels.wgmma_matmul` multiplies by a `W4Weight`: the codes of a 4-bit (or 8-bit) `QArray`
+transposed, permuted within 32-column chunks (16-column segments) and stored in 64 x block_k
+tiles, read with TMA into a pipeline of shared-memory stages. `repack_for_wgmma(model)` converts every projection
 whose weight it can lay out; `linear()` then runs the kernel at decode batches on an H100/H200
 and dequantize-then-dot elsewhere. Like `fuse_projections`, it is the last step before serving:
 fuse first (the fused q|k|v and gate|up weights repack as one each), then repack.
@@ -31,10 +31,14 @@ class RepackReport:
         return text
 
 
-def repack_for_wgmma(model, *, pad_k: bool = True):
+def repack_for_wgmma(model, *, pad_k: bool = True, bits: tuple[int, ...] = (4, 8)):
     """(repacked model, RepackReport); `model` is left as it was.
 
-    4-bit QArray leaves that `wgmma_matmul.repack_problem` accepts become `W4Weight`s, blocked by
+    `bits`: the code widths to repack (others are reported and kept). 8-bit weights gain most past
+    batch 1: on an H200 a random Llama-2-7B RTN W8 decode step took 4.38 ms repacked against 14.81 as
+    QArrays at batch 8 (bf16: 4.79), but 3.68 against 3.03 at batch 1, where the QArrays' tuned Triton
+    GEMV wins (kernel_notes run 21); `bits=(4,)` keeps them QArrays for batch-1 serving.
+    QArray leaves of those widths that `wgmma_matmul.repack_problem` accepts become `W4Weight`s, blocked by
     `choose_block_k`; every other QArray is reported with the reason and kept. `pad_k` stores a
     K that 256-column steps cannot split well (Llama-2's 11008) padded with zeros (`padded_k`,
     2.3% more bytes for 11008), blocked by 256: on an H200 the down projection 11008 x 4096 took
@@ -49,7 +53,7 @@ def repack_for_wgmma(model, *, pad_k: bool = True):
         if not isinstance(leaf, QArray):
             continue
         name = path_str(path)
-        problem = repack_problem(leaf)
+        problem = repack_problem(leaf) or (None if leaf.bits in bits else f"bits={leaf.bits} not asked for (bits={bits})")
         if problem is not None:
             report.skipped[name] = problem
             continue

@@ -50,7 +50,7 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
     scale = jax.random.uniform(ks, (max(kk // group_size, 1), n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
     zero = jax.random.randint(kz, scale.shape, 0, 2 * mid).astype(jnp.float16) if asym else None
     return wm.W4Weight(codes=codes, scale=scale, zero=zero, group_size=group_size, shape=(k, n),
-                       order="natural" if bits == 8 else order, block_k=block_k, stored_k=stored_k, bits=bits)
+                       order=order, block_k=block_k, stored_k=stored_k, bits=bits)
 
 
 def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym", bits: int = 4) -> list[tuple]:
@@ -66,7 +66,7 @@ def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym"
         for stages in (4, 8):
             cfg = dataclasses.replace(base, splits=s, stages=min(stages, k // (tile_k * s)))  # slots used
             cfg = wm.fit_stages(cfg, shell, m)
-            order = "natural" if bits == 8 else "lop3"
+            order = wm.ORDERS_8[0] if bits == 8 else "lop3"
             if (cfg, order, tile_k, False) not in out:
                 out.append((cfg, order, tile_k, False))
     return out
@@ -83,7 +83,8 @@ def parse_configs(text: str) -> list[tuple]:
     """'tile_n:tile_k:splits:stages[+flag...]' comma-separated -> [(W4Config, order, block_k, pad)].
 
     Flags: loads (the loads-only probe), mul (scale the bf16 weights instead of the group sums),
-    prmt (Mosaic GPU's conversion and its column order), blocked (codes stored 64 x tile_k tiles),
+    prmt (Mosaic GPU's conversion and its column order), natural (8-bit: the unpermuted order and
+    Mosaic GPU's relayout; else "paired"), blocked (codes stored 64 x tile_k tiles),
     ws (a memory warpgroup feeding tile_n / 64 compute warpgroups), xla / cluster (where the split
     sums meet, instead of `split_sum_of`'s default), pad (K stored padded with
     zeros to `padded_k`, blocked by tile_k). "default[+flags]" stands for `default_config` at each
@@ -107,7 +108,8 @@ def parse_configs(text: str) -> list[tuple]:
                           split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None,
                           tile_m=sizes.get("m", 0), rows_per_wg=sizes.get("r", 64))
         blocked = "blocked" in flags or "pad" in flags or "bk" in sizes
-        out.append((cfg, "prmt" if "prmt" in flags else "lop3", sizes.get("bk", f[1]) if blocked else 0,
+        order = "natural" if "natural" in flags else "prmt" if "prmt" in flags else "lop3"
+        out.append((cfg, order, sizes.get("bk", f[1]) if blocked else 0,
                     "pad" in flags))
     return out
 
@@ -131,7 +133,8 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 
     if "xla" in flags or "cluster" in flags:
         cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
     # (fit_stages: a cluster's received sums take room)
-    return wm.fit_stages(cfg, shell, m), "natural" if bits == 8 else "lop3", block_k, stored_k != k
+    order = ("natural" if "natural" in flags else wm.ORDERS_8[0]) if bits == 8 else "lop3"
+    return wm.fit_stages(cfg, shell, m), order, block_k, stored_k != k
 
 
 def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list, bits: int = 4,
@@ -145,6 +148,8 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     cands = list(dict.fromkeys(resolve_default(c, k, n, m, grid, bits, group) for c in configs))
     cands = cands or candidate_configs(k, n, m, group, grid, bits)[:max_cands]
     errors = {}
+    if bits == 8:  # 8-bit orders: "natural" as asked, else the default ("paired")
+        cands = [(c[0], c[1] if c[1] == "natural" else wm.ORDERS_8[0], *c[2:]) for c in cands]
     for cand in cands:
         cfg, order, block_k, pad = cand
         if not cfg.loads_only:
@@ -187,6 +192,11 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     # config of an unmeasured batch, or dequantize-then-dot), on random QArrays of this structure.
     qxs, qws = autotune.random_inputs(w, m, jnp.bfloat16, seed=9)
     rec["qarray_linear_us"], _, rec["qarray_linear_kernels"] = time_fn(linear, qxs, qws)
+    os.environ["JAXCOMPRESS_QUANT_KERNEL"] = "reference"  # read when linear() is traced
+    try:  # dequantize-then-dot: what linear() falls back to where no kernel is trusted
+        rec["qarray_reference_us"] = time_fn(lambda xx, www: linear(xx, www), qxs, qws)[0]
+    finally:
+        del os.environ["JAXCOMPRESS_QUANT_KERNEL"]
     bt = bf16_timing(k, n, m)
     rec["xla_bf16_us"] = autotune.rank_us(bt)
     groups = k // group if group else 1

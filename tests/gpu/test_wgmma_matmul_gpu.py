@@ -101,11 +101,11 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 128, "asym"), 4096, 4096, (384, 500), dict(block_k=256),
      [None, wm.W4Config(128, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=176),
       wm.W4Config(128, 128, 1, 4, scale_on_acc=False, warp_specialized=True, tile_m=96)]),
-    # 8-bit codes (int8 code - 128, natural order): per channel (a group spans two 128-column pieces
+    # 8-bit codes (int8 code - 128, "paired" order, "natural" in the second case): per channel (a group spans two 128-column pieces
     # of a 256-column step), groups of 128 and 32 (slices of a piece), asymmetric zero points
     # (|code - zero| up to 255, exact in bf16), decode and gemm configs, the bf16 scale multiply
     (Variant(8, 0), 4096, 4096, (1, 3, 8, 13, 32, 64, 300), dict(block_k=256), [None]),
-    (Variant(8, 0, "asym"), 4096, 1024, (1, 16), dict(block_k=256),
+    (Variant(8, 0, "asym"), 4096, 1024, (1, 16), dict(block_k=256, order="natural"),
      [None, wm.W4Config(64, 256, 4, 4, scale_on_acc=False), wm.W4Config(64, 128, 2, 4, split_sum="xla")]),
     (Variant(8, 128, "asym"), 11008, 4096, (1, 8, 40, 136), dict(block_k=128), [None]),
     (Variant(8, 32), 4096, 1024, (1, 16, 96), dict(block_k=256),
