@@ -69,8 +69,32 @@ CHUNK = 32  # columns of one UPCAST_4X word row: the unit of the repack's permut
 
 ORDERS = ("lop3", "prmt")  # 4-bit column orders
 ORDERS_8 = ("paired", "natural")  # 8-bit column orders (`byte_permutation`)
-BITS = (4, 8)
+ORDERS_2 = ("lop3",)  # 2-bit column order (`crumb_permutation`)
+BITS = (2, 4, 8)
 SEGMENT = 16  # columns of one UPCAST_2X row segment: the unit of the 8-bit permutation
+CHUNK2 = 64  # 2-bit columns of one UPCAST_4X word row (16 codes a thread): the 2-bit permutation's unit
+
+
+def orders_of(bits: int) -> tuple[str, ...]:
+    """The column orders a `bits`-wide code can be stored in; the first is the default."""
+    return {2: ORDERS_2, 4: ORDERS, 8: ORDERS_8}[bits]
+
+
+def codes_per_element(bits: int) -> int:
+    """Codes in one element of the stored array: 2-bit codes travel in pairs as int4 (TMA and the
+    UPCAST_4X load know int4), 4- and 8-bit ones one an element."""
+    return 2 if bits == 2 else 1
+
+
+def crumb_permutation() -> np.ndarray:
+    """perm[p] = the logical column stored at physical column p of a 64-column chunk (2-bit codes).
+
+    UPCAST_4X hands thread q its 32-bit word: 2-bit slots i = 0..15 at bits 2i, physical columns
+    16q + i. Register c (c = 0..7) of the wgmma fragment is slots (c, c + 8): ((w >> 2c) & 0x00030003)
+    | magic, one shift and one lop3 a pair; it must hold logical (8c + 2q, 8c + 2q + 1)."""
+    p = np.arange(CHUNK2)
+    q, i = p // 16, p % 16
+    return 8 * (i % 8) + 2 * q + i // 8
 
 
 def chunk_permutation(order: str = "lop3") -> np.ndarray:
@@ -118,7 +142,8 @@ class W4Weight:
     codes: int4 `[N, K]`, columns permuted within each 32-column chunk (`chunk_permutation`);
     "prmt" order stores code - 8, "lop3" order the code's own bits (0..15 read as int4).
     8-bit: int8 `[N, K]` holding code - 128, columns permuted within 16-column segments
-    (`byte_permutation`: "paired" or "natural").
+    (`byte_permutation`: "paired" or "natural"). 2-bit: int4 `[N, K / 2]`, each element two codes
+    (the lower column in its low bits), columns permuted within 64-column chunks (`crumb_permutation`).
     With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k]`, so that each
     64 x block_k tile a pipeline step reads is one contiguous run of memory.
     scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). zero: the QArray's
@@ -175,9 +200,13 @@ class W4Weight:
         (k, n), ks = self.shape, self.k_stored
         c = self.codes.astype(jnp.int32)
         if self.block_k:
-            c = c.transpose(0, 2, 1, 3).reshape(n, ks)
+            c = c.transpose(0, 2, 1, 3).reshape(n, -1)
         if self.bits == 8:
             return c.T.reshape(-1, SEGMENT, n)[:, np.argsort(byte_permutation(self.order))].reshape(ks, n)[:k]
+        if self.bits == 2:
+            pairs = c & 15
+            c = jnp.stack([pairs & 3, pairs >> 2], axis=-1).reshape(n, ks)  # low bits: the lower column
+            return c.T.reshape(-1, CHUNK2, n)[:, np.argsort(crumb_permutation())].reshape(ks, n)[:k] - self.mid
         c = c.T.reshape(-1, CHUNK, n)[:, np.argsort(chunk_permutation(self.order))].reshape(ks, n)[:k]
         return c if self.order == "prmt" else (c & 15) - 8
 
@@ -186,7 +215,7 @@ def repack_problem(w: QArray) -> str | None:
     """Why `w` cannot be repacked for `w4_matmul`, or None if it can."""
     k, n = w.shape
     if w.bits not in BITS:
-        return f"bits={w.bits} (the wgmma kernel reads 4- and 8-bit codes)"
+        return f"bits={w.bits} (the wgmma kernel reads 2-, 4- and 8-bit codes)"
     if w.codebook is not None or w.perm is not None or w.outlier_index is not None:
         return "a codebook, act-order permutation or outliers (uniform grids in storage order only)"
     if w.scale.shape == (1, 1):
@@ -201,18 +230,20 @@ def repack_problem(w: QArray) -> str | None:
         return f"group_size={w.group_size} (groups of 32, 64, 128, 256, ... or per channel)"
     if k % 128:
         return f"K={k} is not a multiple of 128 (the kernel's 128-column steps)"
+    if w.bits == 2 and grouped and w.group_size < 128:
+        return f"group_size={w.group_size} with 2-bit codes (groups of 128 or more, or per channel)"
     if n % 64:
         return f"N={n} is not a multiple of 64 (wgmma's 64 rows a warpgroup)"
     return None
 
 
 def repack_w4(w: QArray, *, order: str | None = None, block_k: int = 0, stored_k: int = 0) -> W4Weight:
-    """One-time repack of a 4- or 8-bit `QArray` into the layout `w4_matmul` reads; `stored_k` pads K
-    with zero codes, scales and zero points (`padded_k`). `order`: one of ORDERS (4-bit) or
-    ORDERS_8 (8-bit); None takes the first."""
+    """One-time repack of a 2-, 4- or 8-bit `QArray` into the layout `w4_matmul` reads; `stored_k` pads
+    K with zero codes, scales and zero points (`padded_k`). `order`: one of `orders_of(w.bits)`; None
+    takes the first."""
     if (problem := repack_problem(w)) is not None:
         raise ConfigError(f"repack_w4: cannot lay out this weight for the wgmma kernel: {problem}")
-    orders = ORDERS_8 if w.bits == 8 else ORDERS
+    orders = orders_of(w.bits)
     order = order or orders[0]
     if order not in orders:
         raise ConfigError(f"repack_w4: order={order!r} for {w.bits}-bit codes; choose one of {orders}")
@@ -243,6 +274,13 @@ def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: 
         codes = codes[np.arange(k).reshape(-1, SEGMENT)[:, byte_permutation(order)].reshape(-1)]
         signed = (codes - 128).astype(jnp.int8).T
         return signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3) if block_k else signed
+    if bits == 2:  # two codes an int4 element, columns permuted within 64-column chunks
+        codes = codes[np.arange(k).reshape(-1, CHUNK2)[:, crumb_permutation()].reshape(-1)].T  # [N, K]
+        nibbles = codes[:, 0::2] | (codes[:, 1::2] << 2)
+        signed = jnp.where(nibbles >= 8, nibbles - 16, nibbles).astype(jnp.int8)  # [N, K / 2]
+        if block_k:
+            signed = signed.reshape(n // 64, 64, k // block_k, block_k // 2).transpose(0, 2, 1, 3)
+        return signed.astype(jnp.int4)
     columns = (np.arange(k).reshape(-1, CHUNK)[:, chunk_permutation(order)]).reshape(-1)
     codes = codes[columns]
     # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
@@ -263,7 +301,7 @@ def emulate_w4(x: jax.Array, w: W4Weight, offset_on_acc: bool = False) -> jax.Ar
     xb = x.astype(dtype).astype(jnp.float32).reshape(m, k // w.group_size, w.group_size)
     codes = w.centered_codes().astype(jnp.float32).reshape(k // w.group_size, w.group_size, n)
     if offset_on_acc:
-        zero = w.zero.astype(jnp.float32)[:k // w.group_size] if w.zero is not None else 8.0
+        zero = w.zero.astype(jnp.float32)[:k // w.group_size] if w.zero is not None else float(w.mid)
         offset = LOP3_MAGIC[dtype][1] + jnp.broadcast_to(zero, (k // w.group_size, n))  # base + zero
         raw = jnp.einsum("mgk,gkn->mgn", xb, codes + offset[:, None], precision="highest")  # base + code
         sums = raw - xb.sum(-1)[..., None] * offset
@@ -574,18 +612,19 @@ def _load(ref, layout):
     return plgpu.load(ref, (), layout=layout) if _load_takes_index() else plgpu.load(ref, layout=layout)
 
 
-def _relabel(regs_of_chunk, shape):
-    """A WGMMA_LAYOUT 16-bit array from, per UPCAST_4X register, its four pairs (c = 0..3)."""
+def _relabel(regs_of_chunk, shape, per_chunk: int = 4):
+    """A WGMMA_LAYOUT 16-bit array of `shape` from, per UPCAST_4X register, its `per_chunk` pairs
+    (four for 4-bit codes, eight for 2-bit ones)."""
     from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.mosaic.gpu import fragmented_array as fa
 
     dst_shape = fa.WGMMA_LAYOUT.registers_shape(shape)
     dst = np.empty(dst_shape, dtype=object)
     # Register index (row tile, column block of 8, ..., row block, ...): the UPCAST_4X register of
-    # column chunk c holds the pairs of column blocks 4c .. 4c + 3.
+    # column chunk c holds the pairs of column blocks per_chunk c .. per_chunk (c + 1) - 1.
     for idx in np.ndindex(*dst_shape):
         col8 = idx[1]
-        dst[idx] = regs_of_chunk((idx[0], col8 // 4) + idx[2:])[col8 % 4]
+        dst[idx] = regs_of_chunk((idx[0], col8 // per_chunk) + idx[2:])[col8 % per_chunk]
     return mgpu.FragmentedArray(_registers=dst, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
 
@@ -594,12 +633,14 @@ def _relabel(regs_of_chunk, shape):
 LOP3_MAGIC = {"bfloat16": (0x43004300, 128.0), "float16": (0x64006400, 1024.0)}
 
 
-def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True):
+def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: int = 4):
     """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> code - 8 in WGMMA_LAYOUT, in bf16 or fp16.
 
     Pair c of a 32-bit word w is nibbles (c, c + 4): ((w >> 4c) & 0x000F000F) | magic is the pair
     (base + code, base + code') exactly (one shift, one lop3), minus base + 8 (one sub.bf16x2 or
-    sub.f16x2). offset=False leaves base + code (`W4Config.offset_on_acc` subtracts it in fp32)."""
+    sub.f16x2). offset=False leaves base + code (`W4Config.offset_on_acc` subtracts it in fp32).
+    bits=2: the word holds 16 codes (two an int4 element), pair c (c = 0..7) is slots (c, c + 8):
+    ((w >> 2c) & 0x00030003) | magic, minus base + 2 (`crumb_permutation`)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -610,22 +651,24 @@ def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True):
     pair = ir.VectorType.get((2,), elt)
     magic, base = LOP3_MAGIC[dtype]
     c = lambda v: arith.constant(i32, v)  # noqa: E731
-    offset_pair = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(elt, base + 8)))
+    mid, per_word = 1 << (bits - 1), 32 // bits // 2  # pairs a 32-bit word
+    mask = ((1 << bits) - 1) * 0x00010001
+    offset_pair = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(elt, base + mid)))
     cache = {}
 
     def pairs(idx):
         if idx not in cache:
             word = mgpu_utils.bitcast(a4.registers[idx], i32)
             out = []
-            for part in range(4):
-                shifted = arith.shrui(word, c(4 * part)) if part else word
-                bits = arith.ori(arith.andi(shifted, c(0x000F000F)), c(magic))
-                bits = mgpu_utils.bitcast(bits, pair)
-                out.append(arith.subf(bits, offset_pair) if offset else bits)
+            for part in range(per_word):
+                shifted = arith.shrui(word, c(bits * part)) if part else word
+                value = mgpu_utils.bitcast(arith.ori(arith.andi(shifted, c(mask)), c(magic)), pair)
+                out.append(arith.subf(value, offset_pair) if offset else value)
             cache[idx] = out
         return cache[idx]
 
-    return _relabel(pairs, a4.shape)
+    rows, cols = a4.shape
+    return _relabel(pairs, (rows, cols * codes_per_element(bits)), per_chunk=per_word)
 
 
 def _convert_prmt(ctx, a4):
@@ -682,7 +725,9 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     # Codes are loaded and converted in pieces of at least 128 columns (a 64-byte swizzled row of
     # 4-bit codes; 8-bit pieces are 128 columns, one 128-byte row, and a larger group takes several);
     # groups of 32 or 64 are column slices of a converted piece.
-    piece = 128 if bits == 8 else max(step_group, 128)
+    cpe = codes_per_element(bits)  # codes an element of the stored array (2-bit: two an int4)
+    # 2-bit pieces are at least 256 columns where the step has them (64-byte rows, as 4-bit's 128)
+    piece = 128 if bits == 8 else max(step_group, min(tile_k, 256) if bits == 2 else 128)
     groups_per_piece = max(piece // step_group, 1)
     pieces_per_group = max(step_group // piece, 1)
     mid = 1 << (bits - 1)
@@ -705,7 +750,8 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         convert = plgpu.inline_mgpu(
             arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
             return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
-        )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc) if order == "lop3" else _convert_prmt)
+        )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc, bits=bits)
+          if order == "lop3" else _convert_prmt)
 
         def load_converted(ref):
             return convert(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_4X))
@@ -728,7 +774,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 """Piece p of the step's codes (its j-th group slice where groups are narrower), for
                 group g, against x's columns col0 .. col0 + width."""
                 if p not in converted:
-                    converted[p] = load_converted(code_piece(pl.ds(p * piece, piece)))
+                    converted[p] = load_converted(code_piece(pl.ds(p * piece // cpe, piece // cpe)))
                 a = converted[p]
                 if groups_per_piece > 1:
                     a = a[:, j * step_group:(j + 1) * step_group]
@@ -778,7 +824,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             total = sums[g]
             if cfg.offset_on_acc:  # sum (base + c) x - (base + zero) sum x = sum (c - zero) x
                 offset = (row_vector(z_smem, g, row_slice) + lop3_base if z_smem is not None
-                          else lop3_base + 8.0)
+                          else lop3_base + float(mid))
                 total = total - offset * sums[groups_per_step + g]
             acc = acc + row_vector(s_smem, g, row_slice) * total
         return acc
@@ -799,7 +845,8 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     x_swizzle = plgpu.find_swizzle(step_group * 16)
     c_swizzle = plgpu.find_swizzle(piece * bits)
     x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
-    c_transforms = (plgpu.TilingTransform((8, 8 * c_swizzle // bits)), plgpu.SwizzleTransform(c_swizzle))
+    elem_bits = 8 if bits == 8 else 4  # the stored array's element (2-bit codes travel as int4 pairs)
+    c_transforms = (plgpu.TilingTransform((8, 8 * c_swizzle // elem_bits)), plgpu.SwizzleTransform(c_swizzle))
     scale_rows = groups_per_step if group_size < tile_k else 1
     steps = k_slice // tile_k
     if group_size >= tile_k:
@@ -808,17 +855,17 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         scale_index = lambda k: (k, 0)  # noqa: E731
     n_blocks, k_parts = tile_n // 64, max(block_k // tile_k, 1)  # 64-row blocks; steps a stored block
     if block_k and not _stacks_blocks(cfg, block_k):  # codes [N / 64, K / tile_k, 64, tile_k]: one contiguous tile a step
-        code_specs = [plgpu.BlockSpec((None, tile_n, tile_k), lambda k: (k, 0, 0), transforms=c_transforms)]
+        code_specs = [plgpu.BlockSpec((None, tile_n, tile_k // cpe), lambda k: (k, 0, 0), transforms=c_transforms)]
         code_operands = [codes_gmem.at[n_idx, pl.ds(k0 // tile_k, steps)]]
         block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[:, cols]  # noqa: E731
     elif block_k:  # codes viewed [N / 64, K / block_k x 64, block_k] (`_stacks_blocks`): the tile's blocks side by side
-        code_specs = [plgpu.BlockSpec((n_blocks, 64, tile_k), lambda k: (0, k // k_parts, k % k_parts),
+        code_specs = [plgpu.BlockSpec((n_blocks, 64, tile_k // cpe), lambda k: (0, k // k_parts, k % k_parts),
                                       transforms=c_transforms)]
         code_operands = [codes_gmem.at[pl.ds(n_idx * n_blocks, n_blocks), pl.ds(k0 // block_k * 64, k_slice // block_k * 64)]]
         block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[b, :, cols]  # noqa: E731
     else:
-        code_specs = [plgpu.BlockSpec((tile_n, tile_k), lambda k: (0, k), transforms=c_transforms)]
-        code_operands = [codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0, k_slice)]]
+        code_specs = [plgpu.BlockSpec((tile_n, tile_k // cpe), lambda k: (0, k), transforms=c_transforms)]
+        code_operands = [codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0 // cpe, k_slice // cpe)]]
         block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[pl.ds(b * rows, rows), cols]  # noqa: E731
     # overlap_mma: a step's x is still read by its wgmma when the next step starts, so its slot is
     # refilled a step later; codes and tables are in registers before the wgmma and go at once.
@@ -982,7 +1029,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded, order=w.order, block_k=w.block_k, with_zero=with_zero,
                              dtype=dtype, bits=w.bits)
-    codes = w.codes.reshape(n // 64, -1, w.block_k) if _stacks_blocks(cfg, w.block_k) else w.codes
+    codes = (w.codes.reshape(n // 64, -1, w.block_k // codes_per_element(w.bits)) if _stacks_blocks(cfg, w.block_k)
+             else w.codes)
     operands = (xb, codes, w.scale, *([w.zero] if with_zero else []))
     tiles = dict(grid=(n // cfg.tile_n,), grid_names=("n",))
     if m_tile < m_padded:

@@ -81,6 +81,39 @@ def test_w8_repack_dequantizes_bit_for_bit(grid, group, block_k, order):
     assert ww.nbytes() == 512 * 192 + groups * 192 * (2 + (2 if grid == "asym" else 0))
 
 
+@pytest.mark.parametrize("grid", ["sym", "asym"])
+@pytest.mark.parametrize("group,block_k", [(128, 0), (128, 256), (256, 128), (0, 256)])
+def test_w2_repack_dequantizes_bit_for_bit(grid, group, block_k):
+    """2-bit codes: two an int4 element (the lower column in the low bits), permuted within 64-column
+    chunks; the kernel's arithmetic (emulate_w4) within bf16 rounding of float64."""
+    w = random_weight(11, 512, 192, Variant(2, group, grid))
+    ww = wm.repack_w4(w, block_k=block_k)
+    assert (ww.codes.dtype, ww.order, ww.bits, ww.mid) == (jnp.int4, "lop3", 2, 2)
+    assert ww.codes.shape == ((3, 512 // block_k, 64, block_k // 2) if block_k else (192, 256))
+    np.testing.assert_array_equal(np.asarray(ww.dequantize(), np.float32), np.asarray(w.dequantize(), np.float32))
+    # thread q = 1's word: physical columns 16 .. 31 hold logical (2, 10, ..., 58) then (3, 11, ..., 59)
+    codes = np.asarray(w.unpacked_codes()).T  # [N, K] in 0..3
+    stored = np.asarray(ww.codes.astype(jnp.int8)).transpose(0, 2, 1, 3).reshape(192, 256) if block_k \
+        else np.asarray(ww.codes.astype(jnp.int8))
+    nibbles = stored[:, 8:16] & 15
+    np.testing.assert_array_equal(nibbles & 3, codes[:, [2, 18, 34, 50, 3, 19, 35, 51]])  # slots 0, 2, ..., 14
+    groups = 1 if group == 0 else 512 // group
+    assert ww.nbytes() == 512 * 192 // 4 + groups * 192 * (2 + (2 if grid == "asym" else 0))
+    x = random_activations(12, (5, 512))
+    assert relative_error(wm.emulate_w4(x, ww), float64_reference(x, w)) < 4e-3
+
+
+def test_crumb_permutation_matches_the_fragment_layout():
+    """Hand-derived: thread q's word holds physical columns 16q .. 16q + 15 (slot i at bits 2i); the
+    fragment's register c = slots (c, c + 8) must be logical (8c + 2q, 8c + 2q + 1)."""
+    perm = wm.crumb_permutation()
+    assert sorted(perm) == list(range(64))
+    assert list(perm[:16]) == [0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57]  # q = 0
+    assert list(perm[16:20]) == [2, 10, 18, 26]  # q = 1
+    with pytest.raises(ConfigError, match="group_size=64 with 2-bit codes"):
+        wm.repack_w4(random_weight(0, 512, 64, Variant(2, 64, "sym")))
+
+
 def test_byte_permutation_matches_the_fragment_layout():
     """Hand-derived: UPCAST_2X hands thread q the bytes 4b .. 4b + 3, b = (0, 2, 1, 3)[q]; the
     fragment wants (2q, 2q + 1) and (8 + 2q, 9 + 2q) there."""
@@ -427,6 +460,16 @@ def test_w8_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, gr
     test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, False, bits=8)
 
 
+@pytest.mark.parametrize("block_k,scale_on_acc,m,grid,ws,group,overlap", [
+    (256, True, 1, "sym", False, 0, False), (256, True, 8, "asym", False, 128, False),
+    (0, True, 3, "sym", False, 128, False), (128, True, 1, "asym", False, 256, False),
+    (256, False, 13, "asym", False, 128, False), (256, True, 2, "asym", False, 128, "fold"),
+    (256, True, 4, "sym", True, 128, False), (256, False, 300, "asym", "gemm", 128, False)])
+def test_w2_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group, overlap):
+    """2-bit codes: 256-column pieces of 64-byte rows (128 where the step is 128), eight pairs a word."""
+    test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=2)
+
+
 @pytest.fixture(scope="module")
 def llama_w4(tmp_path_factory):
     """A tiny random Llama wide enough for 64-row tiles and 128-column groups, RTN W4 g128
@@ -448,7 +491,7 @@ def test_repack_for_wgmma_keeps_the_function(llama_w4, monkeypatch):
     fused, _ = fuse_projections(llama_w4)
     repacked, report = repack_for_wgmma(fused)
     assert len(report.repacked) == 2 * 4 - 1  # qkv, o, gate_up, down a layer, less the 3-bit down
-    assert report.skipped == {"layers.1.mlp.down_proj.kernel": "bits=3 (the wgmma kernel reads 4- and 8-bit codes)"}
+    assert report.skipped == {"layers.1.mlp.down_proj.kernel": "bits=3 (the wgmma kernel reads 2-, 4- and 8-bit codes)"}
     assert "layers.0.self_attn.qkv_proj.kernel" in report.repacked
     assert isinstance(repacked.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)
     assert not isinstance(fused.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)  # input kept

@@ -1,7 +1,7 @@
-"""The Mosaic GPU W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) against the Triton kernel and XLA bf16.
+"""The Mosaic GPU W2 / W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) against the Triton kernel and XLA bf16.
 
 For each (K, N, batch): checks `w4_matmul` against the float64 reference on a real random
-QArray (symmetric or asymmetric, `--bits` 4 or 8, `--group` 128 or 0 for per channel), then times each candidate `W4Config` beside the shipped
+QArray (symmetric or asymmetric, `--bits` 2, 4 or 8, `--group` 128 or 0 for per channel), then times each candidate `W4Config` beside the shipped
 Triton config (`quant_matmul` with the tuning table's entry) and XLA's bf16 dot, all in this
 process and by CUPTI device time. Writes one JSON record per point to --out and prints a table.
 
@@ -43,9 +43,11 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
     kc, ks, kz = jax.random.split(key, 3)
     kk = stored_k or k
     group_size = group_size or k
-    shape = (n // 64, kk // block_k, 64, block_k) if block_k else (n, kk)
+    cpe = wm.codes_per_element(bits)  # 2-bit codes: two an int4 element
+    shape = (n // 64, kk // block_k, 64, block_k // cpe) if block_k else (n, kk // cpe)
     mid = 1 << (bits - 1)
-    codes = jax.random.randint(kc, shape, -mid, mid, jnp.int8).astype(jnp.int4 if bits == 4 else jnp.int8)
+    lo, hi = (-8, 8) if bits <= 4 else (-mid, mid)
+    codes = jax.random.randint(kc, shape, lo, hi, jnp.int8).astype(jnp.int8 if bits == 8 else jnp.int4)
     # fp16 scales, as the quantizers write them (run 13's calls a-e, before repack kept them, used bf16)
     scale = jax.random.uniform(ks, (max(kk // group_size, 1), n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
     zero = jax.random.randint(kz, scale.shape, 0, 2 * mid).astype(jnp.float16) if asym else None
@@ -66,7 +68,7 @@ def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym"
         for stages in (4, 8):
             cfg = dataclasses.replace(base, splits=s, stages=min(stages, k // (tile_k * s)))  # slots used
             cfg = wm.fit_stages(cfg, shell, m)
-            order = wm.ORDERS_8[0] if bits == 8 else "lop3"
+            order = wm.orders_of(bits)[0]
             if (cfg, order, tile_k, False) not in out:
                 out.append((cfg, order, tile_k, False))
     return out
@@ -133,7 +135,7 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 
     if "xla" in flags or "cluster" in flags:
         cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
     # (fit_stages: a cluster's received sums take room)
-    order = ("natural" if "natural" in flags else wm.ORDERS_8[0]) if bits == 8 else "lop3"
+    order = "natural" if bits == 8 and "natural" in flags else wm.orders_of(bits)[0]
     return wm.fit_stages(cfg, shell, m), order, block_k, stored_k != k
 
 

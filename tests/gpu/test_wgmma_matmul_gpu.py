@@ -1,4 +1,4 @@
-"""The Hopper W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) compiled and run on an H100/H200.
+"""The Hopper W2 / W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) compiled and run on an H100/H200.
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q tests/gpu/test_wgmma_matmul_gpu.py
 
@@ -8,7 +8,8 @@ and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`, ba
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
 cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
-(`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`); 8-bit codes. Then `linear()`'s dispatch.
+(`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`); 8- and 2-bit codes. Then
+`linear()`'s dispatch.
 """
 
 import jax
@@ -110,6 +111,14 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(8, 128, "asym"), 11008, 4096, (1, 8, 40, 136), dict(block_k=128), [None]),
     (Variant(8, 32), 4096, 1024, (1, 16, 96), dict(block_k=256),
      [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
+    # 2-bit codes (two an int4 element, eight pairs a 32-bit word): groups of 128 (slices of a
+    # 256-column piece), 256 in 128-column steps (128-column pieces), per channel; the scale multiply,
+    # the offset taken off the group sums, two compute warpgroups, gemm tiles
+    (Variant(2, 128, "asym"), 4096, 4096, (1, 8, 13, 64, 300), dict(block_k=256),
+     [None, wm.W4Config(64, 256, 4, 4, scale_on_acc=False), wm.W4Config(64, 256, 2, 4, offset_on_acc=True)]),
+    (Variant(2, 0), 4096, 1024, (1, 16), dict(block_k=256),
+     [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
+    (Variant(2, 256, "asym"), 11008, 4096, (1, 8), dict(block_k=128), [None]),
 ]
 
 
@@ -131,6 +140,19 @@ def test_fp16_activations(order):
             y = wm.w4_matmul(x, ww, wm.W4Config(64, 256, 4, 4, offset_on_acc=True))
             err = np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
             assert err < 1e-3, err
+
+
+def test_w2_fp16_activations():
+    """2-bit codes with fp16 x: the lop3 conversion's fp16 magic, fp16 tensor-core inputs."""
+    w = random_weight(23, 4096, 1024, Variant(2, 128, "asym"))
+    ww = wm.repack_w4(w, block_k=256)
+    for m in (1, 16):
+        x = random_activations(m, (m, 4096)).astype(np.float16)
+        y = jax.jit(wm.w4_matmul)(x, ww)
+        assert y.dtype == np.float16
+        ref = float64_reference(x, w)
+        assert_blocks_close(y, ref)
+        assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 1e-3
 
 
 def test_w8_fp16_activations():
