@@ -109,13 +109,14 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(8, 0, "asym"), 4096, 1024, (1, 16), dict(block_k=256, order="natural"),
      [None, wm.W4Config(64, 256, 4, 4, scale_on_acc=False), wm.W4Config(64, 128, 2, 4, split_sum="xla")]),
     (Variant(8, 128, "asym"), 11008, 4096, (1, 8, 40, 136), dict(block_k=128), [None]),
-    (Variant(8, 32), 4096, 1024, (1, 16, 96), dict(block_k=256),
-     [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
+    (Variant(8, 32), 4096, 1024, (1, 16, 96), dict(block_k=256), [None]),
+    (Variant(8, 32), 4096, 1024, (1, 16), dict(block_k=256), [wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
     # 2-bit codes (two an int4 element, eight pairs a 32-bit word): groups of 128 (slices of a
     # 256-column piece), 256 in 128-column steps (128-column pieces), per channel; the scale multiply,
     # the offset taken off the group sums, two compute warpgroups, gemm tiles
-    (Variant(2, 128, "asym"), 4096, 4096, (1, 8, 13, 64, 300), dict(block_k=256),
-     [None, wm.W4Config(64, 256, 4, 4, scale_on_acc=False), wm.W4Config(64, 256, 2, 4, offset_on_acc=True)]),
+    (Variant(2, 128, "asym"), 4096, 4096, (1, 8, 13, 64, 300), dict(block_k=256), [None]),
+    (Variant(2, 128, "asym"), 4096, 4096, (1, 13), dict(block_k=256),
+     [wm.W4Config(64, 256, 4, 4, scale_on_acc=False), wm.W4Config(64, 256, 2, 4, offset_on_acc=True)]),
     (Variant(2, 0), 4096, 1024, (1, 16), dict(block_k=256),
      [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
     (Variant(2, 256, "asym"), 11008, 4096, (1, 8), dict(block_k=128), [None]),
