@@ -379,15 +379,25 @@ MIN_PROGRAMS = 200  # programs that fill an H100's 132 SMs (kernel_notes run 13:
 MAX_SPLITS = 16
 
 
-def split_counts(k: int, tile_k: int) -> list[int]:
-    """Split counts dividing K's steps of tile_k, at most MAX_SPLITS, fewest first."""
-    return [s for s in range(1, MAX_SPLITS + 1) if (k // tile_k) % s == 0]
+def splits_keep_groups(k: int, tile_k: int, splits: int, group_size: int = 0) -> bool:
+    """Whether each of `splits` K slices starts on a group boundary where a group spans several
+    steps: a slice's steps index its scale rows from the slice's first group (a slice starting
+    mid-group read the next group's scale a step early: relative error 0.42 on an H200, 2-bit g256
+    in 128-column steps, K = 11008 in 2 splits). group_size 0 or >= K (per channel): one group."""
+    return group_size <= tile_k or group_size >= k or (k // splits) % group_size == 0
 
 
-def split_choices(k: int, n: int, tile_k: int) -> list[int]:
+def split_counts(k: int, tile_k: int, group_size: int = 0) -> list[int]:
+    """Split counts dividing K's steps of tile_k (whole groups a slice, `splits_keep_groups`), at most
+    MAX_SPLITS, fewest first."""
+    return [s for s in range(1, MAX_SPLITS + 1)
+            if (k // tile_k) % s == 0 and splits_keep_groups(k, tile_k, s, group_size)]
+
+
+def split_choices(k: int, n: int, tile_k: int, group_size: int = 0) -> list[int]:
     """The split counts that give 64-row tiles at least MIN_PROGRAMS programs, fewest first;
     empty if none does."""
-    return [s for s in split_counts(k, tile_k) if n // 64 * s >= MIN_PROGRAMS]
+    return [s for s in split_counts(k, tile_k, group_size) if n // 64 * s >= MIN_PROGRAMS]
 
 
 def padded_k(k: int, n: int, block: int = 256) -> int:
@@ -503,7 +513,8 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W
     rows8 = padded_batch(m)
     tiles = sorted({min(rows8, 256)} | {t for t in (128, 256) if t < rows8})
     tile_n = 128 if n % 128 == 0 else 64
-    shapes = [(t, s) for t in tiles for s in split_counts(k, w.block_k or 128)]
+    shapes = [(t, s) for t in tiles for s in split_counts(k, w.block_k or 128, w.group_size)
+              if splits_keep_groups(k, 128, s, w.group_size)]  # gemm steps are 128 columns
     # Balanced tiles (one split only: the only kind measured) even out the waves where 128 and 256
     # rows do not: faster on all 10 points measured at 300-2048 rows (kernel_notes run 20, e.g.
     # 4096 x 4096 at 640 rows 33.9 against 47.7 us).
@@ -528,7 +539,7 @@ def default_config(w: W4Weight, m: int = 1) -> W4Config:
         return gemm_config(w, m)
     k, n = w.k_stored, w.shape[1]
     tile_k = w.block_k or (256 if k % 256 == 0 else 128)
-    splits = (split_choices(k, n, tile_k) or split_counts(k, tile_k)[-1:])[0]
+    splits = (split_choices(k, n, tile_k, w.group_size) or split_counts(k, tile_k, w.group_size)[-1:])[0]
     # Groups below 128 scale the bf16 codes (one accumulator) rather than keep one a group.
     scale_on_acc = w.group_size >= 128
     return fit_stages(W4Config(tile_n=64, tile_k=tile_k, splits=splits, stages=4, scale_on_acc=scale_on_acc), w, m)
@@ -553,6 +564,10 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     if k % (cfg.tile_k * cfg.splits):
         raise ConfigError(f"W4Config: K={k} is not a multiple of tile_k x splits = "
                           f"{cfg.tile_k} x {cfg.splits}")
+    if not splits_keep_groups(k, cfg.tile_k, cfg.splits, w.group_size):
+        raise ConfigError(f"W4Config.splits={cfg.splits}: K={k} in slices of {k // cfg.splits} columns starts a "
+                          f"slice inside a group of {w.group_size} (spanning steps of tile_k={cfg.tile_k}); "
+                          "choose splits that keep whole groups, or a tile_k of the group size")
     if cfg.tile_m % 8 or cfg.tile_m > 256:
         raise ConfigError(f"W4Config.tile_m={cfg.tile_m} must be 0 (the whole batch) or a multiple of 8 "
                           "up to 256 (wgmma's N)")

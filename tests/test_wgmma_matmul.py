@@ -103,6 +103,18 @@ def test_w2_repack_dequantizes_bit_for_bit(grid, group, block_k):
     assert relative_error(wm.emulate_w4(x, ww), float64_reference(x, w)) < 4e-3
 
 
+def test_splits_keep_groups_that_span_steps():
+    """Groups of 256 in 128-column steps: a split may not start mid-group (an H200 run read the next
+    group's scale a step early: relative error 0.42). K = 11008 = 43 groups takes 1 split, 4096 takes 4."""
+    w = wm.repack_w4(random_weight(0, 11008, 256, Variant(2, 256, "asym")), block_k=128)
+    assert wm.default_config(w, 1).splits == 1 and wm.split_counts(11008, 128, 256) == [1]
+    with pytest.raises(ConfigError, match="splits=2: K=11008 in slices of 5504 columns starts a slice inside a group of 256"):
+        wm.check_config(wm.W4Config(64, 128, 2, 4), w, 8)
+    assert wm.split_counts(4096, 128, 256) == [1, 2, 4, 8, 16]
+    assert wm.split_counts(11008, 128, 11008) == [1, 2]  # per channel: one group, any split
+    assert wm.split_counts(11008, 128, 128) == [1, 2]
+
+
 def test_crumb_permutation_matches_the_fragment_layout():
     """Hand-derived: thread q's word holds physical columns 16q .. 16q + 15 (slot i at bits 2i); the
     fragment's register c = slots (c, c + 8) must be logical (8c + 2q, 8c + 2q + 1)."""

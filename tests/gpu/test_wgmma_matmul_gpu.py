@@ -120,6 +120,9 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(2, 0), 4096, 1024, (1, 16), dict(block_k=256),
      [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
     (Variant(2, 256, "asym"), 11008, 4096, (1, 8), dict(block_k=128), [None]),
+    # groups spanning two 128-column steps, K split into slices of whole groups (4 bits and 2)
+    (Variant(4, 256, "asym"), 4096, 1024, (1, 8), dict(block_k=128), [wm.W4Config(64, 128, 4, 4)]),
+    (Variant(2, 256), 4096, 1024, (1, 8), dict(block_k=128), [wm.W4Config(64, 128, 2, 4)]),
 ]
 
 
