@@ -531,6 +531,24 @@ def test_repack_for_wgmma_takes_8_bit_weights(tmp_path, monkeypatch):
     assert kept.skipped["layers.0.mlp.down_proj.kernel"] == "bits=8 not asked for (bits=(4,))"
 
 
+def test_unmeasured_batched_qarray_points_at_the_repack(monkeypatch, caplog):
+    """On a Hopper GPU (faked here), an 8-bit QArray at an unmeasured batch > 1 runs the default Triton
+    config (0.22-0.49x bf16 measured) and says once that repack_for_wgmma runs it on the wgmma kernel."""
+    import logging
+
+    from jaxcompress.quant import kernels_dispatch as kd
+
+    monkeypatch.setattr(kd, "compute_capability", lambda: 9.0)
+    w = random_weight(0, 4096, 512, Variant(8, 0, "sym"))
+    with caplog.at_level(logging.WARNING, logger=kd.__name__):
+        assert kd.choose_config(jnp.zeros((1, 4096), jnp.bfloat16), w) is not None
+        assert "repack_for_wgmma" not in caplog.text  # batch 1: the measured GEMV
+        for _ in range(2):
+            assert kd.choose_config(jnp.zeros((8, 4096), jnp.bfloat16), w) is not None
+    assert caplog.text.count("8-bit weight (4096, 512) at batch 8 has no measured kernel config") == 1
+    assert "repack_for_wgmma(model)" in caplog.text
+
+
 def test_probe_script_configs():
     """scripts/gpu/wgmma_w4_probe.py: the flags of --configs and the default sweep (run 16's)."""
     from script_loader import load_script
@@ -578,6 +596,14 @@ def test_probe_issue_records():
         ("wgmma", 3.0, 0.2), ("triton", 1.5, 0.1)]
     for key in ("bits", "group_size", "m", "k", "n", "kernel_us", "xla_bf16_us", "speedup", "roofline_fraction"):
         assert key in recs[0]
+    # an 8-bit point with both orders timed and the QArray's own path: --report-order keeps the default's
+    cand = lambda order, us: {"config": {"order": order, "loads_only": False}, "us": us, "rel_err": 2e-3}  # noqa: E731
+    w8 = {**point, "bits": 8, "group_size": 0, "wgmma_us": 4.0, "qarray_linear_us": 30.0,
+          "candidates": [cand("paired", 6.0), cand("natural", 4.0), {**cand("paired", 1.0), "rel_err": None}]}
+    recs = probe.issue_records({"device": "NVIDIA H100 80GB HBM3", "jax": "0.11.2", "commit": "abc", "records": [w8]},
+                               order="paired")
+    assert [(r["variant"], r["kernel_us"], r["speedup"]) for r in recs] == [
+        ("w8_ch_sym wgmma", 6.0, 2.5), ("w8_ch_sym qarray", 30.0, 0.5)]
 
 
 def test_repacked_model_checkpoint_roundtrip(llama_w4, tmp_path):

@@ -212,19 +212,32 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     return rec
 
 
-def issue_records(probe: dict) -> list[dict]:
+def best_of_order(rec: dict, order: str) -> tuple[float | None, dict | None]:
+    """(us, config) of the fastest checked candidate of a probe point stored in `order`."""
+    ok = [c for c in rec.get("candidates", []) if "us" in c and not c["config"]["loads_only"]
+          and c.get("rel_err") is not None and c["config"]["order"] == order]
+    best = min(ok, key=lambda c: c["us"], default=None)
+    return (best["us"], best["config"]) if best else (None, None)
+
+
+def issue_records(probe: dict, order: str | None = None) -> list[dict]:
     """The probe's points in the issue-5 record format (`quant_matmul_<card>.json`): one record for
-    this kernel and one for the shipped Triton kernel a point. The roofline is the weight bytes
-    over the card's specified bandwidth (the probe does not measure a copy)."""
+    this kernel (its fastest candidate, or the fastest stored in `order`) and one for the QArray as
+    linear() runs it (`qarray`: its tuning-table Triton config, else the default of an unmeasured
+    batch) or, in probes before that was timed, the table's Triton config (`triton`). The roofline is
+    the weight bytes over the card's specified bandwidth (the probe does not measure a copy)."""
     from pallas_kernels.benchmark import spec_bandwidth
 
     bandwidth = spec_bandwidth(probe["device"])
     out = []
     for r in probe["records"]:
-        if r.get("wgmma_us") is None:
+        wgmma_us, wgmma_config = best_of_order(r, order) if order else (r.get("wgmma_us"), r.get("wgmma_config"))
+        if wgmma_us is None:
             continue
         floor_us = r["weight_bytes"] / bandwidth * 1e6 if bandwidth else None
-        for kernel, us in (("wgmma", r["wgmma_us"]), ("triton", r.get("triton_us"))):
+        other = (("qarray", r["qarray_linear_us"], "linear() on the QArray") if r.get("qarray_linear_us")
+                 else ("triton", r.get("triton_us"), r.get("triton_config")))
+        for kernel, us, config in (("wgmma", wgmma_us, wgmma_config), other):
             if us is None:
                 continue
             bits, group = r.get("bits", 4), r["group_size"]
@@ -234,18 +247,18 @@ def issue_records(probe: dict) -> list[dict]:
                         "kernel_us": us, "xla_bf16_us": r["xla_bf16_us"], "speedup": r["xla_bf16_us"] / us,
                         "roofline_fraction": floor_us / us if floor_us else None,
                         "roofline_basis": f"spec {bandwidth / 1e12:.2f} TB/s" if bandwidth else None,
-                        "config": r["wgmma_config"] if kernel == "wgmma" else r.get("triton_config"),
+                        "config": config,
                         "rel_err": r["rel_err"] if kernel == "wgmma" else None,
                         "device": probe["device"], "jax": probe["jax"], "commit": probe["commit"]})
     return out
 
 
-def write_issue_report(probe_paths: list[str], out: str) -> None:
+def write_issue_report(probe_paths: list[str], out: str, order: str | None = None) -> None:
     """--report: issue-format JSON, a markdown table and the speedup plot from probe JSONs."""
     from jaxcompress.io.atomic import write_json
     from pallas_kernels.benchmark import plot
 
-    records = [rec for path in probe_paths for rec in issue_records(json.load(open(path)))]
+    records = [rec for path in probe_paths for rec in issue_records(json.load(open(path)), order)]
     write_json(out, records)
     lines = ["| kernel | K x N | batch | kernel us | XLA bf16 us | speedup | roofline |", "|---|---|---|---|---|---|---|"]
     for r in records:
@@ -255,17 +268,19 @@ def write_issue_report(probe_paths: list[str], out: str) -> None:
     base = out[:-len(".json")] if out.endswith(".json") else out
     with open(base + ".md", "w") as f:
         f.write(f"# {', '.join(sorted({r['variant'].split()[0] for r in records}))} on {records[0]['device']}: "
-                f"the wgmma kernel and the shipped Triton kernel\n\n"
+                f"the wgmma kernel and the QArray's own path\n\n"
                 f"jax {records[0]['jax']}, commit {records[0]['commit']}; CUPTI time a call, split-K sum "
                 f"included, XLA bf16 dot in the same process; roofline = weight bytes / "
                 f"{records[0]['roofline_basis']}.\n\n" + "\n".join(lines) + "\n")
-    plot(records, base + ".png", records[0]["device"], note="wgmma (Mosaic GPU) vs the shipped Triton kernels")
+    plot(records, base + ".png", records[0]["device"], note="wgmma (Mosaic GPU) vs the QArray as linear() runs it")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="probe JSON (with --report: the issue-format JSON to write)")
     ap.add_argument("--report", nargs="+", help="probe JSONs to turn into --out, its .md table and .png plot")
+    ap.add_argument("--report-order", help="with --report: each point's fastest candidate stored in this order "
+                                           "(e.g. the default 'paired' of 8-bit codes), not the fastest of all")
     ap.add_argument("--shapes", default="4096x4096,4096x14336")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--grids", default="sym")
@@ -277,7 +292,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.report:
-        return write_issue_report(args.report, args.out)
+        return write_issue_report(args.report, args.out, args.report_order)
     t0 = time.time()
     records = []
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
