@@ -1,4 +1,4 @@
-"""W4 weights x bf16/fp16 activations on Hopper tensor cores, loads decoupled from arithmetic (Mosaic GPU).
+"""W4 (and W8, W2) weights x bf16/fp16 activations on Hopper tensor cores, loads decoupled from arithmetic (Mosaic GPU).
 
 The Triton kernels of `quant_matmul` load each step's code words into registers and convert them
 there, so a warp's loads and its arithmetic take turns, and at batch 8-32 their tensor-core path
@@ -47,7 +47,11 @@ batch 1 and 8 on the Llama shapes (3.8x on 4096 x 1024 at batch 1, where XLA's o
 0.85-1.16x the Triton GEMV at batch 1 and 1.3-2.6x the Triton kernels at batch 8. At batches
 64-512 on the H200 (runs 17-18): 1.03-1.77x XLA's bf16 at 64-128 rows, 0.76-1.25x at 256-512 (the
 asymmetric grids and the shapes whose tiles make uneven waves lowest), and 3.8-17x faster than the
-dequantize-then-dot that ran there before. CPU tests check
+dequantize-then-dot that ran there before. 8- and 2-bit codes (`W4Weight.bits`) take the same
+pipeline: 8-bit ones as int8 in a byte order whose converted words are the fragment (`byte_permutation`),
+2-bit ones as int4 pairs with eight lop3 pairs a word (`crumb_permutation`); on an H200 (run 21) W8 per
+channel ran 1.30-1.43x XLA's bf16 at batch 8 and W2 g128 1.88-2.32x, 4-6x faster than the QArrays'
+Triton path there, and 3-17% slower than their tuned GEMV at batch 1. CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """
@@ -137,7 +141,7 @@ def byte_permutation(order: str = "paired") -> np.ndarray:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class W4Weight:
-    """A 4-bit (or 8-bit, `bits=8`) `[K, N]` weight laid out for `w4_matmul` (see the module docstring).
+    """A 4-bit (or 2- or 8-bit: `bits`) `[K, N]` weight laid out for `w4_matmul` (see the module docstring).
 
     codes: int4 `[N, K]`, columns permuted within each 32-column chunk (`chunk_permutation`);
     "prmt" order stores code - 8, "lop3" order the code's own bits (0..15 read as int4).
