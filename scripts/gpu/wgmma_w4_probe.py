@@ -1,9 +1,12 @@
 """The Mosaic GPU W2 / W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) against the Triton kernel and XLA bf16.
 
 For each (K, N, batch): checks `w4_matmul` against the float64 reference on a real random
-QArray (symmetric or asymmetric, `--bits` 2, 4 or 8, `--group` 128 or 0 for per channel), then times each candidate `W4Config` beside the shipped
-Triton config (`quant_matmul` with the tuning table's entry) and XLA's bf16 dot, all in this
-process and by CUPTI device time. Writes one JSON record per point to --out and prints a table.
+QArray (symmetric or asymmetric, `--bits` 2, 4 or 8, `--group` 128 or 0 for per channel), then
+times each candidate `W4Config` beside the shipped Triton config (`quant_matmul` with the tuning
+table's entry), `linear()` on the QArray itself and XLA's bf16 dot, all in this
+process and by CUPTI device time, with XLA's own read of the weight's bytes (`read_timing`: the floor
+no kernel of them can beat, so bf16 / that is the highest speedup the card allows). Writes one JSON
+record per point to --out and prints a table.
 
     python scripts/gpu/wgmma_w4_probe.py --out $OUT/wgmma.json --shapes 4096x4096 --batches 1,16
 """
@@ -28,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxcompress.ops.linear import linear  # noqa: E402
 from pallas_kernels import autotune, wgmma_matmul as wm  # noqa: E402
-from pallas_kernels.benchmark import bf16_timing  # noqa: E402
+from pallas_kernels.benchmark import bf16_timing, read_timing  # noqa: E402
 from pallas_kernels.layout import kernel_layout  # noqa: E402
 from pallas_kernels.quant_matmul import quant_matmul  # noqa: E402
 from pallas_kernels.testing import Variant, float64_reference, random_activations, random_weight, relative_error  # noqa: E402
@@ -204,6 +207,9 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     groups = k // group if group else 1
     nbytes = k * n * bits // 8 + groups * n * 2 + (groups * n * 2 if grid == "asym" else 0)  # fp16 tables
     rec["weight_bytes"] = nbytes
+    # XLA's own read of as many bytes: the floor below which no kernel of these weights can go
+    rec["read_floor_us"] = autotune.rank_us(read_timing(nbytes))
+    rec["ceiling_vs_bf16"] = rec["xla_bf16_us"] / rec["read_floor_us"]
     if rec["wgmma_us"]:
         rec["wgmma_tb_s"] = nbytes / rec["wgmma_us"] / 1e6
         rec["speedup_vs_bf16"] = rec["xla_bf16_us"] / rec["wgmma_us"]
@@ -312,7 +318,7 @@ def main() -> None:
             json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                        "commit": os.environ.get("JAXCOMPRESS_GIT_COMMIT"), "records": records}, f, indent=1)
     print(f"\n{'grid':5} {'K x N':13} {'m':>3} {'err':>8} {'wgmma':>7} {'triton':>7} {'linear':>7} {'bf16':>7} "
-          f"{'vs bf16':>7} {'vs tri':>7} {'TB/s':>5} {'deq+dot':>7} config")
+          f"{'vs bf16':>7} {'vs tri':>7} {'TB/s':>5} {'read':>6} {'ceiling':>7} {'deq+dot':>7} config")
     for r in records:
         if "error" in r:
             print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} ERROR {r['error'][:200]}")
@@ -321,6 +327,7 @@ def main() -> None:
         print(f"{r['grid']:5} {r['k']}x{r['n']:<8} {r['m']:>3} {f(r['rel_err'], '8.1e'):>8} {f(r['wgmma_us']):>7} "
               f"{f(r.get('triton_us')):>7} {f(r.get('qarray_linear_us')):>7} {f(r['xla_bf16_us']):>7} {f(r.get('speedup_vs_bf16'), '.2f'):>7} "
               f"{f(r.get('speedup_vs_triton'), '.2f'):>7} {f(r.get('wgmma_tb_s'), '.2f'):>5} "
+              f"{f(r.get('read_floor_us')):>6} {f(r.get('ceiling_vs_bf16'), '.2f'):>7} "
               f"{f(r.get('dequant_dot_us')):>7} {r['wgmma_config']}")
 
 
