@@ -4,9 +4,9 @@ For each (K, N, batch): checks `w4_matmul` against the float64 reference on a re
 QArray (symmetric or asymmetric, `--bits` 2, 4 or 8, `--group` 128 or 0 for per channel), then
 times each candidate `W4Config` beside the shipped Triton config (`quant_matmul` with the tuning
 table's entry), `linear()` on the QArray itself and XLA's bf16 dot, all in this
-process and by CUPTI device time, with XLA's own read of the weight's bytes (`read_timing`: the floor
-no kernel of them can beat, so bf16 / that is the highest speedup the card allows). Writes one JSON
-record per point to --out and prints a table.
+process and by CUPTI device time, with XLA's own read of the weight's bytes (`read_timing`; bf16 / that
+is the speedup a kernel reading as fast as XLA's reduction would reach, the "ceiling"). Writes one
+JSON record per point to --out and prints a table.
 
     python scripts/gpu/wgmma_w4_probe.py --out $OUT/wgmma.json --shapes 4096x4096 --batches 1,16
 """
@@ -207,7 +207,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
     groups = k // group if group else 1
     nbytes = k * n * bits // 8 + groups * n * 2 + (groups * n * 2 if grid == "asym" else 0)  # fp16 tables
     rec["weight_bytes"] = nbytes
-    # XLA's own read of as many bytes: the floor below which no kernel of these weights can go
+    # XLA's own read of as many bytes: a kernel that reads no faster stays above it
     rec["read_floor_us"] = autotune.rank_us(read_timing(nbytes))
     rec["ceiling_vs_bf16"] = rec["xla_bf16_us"] / rec["read_floor_us"]
     if rec["wgmma_us"]:
