@@ -2,7 +2,8 @@
 
     # on the GPU machine (writes records, meta and the tuning table under --out):
     PYTHONPATH=. python scripts/bench_kernels.py --out $OUT
-    # the Hopper W4 kernel (wgmma) as linear() runs a repacked model, every shape and batch:
+    # the Hopper W4 kernel (wgmma) as linear() runs a repacked model, every shape and batch
+    # (--suite wgmma-w8w2: W8 per channel and W2 g128 on it):
     PYTHONPATH=. python scripts/bench_kernels.py --suite wgmma --out $OUT
     # anywhere: markdown table and plot from a records file
     PYTHONPATH=. python scripts/bench_kernels.py --report docs/results/quant_matmul_h100.json
@@ -124,8 +125,12 @@ def suites(name: str):
         # repacked by `repack_for_wgmma`): every shape and batch, symmetric, then asymmetric
         return [Sweep(Variant(4, 128), kind="wgmma"),
                 Sweep(Variant(4, 128, "asym"), shapes=LLAMA[:4], batches=(1, 8, 32, 128, 512), kind="wgmma")]
+    if name == "wgmma-w8w2":  # the Hopper kernel on repacked W8 per channel and W2 g128 weights (kernel_notes
+        # run 21 timed 4 shapes at batch 1 / 8 in the probe): every shape, decode batches and two prefill ones
+        return [Sweep(Variant(8, 0), batches=(1, 2, 4, 8, 16, 32, 128), kind="wgmma"),
+                Sweep(Variant(2, 128), batches=(1, 2, 4, 8, 16, 32, 128), kind="wgmma")]
     raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, e2e, "
-                     f"sym-batched, quick, w4 or wgmma")
+                     f"sym-batched, quick, w4, wgmma or wgmma-w8w2")
 
 
 def only_batches(sweeps, batches: set[int]) -> list:

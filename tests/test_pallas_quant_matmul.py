@@ -319,6 +319,12 @@ def test_bench_kernels_times_the_wgmma_kernel_on_fresh_buffers():
     assert a.codes.dtype == jnp.int4 and a.codes.shape == w.codes.shape
     assert not np.array_equal(np.asarray(a.codes, np.int8), np.asarray(b.codes, np.int8))
     assert a.shape == w.shape and a.block_k == w.block_k
+    # 8-bit codes too (int8: before, every buffer shared one codes array, which the L2 could serve)
+    assert {(s.variant.bits, s.kind) for s in bench.suites("wgmma-w8w2")} == {(8, "wgmma"), (2, "wgmma")}
+    w8 = wm.repack_w4(random_weight(0, 256, 128, Variant(8, 0)), block_k=256)
+    a8, b8 = (autotune.random_like(w8, jax.random.key(i)) for i in (1, 2))
+    assert a8.codes.dtype == jnp.int8 and a8.bits == 8 and a8.order == "paired"
+    assert not np.array_equal(np.asarray(a8.codes), np.asarray(b8.codes))
     cfg = {**dataclasses.asdict(wm.gemm_config(w, 256)), "block_k": 256, "stored_k": 0}
     rec = {"variant": "w4_g128_asym-wgmma", "kind": "wgmma", "bits": 4, "group_size": 128, "grid": "asym",
            "layout": "wgmma-bk256", "m": 256, "k": 256, "n": 128, "config": cfg, "kernel_us": 10.0,
