@@ -120,6 +120,14 @@ def chunk_permutation(order: str = "lop3") -> np.ndarray:
     raise ConfigError(f"chunk_permutation: order={order!r}; choose one of {ORDERS}")
 
 
+def column_permutation(bits: int, order: str) -> np.ndarray:
+    """The stored column order of `bits`-wide codes within their unit (its length): 32-column chunks
+    (4-bit), 16-column segments (8-bit) or 64-column chunks (2-bit)."""
+    if bits == 8:
+        return byte_permutation(order)
+    return crumb_permutation() if bits == 2 else chunk_permutation(order)
+
+
 def byte_permutation(order: str = "paired") -> np.ndarray:
     """perm[p] = the logical column stored at physical column p of a 16-column segment (8-bit codes).
 
@@ -205,14 +213,13 @@ class W4Weight:
         c = self.codes.astype(jnp.int32)
         if self.block_k:
             c = c.transpose(0, 2, 1, 3).reshape(n, -1)
-        if self.bits == 8:
-            return c.T.reshape(-1, SEGMENT, n)[:, np.argsort(byte_permutation(self.order))].reshape(ks, n)[:k]
-        if self.bits == 2:
-            pairs = c & 15
-            c = jnp.stack([pairs & 3, pairs >> 2], axis=-1).reshape(n, ks)  # low bits: the lower column
-            return c.T.reshape(-1, CHUNK2, n)[:, np.argsort(crumb_permutation())].reshape(ks, n)[:k] - self.mid
-        c = c.T.reshape(-1, CHUNK, n)[:, np.argsort(chunk_permutation(self.order))].reshape(ks, n)[:k]
-        return c if self.order == "prmt" else (c & 15) - 8
+        if self.bits == 2:  # two codes an int4 element, the lower column in the low bits
+            c = jnp.stack([c & 3, (c >> 2) & 3], axis=-1).reshape(n, ks)
+        perm = column_permutation(self.bits, self.order)
+        c = c.T.reshape(-1, len(perm), n)[:, np.argsort(perm)].reshape(ks, n)[:k]
+        if self.bits == 8 or self.order == "prmt":  # stored as code - mid
+            return c
+        return (c & ((1 << self.bits) - 1)) - self.mid  # stored as the code's own bits
 
 
 def repack_problem(w: QArray) -> str | None:
@@ -274,25 +281,20 @@ def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: 
     n = words.shape[1]
     codes = jnp.pad(unpack_codes(words, bits, k), ((0, stored_k - k), (0, 0)))  # [K stored, N] in 0 .. 2**bits - 1
     k = stored_k
-    if bits == 8:  # code - 128 as int8, columns permuted within 16-column segments
-        codes = codes[np.arange(k).reshape(-1, SEGMENT)[:, byte_permutation(order)].reshape(-1)]
-        signed = (codes - 128).astype(jnp.int8).T
-        return signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3) if block_k else signed
-    if bits == 2:  # two codes an int4 element, columns permuted within 64-column chunks
-        codes = codes[np.arange(k).reshape(-1, CHUNK2)[:, crumb_permutation()].reshape(-1)].T  # [N, K]
-        nibbles = codes[:, 0::2] | (codes[:, 1::2] << 2)
-        signed = jnp.where(nibbles >= 8, nibbles - 16, nibbles).astype(jnp.int8)  # [N, K / 2]
-        if block_k:
-            signed = signed.reshape(n // 64, 64, k // block_k, block_k // 2).transpose(0, 2, 1, 3)
-        return signed.astype(jnp.int4)
-    columns = (np.arange(k).reshape(-1, CHUNK)[:, chunk_permutation(order)]).reshape(-1)
-    codes = codes[columns]
-    # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
-    stored = codes - 8 if order == "prmt" else jnp.where(codes >= 8, codes - 16, codes)
-    signed = stored.astype(jnp.int8).T  # [N, K], physical column order
+    perm = column_permutation(bits, order)
+    codes = codes[np.arange(k).reshape(-1, len(perm))[:, perm].reshape(-1)].T  # [N, K], physical column order
+    if bits == 8:  # code - 128 as int8
+        stored = codes - 128
+    elif bits == 2:  # two codes an int4 element, the lower column in the low bits
+        stored = codes[:, 0::2] | (codes[:, 1::2] << 2)
+    else:  # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
+        stored = codes - 8 if order == "prmt" else codes
+    if bits != 8 and order != "prmt":  # raw bits 0..15 read as int4
+        stored = jnp.where(stored >= 8, stored - 16, stored)
+    signed = stored.astype(jnp.int8)  # [N, K / codes_per_element]
     if block_k:
-        signed = signed.reshape(n // 64, 64, k // block_k, block_k).transpose(0, 2, 1, 3)
-    return signed.astype(jnp.int4)
+        signed = signed.reshape(n // 64, 64, k // block_k, block_k // codes_per_element(bits)).transpose(0, 2, 1, 3)
+    return signed if bits == 8 else signed.astype(jnp.int4)
 
 
 def emulate_w4(x: jax.Array, w: W4Weight, offset_on_acc: bool = False) -> jax.Array:
@@ -517,7 +519,7 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W
     rows8 = padded_batch(m)
     tiles = sorted({min(rows8, 256)} | {t for t in (128, 256) if t < rows8})
     tile_n = 128 if n % 128 == 0 else 64
-    shapes = [(t, s) for t in tiles for s in split_counts(k, w.block_k or 128, w.group_size)
+    shapes = [(t, s) for t in tiles for s in split_counts(k, w.block_k or 128)
               if splits_keep_groups(k, 128, s, w.group_size)]  # gemm steps are 128 columns
     # Balanced tiles (one split only: the only kind measured) even out the waves where 128 and 256
     # rows do not: faster on all 10 points measured at 300-2048 rows (kernel_notes run 20, e.g.
