@@ -74,20 +74,56 @@ CHUNK = 32  # columns of one UPCAST_4X word row: the unit of the repack's permut
 ORDERS = ("lop3", "prmt")  # 4-bit column orders
 ORDERS_8 = ("paired", "natural")  # 8-bit column orders (`byte_permutation`)
 ORDERS_2 = ("lop3",)  # 2-bit column order (`crumb_permutation`)
-BITS = (2, 4, 8)
+ORDERS_3 = ("lop3",)  # 3-bit: the 4-bit lop3 column order, the codes split in two planes (`split_planes`)
+BITS = (2, 3, 4, 8)
 SEGMENT = 16  # columns of one UPCAST_2X row segment: the unit of the 8-bit permutation
 CHUNK2 = 64  # 2-bit columns of one UPCAST_4X word row (16 codes a thread): the 2-bit permutation's unit
 
 
 def orders_of(bits: int) -> tuple[str, ...]:
     """The column orders a `bits`-wide code can be stored in; the first is the default."""
-    return {2: ORDERS_2, 4: ORDERS, 8: ORDERS_8}[bits]
+    return {2: ORDERS_2, 3: ORDERS_3, 4: ORDERS, 8: ORDERS_8}[bits]
 
 
 def codes_per_element(bits: int) -> int:
-    """Codes in one element of the stored array: 2-bit codes travel in pairs as int4 (TMA and the
-    UPCAST_4X load know int4), 4- and 8-bit ones one an element."""
-    return 2 if bits == 2 else 1
+    """Codes in one element of the stored array (`W4Weight.codes`): 2-bit codes travel in pairs as int4
+    (TMA and the UPCAST_4X load know int4), as do the low two bits of 3-bit codes; 4- and 8-bit ones
+    one an element."""
+    return 2 if bits in (2, 3) else 1
+
+
+def plane_divisors(bits: int) -> tuple[int, ...]:
+    """Codes an element of each stored plane: `codes`, then (3-bit) `high`, four third bits an int4."""
+    return (2, 4) if bits == 3 else (codes_per_element(bits),)
+
+
+def split_planes(phys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """3-bit codes [N, K] (0..7) in the 4-bit lop3 column order -> (low [N, K / 2], high [N, K / 4]),
+    int4 element values 0..15 (K a multiple of 128).
+
+    The kernel builds each 32-column chunk's 4-bit word (its nibbles the codes, `chunk_permutation`)
+    from one low and one high register with one lop3, (low' & 0x33333333) | (high' & 0xCCCCCCCC),
+    and converts it as 4-bit codes whose mask drops the nibbles' top bit:
+    * low element e of 32-element chunk l: the low two bits of 4-bit chunks 2l (bits 0-1) and 2l + 1
+      (bits 2-3) at column e (low' = the register, or it shifted right by 2);
+    * high element e of 32-element chunk h: bit j = the third bit of chunk 4h + j at column e
+      (high' = the register shifted so that bit j of each nibble lands on bit 2)."""
+    n, k = phys.shape
+    pairs = phys.reshape(n, k // 64, 2, 32)
+    low = (pairs[:, :, 0] & 3) | ((pairs[:, :, 1] & 3) << 2)
+    third = (phys >> 2).reshape(n, k // 128, 4, 32)
+    high = sum(third[:, :, j] << j for j in range(4))
+    return low.reshape(n, k // 2), high.reshape(n, k // 4)
+
+
+def join_planes(low: jax.Array, high: jax.Array) -> jax.Array:
+    """Inverse of `split_planes`: the element values (any int dtype; only their low 4 bits count)."""
+    n = low.shape[0]
+    lo = low.astype(jnp.int32).reshape(n, -1, 1, 32)
+    lo = jnp.concatenate([lo & 3, (lo >> 2) & 3], axis=2).reshape(n, -1)
+    hi = high.astype(jnp.int32).reshape(n, -1, 1, 32)
+    hi = jnp.concatenate([(hi >> j) & 1 for j in range(4)], axis=2).reshape(n, -1)
+    return lo | (hi << 2)
 
 
 def crumb_permutation() -> np.ndarray:
@@ -125,7 +161,7 @@ def column_permutation(bits: int, order: str) -> np.ndarray:
     (4-bit), 16-column segments (8-bit) or 64-column chunks (2-bit)."""
     if bits == 8:
         return byte_permutation(order)
-    return crumb_permutation() if bits == 2 else chunk_permutation(order)
+    return crumb_permutation() if bits == 2 else chunk_permutation(order)  # 3-bit: the 4-bit lop3 order
 
 
 def byte_permutation(order: str = "paired") -> np.ndarray:
@@ -156,7 +192,9 @@ class W4Weight:
     8-bit: int8 `[N, K]` holding code - 128, columns permuted within 16-column segments
     (`byte_permutation`: "paired" or "natural"). 2-bit: int4 `[N, K / 2]`, each element two codes
     (the lower column in its low bits), columns permuted within 64-column chunks (`crumb_permutation`).
-    With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k]`, so that each
+    3-bit: in the 4-bit lop3 order, split in two planes (`split_planes`): `codes` int4 `[N, K / 2]`
+    holds the low two bits, `high` int4 `[N, K / 4]` the third bits.
+    With `block_k`, stored blocked `[N / 64, K / block_k, 64, block_k / codes an element]`, so that each
     64 x block_k tile a pipeline step reads is one contiguous run of memory.
     scale: `[G, N]` in the QArray's scale dtype (G = K / group_size). zero: the QArray's
     integer-valued `[G, N]` zero points (asymmetric grids), or None (symmetric: 2**(bits-1) implied).
@@ -175,6 +213,7 @@ class W4Weight:
     dtype: str = dataclasses.field(default="bfloat16", metadata=dict(static=True))
     stored_k: int = dataclasses.field(default=0, metadata=dict(static=True))
     bits: int = dataclasses.field(default=4, metadata=dict(static=True))
+    high: jax.Array | None = None  # 3-bit codes' third bits (`split_planes`); None otherwise
 
     @property
     def mid(self) -> int:
@@ -210,11 +249,12 @@ class W4Weight:
     def logical_codes(self) -> jax.Array:
         """int32 `[K, N]` codes - mid in the original column order (tests, `emulate_w4`)."""
         (k, n), ks = self.shape, self.k_stored
-        c = self.codes.astype(jnp.int32)
-        if self.block_k:
-            c = c.transpose(0, 2, 1, 3).reshape(n, -1)
+        unblock = lambda a: a.transpose(0, 2, 1, 3).reshape(n, -1) if self.block_k else a  # noqa: E731
+        c = unblock(self.codes.astype(jnp.int32))
         if self.bits == 2:  # two codes an int4 element, the lower column in the low bits
             c = jnp.stack([c & 3, (c >> 2) & 3], axis=-1).reshape(n, ks)
+        elif self.bits == 3:
+            c = join_planes(c, unblock(self.high.astype(jnp.int32)))
         perm = column_permutation(self.bits, self.order)
         c = c.T.reshape(-1, len(perm), n)[:, np.argsort(perm)].reshape(ks, n)[:k]
         if self.bits == 8 or self.order == "prmt":  # stored as code - mid
@@ -226,7 +266,7 @@ def repack_problem(w: QArray) -> str | None:
     """Why `w` cannot be repacked for `w4_matmul`, or None if it can."""
     k, n = w.shape
     if w.bits not in BITS:
-        return f"bits={w.bits} (the wgmma kernel reads 2-, 4- and 8-bit codes)"
+        return f"bits={w.bits} (the wgmma kernel reads 2-, 3-, 4- and 8-bit codes)"
     if w.codebook is not None or w.perm is not None or w.outlier_index is not None:
         return "a codebook, act-order permutation or outliers (uniform grids in storage order only)"
     if w.scale.shape == (1, 1):
@@ -241,8 +281,8 @@ def repack_problem(w: QArray) -> str | None:
         return f"group_size={w.group_size} (groups of 32, 64, 128, 256, ... or per channel)"
     if k % 128:
         return f"K={k} is not a multiple of 128 (the kernel's 128-column steps)"
-    if w.bits == 2 and grouped and w.group_size < 128:
-        return f"group_size={w.group_size} with 2-bit codes (groups of 128 or more, or per channel)"
+    if w.bits in (2, 3) and grouped and w.group_size < 128:
+        return f"group_size={w.group_size} with {w.bits}-bit codes (groups of 128 or more, or per channel)"
     if n % 64:
         return f"N={n} is not a multiple of 64 (wgmma's 64 rows a warpgroup)"
     return None
@@ -271,30 +311,37 @@ def repack_w4(w: QArray, *, order: str | None = None, block_k: int = 0, stored_k
     # fp32 / fp16 / bf16 scales: the kernel scales the group sums in fp32; the padding's are zero
     scale = jnp.pad(w.scale, pad) if ks != k else w.scale
     zero = jnp.pad(w.zero, pad) if ks != k and w.zero is not None else w.zero
-    return W4Weight(codes=_layout_codes(w.codes, k, order, block_k, ks, w.bits), scale=scale, zero=zero,
-                    group_size=group_size, shape=(k, n), order=order, block_k=block_k, dtype=w.dtype,
-                    stored_k=stored_k if ks != k else 0, bits=w.bits)
+    codes, *high = _layout_codes(w.codes, k, order, block_k, ks, w.bits)
+    return W4Weight(codes=codes, scale=scale, zero=zero, group_size=group_size, shape=(k, n), order=order,
+                    block_k=block_k, dtype=w.dtype, stored_k=stored_k if ks != k else 0, bits=w.bits,
+                    high=high[0] if high else None)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))  # one program per shape: a 7B model repacks in seconds
-def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: int, bits: int = 4) -> jax.Array:
+def _layout_codes(words: jax.Array, k: int, order: str, block_k: int, stored_k: int, bits: int = 4) -> tuple[jax.Array, ...]:
+    """The stored planes of the codes: (codes,), or (low, high) for 3-bit ones."""
     n = words.shape[1]
     codes = jnp.pad(unpack_codes(words, bits, k), ((0, stored_k - k), (0, 0)))  # [K stored, N] in 0 .. 2**bits - 1
     k = stored_k
     perm = column_permutation(bits, order)
     codes = codes[np.arange(k).reshape(-1, len(perm))[:, perm].reshape(-1)].T  # [N, K], physical column order
     if bits == 8:  # code - 128 as int8
-        stored = codes - 128
+        planes = [codes - 128]
     elif bits == 2:  # two codes an int4 element, the lower column in the low bits
-        stored = codes[:, 0::2] | (codes[:, 1::2] << 2)
+        planes = [codes[:, 0::2] | (codes[:, 1::2] << 2)]
+    elif bits == 3:
+        planes = list(split_planes(codes))
     else:  # int4 holds the bits: code - 8 for "prmt" (signed, Mosaic's conversion); the raw code for "lop3"
-        stored = codes - 8 if order == "prmt" else codes
+        planes = [codes - 8 if order == "prmt" else codes]
     if bits != 8 and order != "prmt":  # raw bits 0..15 read as int4
-        stored = jnp.where(stored >= 8, stored - 16, stored)
-    signed = stored.astype(jnp.int8)  # [N, K / codes_per_element]
-    if block_k:
-        signed = signed.reshape(n // 64, 64, k // block_k, block_k // codes_per_element(bits)).transpose(0, 2, 1, 3)
-    return signed if bits == 8 else signed.astype(jnp.int4)
+        planes = [jnp.where(p >= 8, p - 16, p) for p in planes]
+    out = []
+    for plane, per in zip(planes, plane_divisors(bits)):
+        signed = plane.astype(jnp.int8)  # [N, K / codes an element]
+        if block_k:
+            signed = signed.reshape(n // 64, 64, k // block_k, block_k // per).transpose(0, 2, 1, 3)
+        out.append(signed if bits == 8 else signed.astype(jnp.int4))
+    return tuple(out)
 
 
 def emulate_w4(x: jax.Array, w: W4Weight, offset_on_acc: bool = False) -> jax.Array:
@@ -654,42 +701,88 @@ def _relabel(regs_of_chunk, shape, per_chunk: int = 4):
 LOP3_MAGIC = {"bfloat16": (0x43004300, 128.0), "float16": (0x64006400, 1024.0)}
 
 
+def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool) -> list:
+    """The 16 / field bf16 (fp16) pairs of a 32-bit word of codes in `field`-bit fields, the codes'
+    `value_bits` low bits of each: pair c is fields (c, c + 16 / field), ((word >> field c) & mask) |
+    magic = (base + code, base + code') exactly (one shift, one lop3), less base + mid (one
+    sub.bf16x2 or sub.f16x2). offset=False leaves base + code (`W4Config.offset_on_acc`)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    i32 = ir.IntegerType.get_signless(32)
+    elt = ir.BF16Type.get() if dtype == "bfloat16" else ir.F16Type.get()
+    pair = ir.VectorType.get((2,), elt)
+    magic, base = LOP3_MAGIC[dtype]
+    c = lambda v: arith.constant(i32, v)  # noqa: E731
+    mask = ((1 << value_bits) - 1) * 0x00010001
+    offset_pair = arith.constant(pair, ir.DenseElementsAttr.get_splat(
+        pair, ir.FloatAttr.get(elt, base + (1 << (value_bits - 1)))))
+    out = []
+    for part in range(16 // field):
+        shifted = arith.shrui(word, c(field * part)) if part else word
+        value = mgpu_utils.bitcast(arith.ori(arith.andi(shifted, c(mask)), c(magic)), pair)
+        out.append(arith.subf(value, offset_pair) if offset else value)
+    return out
+
+
 def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: int = 4):
     """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> code - 8 in WGMMA_LAYOUT, in bf16 or fp16.
 
-    Pair c of a 32-bit word w is nibbles (c, c + 4): ((w >> 4c) & 0x000F000F) | magic is the pair
-    (base + code, base + code') exactly (one shift, one lop3), minus base + 8 (one sub.bf16x2 or
-    sub.f16x2). offset=False leaves base + code (`W4Config.offset_on_acc` subtracts it in fp32).
-    bits=2: the word holds 16 codes (two an int4 element), pair c (c = 0..7) is slots (c, c + 8):
-    ((w >> 2c) & 0x00030003) | magic, minus base + 2 (`crumb_permutation`)."""
+    Pair c of a 32-bit word is nibbles (c, c + 4) (`_word_pairs`). bits=2: the word holds 16 codes
+    (two an int4 element), pair c (c = 0..7) is slots (c, c + 8), less base + 2 (`crumb_permutation`)."""
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    cache = {}
+
+    def pairs(idx):
+        if idx not in cache:
+            word = mgpu_utils.bitcast(a4.registers[idx], i32)
+            cache[idx] = _word_pairs(word, field=bits, value_bits=bits, dtype=dtype, offset=offset)
+        return cache[idx]
+
+    rows, cols = a4.shape
+    return _relabel(pairs, (rows, cols * codes_per_element(bits)), per_chunk=16 // bits)
+
+
+def _i32(value: int) -> int:
+    """A 32-bit pattern as the signed value an i32 constant takes."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _convert_planes(ctx, low, high, dtype: str = "bfloat16", offset: bool = True):
+    """3-bit codes in two planes (`split_planes`), both WGMMA_LAYOUT_UPCAST_4X -> code - 4 in WGMMA_LAYOUT.
+
+    32-column chunk w's 4-bit word is (low' & 0x33333333) | (high' & 0xCCCCCCCC), one lop3: low' is
+    register w // 2 of the low plane, shifted right by 2 for odd w; high' is register w // 4 of the high
+    plane, shifted so that bit w % 4 of each nibble lands on bit 2. Its nibbles' top bits (high's
+    other bits) fall to the conversion's 3-bit mask (`_word_pairs`)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     del ctx
     i32 = ir.IntegerType.get_signless(32)
-    elt = ir.BF16Type.get() if dtype == "bfloat16" else ir.F16Type.get()
-    pair = ir.VectorType.get((2,), elt)
-    magic, base = LOP3_MAGIC[dtype]
-    c = lambda v: arith.constant(i32, v)  # noqa: E731
-    mid, per_word = 1 << (bits - 1), 32 // bits // 2  # pairs a 32-bit word
-    mask = ((1 << bits) - 1) * 0x00010001
-    offset_pair = arith.constant(pair, ir.DenseElementsAttr.get_splat(pair, ir.FloatAttr.get(elt, base + mid)))
+    c = lambda v: arith.constant(i32, _i32(v))  # noqa: E731
     cache = {}
 
     def pairs(idx):
         if idx not in cache:
-            word = mgpu_utils.bitcast(a4.registers[idx], i32)
-            out = []
-            for part in range(per_word):
-                shifted = arith.shrui(word, c(bits * part)) if part else word
-                value = mgpu_utils.bitcast(arith.ori(arith.andi(shifted, c(mask)), c(magic)), pair)
-                out.append(arith.subf(value, offset_pair) if offset else value)
-            cache[idx] = out
+            w = idx[1]
+            lo = mgpu_utils.bitcast(low.registers[(idx[0], w // 2) + idx[2:]], i32)
+            hi = mgpu_utils.bitcast(high.registers[(idx[0], w // 4) + idx[2:]], i32)
+            lo = arith.shrui(lo, c(2)) if w % 2 else lo
+            j = w % 4
+            hi = arith.shli(hi, c(2 - j)) if j < 2 else (arith.shrui(hi, c(j - 2)) if j > 2 else hi)
+            word = arith.ori(arith.andi(lo, c(0x33333333)), arith.andi(hi, c(0xCCCCCCCC)))
+            cache[idx] = _word_pairs(word, field=4, value_bits=3, dtype=dtype, offset=offset)
         return cache[idx]
 
-    rows, cols = a4.shape
-    return _relabel(pairs, (rows, cols * codes_per_element(bits)), per_chunk=per_word)
+    rows, cols = low.shape
+    return _relabel(pairs, (rows, cols * 2), per_chunk=4)
 
 
 def _convert_prmt(ctx, a4):
@@ -728,8 +821,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    inputs, (out_gmem, *scratch) = refs[:3 + with_zero], refs[3 + with_zero:]
-    x_gmem, codes_gmem, scale_gmem, *zero_gmem = inputs
+    divisors = plane_divisors(bits)  # codes an element of each stored plane of the codes
+    n_in = 2 + len(divisors) + with_zero
+    inputs, (out_gmem, *scratch) = refs[:n_in], refs[n_in:]
+    x_gmem, planes_gmem, (scale_gmem, *zero_gmem) = inputs[0], inputs[1:1 + len(divisors)], inputs[1 + len(divisors):]
     zero_gmem = zero_gmem[0] if zero_gmem else None
     tile_n, tile_k = cfg.tile_n, cfg.tile_k
     m_tile = batch_tile(cfg, m_padded)
@@ -746,18 +841,18 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     # Codes are loaded and converted in pieces of at least 128 columns (a 64-byte swizzled row of
     # 4-bit codes; 8-bit pieces are 128 columns, one 128-byte row, and a larger group takes several);
     # groups of 32 or 64 are column slices of a converted piece.
-    cpe = codes_per_element(bits)  # codes an element of the stored array (2-bit: two an int4)
-    # 2-bit pieces are at least 256 columns where the step has them (64-byte rows, as 4-bit's 128)
-    piece = 128 if bits == 8 else max(step_group, min(tile_k, 256) if bits == 2 else 128)
+    # 2- and 3-bit pieces are at least 256 columns where the step has them (64-byte rows of the
+    # crumbs, as 4-bit's 128)
+    piece = 128 if bits == 8 else max(step_group, min(tile_k, 256) if bits in (2, 3) else 128)
     groups_per_piece = max(piece // step_group, 1)
     pieces_per_group = max(step_group // piece, 1)
     mid = 1 << (bits - 1)
 
     if bits == 8 and order == "natural":
-        def load_converted(ref):
+        def load_converted(refs):
             """int8 code - 128 -> bf16 in WGMMA_LAYOUT: 32-bit shared-memory loads, one shuffle and
             prmt a word into the fragment, Mosaic GPU's exact int8 -> bf16 (4 instructions a pair)."""
-            a8 = plgpu.layout_cast(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_2X), plgpu.Layout.WGMMA)
+            a8 = plgpu.layout_cast(_load(refs[0], layout=plgpu.Layout.WGMMA_UPCAST_2X), plgpu.Layout.WGMMA)
             return a8.astype(jnp.dtype(dtype))
     elif bits == 8:  # "paired": each converted word is two registers of the fragment, no shuffle
         convert8 = plgpu.inline_mgpu(
@@ -765,8 +860,16 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
             return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
         )(_convert_i8_paired)
 
-        def load_converted(ref):
-            return convert8(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_2X))
+        def load_converted(refs):
+            return convert8(_load(refs[0], layout=plgpu.Layout.WGMMA_UPCAST_2X))
+    elif bits == 3:  # the low and the high plane's registers make each 4-bit word
+        convert3 = plgpu.inline_mgpu(
+            arg_types=(plgpu.Layout.WGMMA_UPCAST_4X, plgpu.Layout.WGMMA_UPCAST_4X),
+            return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
+        )(functools.partial(_convert_planes, dtype=dtype, offset=not cfg.offset_on_acc))
+
+        def load_converted(refs):
+            return convert3(*[_load(r, layout=plgpu.Layout.WGMMA_UPCAST_4X) for r in refs])
     else:
         convert = plgpu.inline_mgpu(
             arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
@@ -774,8 +877,8 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc, bits=bits)
           if order == "lop3" else _convert_prmt)
 
-        def load_converted(ref):
-            return convert(_load(ref, layout=plgpu.Layout.WGMMA_UPCAST_4X))
+        def load_converted(refs):
+            return convert(_load(refs[0], layout=plgpu.Layout.WGMMA_UPCAST_4X))
 
     lop3_base = LOP3_MAGIC[dtype][1]
 
@@ -795,7 +898,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
                 """Piece p of the step's codes (its j-th group slice where groups are narrower), for
                 group g, against x's columns col0 .. col0 + width."""
                 if p not in converted:
-                    converted[p] = load_converted(code_piece(pl.ds(p * piece // cpe, piece // cpe)))
+                    converted[p] = load_converted(code_piece(p))
                 a = converted[p]
                 if groups_per_piece > 1:
                     a = a[:, j * step_group:(j + 1) * step_group]
@@ -864,10 +967,16 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
 
     # Swizzled tiles as wide as a group slice, so that slicing a group out of a step stays on tiles.
     x_swizzle = plgpu.find_swizzle(step_group * 16)
-    c_swizzle = plgpu.find_swizzle(piece * bits)
+    elem_bits = 8 if bits == 8 else 4  # the stored planes' element (2- and 3-bit codes travel as int4)
+
+    def c_transforms(per):
+        """A plane's tiles: swizzled rows as wide as a piece (`per` codes an element)."""
+        swizzle = plgpu.find_swizzle(piece // per * elem_bits)
+        if swizzle < 32:  # 16-byte rows (a 3-bit high plane in 128-column pieces): untiled, unswizzled
+            return ()
+        return plgpu.TilingTransform((8, 8 * swizzle // elem_bits)), plgpu.SwizzleTransform(swizzle)
+
     x_transforms = (plgpu.TilingTransform((8, x_swizzle // 2)), plgpu.SwizzleTransform(x_swizzle))
-    elem_bits = 8 if bits == 8 else 4  # the stored array's element (2-bit codes travel as int4 pairs)
-    c_transforms = (plgpu.TilingTransform((8, 8 * c_swizzle // elem_bits)), plgpu.SwizzleTransform(c_swizzle))
     scale_rows = groups_per_step if group_size < tile_k else 1
     steps = k_slice // tile_k
     if group_size >= tile_k:
@@ -875,19 +984,26 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     else:
         scale_index = lambda k: (k, 0)  # noqa: E731
     n_blocks, k_parts = tile_n // 64, max(block_k // tile_k, 1)  # 64-row blocks; steps a stored block
+    # One spec and operand a plane of the codes (3-bit: low and high); `block_rows(b)(c_smems, p)` gives
+    # piece p of 64-row block b in each plane's step tile.
+    pieces = lambda p: [pl.ds(p * piece // per, piece // per) for per in divisors]  # noqa: E731
     if block_k and not _stacks_blocks(cfg, block_k):  # codes [N / 64, K / tile_k, 64, tile_k]: one contiguous tile a step
-        code_specs = [plgpu.BlockSpec((None, tile_n, tile_k // cpe), lambda k: (k, 0, 0), transforms=c_transforms)]
-        code_operands = [codes_gmem.at[n_idx, pl.ds(k0 // tile_k, steps)]]
-        block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[:, cols]  # noqa: E731
+        code_specs = [plgpu.BlockSpec((None, tile_n, tile_k // per), lambda k: (k, 0, 0), transforms=c_transforms(per))
+                      for per in divisors]
+        code_operands = [g.at[n_idx, pl.ds(k0 // tile_k, steps)] for g in planes_gmem]
+        block_rows = lambda b: lambda c_smems, p: [c.at[:, cols] for c, cols in zip(c_smems, pieces(p))]  # noqa: E731
     elif block_k:  # codes viewed [N / 64, K / block_k x 64, block_k] (`_stacks_blocks`): the tile's blocks side by side
-        code_specs = [plgpu.BlockSpec((n_blocks, 64, tile_k // cpe), lambda k: (0, k // k_parts, k % k_parts),
-                                      transforms=c_transforms)]
-        code_operands = [codes_gmem.at[pl.ds(n_idx * n_blocks, n_blocks), pl.ds(k0 // block_k * 64, k_slice // block_k * 64)]]
-        block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[b, :, cols]  # noqa: E731
+        code_specs = [plgpu.BlockSpec((n_blocks, 64, tile_k // per), lambda k: (0, k // k_parts, k % k_parts),
+                                      transforms=c_transforms(per)) for per in divisors]
+        code_operands = [g.at[pl.ds(n_idx * n_blocks, n_blocks), pl.ds(k0 // block_k * 64, k_slice // block_k * 64)]
+                         for g in planes_gmem]
+        block_rows = lambda b: lambda c_smems, p: [c.at[b, :, cols] for c, cols in zip(c_smems, pieces(p))]  # noqa: E731
     else:
-        code_specs = [plgpu.BlockSpec((tile_n, tile_k // cpe), lambda k: (0, k), transforms=c_transforms)]
-        code_operands = [codes_gmem.at[pl.ds(n0, tile_n), pl.ds(k0 // cpe, k_slice // cpe)]]
-        block_rows = lambda b: lambda c_smems, cols: c_smems[0].at[pl.ds(b * rows, rows), cols]  # noqa: E731
+        code_specs = [plgpu.BlockSpec((tile_n, tile_k // per), lambda k: (0, k), transforms=c_transforms(per))
+                      for per in divisors]
+        code_operands = [g.at[pl.ds(n0, tile_n), pl.ds(k0 // per, k_slice // per)] for g, per in zip(planes_gmem, divisors)]
+        block_rows = lambda b: lambda c_smems, p: [c.at[pl.ds(b * rows, rows), cols]  # noqa: E731
+                                                  for c, cols in zip(c_smems, pieces(p))]
     # overlap_mma: a step's x is still read by its wgmma when the next step starts, so its slot is
     # refilled a step later; codes and tables are in registers before the wgmma and go at once.
     in_specs = [plgpu.BlockSpec((m_tile, tile_k), lambda k: (0, k), transforms=x_transforms,
@@ -1050,9 +1166,10 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
     body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
                              m_padded=m_padded, order=w.order, block_k=w.block_k, with_zero=with_zero,
                              dtype=dtype, bits=w.bits)
-    codes = (w.codes.reshape(n // 64, -1, w.block_k // codes_per_element(w.bits)) if _stacks_blocks(cfg, w.block_k)
-             else w.codes)
-    operands = (xb, codes, w.scale, *([w.zero] if with_zero else []))
+    planes = [w.codes] + ([w.high] if w.bits == 3 else [])
+    if _stacks_blocks(cfg, w.block_k):
+        planes = [p.reshape(n // 64, -1, w.block_k // per) for p, per in zip(planes, plane_divisors(w.bits))]
+    operands = (xb, *planes, w.scale, *([w.zero] if with_zero else []))
     tiles = dict(grid=(n // cfg.tile_n,), grid_names=("n",))
     if m_tile < m_padded:
         tiles = dict(grid=(n // cfg.tile_n, m_padded // m_tile), grid_names=("n", "m"))

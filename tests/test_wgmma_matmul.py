@@ -103,6 +103,55 @@ def test_w2_repack_dequantizes_bit_for_bit(grid, group, block_k):
     assert relative_error(wm.emulate_w4(x, ww), float64_reference(x, w)) < 4e-3
 
 
+@pytest.mark.parametrize("grid", ["sym", "asym"])
+@pytest.mark.parametrize("group,block_k", [(128, 0), (128, 256), (256, 128), (0, 256)])
+def test_w3_repack_dequantizes_bit_for_bit(grid, group, block_k):
+    """3-bit codes in two int4 planes (low two bits, third bits): 3/8 byte a code; the kernel's
+    arithmetic (emulate_w4) within bf16 rounding of float64, and reading the planes as 2-bit codes
+    (the third bits dropped) is off by far."""
+    w = random_weight(13, 512, 192, Variant(3, group, grid))
+    ww = wm.repack_w4(w, block_k=block_k)
+    assert (ww.codes.dtype, ww.high.dtype, ww.order, ww.bits, ww.mid) == (jnp.int4, jnp.int4, "lop3", 3, 4)
+    blocked = lambda per: (3, 512 // block_k, 64, block_k // per) if block_k else (192, 512 // per)  # noqa: E731
+    assert (ww.codes.shape, ww.high.shape) == (blocked(2), blocked(4))
+    np.testing.assert_array_equal(np.asarray(ww.dequantize(), np.float32), np.asarray(w.dequantize(), np.float32))
+    groups = 1 if group == 0 else 512 // group
+    assert ww.nbytes() == 512 * 192 * 3 // 8 + groups * 192 * (2 + (2 if grid == "asym" else 0))
+    x = random_activations(14, (5, 512))
+    ref = float64_reference(x, w)
+    assert relative_error(wm.emulate_w4(x, ww), ref) < 4e-3
+    two_bit = dataclasses.replace(ww, bits=2, high=None)
+    assert relative_error(wm.emulate_w4(x, two_bit), ref) > 0.3
+
+
+def test_w3_planes_make_the_kernels_words():
+    """Hand-checked against the kernel's register arithmetic (`_convert_planes`), in numpy: thread q's
+    32-bit registers of the two planes (elements 8q .. 8q + 7 of a 32-element chunk, element t at
+    bits 4t) give chunk w's word (low >> 2 (w % 2) & 0x33333333) | (high shifted by 2 - w % 4 &
+    0xCCCCCCCC), whose nibble t & 7 must be the code at physical column 8q + t of chunk w."""
+    rng = np.random.default_rng(0)
+    phys = rng.integers(0, 8, size=(3, 256))
+    low, high = (np.asarray(p) for p in wm.split_planes(jnp.asarray(phys)))
+    assert low.shape == (3, 128) and high.shape == (3, 64) and low.max() < 16 and high.max() < 16
+    np.testing.assert_array_equal(np.asarray(wm.join_planes(jnp.asarray(low), jnp.asarray(high))), phys)
+    register = lambda elems: sum(int(e) << (4 * t) for t, e in enumerate(elems))  # noqa: E731
+    for row in range(3):
+        for q in range(4):
+            for w in range(8):  # chunks of 32 columns; a low register covers 2, a high one 4
+                lo = register(low[row, 32 * (w // 2) + 8 * q:][:8]) >> (2 * (w % 2))
+                j = w % 4
+                hi = register(high[row, 32 * (w // 4) + 8 * q:][:8])
+                hi = (hi << (2 - j) if j < 2 else hi >> (j - 2)) & 0xFFFFFFFF
+                word = (lo & 0x33333333) | (hi & 0xCCCCCCCC)
+                assert [(word >> (4 * t)) & 7 for t in range(8)] == list(phys[row, 32 * w + 8 * q:][:8])
+    # a hand-made case: the code 5 (0b101) at physical column 8 + 3 of chunk 1 (thread 1, t = 3)
+    one = np.zeros((1, 128), np.int64)
+    one[0, 32 + 11] = 5
+    lo1, hi1 = (np.asarray(p) for p in wm.split_planes(jnp.asarray(one)))
+    assert lo1[0, 11] == 0b0100 and np.count_nonzero(lo1) == 1  # chunk 2l + 1: bits 2-3 of element 11
+    assert hi1[0, 11] == 0b0010 and np.count_nonzero(hi1) == 1  # chunk 4h + 1: bit 1 of element 11
+
+
 def test_splits_keep_groups_that_span_steps():
     """Groups of 256 in 128-column steps: a split may not start mid-group (an H200 run read the next
     group's scale a step early: relative error 0.42). K = 11008 = 43 groups takes 1 split, 4096 takes 4."""
@@ -204,8 +253,10 @@ def test_linear_falls_back_off_hopper(monkeypatch):
 
 
 def test_bad_weights_and_configs_are_named():
-    with pytest.raises(ConfigError, match="bits=3"):
-        wm.repack_w4(random_weight(0, 256, 64, Variant(3, 128, "sym")))
+    with pytest.raises(ConfigError, match=r"bits=5 \(the wgmma kernel reads 2-, 3-, 4- and 8-bit codes\)"):
+        wm.repack_w4(random_weight(0, 256, 64, Variant(5, 128, "sym")))
+    with pytest.raises(ConfigError, match="group_size=64 with 3-bit codes"):
+        wm.repack_w4(random_weight(0, 256, 64, Variant(3, 64, "sym")))
     for group in (16, 96):
         with pytest.raises(ConfigError, match=f"group_size={group}"):
             wm.repack_w4(random_weight(0, 384, 64, Variant(4, group, "sym")))
@@ -482,15 +533,26 @@ def test_w2_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group, ov
     test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=2)
 
 
+@pytest.mark.parametrize("block_k,scale_on_acc,m,grid,ws,group,overlap", [
+    (256, True, 1, "sym", False, 0, False), (256, True, 8, "asym", False, 128, False),
+    (0, True, 3, "sym", False, 128, False), (128, True, 1, "asym", False, 256, False),
+    (256, False, 13, "asym", False, 128, False), (256, True, 2, "asym", False, 128, "fold"),
+    (256, True, 4, "sym", True, 128, False), (256, False, 300, "asym", "gemm", 128, False)])
+def test_w3_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group, overlap):
+    """3-bit codes: two planes, two TMA streams; 128-column pieces (a 128-column step) leave the high
+    plane's 16-byte rows unswizzled."""
+    test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=3)
+
+
 @pytest.fixture(scope="module")
 def llama_w4(tmp_path_factory):
     """A tiny random Llama wide enough for 64-row tiles and 128-column groups, RTN W4 g128
-    (asymmetric q/k/v, symmetric elsewhere), and one 3-bit projection that must stay a QArray."""
+    (asymmetric q/k/v, symmetric elsewhere), and one 5-bit projection that must stay a QArray."""
     hf = hf_models.build("llama", hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
     model, _ = load_hf_folder(hf_models.save(hf, tmp_path_factory.mktemp("wgmma")))
     state = params(model)
     names = [path_str(p) for p, _ in nnx.to_flat_state(state) if path_str(p).endswith("proj.kernel")]
-    policy = {n: LayerConfig(bits=3 if n == "layers.1.mlp.down_proj.kernel" else 4, group_size=128,
+    policy = {n: LayerConfig(bits=5 if n == "layers.1.mlp.down_proj.kernel" else 4, group_size=128,
                              symmetric=not any(t in n for t in ("q_proj", "k_proj", "v_proj")))
               for n in names}
     return with_params(model, rtn_params(state, policy))
@@ -502,8 +564,8 @@ def test_repack_for_wgmma_keeps_the_function(llama_w4, monkeypatch):
     expect = np.asarray(llama_w4(tokens)[0])
     fused, _ = fuse_projections(llama_w4)
     repacked, report = repack_for_wgmma(fused)
-    assert len(report.repacked) == 2 * 4 - 1  # qkv, o, gate_up, down a layer, less the 3-bit down
-    assert report.skipped == {"layers.1.mlp.down_proj.kernel": "bits=3 (the wgmma kernel reads 2-, 4- and 8-bit codes)"}
+    assert len(report.repacked) == 2 * 4 - 1  # qkv, o, gate_up, down a layer, less the 5-bit down
+    assert report.skipped == {"layers.1.mlp.down_proj.kernel": "bits=5 (the wgmma kernel reads 2-, 3-, 4- and 8-bit codes)"}
     assert "layers.0.self_attn.qkv_proj.kernel" in report.repacked
     assert isinstance(repacked.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)
     assert not isinstance(fused.layers[0].self_attn.qkv_proj.kernel.get_value(), wm.W4Weight)  # input kept
@@ -511,24 +573,27 @@ def test_repack_for_wgmma_keeps_the_function(llama_w4, monkeypatch):
     assert "repacked 7 weights" in report.summary()
 
 
-def test_repack_for_wgmma_takes_8_bit_weights(tmp_path, monkeypatch):
-    """RTN W8 per channel: repacked (the function kept) unless `bits` leaves 8 out."""
+@pytest.mark.parametrize("bits,group,symmetric,order,dtype", [(8, "channel", True, "paired", jnp.int8),
+                                                               (3, 128, False, "lop3", jnp.int4)])
+def test_repack_for_wgmma_takes_8_and_3_bit_weights(tmp_path, monkeypatch, bits, group, symmetric, order, dtype):
+    """RTN W8 per channel and W3 g128 asymmetric: repacked (the function kept) unless `bits` leaves them out."""
     monkeypatch.setenv("JAXCOMPRESS_QUANT_KERNEL", "reference")
     hf = hf_models.build("llama", hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2)
     model, _ = load_hf_folder(hf_models.save(hf, tmp_path))
     state = params(model)
-    policy = {path_str(p): LayerConfig(bits=8, group_size="channel", symmetric=True)
+    policy = {path_str(p): LayerConfig(bits=bits, group_size=group, symmetric=symmetric)
               for p, _ in nnx.to_flat_state(state) if path_str(p).endswith("proj.kernel")}
-    w8 = with_params(model, rtn_params(state, policy))
+    quantized = with_params(model, rtn_params(state, policy))
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, 200, size=(2, 5)))
-    repacked, report = repack_for_wgmma(w8)
+    repacked, report = repack_for_wgmma(quantized)
     assert len(report.repacked) == 2 * 7 and not report.skipped
     leaf = repacked.layers[0].mlp.down_proj.kernel.get_value()
-    assert (leaf.bits, leaf.order, leaf.codes.dtype) == (8, "paired", jnp.int8)
-    np.testing.assert_allclose(np.asarray(repacked(tokens)[0]), np.asarray(w8(tokens)[0]), rtol=1e-5, atol=1e-5)
-    _, kept = repack_for_wgmma(w8, bits=(4,))
+    assert (leaf.bits, leaf.order, leaf.codes.dtype) == (bits, order, dtype)
+    assert (leaf.high is not None) == (bits == 3)
+    np.testing.assert_allclose(np.asarray(repacked(tokens)[0]), np.asarray(quantized(tokens)[0]), rtol=1e-5, atol=1e-5)
+    _, kept = repack_for_wgmma(quantized, bits=(4,))
     assert not kept.repacked
-    assert kept.skipped["layers.0.mlp.down_proj.kernel"] == "bits=8 not asked for (bits=(4,))"
+    assert kept.skipped["layers.0.mlp.down_proj.kernel"] == f"bits={bits} not asked for (bits=(4,))"
 
 
 def test_unmeasured_batched_qarray_points_at_the_repack(monkeypatch, caplog):

@@ -1,6 +1,6 @@
-"""Repacking a quantized model's 2-, 4- and 8-bit projections for the Hopper wgmma kernel (a deployment step).
+"""Repacking a quantized model's 2-, 3-, 4- and 8-bit projections for the Hopper wgmma kernel (a deployment step).
 
-`pallas_kernels.wgmma_matmul` multiplies by a `W4Weight`: the codes of a 2-, 4- or 8-bit `QArray`
+`pallas_kernels.wgmma_matmul` multiplies by a `W4Weight`: the codes of a 2-, 3-, 4- or 8-bit `QArray`
 transposed, permuted within chunks of columns and stored in 64 x block_k tiles, read with TMA into a
 pipeline of shared-memory stages. `repack_for_wgmma(model)` converts every projection
 whose weight it can lay out; `linear()` then runs the kernel at decode batches on an H100/H200
@@ -31,7 +31,7 @@ class RepackReport:
         return text
 
 
-def repack_for_wgmma(model, *, pad_k: bool = True, bits: tuple[int, ...] = (2, 4, 8)):
+def repack_for_wgmma(model, *, pad_k: bool = True, bits: tuple[int, ...] = (2, 3, 4, 8)):
     """(repacked model, RepackReport); `model` is left as it was.
 
     `bits`: the code widths to repack (others are reported and kept). 8- and 2-bit weights gain past

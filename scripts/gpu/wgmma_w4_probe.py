@@ -43,19 +43,22 @@ def random_w4(key, k: int, n: int, group_size: int, asym: bool, order: str, bloc
               stored_k: int = 0, bits: int = 4) -> wm.W4Weight:
     """Timing data in the kernel's layout (any int4 / int8 is a valid code), K stored as `stored_k`;
     group_size 0: per channel."""
-    kc, ks, kz = jax.random.split(key, 3)
+    kc, ks, kz, kh = jax.random.split(key, 4)
     kk = stored_k or k
     group_size = group_size or k
-    cpe = wm.codes_per_element(bits)  # 2-bit codes: two an int4 element
-    shape = (n // 64, kk // block_k, 64, block_k // cpe) if block_k else (n, kk // cpe)
     mid = 1 << (bits - 1)
     lo, hi = (-8, 8) if bits <= 4 else (-mid, mid)
-    codes = jax.random.randint(kc, shape, lo, hi, jnp.int8).astype(jnp.int8 if bits == 8 else jnp.int4)
+
+    def plane(key, per):  # per codes an element: 2-bit pairs and 3-bit codes' planes are int4
+        shape = (n // 64, kk // block_k, 64, block_k // per) if block_k else (n, kk // per)
+        return jax.random.randint(key, shape, lo, hi, jnp.int8).astype(jnp.int8 if bits == 8 else jnp.int4)
+
+    codes, *high = [plane(kp, per) for kp, per in zip((kc, kh), wm.plane_divisors(bits))]
     # fp16 scales, as the quantizers write them (run 13's calls a-e, before repack kept them, used bf16)
     scale = jax.random.uniform(ks, (max(kk // group_size, 1), n), jnp.float32, 0.001, 0.002).astype(jnp.float16)
     zero = jax.random.randint(kz, scale.shape, 0, 2 * mid).astype(jnp.float16) if asym else None
     return wm.W4Weight(codes=codes, scale=scale, zero=zero, group_size=group_size, shape=(k, n),
-                       order=order, block_k=block_k, stored_k=stored_k, bits=bits)
+                       order=order, block_k=block_k, stored_k=stored_k, bits=bits, high=high[0] if high else None)
 
 
 def candidate_configs(k: int, n: int, m: int, group_size: int, grid: str = "sym", bits: int = 4) -> list[tuple]:

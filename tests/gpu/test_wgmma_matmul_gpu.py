@@ -1,4 +1,4 @@
-"""The Hopper W2 / W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) compiled and run on an H100/H200.
+"""The Hopper W2 / W3 / W4 / W8 kernel (`pallas_kernels/wgmma_matmul.py`) compiled and run on an H100/H200.
 
     JAX_PLATFORMS=cuda PYTHONPATH=. python -m pytest -q tests/gpu/test_wgmma_matmul_gpu.py
 
@@ -8,7 +8,7 @@ and do not fill an 8-row TMA tile, and past 64 in batch tiles (`gemm_config`, ba
 64-column block of the output must be within 1e-2 of the float64 reference (an unwritten tile
 or a wrong column order fails that by far), never NaN. The split-K sums meet in a thread-block
 cluster (default) or in XLA; a K stored padded with zeros; one accumulator through the pipeline
-(`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`); 8- and 2-bit codes. Then
+(`overlap_mma`); the codes' offset taken off the group sums (`offset_on_acc`); 8-, 3- and 2-bit codes. Then
 `linear()`'s dispatch.
 """
 
@@ -126,6 +126,31 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
 ]
 
 
+# 3-bit codes (two int4 planes, two TMA streams, one lop3 a word to join them): groups of 128 (slices of
+# a 256-column piece), per channel, 256 in 128-column steps (the high plane's 16-byte rows unswizzled),
+# K stored padded, the scale multiply, the offset taken off the group sums, two compute warpgroups,
+# gemm tiles
+W3_CASES = [
+    (Variant(3, 128, "asym"), 4096, 4096, (1, 8, 13, 64, 300), dict(block_k=256), [None]),
+    (Variant(3, 128), 4096, 4096, (1, 13), dict(block_k=256),
+     [wm.W4Config(64, 256, 4, 4, scale_on_acc=False), wm.W4Config(64, 256, 2, 4, offset_on_acc=True)]),
+    (Variant(3, 0), 4096, 1024, (1, 16), dict(block_k=256), [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
+    (Variant(3, 256, "asym"), 11008, 4096, (1, 8, 72), dict(block_k=128), [None]),
+    (Variant(3, 128, "asym"), 11008, 4096, (1, 8, 136), dict(block_k=256, stored_k=11264), [None]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(W3_CASES)))
+def test_w3_kernel_matches_float64_reference(case):
+    v, k, n, batches, repack, configs = W3_CASES[case]
+    w = random_weight(500 + case, k, n, v)
+    ww = wm.repack_w4(w, **repack)
+    for m in batches:
+        for i, cfg in enumerate(configs):
+            x = random_activations(200 + m + 1000 * i, (m, k))
+            assert_blocks_close(wm.w4_matmul(x, ww, cfg), float64_reference(x, w))
+
+
 @pytest.mark.parametrize("order", ["lop3", "prmt"])
 def test_fp16_activations(order):
     """fp16 x: fp16 tensor-core inputs with the lop3 order (tighter than bf16), bf16 with prmt."""
@@ -146,9 +171,10 @@ def test_fp16_activations(order):
             assert err < 1e-3, err
 
 
-def test_w2_fp16_activations():
-    """2-bit codes with fp16 x: the lop3 conversion's fp16 magic, fp16 tensor-core inputs."""
-    w = random_weight(23, 4096, 1024, Variant(2, 128, "asym"))
+@pytest.mark.parametrize("bits", [2, 3])
+def test_w2_w3_fp16_activations(bits):
+    """2- and 3-bit codes with fp16 x: the lop3 conversion's fp16 magic, fp16 tensor-core inputs."""
+    w = random_weight(23, 4096, 1024, Variant(bits, 128, "asym"))
     ww = wm.repack_w4(w, block_k=256)
     for m in (1, 16):
         x = random_activations(m, (m, 4096)).astype(np.float16)
