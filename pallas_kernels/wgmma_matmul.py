@@ -553,9 +553,27 @@ def balanced_tiles(rows: int) -> list[int]:
     return sorted(t for t in tiles if 64 < t < 256 and t != 128)
 
 
+def gemm_step(w: W4Weight) -> int:
+    """The columns of a `gemm_config` step: 128 (from 256-column blocks too), but 3-bit codes step whole
+    blocks of 256 (`three_bit_step_problem`)."""
+    return 256 if w.bits == 3 and w.block_k != 128 else 128
+
+
+def three_bit_step_problem(tile_k: int, block_k: int) -> str | None:
+    """Why 3-bit codes cannot step `tile_k` columns of a weight blocked by `block_k` (0: not blocked), or None.
+
+    A 128-column step's high plane is 16-byte rows, which Pallas' TMA tiles cannot swizzle; read
+    untiled, they came out wrong on an H200 wherever the step is part of a longer stored row (a
+    256-column block, or an unblocked weight), and right where it is the whole row (blocks of 128)."""
+    if tile_k < 256 and block_k != tile_k:
+        return (f"tile_k={tile_k} with 3-bit codes stored {'in blocks of ' + str(block_k) if block_k else 'unblocked'}: "
+                "3-bit steps are 256 columns or more, or 128 on a weight blocked by 128")
+    return None
+
+
 def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W4Config:
     """Past DECODE_MAX_M rows (prefill), where the tensor cores, not the weight's bytes, set the time:
-    a memory warpgroup streams 128-column steps into two compute warpgroups of 64 weight rows each,
+    a memory warpgroup streams 128-column steps (`gemm_step`) into two compute warpgroups of 64 weight rows each,
     which scale the bf16 codes (one accumulator) and multiply a tile of the batch. The batch tile
     (the whole batch, 128 or 256 rows, or a balanced tile) and the split count are those
     `gemm_cost_us` ranks fastest:
@@ -566,13 +584,14 @@ def gemm_config(w: W4Weight, m: int, sms: int = 132, balanced: bool = True) -> W
     rows8 = padded_batch(m)
     tiles = sorted({min(rows8, 256)} | {t for t in (128, 256) if t < rows8})
     tile_n = 128 if n % 128 == 0 else 64
-    shapes = [(t, s) for t in tiles for s in split_counts(k, w.block_k or 128)
-              if splits_keep_groups(k, 128, s, w.group_size)]  # gemm steps are 128 columns
+    step = gemm_step(w)
+    shapes = [(t, s) for t in tiles for s in split_counts(k, w.block_k or step)
+              if splits_keep_groups(k, step, s, w.group_size)]
     # Balanced tiles (one split only: the only kind measured) even out the waves where 128 and 256
     # rows do not: faster on all 10 points measured at 300-2048 rows (kernel_notes run 20, e.g.
     # 4096 x 4096 at 640 rows 33.9 against 47.7 us).
     shapes += [(t, 1) for t in (balanced_tiles(rows8) if balanced else [])]
-    configs = [fit_stages(W4Config(tile_n=tile_n, tile_k=128, splits=s, stages=4, scale_on_acc=False,
+    configs = [fit_stages(W4Config(tile_n=tile_n, tile_k=step, splits=s, stages=4, scale_on_acc=False,
                                    warp_specialized=True, tile_m=t), w, m) for t, s in shapes]
     # at least 2 stages, so that loads overlap the arithmetic (a 256-row batch tile with split sums
     # has room for 2 beside its staging tile of 128 batch columns, `store_columns`)
@@ -617,6 +636,8 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     if k % (cfg.tile_k * cfg.splits):
         raise ConfigError(f"W4Config: K={k} is not a multiple of tile_k x splits = "
                           f"{cfg.tile_k} x {cfg.splits}")
+    if w.bits == 3 and (problem := three_bit_step_problem(cfg.tile_k, w.block_k)) is not None:
+        raise ConfigError(f"W4Config: {problem}")
     if not splits_keep_groups(k, cfg.tile_k, cfg.splits, w.group_size):
         raise ConfigError(f"W4Config.splits={cfg.splits}: K={k} in slices of {k // cfg.splits} columns starts a "
                           f"slice inside a group of {w.group_size} (spanning steps of tile_k={cfg.tile_k}); "

@@ -506,8 +506,9 @@ def test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group
     w = wm.repack_w4(random_weight(0, 1024, 256, Variant(bits, group, grid)), order=order, block_k=block_k)
     cfg = wm.W4Config(128 if ws else 64, block_k or 256, 2, 4, scale_on_acc=scale_on_acc, warp_specialized=ws,
                       overlap_mma=overlap is True, offset_on_acc=overlap == "fold")
-    if ws == "gemm":
-        cfg = wm.W4Config(256, 128, 1, 3, scale_on_acc=False, warp_specialized=True, tile_m=128, rows_per_wg=128)
+    if ws == "gemm":  # 3-bit codes step whole 256-column blocks (`three_bit_step_problem`)
+        cfg = wm.W4Config(256, 256 if bits == 3 else 128, 1, 2, scale_on_acc=False, warp_specialized=True,
+                          tile_m=128, rows_per_wg=128)
     text = jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
         jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16), w).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
@@ -542,6 +543,24 @@ def test_w3_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group, ov
     """3-bit codes: two planes, two TMA streams; 128-column pieces (a 128-column step) leave the high
     plane's 16-byte rows unswizzled."""
     test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=3)
+
+
+def test_w3_steps_keep_the_high_plane_whole():
+    """3-bit codes: a 128-column step reads 16-byte rows of the high plane, unswizzled; on an H200 that was
+    wrong where the step is part of a longer stored row (relative error 0.59 at batch 64 and 136 with
+    128-column gemm steps of 256-column blocks), right on blocks of 128. So gemm steps are whole blocks
+    of 256 there, and a config that would slice a row is refused."""
+    shell = lambda block_k: wm.W4Weight(codes=None, scale=None, zero=None, group_size=128, shape=(4096, 4096),  # noqa: E731
+                                        block_k=block_k, bits=3)
+    cfg = wm.default_config(shell(256), 136)
+    assert (cfg.tile_k, cfg.warp_specialized) == (256, True) and cfg.stages >= 2
+    wm.check_config(cfg, shell(256), wm.padded_batch(136, cfg.tile_m))
+    assert wm.default_config(shell(128), 136).tile_k == 128  # the whole stored row
+    assert wm.default_config(dataclasses.replace(shell(256), bits=4), 136).tile_k == 128
+    with pytest.raises(ConfigError, match="tile_k=128 with 3-bit codes stored in blocks of 256"):
+        wm.check_config(wm.W4Config(64, 128, 1, 4), shell(256), 8)
+    with pytest.raises(ConfigError, match="tile_k=128 with 3-bit codes stored unblocked"):
+        wm.check_config(wm.W4Config(64, 128, 1, 4), shell(0), 8)
 
 
 @pytest.fixture(scope="module")

@@ -127,9 +127,9 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
 
 
 # 3-bit codes (two int4 planes, two TMA streams, one lop3 a word to join them): groups of 128 (slices of
-# a 256-column piece), per channel, 256 in 128-column steps (the high plane's 16-byte rows unswizzled),
-# K stored padded, the scale multiply, the offset taken off the group sums, two compute warpgroups,
-# gemm tiles
+# a 256-column piece), per channel, 256 in 128-column steps of 128-column blocks (the high plane's
+# 16-byte rows unswizzled), K stored padded, the scale multiply, the offset taken off the group sums,
+# two compute warpgroups, gemm tiles (256-column steps, `gemm_step`), an unblocked weight
 W3_CASES = [
     (Variant(3, 128, "asym"), 4096, 4096, (1, 8, 13, 64, 300), dict(block_k=256), [None]),
     (Variant(3, 128), 4096, 4096, (1, 13), dict(block_k=256),
@@ -137,6 +137,7 @@ W3_CASES = [
     (Variant(3, 0), 4096, 1024, (1, 16), dict(block_k=256), [None, wm.W4Config(128, 256, 2, 4, warp_specialized=True)]),
     (Variant(3, 256, "asym"), 11008, 4096, (1, 8, 72), dict(block_k=128), [None]),
     (Variant(3, 128, "asym"), 11008, 4096, (1, 8, 136), dict(block_k=256, stored_k=11264), [None]),
+    (Variant(3, 128), 4096, 1024, (1, 8), dict(block_k=0), [None]),  # unblocked: 256-column steps of longer rows
 ]
 
 
