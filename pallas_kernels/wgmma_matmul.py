@@ -1022,7 +1022,10 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
     else:
         code_specs = [plgpu.BlockSpec((tile_n, tile_k // per), lambda k: (0, k), transforms=c_transforms(per))
                       for per in divisors]
-        code_operands = [g.at[pl.ds(n0, tile_n), pl.ds(k0 // per, k_slice // per)] for g, per in zip(planes_gmem, divisors)]
+        # the slice's first element as s x (K / splits / per), not k0 // per: Mosaic GPU's layout
+        # inference (jax 0.11) could not prove a floor-divided index a multiple of the tile
+        code_operands = [g.at[pl.ds(n0, tile_n), pl.ds(s_idx * (k_slice // per), k_slice // per)]
+                         for g, per in zip(planes_gmem, divisors)]
         block_rows = lambda b: lambda c_smems, p: [c.at[pl.ds(b * rows, rows), cols]  # noqa: E731
                                                   for c, cols in zip(c_smems, pieces(p))]
     # overlap_mma: a step's x is still read by its wgmma when the next step starts, so its slot is

@@ -3,7 +3,7 @@
     PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --out docs/results/decode_h100.json
     PYTHONPATH=. python scripts/bench_decode.py --model random:llama2-7b --recipe rtn_w4_g128 ...
     ... --fuse-projections   (q|k|v and gate|up as one matmul each, as served)
-    ... --wgmma              (4-bit weights repacked for the Hopper wgmma kernel)
+    ... --wgmma              (2-, 3-, 4- and 8-bit weights repacked for the Hopper wgmma kernel)
 
 Decode runs inside one jitted `lax.while_loop` (the same loop `generate` uses) over a cache
 already holding `--context` tokens; the median of three loops of `--steps` tokens, each continuing
@@ -103,7 +103,7 @@ def main(argv=None):
     p.add_argument("--fuse-projections", action="store_true",
                    help="serve q|k|v and gate|up as one matmul each (jaxcompress.models.fuse)")
     p.add_argument("--wgmma", action="store_true",
-                   help="repack 4-bit weights for the Hopper wgmma kernel (jaxcompress.models.repack), after fusing")
+                   help="repack 2-, 3-, 4- and 8-bit weights for the Hopper wgmma kernel (jaxcompress.models.repack), after fusing")
     p.add_argument("--wgmma-pad-k", action=argparse.BooleanOptionalAction, default=True,
                    help="with --wgmma: store a K that 256-column steps split badly (11008) padded with zeros "
                         "(repack_for_wgmma's default; --no-wgmma-pad-k keeps it unpadded)")
