@@ -3,7 +3,7 @@
     # on the GPU machine (writes records, meta and the tuning table under --out):
     PYTHONPATH=. python scripts/bench_kernels.py --out $OUT
     # the Hopper W4 kernel (wgmma) as linear() runs a repacked model, every shape and batch
-    # (--suite wgmma-w8w2: W8 per channel and W2 g128 on it):
+    # (--suite wgmma-w8w2: W8 per channel and W2 g128 on it; --suite wgmma-w3: W3 g128):
     PYTHONPATH=. python scripts/bench_kernels.py --suite wgmma --out $OUT
     # anywhere: markdown table and plot from a records file
     PYTHONPATH=. python scripts/bench_kernels.py --report docs/results/quant_matmul_h100.json
@@ -129,8 +129,13 @@ def suites(name: str):
         # run 21 timed 4 shapes at batch 1 / 8 in the probe): every shape, decode batches and two prefill ones
         return [Sweep(Variant(8, 0), batches=(1, 2, 4, 8, 16, 32, 128), kind="wgmma"),
                 Sweep(Variant(2, 128), batches=(1, 2, 4, 8, 16, 32, 128), kind="wgmma")]
+    if name == "wgmma-w3":  # the Hopper kernel on repacked W3 g128 weights (two code planes), most important
+        # batches first where a deadline cuts it: 1 and 8, the other decode batches, then two prefill ones
+        w3 = Variant(3, 128)
+        return [Sweep(w3, batches=(1, 8), kind="wgmma"), Sweep(w3, batches=(2, 4, 16, 32), kind="wgmma"),
+                Sweep(w3, batches=(64, 256), kind="wgmma")]
     raise SystemExit(f"unknown suite {name!r}: choose full, lean, run3, run3-rest, h2, h2-e2e, fused, run10, run10b, e2e, "
-                     f"sym-batched, quick, w4, wgmma or wgmma-w8w2")
+                     f"sym-batched, quick, w4, wgmma, wgmma-w8w2 or wgmma-w3")
 
 
 def only_batches(sweeps, batches: set[int]) -> list:
