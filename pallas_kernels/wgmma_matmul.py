@@ -1,4 +1,4 @@
-"""W4 (and W8, W2) weights x bf16/fp16 activations on Hopper tensor cores, loads decoupled from arithmetic (Mosaic GPU).
+"""W4 (and W8, W3, W2) weights x bf16/fp16 activations on Hopper tensor cores, loads decoupled from arithmetic (Mosaic GPU).
 
 The Triton kernels of `quant_matmul` load each step's code words into registers and convert them
 there, so a warp's loads and its arithmetic take turns, and at batch 8-32 their tensor-core path
@@ -51,7 +51,11 @@ dequantize-then-dot that ran there before. 8- and 2-bit codes (`W4Weight.bits`) 
 pipeline: 8-bit ones as int8 in a byte order whose converted words are the fragment (`byte_permutation`),
 2-bit ones as int4 pairs with eight lop3 pairs a word (`crumb_permutation`); on an H200 (run 21) W8 per
 channel ran 1.30-1.43x XLA's bf16 at batch 8 and W2 g128 1.88-2.32x, 4-6x faster than the QArrays'
-Triton path there, and 3-17% slower than their tuned GEMV at batch 1. CPU tests check
+Triton path there, and 3-17% slower than their tuned GEMV at batch 1. 3-bit codes travel in two int4
+planes, the low two bits and the third bits (`split_planes`), joined into each 4-bit word by one lop3;
+on an H200 (run 22) W3 g128 ran 1.66-2.15x XLA's bf16 at batch 1 (3.87x on 4096 x 1024), 1.29-2.00x at
+2-32 rows, and 1.26-1.31x faster than its tuned Triton GEMV at batch 1 (the three shapes its table
+holds). CPU tests check
 the repack and the kernel's arithmetic in plain JAX (`emulate_w4`) and lower the kernel for CUDA;
 the kernel itself runs in `tests/gpu/test_wgmma_matmul_gpu.py` on an H100/H200.
 """

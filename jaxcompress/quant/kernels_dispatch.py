@@ -111,8 +111,8 @@ def choose_config(x: jax.Array, w, *, kind: str = "a16"):
 @functools.cache
 def _hint_wgmma_repack_once(shape: tuple, bits: int, m: int) -> None:
     log.warning("linear(): %d-bit weight %s at batch %d has no measured kernel config; the default one ran "
-                "0.22-0.49x XLA's bf16 dot at batch 8 for 8- and 2-bit weights on an H200 (kernel_notes run 21). "
-                "On Hopper, jaxcompress.models.repack.repack_for_wgmma(model) runs it on the wgmma kernel "
+                "0.22-0.53x XLA's bf16 dot at batch 8 for 8-, 3- and 2-bit weights on an H200 (kernel_notes runs "
+                "21-22). On Hopper, jaxcompress.models.repack.repack_for_wgmma(model) runs it on the wgmma kernel "
                 "(1.3-2.3x bf16 there)", bits, shape, m)
 
 
