@@ -325,6 +325,12 @@ def test_bench_kernels_times_the_wgmma_kernel_on_fresh_buffers():
     a8, b8 = (autotune.random_like(w8, jax.random.key(i)) for i in (1, 2))
     assert a8.codes.dtype == jnp.int8 and a8.bits == 8 and a8.order == "paired"
     assert not np.array_equal(np.asarray(a8.codes), np.asarray(b8.codes))
+    # 3-bit codes: both planes fresh (the high plane is a leaf of its own)
+    assert {(s.variant.bits, s.kind) for s in bench.suites("wgmma-w3")} == {(3, "wgmma")}
+    w3 = wm.repack_w4(random_weight(0, 256, 128, Variant(3, 128)), block_k=256)
+    a3, b3 = (autotune.random_like(w3, jax.random.key(i)) for i in (1, 2))
+    assert a3.high.dtype == jnp.int4 and a3.high.shape == w3.high.shape == (2, 1, 64, 64)
+    assert not np.array_equal(np.asarray(a3.high, np.int8), np.asarray(b3.high, np.int8))
     cfg = {**dataclasses.asdict(wm.gemm_config(w, 256)), "block_k": 256, "stored_k": 0}
     rec = {"variant": "w4_g128_asym-wgmma", "kind": "wgmma", "bits": 4, "group_size": 128, "grid": "asym",
            "layout": "wgmma-bk256", "m": 256, "k": 256, "n": 128, "config": cfg, "kernel_us": 10.0,

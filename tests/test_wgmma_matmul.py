@@ -8,6 +8,9 @@ and that every layout still lowers to a Mosaic GPU kernel for CUDA (catches API 
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ from flax import nnx
 
 import hf_models
 from jaxcompress.errors import ConfigError
+from jaxcompress.io.checkpoint import save_checkpoint
 from jaxcompress.io.hf import load_hf_folder
 from jaxcompress.models.build import params, path_str, with_params
 from jaxcompress.models.fuse import fuse_projections
@@ -524,25 +528,17 @@ def test_w8_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, gr
     test_kernel_lowers_for_cuda(order, block_k, scale_on_acc, m, grid, ws, group, False, bits=8)
 
 
+@pytest.mark.parametrize("bits", [2, 3])
 @pytest.mark.parametrize("block_k,scale_on_acc,m,grid,ws,group,overlap", [
     (256, True, 1, "sym", False, 0, False), (256, True, 8, "asym", False, 128, False),
     (0, True, 3, "sym", False, 128, False), (128, True, 1, "asym", False, 256, False),
     (256, False, 13, "asym", False, 128, False), (256, True, 2, "asym", False, 128, "fold"),
     (256, True, 4, "sym", True, 128, False), (256, False, 300, "asym", "gemm", 128, False)])
-def test_w2_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group, overlap):
-    """2-bit codes: 256-column pieces of 64-byte rows (128 where the step is 128), eight pairs a word."""
-    test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=2)
-
-
-@pytest.mark.parametrize("block_k,scale_on_acc,m,grid,ws,group,overlap", [
-    (256, True, 1, "sym", False, 0, False), (256, True, 8, "asym", False, 128, False),
-    (0, True, 3, "sym", False, 128, False), (128, True, 1, "asym", False, 256, False),
-    (256, False, 13, "asym", False, 128, False), (256, True, 2, "asym", False, 128, "fold"),
-    (256, True, 4, "sym", True, 128, False), (256, False, 300, "asym", "gemm", 128, False)])
-def test_w3_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group, overlap):
-    """3-bit codes: two planes, two TMA streams; 128-column pieces (a 128-column step) leave the high
+def test_w2_w3_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group, overlap, bits):
+    """2-bit codes: 256-column pieces of 64-byte rows (128 where the step is 128), eight pairs a word.
+    3-bit codes: two planes, two TMA streams; 128-column pieces (a 128-column step) leave the high
     plane's 16-byte rows unswizzled."""
-    test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=3)
+    test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=bits)
 
 
 def test_w3_steps_keep_the_high_plane_whole():
@@ -613,6 +609,16 @@ def test_repack_for_wgmma_takes_8_and_3_bit_weights(tmp_path, monkeypatch, bits,
     _, kept = repack_for_wgmma(quantized, bits=(4,))
     assert not kept.repacked
     assert kept.skipped["layers.0.mlp.down_proj.kernel"] == f"bits={bits} not asked for (bits=(4,))"
+    # a repacked model saves and loads in a fresh process, which imports the leaf type's module itself
+    save_checkpoint(repacked, str(tmp_path / "ckpt"))
+    np.save(tmp_path / "expect.npy", np.asarray(leaf.dequantize(), np.float32))
+    code = ("import sys, numpy as np; from jaxcompress.io.checkpoint import load_checkpoint; "
+            "leaf = load_checkpoint(sys.argv[1])[0].layers[0].mlp.down_proj.kernel.get_value(); "
+            "assert type(leaf).__name__ == 'W4Weight' and leaf.bits == int(sys.argv[3]), leaf; "
+            "np.testing.assert_array_equal(np.asarray(leaf.dequantize(), np.float32), np.load(sys.argv[2])); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt"), str(tmp_path / "expect.npy"), str(bits)],
+                         capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 def test_unmeasured_batched_qarray_points_at_the_repack(monkeypatch, caplog):

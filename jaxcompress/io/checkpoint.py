@@ -34,6 +34,7 @@ MARKER = "jaxcompress.json"
 _LEAF_TYPES: dict[str, type] = {}
 # Where the library's own leaf types live, so a checkpoint loads without importing them first.
 _LEAF_MODULES = {"QArray": "jaxcompress.quant.qarray", "TiledQArray": "pallas_kernels.layout",
+                 "W4Weight": "pallas_kernels.wgmma_matmul",
                  "LoRA": "jaxcompress.train.lora", "FakeQuant": "jaxcompress.train.qat"}
 
 
