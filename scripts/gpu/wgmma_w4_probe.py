@@ -146,7 +146,10 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 
 
 
 def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list, bits: int = 4,
-                group: int = 128) -> dict:
+                group: int = 128, qarray: bool = True) -> dict:
+    """One (K, N, batch) point; qarray=False skips timing `linear()` on the QArray itself (its default
+    Triton config at an unmeasured batch, and dequantize-then-dot). In run 22 on an H200, W3 points past batch 1
+    took 50-65 s each, against about 13 s at batch 1; this part is the likely difference (not timed apart)."""
     v = Variant(bits, group, grid)
     w = random_weight(3, k, n, v)
     rec: dict = {"k": k, "n": n, "m": m, "grid": grid, "group_size": group, "bits": bits}
@@ -196,15 +199,15 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
         txs, tws = autotune.random_inputs(w, m, jnp.bfloat16, seed=7)
         rec["triton_us"], _, rec["triton_kernels"] = time_fn(lambda xx, www, c=entry.config: quant_matmul(xx, www, config=c), txs, tws)
         rec["triton_config"] = entry.config.to_json()
-    # What linear() runs for the QArray itself today (its tuning-table entry, the default Triton
-    # config of an unmeasured batch, or dequantize-then-dot), on random QArrays of this structure.
-    qxs, qws = autotune.random_inputs(w, m, jnp.bfloat16, seed=9)
-    rec["qarray_linear_us"], _, rec["qarray_linear_kernels"] = time_fn(linear, qxs, qws)
-    os.environ["JAXCOMPRESS_QUANT_KERNEL"] = "reference"  # read when linear() is traced
-    try:  # dequantize-then-dot: what linear() falls back to where no kernel is trusted
-        rec["qarray_reference_us"] = time_fn(lambda xx, www: linear(xx, www), qxs, qws)[0]
-    finally:
-        del os.environ["JAXCOMPRESS_QUANT_KERNEL"]
+    if qarray:  # what linear() runs for the QArray itself today (its tuning-table entry, the default
+        # Triton config of an unmeasured batch, or dequantize-then-dot), on random QArrays of this structure
+        qxs, qws = autotune.random_inputs(w, m, jnp.bfloat16, seed=9)
+        rec["qarray_linear_us"], _, rec["qarray_linear_kernels"] = time_fn(linear, qxs, qws)
+        os.environ["JAXCOMPRESS_QUANT_KERNEL"] = "reference"  # read when linear() is traced
+        try:  # dequantize-then-dot: what linear() falls back to where no kernel is trusted
+            rec["qarray_reference_us"] = time_fn(lambda xx, www: linear(xx, www), qxs, qws)[0]
+        finally:
+            del os.environ["JAXCOMPRESS_QUANT_KERNEL"]
     bt = bf16_timing(k, n, m)
     rec["xla_bf16_us"] = autotune.rank_us(bt)
     groups = k // group if group else 1
@@ -298,6 +301,8 @@ def main() -> None:
     ap.add_argument("--max-candidates", type=int, default=8)
     ap.add_argument("--configs", default="", help="tile_n:tile_k:splits:stages[:loads],... (default: a sweep)")
     ap.add_argument("--deadline-s", type=float, default=400)
+    ap.add_argument("--no-qarray", action="store_true",
+                    help="skip timing linear() on the QArray itself (the slow part of a point at an unmeasured batch)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.report:
@@ -311,7 +316,8 @@ def main() -> None:
             log.warning("deadline: stopping before %s %dx%d m=%d", grid, k, n, m)
             break
         try:
-            rec = probe_point(k, n, m, grid, args.max_candidates, parse_configs(args.configs), args.bits, args.group)
+            rec = probe_point(k, n, m, grid, args.max_candidates, parse_configs(args.configs), args.bits, args.group,
+                              qarray=not args.no_qarray)
         except Exception as e:
             traceback.print_exc()
             rec = {"k": k, "n": n, "m": m, "grid": grid, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
