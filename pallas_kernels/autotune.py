@@ -360,7 +360,7 @@ def random_like(w, key: jax.Array):
     for leaf, k in zip(leaves, keys):
         if leaf.dtype == jnp.uint32:
             new.append(jax.random.bits(k, leaf.shape, jnp.uint32))
-        elif leaf.dtype == jnp.int4:  # W4Weight codes (4-bit, or 2-bit pairs): every int4 is valid
+        elif leaf.dtype == jnp.int4:  # W4Weight code planes (4-, 3- and 2-bit codes): every int4 is valid
             new.append(jax.random.randint(k, leaf.shape, -8, 8, jnp.int8).astype(jnp.int4))
         elif leaf.dtype == jnp.int8:  # 8-bit W4Weight codes: fresh ones, or every buffer shares (and caches) them
             new.append(jax.random.randint(k, leaf.shape, -128, 128, jnp.int8))

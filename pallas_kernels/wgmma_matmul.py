@@ -89,16 +89,11 @@ def orders_of(bits: int) -> tuple[str, ...]:
     return {2: ORDERS_2, 3: ORDERS_3, 4: ORDERS, 8: ORDERS_8}[bits]
 
 
-def codes_per_element(bits: int) -> int:
-    """Codes in one element of the stored array (`W4Weight.codes`): 2-bit codes travel in pairs as int4
-    (TMA and the UPCAST_4X load know int4), as do the low two bits of 3-bit codes; 4- and 8-bit ones
-    one an element."""
-    return 2 if bits in (2, 3) else 1
-
-
 def plane_divisors(bits: int) -> tuple[int, ...]:
-    """Codes an element of each stored plane: `codes`, then (3-bit) `high`, four third bits an int4."""
-    return (2, 4) if bits == 3 else (codes_per_element(bits),)
+    """Codes an element of each stored plane: `codes`, then (3-bit) `high`. 2-bit codes travel in pairs
+    as int4 (TMA and the UPCAST_4X load know int4), as do the low two bits of 3-bit codes, whose third
+    bits go four an int4; 4- and 8-bit codes one an element."""
+    return {2: (2,), 3: (2, 4)}.get(bits, (1,))
 
 
 def split_planes(phys: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -771,7 +766,7 @@ def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: i
         return cache[idx]
 
     rows, cols = a4.shape
-    return _relabel(pairs, (rows, cols * codes_per_element(bits)), per_chunk=16 // bits)
+    return _relabel(pairs, (rows, cols * plane_divisors(bits)[0]), per_chunk=16 // bits)
 
 
 def _i32(value: int) -> int:
