@@ -876,6 +876,9 @@ SMALL_GRID_VALUE_CHANNELS = 16
 SMALL_GRID_HEADS = 32
 
 
+VALUES_PASSES = ("cuda", "wgmma")
+
+
 @dataclasses.dataclass(frozen=True)
 class Cw2Config:
     """Tuning of the two-pass body (a static, hashable option of `quantized_decode_partials`).
@@ -894,7 +897,10 @@ class Cw2Config:
     arithmetic, in register slots refilled in turn. ncu on an H200 at batch 8: its warps stall mostly
     on those loads, and the grid, not the registers, limits its occupancy. None: 2 where it divides
     the pass's steps, else 1 (H200, KIVI-2 at 32k, kv_notes run 18: keys pass 163.3 against 167.6 us
-    at batch 8, 28.6 against 28.9 at batch 1; 4 steps, at 150 registers, lost: 188.2 and 38.1)."""
+    at batch 8, 28.6 against 28.9 at batch 1; 4 steps, at 150 registers, lost: 188.2 and 38.1).
+    values: "cuda" (the f16x2 values pass above) or "wgmma" (the values pass on Hopper's tensor cores,
+    `kv_values_wgmma`: 2-bit values only; in interpret mode its plain-JAX model `emulate_values`,
+    since Mosaic GPU has no CPU interpreter)."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
@@ -902,12 +908,15 @@ class Cw2Config:
     key_warps: int | None = None
     value_warps: int | None = None
     key_prefetch: int | None = None
+    values: str = "cuda"
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
             x = getattr(self, name)
             if x is not None and (x < 1 or x & (x - 1)):
                 raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
+        if self.values not in VALUES_PASSES:
+            raise ConfigError(f"Cw2Config.values={self.values!r} must be one of {VALUES_PASSES}")
         if self.key_prefetch not in (None, 1, 2, 4):
             raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 4 (steps of loads in "
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
@@ -1001,6 +1010,17 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         interpret=interpret,
         name=f"kv_decode_k{k.bits}_scores",
     )(*key_inputs)
+
+    if config.values == "wgmma":
+        from pallas_kernels import kv_values_wgmma as kvw
+
+        problem = kvw.supports(v, chunk)
+        if problem:
+            raise ConfigError(f"Cw2Config(values='wgmma') cannot read these values: {problem}; use values='cuda'")
+        run = kvw.emulate_values if interpret else kvw.values_pass
+        o, l, m = run(scores, top, length, v, chunk=chunk, block=kcols * c, blocks_per_split=key_blocks,
+                      **({} if interpret else dict(chunks=chunks)))
+        return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 
     # values grid: (K * chunks) * parts, part = hh % parts
     hc_of = lambda hh: hh // parts  # noqa: E731

@@ -1,0 +1,332 @@
+"""The values pass of the two-pass KV decode body ("cw2") on Hopper tensor cores (Mosaic GPU).
+
+cw2's values pass (`decode_attention._cw2_values_kernel`) sums p * value on the CUDA cores, three
+f16x2 instructions for two cache elements plus each row's bookkeeping; ncu found it issue-bound
+(kv_notes run 18). Here the same sum is a matrix product with the codes as the left operand, as
+the weight codes are in `wgmma_matmul`:
+
+    o^T [D, N] = (code - mid)^T [D, tokens] @ B [tokens, N],   B[t, (q, g)] = p_q[t] * scale[g, t]
+
+so a thread's only work per pair of codes is the lop3 conversion (`wgmma_matmul._convert_lop3`),
+and wgmma does the multiply-adds in fp32. N = query heads x value channel groups (KIVI: 4 groups of
+32 channels), zero-filled to 8; each channel row keeps the column of its own group (`finish_values`).
+
+**Layout.** The value store is read as it is (channel_words: channel rows of 32-bit words of 16
+tokens each, the per-token scales, zero points and the keys pass's scores in *code order*). TMA
+streams a step of 256 tokens: the codes [D, 128 int4], and the step's per-token meta and scores as
+[16 slots, 16 word columns] tiles of the code order. A 2-bit UPCAST_4X register of thread q is
+word q of each 4-word chunk of a channel row, and its converted pair c is slots (c, c + 8)
+(`wgmma_matmul.crumb_permutation`), so wgmma reads token (word column j, slot i) as logical column
+`b_column(i, j)` of the step; each thread writes B for two tokens there (`_write_b`), fp16, into a
+128-byte-swizzled shared tile, and sums the zero-point terms p * (zero + mid * scale) and p itself
+(the softmax denominator) in fp32 registers, reduced over threads after the kernel.
+
+Only 2-bit values in channel_words stores with fp16 meta and head_dim a multiple of 64; the keys
+pass and its scores are cw2's. The kernel runs on a Hopper GPU only (no Mosaic GPU interpreter on
+the CPU): CPU tests check the index map with a plain-JAX model of the kernel (`emulate_values`)
+and lower the kernel for CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.errors import ConfigError
+
+STEP_TOKENS = 256  # tokens a pipeline step: 16 word columns of 2-bit codes (a 64-byte row)
+STEP_COLUMNS = 16  # word columns a step
+SLOTS = 16         # 2-bit codes a word
+ROW_BLOCK = 64     # channel rows a wgmma block (wgmma's M)
+LOG2E = math.log2(math.e)
+
+
+def b_column(slot, column):
+    """The logical K column of a step's B (and of the converted codes) that holds token (word
+    column `column` of the step, slot `slot` of the word): chunk h = column // 4 of 64 columns,
+    thread-word q = column % 4, pair c = slot % 8, half e = slot // 8 (`crumb_permutation`)."""
+    return 64 * (column // 4) + 8 * (slot % 8) + 2 * (column % 4) + slot // 8
+
+
+def supports(v, chunk: int) -> str | None:
+    """Why the wgmma values pass cannot read this value store, or None."""
+    from jaxcompress.kv.store import CHANNEL_WORDS
+
+    if v.layout != CHANNEL_WORDS or v.bits != 2:
+        return f"values are {v.bits}-bit {v.layout}; the wgmma values pass reads 2-bit channel_words stores"
+    if v.rows % STEP_COLUMNS:
+        return f"the store's tiles of {v.rows} word columns are not whole steps of {STEP_COLUMNS}"
+    if v.head_dim % ROW_BLOCK:
+        return f"head_dim {v.head_dim} is not a multiple of {ROW_BLOCK} (wgmma's rows)"
+    if v.scale.dtype != jnp.float16 or (v.zero is not None and v.zero.dtype != jnp.float16):
+        return "the value scales and zero points are not fp16"
+    if v.token_group != 1 or v.head_dim % v.channel_group:
+        return "the values are not quantized per token"
+    if chunk * (v.head_dim // v.channel_group) > 256:
+        return "more than 256 (query head, channel group) columns"
+    return None
+
+
+def _columns(chunk: int, groups: int) -> tuple[int, int]:
+    """(B's columns, zero-filled to a multiple of 8; fp32 partial sums a thread: chunk
+    denominators and chunk x groups zero-point terms, padded to a power of 2)."""
+    n = chunk * groups
+    return -(-n // 8) * 8, 1 << (chunk + n - 1).bit_length()
+
+
+def _code_order_view(x, rows: int):
+    """A per-token array [..., S] in code order -> [..., S / (16 rows), 16 slots, rows columns]."""
+    return x.reshape(*x.shape[:-1], x.shape[-1] // (SLOTS * rows), SLOTS, rows)
+
+
+def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid: float, with_zero: bool):
+    """One step's B into the 128-byte-swizzled tile b_ref [n_pad, 256] (fp16), and the thread's
+    fp32 partial sums: thread t takes word column j = t % 16 and slots c, c + 8 (c = t // 16), two
+    tokens that are adjacent columns of B (`b_column`), so one 32-bit store a row."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    del ctx
+    if with_zero:
+        vz_ref, b_ref, part, valid, *tops = rest
+    else:
+        vz_ref = None
+        b_ref, part, valid, *tops = rest
+    i32, f32, f16 = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.F16Type.get()
+    index = ir.IndexType.get()
+    ci = lambda v: arith.constant(i32, v)  # noqa: E731
+    cf = lambda v: arith.constant(f32, v)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    mgpu_utils.warpgroup_barrier()  # the previous step's wgmma has read B in every warp
+    t = arith.remui(mgpu_utils.thread_idx(), ci(128))
+    j = arith.andi(t, ci(15))
+    c = arith.shrui(t, ci(4))
+    h, q2 = arith.shrui(j, ci(2)), arith.shli(arith.andi(j, ci(3)), ci(1))
+    slots = (c, arith.addi(c, ci(8)))
+    ok = valid.registers.item()
+    (regs,) = part.registers.flat
+    sums = [vector.extract(regs, [], [n]) for n in range(ir.VectorType(regs.type).shape[0])]
+    pair_ty = ir.VectorType.get((2,), f16)
+
+    def load(ref, *idx):
+        return memref.load(ref, [ix(i) if isinstance(i, ir.Value) else arith.constant(index, i) for i in idx])
+
+    def exp2(x):
+        return llvm.inline_asm(f32, [x], "ex2.approx.ftz.f32 $0, $1;", "=f,f")
+
+    def store_pair(n: int, lo, hi):
+        # (n, k) of the [n_pad, 256] tile tiled (8, 64), 128-byte swizzle: 16-byte chunk ^ (n % 8)
+        pair = vector.from_elements(pair_ty, [lo, hi])
+        col = arith.addi(arith.shli(arith.xori(c, ci(n % 8)), ci(3)), q2)
+        vector.store(pair, b_ref, [arith.constant(index, n // 8), ix(h), arith.constant(index, n % 8), ix(col)])
+
+    zero16 = arith.constant(f16, 0.0)
+    for qq in range(chunk):
+        top = tops[qq].registers.item()
+        p = []
+        for i in slots:
+            s = load(s_ref, qq, i, j)
+            p.append(arith.select(ok, exp2(arith.subf(s, top)), cf(0.0)))
+        sums[qq] = arith.addf(sums[qq], arith.addf(p[0], p[1]))
+        for g in range(groups):
+            n = qq * groups + g
+            ps, zsum = [], sums[chunk + n]
+            for e, i in enumerate(slots):
+                scale = arith.extf(f32, load(vs_ref, g, i, j))
+                ps.append(arith.truncf(f16, arith.mulf(p[e], scale)))
+                if with_zero:  # value = (code - mid) * scale + (zero + mid * scale)
+                    offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(cf(mid), scale))
+                    zsum = arith.addf(zsum, arith.mulf(p[e], offset))
+            sums[chunk + n] = zsum
+            store_pair(n, *ps)
+    for n in range(chunk * groups, n_pad):  # zero columns
+        store_pair(n, zero16, zero16)
+    mgpu_utils.commit_shared()  # fence for wgmma's (async proxy) reads, then the warpgroup barrier
+    new = vector.from_elements(regs.type, sums)
+    new_regs = np.empty_like(part.registers)
+    new_regs.flat[0] = new
+    return mgpu.FragmentedArray(_registers=new_regs, _layout=part.layout, _is_signed=None)
+
+
+def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: int, groups: int, rows: int,
+            block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from pallas_kernels.wgmma_matmul import _convert_lop3, _load
+
+    vz_g = rest[0] if with_zero else None
+    o_g, part_g, b_smem, o_smem, part_smem = rest[int(with_zero):]
+    n_pad, n_part = _columns(chunk, groups)
+    bi, hh, si = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
+    kvh = hh // chunks
+    per_block = block // STEP_TOKENS
+    used = jax.lax.div(len_g[0] + (block - 1), jnp.int32(block))
+    lo = si * blocks_per_split
+    valid_steps = jnp.maximum(jnp.minimum(lo + blocks_per_split, used) - lo, 0) * per_block
+    first = si * (blocks_per_split * per_block)  # the split's first step
+    tops = [top_g[bi, hh, si, qq] for qq in range(chunk)]
+    r16 = rows // STEP_COLUMNS  # steps a code-order tile
+    meta_index = lambda g: (0, (first + g) // r16, 0, (first + g) % r16)  # noqa: E731
+    b_swizzle = plgpu.SwizzleTransform(128)
+    b_transforms = (plgpu.TilingTransform((8, 64)), b_swizzle)
+    write_b = plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.RefType(), *([plgpu.RefType()] if with_zero else []),
+                   plgpu.RefType(b_transforms), plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part),
+                   plgpu.Layout.WG_SPLAT(()), *[plgpu.Layout.WG_SPLAT(())] * chunk),
+        return_type=plgpu.ShapeDtypeStruct((128 * n_part,), jnp.float32,
+                                           layout=plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part)),
+    )(functools.partial(_write_b, chunk=chunk, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero))
+    convert = plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
+        return_type=plgpu.ShapeDtypeStruct((ROW_BLOCK, STEP_TOKENS), jnp.float16, layout=plgpu.Layout.WGMMA),
+    )(functools.partial(_convert_lop3, dtype="float16", offset=True, bits=2))
+    blocks = head_dim // ROW_BLOCK
+
+    def body(idx, s_smem, c_smem, vs_smem, *rest_):
+        z_smem = rest_[0] if with_zero else None
+        accs, part = rest_[-1]
+        valid = idx[0] < valid_steps
+        part = write_b(s_smem, vs_smem, *([z_smem] if with_zero else []), b_smem, part, valid, *tops)
+        new = []
+        for r in range(blocks):
+            a = convert(_load(c_smem.at[pl.ds(r * ROW_BLOCK, ROW_BLOCK)], layout=plgpu.Layout.WGMMA_UPCAST_4X))
+
+            def mma(acc_ref, a=a):
+                plgpu.wgmma(acc_ref, a, b_smem.transpose((1, 0)))
+            new.append(pl.run_state(mma)(plgpu.ACC.init(accs[r])))
+        return tuple(new), part
+
+    c_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))  # 64-byte rows of int4
+    in_specs = [plgpu.BlockSpec((chunk, None, SLOTS, STEP_COLUMNS), meta_index),
+                plgpu.BlockSpec((head_dim, STEP_TOKENS // 2), lambda g: (0, first + g), transforms=c_transforms),
+                plgpu.BlockSpec((groups, None, SLOTS, STEP_COLUMNS), meta_index)]
+    operands = [scores_g.at[bi, hh], codes_g.at[bi if codes_g.shape[0] > 1 else 0, kvh if codes_g.shape[1] > 1 else 0],
+                vs_g.at[bi if vs_g.shape[0] > 1 else 0, kvh if vs_g.shape[1] > 1 else 0]]
+    if with_zero:
+        in_specs.append(plgpu.BlockSpec((groups, None, SLOTS, STEP_COLUMNS), meta_index))
+        operands.append(vz_g.at[bi if vz_g.shape[0] > 1 else 0, kvh if vz_g.shape[1] > 1 else 0])
+    zeros = lambda: plgpu.layout_cast(jnp.zeros((ROW_BLOCK, n_pad), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
+    part0 = plgpu.layout_cast(jnp.zeros((128 * n_part,), jnp.float32),
+                              plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part))
+    accs, part = plgpu.emit_pipeline(body, grid=(jnp.maximum(valid_steps, 1),), in_specs=in_specs,
+                                     max_concurrent_steps=stages,
+                                     init_carry=(tuple(zeros() for _ in range(blocks)), part0))(*operands)
+    for r, acc in enumerate(accs):
+        o_smem[pl.ds(r * ROW_BLOCK, ROW_BLOCK), :] = acc
+    part_smem[...] = part
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_g.at[bi, hh, si])
+    plgpu.copy_smem_to_gmem(part_smem, part_g.at[bi, hh, si])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def values_pass(scores, top, length, v, *, chunk: int, chunks: int, block: int, blocks_per_split: int,
+                stages: int = 4):
+    """cw2's values pass on the tensor cores. scores [B, K * chunks, chunk, S] (log2 units, code order)
+    and top [B, K * chunks, splits, chunk] from cw2's keys pass; splits of `blocks_per_split` blocks of
+    `block` tokens, as the keys pass read them. Returns (o [.., splits, chunk, D], l, m) as
+    `_cw2_values_kernel`'s outputs (m in natural-log units)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    problem = supports(v, chunk)
+    if problem:
+        raise ConfigError(f"the wgmma values pass cannot read this store: {problem}")
+    if block % STEP_TOKENS:
+        raise ConfigError(f"the keys pass's blocks of {block} tokens are not whole steps of {STEP_TOKENS}")
+    b, hc, _, s = scores.shape
+    n_splits = top.shape[2]
+    d, groups = v.head_dim, v.head_dim // v.channel_group
+    n_pad, n_part = _columns(chunk, groups)
+    with_zero = v.zero is not None
+    codes = jax.lax.bitcast_convert_type(v.codes, jnp.int4).reshape(*v.codes.shape[:3], -1)  # [B, K, D, S / 2]
+    operands = [_code_order_view(scores, v.rows), top, jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), codes,
+                _code_order_view(v.scale, v.rows)]
+    if with_zero:
+        operands.append(_code_order_view(v.zero, v.rows))
+    body = functools.partial(_kernel, chunk=chunk, chunks=chunks, groups=groups, rows=v.rows, block=block,
+                             blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d)
+    o_raw, part = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((b, hc, n_splits, d, n_pad), jnp.float32),
+                  jax.ShapeDtypeStruct((b, hc, n_splits, 128 * n_part), jnp.float32)),
+        grid=(b, hc, n_splits), grid_names=("b", "h", "s"),
+        scratch_types=[plgpu.SMEM((n_pad, STEP_TOKENS), jnp.float16,
+                                  transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
+                       plgpu.SMEM((d, n_pad), jnp.float32), plgpu.SMEM((128 * n_part,), jnp.float32)],
+    )(*operands)
+    return finish_values(o_raw, part, top, chunk=chunk, groups=groups, channel_group=v.channel_group)
+
+
+def finish_values(o_raw, part, top, *, chunk: int, groups: int, channel_group: int):
+    """The kernel's per-program outputs -> (o [.., chunk, D], l [.., chunk], m [.., chunk]): each
+    channel row's column of its own group, plus that group's zero-point sum; the threads' partial
+    sums added."""
+    sums = part.reshape(*part.shape[:-1], 128, -1).sum(-2)  # [.., n_part]
+    l = sums[..., :chunk]
+    zterm = sums[..., chunk:chunk + chunk * groups].reshape(*sums.shape[:-1], chunk, groups)
+    d = o_raw.shape[-2]
+    cols = o_raw[..., :chunk * groups].reshape(*o_raw.shape[:-1], chunk, groups)  # [.., D, chunk, groups]
+    own = jax.nn.one_hot(jnp.arange(d) // channel_group, groups, dtype=jnp.float32)  # [D, groups]
+    o = jnp.einsum("...dqg,dg->...qd", cols, own) + jnp.einsum("...qg,dg->...qd", zterm, own)
+    return o, l, top / LOG2E
+
+
+def emulate_values(scores, top, length, v, *, chunk: int, block: int, blocks_per_split: int):
+    """The kernel's arithmetic in plain JAX: each step's codes at the logical columns the hardware's
+    fragment gives them (`crumb_permutation`, as the 2-bit weights of `wgmma_matmul`), B written at
+    the columns `b_column` names (what `_write_b` does), fp16 products, fp32 sums. A wrong
+    `b_column` pairs codes with other tokens' weights here as in the kernel. Returns what
+    `values_pass` returns."""
+    from pallas_kernels.wgmma_matmul import crumb_permutation
+
+    b, hc, _, s = scores.shape
+    n_splits = top.shape[2]
+    d, groups = v.head_dim, v.head_dim // v.channel_group
+    kvh = jnp.arange(hc) // (hc // v.codes.shape[1])  # the kv head of each program head
+    slot, column = np.meshgrid(np.arange(SLOTS), np.arange(STEP_COLUMNS), indexing="ij")
+    order = np.empty(STEP_TOKENS, np.int64)  # B: order[k] = (slot, column) flat index written at column k
+    order[b_column(slot, column).ravel()] = (slot * STEP_COLUMNS + column).ravel()
+    steps = s // STEP_TOKENS
+    # The codes' logical columns as the hardware gives them: physical column p of a 64-column chunk
+    # (word p // 16 of the chunk, slot p % 16) converts to logical column crumb_permutation()[p].
+    words = v.codes[:, kvh]
+    shifts = jnp.arange(SLOTS, dtype=jnp.int32) * 2
+    physical = ((words[..., None] >> shifts) & 3).reshape(b, hc, d, steps, STEP_TOKENS)  # word-major, then slot
+    logical_of = (np.arange(STEP_TOKENS) // 64) * 64 + crumb_permutation()[np.arange(STEP_TOKENS) % 64]
+    codes = jnp.zeros_like(physical).at[..., logical_of].set(physical).astype(jnp.float32) - 2.0
+
+    def per_step(x):  # code-order [.., S] -> [.., steps, 256 logical]
+        x = _code_order_view(x, v.rows)  # [.., tiles, 16, rows]
+        x = x.reshape(*x.shape[:-1], v.rows // STEP_COLUMNS, STEP_COLUMNS)  # [.., tiles, 16, r16, 16]
+        x = jnp.moveaxis(x, -2, -3).reshape(*x.shape[:-4], steps, STEP_TOKENS)  # [.., steps, 16 x 16]
+        return x[..., order]
+
+    def meta(x):  # [Bs, Ks, G, S] -> [B, HC, G, steps, 256]
+        return per_step(jnp.broadcast_to(x, (b, v.codes.shape[1]) + x.shape[2:])[:, kvh])
+
+    sc, vs = per_step(scores), meta(v.scale).astype(jnp.float32)  # [B, HC, chunk, steps, 256], [B, HC, G, steps, 256]
+    vz = meta(v.zero).astype(jnp.float32) if v.zero is not None else None
+    per_block = block // STEP_TOKENS
+    used = -(-jnp.asarray(length, jnp.int32) // block)
+    step = jnp.arange(steps)
+    split = step // (blocks_per_split * per_block)
+    valid = step // per_block < used  # [steps]
+    m = top[:, :, split]  # [B, HC, steps, chunk]
+    p = jnp.where(valid[:, None], jnp.exp2(sc - jnp.moveaxis(m, -1, -2)[..., None]), 0.0)  # [B, HC, chunk, steps, 256]
+    ps = (p[:, :, :, None] * vs[:, :, None]).astype(jnp.float16).astype(jnp.float32)  # [B, HC, chunk, G, steps, 256]
+    onehot = jax.nn.one_hot(split, n_splits, dtype=jnp.float32)  # [steps, splits]
+    o_raw = jnp.einsum("bhdsk,bhqgsk,sx->bhxdqg", codes, ps, onehot)
+    l = jnp.einsum("bhqsk,sx->bhxq", p, onehot)
+    zterm = jnp.zeros(l.shape + (groups,), jnp.float32)
+    if vz is not None:
+        zterm = jnp.einsum("bhqsk,bhgsk,sx->bhxqg", p, vz + 2.0 * vs, onehot)
+    own = jax.nn.one_hot(jnp.arange(d) // v.channel_group, groups, dtype=jnp.float32)
+    o = jnp.einsum("bhxdqg,dg->bhxqd", o_raw, own) + jnp.einsum("bhxqg,dg->bhxqd", zterm, own)
+    return o, l, top / LOG2E
