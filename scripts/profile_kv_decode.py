@@ -27,16 +27,18 @@ def main(argv=None):
     p.add_argument("--recipe", default="kivi_k2v2", help="a kv_cache recipe (name[:layout[:columns]])")
     p.add_argument("--path", default="auto", help="kernel body: auto, mma, cw, cw16, cw2")
     p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--cw2", default="", help="cw2 options as bench_kv.py --kernel-variants reads them (e.g. vwg+vfold)")
     args = p.parse_args(argv)
 
     from jaxcompress.kv.bench import filled_layer, kernel_only_fn
     from jaxcompress.models.presets import preset
-    from scripts.bench_kv import codec_for
+    from scripts.bench_kv import codec_for, parse_cw2
 
     cfg = preset("llama2-7b")
     inputs = filled_layer(cfg, codec_for(args.recipe, cfg), args.batch, args.context, seed=0)
     q = jax.random.normal(jax.random.key(1), (args.batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
-    fn = jax.jit(kernel_only_fn(inputs, cfg, {"path": args.path, "num_warps": args.warps}))
+    fn = jax.jit(kernel_only_fn(inputs, cfg, {"path": args.path, "num_warps": args.warps,
+                                                        **({"cw2": parse_cw2(args.cw2)} if args.cw2 else {})}))
     for _ in range(2):
         out = fn(inputs.state, q).block_until_ready()
     print(f"{args.recipe} path {args.path} batch {args.batch} context {args.context}: output {out.shape}, "
