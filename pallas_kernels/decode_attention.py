@@ -900,9 +900,7 @@ class Cw2Config:
     at batch 8, 28.6 against 28.9 at batch 1; 4 steps, at 150 registers, lost: 188.2 and 38.1).
     values: "cuda" (the f16x2 values pass above) or "wgmma" (the values pass on Hopper's tensor cores,
     `kv_values_wgmma`: 2-bit values only; in interpret mode its plain-JAX model `emulate_values`,
-    since Mosaic GPU has no CPU interpreter). values_stages / values_fold: its steps of loads in
-    flight, and its codes as 1024 + code with the offset taken out of the fp32 zero-point sums
-    (`kv_values_wgmma.values_pass`); values_overlap: its wgmma left in flight across steps."""
+    since Mosaic GPU has no CPU interpreter). values_stages: its steps of loads in flight."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
@@ -912,8 +910,6 @@ class Cw2Config:
     key_prefetch: int | None = None
     values: str = "cuda"
     values_stages: int = 4
-    values_fold: bool = False
-    values_overlap: bool = False
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
@@ -1024,9 +1020,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
             raise ConfigError(f"Cw2Config(values='wgmma') cannot read these values: {problem}; use values='cuda'")
         run = kvw.emulate_values if interpret else kvw.values_pass
         o, l, m = run(scores, top, length, v, chunk=chunk, block=kcols * c, blocks_per_split=key_blocks,
-                      **({} if interpret else dict(chunks=chunks, stages=config.values_stages,
-                                                   fold=config.values_fold,
-                                                   overlap=config.values_overlap)))
+                      **({} if interpret else dict(chunks=chunks, stages=config.values_stages)))
         return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
 
     # values grid: (K * chunks) * parts, part = hh % parts

@@ -83,13 +83,10 @@ def _code_order_view(x, rows: int):
     return x.reshape(*x.shape[:-1], x.shape[-1] // (SLOTS * rows), SLOTS, rows)
 
 
-def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid: float, with_zero: bool,
-             base: float = 0.0):
+def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid: float, with_zero: bool):
     """One step's B into the 128-byte-swizzled tile b_ref [n_pad, 256] (fp16), and the thread's
     fp32 partial sums: thread t takes word column j = t % 16 and slots c, c + 8 (c = t // 16), two
-    tokens that are adjacent columns of B (`b_column`), so one 32-bit store a row. base: the codes
-    reach wgmma as base + code (`fold`), not code - mid: the zero-point sums take (base + mid) times
-    each fp16 product back out."""
+    tokens that are adjacent columns of B (`b_column`), so one 32-bit store a row."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
     from jax.experimental.mosaic import gpu as mgpu
@@ -146,8 +143,6 @@ def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid
                 if with_zero:  # value = (code - mid) * scale + (zero + mid * scale)
                     offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(cf(mid), scale))
                     zsum = arith.addf(zsum, arith.mulf(p[e], offset))
-                if base:  # (code - mid) ps = (base + code) ps - (base + mid) ps, with ps as B holds it
-                    zsum = arith.subf(zsum, arith.mulf(cf(base + mid), arith.extf(f32, ps[-1])))
             sums[chunk + n] = zsum
             store_pair(n, *ps)
     for n in range(chunk * groups, n_pad):  # zero columns
@@ -159,13 +154,46 @@ def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid
     return mgpu.FragmentedArray(_registers=new_regs, _layout=part.layout, _is_signed=None)
 
 
+def _convert_h2(ctx, a4):
+    """2-bit codes (two an int4 element) in WGMMA_LAYOUT_UPCAST_4X -> code - 2 in WGMMA_LAYOUT, fp16,
+    with the pairs `crumb_permutation` puts in the fragment: pair c is slots (c, c + 8), the codes
+    at bit 2c of each half-word. Unlike `wgmma_matmul._word_pairs` (a shift a pair, as bf16 needs),
+    each pair is masked where it lies and OR-ed into the fp16 whose unit is its lowest bit, 2**(10 - o)
+    (`f16x2.h2_positions`; the top three pairs from word >> 8): one lop3 and one sub.f16x2 a pair,
+    one shift a word."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    from pallas_kernels.f16x2 import H2_SHIFT, h2_pair_constants, h2_positions
+    from pallas_kernels.wgmma_matmul import _i32, _relabel
+
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.F16Type.get())
+    c = lambda v: arith.constant(i32, _i32(int(v) & 0xFFFFFFFF))  # noqa: E731
+    positions = [(from_shifted, [c(x) for x in h2_pair_constants(2, o)]) for from_shifted, o in h2_positions(2)]
+    cache = {}
+
+    def pairs(idx):
+        if idx not in cache:
+            word = mgpu_utils.bitcast(a4.registers[idx], i32)
+            shifted = arith.shrui(word, c(H2_SHIFT))
+            cache[idx] = [arith.subf(mgpu_utils.bitcast(arith.ori(arith.andi(shifted if sh else word, mask), magic), pair),
+                                     mgpu_utils.bitcast(centre, pair))
+                          for sh, (mask, magic, centre) in positions]
+        return cache[idx]
+
+    rows, cols = a4.shape
+    return _relabel(pairs, (rows, cols * 2), per_chunk=8)
+
+
 def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: int, groups: int, rows: int,
-            block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int, fold: bool,
-            overlap: bool):
+            block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from pallas_kernels.wgmma_matmul import LOP3_MAGIC, _convert_lop3, _load
+    from pallas_kernels.wgmma_matmul import _load
 
     vz_g = rest[0] if with_zero else None
     o_g, part_g, b_smem, o_smem, part_smem = rest[int(with_zero):]
@@ -188,36 +216,24 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: in
                    plgpu.Layout.WG_SPLAT(()), *[plgpu.Layout.WG_SPLAT(())] * chunk),
         return_type=plgpu.ShapeDtypeStruct((128 * n_part,), jnp.float32,
                                            layout=plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part)),
-    )(functools.partial(_write_b, chunk=chunk, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero,
-                        base=LOP3_MAGIC["float16"][1] if fold else 0.0))
+    )(functools.partial(_write_b, chunk=chunk, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero))
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((ROW_BLOCK, STEP_TOKENS), jnp.float16, layout=plgpu.Layout.WGMMA),
-    )(functools.partial(_convert_lop3, dtype="float16", offset=not fold, bits=2))
+    )(_convert_h2)
     blocks = head_dim // ROW_BLOCK
-
-    def converted(c_smem, r):
-        return convert(_load(c_smem.at[pl.ds(r * ROW_BLOCK, ROW_BLOCK)], layout=plgpu.Layout.WGMMA_UPCAST_4X))
 
     def body(idx, s_smem, c_smem, vs_smem, *rest_):
         z_smem = rest_[0] if with_zero else None
         accs, part = rest_[-1]
         valid = idx[0] < valid_steps
-        # overlap: B alternates between two tiles, so this step's wgmma can run on while the next
-        # step writes the other one (the wait below leaves only this step's in flight)
-        b_tile = b_smem.at[idx[0] % 2] if overlap else b_smem
-        part = write_b(s_smem, vs_smem, *([z_smem] if with_zero else []), b_tile, part, valid, *tops)
-        if overlap:
-            for r in range(blocks):
-                plgpu.wgmma(accs[r], converted(c_smem, r), b_tile.transpose((1, 0)))
-            plgpu.wgmma_wait(blocks)
-            return accs, part
+        part = write_b(s_smem, vs_smem, *([z_smem] if with_zero else []), b_smem, part, valid, *tops)
         new = []
         for r in range(blocks):
-            a = converted(c_smem, r)
+            a = convert(_load(c_smem.at[pl.ds(r * ROW_BLOCK, ROW_BLOCK)], layout=plgpu.Layout.WGMMA_UPCAST_4X))
 
             def mma(acc_ref, a=a):
-                plgpu.wgmma(acc_ref, a, b_tile.transpose((1, 0)))
+                plgpu.wgmma(acc_ref, a, b_smem.transpose((1, 0)))
             new.append(pl.run_state(mma)(plgpu.ACC.init(accs[r])))
         return tuple(new), part
 
@@ -233,15 +249,9 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: in
     zeros = lambda: plgpu.layout_cast(jnp.zeros((ROW_BLOCK, n_pad), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
     part0 = plgpu.layout_cast(jnp.zeros((128 * n_part,), jnp.float32),
                               plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part))
-    run = lambda init: plgpu.emit_pipeline(body, grid=(jnp.maximum(valid_steps, 1),), in_specs=in_specs,  # noqa: E731
-                                           max_concurrent_steps=stages, init_carry=(init, part0))(*operands)
-    if overlap:
-        def scoped(*acc_refs):
-            _, part_ = run(acc_refs)
-            return tuple(ref[...] for ref in acc_refs), part_
-        accs, part = pl.run_scoped(scoped, *[plgpu.ACC((ROW_BLOCK, n_pad), jnp.float32)] * blocks)
-    else:
-        accs, part = run(tuple(zeros() for _ in range(blocks)))
+    accs, part = plgpu.emit_pipeline(body, grid=(jnp.maximum(valid_steps, 1),), in_specs=in_specs,
+                                     max_concurrent_steps=stages,
+                                     init_carry=(tuple(zeros() for _ in range(blocks)), part0))(*operands)
     for r, acc in enumerate(accs):
         o_smem[pl.ds(r * ROW_BLOCK, ROW_BLOCK), :] = acc
     part_smem[...] = part
@@ -252,14 +262,11 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: in
 
 
 def values_pass(scores, top, length, v, *, chunk: int, chunks: int, block: int, blocks_per_split: int,
-                stages: int = 4, fold: bool = False, overlap: bool = False):
+                stages: int = 4):
     """cw2's values pass on the tensor cores. scores [B, K * chunks, chunk, S] (log2 units, code order)
     and top [B, K * chunks, splits, chunk] from cw2's keys pass; splits of `blocks_per_split` blocks of
     `block` tokens, as the keys pass read them. Returns (o [.., splits, chunk, D], l, m) as
-    `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight.
-    fold: the codes enter wgmma as 1024 + code (one lop3 a pair, no subtraction) and the zero-point
-    sums take 1026 x each product back out, in fp32. overlap: each step's wgmma runs on while the next
-    step converts, with B in two alternating tiles."""
+    `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     problem = supports(v, chunk)
@@ -278,14 +285,13 @@ def values_pass(scores, top, length, v, *, chunk: int, chunks: int, block: int, 
     if with_zero:
         operands.append(_code_order_view(v.zero, v.rows))
     body = functools.partial(_kernel, chunk=chunk, chunks=chunks, groups=groups, rows=v.rows, block=block,
-                             blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d,
-                             fold=fold, overlap=overlap)
+                             blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d)
     o_raw, part = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, hc, n_splits, d, n_pad), jnp.float32),
                   jax.ShapeDtypeStruct((b, hc, n_splits, 128 * n_part), jnp.float32)),
         grid=(b, hc, n_splits), grid_names=("b", "h", "s"),
-        scratch_types=[plgpu.SMEM((2, n_pad, STEP_TOKENS) if overlap else (n_pad, STEP_TOKENS), jnp.float16,
+        scratch_types=[plgpu.SMEM((n_pad, STEP_TOKENS), jnp.float16,
                                   transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
                        plgpu.SMEM((d, n_pad), jnp.float32), plgpu.SMEM((128 * n_part,), jnp.float32)],
     )(*operands)

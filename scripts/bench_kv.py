@@ -57,7 +57,7 @@ def parse_cw2(text: str):
     channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
     colN (word columns of a tile), kwN / vwN (warps a keys / values program), kpN (steps of loads the
     keys pass keeps in flight), vwg (the values pass on Hopper's tensor cores, `kv_values_wgmma`), vsN
-    (its stages of loads), vfold (its codes as 1024 + code), vov (its wgmma in flight across steps)."""
+    (its stages of loads)."""
     from pallas_kernels.decode_attention import Cw2Config
 
     options = {}
@@ -76,10 +76,7 @@ def parse_cw2(text: str):
             options["values"] = "wgmma"
         elif item.startswith("vs") and item[2:].isdigit():
             options["values_stages"] = int(item[2:])
-        elif item == "vfold":
-            options["values_fold"] = True
-        elif item == "vov":
-            options["values_overlap"] = True
+
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
                              f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "
