@@ -1012,16 +1012,18 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         name=f"kv_decode_k{k.bits}_scores",
     )(*key_inputs)
 
-    if config.values == "wgmma":
+    if config.values == "wgmma":  # one program a kv head and split takes all its g query heads
         from pallas_kernels import kv_values_wgmma as kvw
 
-        problem = kvw.supports(v, chunk)
+        problem = kvw.supports(v, g)
         if problem:
             raise ConfigError(f"Cw2Config(values='wgmma') cannot read these values: {problem}; use values='cuda'")
+        scores = scores.reshape(b, kv_heads, g, s)  # program heads kv * chunks + j hold queries j * chunk ..
+        top = jnp.moveaxis(top.reshape(b, kv_heads, chunks, n_splits, chunk), 3, 2).reshape(b, kv_heads, n_splits, g)
         run = kvw.emulate_values if interpret else kvw.values_pass
-        o, l, m = run(scores, top, length, v, chunk=chunk, block=kcols * c, blocks_per_split=key_blocks,
-                      **({} if interpret else dict(chunks=chunks, stages=config.values_stages)))
-        return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
+        o, l, m = run(scores, top, length, v, chunk=g, block=kcols * c, blocks_per_split=key_blocks,
+                      **({} if interpret else dict(chunks=1, stages=config.values_stages)))
+        return _split_partials(o, l, m, g)
 
     # values grid: (K * chunks) * parts, part = hh % parts
     hc_of = lambda hh: hh // parts  # noqa: E731
