@@ -876,7 +876,7 @@ SMALL_GRID_VALUE_CHANNELS = 16
 SMALL_GRID_HEADS = 32
 
 
-VALUES_PASSES = ("cuda", "wgmma")
+VALUES_PASSES = ("auto", "cuda", "wgmma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -898,9 +898,14 @@ class Cw2Config:
     on those loads, and the grid, not the registers, limits its occupancy. None: 2 where it divides
     the pass's steps, else 1 (H200, KIVI-2 at 32k, kv_notes run 18: keys pass 163.3 against 167.6 us
     at batch 8, 28.6 against 28.9 at batch 1; 4 steps, at 150 registers, lost: 188.2 and 38.1).
-    values: "cuda" (the f16x2 values pass above) or "wgmma" (the values pass on Hopper's tensor cores,
-    `kv_values_wgmma`: 2-bit values only; in interpret mode its plain-JAX model `emulate_values`,
-    since Mosaic GPU has no CPU interpreter). values_stages: its steps of loads in flight."""
+    values: "cuda" (the f16x2 values pass above), "wgmma" (the values pass on Hopper's tensor cores,
+    `kv_values_wgmma`: 2-bit values only, one program a kv head for all its query heads; in interpret
+    mode its plain-JAX model `emulate_values`, since Mosaic GPU has no CPU interpreter) or "auto"
+    (`values_pass_of`: wgmma for grouped-query heads on a Hopper GPU, where it converts each code
+    once for all of a kv head's queries; H200, KIVI-2 at 32k, kv_notes run 21: Llama-3-8B's 4 query
+    heads a kv head at batch 1, 13.4 against 30.1 us; with Llama-2's one query a kv head it lost,
+    30.1 against 29.1 us at batch 1 and 194.6 against 169.6 at batch 8). values_stages: its steps of
+    loads in flight."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
@@ -908,7 +913,7 @@ class Cw2Config:
     key_warps: int | None = None
     value_warps: int | None = None
     key_prefetch: int | None = None
-    values: str = "cuda"
+    values: str = "auto"
     values_stages: int = 4
 
     def __post_init__(self):
@@ -921,6 +926,19 @@ class Cw2Config:
         if self.key_prefetch not in (None, 1, 2, 4):
             raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 4 (steps of loads in "
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
+
+
+def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool) -> str:
+    """The values pass `config.values` resolves to: "auto" takes the tensor-core pass for grouped
+    query heads (g >= 2) where it runs (a Hopper GPU, not interpret mode, a store it reads), else
+    the f16x2 pass."""
+    if config.values != "auto":
+        return config.values
+    from pallas_kernels import kv_values_wgmma as kvw
+    from pallas_kernels.wgmma_matmul import hopper_is_default_device
+
+    wgmma = g >= 2 and not interpret and kvw.supports(v, g) is None and hopper_is_default_device()
+    return "wgmma" if wgmma else "cuda"
 
 
 def key_prefetch_of(config: Cw2Config, head_dim: int) -> int:
@@ -1012,7 +1030,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         name=f"kv_decode_k{k.bits}_scores",
     )(*key_inputs)
 
-    if config.values == "wgmma":  # one program a kv head and split takes all its g query heads
+    if values_pass_of(config, v, g, interpret) == "wgmma":  # one program a kv head and split: all its g queries
         from pallas_kernels import kv_values_wgmma as kvw
 
         problem = kvw.supports(v, g)

@@ -56,7 +56,7 @@ def parse_cw2(text: str):
     """`vc16+kz` -> Cw2Config(value_channels=16, keys_zero=True): options joined by '+', vcN (value
     channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
     colN (word columns of a tile), kwN / vwN (warps a keys / values program), kpN (steps of loads the
-    keys pass keeps in flight), vwg (the values pass on Hopper's tensor cores, `kv_values_wgmma`), vsN
+    keys pass keeps in flight), vwg / vcu (the values pass on Hopper's tensor cores, `kv_values_wgmma`, or the f16x2 one), vsN
     (its stages of loads)."""
     from pallas_kernels.decode_attention import Cw2Config
 
@@ -72,16 +72,16 @@ def parse_cw2(text: str):
             options["keys_zero"] = item == "kz"
         elif item.startswith("kp") and item[2:].isdigit():
             options["key_prefetch"] = int(item[2:])
-        elif item == "vwg":
-            options["values"] = "wgmma"
+        elif item in ("vwg", "vcu"):
+            options["values"] = "wgmma" if item == "vwg" else "cuda"
         elif item.startswith("vs") and item[2:].isdigit():
             options["values_stages"] = int(item[2:])
 
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
                              f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "
-                             f"(warps a keys / values program), kpN (keys-pass prefetch steps) or vwg (the values "
-                             f"pass on the tensor cores), joined by '+'")
+                             f"(warps a keys / values program), kpN (keys-pass prefetch steps), vwg / vcu (the values "
+                             f"pass on the tensor cores or the f16x2 one) or vsN (its stages), joined by '+'")
     return Cw2Config(**options)
 
 
@@ -337,8 +337,8 @@ def main(argv=None):
                    help="time each codec with these kernel settings, warps:stages:splits[:path[:cw2]],... (splits 0: "
                         "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
                         "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile; kwN / vwN, warps a keys / "
-                        "values program; kpN, steps of loads the keys pass keeps in flight; vwg, the values pass on the "
-                        "tensor cores), "
+                        "values program; kpN, steps of loads the keys pass keeps in flight; vwg / vcu, the values pass on the "
+                        "tensor cores or the f16x2 one; vsN, its stages), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",

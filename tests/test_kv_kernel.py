@@ -358,3 +358,93 @@ def test_cw2_key_prefetch_keeps_the_arithmetic():
     odd = [da.combine([da.quantized_decode_partials(q, k, v, mask, length, scale=0.2, interpret=True, path="cw2",
                                                     cw2=c)]) for c in (da.Cw2Config(), da.Cw2Config(key_prefetch=1))]
     np.testing.assert_array_equal(np.asarray(odd[0]), np.asarray(odd[1]))
+
+
+# The values pass on Hopper's tensor cores (`Cw2Config(values="wgmma")`, kv_values_wgmma). Mosaic GPU
+# has no CPU interpreter: interpret mode runs `emulate_values`, the kernel's arithmetic in plain JAX
+# with the codes at the logical columns the hardware's fragment gives them (`crumb_permutation`) and
+# B written where `b_column` says, so a wrong index map fails here. Llama-2's one query a kv head,
+# 4 queries (one program takes them all) with symmetric values, head_dim 64 with 3 queries.
+WGMMA_VALUE_CASES = [  # G, head_dim, capacity, length, value zero points, splits
+    (1, 128, 1024, 700, True, 2), (4, 128, 1024, 1000, False, None), (3, 64, 2048, 1500, True, 3)]
+
+
+@pytest.mark.parametrize("g,d,s,length,zero,splits", WGMMA_VALUE_CASES,
+                         ids=[f"g{c[0]}-d{c[1]}-{'asym' if c[4] else 'sym'}" for c in WGMMA_VALUE_CASES])
+def test_wgmma_values_model_equals_reference(g, d, s, length, zero, splits):
+    rng = np.random.default_rng(g + d)
+    k = _store(rng, B, s, 2, 32, 32, 1, d=d, channel_words=True)
+    v = _store(rng, B, s, 2, 32, 1, 32, zero=zero, d=d, channel_words=True)
+    q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
+    mask = jnp.asarray(rng.random((B, s)) < 0.8)
+    ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
+    out = da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
+                                                   num_splits=splits, interpret=True, path="cw2",
+                                                   cw2=da.Cw2Config(values="wgmma"))])
+    top = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=CW_TOLERANCE["cw2"](2) * top)
+
+
+def test_wgmma_values_index_map_is_the_fragment_order():
+    """`b_column`, where B takes token (word column j, slot i) of a step, is the logical column the
+    2-bit fragment gives that code (`crumb_permutation`, chunk by chunk of 4 word columns); the
+    conversion's pairs, in `h2_positions` order, are slots (c, c + 8) less 2, exactly."""
+    from pallas_kernels.f16x2 import H2_SHIFT, h2_codes, h2_pair_constants, h2_positions
+    from pallas_kernels.kv_values_wgmma import b_column
+    from pallas_kernels.wgmma_matmul import crumb_permutation
+
+    perm = crumb_permutation()
+    for j in range(16):
+        for i in range(16):
+            assert b_column(i, j) == 64 * (j // 4) + perm[16 * (j % 4) + i]
+    assert sorted(b_column(i, j) for i in range(16) for j in range(16)) == list(range(256))
+    codes = np.random.default_rng(0).integers(0, 4, size=(64, 16))
+    words = jnp.asarray((codes << (2 * np.arange(16))).sum(1).astype(np.uint32).view(np.int32))
+    for c, (shifted, o) in enumerate(h2_positions(2)):
+        pair = h2_codes(jnp.right_shift(words, H2_SHIFT) if shifted else words, *h2_pair_constants(2, o), asm=False)
+        u = np.asarray(pair).view(np.uint32)
+        halves = [(u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)]
+        np.testing.assert_array_equal(halves[0], codes[:, c] - 2)
+        np.testing.assert_array_equal(halves[1], codes[:, c + 8] - 2)
+
+
+@pytest.mark.parametrize("g", [1, 4])
+def test_wgmma_values_pass_lowers_for_cuda(g):
+    """The Mosaic GPU values pass traces and lowers for CUDA beside cw2's Triton keys pass: one
+    kernel of each, for one query a kv head and for 4 (one program takes them all)."""
+    from jax import export
+
+    rng = np.random.default_rng(2)
+    s, d = 4096, 128
+    k = _store(rng, 1, s, 2, 32, 32, 1, d=d, channel_words=True)
+    v = _store(rng, 1, s, 2, 32, 1, 32, d=d, channel_words=True)
+    fn = jax.jit(lambda q, k, v, m: da.quantized_decode_partials(q, k, v, m, 3001, scale=SCALE, path="cw2",
+                                                                 cw2=da.Cw2Config(values="wgmma")))
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = export.export(fn, platforms=["cuda"], disabled_checks=checks)(
+        jnp.zeros((1, K, g, d), jnp.bfloat16), k, v, jnp.ones((1, s), bool)).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1
+
+
+def test_values_pass_choice_and_errors(monkeypatch):
+    """"auto" takes the tensor-core values pass for grouped queries on a Hopper GPU only; stores it
+    cannot read and unknown passes are clear errors."""
+    from pallas_kernels import wgmma_matmul
+
+    rng = np.random.default_rng(3)
+    v2 = _store(rng, B, 1024, 2, 32, 1, 32, d=128, channel_words=True)
+    v4 = _store(rng, B, 1024, 4, 32, 1, 32, d=128, channel_words=True)
+    auto = da.Cw2Config()
+    assert da.values_pass_of(auto, v2, 4, interpret=False) == "cuda"  # no Hopper GPU here
+    monkeypatch.setattr(wgmma_matmul, "hopper_is_default_device", lambda: True)
+    assert da.values_pass_of(auto, v2, 4, interpret=False) == "wgmma"
+    assert da.values_pass_of(auto, v2, 1, interpret=False) == "cuda"  # one query a kv head: slower there
+    assert da.values_pass_of(auto, v2, 4, interpret=True) == "cuda"
+    assert da.values_pass_of(auto, v4, 4, interpret=False) == "cuda"
+    with pytest.raises(Exception, match="Cw2Config.values='tc' must be one of"):
+        da.Cw2Config(values="tc")
+    k4 = _store(rng, B, 1024, 4, 32, 32, 1, d=128, channel_words=True)
+    with pytest.raises(Exception, match="values='wgmma'.*4-bit channel_words.*2-bit"):
+        da.quantized_decode_partials(jnp.ones((B, K, 1, 128)), k4, v4, jnp.ones((B, 1024), bool), 1000, scale=0.1,
+                                     interpret=True, path="cw2", cw2=da.Cw2Config(values="wgmma"))

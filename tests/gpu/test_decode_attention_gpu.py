@@ -243,7 +243,7 @@ def test_cw2_wgmma_values_on_gpu_equal_reference(cfg, batch, context, length, sp
     kw = dict(scale=cfg.head_dim ** -0.5, path="cw2", num_splits=splits)
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, length, cw2=da.Cw2Config(values="wgmma", **config),
                                                    **kw)])
-    cuda = da.combine([da.quantized_decode_partials(q, k, v, mask, length, **kw)])
+    cuda = da.combine([da.quantized_decode_partials(q, k, v, mask, length, cw2=da.Cw2Config(values="cuda"), **kw)])
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=cfg.head_dim ** -0.5)])
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 2e-3
