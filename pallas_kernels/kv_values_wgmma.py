@@ -7,9 +7,15 @@ the weight codes are in `wgmma_matmul`:
 
     o^T [D, N] = (code - mid)^T [D, tokens] @ B [tokens, N],   B[t, (q, g)] = p_q[t] * scale[g, t]
 
-so a thread's only work per pair of codes is the lop3 conversion (`wgmma_matmul._convert_lop3`),
-and wgmma does the multiply-adds in fp32. N = query heads x value channel groups (KIVI: 4 groups of
-32 channels), zero-filled to 8; each channel row keeps the column of its own group (`finish_values`).
+so a thread's only work per pair of codes is its conversion (`_convert_h2`: one lop3, one sub), once
+for all the query heads of a kv head, and wgmma does the multiply-adds in fp32. N = query heads x
+value channel groups (KIVI: 4 groups of 32 channels), zero-filled to 8; each channel row keeps the
+column of its own group (`finish_values`).
+
+Measured on an H200 (kv_notes run 21, KIVI-2 at 32k): with Llama-3-8B's 4 query heads a kv head,
+13.4 us against the f16x2 pass's 30.1 at batch 1; with Llama-2's one it loses (30.1 against 29.0
+at batch 1, 194.6 against 169.6 at batch 8): the conversion is most of either pass's instructions,
+and both are issue-bound. `decode_attention.values_pass_of` takes it for grouped-query heads.
 
 **Layout.** The value store is read as it is (channel_words: channel rows of 32-bit words of 16
 tokens each, the per-token scales, zero points and the keys pass's scores in *code order*). TMA
@@ -42,6 +48,8 @@ STEP_TOKENS = 256  # tokens a pipeline step: 16 word columns of 2-bit codes (a 6
 STEP_COLUMNS = 16  # word columns a step
 SLOTS = 16         # 2-bit codes a word
 ROW_BLOCK = 64     # channel rows a wgmma block (wgmma's M)
+MAX_PARTIAL_SUMS = 32  # fp32 registers a thread for its sums of p and the zero-point terms (4 query
+                       # heads x 4 groups, 20 padded to 32, compiled and ran; more is untried)
 LOG2E = math.log2(math.e)
 
 
@@ -53,7 +61,7 @@ def b_column(slot, column):
 
 
 def supports(v, chunk: int) -> str | None:
-    """Why the wgmma values pass cannot read this value store, or None."""
+    """Why the wgmma values pass cannot read this value store for `chunk` query heads a program, or None."""
     from jaxcompress.kv.store import CHANNEL_WORDS
 
     if v.layout != CHANNEL_WORDS or v.bits != 2:
@@ -66,8 +74,9 @@ def supports(v, chunk: int) -> str | None:
         return "the value scales and zero points are not fp16"
     if v.token_group != 1 or v.head_dim % v.channel_group:
         return "the values are not quantized per token"
-    if chunk * (v.head_dim // v.channel_group) > 256:
-        return "more than 256 (query head, channel group) columns"
+    if _columns(chunk, v.head_dim // v.channel_group)[1] > MAX_PARTIAL_SUMS:
+        return (f"{chunk} query heads x {v.head_dim // v.channel_group} channel groups need more than "
+                f"{MAX_PARTIAL_SUMS} fp32 sums a thread")
     return None
 
 

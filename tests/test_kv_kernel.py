@@ -440,6 +440,7 @@ def test_values_pass_choice_and_errors(monkeypatch):
     monkeypatch.setattr(wgmma_matmul, "hopper_is_default_device", lambda: True)
     assert da.values_pass_of(auto, v2, 4, interpret=False) == "wgmma"
     assert da.values_pass_of(auto, v2, 1, interpret=False) == "cuda"  # one query a kv head: slower there
+    assert da.values_pass_of(auto, v2, 8, interpret=False) == "cuda"  # 8 x 4 columns: more sums than it holds
     assert da.values_pass_of(auto, v2, 4, interpret=True) == "cuda"
     assert da.values_pass_of(auto, v4, 4, interpret=False) == "cuda"
     with pytest.raises(Exception, match="Cw2Config.values='tc' must be one of"):
