@@ -17,6 +17,7 @@
 #      KV_LONGCTX_RECIPES, default none,kivi_k4v4,kivi_k2v2,kvquant_2bit
 #   4. end-to-end decode tokens/s, random:llama2-7b: 32k first (bf16, KV2, W4 + KV2; cap 170 s),
 #      then 8k, 16k (KV_E2E_8K16K_S, default 280 s: 230 s cut W4 + KV2 at 16k in run 19)
+#   1b. (only when KV_STEPS names "attention_gqa") Llama-3-8B heads, the two values passes (KV_GQA_S, 280 s)
 #   5. (only when KV_STEPS names "profile") kernel times of one decode step at 8k, KV2 and bf16
 #      (scripts/profile_decode.py; KV_PROFILE_S, default 150 s)
 set -u
@@ -68,6 +69,13 @@ step attention ${KV_ATTENTION_S:-180} ${KV_ATTENTION_RESERVE_S:-250} python -u s
 source "$A/best_env.sh"
 log "kernel for the model runs: warps=${JAXCOMPRESS_KV_NUM_WARPS:-4}"
 
+# 1b. (only when KV_STEPS names "attention_gqa") the values pass on grouped-query heads: Llama-3-8B (4 query
+# heads a kv head), KIVI-2 at 32k, the f16x2 values pass against the tensor-core one (kv_notes run 21:
+# 13.4 against 30.1 us at batch 1; batch 8 not yet measured: each row compiles for ~30 s)
+step attention_gqa ${KV_GQA_S:-280} 8 python -u scripts/bench_kv.py --model llama3-8b --contexts 32768 \
+    --batches ${KV_GQA_BATCHES:-8,1} --codecs kivi_k2v2 --kernel-variants 4:2:0:cw2:vcu,4:2:0:cw2:vwg --kernel-only 1,8 \
+    --calls 32 --repeats 3 --no-loop --out "$A/attention_gqa"
+
 # 2. correctness on the GPU
 step gpu_tests ${KV_TESTS_S:-45} 165 python -m pytest -v -p no:cacheprovider tests/gpu/test_decode_attention_gpu.py \
     ${KV_TESTS_K:+-k "$KV_TESTS_K"}
@@ -116,7 +124,7 @@ def rec(folder):
     full = [f for f in files if not f.endswith(".partial.json")]
     return json.load(open((full or files or [None])[0])) if (full or files) else None
 print("== KV summary ==")
-for folder in ("attention",):
+for folder in ("attention", "attention_gqa"):
     att = rec(folder)
     if not att:
         continue
