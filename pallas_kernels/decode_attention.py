@@ -1039,8 +1039,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         scores = scores.reshape(b, kv_heads, g, s)  # program heads kv * chunks + j hold queries j * chunk ..
         top = jnp.moveaxis(top.reshape(b, kv_heads, chunks, n_splits, chunk), 3, 2).reshape(b, kv_heads, n_splits, g)
         run = kvw.emulate_values if interpret else kvw.values_pass
-        o, l, m = run(scores, top, length, v, chunk=g, block=kcols * c, blocks_per_split=key_blocks,
-                      **({} if interpret else dict(chunks=1, stages=config.values_stages)))
+        o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=key_blocks,
+                      **({} if interpret else dict(stages=config.values_stages)))
         return _split_partials(o, l, m, g)
 
     # values grid: (K * chunks) * parts, part = hh % parts

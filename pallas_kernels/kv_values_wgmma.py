@@ -60,8 +60,8 @@ def b_column(slot, column):
     return 64 * (column // 4) + 8 * (slot % 8) + 2 * (column % 4) + slot // 8
 
 
-def supports(v, chunk: int) -> str | None:
-    """Why the wgmma values pass cannot read this value store for `chunk` query heads a program, or None."""
+def supports(v, heads: int) -> str | None:
+    """Why the wgmma values pass cannot read this value store for `heads` query heads a program, or None."""
     from jaxcompress.kv.store import CHANNEL_WORDS
 
     if v.layout != CHANNEL_WORDS or v.bits != 2:
@@ -74,17 +74,17 @@ def supports(v, chunk: int) -> str | None:
         return "the value scales and zero points are not fp16"
     if v.token_group != 1 or v.head_dim % v.channel_group:
         return "the values are not quantized per token"
-    if _columns(chunk, v.head_dim // v.channel_group)[1] > MAX_PARTIAL_SUMS:
-        return (f"{chunk} query heads x {v.head_dim // v.channel_group} channel groups need more than "
+    if _columns(heads, v.head_dim // v.channel_group)[1] > MAX_PARTIAL_SUMS:
+        return (f"{heads} query heads x {v.head_dim // v.channel_group} channel groups need more than "
                 f"{MAX_PARTIAL_SUMS} fp32 sums a thread")
     return None
 
 
-def _columns(chunk: int, groups: int) -> tuple[int, int]:
-    """(B's columns, zero-filled to a multiple of 8; fp32 partial sums a thread: chunk
-    denominators and chunk x groups zero-point terms, padded to a power of 2)."""
-    n = chunk * groups
-    return -(-n // 8) * 8, 1 << (chunk + n - 1).bit_length()
+def _columns(heads: int, groups: int) -> tuple[int, int]:
+    """(B's columns, zero-filled to a multiple of 8; fp32 partial sums a thread: heads
+    denominators and heads x groups zero-point terms, padded to a power of 2)."""
+    n = heads * groups
+    return -(-n // 8) * 8, 1 << (heads + n - 1).bit_length()
 
 
 def _code_order_view(x, rows: int):
@@ -92,7 +92,7 @@ def _code_order_view(x, rows: int):
     return x.reshape(*x.shape[:-1], x.shape[-1] // (SLOTS * rows), SLOTS, rows)
 
 
-def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid: float, with_zero: bool):
+def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid: float, with_zero: bool):
     """One step's B into the 128-byte-swizzled tile b_ref [n_pad, 256] (fp16), and the thread's
     fp32 partial sums: thread t takes word column j = t % 16 and slots c, c + 8 (c = t // 16), two
     tokens that are adjacent columns of B (`b_column`), so one 32-bit store a row."""
@@ -136,7 +136,7 @@ def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid
         vector.store(pair, b_ref, [arith.constant(index, n // 8), ix(h), arith.constant(index, n % 8), ix(col)])
 
     zero16 = arith.constant(f16, 0.0)
-    for qq in range(chunk):
+    for qq in range(heads):
         top = tops[qq].registers.item()
         p = []
         for i in slots:
@@ -145,16 +145,16 @@ def _write_b(ctx, s_ref, vs_ref, *rest, chunk: int, groups: int, n_pad: int, mid
         sums[qq] = arith.addf(sums[qq], arith.addf(p[0], p[1]))
         for g in range(groups):
             n = qq * groups + g
-            ps, zsum = [], sums[chunk + n]
+            ps, zsum = [], sums[heads + n]
             for e, i in enumerate(slots):
                 scale = arith.extf(f32, load(vs_ref, g, i, j))
                 ps.append(arith.truncf(f16, arith.mulf(p[e], scale)))
                 if with_zero:  # value = (code - mid) * scale + (zero + mid * scale)
                     offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(cf(mid), scale))
                     zsum = arith.addf(zsum, arith.mulf(p[e], offset))
-            sums[chunk + n] = zsum
+            sums[heads + n] = zsum
             store_pair(n, *ps)
-    for n in range(chunk * groups, n_pad):  # zero columns
+    for n in range(heads * groups, n_pad):  # zero columns
         store_pair(n, zero16, zero16)
     mgpu_utils.commit_shared()  # fence for wgmma's (async proxy) reads, then the warpgroup barrier
     new = vector.from_elements(regs.type, sums)
@@ -197,7 +197,7 @@ def _convert_h2(ctx, a4):
     return _relabel(pairs, (rows, cols * 2), per_chunk=8)
 
 
-def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: int, groups: int, rows: int,
+def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: int, rows: int,
             block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -206,15 +206,14 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: in
 
     vz_g = rest[0] if with_zero else None
     o_g, part_g, b_smem, o_smem, part_smem = rest[int(with_zero):]
-    n_pad, n_part = _columns(chunk, groups)
+    n_pad, n_part = _columns(heads, groups)
     bi, hh, si = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
-    kvh = hh // chunks
     per_block = block // STEP_TOKENS
     used = jax.lax.div(len_g[0] + (block - 1), jnp.int32(block))
     lo = si * blocks_per_split
     valid_steps = jnp.maximum(jnp.minimum(lo + blocks_per_split, used) - lo, 0) * per_block
     first = si * (blocks_per_split * per_block)  # the split's first step
-    tops = [top_g[bi, hh, si, qq] for qq in range(chunk)]
+    tops = [top_g[bi, hh, si, qq] for qq in range(heads)]
     r16 = rows // STEP_COLUMNS  # steps a code-order tile
     meta_index = lambda g: (0, (first + g) // r16, 0, (first + g) % r16)  # noqa: E731
     b_swizzle = plgpu.SwizzleTransform(128)
@@ -222,10 +221,10 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: in
     write_b = plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.RefType(), *([plgpu.RefType()] if with_zero else []),
                    plgpu.RefType(b_transforms), plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part),
-                   plgpu.Layout.WG_SPLAT(()), *[plgpu.Layout.WG_SPLAT(())] * chunk),
+                   plgpu.Layout.WG_SPLAT(()), *[plgpu.Layout.WG_SPLAT(())] * heads),
         return_type=plgpu.ShapeDtypeStruct((128 * n_part,), jnp.float32,
                                            layout=plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part)),
-    )(functools.partial(_write_b, chunk=chunk, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero))
+    )(functools.partial(_write_b, heads=heads, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero))
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((ROW_BLOCK, STEP_TOKENS), jnp.float16, layout=plgpu.Layout.WGMMA),
@@ -247,14 +246,14 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: in
         return tuple(new), part
 
     c_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))  # 64-byte rows of int4
-    in_specs = [plgpu.BlockSpec((chunk, None, SLOTS, STEP_COLUMNS), meta_index),
+    in_specs = [plgpu.BlockSpec((heads, None, SLOTS, STEP_COLUMNS), meta_index),
                 plgpu.BlockSpec((head_dim, STEP_TOKENS // 2), lambda g: (0, first + g), transforms=c_transforms),
                 plgpu.BlockSpec((groups, None, SLOTS, STEP_COLUMNS), meta_index)]
-    operands = [scores_g.at[bi, hh], codes_g.at[bi if codes_g.shape[0] > 1 else 0, kvh if codes_g.shape[1] > 1 else 0],
-                vs_g.at[bi if vs_g.shape[0] > 1 else 0, kvh if vs_g.shape[1] > 1 else 0]]
+    operands = [scores_g.at[bi, hh], codes_g.at[bi if codes_g.shape[0] > 1 else 0, hh if codes_g.shape[1] > 1 else 0],
+                vs_g.at[bi if vs_g.shape[0] > 1 else 0, hh if vs_g.shape[1] > 1 else 0]]
     if with_zero:
         in_specs.append(plgpu.BlockSpec((groups, None, SLOTS, STEP_COLUMNS), meta_index))
-        operands.append(vz_g.at[bi if vz_g.shape[0] > 1 else 0, kvh if vz_g.shape[1] > 1 else 0])
+        operands.append(vz_g.at[bi if vz_g.shape[0] > 1 else 0, hh if vz_g.shape[1] > 1 else 0])
     zeros = lambda: plgpu.layout_cast(jnp.zeros((ROW_BLOCK, n_pad), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
     part0 = plgpu.layout_cast(jnp.zeros((128 * n_part,), jnp.float32),
                               plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part))
@@ -270,15 +269,15 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, chunk: int, chunks: in
     plgpu.wait_smem_to_gmem(0)
 
 
-def values_pass(scores, top, length, v, *, chunk: int, chunks: int, block: int, blocks_per_split: int,
+def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
                 stages: int = 4):
-    """cw2's values pass on the tensor cores. scores [B, K * chunks, chunk, S] (log2 units, code order)
-    and top [B, K * chunks, splits, chunk] from cw2's keys pass; splits of `blocks_per_split` blocks of
-    `block` tokens, as the keys pass read them. Returns (o [.., splits, chunk, D], l, m) as
+    """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
+    (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
+    `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    problem = supports(v, chunk)
+    problem = supports(v, heads)
     if problem:
         raise ConfigError(f"the wgmma values pass cannot read this store: {problem}")
     if block % STEP_TOKENS:
@@ -286,14 +285,14 @@ def values_pass(scores, top, length, v, *, chunk: int, chunks: int, block: int, 
     b, hc, _, s = scores.shape
     n_splits = top.shape[2]
     d, groups = v.head_dim, v.head_dim // v.channel_group
-    n_pad, n_part = _columns(chunk, groups)
+    n_pad, n_part = _columns(heads, groups)
     with_zero = v.zero is not None
     codes = jax.lax.bitcast_convert_type(v.codes, jnp.int4).reshape(*v.codes.shape[:3], -1)  # [B, K, D, S / 2]
     operands = [_code_order_view(scores, v.rows), top, jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), codes,
                 _code_order_view(v.scale, v.rows)]
     if with_zero:
         operands.append(_code_order_view(v.zero, v.rows))
-    body = functools.partial(_kernel, chunk=chunk, chunks=chunks, groups=groups, rows=v.rows, block=block,
+    body = functools.partial(_kernel, heads=heads, groups=groups, rows=v.rows, block=block,
                              blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d)
     o_raw, part = plgpu.kernel(
         body,
@@ -304,24 +303,24 @@ def values_pass(scores, top, length, v, *, chunk: int, chunks: int, block: int, 
                                   transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
                        plgpu.SMEM((d, n_pad), jnp.float32), plgpu.SMEM((128 * n_part,), jnp.float32)],
     )(*operands)
-    return finish_values(o_raw, part, top, chunk=chunk, groups=groups, channel_group=v.channel_group)
+    return finish_values(o_raw, part, top, heads=heads, groups=groups, channel_group=v.channel_group)
 
 
-def finish_values(o_raw, part, top, *, chunk: int, groups: int, channel_group: int):
-    """The kernel's per-program outputs -> (o [.., chunk, D], l [.., chunk], m [.., chunk]): each
+def finish_values(o_raw, part, top, *, heads: int, groups: int, channel_group: int):
+    """The kernel's per-program outputs -> (o [.., heads, D], l [.., heads], m [.., heads]): each
     channel row's column of its own group, plus that group's zero-point sum; the threads' partial
     sums added."""
     sums = part.reshape(*part.shape[:-1], 128, -1).sum(-2)  # [.., n_part]
-    l = sums[..., :chunk]
-    zterm = sums[..., chunk:chunk + chunk * groups].reshape(*sums.shape[:-1], chunk, groups)
+    l = sums[..., :heads]
+    zterm = sums[..., heads:heads + heads * groups].reshape(*sums.shape[:-1], heads, groups)
     d = o_raw.shape[-2]
-    cols = o_raw[..., :chunk * groups].reshape(*o_raw.shape[:-1], chunk, groups)  # [.., D, chunk, groups]
+    cols = o_raw[..., :heads * groups].reshape(*o_raw.shape[:-1], heads, groups)  # [.., D, heads, groups]
     own = jax.nn.one_hot(jnp.arange(d) // channel_group, groups, dtype=jnp.float32)  # [D, groups]
     o = jnp.einsum("...dqg,dg->...qd", cols, own) + jnp.einsum("...qg,dg->...qd", zterm, own)
     return o, l, top / LOG2E
 
 
-def emulate_values(scores, top, length, v, *, chunk: int, block: int, blocks_per_split: int):
+def emulate_values(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int):
     """The kernel's arithmetic in plain JAX: each step's codes at the logical columns the hardware's
     fragment gives them (`crumb_permutation`, as the 2-bit weights of `wgmma_matmul`), B written at
     the columns `b_column` names (what `_write_b` does), fp16 products, fp32 sums. A wrong
@@ -330,16 +329,16 @@ def emulate_values(scores, top, length, v, *, chunk: int, block: int, blocks_per
     from pallas_kernels.wgmma_matmul import crumb_permutation
 
     b, hc, _, s = scores.shape
+    assert hc == v.codes.shape[1], (scores.shape, v.codes.shape)
     n_splits = top.shape[2]
     d, groups = v.head_dim, v.head_dim // v.channel_group
-    kvh = jnp.arange(hc) // (hc // v.codes.shape[1])  # the kv head of each program head
     slot, column = np.meshgrid(np.arange(SLOTS), np.arange(STEP_COLUMNS), indexing="ij")
     order = np.empty(STEP_TOKENS, np.int64)  # B: order[k] = (slot, column) flat index written at column k
     order[b_column(slot, column).ravel()] = (slot * STEP_COLUMNS + column).ravel()
     steps = s // STEP_TOKENS
     # The codes' logical columns as the hardware gives them: physical column p of a 64-column chunk
     # (word p // 16 of the chunk, slot p % 16) converts to logical column crumb_permutation()[p].
-    words = v.codes[:, kvh]
+    words = v.codes  # [B, K, D, S / 16]: one program head a kv head
     shifts = jnp.arange(SLOTS, dtype=jnp.int32) * 2
     physical = ((words[..., None] >> shifts) & 3).reshape(b, hc, d, steps, STEP_TOKENS)  # word-major, then slot
     logical_of = (np.arange(STEP_TOKENS) // 64) * 64 + crumb_permutation()[np.arange(STEP_TOKENS) % 64]
@@ -352,18 +351,18 @@ def emulate_values(scores, top, length, v, *, chunk: int, block: int, blocks_per
         return x[..., order]
 
     def meta(x):  # [Bs, Ks, G, S] -> [B, HC, G, steps, 256]
-        return per_step(jnp.broadcast_to(x, (b, v.codes.shape[1]) + x.shape[2:])[:, kvh])
+        return per_step(jnp.broadcast_to(x, (b, hc) + x.shape[2:]))
 
-    sc, vs = per_step(scores), meta(v.scale).astype(jnp.float32)  # [B, HC, chunk, steps, 256], [B, HC, G, steps, 256]
+    sc, vs = per_step(scores), meta(v.scale).astype(jnp.float32)  # [B, HC, heads, steps, 256], [B, HC, G, steps, 256]
     vz = meta(v.zero).astype(jnp.float32) if v.zero is not None else None
     per_block = block // STEP_TOKENS
     used = -(-jnp.asarray(length, jnp.int32) // block)
     step = jnp.arange(steps)
     split = step // (blocks_per_split * per_block)
     valid = step // per_block < used  # [steps]
-    m = top[:, :, split]  # [B, HC, steps, chunk]
-    p = jnp.where(valid[:, None], jnp.exp2(sc - jnp.moveaxis(m, -1, -2)[..., None]), 0.0)  # [B, HC, chunk, steps, 256]
-    ps = (p[:, :, :, None] * vs[:, :, None]).astype(jnp.float16).astype(jnp.float32)  # [B, HC, chunk, G, steps, 256]
+    m = top[:, :, split]  # [B, HC, steps, heads]
+    p = jnp.where(valid[:, None], jnp.exp2(sc - jnp.moveaxis(m, -1, -2)[..., None]), 0.0)  # [B, HC, heads, steps, 256]
+    ps = (p[:, :, :, None] * vs[:, :, None]).astype(jnp.float16).astype(jnp.float32)  # [B, HC, heads, G, steps, 256]
     onehot = jax.nn.one_hot(split, n_splits, dtype=jnp.float32)  # [steps, splits]
     o_raw = jnp.einsum("bhdsk,bhqgsk,sx->bhxdqg", codes, ps, onehot)
     l = jnp.einsum("bhqsk,sx->bhxq", p, onehot)
