@@ -905,7 +905,9 @@ class Cw2Config:
     once for all of a kv head's queries; H200, KIVI-2 at 32k, kv_notes run 21: Llama-3-8B's 4 query
     heads a kv head at batch 1, 13.4 against 30.1 us; with Llama-2's one query a kv head it lost,
     30.1 against 29.1 us at batch 1 and 194.6 against 169.6 at batch 8). values_stages: its steps of
-    loads in flight."""
+    loads in flight; values_pieces: 256-token pieces a step (2: half its per-step overhead a token);
+    values_lop3: its conversion's and-or as one PTX lop3 (run 21's SASS: two LOP3 a pair from arith).
+    values_pieces=2 and values_lop3 are not yet measured on a GPU (kv_notes run 21)."""
 
     value_channels: int | None = None
     keys_zero: bool | None = None
@@ -915,12 +917,16 @@ class Cw2Config:
     key_prefetch: int | None = None
     values: str = "auto"
     values_stages: int = 4
+    values_pieces: int = 1
+    values_lop3: bool = False
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
             x = getattr(self, name)
             if x is not None and (x < 1 or x & (x - 1)):
                 raise ConfigError(f"Cw2Config.{name}={x} must be a power of two")
+        if self.values_pieces not in (1, 2):
+            raise ConfigError(f"Cw2Config.values_pieces={self.values_pieces} must be 1 or 2 (256-token pieces a step)")
         if self.values not in VALUES_PASSES:
             raise ConfigError(f"Cw2Config.values={self.values!r} must be one of {VALUES_PASSES}")
         if self.key_prefetch not in (None, 1, 2, 4):
@@ -1033,14 +1039,15 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     if values_pass_of(config, v, g, interpret) == "wgmma":  # one program a kv head and split: all its g queries
         from pallas_kernels import kv_values_wgmma as kvw
 
-        problem = kvw.supports(v, g)
+        problem = kvw.supports(v, g, config.values_pieces)
         if problem:
             raise ConfigError(f"Cw2Config(values='wgmma') cannot read these values: {problem}; use values='cuda'")
         scores = scores.reshape(b, kv_heads, g, s)  # program heads kv * chunks + j hold queries j * chunk ..
         top = jnp.moveaxis(top.reshape(b, kv_heads, chunks, n_splits, chunk), 3, 2).reshape(b, kv_heads, n_splits, g)
         run = kvw.emulate_values if interpret else kvw.values_pass
         o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=key_blocks,
-                      **({} if interpret else dict(stages=config.values_stages)))
+                      **({} if interpret else dict(stages=config.values_stages, pieces=config.values_pieces,
+                                                   lop3=config.values_lop3)))
         return _split_partials(o, l, m, g)
 
     # values grid: (K * chunks) * parts, part = hh % parts

@@ -60,14 +60,17 @@ def b_column(slot, column):
     return 64 * (column // 4) + 8 * (slot % 8) + 2 * (column % 4) + slot // 8
 
 
-def supports(v, heads: int) -> str | None:
-    """Why the wgmma values pass cannot read this value store for `heads` query heads a program, or None."""
+def supports(v, heads: int, pieces: int = 1) -> str | None:
+    """Why the wgmma values pass cannot read this value store for `heads` query heads a program in
+    steps of `pieces` x 256 tokens, or None."""
     from jaxcompress.kv.store import CHANNEL_WORDS
 
     if v.layout != CHANNEL_WORDS or v.bits != 2:
         return f"values are {v.bits}-bit {v.layout}; the wgmma values pass reads 2-bit channel_words stores"
-    if v.rows % STEP_COLUMNS:
-        return f"the store's tiles of {v.rows} word columns are not whole steps of {STEP_COLUMNS}"
+    if pieces not in (1, 2):
+        return f"steps of {pieces} pieces of {STEP_TOKENS} tokens (1 or 2)"
+    if v.rows % (STEP_COLUMNS * pieces):
+        return f"the store's tiles of {v.rows} word columns are not whole steps of {STEP_COLUMNS * pieces}"
     if v.head_dim % ROW_BLOCK:
         return f"head_dim {v.head_dim} is not a multiple of {ROW_BLOCK} (wgmma's rows)"
     if v.scale.dtype != jnp.float16 or (v.zero is not None and v.zero.dtype != jnp.float16):
@@ -92,10 +95,12 @@ def _code_order_view(x, rows: int):
     return x.reshape(*x.shape[:-1], x.shape[-1] // (SLOTS * rows), SLOTS, rows)
 
 
-def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid: float, with_zero: bool):
-    """One step's B into the 128-byte-swizzled tile b_ref [n_pad, 256] (fp16), and the thread's
-    fp32 partial sums: thread t takes word column j = t % 16 and slots c, c + 8 (c = t // 16), two
-    tokens that are adjacent columns of B (`b_column`), so one 32-bit store a row."""
+def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid: float, with_zero: bool,
+             pieces: int = 1):
+    """One step's B into the 128-byte-swizzled tile b_ref [n_pad, 256 pieces] (fp16), and the thread's
+    fp32 partial sums: in each 256-token piece p thread t takes word column j = 16 p + t % 16 and slots
+    c, c + 8 (c = t // 16), two tokens that are adjacent columns of B (`b_column`), so one 32-bit
+    store a row."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
     from jax.experimental.mosaic import gpu as mgpu
@@ -114,9 +119,9 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
     ix = lambda v: arith.index_cast(index, v)  # noqa: E731
     mgpu_utils.warpgroup_barrier()  # the previous step's wgmma has read B in every warp
     t = arith.remui(mgpu_utils.thread_idx(), ci(128))
-    j = arith.andi(t, ci(15))
+    j0 = arith.andi(t, ci(15))
     c = arith.shrui(t, ci(4))
-    h, q2 = arith.shrui(j, ci(2)), arith.shli(arith.andi(j, ci(3)), ci(1))
+    q2 = arith.shli(arith.andi(j0, ci(3)), ci(1))
     slots = (c, arith.addi(c, ci(8)))
     ok = valid.registers.item()
     (regs,) = part.registers.flat
@@ -129,33 +134,36 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
     def exp2(x):
         return llvm.inline_asm(f32, [x], "ex2.approx.ftz.f32 $0, $1;", "=f,f")
 
-    def store_pair(n: int, lo, hi):
-        # (n, k) of the [n_pad, 256] tile tiled (8, 64), 128-byte swizzle: 16-byte chunk ^ (n % 8)
+    def store_pair(n: int, h, lo, hi):
+        # (n, k) of the [n_pad, 256 pieces] tile tiled (8, 64), 128-byte swizzle: 16-byte chunk ^ (n % 8)
         pair = vector.from_elements(pair_ty, [lo, hi])
         col = arith.addi(arith.shli(arith.xori(c, ci(n % 8)), ci(3)), q2)
         vector.store(pair, b_ref, [arith.constant(index, n // 8), ix(h), arith.constant(index, n % 8), ix(col)])
 
     zero16 = arith.constant(f16, 0.0)
-    for qq in range(heads):
-        top = tops[qq].registers.item()
-        p = []
-        for i in slots:
-            s = load(s_ref, qq, i, j)
-            p.append(arith.select(ok, exp2(arith.subf(s, top)), cf(0.0)))
-        sums[qq] = arith.addf(sums[qq], arith.addf(p[0], p[1]))
-        for g in range(groups):
-            n = qq * groups + g
-            ps, zsum = [], sums[heads + n]
-            for e, i in enumerate(slots):
-                scale = arith.extf(f32, load(vs_ref, g, i, j))
-                ps.append(arith.truncf(f16, arith.mulf(p[e], scale)))
-                if with_zero:  # value = (code - mid) * scale + (zero + mid * scale)
-                    offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(cf(mid), scale))
-                    zsum = arith.addf(zsum, arith.mulf(p[e], offset))
-            sums[heads + n] = zsum
-            store_pair(n, *ps)
-    for n in range(heads * groups, n_pad):  # zero columns
-        store_pair(n, zero16, zero16)
+    for piece in range(pieces):
+        j = arith.addi(j0, ci(STEP_COLUMNS * piece)) if piece else j0
+        h = arith.shrui(j, ci(2))  # B's 64-column tile
+        for qq in range(heads):
+            top = tops[qq].registers.item()
+            p = []
+            for i in slots:
+                s = load(s_ref, qq, i, j)
+                p.append(arith.select(ok, exp2(arith.subf(s, top)), cf(0.0)))
+            sums[qq] = arith.addf(sums[qq], arith.addf(p[0], p[1]))
+            for g in range(groups):
+                n = qq * groups + g
+                ps, zsum = [], sums[heads + n]
+                for e, i in enumerate(slots):
+                    scale = arith.extf(f32, load(vs_ref, g, i, j))
+                    ps.append(arith.truncf(f16, arith.mulf(p[e], scale)))
+                    if with_zero:  # value = (code - mid) * scale + (zero + mid * scale)
+                        offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(cf(mid), scale))
+                        zsum = arith.addf(zsum, arith.mulf(p[e], offset))
+                sums[heads + n] = zsum
+                store_pair(n, h, *ps)
+        for n in range(heads * groups, n_pad):  # zero columns
+            store_pair(n, h, zero16, zero16)
     mgpu_utils.commit_shared()  # fence for wgmma's (async proxy) reads, then the warpgroup barrier
     new = vector.from_elements(regs.type, sums)
     new_regs = np.empty_like(part.registers)
@@ -163,15 +171,17 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
     return mgpu.FragmentedArray(_registers=new_regs, _layout=part.layout, _is_signed=None)
 
 
-def _convert_h2(ctx, a4):
+def _convert_h2(ctx, a4, lop3: bool = False):
     """2-bit codes (two an int4 element) in WGMMA_LAYOUT_UPCAST_4X -> code - 2 in WGMMA_LAYOUT, fp16,
     with the pairs `crumb_permutation` puts in the fragment: pair c is slots (c, c + 8), the codes
     at bit 2c of each half-word. Unlike `wgmma_matmul._word_pairs` (a shift a pair, as bf16 needs),
     each pair is masked where it lies and OR-ed into the fp16 whose unit is its lowest bit, 2**(10 - o)
     (`f16x2.h2_positions`; the top three pairs from word >> 8): one lop3 and one sub.f16x2 a pair,
-    one shift a word."""
+    one shift a word. The and-or is one instruction only when written as PTX's `lop3` (`lop3=True`):
+    from arith's and + or, ptxas emits two LOP3, since one LOP3 takes one 32-bit immediate and the
+    mask and magic word are two (SASS of run 21's kernel: 128 LOP3 and 64 HADD2 a 64-pair block)."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith
+    from jax._src.lib.mlir.dialects import arith, llvm
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     from pallas_kernels.f16x2 import H2_SHIFT, h2_pair_constants, h2_positions
@@ -184,11 +194,16 @@ def _convert_h2(ctx, a4):
     positions = [(from_shifted, [c(x) for x in h2_pair_constants(2, o)]) for from_shifted, o in h2_positions(2)]
     cache = {}
 
+    def masked(word, mask, magic):  # (word & mask) | magic
+        if lop3:
+            return llvm.inline_asm(i32, [word, mask, magic], "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r")
+        return arith.ori(arith.andi(word, mask), magic)
+
     def pairs(idx):
         if idx not in cache:
             word = mgpu_utils.bitcast(a4.registers[idx], i32)
             shifted = arith.shrui(word, c(H2_SHIFT))
-            cache[idx] = [arith.subf(mgpu_utils.bitcast(arith.ori(arith.andi(shifted if sh else word, mask), magic), pair),
+            cache[idx] = [arith.subf(mgpu_utils.bitcast(masked(shifted if sh else word, mask, magic), pair),
                                      mgpu_utils.bitcast(centre, pair))
                           for sh, (mask, magic, centre) in positions]
         return cache[idx]
@@ -198,7 +213,8 @@ def _convert_h2(ctx, a4):
 
 
 def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: int, rows: int,
-            block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int):
+            block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int, pieces: int,
+            lop3: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -208,14 +224,15 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
     o_g, part_g, b_smem, o_smem, part_smem = rest[int(with_zero):]
     n_pad, n_part = _columns(heads, groups)
     bi, hh, si = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
-    per_block = block // STEP_TOKENS
+    step_tokens, step_columns = STEP_TOKENS * pieces, STEP_COLUMNS * pieces
+    per_block = block // step_tokens
     used = jax.lax.div(len_g[0] + (block - 1), jnp.int32(block))
     lo = si * blocks_per_split
     valid_steps = jnp.maximum(jnp.minimum(lo + blocks_per_split, used) - lo, 0) * per_block
     first = si * (blocks_per_split * per_block)  # the split's first step
     tops = [top_g[bi, hh, si, qq] for qq in range(heads)]
-    r16 = rows // STEP_COLUMNS  # steps a code-order tile
-    meta_index = lambda g: (0, (first + g) // r16, 0, (first + g) % r16)  # noqa: E731
+    per_tile = rows // step_columns  # steps a code-order tile
+    meta_index = lambda g: (0, (first + g) // per_tile, 0, (first + g) % per_tile)  # noqa: E731
     b_swizzle = plgpu.SwizzleTransform(128)
     b_transforms = (plgpu.TilingTransform((8, 64)), b_swizzle)
     write_b = plgpu.inline_mgpu(
@@ -224,11 +241,12 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
                    plgpu.Layout.WG_SPLAT(()), *[plgpu.Layout.WG_SPLAT(())] * heads),
         return_type=plgpu.ShapeDtypeStruct((128 * n_part,), jnp.float32,
                                            layout=plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part)),
-    )(functools.partial(_write_b, heads=heads, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero))
+    )(functools.partial(_write_b, heads=heads, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero,
+                        pieces=pieces))
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((ROW_BLOCK, STEP_TOKENS), jnp.float16, layout=plgpu.Layout.WGMMA),
-    )(_convert_h2)
+    )(functools.partial(_convert_h2, lop3=lop3))
     blocks = head_dim // ROW_BLOCK
 
     def body(idx, s_smem, c_smem, vs_smem, *rest_):
@@ -238,21 +256,22 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
         part = write_b(s_smem, vs_smem, *([z_smem] if with_zero else []), b_smem, part, valid, *tops)
         new = []
         for r in range(blocks):
-            a = convert(_load(c_smem.at[pl.ds(r * ROW_BLOCK, ROW_BLOCK)], layout=plgpu.Layout.WGMMA_UPCAST_4X))
-
-            def mma(acc_ref, a=a):
-                plgpu.wgmma(acc_ref, a, b_smem.transpose((1, 0)))
+            def mma(acc_ref, r=r):
+                for piece in range(pieces):  # 256 tokens (64-byte rows of codes) a conversion
+                    codes = c_smem.at[pl.ds(r * ROW_BLOCK, ROW_BLOCK), pl.ds(piece * STEP_TOKENS // 2, STEP_TOKENS // 2)]
+                    a = convert(_load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X))
+                    plgpu.wgmma(acc_ref, a, b_smem.at[:, pl.ds(piece * STEP_TOKENS, STEP_TOKENS)].transpose((1, 0)))
             new.append(pl.run_state(mma)(plgpu.ACC.init(accs[r])))
         return tuple(new), part
 
     c_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))  # 64-byte rows of int4
-    in_specs = [plgpu.BlockSpec((heads, None, SLOTS, STEP_COLUMNS), meta_index),
-                plgpu.BlockSpec((head_dim, STEP_TOKENS // 2), lambda g: (0, first + g), transforms=c_transforms),
-                plgpu.BlockSpec((groups, None, SLOTS, STEP_COLUMNS), meta_index)]
+    in_specs = [plgpu.BlockSpec((heads, None, SLOTS, step_columns), meta_index),
+                plgpu.BlockSpec((head_dim, step_tokens // 2), lambda g: (0, first + g), transforms=c_transforms),
+                plgpu.BlockSpec((groups, None, SLOTS, step_columns), meta_index)]
     operands = [scores_g.at[bi, hh], codes_g.at[bi if codes_g.shape[0] > 1 else 0, hh if codes_g.shape[1] > 1 else 0],
                 vs_g.at[bi if vs_g.shape[0] > 1 else 0, hh if vs_g.shape[1] > 1 else 0]]
     if with_zero:
-        in_specs.append(plgpu.BlockSpec((groups, None, SLOTS, STEP_COLUMNS), meta_index))
+        in_specs.append(plgpu.BlockSpec((groups, None, SLOTS, step_columns), meta_index))
         operands.append(vz_g.at[bi if vz_g.shape[0] > 1 else 0, hh if vz_g.shape[1] > 1 else 0])
     zeros = lambda: plgpu.layout_cast(jnp.zeros((ROW_BLOCK, n_pad), jnp.float32), plgpu.Layout.WGMMA)  # noqa: E731
     part0 = plgpu.layout_cast(jnp.zeros((128 * n_part,), jnp.float32),
@@ -270,18 +289,20 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 
 
 def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
-                stages: int = 4):
+                stages: int = 4, pieces: int = 1, lop3: bool = False):
     """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
     (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
     `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
-    `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight."""
+    `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
+    pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
+    token); lop3: the conversion's and-or as one PTX lop3 (`_convert_h2`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    problem = supports(v, heads)
+    problem = supports(v, heads, pieces)
     if problem:
         raise ConfigError(f"the wgmma values pass cannot read this store: {problem}")
-    if block % STEP_TOKENS:
-        raise ConfigError(f"the keys pass's blocks of {block} tokens are not whole steps of {STEP_TOKENS}")
+    if block % (STEP_TOKENS * pieces):
+        raise ConfigError(f"the keys pass's blocks of {block} tokens are not whole steps of {STEP_TOKENS * pieces}")
     b, hc, _, s = scores.shape
     n_splits = top.shape[2]
     d, groups = v.head_dim, v.head_dim // v.channel_group
@@ -293,13 +314,14 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
     if with_zero:
         operands.append(_code_order_view(v.zero, v.rows))
     body = functools.partial(_kernel, heads=heads, groups=groups, rows=v.rows, block=block,
-                             blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d)
+                             blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d,
+                             pieces=pieces, lop3=lop3)
     o_raw, part = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, hc, n_splits, d, n_pad), jnp.float32),
                   jax.ShapeDtypeStruct((b, hc, n_splits, 128 * n_part), jnp.float32)),
         grid=(b, hc, n_splits), grid_names=("b", "h", "s"),
-        scratch_types=[plgpu.SMEM((n_pad, STEP_TOKENS), jnp.float16,
+        scratch_types=[plgpu.SMEM((n_pad, STEP_TOKENS * pieces), jnp.float16,
                                   transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
                        plgpu.SMEM((d, n_pad), jnp.float32), plgpu.SMEM((128 * n_part,), jnp.float32)],
     )(*operands)

@@ -57,7 +57,7 @@ def parse_cw2(text: str):
     channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
     colN (word columns of a tile), kwN / vwN (warps a keys / values program), kpN (steps of loads the
     keys pass keeps in flight), vwg / vcu (the values pass on Hopper's tensor cores, `kv_values_wgmma`, or the f16x2 one), vsN
-    (its stages of loads)."""
+    (its stages of loads), vpN (its 256-token pieces a step), vlop3 (its conversion's and-or as one lop3)."""
     from pallas_kernels.decode_attention import Cw2Config
 
     options = {}
@@ -76,12 +76,16 @@ def parse_cw2(text: str):
             options["values"] = "wgmma" if item == "vwg" else "cuda"
         elif item.startswith("vs") and item[2:].isdigit():
             options["values_stages"] = int(item[2:])
+        elif item.startswith("vp") and item[2:].isdigit():
+            options["values_pieces"] = int(item[2:])
+        elif item == "vlop3":
+            options["values_lop3"] = True
 
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
                              f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "
                              f"(warps a keys / values program), kpN (keys-pass prefetch steps), vwg / vcu (the values "
-                             f"pass on the tensor cores or the f16x2 one) or vsN (its stages), joined by '+'")
+                             f"pass on the tensor cores or the f16x2 one), vsN / vpN (its stages / 256-token pieces a step) or vlop3, joined by '+'")
     return Cw2Config(**options)
 
 

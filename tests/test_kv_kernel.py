@@ -408,10 +408,12 @@ def test_wgmma_values_index_map_is_the_fragment_order():
         np.testing.assert_array_equal(halves[1], codes[:, c + 8] - 2)
 
 
-@pytest.mark.parametrize("g", [1, 4])
-def test_wgmma_values_pass_lowers_for_cuda(g):
+@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=2, values_lop3=True, values_stages=2))],
+                         ids=["g1", "g4", "g1-512-lop3"])
+def test_wgmma_values_pass_lowers_for_cuda(g, options):
     """The Mosaic GPU values pass traces and lowers for CUDA beside cw2's Triton keys pass: one
-    kernel of each, for one query a kv head and for 4 (one program takes them all)."""
+    kernel of each, for one query a kv head and for 4 (one program takes them all), and in steps
+    of 512 tokens with the conversion's lop3 written out."""
     from jax import export
 
     rng = np.random.default_rng(2)
@@ -419,7 +421,7 @@ def test_wgmma_values_pass_lowers_for_cuda(g):
     k = _store(rng, 1, s, 2, 32, 32, 1, d=d, channel_words=True)
     v = _store(rng, 1, s, 2, 32, 1, 32, d=d, channel_words=True)
     fn = jax.jit(lambda q, k, v, m: da.quantized_decode_partials(q, k, v, m, 3001, scale=SCALE, path="cw2",
-                                                                 cw2=da.Cw2Config(values="wgmma")))
+                                                                 cw2=da.Cw2Config(values="wgmma", **options)))
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     text = export.export(fn, platforms=["cuda"], disabled_checks=checks)(
         jnp.zeros((1, K, g, d), jnp.bfloat16), k, v, jnp.ones((1, s), bool)).mlir_module()
@@ -445,6 +447,12 @@ def test_values_pass_choice_and_errors(monkeypatch):
     assert da.values_pass_of(auto, v4, 4, interpret=False) == "cuda"
     with pytest.raises(Exception, match="Cw2Config.values='tc' must be one of"):
         da.Cw2Config(values="tc")
+    with pytest.raises(Exception, match="values_pieces=3 must be 1 or 2"):
+        da.Cw2Config(values_pieces=3)
+    from pallas_kernels.kv_values_wgmma import supports
+    v16 = _store(rng, B, 1024, 2, 16, 1, 32, d=128, channel_words=True)  # code-order tiles of 16 word columns
+    v16 = dataclasses.replace(v16, rows=16)
+    assert supports(v16, 1) is None and "not whole steps of 32" in supports(v16, 1, pieces=2)
     k4 = _store(rng, B, 1024, 4, 32, 32, 1, d=128, channel_words=True)
     with pytest.raises(Exception, match="values='wgmma'.*4-bit channel_words.*2-bit"):
         da.quantized_decode_partials(jnp.ones((B, K, 1, 128)), k4, v4, jnp.ones((B, 1024), bool), 1000, scale=0.1,
