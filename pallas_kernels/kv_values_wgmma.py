@@ -256,13 +256,22 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
         part = write_b(s_smem, vs_smem, *([z_smem] if with_zero else []), b_smem, part, valid, *tops)
         new = []
         for r in range(blocks):
-            def mma(acc_ref, r=r):
-                for piece in range(pieces):  # 256 tokens (64-byte rows of codes) a conversion
-                    codes = c_smem.at[pl.ds(r * ROW_BLOCK, ROW_BLOCK), pl.ds(piece * STEP_TOKENS // 2, STEP_TOKENS // 2)]
-                    a = convert(_load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X))
-                    plgpu.wgmma(acc_ref, a, b_smem.at[:, pl.ds(piece * STEP_TOKENS, STEP_TOKENS)].transpose((1, 0)))
+            operands_ = [(convert(_load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)), b) for codes, b in piece_refs(c_smem, r)]
+
+            def mma(acc_ref, operands_=operands_):
+                for a, b in operands_:
+                    plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
             new.append(pl.run_state(mma)(plgpu.ACC.init(accs[r])))
         return tuple(new), part
+
+    def piece_refs(c_smem, r):
+        """[(codes [64, 128 int4], B [n_pad, 256])] of channel rows r * 64 .. a 256-token piece each (64-byte
+        rows of codes, one conversion); one piece is the whole step's tiles."""
+        rows_r = pl.ds(r * ROW_BLOCK, ROW_BLOCK)
+        if pieces == 1:
+            return [(c_smem.at[rows_r], b_smem)]
+        return [(c_smem.at[rows_r, pl.ds(i * STEP_TOKENS // 2, STEP_TOKENS // 2)],
+                 b_smem.at[:, pl.ds(i * STEP_TOKENS, STEP_TOKENS)]) for i in range(pieces)]
 
     c_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(64))  # 64-byte rows of int4
     in_specs = [plgpu.BlockSpec((heads, None, SLOTS, step_columns), meta_index),
@@ -295,7 +304,8 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
     `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
     pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
-    token); lop3: the conversion's and-or as one PTX lop3 (`_convert_h2`)."""
+    token; both pieces' converted codes are live at once, 64 more registers); lop3: the conversion's
+    and-or as one PTX lop3 (`_convert_h2`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     problem = supports(v, heads, pieces)
