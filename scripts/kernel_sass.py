@@ -13,6 +13,12 @@ counts as close, not exact.
     python scripts/kernel_sass.py --dequant inplace --acc2d --block-n 128 --warps 8 --sass out.sass
     python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --stages 2  # KV decode, cw2 body (two kernels)
     python scripts/kernel_sass.py --kernel decode --bits 2 --group-size 32 --path cw  # the fp32 cw body
+    python scripts/kernel_sass.py --ptx anonymous_0.ptx   # a Mosaic GPU kernel's PTX from the device
+
+Mosaic GPU kernels are compiled to PTX only on the GPU: run them there once with
+`MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_TO=<dir>` and bring the .ptx back; `--ptx` assembles it here
+with the same wheel's ptxas (a newer `.version` is lowered to the one that ptxas takes) and tallies
+its loops (kv_notes run 21: the wgmma values pass).
 """
 
 from __future__ import annotations
@@ -129,6 +135,39 @@ def decode_ir(args):
     return out
 
 
+def ptx_for(ptx: str, version: str) -> str:
+    """The PTX with its `.version` lowered to `version` (what an older ptxas accepts; the
+    instructions of the newer ISA that kernels of this repository use exist there too)."""
+    return re.sub(r"^\.version\s+[0-9.]+", f".version {version}", ptx, count=1, flags=re.M)
+
+
+def assemble_ptx(path: str, triton_python: str) -> tuple[str, str]:
+    """(SASS listing, resource usage) of a PTX file assembled for sm_90a by the triton wheel's ptxas."""
+    tools = os.path.join(os.path.dirname(subprocess.run(
+        [triton_python, "-c", "import triton, os; print(triton.__file__)"],
+        capture_output=True, text=True, check=True).stdout.strip()), "backends", "nvidia", "bin")
+    with open(path) as f:
+        ptx = f.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
+        for _ in range(2):
+            with open(src, "w") as f:
+                f.write(ptx)
+            done = subprocess.run([os.path.join(tools, "ptxas"), "-arch=sm_90a", "-O3", src, "-o", cubin],
+                                  capture_output=True, text=True)
+            newer = re.search(r"Unsupported \.version [0-9.]+; current version is '([0-9.]+)'", done.stderr)
+            if not (done.returncode and newer):
+                break
+            ptx = ptx_for(ptx, newer.group(1))
+        if done.returncode:
+            raise UserError(f"ptxas could not assemble {path}:\n{done.stderr[-2000:]}")
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+    return sass, usage
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4)
@@ -167,7 +206,19 @@ def main(argv=None):
     p.add_argument("--triton-python", default=sys.executable,
                    help="a Python with the `triton` package (default: this one)")
     p.add_argument("--sass", help="also write the SASS listing here")
+    p.add_argument("--ptx", help="tally this PTX file instead (a Mosaic GPU kernel's, dumped on the device)")
     args = p.parse_args(argv)
+
+    if args.ptx:
+        sass, usage = assemble_ptx(args.ptx, args.triton_python)
+        if args.sass:
+            with open(args.sass, "w") as f:
+                f.write(sass)
+        regs = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage)
+        print(f"{args.ptx}\nregisters {regs.group(1)}, local (spill) bytes {regs.group(2)}" if regs else usage)
+        for n, counts in loop_counts(sass):
+            print(f"loop: {n} instructions; " + ", ".join(f"{k} {v}" for k, v in counts.most_common(12)))
+        return 0
 
     if args.kernel == "decode":
         kernels = decode_ir(args)

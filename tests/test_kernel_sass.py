@@ -56,6 +56,13 @@ def test_loop_counts_of_a_listing():
     assert n == 4 and counts == {"LOP3": 1, "FFMA": 2, "BRA": 1}
 
 
+def test_ptx_version_is_lowered_for_an_older_ptxas():
+    ptx = "//\n// Generated\n//\n\n.version 9.0\n.target sm_90a\n.address_size 64\n"
+    out = kernel_sass.ptx_for(ptx, "8.7")
+    assert ".version 8.7\n.target sm_90a" in out and "9.0" not in out
+    assert kernel_sass.ptx_for(out, "8.7") == out
+
+
 def test_decode_ir_lowers_the_cuda_core_bodies():
     """--kernel decode: the KIVI-2 cache in the channel_words layout lowers to the cw body (with
     --path cw), whose slot loop sits inside the block loop (two nested scf.for; the bit offsets
