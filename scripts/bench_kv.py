@@ -342,7 +342,8 @@ def main(argv=None):
                         "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
                         "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile; kwN / vwN, warps a keys / "
                         "values program; kpN, steps of loads the keys pass keeps in flight; vwg / vcu, the values pass on the "
-                        "tensor cores or the f16x2 one; vsN, its stages), "
+                        "tensor cores or the f16x2 one; vsN / vpN / vlop3, its stages, 256-token pieces a step and "
+                        "one-lop3 conversion), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",

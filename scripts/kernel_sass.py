@@ -135,6 +135,13 @@ def decode_ir(args):
     return out
 
 
+def tools_dir(triton_python: str) -> str:
+    """The folder of ptxas and cuobjdump in the triton wheel of `triton_python`."""
+    return os.path.join(os.path.dirname(subprocess.run(
+        [triton_python, "-c", "import triton, os; print(triton.__file__)"],
+        capture_output=True, text=True, check=True).stdout.strip()), "backends", "nvidia", "bin")
+
+
 def ptx_for(ptx: str, version: str) -> str:
     """The PTX with its `.version` lowered to `version` (what an older ptxas accepts; the
     instructions of the newer ISA that kernels of this repository use exist there too)."""
@@ -143,9 +150,7 @@ def ptx_for(ptx: str, version: str) -> str:
 
 def assemble_ptx(path: str, triton_python: str) -> tuple[str, str]:
     """(SASS listing, resource usage) of a PTX file assembled for sm_90a by the triton wheel's ptxas."""
-    tools = os.path.join(os.path.dirname(subprocess.run(
-        [triton_python, "-c", "import triton, os; print(triton.__file__)"],
-        capture_output=True, text=True, check=True).stdout.strip()), "backends", "nvidia", "bin")
+    tools = tools_dir(triton_python)
     with open(path) as f:
         ptx = f.read()
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,10 +261,7 @@ def compile_sass(ttir: str, warps: int, stages: int, triton_python: str) -> tupl
         if done.returncode:
             raise UserError(f"compiling the kernel with {triton_python}'s triton failed (is `triton` "
                             f"installed there? pip install triton==3.5.0):\n{done.stderr[-2000:]}")
-        tools = os.path.join(os.path.dirname(subprocess.run(
-            [triton_python, "-c", "import triton, os; print(triton.__file__)"],
-            capture_output=True, text=True, check=True).stdout.strip()), "backends", "nvidia", "bin")
-        cuobjdump = os.path.join(tools, "cuobjdump")
+        cuobjdump = os.path.join(tools_dir(triton_python), "cuobjdump")
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     return sass, usage

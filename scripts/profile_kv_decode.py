@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--recipe", default="kivi_k2v2", help="a kv_cache recipe (name[:layout[:columns]])")
     p.add_argument("--path", default="auto", help="kernel body: auto, mma, cw, cw16, cw2")
     p.add_argument("--warps", type=int, default=4)
-    p.add_argument("--cw2", default="", help="cw2 options as bench_kv.py --kernel-variants reads them (e.g. vwg+vfold)")
+    p.add_argument("--cw2", default="", help="cw2 options as bench_kv.py --kernel-variants reads them (e.g. vwg+vp2+vlop3)")
     args = p.parse_args(argv)
 
     from jaxcompress.kv.bench import filled_layer, kernel_only_fn

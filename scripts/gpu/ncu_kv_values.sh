@@ -1,5 +1,6 @@
-# Hardware counters (ncu) of the wgmma values pass (`Cw2Config(values="wgmma")`, kv_values_wgmma) beside
-# cw2's keys pass: KIVI-2 at 32k, Llama-2-7B heads, batch NCU_KV_BATCH (default 8), one warm call.
+# Hardware counters (ncu) of the wgmma values pass (`Cw2Config(values="wgmma")`, kv_values_wgmma; options
+# NCU_KV_CW2 as bench_kv.py reads them): KIVI-2 at 32k, Llama-2-7B heads, batch NCU_KV_BATCH (default 8),
+# one warm call.
 # Sections: speed of light, warp states with every stall reason, scheduler, occupancy, launch.
 # Log: $OUT/${NCU_DIR:-ncu}/ncu_kv_values.txt, and its headline lines on stdout.
 set -u
