@@ -7,7 +7,8 @@ the weight codes are in `wgmma_matmul`:
 
     o^T [D, N] = (code - mid)^T [D, tokens] @ B [tokens, N],   B[t, (q, g)] = p_q[t] * scale[g, t]
 
-so a thread's only work per pair of codes is its conversion (`_convert_h2`: one lop3, one sub), once
+so a thread's only work per pair of codes is its conversion (`wgmma_matmul._convert_lop3` with
+`in_place`: one lop3, one sub), once
 for all the query heads of a kv head, and wgmma does the multiply-adds in fp32. N = query heads x
 value channel groups (KIVI: 4 groups of 32 channels), zero-filled to 8; each channel row keeps the
 column of its own group (`finish_values`).
@@ -171,54 +172,13 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
     return mgpu.FragmentedArray(_registers=new_regs, _layout=part.layout, _is_signed=None)
 
 
-def _convert_h2(ctx, a4, lop3: bool = False):
-    """2-bit codes (two an int4 element) in WGMMA_LAYOUT_UPCAST_4X -> code - 2 in WGMMA_LAYOUT, fp16,
-    with the pairs `crumb_permutation` puts in the fragment: pair c is slots (c, c + 8), the codes
-    at bit 2c of each half-word. Unlike `wgmma_matmul._word_pairs` (a shift a pair, as bf16 needs),
-    each pair is masked where it lies and OR-ed into the fp16 whose unit is its lowest bit, 2**(10 - o)
-    (`f16x2.h2_positions`; the top three pairs from word >> 8): one lop3 and one sub.f16x2 a pair,
-    one shift a word. The and-or is one instruction only when written as PTX's `lop3` (`lop3=True`):
-    from arith's and + or, ptxas emits two LOP3, since one LOP3 takes one 32-bit immediate and the
-    mask and magic word are two (SASS of run 21's kernel: 128 LOP3 and 64 HADD2 a 64-pair block)."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-    from pallas_kernels.f16x2 import H2_SHIFT, h2_pair_constants, h2_positions
-    from pallas_kernels.wgmma_matmul import _i32, _relabel
-
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    pair = ir.VectorType.get((2,), ir.F16Type.get())
-    c = lambda v: arith.constant(i32, _i32(int(v) & 0xFFFFFFFF))  # noqa: E731
-    positions = [(from_shifted, [c(x) for x in h2_pair_constants(2, o)]) for from_shifted, o in h2_positions(2)]
-    cache = {}
-
-    def masked(word, mask, magic):  # (word & mask) | magic
-        if lop3:
-            return llvm.inline_asm(i32, [word, mask, magic], "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r")
-        return arith.ori(arith.andi(word, mask), magic)
-
-    def pairs(idx):
-        if idx not in cache:
-            word = mgpu_utils.bitcast(a4.registers[idx], i32)
-            shifted = arith.shrui(word, c(H2_SHIFT))
-            cache[idx] = [arith.subf(mgpu_utils.bitcast(masked(shifted if sh else word, mask, magic), pair),
-                                     mgpu_utils.bitcast(centre, pair))
-                          for sh, (mask, magic, centre) in positions]
-        return cache[idx]
-
-    rows, cols = a4.shape
-    return _relabel(pairs, (rows, cols * 2), per_chunk=8)
-
-
 def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: int, rows: int,
             block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int, pieces: int,
             lop3: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from pallas_kernels.wgmma_matmul import _load
+    from pallas_kernels.wgmma_matmul import _convert_lop3, _load
 
     vz_g = rest[0] if with_zero else None
     o_g, part_g, b_smem, o_smem, part_smem = rest[int(with_zero):]
@@ -246,7 +206,7 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((ROW_BLOCK, STEP_TOKENS), jnp.float16, layout=plgpu.Layout.WGMMA),
-    )(functools.partial(_convert_h2, lop3=lop3))
+    )(functools.partial(_convert_lop3, dtype="float16", bits=2, in_place=True, lop3=lop3))
     blocks = head_dim // ROW_BLOCK
 
     def body(idx, s_smem, c_smem, vs_smem, *rest_):
@@ -277,7 +237,7 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
     in_specs = [plgpu.BlockSpec((heads, None, SLOTS, step_columns), meta_index),
                 plgpu.BlockSpec((head_dim, step_tokens // 2), lambda g: (0, first + g), transforms=c_transforms),
                 plgpu.BlockSpec((groups, None, SLOTS, step_columns), meta_index)]
-    operands = [scores_g.at[bi, hh], codes_g.at[bi if codes_g.shape[0] > 1 else 0, hh if codes_g.shape[1] > 1 else 0],
+    operands = [scores_g.at[bi, hh], codes_g.at[bi, hh],
                 vs_g.at[bi if vs_g.shape[0] > 1 else 0, hh if vs_g.shape[1] > 1 else 0]]
     if with_zero:
         in_specs.append(plgpu.BlockSpec((groups, None, SLOTS, step_columns), meta_index))
@@ -305,7 +265,7 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
     pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
     token; both pieces' converted codes are live at once, 64 more registers); lop3: the conversion's
-    and-or as one PTX lop3 (`_convert_h2`)."""
+    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     problem = supports(v, heads, pieces)

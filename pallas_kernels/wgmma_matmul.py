@@ -722,36 +722,61 @@ def _relabel(regs_of_chunk, shape, per_chunk: int = 4):
 LOP3_MAGIC = {"bfloat16": (0x43004300, 128.0), "float16": (0x64006400, 1024.0)}
 
 
-def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool) -> list:
+def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, in_place: bool = False,
+                lop3: bool = False) -> list:
     """The 16 / field bf16 (fp16) pairs of a 32-bit word of codes in `field`-bit fields, the codes'
     `value_bits` low bits of each: pair c is fields (c, c + 16 / field), ((word >> field c) & mask) |
     magic = (base + code, base + code') exactly (one shift, one lop3), less base + mid (one
-    sub.bf16x2 or sub.f16x2). offset=False leaves base + code (`W4Config.offset_on_acc`)."""
+    sub.bf16x2 or sub.f16x2). offset=False leaves base + code (`W4Config.offset_on_acc`).
+
+    in_place (fp16, field == value_bits): each pair is masked where it lies, at offset o, and OR-ed
+    into the fp16 whose unit is its lowest bit, 2**(10 - o) (`f16x2.h2_positions`; the top pairs come
+    from word >> 8), less 2**(10 - o) + mid: one shift a word instead of one a pair.
+    lop3: the and-or written as PTX `lop3`. From arith's and + or ptxas emits two LOP3, as the mask
+    and the magic word are two 32-bit immediates and one LOP3 takes one (kv_notes run 21's SASS)."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith
+    from jax._src.lib.mlir.dialects import arith, llvm
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    from pallas_kernels.f16x2 import H2_SHIFT, h2_pair_constants, h2_positions
 
     i32 = ir.IntegerType.get_signless(32)
     elt = ir.BF16Type.get() if dtype == "bfloat16" else ir.F16Type.get()
     pair = ir.VectorType.get((2,), elt)
     magic, base = LOP3_MAGIC[dtype]
-    c = lambda v: arith.constant(i32, v)  # noqa: E731
+    c = lambda v: arith.constant(i32, _i32(int(v) & 0xFFFFFFFF))  # noqa: E731
+
+    def masked(w, mask, magic):  # (w & mask) | magic
+        if lop3:
+            return llvm.inline_asm(i32, [w, mask, magic], "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r")
+        return arith.ori(arith.andi(w, mask), magic)
+
+    if in_place:
+        if dtype != "float16" or field != value_bits or not offset:
+            raise ValueError(f"in-place pairs are fp16 codes filling their fields, centred: got {dtype}, "
+                             f"field {field}, value_bits {value_bits}, offset {offset}")
+        shifted = arith.shrui(word, c(H2_SHIFT))
+        return [arith.subf(mgpu_utils.bitcast(masked(shifted if sh else word, c(m), c(g)), pair),
+                           mgpu_utils.bitcast(c(centre), pair))
+                for sh, (m, g, centre) in ((sh, h2_pair_constants(field, o)) for sh, o in h2_positions(field))]
     mask = ((1 << value_bits) - 1) * 0x00010001
     offset_pair = arith.constant(pair, ir.DenseElementsAttr.get_splat(
         pair, ir.FloatAttr.get(elt, base + (1 << (value_bits - 1)))))
     out = []
     for part in range(16 // field):
         shifted = arith.shrui(word, c(field * part)) if part else word
-        value = mgpu_utils.bitcast(arith.ori(arith.andi(shifted, c(mask)), c(magic)), pair)
+        value = mgpu_utils.bitcast(masked(shifted, c(mask), c(magic)), pair)
         out.append(arith.subf(value, offset_pair) if offset else value)
     return out
 
 
-def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: int = 4):
+def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: int = 4, in_place: bool = False,
+                  lop3: bool = False):
     """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> code - 8 in WGMMA_LAYOUT, in bf16 or fp16.
 
-    Pair c of a 32-bit word is nibbles (c, c + 4) (`_word_pairs`). bits=2: the word holds 16 codes
-    (two an int4 element), pair c (c = 0..7) is slots (c, c + 8), less base + 2 (`crumb_permutation`)."""
+    Pair c of a 32-bit word is nibbles (c, c + 4) (`_word_pairs`, which also says what `in_place` and
+    `lop3` do). bits=2: the word holds 16 codes (two an int4 element), pair c (c = 0..7) is slots
+    (c, c + 8), less base + 2 (`crumb_permutation`)."""
     from jax._src.lib.mlir import ir
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
@@ -762,7 +787,8 @@ def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: i
     def pairs(idx):
         if idx not in cache:
             word = mgpu_utils.bitcast(a4.registers[idx], i32)
-            cache[idx] = _word_pairs(word, field=bits, value_bits=bits, dtype=dtype, offset=offset)
+            cache[idx] = _word_pairs(word, field=bits, value_bits=bits, dtype=dtype, offset=offset,
+                                     in_place=in_place, lop3=lop3)
         return cache[idx]
 
     rows, cols = a4.shape
