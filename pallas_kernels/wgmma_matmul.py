@@ -405,6 +405,10 @@ class W4Config:
     # (tile_n / rows_per_wg compute warpgroups, at most 2). 128 halves how often x's tile is read
     # from shared memory a weight row, which large batches need (`gemm_config`).
     rows_per_wg: int = 64
+    # The conversion's and-or (`(word & mask) | magic`, and the 3-bit planes' join) written as one PTX
+    # lop3 each: from arith's and + or ptxas emits two LOP3, as mask and magic are two 32-bit
+    # immediates (kv_notes run 21's SASS of the same conversion). Off until measured (kernel_notes).
+    lop3: bool = False
 
 
 SPLIT_SUMS = ("cluster", "xla")
@@ -674,6 +678,9 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     if cfg.offset_on_acc and not (cfg.scale_on_acc and w.order == "lop3" and not cfg.loads_only):
         raise ConfigError("W4Config.offset_on_acc corrects each group's sum in fp32: it needs scale_on_acc=True, "
                           f"the lop3 order (this weight: {w.order!r}) and loads_only=False")
+    if cfg.lop3 and (w.bits == 8 or w.order != "lop3"):
+        raise ConfigError(f"W4Config.lop3 writes the lop3 order's conversion as PTX: it needs 2-, 3- or 4-bit codes "
+                          f"in the lop3 order (this weight: {w.bits}-bit, order {w.order!r})")
     if cfg.overlap_mma and min(cfg.stages, k // (cfg.tile_k * cfg.splits)) < 2:
         raise ConfigError(f"W4Config.overlap_mma releases x's slot a step late: it needs at least 2 stages "
                           f"and 2 steps a split (stages={cfg.stages}, K={k} in {cfg.splits} splits of "
@@ -720,6 +727,8 @@ def _relabel(regs_of_chunk, shape, per_chunk: int = 4):
 # The lop3 conversion's exponent: a code in the low mantissa bits of this pattern reads as
 # base + code exactly; subtracting base + 8 leaves code - 8.
 LOP3_MAGIC = {"bfloat16": (0x43004300, 128.0), "float16": (0x64006400, 1024.0)}
+# PTX lop3's truth tables (a function of a = 0xF0, b = 0xCC, c = 0xAA): (a & b) | c, and (a & c) | (b & ~c).
+LOP3_AND_OR, LOP3_SELECT = 0xEA, 0xE4
 
 
 def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, in_place: bool = False,
@@ -748,7 +757,7 @@ def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, 
 
     def masked(w, mask, magic):  # (w & mask) | magic
         if lop3:
-            return llvm.inline_asm(i32, [w, mask, magic], "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r")
+            return llvm.inline_asm(i32, [w, mask, magic], f"lop3.b32 $0, $1, $2, $3, {LOP3_AND_OR:#x};", "=r,r,r,r")
         return arith.ori(arith.andi(w, mask), magic)
 
     if in_place:
@@ -800,15 +809,16 @@ def _i32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def _convert_planes(ctx, low, high, dtype: str = "bfloat16", offset: bool = True):
+def _convert_planes(ctx, low, high, dtype: str = "bfloat16", offset: bool = True, lop3: bool = False):
     """3-bit codes in two planes (`split_planes`), both WGMMA_LAYOUT_UPCAST_4X -> code - 4 in WGMMA_LAYOUT.
 
     32-column chunk w's 4-bit word is (low' & 0x33333333) | (high' & 0xCCCCCCCC), one lop3: low' is
     register w // 2 of the low plane, shifted right by 2 for odd w; high' is register w // 4 of the high
     plane, shifted so that bit w % 4 of each nibble lands on bit 2. Its nibbles' top bits (high's
-    other bits) fall to the conversion's 3-bit mask (`_word_pairs`)."""
+    other bits) fall to the conversion's 3-bit mask (`_word_pairs`). lop3: the join and the pairs'
+    and-or as PTX lop3 (`W4Config.lop3`)."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith
+    from jax._src.lib.mlir.dialects import arith, llvm
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     del ctx
@@ -824,8 +834,11 @@ def _convert_planes(ctx, low, high, dtype: str = "bfloat16", offset: bool = True
             lo = arith.shrui(lo, c(2)) if w % 2 else lo
             j = w % 4
             hi = arith.shli(hi, c(2 - j)) if j < 2 else (arith.shrui(hi, c(j - 2)) if j > 2 else hi)
-            word = arith.ori(arith.andi(lo, c(0x33333333)), arith.andi(hi, c(0xCCCCCCCC)))
-            cache[idx] = _word_pairs(word, field=4, value_bits=3, dtype=dtype, offset=offset)
+            if lop3:  # (lo & m) | (hi & ~m)
+                word = llvm.inline_asm(i32, [lo, hi, c(0x33333333)], f"lop3.b32 $0, $1, $2, $3, {LOP3_SELECT:#x};", "=r,r,r,r")
+            else:
+                word = arith.ori(arith.andi(lo, c(0x33333333)), arith.andi(hi, c(0xCCCCCCCC)))
+            cache[idx] = _word_pairs(word, field=4, value_bits=3, dtype=dtype, offset=offset, lop3=lop3)
         return cache[idx]
 
     rows, cols = low.shape
@@ -913,7 +926,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         convert3 = plgpu.inline_mgpu(
             arg_types=(plgpu.Layout.WGMMA_UPCAST_4X, plgpu.Layout.WGMMA_UPCAST_4X),
             return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
-        )(functools.partial(_convert_planes, dtype=dtype, offset=not cfg.offset_on_acc))
+        )(functools.partial(_convert_planes, dtype=dtype, offset=not cfg.offset_on_acc, lop3=cfg.lop3))
 
         def load_converted(refs):
             return convert3(*[_load(r, layout=plgpu.Layout.WGMMA_UPCAST_4X) for r in refs])
@@ -921,7 +934,7 @@ def _kernel_body(*refs, cfg: W4Config, k_slice: int, group_size: int, m_padded: 
         convert = plgpu.inline_mgpu(
             arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
             return_type=plgpu.ShapeDtypeStruct((rows, piece), jnp.dtype(dtype), layout=plgpu.Layout.WGMMA),
-        )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc, bits=bits)
+        )(functools.partial(_convert_lop3, dtype=dtype, offset=not cfg.offset_on_acc, bits=bits, lop3=cfg.lop3)
           if order == "lop3" else _convert_prmt)
 
         def load_converted(refs):

@@ -541,6 +541,46 @@ def test_w2_w3_kernel_lowers_for_cuda(block_k, scale_on_acc, m, grid, ws, group,
     test_kernel_lowers_for_cuda("lop3", block_k, scale_on_acc, m, grid, ws, group, overlap, bits=bits)
 
 
+def lop3(a, b, c, table: int):
+    """PTX lop3.b32 bit by bit: bit i of the result is bit (a_i << 2 | b_i << 1 | c_i) of the table."""
+    index = ((a[..., None] >> np.arange(32, dtype=np.uint32)) & 1) << 2 | \
+            ((b[..., None] >> np.arange(32, dtype=np.uint32)) & 1) << 1 | ((c[..., None] >> np.arange(32, dtype=np.uint32)) & 1)
+    return (((table >> index) & 1).astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
+
+
+def test_lop3_truth_tables():
+    """The conversion's PTX lop3 immediates compute what arith's and-or did: (word & mask) | magic, and
+    the 3-bit planes' join (low & 0x33333333) | (high & 0xCCCCCCCC); the other table would be wrong."""
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2**32, (2, 256), dtype=np.uint64).astype(np.uint32)
+    mask, magic, join = np.uint32(0x000F000F), np.uint32(0x43004300), np.uint32(0x33333333)
+    np.testing.assert_array_equal(lop3(a, np.full_like(a, mask), np.full_like(a, magic), wm.LOP3_AND_OR),
+                                  (a & mask) | magic)
+    np.testing.assert_array_equal(lop3(a, b, np.full_like(a, join), wm.LOP3_SELECT), (a & join) | (b & ~join))
+    assert not np.array_equal(lop3(a, b, np.full_like(a, join), wm.LOP3_AND_OR), (a & join) | (b & ~join))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lop3_option_lowers_for_cuda(bits):
+    """W4Config.lop3: the kernel lowers with the and-or (and the 3-bit join) as PTX lop3, which the
+    default leaves to arith; 8-bit codes and the prmt order have no such conversion and are refused."""
+    w = wm.repack_w4(random_weight(0, 1024, 256, Variant(bits, 128, "asym")), order="lop3", block_k=256)
+
+    def text(cfg):
+        return jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
+            jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), w).mlir_module()
+
+    with_lop3 = text(wm.W4Config(64, 256, 2, 4, lop3=True))
+    assert with_lop3.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert f"{wm.LOP3_AND_OR:#x};" in with_lop3
+    assert (f"{wm.LOP3_SELECT:#x};" in with_lop3) == (bits == 3)
+    assert "lop3.b32" not in text(wm.W4Config(64, 256, 2, 4))
+    for other in (wm.repack_w4(random_weight(0, 1024, 256, Variant(8, 0)), block_k=256),
+                  wm.repack_w4(random_weight(0, 1024, 256, Variant(4, 128)), order="prmt")):
+        with pytest.raises(ConfigError, match="W4Config.lop3 .* lop3 order"):
+            wm.check_config(wm.W4Config(lop3=True), other, 8)
+
+
 def test_w3_steps_keep_the_high_plane_whole():
     """3-bit codes: a 128-column step reads 16-byte rows of the high plane, unswizzled; on an H200 that was
     wrong where the step is part of a longer stored row (relative error 0.59 at batch 64 and 136 with
