@@ -901,13 +901,14 @@ class Cw2Config:
     values: "cuda" (the f16x2 values pass above), "wgmma" (the values pass on Hopper's tensor cores,
     `kv_values_wgmma`: 2-bit values only, one program a kv head for all its query heads; in interpret
     mode its plain-JAX model `emulate_values`, since Mosaic GPU has no CPU interpreter) or "auto"
-    (`values_pass_of`: wgmma for grouped-query heads on a Hopper GPU, where it converts each code
-    once for all of a kv head's queries; H200, KIVI-2 at 32k, kv_notes run 21: Llama-3-8B's 4 query
-    heads a kv head at batch 1, 13.4 against 30.1 us; with Llama-2's one query a kv head it lost,
-    30.1 against 29.1 us at batch 1 and 194.6 against 169.6 at batch 8). values_stages: its steps of
-    loads in flight; values_pieces: 256-token pieces a step (2: half its per-step overhead a token);
+    (`values_pass_of`: wgmma wherever it runs, a Hopper GPU and a store it reads). H200, KIVI-2 at 32k,
+    kv_notes run 22, values pass us against the f16x2 pass: Llama-2-7B (one query a kv head) 25.1
+    against 29.3 at batch 1 and 159.0 against 170.4 at batch 8; Llama-3-8B (4 query heads a kv head)
+    59.8 against 160.8 at batch 8 (run 21: 13.4 against 30.1 at batch 1). values_stages: its steps of
+    loads in flight; values_pieces: 256-token pieces a step (2 halves the per-step overhead a token);
     values_lop3: its conversion's and-or as one PTX lop3 (run 21's SASS: two LOP3 a pair from arith).
-    values_pieces=2 and values_lop3 are not yet measured on a GPU (kv_notes run 21)."""
+    Run 22, Llama-2 at batch 8: 191.7 us with neither, 166.6 with lop3, 159.0 with both (2 stages).
+    """
 
     value_channels: int | None = None
     keys_zero: bool | None = None
@@ -916,9 +917,9 @@ class Cw2Config:
     value_warps: int | None = None
     key_prefetch: int | None = None
     values: str = "auto"
-    values_stages: int = 4
-    values_pieces: int = 1
-    values_lop3: bool = False
+    values_stages: int = 2
+    values_pieces: int = 2
+    values_lop3: bool = True
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
@@ -934,16 +935,17 @@ class Cw2Config:
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
 
 
-def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool) -> str:
-    """The values pass `config.values` resolves to: "auto" takes the tensor-core pass for grouped
-    query heads (g >= 2) where it runs (a Hopper GPU, not interpret mode, a store it reads), else
-    the f16x2 pass."""
+def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool, block: int) -> str:
+    """The values pass `config.values` resolves to: "auto" takes the tensor-core pass where it runs
+    (a Hopper GPU, not interpret mode, a store it reads in the config's steps, keys-pass blocks of
+    whole steps), else the f16x2 pass."""
     if config.values != "auto":
         return config.values
     from pallas_kernels import kv_values_wgmma as kvw
     from pallas_kernels.wgmma_matmul import hopper_is_default_device
 
-    wgmma = g >= 2 and not interpret and kvw.supports(v, g) is None and hopper_is_default_device()
+    wgmma = (not interpret and kvw.supports(v, g, config.values_pieces) is None
+             and block % (kvw.STEP_TOKENS * config.values_pieces) == 0 and hopper_is_default_device())
     return "wgmma" if wgmma else "cuda"
 
 
@@ -1036,7 +1038,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         name=f"kv_decode_k{k.bits}_scores",
     )(*key_inputs)
 
-    if values_pass_of(config, v, g, interpret) == "wgmma":  # one program a kv head and split: all its g queries
+    if values_pass_of(config, v, g, interpret, kcols * c) == "wgmma":  # one program a kv head and split: all its g queries
         from pallas_kernels import kv_values_wgmma as kvw
 
         problem = kvw.supports(v, g, config.values_pieces)

@@ -13,10 +13,12 @@ for all the query heads of a kv head, and wgmma does the multiply-adds in fp32. 
 value channel groups (KIVI: 4 groups of 32 channels), zero-filled to 8; each channel row keeps the
 column of its own group (`finish_values`).
 
-Measured on an H200 (kv_notes run 21, KIVI-2 at 32k): with Llama-3-8B's 4 query heads a kv head,
-13.4 us against the f16x2 pass's 30.1 at batch 1; with Llama-2's one it loses (30.1 against 29.0
-at batch 1, 194.6 against 169.6 at batch 8): the conversion is most of either pass's instructions,
-and both are issue-bound. `decode_attention.values_pass_of` takes it for grouped-query heads.
+Measured on an H200 (KIVI-2 at 32k): with Llama-3-8B's 4 query heads a kv head, 13.4 us against the
+f16x2 pass's 30.1 at batch 1 (kv_notes run 21) and 59.8 against 160.8 at batch 8 (run 22). With
+Llama-2's one it first lost (run 21: 194.6 against 169.6 at batch 8): the conversion is most of either
+pass's instructions, and both are issue-bound. The and-or as one PTX lop3 and 512-token steps (run 22)
+made it 25.1 against 29.3 at batch 1 and 159.0 against 170.4 at batch 8, so
+`decode_attention.values_pass_of` now takes it wherever it runs.
 
 **Layout.** The value store is read as it is (channel_words: channel rows of 32-bit words of 16
 tokens each, the per-token scales, zero points and the keys pass's scores in *code order*). TMA
@@ -258,7 +260,7 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 
 
 def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
-                stages: int = 4, pieces: int = 1, lop3: bool = False):
+                stages: int = 2, pieces: int = 2, lop3: bool = True):
     """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
     (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
     `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as

@@ -57,7 +57,8 @@ def parse_cw2(text: str):
     channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
     colN (word columns of a tile), kwN / vwN (warps a keys / values program), kpN (steps of loads the
     keys pass keeps in flight), vwg / vcu (the values pass on Hopper's tensor cores, `kv_values_wgmma`, or the f16x2 one), vsN
-    (its stages of loads), vpN (its 256-token pieces a step), vlop3 (its conversion's and-or as one lop3)."""
+    (its stages of loads), vpN (its 256-token pieces a step), vlop3 / varith (its conversion's and-or as one
+    PTX lop3, the default, or as arith's and + or)."""
     from pallas_kernels.decode_attention import Cw2Config
 
     options = {}
@@ -78,14 +79,14 @@ def parse_cw2(text: str):
             options["values_stages"] = int(item[2:])
         elif item.startswith("vp") and item[2:].isdigit():
             options["values_pieces"] = int(item[2:])
-        elif item == "vlop3":
-            options["values_lop3"] = True
+        elif item in ("vlop3", "varith"):
+            options["values_lop3"] = item == "vlop3"
 
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
                              f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "
                              f"(warps a keys / values program), kpN (keys-pass prefetch steps), vwg / vcu (the values "
-                             f"pass on the tensor cores or the f16x2 one), vsN / vpN (its stages / 256-token pieces a step) or vlop3, joined by '+'")
+                             f"pass on the tensor cores or the f16x2 one), vsN / vpN (its stages / 256-token pieces a step) or vlop3 / varith, joined by '+'")
     return Cw2Config(**options)
 
 
@@ -342,8 +343,8 @@ def main(argv=None):
                         "automatic; path: auto, mma, cw, cw16, cw2; cw2 options joined by '+': vcN, value channel rows "
                         "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile; kwN / vwN, warps a keys / "
                         "values program; kpN, steps of loads the keys pass keeps in flight; vwg / vcu, the values pass on the "
-                        "tensor cores or the f16x2 one; vsN / vpN / vlop3, its stages, 256-token pieces a step and "
-                        "one-lop3 conversion), "
+                        "tensor cores or the f16x2 one; vsN / vpN / vlop3 / varith, its stages, 256-token pieces a step and "
+                        "the conversion's and-or as one lop3 or as and + or), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")
     p.add_argument("--kernel-only", default="", metavar="BATCHES",

@@ -408,12 +408,13 @@ def test_wgmma_values_index_map_is_the_fragment_order():
         np.testing.assert_array_equal(halves[1], codes[:, c + 8] - 2)
 
 
-@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=2, values_lop3=True, values_stages=2))],
-                         ids=["g1", "g4", "g1-512-lop3"])
+@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4))],
+                         ids=["g1", "g4", "g1-256-arith"])
 def test_wgmma_values_pass_lowers_for_cuda(g, options):
     """The Mosaic GPU values pass traces and lowers for CUDA beside cw2's Triton keys pass: one
-    kernel of each, for one query a kv head and for 4 (one program takes them all), and in steps
-    of 512 tokens with the conversion's lop3 written out."""
+    kernel of each, for one query a kv head and for 4 (one program takes them all), in the default
+    steps of 512 tokens with the conversion's and-or as PTX lop3 and in run 21's 256-token steps with
+    arith's and + or."""
     from jax import export
 
     rng = np.random.default_rng(2)
@@ -438,13 +439,16 @@ def test_values_pass_choice_and_errors(monkeypatch):
     v2 = _store(rng, B, 1024, 2, 32, 1, 32, d=128, channel_words=True)
     v4 = _store(rng, B, 1024, 4, 32, 1, 32, d=128, channel_words=True)
     auto = da.Cw2Config()
-    assert da.values_pass_of(auto, v2, 4, interpret=False) == "cuda"  # no Hopper GPU here
+    assert da.values_pass_of(auto, v2, 4, interpret=False, block=2048) == "cuda"  # no Hopper GPU here
     monkeypatch.setattr(wgmma_matmul, "hopper_is_default_device", lambda: True)
-    assert da.values_pass_of(auto, v2, 4, interpret=False) == "wgmma"
-    assert da.values_pass_of(auto, v2, 1, interpret=False) == "cuda"  # one query a kv head: slower there
-    assert da.values_pass_of(auto, v2, 8, interpret=False) == "cuda"  # 8 x 4 columns: more sums than it holds
-    assert da.values_pass_of(auto, v2, 4, interpret=True) == "cuda"
-    assert da.values_pass_of(auto, v4, 4, interpret=False) == "cuda"
+    assert da.values_pass_of(auto, v2, 4, interpret=False, block=2048) == "wgmma"
+    assert da.values_pass_of(auto, v2, 1, interpret=False, block=2048) == "wgmma"  # one query a kv head too (run 22)
+    assert da.values_pass_of(auto, v2, 8, interpret=False, block=2048) == "cuda"  # 8 x 4 columns: more sums than it holds
+    assert da.values_pass_of(auto, v2, 4, interpret=True, block=2048) == "cuda"
+    assert da.values_pass_of(auto, v4, 4, interpret=False, block=2048) == "cuda"
+    # keys-pass blocks of 256 tokens are not whole 512-token steps; one-piece steps take them
+    assert da.values_pass_of(auto, v2, 1, interpret=False, block=256) == "cuda"
+    assert da.values_pass_of(da.Cw2Config(values_pieces=1), v2, 1, interpret=False, block=256) == "wgmma"
     with pytest.raises(Exception, match="Cw2Config.values='tc' must be one of"):
         da.Cw2Config(values="tc")
     with pytest.raises(Exception, match="values_pieces=3 must be 1 or 2"):

@@ -237,8 +237,8 @@ def test_cw2_tiles_on_gpu_equal_reference(config):
     (LLAMA2, 2, 3001, 2964, None), (LLAMA2, 1, 8192, 8192, 4), (LLAMA2, 2, 4096, 1000, 1),
     (LLAMA2, 1, 2048, 300, None), (SMOL, 2, 3001, 2990, None)],
     ids=["llama2-b2-3001", "llama2-b1-8192-x4", "llama2-b2-4096-len1000-x1", "llama2-b1-2048-len300", "smol-gqa-b2-3001"])
-@pytest.mark.parametrize("config", [{}, dict(values_stages=2), dict(values_pieces=2, values_lop3=True, values_stages=2)],
-                         ids=["default", "stages2", "512-lop3"])
+@pytest.mark.parametrize("config", [{}, dict(values_stages=4), dict(values_pieces=1, values_lop3=False, values_stages=4)],
+                         ids=["default", "stages4", "256-arith"])
 def test_cw2_wgmma_values_on_gpu_equal_reference(cfg, batch, context, length, splits, config):
     _, k, v, q, mask = _random_layer(cfg, "kivi-k2v2", batch, context, seed=13, q_seed=5, mask_seed=6)
     kw = dict(scale=cfg.head_dim ** -0.5, path="cw2", num_splits=splits)
