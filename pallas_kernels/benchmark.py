@@ -245,7 +245,7 @@ class Runner:
         cfg = wm.default_config(w, m)
         rec = {"variant": f"{v.name}-wgmma", "kind": "wgmma", "bits": v.bits, "group_size": v.group_size or k,
                "grid": v.grid, "layout": f"wgmma-bk{block_k}", "m": m, "k": k, "n": n, "tuned": False,
-               "config": {**dataclasses.asdict(cfg), "block_k": block_k, "stored_k": stored_k}}
+               "config": {**dataclasses.asdict(cfg), "lop3": wm.lop3_of(cfg, w), "block_k": block_k, "stored_k": stored_k}}
         if self.check:
             x = jax.random.normal(jax.random.key(m), (m, k), jnp.float32).astype(jnp.bfloat16)
             rec["rel_err"] = relative_error(wm.w4_matmul(x, w), quant_matmul_reference(x, q))

@@ -407,8 +407,11 @@ class W4Config:
     rows_per_wg: int = 64
     # The conversion's and-or (`(word & mask) | magic`, and the 3-bit planes' join) written as one PTX
     # lop3 each: from arith's and + or ptxas emits two LOP3, as mask and magic are two 32-bit
-    # immediates (kv_notes run 21's SASS of the same conversion). Off until measured (kernel_notes).
-    lop3: bool = False
+    # immediates (kv_notes run 21's SASS of the same conversion). H200, kernel_notes run 24, batch 1:
+    # W4 12.45 against 14.32 us on 4096 x 14336, W3 12.72 against 15.49, W2 11.11 against 12.73.
+    # None: wherever the weight has that conversion (2-, 3- and 4-bit codes in the lop3 order, `lop3_of`);
+    # False: arith's and + or.
+    lop3: bool | None = None
 
 
 SPLIT_SUMS = ("cluster", "xla")
@@ -418,6 +421,17 @@ MAX_CLUSTER = 8  # the portable thread-block cluster size
 # (+0.1 to +1.1 us a call on 7 of 8 points) and 8, where each tile waits for the slowest program
 # of its cluster.
 CLUSTER_SUM_MAX_SPLITS = 2
+
+
+def has_lop3_conversion(w) -> bool:
+    """Whether the weight's codes are converted by masks and a magic exponent (`_word_pairs`): 2-, 3- and
+    4-bit codes in the lop3 order; 8-bit codes and the prmt order take Mosaic GPU's own conversion."""
+    return w.bits != 8 and w.order == "lop3"
+
+
+def lop3_of(cfg: W4Config, w) -> bool:
+    """The config's `lop3`, or by default: wherever the weight has the lop3 conversion."""
+    return has_lop3_conversion(w) if cfg.lop3 is None else cfg.lop3
 
 
 def split_sum_of(cfg: W4Config) -> str:
@@ -678,7 +692,7 @@ def check_config(cfg: W4Config, w: W4Weight, m_padded: int) -> None:
     if cfg.offset_on_acc and not (cfg.scale_on_acc and w.order == "lop3" and not cfg.loads_only):
         raise ConfigError("W4Config.offset_on_acc corrects each group's sum in fp32: it needs scale_on_acc=True, "
                           f"the lop3 order (this weight: {w.order!r}) and loads_only=False")
-    if cfg.lop3 and (w.bits == 8 or w.order != "lop3"):
+    if cfg.lop3 and not has_lop3_conversion(w):
         raise ConfigError(f"W4Config.lop3 writes the lop3 order's conversion as PTX: it needs 2-, 3- or 4-bit codes "
                           f"in the lop3 order (this weight: {w.bits}-bit, order {w.order!r})")
     if cfg.overlap_mma and min(cfg.stages, k // (cfg.tile_k * cfg.splits)) < 2:
@@ -1226,7 +1240,8 @@ def w4_matmul(x: jax.Array, w: W4Weight, config: W4Config | None = None) -> jax.
         xb = jnp.pad(xb, ((0, m_padded - m), (0, 0)))
     k_slice = w.k_stored // cfg.splits  # past K (padding) the last slice's x tiles read as zeros
     with_zero = w.zero is not None
-    body = functools.partial(_kernel_body, cfg=cfg, k_slice=k_slice, group_size=w.group_size,
+    body = functools.partial(_kernel_body, cfg=dataclasses.replace(cfg, lop3=lop3_of(cfg, w)), k_slice=k_slice,
+                             group_size=w.group_size,
                              m_padded=m_padded, order=w.order, block_k=w.block_k, with_zero=with_zero,
                              dtype=dtype, bits=w.bits)
     planes = [w.codes] + ([w.high] if w.bits == 3 else [])

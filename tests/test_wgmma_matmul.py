@@ -562,21 +562,26 @@ def test_lop3_truth_tables():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_lop3_option_lowers_for_cuda(bits):
-    """W4Config.lop3: the kernel lowers with the and-or (and the 3-bit join) as PTX lop3, which the
-    default leaves to arith; 8-bit codes and the prmt order have no such conversion and are refused."""
+    """W4Config.lop3: by default (None) and with True the kernel lowers with the and-or (and the 3-bit
+    join) as PTX lop3; False leaves them to arith. 8-bit codes and the prmt order have no such
+    conversion: the default skips it there, True is refused."""
     w = wm.repack_w4(random_weight(0, 1024, 256, Variant(bits, 128, "asym")), order="lop3", block_k=256)
 
     def text(cfg):
         return jax.export.export(jax.jit(lambda x, w_: wm.w4_matmul(x, w_, cfg)), platforms=("cuda",))(
             jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16), w).mlir_module()
 
-    with_lop3 = text(wm.W4Config(64, 256, 2, 4, lop3=True))
-    assert with_lop3.count("stablehlo.custom_call @mosaic_gpu") == 1
-    assert f"{wm.LOP3_AND_OR:#x};" in with_lop3
-    assert (f"{wm.LOP3_SELECT:#x};" in with_lop3) == (bits == 3)
-    assert "lop3.b32" not in text(wm.W4Config(64, 256, 2, 4))
+    by_default = text(wm.W4Config(64, 256, 2, 4))
+    assert by_default.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert f"{wm.LOP3_AND_OR:#x};" in by_default
+    assert (f"{wm.LOP3_SELECT:#x};" in by_default) == (bits == 3)
+    explicit = text(wm.W4Config(64, 256, 2, 4, lop3=True))
+    assert [by_default.count(f"{t:#x};") for t in (wm.LOP3_AND_OR, wm.LOP3_SELECT)] == \
+           [explicit.count(f"{t:#x};") for t in (wm.LOP3_AND_OR, wm.LOP3_SELECT)]
+    assert "lop3.b32" not in text(wm.W4Config(64, 256, 2, 4, lop3=False))
     for other in (wm.repack_w4(random_weight(0, 1024, 256, Variant(8, 0)), block_k=256),
                   wm.repack_w4(random_weight(0, 1024, 256, Variant(4, 128)), order="prmt")):
+        assert not wm.lop3_of(wm.W4Config(), other)
         with pytest.raises(ConfigError, match="W4Config.lop3 .* lop3 order"):
             wm.check_config(wm.W4Config(lop3=True), other, 8)
 

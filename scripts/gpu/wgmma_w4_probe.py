@@ -87,6 +87,11 @@ def time_fn(fn, xs, ws):
     return autotune.rank_us(t), t.wall_us, kernels
 
 
+def lop3_flag(flags) -> bool | None:
+    """W4Config.lop3 from the flags: True (lop3), False (arith) or None (the default)."""
+    return True if "lop3" in flags else False if "arith" in flags else None
+
+
 def parse_configs(text: str) -> list[tuple]:
     """'tile_n:tile_k:splits:stages[+flag...]' comma-separated -> [(W4Config, order, block_k, pad)].
 
@@ -100,7 +105,8 @@ def parse_configs(text: str) -> list[tuple]:
     the pipeline, the codes scaled in bf16), fold (`offset_on_acc`: base + code into the tensor cores,
     the offset taken off each group's sum in fp32). mN (`tile_m`: the grid tiles the batch by N rows),
     rN (`rows_per_wg`: N weight rows a compute warpgroup, with ws), bkN (blocked by N columns, read
-    in steps of tile_k). lop3 (`lop3`: the conversion's and-or as PTX lop3; also after "default")."""
+    in steps of tile_k). lop3 / arith (`lop3`: the conversion's and-or as PTX lop3, or as arith's and + or;
+    neither: the config's default; also after "default")."""
     out = []
     for item in filter(None, text.split(",")):
         head, *flags = item.split("+")
@@ -112,7 +118,7 @@ def parse_configs(text: str) -> list[tuple]:
         overlap = "ovl" in flags
         cfg = wm.W4Config(f[0], f[1], f[2], f[3], scale_on_acc="mul" not in flags and not overlap,
                           loads_only="loads" in flags, warp_specialized="ws" in flags, overlap_mma=overlap,
-                          offset_on_acc="fold" in flags, lop3="lop3" in flags,
+                          offset_on_acc="fold" in flags, lop3=lop3_flag(flags),
                           split_sum="xla" if "xla" in flags else "cluster" if "cluster" in flags else None,
                           tile_m=sizes.get("m", 0), rows_per_wg=sizes.get("r", 64))
         blocked = "blocked" in flags or "pad" in flags or "bk" in sizes
@@ -123,7 +129,7 @@ def parse_configs(text: str) -> list[tuple]:
 
 
 def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 4, group: int = 128) -> tuple:
-    """A parsed config, with "default[+ovl|fold|lop3|xla|cluster|gemm[+nobal]]" made concrete for this point: the
+    """A parsed config, with "default[+ovl|fold|lop3|arith|xla|cluster|gemm[+nobal]]" made concrete for this point: the
     weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
     the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`; gemm:
     `gemm_config` at any batch; nobal: without its balanced batch tiles)."""
@@ -138,8 +144,8 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
     if "fold" in flags:
         cfg = dataclasses.replace(cfg, offset_on_acc=True)
-    if "lop3" in flags:
-        cfg = dataclasses.replace(cfg, lop3=True)
+    if lop3_flag(flags) is not None:
+        cfg = dataclasses.replace(cfg, lop3=lop3_flag(flags))
     if "xla" in flags or "cluster" in flags:
         cfg = dataclasses.replace(cfg, split_sum="xla" if "xla" in flags else "cluster")
     # (fit_stages: a cluster's received sums take room)
@@ -182,6 +188,7 @@ def probe_point(k: int, n: int, m: int, grid: str, max_cands: int, configs: list
         desc = {**cfg.__dict__, "order": order, "block_k": block_k, "stored_k": stored_k}
         try:
             wss = [random_w4(kk, k, n, group, grid == "asym", order, block_k, stored_k, bits) for kk in keys]
+            desc["lop3"] = wm.lop3_of(cfg, wss[0])  # None resolved
             us, wall, kernels = time_fn(lambda xx, www, c=cfg: wm.w4_matmul(xx, www, c), xs, wss)
             results.append({"config": desc, "us": us, "wall_us": wall, "rel_err": errors.get(cand),
                             "kernels": kernels})

@@ -124,10 +124,12 @@ CASES = [  # (variant, K, N, batches, repack kwargs, configs: None = default)
     (Variant(4, 256, "asym"), 4096, 1024, (1, 8), dict(block_k=128), [wm.W4Config(64, 128, 4, 4)]),
     (Variant(2, 256), 4096, 1024, (1, 8), dict(block_k=128), [wm.W4Config(64, 128, 2, 4)]),
     # the conversion's and-or as PTX lop3 (`W4Config.lop3`): 4- and 2-bit, asymmetric and symmetric,
-    # decode, warp-specialized and gemm tiles, fp16 x below
-    (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13, 300), dict(block_k=256),
-     [wm.W4Config(64, 256, 2, 4, lop3=True), wm.W4Config(64, 256, 4, 4, scale_on_acc=False, lop3=True),
-      wm.W4Config(128, 128, 2, 4, warp_specialized=True, tile_m=64, scale_on_acc=False, lop3=True)]),
+    # decode, warp-specialized and gemm tiles, fp16 x below (lop3=None, the default, is True here; False:
+    # arith's and + or)
+    (Variant(4, 128, "asym"), 4096, 4096, (1, 8, 13), dict(block_k=256),
+     [wm.W4Config(64, 256, 2, 4, lop3=False), wm.W4Config(64, 256, 4, 4, scale_on_acc=False, lop3=True)]),
+    (Variant(4, 128, "asym"), 4096, 4096, (13, 300), dict(block_k=256),
+     [wm.W4Config(128, 128, 2, 4, warp_specialized=True, tile_m=64, scale_on_acc=False, lop3=True)]),
     (Variant(4, 32), 4096, 1024, (1, 16), dict(block_k=256), [wm.W4Config(64, 256, 4, 4, lop3=True)]),
     (Variant(2, 128, "asym"), 4096, 4096, (1, 13), dict(block_k=256), [wm.W4Config(64, 256, 2, 4, lop3=True)]),
 ]
@@ -147,7 +149,7 @@ W3_CASES = [
     (Variant(3, 128), 4096, 1024, (1, 8), dict(block_k=0), [None]),  # unblocked: 256-column steps of longer rows
     # the planes' join and the pairs' and-or as PTX lop3 (`W4Config.lop3`)
     (Variant(3, 128, "asym"), 4096, 4096, (1, 8, 13), dict(block_k=256),
-     [wm.W4Config(64, 256, 2, 4, lop3=True), wm.W4Config(64, 256, 4, 4, scale_on_acc=False, lop3=True)]),
+     [wm.W4Config(64, 256, 2, 4, lop3=False), wm.W4Config(64, 256, 4, 4, scale_on_acc=False, lop3=True)]),
 ]
 
 
@@ -184,14 +186,14 @@ def test_fp16_activations(order):
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_w2_w3_fp16_activations(bits):
-    """2- and 3-bit codes with fp16 x: the lop3 conversion's fp16 magic, fp16 tensor-core inputs (also
-    with the conversion written as PTX lop3)."""
+    """2- and 3-bit codes with fp16 x: the lop3 conversion's fp16 magic, fp16 tensor-core inputs (its
+    and-or as PTX lop3, the default, and as arith's and + or)."""
     w = random_weight(23, 4096, 1024, Variant(bits, 128, "asym"))
     ww = wm.repack_w4(w, block_k=256)
     for m in (1, 16):
         x = random_activations(m, (m, 4096)).astype(np.float16)
         ref = float64_reference(x, w)
-        for cfg in (None, wm.W4Config(64, 256, 4, 4, lop3=True)):
+        for cfg in (None, wm.W4Config(64, 256, 4, 4, lop3=False)):
             y = jax.jit(wm.w4_matmul, static_argnums=2)(x, ww, cfg)
             assert y.dtype == np.float16
             assert_blocks_close(y, ref)
