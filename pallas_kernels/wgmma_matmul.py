@@ -407,7 +407,7 @@ class W4Config:
     rows_per_wg: int = 64
     # The conversion's and-or (`(word & mask) | magic`, and the 3-bit planes' join) written as one PTX
     # lop3 each: from arith's and + or ptxas emits two LOP3, as mask and magic are two 32-bit
-    # immediates (kv_notes run 21's SASS of the same conversion). H200, kernel_notes run 24, batch 1:
+    # immediates (kv_notes run 21's SASS of the same conversion). H200, kernel_notes run 23, batch 1:
     # W4 12.45 against 14.32 us on 4096 x 14336, W3 12.72 against 15.49, W2 11.11 against 12.73.
     # None: wherever the weight has that conversion (2-, 3- and 4-bit codes in the lop3 order, `lop3_of`);
     # False: arith's and + or.
