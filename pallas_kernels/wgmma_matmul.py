@@ -745,6 +745,16 @@ LOP3_MAGIC = {"bfloat16": (0x43004300, 128.0), "float16": (0x64006400, 1024.0)}
 LOP3_AND_OR, LOP3_SELECT = 0xEA, 0xE4
 
 
+def _lop3(a, b, c, table: int):
+    """PTX lop3.b32 of three i32 values: ptxas emits one LOP3 whatever the operands (an and-or of two
+    immediates written in arith becomes two)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    return llvm.inline_asm(ir.IntegerType.get_signless(32), [a, b, c], f"lop3.b32 $0, $1, $2, $3, {table:#x};",
+                           "=r,r,r,r")
+
+
 def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, in_place: bool = False,
                 lop3: bool = False) -> list:
     """The 16 / field bf16 (fp16) pairs of a 32-bit word of codes in `field`-bit fields, the codes'
@@ -758,7 +768,7 @@ def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, 
     lop3: the and-or written as PTX `lop3`. From arith's and + or ptxas emits two LOP3, as the mask
     and the magic word are two 32-bit immediates and one LOP3 takes one (kv_notes run 21's SASS)."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     from pallas_kernels.f16x2 import H2_SHIFT, h2_pair_constants, h2_positions
@@ -771,7 +781,7 @@ def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, 
 
     def masked(w, mask, magic):  # (w & mask) | magic
         if lop3:
-            return llvm.inline_asm(i32, [w, mask, magic], f"lop3.b32 $0, $1, $2, $3, {LOP3_AND_OR:#x};", "=r,r,r,r")
+            return _lop3(w, mask, magic, LOP3_AND_OR)
         return arith.ori(arith.andi(w, mask), magic)
 
     if in_place:
@@ -832,7 +842,7 @@ def _convert_planes(ctx, low, high, dtype: str = "bfloat16", offset: bool = True
     other bits) fall to the conversion's 3-bit mask (`_word_pairs`). lop3: the join and the pairs'
     and-or as PTX lop3 (`W4Config.lop3`)."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm
+    from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     del ctx
@@ -849,7 +859,7 @@ def _convert_planes(ctx, low, high, dtype: str = "bfloat16", offset: bool = True
             j = w % 4
             hi = arith.shli(hi, c(2 - j)) if j < 2 else (arith.shrui(hi, c(j - 2)) if j > 2 else hi)
             if lop3:  # (lo & m) | (hi & ~m)
-                word = llvm.inline_asm(i32, [lo, hi, c(0x33333333)], f"lop3.b32 $0, $1, $2, $3, {LOP3_SELECT:#x};", "=r,r,r,r")
+                word = _lop3(lo, hi, c(0x33333333), LOP3_SELECT)
             else:
                 word = arith.ori(arith.andi(lo, c(0x33333333)), arith.andi(hi, c(0xCCCCCCCC)))
             cache[idx] = _word_pairs(word, field=4, value_bits=3, dtype=dtype, offset=offset, lop3=lop3)

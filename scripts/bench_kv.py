@@ -81,7 +81,6 @@ def parse_cw2(text: str):
             options["values_pieces"] = int(item[2:])
         elif item in ("vlop3", "varith"):
             options["values_lop3"] = item == "vlop3"
-
         else:
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
                              f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "

@@ -34,12 +34,14 @@ class RepackReport:
 def repack_for_wgmma(model, *, pad_k: bool = True, bits: tuple[int, ...] = (2, 3, 4, 8)):
     """(repacked model, RepackReport); `model` is left as it was.
 
-    `bits`: the code widths to repack (others are reported and kept). 8- and 2-bit weights gain past
-    batch 1: on an H200 a random Llama-2-7B RTN W8 decode step took 4.09 ms repacked against 14.81 as
-    QArrays at batch 8 (W2: 3.06 against 11.11; bf16 4.79), but 3.30 against 3.03 at batch 1 (W2 2.45
-    against 2.26), where the QArrays' tuned Triton GEMV wins (kernel_notes run 21); `bits=(3, 4)` keeps
-    them QArrays for batch-1 serving. 3-bit weights gain at both: RTN W3 g128 3.24 / 3.44 ms at batch
-    1 / 8 repacked, 4.20 ms at batch 1 as QArrays (bf16 4.24 / 4.67; kernel_notes run 22).
+    `bits`: the code widths to repack (others are reported and kept). 8-bit weights gain past batch 1:
+    on an H200 a random Llama-2-7B RTN W8 decode step took 4.09 ms repacked against 14.81 as QArrays at
+    batch 8 (bf16 4.79), but 3.30 against 3.03 at batch 1, where the QArrays' tuned Triton GEMV wins
+    (kernel_notes run 21); `bits=(2, 3, 4)` keeps them QArrays for batch-1 serving. 2-bit weights gain at
+    both since the conversion's PTX lop3 (`W4Config.lop3`): W2 g128 2.16 against 2.25 ms at batch 1
+    (kernel_notes run 23; before it 2.45 against 2.26) and 3.06 against 11.11 at batch 8 (run 21). 3-bit
+    weights gain at both: RTN W3 g128 3.24 / 3.44 ms at batch 1 / 8 repacked, 4.20 ms at batch 1 as
+    QArrays (bf16 4.24 / 4.67; kernel_notes run 22).
     QArray leaves of those widths that `wgmma_matmul.repack_problem` accepts become `W4Weight`s, blocked by
     `choose_block_k`; every other QArray is reported with the reason and kept. `pad_k` stores a
     K that 256-column steps cannot split well (Llama-2's 11008) padded with zeros (`padded_k`,
