@@ -944,8 +944,7 @@ def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool, block
     from pallas_kernels import kv_values_wgmma as kvw
     from pallas_kernels.wgmma_matmul import hopper_is_default_device
 
-    wgmma = (not interpret and kvw.supports(v, g, config.values_pieces) is None
-             and block % (kvw.STEP_TOKENS * config.values_pieces) == 0 and hopper_is_default_device())
+    wgmma = not interpret and kvw.supports(v, g, config.values_pieces, block) is None and hopper_is_default_device()
     return "wgmma" if wgmma else "cuda"
 
 

@@ -30,13 +30,11 @@ Only 2-bit channel_words keys with fp16 meta, head_dim 128 and key groups that d
 
 from __future__ import annotations
 
-import math
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
+from pallas_kernels.decode_attention import LOG2E, NEG_INF
 
 STEP_TOKENS = 512   # tokens a step: 32 word columns of 16 tokens, one column a thread quad
 SLOTS = 16          # 2-bit codes a 32-bit word
@@ -46,7 +44,6 @@ CODE_MEAN = 1.5     # B's rounding error is taken about the codes' mean (the off
 PRMT_PAIRS = (0x5140, 0x7362)  # prmt(W0, W1, sel): [W0.b0, W1.b0, W0.b1, W1.b1], then bytes 2 and 3
 PRMT_QUADS = (0x5410, 0x7632)  # prmt(X01, X23, sel): [X01.b0, X01.b1, X23.b0, X23.b1], then bytes 2 and 3
 CRUMBS = 0x03030303
-LOG2E = math.log2(math.e)
 
 
 def supports(k, heads: int) -> str | None:
@@ -130,7 +127,6 @@ def emulate_scores(q, k, bias, length, *, scale: float, block: int, blocks_per_s
     cw2's keys pass gives its values pass: scores [B, K, heads, S] in log2 units and code order, and
     each split's maximum [B, K, splits, heads] over the blocks it reads."""
     from jaxcompress.kv.store import to_code_order
-    from pallas_kernels.decode_attention import NEG_INF
 
     b8, alpha, offset = prepare(q, k, scale=scale)
     b, kv_heads, heads, _ = q.shape

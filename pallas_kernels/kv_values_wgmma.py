@@ -63,15 +63,17 @@ def b_column(slot, column):
     return 64 * (column // 4) + 8 * (slot % 8) + 2 * (column % 4) + slot // 8
 
 
-def supports(v, heads: int, pieces: int = 1) -> str | None:
+def supports(v, heads: int, pieces: int = 1, block: int | None = None) -> str | None:
     """Why the wgmma values pass cannot read this value store for `heads` query heads a program in
-    steps of `pieces` x 256 tokens, or None."""
+    steps of `pieces` x 256 tokens (and, given, the keys pass's blocks of `block` tokens), or None."""
     from jaxcompress.kv.store import CHANNEL_WORDS
 
     if v.layout != CHANNEL_WORDS or v.bits != 2:
         return f"values are {v.bits}-bit {v.layout}; the wgmma values pass reads 2-bit channel_words stores"
     if pieces not in (1, 2):
         return f"steps of {pieces} pieces of {STEP_TOKENS} tokens (1 or 2)"
+    if block is not None and block % (STEP_TOKENS * pieces):
+        return f"the keys pass's blocks of {block} tokens are not whole steps of {STEP_TOKENS * pieces}"
     if v.rows % (STEP_COLUMNS * pieces):
         return f"the store's tiles of {v.rows} word columns are not whole steps of {STEP_COLUMNS * pieces}"
     if v.head_dim % ROW_BLOCK:
@@ -270,11 +272,9 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
     and-or as one PTX lop3 (`wgmma_matmul._word_pairs`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    problem = supports(v, heads, pieces)
+    problem = supports(v, heads, pieces, block)
     if problem:
         raise ConfigError(f"the wgmma values pass cannot read this store: {problem}")
-    if block % (STEP_TOKENS * pieces):
-        raise ConfigError(f"the keys pass's blocks of {block} tokens are not whole steps of {STEP_TOKENS * pieces}")
     b, hc, _, s = scores.shape
     n_splits = top.shape[2]
     d, groups = v.head_dim, v.head_dim // v.channel_group
