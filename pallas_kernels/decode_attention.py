@@ -877,6 +877,7 @@ SMALL_GRID_HEADS = 32
 
 
 VALUES_PASSES = ("auto", "cuda", "wgmma")
+KEYS_PASSES = ("cuda", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -908,6 +909,11 @@ class Cw2Config:
     loads in flight; values_pieces: 256-token pieces a step (2 halves the per-step overhead a token);
     values_lop3: its conversion's and-or as one PTX lop3 (run 21's SASS: two LOP3 a pair from arith).
     Run 22, Llama-2 at batch 8: 191.7 us with neither, 166.6 with lop3, 159.0 with both (2 stages).
+    keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
+    int8 q x key scale on Hopper's tensor cores, after an XLA prepass; 2-bit keys, head_dim 128, one
+    program a kv head for all its query heads, in interpret mode its plain-JAX model). int8 rounds q x
+    scale to 8 bits a key group (a logit error about a sixth of KIVI-2's own, kv_notes run 22), so it
+    is an option, not the default. keys_stages: its steps of loads in flight.
     """
 
     value_channels: int | None = None
@@ -920,6 +926,8 @@ class Cw2Config:
     values_stages: int = 2
     values_pieces: int = 2
     values_lop3: bool = True
+    keys: str = "cuda"
+    keys_stages: int = 2
 
     def __post_init__(self):
         for name in ("value_channels", "columns", "key_warps", "value_warps"):
@@ -930,6 +938,8 @@ class Cw2Config:
             raise ConfigError(f"Cw2Config.values_pieces={self.values_pieces} must be 1 or 2 (256-token pieces a step)")
         if self.values not in VALUES_PASSES:
             raise ConfigError(f"Cw2Config.values={self.values!r} must be one of {VALUES_PASSES}")
+        if self.keys not in KEYS_PASSES:
+            raise ConfigError(f"Cw2Config.keys={self.keys!r} must be one of {KEYS_PASSES}")
         if self.key_prefetch not in (None, 1, 2, 4):
             raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 4 (steps of loads in "
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
@@ -1007,7 +1017,9 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     # The zero-point term q . zero: summed by the keys pass on small grids, an XLA einsum on large
     # ones, where the keys pass reads the zero points more slowly than the einsum (`Cw2Config.keys_zero`).
     zero_rows = (small_grid if config.keys_zero is None else config.keys_zero) and k.zero is not None
-    _, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True, einsum=not zero_rows)
+    # the int8 keys pass takes the whole term in its prepass's offset
+    einsum = config.keys == "cuda" and not zero_rows
+    _, cz, bias = _cw_inputs(q, k, mask, length, scale, centred=True, mid_in_kernel=True, einsum=einsum)
     length1 = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
     kwords, vwords = (lax.bitcast_convert_type(x.codes, jnp.int32) for x in (k, v))
 
@@ -1015,27 +1027,31 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     params = lambda warps: None if interpret else _compiler_params(warps or lane_warps, num_stages)  # noqa: E731
     heads_spec = lambda *tail: pl.BlockSpec((None, None, chunk) + tail,  # noqa: E731
                                             lambda i, hh, j: (i, kv_of(hh), hh % chunks) + (0,) * len(tail))
-    # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
-    key_inputs = [q, bias[:, None, :], length1, kwords, k.scale, k.zero if zero_rows else cz]
-    key_specs = [heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
-                 pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(kwords, kv_of),
-                 _cw_meta_spec(k.scale, kv_of),
-                 _cw_meta_spec(k.zero, kv_of) if zero_rows else heads_spec(cz.shape[-1])]
     split_spec = pl.BlockSpec((None, None, None, chunk), lambda i, hh, j: (i, hh, j, 0))
     split_shape = lambda n: jax.ShapeDtypeStruct((b, n, n_splits, chunk), jnp.float32)  # noqa: E731
-    scores, top = pl.pallas_call(
-        functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
-                          blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
-                          zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret,
-                          prefetch=prefetch),
-        grid=(b, kv_heads * chunks, n_splits),
-        in_specs=key_specs,
-        out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
-        compiler_params=params(config.key_warps),
-        interpret=interpret,
-        name=f"kv_decode_k{k.bits}_scores",
-    )(*key_inputs)
+    if config.keys == "int8":
+        scores, top = _int8_keys(q, k, bias, length, scale=scale, block=kcols * c, blocks_per_split=key_blocks,
+                                 n_splits=n_splits, chunks=chunks, interpret=interpret, stages=config.keys_stages)
+    else:
+        # q as given (the kernel scales it into log2 units): no XLA op materializes the scaled q
+        key_inputs = [q, bias[:, None, :], length1, kwords, k.scale, k.zero if zero_rows else cz]
+        key_specs = [heads_spec(d), pl.BlockSpec((None, 1, s), lambda i, hh, j: (i, 0, 0)),
+                     pl.BlockSpec((1,), lambda i, hh, j: (0,)), _cw_head_spec(kwords, kv_of),
+                     _cw_meta_spec(k.scale, kv_of),
+                     _cw_meta_spec(k.zero, kv_of) if zero_rows else heads_spec(cz.shape[-1])]
+        scores, top = pl.pallas_call(
+            functools.partial(_cw2_keys_kernel, bits=k.bits, cols=kcols, rows=k.rows, token_group=k.token_group,
+                              blocks_per_split=key_blocks, heads=chunk, mid_term=k.zero is not None,
+                              zero_rows=zero_rows, q_scale=scale * LOG2E, evict=eviction, asm=not interpret,
+                              prefetch=prefetch),
+            grid=(b, kv_heads * chunks, n_splits),
+            in_specs=key_specs,
+            out_specs=[pl.BlockSpec((None, None, chunk, s), lambda i, hh, j: (i, hh, 0, 0)), split_spec],
+            out_shape=[jax.ShapeDtypeStruct((b, kv_heads * chunks, chunk, s), jnp.float32), split_shape(kv_heads * chunks)],
+            compiler_params=params(config.key_warps),
+            interpret=interpret,
+            name=f"kv_decode_k{k.bits}_scores",
+        )(*key_inputs)
 
     if values_pass_of(config, v, g, interpret, kcols * c) == "wgmma":  # one program a kv head and split: all its g queries
         from pallas_kernels import kv_values_wgmma as kvw
@@ -1079,6 +1095,27 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         name=f"kv_decode_v{v.bits}_values",
     )(*inputs)
     return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
+
+
+def _int8_keys(q, k: QTokens, bias, length, *, scale: float, block: int, blocks_per_split: int, n_splits: int,
+               chunks: int, interpret: bool, stages: int):
+    """`Cw2Config(keys="int8")`: `kv_keys_int8.keys_pass` (its plain-JAX model in interpret mode), its
+    outputs in the f16x2 keys pass's program order (program kv * chunks + j: queries j * chunk ..)."""
+    from pallas_kernels import kv_keys_int8 as kk
+
+    b, kv_heads, g, _ = q.shape
+    problem = kk.kernel_problem(k, g, block)
+    if problem:
+        raise ConfigError(f"Cw2Config(keys='int8') cannot read these keys: {problem}; use keys='cuda'")
+    kwargs = dict(scale=scale, block=block, blocks_per_split=blocks_per_split, n_splits=n_splits)
+    if interpret:
+        scores, top = kk.emulate_scores(q, k, bias, length, **kwargs)
+    else:
+        scores, top = kk.keys_pass(q, k, bias, length, stages=stages, **kwargs)
+    chunk = g // chunks
+    top = jnp.moveaxis(top.reshape(b, kv_heads, n_splits, chunks, chunk), 3, 2)
+    return (scores.reshape(b, kv_heads * chunks, chunk, k.capacity),
+            top.reshape(b, kv_heads * chunks, n_splits, chunk))
 
 
 def _compiler_params(num_warps: int, num_stages: int):

@@ -16,7 +16,8 @@ with the store's keys k = code * scale + zero (symmetric grids: (code - 2) * sca
 codes' mean (1.5) out exactly, so what is left is sum_d e_d (code_d - 1.5), |e_d| <= alpha / 2: an
 rms logit error of about alpha sqrt(d * 1.25 / 12), a sixth or less of KIVI-2's own (kv_notes run 22).
 
-This module holds what the kernel will be checked against, not the kernel:
+This module holds the kernel (`keys_pass`, Mosaic GPU, a Hopper GPU only) and what it is checked
+against on the CPU:
 - `prepare`: the XLA prepass (B in int8, alpha, offset a step and key group), B in the [N, 128]
   tile a 512-token step feeds wgmma (N = the step's key groups x query heads, zero-filled to 8);
 - `gather_registers`: the register map, in numpy: eight prmt byte gathers (PRMT_PAIRS, PRMT_QUADS)
@@ -26,10 +27,27 @@ This module holds what the kernel will be checked against, not the kernel:
 - `emulate_scores`: the kernel's arithmetic in plain JAX (exact s32 sums, fp32 epilogue), with cw2's
   keys-pass outputs (scores in log2 units and code order, each split's maximum).
 Only 2-bit channel_words keys with fp16 meta, head_dim 128 and key groups that divide a step.
+
+**The kernel** (`keys_pass`), one program a kv head and split, a step of 512 tokens at a time (TMA
+streams the step's words [128 channels, 32 word columns], B, alpha and offset, and the mask's bias):
+- Thread t = 32 w + l owns word column j = 8 w + l // 4 of the step and, in `WGMMA_LAYOUT_8BIT`, K
+  positions 4 (l % 4) .. + 3 of each 16-column block; its rows in each 64-row tile tau are tokens
+  (column j, slots 2 tau and 2 tau + 1). It loads the 32 words of its K positions (each word: 16 tokens
+  of one channel) and builds its s8 registers with `gather_registers`' prmt map. Row R of the step's
+  A [512, 128] is token (slot R // 64 * 2 + (R // 8) % 2, column j of R's thread).
+- K position k reads smem channel row `CHANNEL_ROWS[k]`, not k: with the words' 128-byte swizzle that
+  puts a warp's 32 loads in 32 banks; B's columns are permuted alike.
+- wgmma sums A (two [256, 128] halves, tiles 0-3 and 4-7) times B^T into s32 [256, N]; each row
+  takes its key group's column (one thread of the row's quad holds it: `_score_rows`), scales it by
+  alpha, adds the offset and the mask's bias, and writes the score at (slot, column) of the step's
+  code-order tile, so the output is cw2's code order with no permutation after the kernel.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,6 +62,20 @@ CODE_MEAN = 1.5     # B's rounding error is taken about the codes' mean (the off
 PRMT_PAIRS = (0x5140, 0x7362)  # prmt(W0, W1, sel): [W0.b0, W1.b0, W0.b1, W1.b1], then bytes 2 and 3
 PRMT_QUADS = (0x5410, 0x7632)  # prmt(X01, X23, sel): [X01.b0, X01.b1, X23.b0, X23.b1], then bytes 2 and 3
 CRUMBS = 0x03030303
+STEP_COLUMNS = STEP_TOKENS // SLOTS  # 32 word columns a step
+HALF_ROWS = 256                      # A rows a wgmma call (4 tiles of 64): two calls a step
+
+
+def channel_row(k):
+    """The smem channel row that K position k (of 128) reads: 8 (k // 16 * 2 + i // 2) + 2 t + i % 2
+    for k = 16 (k // 16) + 4 t + i. A warp's 32 loads of one register (fixed k // 16 and i, t = lane
+    % 4, column j = 8 w + lane // 4) then land in 32 banks of the 128-byte-swizzled words."""
+    k = np.asarray(k)
+    t, i = (k % 16) // 4, k % 4
+    return 8 * (2 * (k // 16) + i // 2) + 2 * t + i % 2
+
+
+CHANNEL_ROWS = channel_row(np.arange(HEAD_DIM))  # B's column k holds channel CHANNEL_ROWS[k]
 
 
 def supports(k, heads: int) -> str | None:
@@ -147,3 +179,258 @@ def emulate_scores(q, k, bias, length, *, scale: float, block: int, blocks_per_s
     read = (blk < used)[None, :] & (blk[None, :] // blocks_per_split == jnp.arange(n_splits)[:, None])  # [splits, S]
     top = jnp.max(jnp.where(read[None, None, :, None, :], score[:, :, None], NEG_INF), axis=-1)
     return score, top
+
+
+# ---------------------------------------------------------------------------------------- the kernel
+MAX_KERNEL_COLUMNS = 32  # B's columns the kernel's epilogue selects from (a select chain of N / 4 a row;
+                         # Llama-2's one query a kv head: 16)
+
+
+def kernel_problem(k, heads: int, block: int | None = None) -> str | None:
+    """Why `keys_pass` cannot run for this key store, `heads` query heads a kv head and keys-pass blocks
+    of `block` tokens, or None."""
+    problem = supports(k, heads)
+    if problem:
+        return problem
+    if b_rows(heads, k.token_group) > MAX_KERNEL_COLUMNS:
+        return (f"{heads} query heads x {STEP_TOKENS // k.token_group} key groups a step exceed the kernel's "
+                f"{MAX_KERNEL_COLUMNS} columns")
+    if block is not None and block % STEP_TOKENS:
+        return f"the keys pass's blocks of {block} tokens are not whole steps of {STEP_TOKENS}"
+    return None
+
+
+def fragment_rows(w: int, lane: int) -> tuple[int, list[int]]:
+    """(word column j of the step, [K position -> channel row]) of thread 32 w + lane: the map the kernel's
+    `_gather_a` computes from the thread index, for the numpy model (`emulate_fragment`)."""
+    j = 8 * w + lane // 4
+    t = lane % 4
+    return j, [int(channel_row(16 * ct + 4 * t + i)) for ct in range(HEAD_DIM // 16) for i in range(4)]
+
+
+def emulate_fragment(words: np.ndarray) -> np.ndarray:
+    """A step's A [512, 128] (codes, uint8) as the kernel's threads build it, in numpy: words uint32
+    [128 channel rows, 32 word columns]; thread (w, lane) reads its column's words at its K positions'
+    channel rows and places `gather_registers`' bytes at its fragment rows (row 64 tau + 16 w + 8 e +
+    lane // 4 is slot 2 tau + e) and K positions (16 ct + 4 (lane % 4) + i)."""
+    a = np.zeros((STEP_TOKENS, HEAD_DIM), np.uint8)
+    for w in range(4):
+        for lane in range(32):
+            j, rows = fragment_rows(w, lane)
+            t = lane % 4
+            for ct in range(HEAD_DIM // 16):
+                regs = gather_registers(np.array([words[rows[4 * ct + i], j] for i in range(4)]))
+                for slot in range(SLOTS):
+                    tau, e = divmod(slot, 2)
+                    for i in range(4):
+                        a[64 * tau + 16 * w + 8 * e + lane // 4, 16 * ct + 4 * t + i] = (regs[slot] >> (8 * i)) & 0xFF
+    return a
+
+
+def _prmt(a, b, selector: int):
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    return llvm.inline_asm(ir.IntegerType.get_signless(32), [a, b], f"prmt.b32 $0, $1, $2, {selector:#x};",
+                           "=r,r,r")
+
+
+def _thread():
+    """(w, lane, t = lane % 4, j = 8 w + lane // 4) of this thread, i32 values."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    i32 = ir.IntegerType.get_signless(32)
+    ci = lambda v: arith.constant(i32, v)  # noqa: E731
+    tid = arith.remui(mgpu_utils.thread_idx(), ci(128))
+    w, lane = arith.shrui(tid, ci(5)), arith.andi(tid, ci(31))
+    return w, lane, arith.andi(lane, ci(3)), arith.ori(arith.shli(w, ci(3)), arith.shrui(lane, ci(2)))
+
+
+def _gather_a(ctx, words_ref, *, half: int):
+    """Tiles 4 half .. 4 half + 3 of the step's A, s8 [256, 128] in WGMMA_LAYOUT_8BIT, from the step's
+    words (smem [128, 32] i32, tiled (8, 32), 128-byte swizzle: 16-byte chunk ^ row % 8). Slots
+    8 half .. 8 half + 7 are bytes 2 half and 2 half + 1 of the words: two prmt of each word pair
+    (PRMT_PAIRS[half]), one of each pair of those a byte (PRMT_QUADS), then a shift and an and a slot."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    del ctx
+    i32, i8 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(8)
+    index = ir.IndexType.get()
+    ci = lambda v: arith.constant(i32, v)  # noqa: E731
+    _, _, t, j = _thread()
+    chunk, in_chunk = arith.shrui(j, ci(2)), arith.andi(j, ci(3))
+    reg_ty = ir.VectorType.get((4,), i8)
+    shape = fa.WGMMA_LAYOUT_8BIT.registers_shape((HALF_ROWS, HEAD_DIM))
+    regs = np.empty(shape, dtype=object)
+    for ct in range(HEAD_DIM // 16):
+        words = []
+        for i in range(4):  # channel row 8 (2 ct + i // 2) + 2 t + i % 2 (`channel_row`)
+            r8 = arith.ori(arith.shli(t, ci(1)), ci(i % 2))
+            col = arith.ori(arith.shli(arith.xori(chunk, r8), ci(2)), in_chunk)
+            idx = [arith.constant(index, 2 * ct + i // 2), arith.constant(index, 0),
+                   arith.index_cast(index, r8), arith.index_cast(index, col)]
+            words.append(memref.load(words_ref, idx))
+        x01, x23 = _prmt(words[0], words[1], PRMT_PAIRS[half]), _prmt(words[2], words[3], PRMT_PAIRS[half])
+        for bb in range(2):
+            r = _prmt(x01, x23, PRMT_QUADS[bb])
+            for s in range(4):
+                slot = 4 * (2 * half + bb) + s
+                tau, e = divmod(slot - 8 * half, 2)
+                crumbs = arith.andi(arith.shrui(r, ci(2 * s)) if s else r, ci(CRUMBS))
+                regs[(tau, ct) + (0,) * 2 + (e,) + (0,) * (len(shape) - 5)] = mgpu_utils.bitcast(crumbs, reg_ty)
+    return mgpu.FragmentedArray(_registers=regs, _layout=fa.WGMMA_LAYOUT_8BIT, _is_signed=True)
+
+
+def _acc_value(acc, tile: int, col8: int, e: int, b: int):
+    """Element (row half e of 64-row tile `tile`, column 8 col8 + 2 (lane % 4) + b) of this thread's
+    share of a WGMMA_LAYOUT (vectors of 2) or 32-bit accumulator layout (vectors of 1) array."""
+    from jax._src.lib.mlir.dialects import vector
+
+    regs = acc.registers
+    if regs.ndim == 9:  # WGMMA_LAYOUT: (tile, col8, 1, 1, e, 1, 1, 1, 1) of vector<2>
+        return vector.extract(regs[tile, col8, 0, 0, e, 0, 0, 0, 0], [], [b])
+    return vector.extract(regs[tile, col8, 0, 0, e, 0, 0, 0, b, 0], [], [0])
+
+
+def _score_rows(ctx, acc_lo, acc_hi, ao_ref, bias_ref, out_ref, valid, top, *, heads: int, n_pad: int,
+                columns_per_group: int):
+    """The step's scores from the s32 sums: row (slot, column j) of query q takes column n = (j //
+    columns_per_group) heads + q, held by the thread with lane % 4 = (n % 8) // 2 (its element
+    (n // 8, n % 2): a select chain); that thread writes alpha_n sum + offset_n + bias to out_ref
+    [heads, 16 slots, 32 columns] and keeps its running maximum (top: WG_STRIDED, `heads` a thread)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref, scf, vector
+    from jax.experimental.mosaic import gpu as mgpu
+
+    del ctx
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    index = ir.IndexType.get()
+    ci = lambda v: arith.constant(i32, v)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    _, _, t, j = _thread()
+    group = arith.divui(j, ci(columns_per_group))
+    ok = valid.registers.item()
+    (top_regs,) = top.registers.flat
+    tops = [vector.extract(top_regs, [], [q]) for q in range(heads)]
+    for q in range(heads):
+        n = arith.addi(arith.muli(group, ci(heads)), ci(q))
+        owner = arith.andi(ok, arith.cmpi(arith.CmpIPredicate.eq, t, arith.shrui(arith.andi(n, ci(7)), ci(1))))
+        pick = arith.ori(arith.shli(arith.shrui(n, ci(3)), ci(1)), arith.andi(n, ci(1)))  # 2 (n // 8) + n % 2
+        choices = [(c8, b) for c8 in range(n_pad // 8) for b in range(2)]
+        alpha = memref.load(ao_ref, [arith.constant(index, 0), ix(n)])
+        offset = memref.load(ao_ref, [arith.constant(index, 1), ix(n)])
+        scores = []
+        for half, acc in enumerate((acc_lo, acc_hi)):
+            for tile in range(4):
+                for e in range(2):
+                    value = _acc_value(acc, tile, choices[0][0], e, choices[0][1])
+                    for c, (c8, b) in enumerate(choices[1:], 1):
+                        value = arith.select(arith.cmpi(arith.CmpIPredicate.eq, pick, ci(c)),
+                                             _acc_value(acc, tile, c8, e, b), value)
+                    slot = 8 * half + 2 * tile + e
+                    bias = memref.load(bias_ref, [arith.constant(index, slot), ix(j)])
+                    score = arith.addf(arith.addf(arith.mulf(arith.sitofp(f32, value), alpha), offset), bias)
+                    scores.append((slot, score))
+        best = tops[q]
+        for _, score in scores:
+            best = arith.maximumf(best, score)
+        tops[q] = arith.select(owner, best, tops[q])
+        branch = scf.IfOp(owner)
+        with ir.InsertionPoint(branch.then_block):
+            for slot, score in scores:
+                memref.store(score, out_ref, [arith.constant(index, q), arith.constant(index, slot), ix(j)])
+            scf.yield_([])
+    new = vector.from_elements(top_regs.type, tops)
+    new_regs = np.empty_like(top.registers)
+    new_regs.flat[0] = new
+    return mgpu.FragmentedArray(_registers=new_regs, _layout=top.layout, _is_signed=None)
+
+
+def _kernel(len_g, words_g, b_g, ao_g, bias_g, scores_g, top_g, top_smem, *, heads: int, n_pad: int, rows: int,
+            block: int, blocks_per_split: int, stages: int, token_group: int):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    bi, hh, si = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
+    per_block = block // STEP_TOKENS
+    used = jax.lax.div(len_g[0] + (block - 1), jnp.int32(block))
+    lo = si * blocks_per_split
+    valid_steps = jnp.maximum(jnp.minimum(lo + blocks_per_split, used) - lo, 0) * per_block
+    first = lo * per_block
+    per_tile = rows // STEP_COLUMNS  # steps a code-order tile
+    tile_index = lambda g: ((first + g) // per_tile, 0, (first + g) % per_tile)  # noqa: E731
+    words_transforms = (plgpu.TilingTransform((8, STEP_COLUMNS)), plgpu.SwizzleTransform(128))
+    a_type = plgpu.ShapeDtypeStruct((HALF_ROWS, HEAD_DIM), jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
+    gathers = [plgpu.inline_mgpu(arg_types=(plgpu.RefType(words_transforms),), return_type=a_type)(
+        functools.partial(_gather_a, half=h)) for h in (0, 1)]
+    top_layout = plgpu.Layout.WG_STRIDED((128 * heads,), vec_size=heads)
+    finish = plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType(), plgpu.RefType(),
+                   plgpu.Layout.WG_SPLAT(()), top_layout),
+        return_type=plgpu.ShapeDtypeStruct((128 * heads,), jnp.float32, layout=top_layout),
+    )(functools.partial(_score_rows, heads=heads, n_pad=n_pad, columns_per_group=token_group // SLOTS))
+
+    def body(idx, words_smem, b_smem, ao_smem, bias_smem, out_smem, top):
+        accs = []
+        for gather in gathers:
+            a = gather(words_smem)
+
+            def mma(acc_ref, a=a):
+                plgpu.wgmma(acc_ref, a, b_smem.T)
+            zeros = plgpu.layout_cast(jnp.zeros((HALF_ROWS, n_pad), jnp.int32), plgpu.Layout.WGMMA)
+            accs.append(pl.run_state(mma)(plgpu.ACC.init(zeros)))
+        return finish(*accs, ao_smem, bias_smem, out_smem, idx[0] < valid_steps, top)
+
+    b_transforms = (plgpu.TilingTransform((8, HEAD_DIM)), plgpu.SwizzleTransform(128))
+    in_specs = [plgpu.BlockSpec((HEAD_DIM, STEP_COLUMNS), lambda g: (0, first + g), transforms=words_transforms),
+                plgpu.BlockSpec((None, n_pad, HEAD_DIM), lambda g: (first + g, 0, 0), transforms=b_transforms),
+                plgpu.BlockSpec((None, 2, n_pad), lambda g: (first + g, 0, 0)),
+                plgpu.BlockSpec((None, SLOTS, STEP_COLUMNS), tile_index)]
+    out_specs = [plgpu.BlockSpec((heads, None, SLOTS, STEP_COLUMNS), lambda g: (0, *tile_index(g)))]
+    top0 = plgpu.layout_cast(jnp.full((128 * heads,), NEG_INF, jnp.float32), top_layout)
+    top = plgpu.emit_pipeline(body, grid=(jnp.maximum(valid_steps, 1),), in_specs=in_specs, out_specs=out_specs,
+                              max_concurrent_steps=stages, init_carry=top0)(
+        words_g.at[bi, hh], b_g.at[bi, hh], ao_g.at[bi, hh], bias_g.at[bi], scores_g.at[bi, hh])
+    top_smem[...] = top
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(top_smem, top_g.at[bi, hh, si])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split: int, n_splits: int,
+              stages: int = 2):
+    """cw2's keys pass on the int8 tensor cores (a Hopper GPU), one program a kv head and split for all its
+    `heads` query heads; the arguments and outputs are `emulate_scores`'s: scores [B, K, heads, S] (log2
+    units, code order, the mask's bias added) and each split's maximum [B, K, splits, heads]. The XLA
+    prepass (`prepare`) gives B (columns permuted to `CHANNEL_ROWS`), alpha and the offset.
+    stages: steps of TMA loads in flight."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    b, kv_heads, heads, _ = q.shape
+    problem = kernel_problem(k, heads, block)
+    if problem:
+        raise ConfigError(f"the int8 keys pass cannot read this key store: {problem}")
+    s = k.capacity
+    b8, alpha, offset = prepare(q, k, scale=scale)
+    b8 = b8[..., CHANNEL_ROWS]
+    ao = jnp.stack([alpha, offset], axis=-2)  # [B, K, steps, 2, N]
+    n_pad = b8.shape[-2]
+    words = jax.lax.bitcast_convert_type(k.codes, jnp.int32)  # [B, K, D, S / 16]
+    view = lambda x: x.reshape(*x.shape[:-1], s // (SLOTS * k.rows), SLOTS, k.rows)  # noqa: E731  code-order tiles
+    body = functools.partial(_kernel, heads=heads, n_pad=n_pad, rows=k.rows, block=block,
+                             blocks_per_split=blocks_per_split, stages=stages, token_group=k.token_group)
+    scores, top = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((b, kv_heads, heads, s // (SLOTS * k.rows), SLOTS, k.rows), jnp.float32),
+                  jax.ShapeDtypeStruct((b, kv_heads, n_splits, 128 * heads), jnp.float32)),
+        grid=(b, kv_heads, n_splits), grid_names=("b", "h", "s"),
+        scratch_types=[plgpu.SMEM((128 * heads,), jnp.float32)],
+    )(jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), words, b8, ao, view(bias))
+    top = top.reshape(b, kv_heads, n_splits, 128, heads).max(axis=-2)
+    return scores.reshape(b, kv_heads, heads, s), top

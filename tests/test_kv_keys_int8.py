@@ -122,3 +122,76 @@ def test_unsupported_stores_are_named():
     assert "head_dim 64" in kk.supports(k64, 1)
     with pytest.raises(Exception, match="int8 keys pass cannot read this key store: .*head_dim 64"):
         kk.prepare(jnp.ones((1, k64.codes.shape[1], 1, 64)), k64, scale=0.1)
+
+
+def test_kernel_fragment_holds_each_token_at_its_channel_row():
+    """The kernel's thread map (`emulate_fragment`: each thread's word column, K positions' channel rows,
+    prmt bytes and fragment rows) puts token (slot 2 tau + e, column 8 w + lane // 4) of the step at A's
+    row 64 tau + 16 w + 8 e + lane // 4 and channel CHANNEL_ROWS[k] at K position k; and a warp's 32 loads
+    of one register fall in 32 distinct banks of the 128-byte-swizzled words (why CHANNEL_ROWS)."""
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 4, size=(128, kk.STEP_TOKENS))  # [channel, token of the step]
+    words = np.zeros((128, kk.STEP_COLUMNS), np.uint64)
+    for slot in range(kk.SLOTS):
+        words |= codes[:, slot::kk.SLOTS].astype(np.uint64) << (2 * slot)
+    a = kk.emulate_fragment(words.astype(np.uint32))
+    row = np.arange(kk.STEP_TOKENS)
+    token = 16 * (8 * ((row % 64) // 16) + row % 8) + 2 * (row // 64) + (row // 8) % 2
+    np.testing.assert_array_equal(a, codes[:, token].T[:, kk.CHANNEL_ROWS])
+    assert sorted(kk.CHANNEL_ROWS) == list(range(128))
+    for w in range(4):
+        threads = [kk.fragment_rows(w, lane) for lane in range(32)]
+        for load in range(32):  # register block load // 4, byte load % 4: one word of each lane
+            banks = {((((j >> 2) ^ (rows[load] % 8)) << 2) | (j & 3)) % 32 for j, rows in threads}
+            assert len(banks) == 32, (w, load)
+
+
+def test_int8_keys_in_the_decode_path_match_the_float_reference():
+    """`Cw2Config(keys="int8")` through `quantized_decode_partials` in interpret mode (the keys pass's
+    plain-JAX model, then the f16x2 values pass): 1024 tokens in two blocks of 512, a length inside the
+    second, two splits. Within 1e-3 of the float reference and several times the f16x2 keys pass's error
+    (B's rounding shows: the int8 path ran). The kernel itself: tests/gpu/test_decode_attention_gpu.py."""
+    s, length, scale = 1024, 900, 128 ** -0.5
+    rng = np.random.default_rng(7)
+    k = _store(rng, 2, s, 2, 32, 32, 1, d=128, channel_words=True)
+    v = _store(rng, 2, s, 2, 32, 1, 32, d=128, channel_words=True)
+    q = jnp.asarray(rng.normal(size=(2, k.codes.shape[1], 1, 128)).astype(np.float32))
+    mask = jnp.asarray(rng.random((2, s)) < 0.9)
+    want = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=scale)])
+    run = lambda keys: da.combine([da.quantized_decode_partials(  # noqa: E731
+        q, k, v, mask, length, scale=scale, path="cw2", interpret=True, num_splits=2,
+        cw2=da.Cw2Config(keys=keys, columns=32))])
+    err = lambda x: float(jnp.linalg.norm(x - want) / jnp.linalg.norm(want))  # noqa: E731
+    got, cuda = err(run("int8")), err(run("cuda"))
+    assert 3 * cuda < got < 1e-3, (got, cuda)
+
+
+def test_int8_keys_lower_for_cuda_beside_the_wgmma_values_pass():
+    """The Mosaic GPU keys pass traces and lowers for CUDA (no GPU needed): with the tensor-core values
+    pass, the codec's decode is two Mosaic GPU kernels and no Triton one."""
+    import jax
+    from jax import export
+
+    rng = np.random.default_rng(8)
+    k = _store(rng, 1, 4096, 2, 32, 32, 1, d=128, channel_words=True)
+    v = _store(rng, 1, 4096, 2, 32, 1, 32, d=128, channel_words=True)
+    fn = jax.jit(lambda q, k, v, m: da.quantized_decode_partials(q, k, v, m, 3001, scale=0.1, path="cw2",
+                                                                 cw2=da.Cw2Config(keys="int8", values="wgmma")))
+    text = export.export(fn, platforms=["cuda"])(jnp.zeros((1, k.codes.shape[1], 1, 128), jnp.bfloat16), k, v,
+                                                 jnp.ones((1, 4096), bool)).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+    assert "xla.gpu.triton" not in text
+
+
+def test_kernel_limits_are_named():
+    rng = np.random.default_rng(9)
+    k = _store(rng, 1, S, 2, 32, 32, 1, d=128, channel_words=True)
+    assert kk.kernel_problem(k, 2) is None and kk.kernel_problem(k, 2, block=2048) is None
+    assert "exceed the kernel's 32 columns" in kk.kernel_problem(k, 4)
+    assert "not whole steps of 512" in kk.kernel_problem(k, 1, block=256)
+    v = _store(rng, 1, S, 2, 32, 1, 32, d=128, channel_words=True)
+    with pytest.raises(Exception, match=r"keys='int8'.*exceed the kernel's 32 columns.*use keys='cuda'"):
+        da.quantized_decode_partials(jnp.ones((1, k.codes.shape[1], 4, 128)), k, v, jnp.ones((1, S), bool), 1000,
+                                     scale=0.1, interpret=True, path="cw2", cw2=da.Cw2Config(keys="int8"))
+    with pytest.raises(Exception, match="Cw2Config.keys='fp8' must be one of"):
+        da.Cw2Config(keys="fp8")
