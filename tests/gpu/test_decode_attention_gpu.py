@@ -249,3 +249,46 @@ def test_cw2_wgmma_values_on_gpu_equal_reference(cfg, batch, context, length, sp
     assert not bool(jnp.isnan(got).any())
     assert relative_error(got, want) < 2e-3
     assert relative_error(got, want) <= 2 * relative_error(cuda, want) + 1e-5  # no worse than the f16x2 pass
+
+
+# The keys pass on the int8 tensor cores (`Cw2Config(keys="int8")`, `kv_keys_int8.keys_pass`: Mosaic GPU,
+# Hopper only). Against its plain-JAX model (`emulate_scores`: the same exact integer sums, an fp32
+# epilogue) on every score it writes and every split's maximum; the decode through it against the float
+# reference. Llama-2 heads (one query a kv head), and 2 queries a kv head (16 kv heads: 32 of B's columns);
+# lengths inside a block and past a split, 1 and 4 splits, 2 and 3 stages.
+LLAMA2_GQA2 = dataclasses.replace(LLAMA2, num_kv_heads=16)
+
+
+@pytest.mark.parametrize("cfg,batch,context,length,splits", [
+    (LLAMA2, 2, 3001, 2964, None), (LLAMA2, 1, 8192, 8192, 4), (LLAMA2, 2, 4096, 1000, 1),
+    (LLAMA2, 1, 2048, 300, None), (LLAMA2_GQA2, 2, 3001, 2990, None)],
+    ids=["llama2-b2-3001", "llama2-b1-8192-x4", "llama2-b2-4096-len1000-x1", "llama2-b1-2048-len300", "gqa2-b2-3001"])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_cw2_int8_keys_on_gpu_equal_model_and_reference(cfg, batch, context, length, splits, stages):
+    from jaxcompress.kv.store import to_code_order
+    from pallas_kernels import kv_keys_int8 as kk
+
+    _, k, v, q, mask = _random_layer(cfg, "kivi-k2v2", batch, context, seed=17, q_seed=5, mask_seed=6)
+    scale = cfg.head_dim ** -0.5
+    _, _, bias = da._cw_inputs(q, k, mask, length, scale, centred=True)
+    n_splits = splits or 2
+    block = 2048 if k.capacity % 2048 == 0 else 512
+    blocks = -(-k.capacity // block)
+    per_split = -(-blocks // n_splits)
+    kw = dict(scale=scale, block=block, blocks_per_split=per_split, n_splits=-(-blocks // per_split))
+    scores, top = kk.keys_pass(q, k, bias, length, stages=stages, **kw)
+    want_s, want_top = kk.emulate_scores(q, k, bias, length, **kw)
+    token = to_code_order(jnp.arange(k.capacity), 2, k.rows)
+    written = token // block < -(-length // block)
+    assert not bool(jnp.isnan(scores[..., written]).any())
+    assert float(jnp.max(jnp.abs(scores[..., written] - want_s[..., written]))) < 1e-4
+    assert float(jnp.max(jnp.abs(top - want_top))) < 1e-4
+
+    dkw = dict(scale=scale, path="cw2", num_splits=splits)
+    got = da.combine([da.quantized_decode_partials(q, k, v, mask, length, cw2=da.Cw2Config(keys="int8", keys_stages=stages),
+                                                   **dkw)])
+    f16x2 = da.combine([da.quantized_decode_partials(q, k, v, mask, length, **dkw)])
+    want = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=scale)])
+    assert not bool(jnp.isnan(got).any())
+    assert relative_error(got, want) < 2e-3
+    assert relative_error(got, want) <= relative_error(f16x2, want) + 5e-4  # B's rounding: a few 1e-4 (CPU model)
