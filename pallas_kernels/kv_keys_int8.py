@@ -118,7 +118,8 @@ def prepare(q, k, *, scale: float):
     v = meta(k.scale)[:, :, :, None, :] * qs[:, :, None, :, :]  # [B, K, T, heads, D]
     amax = jnp.max(jnp.abs(v), axis=-1)
     alpha = jnp.where(amax > 0, amax / B_MAX, 1.0)
-    b8 = jnp.clip(jnp.round(v / alpha[..., None]), -B_MAX, B_MAX)
+    inverse = jnp.where(amax > 0, B_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)  # the kernel's ops, bit for bit
+    b8 = jnp.round(v * inverse[..., None])  # |v| * 127 / max|v| <= 127 (+ rounding of the product)
     offset = CODE_MEAN * (v.sum(-1) - alpha * b8.sum(-1))
     if k.zero is not None:  # k = code * scale + zero
         offset = offset + jnp.einsum("bkgd,bktd->bktg", qs, meta(k.zero))
@@ -352,13 +353,114 @@ def _score_rows(ctx, acc_lo, acc_hi, ao_ref, bias_ref, out_ref, valid, top, *, h
     return mgpu.FragmentedArray(_registers=new_regs, _layout=top.layout, _is_signed=None)
 
 
-def _kernel(len_g, words_g, b_g, ao_g, bias_g, scores_g, top_g, top_smem, *, heads: int, n_pad: int, rows: int,
-            block: int, blocks_per_split: int, stages: int, token_group: int):
+def _write_b(ctx, qs_ref, scale_ref, *rest, heads: int, groups: int, with_zero: bool, mid: float):
+    """The step's B (int8, [N, 128] tiled (8, 128), 128-byte swizzle, column k holding channel
+    CHANNEL_ROWS[k]) and its alpha and offset (ao_ref [2, N] f32) from q in log2 units (qs_ref [heads,
+    128] f32) and the key scales (and zero points) of the step's `groups` key groups (smem [128, groups]
+    fp16), what `prepare` computes, op for op. Thread t takes group t // per and the 128 / per K
+    positions (t % per) .. of it (per = 128 / groups threads a group, adjacent lanes): the max over
+    channels and the offset's sums are butterflies over those lanes."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, scf
+    from jax._src.lib.mlir.dialects import math as mlir_math
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    del ctx
+    zero_ref = rest[0] if with_zero else None
+    b_ref, ao_ref = rest[int(with_zero):]
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    index = ir.IndexType.get()
+    ci = lambda v: arith.constant(i32, v)  # noqa: E731
+    cf = lambda v: arith.constant(f32, float(v))  # noqa: E731
+    cx = lambda v: arith.constant(index, v)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    per = HEAD_DIM // groups
+    width = HEAD_DIM // per  # K positions a thread: whole 16-byte chunks of B's row (groups >= 16)
+    mgpu_utils.warpgroup_barrier()  # every thread is done with the previous step's B, alpha and offset
+    tid = arith.remui(mgpu_utils.thread_idx(), ci(128))
+    group, part = arith.divui(tid, ci(per)), arith.remui(tid, ci(per))
+    k0 = arith.muli(part, ci(width))  # first K position; its channels: k0 + channel_row(m) - ... (below)
+    rows = [int(channel_row(m)) for m in range(width)]  # channel of K position k0 + m: k0 + rows[m] (16 | k0)
+
+    def butterfly(x, combine):
+        for dist in (d for d in (1, 2, 4, 8, 16) if d < per):
+            x = combine(x, mgpu_utils.shfl_bfly(x, dist))
+        return x
+
+    def cvt_rni(x):
+        return llvm.inline_asm(i32, [x], "cvt.rni.s32.f32 $0, $1;", "=r,f")
+
+    scales, zeros = [], []
+    for m in range(width):
+        d = ix(arith.addi(k0, ci(rows[m])))
+        scales.append(arith.extf(f32, memref.load(scale_ref, [d, ix(group)])))
+        if with_zero:
+            zeros.append(arith.extf(f32, memref.load(zero_ref, [d, ix(group)])))
+    lead = arith.cmpi(arith.CmpIPredicate.eq, part, ci(0))
+    for q in range(heads):
+        qs = [memref.load(qs_ref, [cx(q), ix(arith.addi(k0, ci(rows[m])))]) for m in range(width)]
+        v = [arith.mulf(s_, q_) for s_, q_ in zip(scales, qs)]
+        amax = cf(0.0)
+        for x in v:
+            amax = arith.maximumf(amax, mlir_math.absf(x))
+        amax = butterfly(amax, arith.maximumf)
+        positive = arith.cmpf(arith.CmpFPredicate.OGT, amax, cf(0.0))
+        alpha = arith.select(positive, arith.divf(amax, cf(B_MAX)), cf(1.0))
+        inverse = arith.select(positive, arith.divf(cf(B_MAX), arith.select(positive, amax, cf(1.0))), cf(0.0))
+        codes = [cvt_rni(arith.mulf(x, inverse)) for x in v]
+        n = arith.addi(arith.muli(group, ci(heads)), ci(q))
+        for w4 in range(width // 4):  # 4 K positions a 32-bit store, 16-byte chunk ^ (n % 8)
+            lo = _prmt(codes[4 * w4], codes[4 * w4 + 1], 0x0040)
+            hi = _prmt(codes[4 * w4 + 2], codes[4 * w4 + 3], 0x0040)
+            word = _prmt(lo, hi, 0x5410)
+            kpos = arith.addi(k0, ci(4 * w4))
+            chunk = arith.xori(arith.shrui(kpos, ci(4)), arith.andi(n, ci(7)))
+            col = arith.ori(arith.shli(chunk, ci(4)), arith.andi(kpos, ci(15)))
+            _store_word(word, b_ref, [ix(arith.shrui(n, ci(3))), cx(0), ix(arith.andi(n, ci(7))), ix(col)])
+        vsum = v[0]
+        for x in v[1:]:
+            vsum = arith.addf(vsum, x)
+        bsum = codes[0]
+        for x in codes[1:]:
+            bsum = arith.addi(bsum, x)
+        vsum = butterfly(vsum, arith.addf)
+        bsum = arith.sitofp(f32, butterfly(bsum, arith.addi))
+        offset = arith.mulf(cf(CODE_MEAN), arith.subf(vsum, arith.mulf(alpha, bsum)))
+        if with_zero:  # + q . zero
+            qz = arith.mulf(qs[0], zeros[0])
+            for q_, z_ in zip(qs[1:], zeros[1:]):
+                qz = arith.addf(qz, arith.mulf(q_, z_))
+            offset = arith.addf(offset, butterfly(qz, arith.addf))
+        else:  # a symmetric grid: k = (code - mid) * scale
+            offset = arith.subf(offset, arith.mulf(cf(mid), vsum))
+        branch = scf.IfOp(lead)
+        with ir.InsertionPoint(branch.then_block):
+            memref.store(alpha, ao_ref, [cx(0), ix(n)])
+            memref.store(offset, ao_ref, [cx(1), ix(n)])
+            scf.yield_([])
+    mgpu_utils.commit_shared()  # fence for wgmma's (async proxy) reads of B, then the warpgroup barrier
+
+
+def _store_word(word, ref, idx):
+    """A 32-bit word of four int8 into an i8 smem ref at idx (a multiple of 4 in the last dimension)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import vector
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    vec = mgpu_utils.bitcast(word, ir.VectorType.get((4,), ir.IntegerType.get_signless(8)))
+    vector.store(vec, ref, idx)
+
+
+def _kernel(len_g, words_g, qs_g, scale_g, *rest, heads: int, n_pad: int, rows: int, block: int,
+            blocks_per_split: int, stages: int, token_group: int, with_zero: bool, mid: float):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    zero_g = rest[0] if with_zero else None
+    bias_g, scores_g, top_g, b_smem, ao_smem, top_smem = rest[int(with_zero):]
     bi, hh, si = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
     per_block = block // STEP_TOKENS
+    groups = STEP_TOKENS // token_group
     used = jax.lax.div(len_g[0] + (block - 1), jnp.int32(block))
     lo = si * blocks_per_split
     valid_steps = jnp.maximum(jnp.minimum(lo + blocks_per_split, used) - lo, 0) * per_block
@@ -366,9 +468,14 @@ def _kernel(len_g, words_g, b_g, ao_g, bias_g, scores_g, top_g, top_smem, *, hea
     per_tile = rows // STEP_COLUMNS  # steps a code-order tile
     tile_index = lambda g: ((first + g) // per_tile, 0, (first + g) % per_tile)  # noqa: E731
     words_transforms = (plgpu.TilingTransform((8, STEP_COLUMNS)), plgpu.SwizzleTransform(128))
+    b_transforms = (plgpu.TilingTransform((8, HEAD_DIM)), plgpu.SwizzleTransform(128))
     a_type = plgpu.ShapeDtypeStruct((HALF_ROWS, HEAD_DIM), jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
     gathers = [plgpu.inline_mgpu(arg_types=(plgpu.RefType(words_transforms),), return_type=a_type)(
         functools.partial(_gather_a, half=h)) for h in (0, 1)]
+    write_b = plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.RefType(), *([plgpu.RefType()] if with_zero else []),
+                   plgpu.RefType(b_transforms), plgpu.RefType()),
+    )(functools.partial(_write_b, heads=heads, groups=groups, with_zero=with_zero, mid=mid))
     top_layout = plgpu.Layout.WG_STRIDED((128 * heads,), vec_size=heads)
     finish = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType(), plgpu.RefType(),
@@ -376,7 +483,10 @@ def _kernel(len_g, words_g, b_g, ao_g, bias_g, scores_g, top_g, top_smem, *, hea
         return_type=plgpu.ShapeDtypeStruct((128 * heads,), jnp.float32, layout=top_layout),
     )(functools.partial(_score_rows, heads=heads, n_pad=n_pad, columns_per_group=token_group // SLOTS))
 
-    def body(idx, words_smem, b_smem, ao_smem, bias_smem, out_smem, top):
+    def body(idx, words_smem, qs_smem, scale_smem, *refs):
+        zero_smem = refs[0] if with_zero else None
+        bias_smem, out_smem, top = refs[int(with_zero):]
+        write_b(qs_smem, scale_smem, *([zero_smem] if with_zero else []), b_smem, ao_smem)
         accs = []
         for gather in gathers:
             a = gather(words_smem)
@@ -387,16 +497,18 @@ def _kernel(len_g, words_g, b_g, ao_g, bias_g, scores_g, top_g, top_smem, *, hea
             accs.append(pl.run_state(mma)(plgpu.ACC.init(zeros)))
         return finish(*accs, ao_smem, bias_smem, out_smem, idx[0] < valid_steps, top)
 
-    b_transforms = (plgpu.TilingTransform((8, HEAD_DIM)), plgpu.SwizzleTransform(128))
+    meta_spec = plgpu.BlockSpec((HEAD_DIM, groups), lambda g: (0, first + g))
     in_specs = [plgpu.BlockSpec((HEAD_DIM, STEP_COLUMNS), lambda g: (0, first + g), transforms=words_transforms),
-                plgpu.BlockSpec((None, n_pad, HEAD_DIM), lambda g: (first + g, 0, 0), transforms=b_transforms),
-                plgpu.BlockSpec((None, 2, n_pad), lambda g: (first + g, 0, 0)),
+                plgpu.BlockSpec((heads, HEAD_DIM), lambda g: (0, 0)), meta_spec,
+                *([meta_spec] if with_zero else []),
                 plgpu.BlockSpec((None, SLOTS, STEP_COLUMNS), tile_index)]
     out_specs = [plgpu.BlockSpec((heads, None, SLOTS, STEP_COLUMNS), lambda g: (0, *tile_index(g)))]
+    meta_of = lambda x: x.at[bi if x.shape[0] > 1 else 0, hh if x.shape[1] > 1 else 0]  # noqa: E731
+    operands = [words_g.at[bi, hh], qs_g.at[bi, hh], meta_of(scale_g), *([meta_of(zero_g)] if with_zero else []),
+                bias_g.at[bi], scores_g.at[bi, hh]]
     top0 = plgpu.layout_cast(jnp.full((128 * heads,), NEG_INF, jnp.float32), top_layout)
     top = plgpu.emit_pipeline(body, grid=(jnp.maximum(valid_steps, 1),), in_specs=in_specs, out_specs=out_specs,
-                              max_concurrent_steps=stages, init_carry=top0)(
-        words_g.at[bi, hh], b_g.at[bi, hh], ao_g.at[bi, hh], bias_g.at[bi], scores_g.at[bi, hh])
+                              max_concurrent_steps=stages, init_carry=top0)(*operands)
     top_smem[...] = top
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(top_smem, top_g.at[bi, hh, si])
@@ -407,9 +519,9 @@ def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split:
               stages: int = 2):
     """cw2's keys pass on the int8 tensor cores (a Hopper GPU), one program a kv head and split for all its
     `heads` query heads; the arguments and outputs are `emulate_scores`'s: scores [B, K, heads, S] (log2
-    units, code order, the mask's bias added) and each split's maximum [B, K, splits, heads]. The XLA
-    prepass (`prepare`) gives B (columns permuted to `CHANNEL_ROWS`), alpha and the offset.
-    stages: steps of TMA loads in flight."""
+    units, code order, the mask's bias added) and each split's maximum [B, K, splits, heads]. Each step
+    computes its B, alpha and offset from q and the key scales (`_write_b`: `prepare`'s arithmetic) before
+    its wgmma. stages: steps of TMA loads in flight."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     b, kv_heads, heads, _ = q.shape
@@ -417,20 +529,24 @@ def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split:
     if problem:
         raise ConfigError(f"the int8 keys pass cannot read this key store: {problem}")
     s = k.capacity
-    b8, alpha, offset = prepare(q, k, scale=scale)
-    b8 = b8[..., CHANNEL_ROWS]
-    ao = jnp.stack([alpha, offset], axis=-2)  # [B, K, steps, 2, N]
-    n_pad = b8.shape[-2]
+    n_pad = b_rows(heads, k.token_group)
+    with_zero = k.zero is not None
+    qs = q.astype(jnp.float32) * (scale * LOG2E)
     words = jax.lax.bitcast_convert_type(k.codes, jnp.int32)  # [B, K, D, S / 16]
     view = lambda x: x.reshape(*x.shape[:-1], s // (SLOTS * k.rows), SLOTS, k.rows)  # noqa: E731  code-order tiles
     body = functools.partial(_kernel, heads=heads, n_pad=n_pad, rows=k.rows, block=block,
-                             blocks_per_split=blocks_per_split, stages=stages, token_group=k.token_group)
+                             blocks_per_split=blocks_per_split, stages=stages, token_group=k.token_group,
+                             with_zero=with_zero, mid=float(1 << (k.bits - 1)))
+    operands = [jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), words, qs, k.scale,
+                *([k.zero] if with_zero else []), view(bias)]
     scores, top = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, kv_heads, heads, s // (SLOTS * k.rows), SLOTS, k.rows), jnp.float32),
                   jax.ShapeDtypeStruct((b, kv_heads, n_splits, 128 * heads), jnp.float32)),
         grid=(b, kv_heads, n_splits), grid_names=("b", "h", "s"),
-        scratch_types=[plgpu.SMEM((128 * heads,), jnp.float32)],
-    )(jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), words, b8, ao, view(bias))
+        scratch_types=[plgpu.SMEM((n_pad, HEAD_DIM), jnp.int8, transforms=(plgpu.TilingTransform((8, HEAD_DIM)),
+                                                                            plgpu.SwizzleTransform(128))),
+                       plgpu.SMEM((2, n_pad), jnp.float32), plgpu.SMEM((128 * heads,), jnp.float32)],
+    )(*operands)
     top = top.reshape(b, kv_heads, n_splits, 128, heads).max(axis=-2)
     return scores.reshape(b, kv_heads, heads, s), top

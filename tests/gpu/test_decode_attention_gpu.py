@@ -252,10 +252,11 @@ def test_cw2_wgmma_values_on_gpu_equal_reference(cfg, batch, context, length, sp
 
 
 # The keys pass on the int8 tensor cores (`Cw2Config(keys="int8")`, `kv_keys_int8.keys_pass`: Mosaic GPU,
-# Hopper only). Against its plain-JAX model (`emulate_scores`: the same exact integer sums, an fp32
-# epilogue) on every score it writes and every split's maximum; the decode through it against the float
-# reference. Llama-2 heads (one query a kv head), and 2 queries a kv head (16 kv heads: 32 of B's columns);
-# lengths inside a block and past a split, 1 and 4 splits, 2 and 3 stages.
+# Hopper only). Against its plain-JAX model (`emulate_scores`: B, alpha and the offset op for op, the same
+# exact integer sums, an fp32 epilogue) on every score it writes and every split's maximum; the decode
+# through it against its model's attention and the float reference. Llama-2 heads (one query a kv head)
+# and 2 queries a kv head (16 kv heads: 32 of B's columns); lengths inside a block and past a split, 1
+# and 4 splits, 2 and 3 stages.
 LLAMA2_GQA2 = dataclasses.replace(LLAMA2, num_kv_heads=16)
 
 
@@ -284,11 +285,17 @@ def test_cw2_int8_keys_on_gpu_equal_model_and_reference(cfg, batch, context, len
     assert float(jnp.max(jnp.abs(scores[..., written] - want_s[..., written]))) < 1e-4
     assert float(jnp.max(jnp.abs(top - want_top))) < 1e-4
 
-    dkw = dict(scale=scale, path="cw2", num_splits=splits)
-    got = da.combine([da.quantized_decode_partials(q, k, v, mask, length, cw2=da.Cw2Config(keys="int8", keys_stages=stages),
-                                                   **dkw)])
-    f16x2 = da.combine([da.quantized_decode_partials(q, k, v, mask, length, **dkw)])
+    # the decode through it: its model's attention (the scores above through the values pass's model) up to
+    # float order; against the float reference, B's rounding (about 1% a logit on these random layers:
+    # 5.4-7.3e-3 in kv_notes run 23, where the f16x2 keys pass gives 1.7e-3)
+    from pallas_kernels import kv_values_wgmma as kvw
+
+    g = q.shape[2]
+    o, l, m = kvw.emulate_values(want_s, want_top, length, v, heads=g, block=block, blocks_per_split=per_split)
+    model = da.combine([da._split_partials(o, l, m, g)])
+    got = da.combine([da.quantized_decode_partials(q, k, v, mask, length, scale=scale, path="cw2", num_splits=splits,
+                                                   cw2=da.Cw2Config(keys="int8", keys_stages=stages))])
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=scale)])
     assert not bool(jnp.isnan(got).any())
-    assert relative_error(got, want) < 2e-3
-    assert relative_error(got, want) <= relative_error(f16x2, want) + 5e-4  # B's rounding: a few 1e-4 (CPU model)
+    assert relative_error(got, model) < 1e-4
+    assert relative_error(got, want) < 1e-2
