@@ -1,4 +1,4 @@
-"""cw2's keys pass on int8 tensor cores: the prepass, the register map and a plain-JAX model.
+"""cw2's keys pass on int8 tensor cores: a Triton prepass, a Mosaic GPU kernel and their plain-JAX model.
 
 The keys pass of the two-pass body (`decode_attention`, path "cw2") is issue-bound at about three
 instructions a 2-bit code (kv_notes runs 18-22): each pair is converted to fp16 and multiplied by
@@ -7,8 +7,8 @@ q * scale on the CUDA cores. Hopper's wgmma takes an s8 A operand from registers
 tensor cores (design and cost: kv_notes run 22, "Next"):
 
     score[t, q] = alpha[g, q] * sum_d code[t, d] * B[(g, q), d] + offset[g, q]      (g: t's key group)
-    B[(g, q), d] = round(v[g, q, d] / alpha[g, q]),  v = (q * scale * log2 e)[d] * key_scale[g, d]
-    alpha[g, q] = max_d |v[g, q, d]| / 127
+    B[(g, q), d] = round(v[g, q, d] * 127 / m[g, q]),  v = (q * scale * log2 e)[d] * key_scale[g, d]
+    alpha[g, q] = m[g, q] / 127,  m[g, q] = max_d |v[g, q, d]|
     offset[g, q] = sum_d q[d] zero[g, d] + 1.5 * (sum_d v - alpha * sum_d B)
 
 with the store's keys k = code * scale + zero (symmetric grids: (code - 2) * scale, offset less
@@ -16,10 +16,12 @@ with the store's keys k = code * scale + zero (symmetric grids: (code - 2) * sca
 codes' mean (1.5) out exactly, so what is left is sum_d e_d (code_d - 1.5), |e_d| <= alpha / 2: an
 rms logit error of about alpha sqrt(d * 1.25 / 12), a sixth or less of KIVI-2's own (kv_notes run 22).
 
-This module holds the kernel (`keys_pass`, Mosaic GPU, a Hopper GPU only) and what it is checked
-against on the CPU:
-- `prepare`: the XLA prepass (B in int8, alpha, offset a step and key group), B in the [N, 128]
-  tile a 512-token step feeds wgmma (N = the step's key groups x query heads, zero-filled to 8);
+This module holds the keys pass (`keys_pass`: `prepass`, a Pallas Triton kernel, then the Mosaic GPU
+kernel; a Hopper GPU only) and what it is checked against on the CPU:
+- `prepare`: the prepass's arithmetic in plain JAX (B in int8, alpha, offset a step and key group), B
+  in the [N, 128] tile a 512-token step feeds wgmma (N = the step's key groups x query heads);
+  `prepass` computes the same, op for op, reading the key scales in the store's [D, T] layout (its
+  interpret mode runs on the CPU);
 - `gather_registers`: the register map, in numpy: eight prmt byte gathers (PRMT_PAIRS, PRMT_QUADS)
   turn four channel_words words (channels c..c+3, 16 tokens each) into R_b, and
   (R_b >> 2s) & 0x03030303 is the s8 register of token 4b + s, channels c..c+3 (the four K
@@ -28,7 +30,7 @@ against on the CPU:
   keys-pass outputs (scores in log2 units and code order, each split's maximum).
 Only 2-bit channel_words keys with fp16 meta, head_dim 128 and key groups that divide a step.
 
-**The kernel** (`keys_pass`), one program a kv head and split, a step of 512 tokens at a time (TMA
+**The kernel** (`_kernel`), one program a kv head and split, a step of 512 tokens at a time (TMA
 streams the step's words [128 channels, 32 word columns], B, alpha and offset, and the mask's bias):
 - Thread t = 32 w + l owns word column j = 8 w + l // 4 of the step and, in `WGMMA_LAYOUT_8BIT`, K
   positions 4 (l % 4) .. + 3 of each 16-column block; its rows in each 64-row tile tau are tokens
@@ -41,6 +43,13 @@ streams the step's words [128 channels, 32 word columns], B, alpha and offset, a
   takes its key group's column (one thread of the row's quad holds it: `_score_rows`), scales it by
   alpha, adds the offset and the mask's bias, and writes the score at (slot, column) of the step's
   code-order tile, so the output is cw2's code order with no permutation after the kernel.
+
+**Measured** (H200, KIVI-2 at 32k, Llama-2-7B heads, kv_notes run 23): the kernel alone took 106 us at
+batch 8 against the f16x2 keys pass's 163 (and 16 against 29 at batch 1), but its B from an XLA
+prepass cost 250 us more; computing B inside the kernel (commit 7ec2e22) made the pass 204 us. The
+Triton `prepass` is what replaced both. Attention through int8 scores is about 3x further from the float
+reference than through the f16x2 pass on random layers (5.4e-3 against 1.7e-3): an option, not the
+default (`Cw2Config(keys="int8")`).
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
-from pallas_kernels.decode_attention import LOG2E, NEG_INF
+from pallas_kernels.decode_attention import LOG2E, NEG_INF, _compiler_params
 
 STEP_TOKENS = 512   # tokens a step: 32 word columns of 16 tokens, one column a thread quad
 SLOTS = 16          # 2-bit codes a 32-bit word
@@ -119,7 +128,7 @@ def prepare(q, k, *, scale: float):
     amax = jnp.max(jnp.abs(v), axis=-1)
     alpha = jnp.where(amax > 0, amax / B_MAX, 1.0)
     inverse = jnp.where(amax > 0, B_MAX / jnp.where(amax > 0, amax, 1.0), 0.0)  # the kernel's ops, bit for bit
-    b8 = jnp.round(v * inverse[..., None])  # |v| * 127 / max|v| <= 127 (+ rounding of the product)
+    b8 = jnp.floor(v * inverse[..., None] + 0.5)  # to nearest (Triton has floor, not round); |B| <= 127
     offset = CODE_MEAN * (v.sum(-1) - alpha * b8.sum(-1))
     if k.zero is not None:  # k = code * scale + zero
         offset = offset + jnp.einsum("bkgd,bktd->bktg", qs, meta(k.zero))
@@ -154,14 +163,16 @@ def gather_registers(words: np.ndarray) -> np.ndarray:
     return np.stack([(quads[r // 4] >> (2 * (r % 4))) & CRUMBS for r in range(SLOTS)]).astype(np.uint32)
 
 
-def emulate_scores(q, k, bias, length, *, scale: float, block: int, blocks_per_split: int, n_splits: int):
+def emulate_scores(q, k, bias, length, *, scale: float, block: int, blocks_per_split: int, n_splits: int,
+                   prepared=None):
     """The int8 keys pass's arithmetic in plain JAX: exact integer sums of codes x B, alpha and the offset
     in fp32, the mask's bias (code order [B, S], as `decode_attention._cw_inputs` gives it). Returns what
     cw2's keys pass gives its values pass: scores [B, K, heads, S] in log2 units and code order, and
-    each split's maximum [B, K, splits, heads] over the blocks it reads."""
+    each split's maximum [B, K, splits, heads] over the blocks it reads. prepared: `prepare`'s outputs to
+    use instead of computing them (`prepass`'s, through `from_prepass`)."""
     from jaxcompress.kv.store import to_code_order
 
-    b8, alpha, offset = prepare(q, k, scale=scale)
+    b8, alpha, offset = prepared if prepared is not None else prepare(q, k, scale=scale)
     b, kv_heads, heads, _ = q.shape
     s = k.capacity
     steps = s // STEP_TOKENS
@@ -182,6 +193,14 @@ def emulate_scores(q, k, bias, length, *, scale: float, block: int, blocks_per_s
     return score, top
 
 
+def from_prepass(b8, ao):
+    """`prepass`'s outputs as `prepare` gives them: B's columns back in channel order, alpha and offset
+    [B, K, steps, N]."""
+    order = np.argsort(CHANNEL_ROWS)
+    alpha, offset = (x.reshape(b8.shape[:-1]) for x in (ao[:, :, 0], ao[:, :, 1]))
+    return b8[..., order], alpha, offset
+
+
 # ---------------------------------------------------------------------------------------- the kernel
 MAX_KERNEL_COLUMNS = 32  # B's columns the kernel's epilogue selects from (a select chain of N / 4 a row;
                          # Llama-2's one query a kv head: 16)
@@ -196,6 +215,9 @@ def kernel_problem(k, heads: int, block: int | None = None) -> str | None:
     if b_rows(heads, k.token_group) > MAX_KERNEL_COLUMNS:
         return (f"{heads} query heads x {STEP_TOKENS // k.token_group} key groups a step exceed the kernel's "
                 f"{MAX_KERNEL_COLUMNS} columns")
+    if heads & (heads - 1) or (STEP_TOKENS // k.token_group * heads) % 8:
+        return (f"{heads} query heads x {STEP_TOKENS // k.token_group} key groups a step: the kernel takes a power "
+                "of two query heads and a multiple of 8 columns")
     if block is not None and block % STEP_TOKENS:
         return f"the keys pass's blocks of {block} tokens are not whole steps of {STEP_TOKENS}"
     return None
@@ -353,114 +375,91 @@ def _score_rows(ctx, acc_lo, acc_hi, ao_ref, bias_ref, out_ref, valid, top, *, h
     return mgpu.FragmentedArray(_registers=new_regs, _layout=top.layout, _is_signed=None)
 
 
-def _write_b(ctx, qs_ref, scale_ref, *rest, heads: int, groups: int, with_zero: bool, mid: float):
-    """The step's B (int8, [N, 128] tiled (8, 128), 128-byte swizzle, column k holding channel
-    CHANNEL_ROWS[k]) and its alpha and offset (ao_ref [2, N] f32) from q in log2 units (qs_ref [heads,
-    128] f32) and the key scales (and zero points) of the step's `groups` key groups (smem [128, groups]
-    fp16), what `prepare` computes, op for op. Thread t takes group t // per and the 128 / per K
-    positions (t % per) .. of it (per = 128 / groups threads a group, adjacent lanes): the max over
-    channels and the offset's sums are butterflies over those lanes."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, memref, scf
-    from jax._src.lib.mlir.dialects import math as mlir_math
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+# ------------------------------------------------------------------------------------------ the prepass
+PREPASS_STEPS = 4  # 512-token steps a prepass program takes (fewer where the capacity's steps do not divide)
+PREPASS_WARPS = 4
 
-    del ctx
+
+def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: float):
+    """One program: `groups` key groups of one kv head (scale_ref [128, groups] fp16: the store's [D, T]
+    layout). B^T [groups, heads, 128] int8 with its columns in `CHANNEL_ROWS` order (a product with a 0/1
+    permutation matrix on the tensor cores: exact for |B| <= 127), alpha and offset [2, groups, heads]:
+    `prepare`'s arithmetic, op for op."""
     zero_ref = rest[0] if with_zero else None
-    b_ref, ao_ref = rest[int(with_zero):]
-    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
-    index = ir.IndexType.get()
-    ci = lambda v: arith.constant(i32, v)  # noqa: E731
-    cf = lambda v: arith.constant(f32, float(v))  # noqa: E731
-    cx = lambda v: arith.constant(index, v)  # noqa: E731
-    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
-    per = HEAD_DIM // groups
-    width = HEAD_DIM // per  # K positions a thread: whole 16-byte chunks of B's row (groups >= 16)
-    mgpu_utils.warpgroup_barrier()  # every thread is done with the previous step's B, alpha and offset
-    tid = arith.remui(mgpu_utils.thread_idx(), ci(128))
-    group, part = arith.divui(tid, ci(per)), arith.remui(tid, ci(per))
-    k0 = arith.muli(part, ci(width))  # first K position; its channels: k0 + channel_row(m) - ... (below)
-    rows = [int(channel_row(m)) for m in range(width)]  # channel of K position k0 + m: k0 + rows[m] (16 | k0)
-
-    def butterfly(x, combine):
-        for dist in (d for d in (1, 2, 4, 8, 16) if d < per):
-            x = combine(x, mgpu_utils.shfl_bfly(x, dist))
-        return x
-
-    def cvt_rni(x):
-        return llvm.inline_asm(i32, [x], "cvt.rni.s32.f32 $0, $1;", "=r,f")
-
-    scales, zeros = [], []
-    for m in range(width):
-        d = ix(arith.addi(k0, ci(rows[m])))
-        scales.append(arith.extf(f32, memref.load(scale_ref, [d, ix(group)])))
-        if with_zero:
-            zeros.append(arith.extf(f32, memref.load(zero_ref, [d, ix(group)])))
-    lead = arith.cmpi(arith.CmpIPredicate.eq, part, ci(0))
+    b_ref, ao_ref = rest[-2:]
+    s = scale_ref[...].astype(jnp.float32)  # [D, groups]
+    d = s.shape[0]
+    channel = jax.lax.broadcasted_iota(jnp.int32, (d, d), 0)
+    k = jax.lax.broadcasted_iota(jnp.int32, (d, d), 1)
+    rows = 16 * (k // 16) + 8 * ((k % 4) // 2) + 2 * ((k % 16) // 4) + k % 2  # channel_row(k)
+    permute = (channel == rows).astype(jnp.bfloat16)  # [channel, k]
     for q in range(heads):
-        qs = [memref.load(qs_ref, [cx(q), ix(arith.addi(k0, ci(rows[m])))]) for m in range(width)]
-        v = [arith.mulf(s_, q_) for s_, q_ in zip(scales, qs)]
-        amax = cf(0.0)
-        for x in v:
-            amax = arith.maximumf(amax, mlir_math.absf(x))
-        amax = butterfly(amax, arith.maximumf)
-        positive = arith.cmpf(arith.CmpFPredicate.OGT, amax, cf(0.0))
-        alpha = arith.select(positive, arith.divf(amax, cf(B_MAX)), cf(1.0))
-        inverse = arith.select(positive, arith.divf(cf(B_MAX), arith.select(positive, amax, cf(1.0))), cf(0.0))
-        codes = [cvt_rni(arith.mulf(x, inverse)) for x in v]
-        n = arith.addi(arith.muli(group, ci(heads)), ci(q))
-        for w4 in range(width // 4):  # 4 K positions a 32-bit store, 16-byte chunk ^ (n % 8)
-            lo = _prmt(codes[4 * w4], codes[4 * w4 + 1], 0x0040)
-            hi = _prmt(codes[4 * w4 + 2], codes[4 * w4 + 3], 0x0040)
-            word = _prmt(lo, hi, 0x5410)
-            kpos = arith.addi(k0, ci(4 * w4))
-            chunk = arith.xori(arith.shrui(kpos, ci(4)), arith.andi(n, ci(7)))
-            col = arith.ori(arith.shli(chunk, ci(4)), arith.andi(kpos, ci(15)))
-            _store_word(word, b_ref, [ix(arith.shrui(n, ci(3))), cx(0), ix(arith.andi(n, ci(7))), ix(col)])
-        vsum = v[0]
-        for x in v[1:]:
-            vsum = arith.addf(vsum, x)
-        bsum = codes[0]
-        for x in codes[1:]:
-            bsum = arith.addi(bsum, x)
-        vsum = butterfly(vsum, arith.addf)
-        bsum = arith.sitofp(f32, butterfly(bsum, arith.addi))
-        offset = arith.mulf(cf(CODE_MEAN), arith.subf(vsum, arith.mulf(alpha, bsum)))
-        if with_zero:  # + q . zero
-            qz = arith.mulf(qs[0], zeros[0])
-            for q_, z_ in zip(qs[1:], zeros[1:]):
-                qz = arith.addf(qz, arith.mulf(q_, z_))
-            offset = arith.addf(offset, butterfly(qz, arith.addf))
-        else:  # a symmetric grid: k = (code - mid) * scale
-            offset = arith.subf(offset, arith.mulf(cf(mid), vsum))
-        branch = scf.IfOp(lead)
-        with ir.InsertionPoint(branch.then_block):
-            memref.store(alpha, ao_ref, [cx(0), ix(n)])
-            memref.store(offset, ao_ref, [cx(1), ix(n)])
-            scf.yield_([])
-    mgpu_utils.commit_shared()  # fence for wgmma's (async proxy) reads of B, then the warpgroup barrier
+        qs = qs_ref[q, :]
+        v = s * qs[:, None]  # [D, groups]
+        amax = jnp.max(jnp.abs(v), axis=0)
+        positive = amax > 0
+        alpha = jnp.where(positive, amax / B_MAX, 1.0)
+        inverse = jnp.where(positive, B_MAX / jnp.where(positive, amax, 1.0), 0.0)
+        b8 = jnp.floor(v * inverse[None, :] + 0.5)
+        offset = CODE_MEAN * (jnp.sum(v, axis=0) - alpha * jnp.sum(b8, axis=0))
+        if with_zero:
+            offset = offset + jnp.sum(qs[:, None] * zero_ref[...].astype(jnp.float32), axis=0)
+        else:
+            offset = offset - mid * jnp.sum(v, axis=0)
+        bt = jax.lax.dot_general(b8.astype(jnp.bfloat16), permute, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)  # [groups, k]
+        b_ref[:, q, :] = bt.astype(jnp.int8)
+        ao_ref[0, :, q] = alpha
+        ao_ref[1, :, q] = offset
 
 
-def _store_word(word, ref, idx):
-    """A 32-bit word of four int8 into an i8 smem ref at idx (a multiple of 4 in the last dimension)."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import vector
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+def prepass(q, k, *, scale: float, interpret: bool = False):
+    """The keys pass's prepass as a Pallas (Triton) kernel, one program a kv head and PREPASS_STEPS steps
+    of key groups, reading the key scales (and zero points) where the store keeps them: (B int8 [B, K,
+    steps, N, 128], columns in CHANNEL_ROWS order, and alpha, offset f32 [B, K, 2, steps x N]); `prepare`
+    computes the same (B's columns in channel order, alpha and offset apart)."""
+    from jax.experimental import pallas as pl
 
-    vec = mgpu_utils.bitcast(word, ir.VectorType.get((4,), ir.IntegerType.get_signless(8)))
-    vector.store(vec, ref, idx)
+    b, kv_heads, heads, d = q.shape
+    problem = kernel_problem(k, heads)
+    if problem:
+        raise ConfigError(f"the int8 keys pass cannot read this key store: {problem}")
+    groups_total = k.capacity // k.token_group
+    per_step = STEP_TOKENS // k.token_group
+    steps = k.capacity // STEP_TOKENS
+    per_program = next(p for p in (PREPASS_STEPS, 2, 1) if steps % p == 0)
+    groups = per_step * per_program
+    with_zero = k.zero is not None
+    qs = q.astype(jnp.float32) * (scale * LOG2E)
+    meta_spec = lambda x: pl.BlockSpec(  # noqa: E731  [Bs, Ks, D, T], shared over batch / heads where 1
+        (None, None, d, groups), lambda i, h, t: (i if x.shape[0] > 1 else 0, h if x.shape[1] > 1 else 0, 0, t))
+    inputs = [qs, k.scale] + ([k.zero] if with_zero else [])
+    specs = [pl.BlockSpec((None, None, heads, d), lambda i, h, t: (i, h, 0, 0)), meta_spec(k.scale)]
+    if with_zero:
+        specs.append(meta_spec(k.zero))
+    b8, ao = pl.pallas_call(
+        functools.partial(_prepass_kernel, heads=heads, with_zero=with_zero, mid=float(1 << (k.bits - 1))),
+        grid=(b, kv_heads, groups_total // groups),
+        in_specs=specs,
+        out_specs=[pl.BlockSpec((None, None, groups, heads, d), lambda i, h, t: (i, h, t, 0, 0)),
+                   pl.BlockSpec((None, None, 2, groups, heads), lambda i, h, t: (i, h, 0, t, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads, groups_total, heads, d), jnp.int8),
+                   jax.ShapeDtypeStruct((b, kv_heads, 2, groups_total, heads), jnp.float32)],
+        compiler_params=None if interpret else _compiler_params(PREPASS_WARPS, 1),  # Triton, not Mosaic GPU
+        interpret=interpret,
+        name="kv_keys_int8_prepass",
+    )(*inputs)
+    n = per_step * heads
+    return b8.reshape(b, kv_heads, steps, n, d), ao.reshape(b, kv_heads, 2, steps * n)
 
 
-def _kernel(len_g, words_g, qs_g, scale_g, *rest, heads: int, n_pad: int, rows: int, block: int,
-            blocks_per_split: int, stages: int, token_group: int, with_zero: bool, mid: float):
+def _kernel(len_g, words_g, b_g, ao_g, bias_g, scores_g, top_g, top_smem, *, heads: int, n_pad: int, rows: int,
+            block: int, blocks_per_split: int, stages: int, token_group: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    zero_g = rest[0] if with_zero else None
-    bias_g, scores_g, top_g, b_smem, ao_smem, top_smem = rest[int(with_zero):]
     bi, hh, si = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
     per_block = block // STEP_TOKENS
-    groups = STEP_TOKENS // token_group
     used = jax.lax.div(len_g[0] + (block - 1), jnp.int32(block))
     lo = si * blocks_per_split
     valid_steps = jnp.maximum(jnp.minimum(lo + blocks_per_split, used) - lo, 0) * per_block
@@ -468,14 +467,9 @@ def _kernel(len_g, words_g, qs_g, scale_g, *rest, heads: int, n_pad: int, rows: 
     per_tile = rows // STEP_COLUMNS  # steps a code-order tile
     tile_index = lambda g: ((first + g) // per_tile, 0, (first + g) % per_tile)  # noqa: E731
     words_transforms = (plgpu.TilingTransform((8, STEP_COLUMNS)), plgpu.SwizzleTransform(128))
-    b_transforms = (plgpu.TilingTransform((8, HEAD_DIM)), plgpu.SwizzleTransform(128))
     a_type = plgpu.ShapeDtypeStruct((HALF_ROWS, HEAD_DIM), jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
     gathers = [plgpu.inline_mgpu(arg_types=(plgpu.RefType(words_transforms),), return_type=a_type)(
         functools.partial(_gather_a, half=h)) for h in (0, 1)]
-    write_b = plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.RefType(), *([plgpu.RefType()] if with_zero else []),
-                   plgpu.RefType(b_transforms), plgpu.RefType()),
-    )(functools.partial(_write_b, heads=heads, groups=groups, with_zero=with_zero, mid=mid))
     top_layout = plgpu.Layout.WG_STRIDED((128 * heads,), vec_size=heads)
     finish = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA, plgpu.RefType(), plgpu.RefType(), plgpu.RefType(),
@@ -483,10 +477,7 @@ def _kernel(len_g, words_g, qs_g, scale_g, *rest, heads: int, n_pad: int, rows: 
         return_type=plgpu.ShapeDtypeStruct((128 * heads,), jnp.float32, layout=top_layout),
     )(functools.partial(_score_rows, heads=heads, n_pad=n_pad, columns_per_group=token_group // SLOTS))
 
-    def body(idx, words_smem, qs_smem, scale_smem, *refs):
-        zero_smem = refs[0] if with_zero else None
-        bias_smem, out_smem, top = refs[int(with_zero):]
-        write_b(qs_smem, scale_smem, *([zero_smem] if with_zero else []), b_smem, ao_smem)
+    def body(idx, words_smem, b_smem, ao_smem, bias_smem, out_smem, top):
         accs = []
         for gather in gathers:
             a = gather(words_smem)
@@ -497,18 +488,16 @@ def _kernel(len_g, words_g, qs_g, scale_g, *rest, heads: int, n_pad: int, rows: 
             accs.append(pl.run_state(mma)(plgpu.ACC.init(zeros)))
         return finish(*accs, ao_smem, bias_smem, out_smem, idx[0] < valid_steps, top)
 
-    meta_spec = plgpu.BlockSpec((HEAD_DIM, groups), lambda g: (0, first + g))
+    b_transforms = (plgpu.TilingTransform((8, HEAD_DIM)), plgpu.SwizzleTransform(128))
     in_specs = [plgpu.BlockSpec((HEAD_DIM, STEP_COLUMNS), lambda g: (0, first + g), transforms=words_transforms),
-                plgpu.BlockSpec((heads, HEAD_DIM), lambda g: (0, 0)), meta_spec,
-                *([meta_spec] if with_zero else []),
+                plgpu.BlockSpec((None, n_pad, HEAD_DIM), lambda g: (first + g, 0, 0), transforms=b_transforms),
+                plgpu.BlockSpec((2, n_pad), lambda g: (0, first + g)),
                 plgpu.BlockSpec((None, SLOTS, STEP_COLUMNS), tile_index)]
     out_specs = [plgpu.BlockSpec((heads, None, SLOTS, STEP_COLUMNS), lambda g: (0, *tile_index(g)))]
-    meta_of = lambda x: x.at[bi if x.shape[0] > 1 else 0, hh if x.shape[1] > 1 else 0]  # noqa: E731
-    operands = [words_g.at[bi, hh], qs_g.at[bi, hh], meta_of(scale_g), *([meta_of(zero_g)] if with_zero else []),
-                bias_g.at[bi], scores_g.at[bi, hh]]
     top0 = plgpu.layout_cast(jnp.full((128 * heads,), NEG_INF, jnp.float32), top_layout)
     top = plgpu.emit_pipeline(body, grid=(jnp.maximum(valid_steps, 1),), in_specs=in_specs, out_specs=out_specs,
-                              max_concurrent_steps=stages, init_carry=top0)(*operands)
+                              max_concurrent_steps=stages, init_carry=top0)(
+        words_g.at[bi, hh], b_g.at[bi, hh], ao_g.at[bi, hh], bias_g.at[bi], scores_g.at[bi, hh])
     top_smem[...] = top
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(top_smem, top_g.at[bi, hh, si])
@@ -519,9 +508,8 @@ def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split:
               stages: int = 2):
     """cw2's keys pass on the int8 tensor cores (a Hopper GPU), one program a kv head and split for all its
     `heads` query heads; the arguments and outputs are `emulate_scores`'s: scores [B, K, heads, S] (log2
-    units, code order, the mask's bias added) and each split's maximum [B, K, splits, heads]. Each step
-    computes its B, alpha and offset from q and the key scales (`_write_b`: `prepare`'s arithmetic) before
-    its wgmma. stages: steps of TMA loads in flight."""
+    units, code order, the mask's bias added) and each split's maximum [B, K, splits, heads]. B, alpha and
+    the offset come from `prepass`. stages: steps of TMA loads in flight."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     b, kv_heads, heads, _ = q.shape
@@ -529,24 +517,18 @@ def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split:
     if problem:
         raise ConfigError(f"the int8 keys pass cannot read this key store: {problem}")
     s = k.capacity
-    n_pad = b_rows(heads, k.token_group)
-    with_zero = k.zero is not None
-    qs = q.astype(jnp.float32) * (scale * LOG2E)
+    b8, ao = prepass(q, k, scale=scale)
+    n_pad = b8.shape[-2]
     words = jax.lax.bitcast_convert_type(k.codes, jnp.int32)  # [B, K, D, S / 16]
     view = lambda x: x.reshape(*x.shape[:-1], s // (SLOTS * k.rows), SLOTS, k.rows)  # noqa: E731  code-order tiles
     body = functools.partial(_kernel, heads=heads, n_pad=n_pad, rows=k.rows, block=block,
-                             blocks_per_split=blocks_per_split, stages=stages, token_group=k.token_group,
-                             with_zero=with_zero, mid=float(1 << (k.bits - 1)))
-    operands = [jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), words, qs, k.scale,
-                *([k.zero] if with_zero else []), view(bias)]
+                             blocks_per_split=blocks_per_split, stages=stages, token_group=k.token_group)
     scores, top = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, kv_heads, heads, s // (SLOTS * k.rows), SLOTS, k.rows), jnp.float32),
                   jax.ShapeDtypeStruct((b, kv_heads, n_splits, 128 * heads), jnp.float32)),
         grid=(b, kv_heads, n_splits), grid_names=("b", "h", "s"),
-        scratch_types=[plgpu.SMEM((n_pad, HEAD_DIM), jnp.int8, transforms=(plgpu.TilingTransform((8, HEAD_DIM)),
-                                                                            plgpu.SwizzleTransform(128))),
-                       plgpu.SMEM((2, n_pad), jnp.float32), plgpu.SMEM((128 * heads,), jnp.float32)],
-    )(*operands)
+        scratch_types=[plgpu.SMEM((128 * heads,), jnp.float32)],
+    )(jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), words, b8, ao, view(bias))
     top = top.reshape(b, kv_heads, n_splits, 128, heads).max(axis=-2)
     return scores.reshape(b, kv_heads, heads, s), top

@@ -167,8 +167,8 @@ def test_int8_keys_in_the_decode_path_match_the_float_reference():
 
 
 def test_int8_keys_lower_for_cuda_beside_the_wgmma_values_pass():
-    """The Mosaic GPU keys pass traces and lowers for CUDA (no GPU needed): with the tensor-core values
-    pass, the codec's decode is two Mosaic GPU kernels and no Triton one."""
+    """The keys pass traces and lowers for CUDA (no GPU needed): with the tensor-core values pass, the
+    codec's decode is the Triton prepass and two Mosaic GPU kernels, and no f16x2 pass."""
     import jax
     from jax import export
 
@@ -177,10 +177,29 @@ def test_int8_keys_lower_for_cuda_beside_the_wgmma_values_pass():
     v = _store(rng, 1, 4096, 2, 32, 1, 32, d=128, channel_words=True)
     fn = jax.jit(lambda q, k, v, m: da.quantized_decode_partials(q, k, v, m, 3001, scale=0.1, path="cw2",
                                                                  cw2=da.Cw2Config(keys="int8", values="wgmma")))
-    text = export.export(fn, platforms=["cuda"])(jnp.zeros((1, k.codes.shape[1], 1, 128), jnp.bfloat16), k, v,
-                                                 jnp.ones((1, 4096), bool)).mlir_module()
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = export.export(fn, platforms=["cuda"], disabled_checks=checks)(
+        jnp.zeros((1, k.codes.shape[1], 1, 128), jnp.bfloat16), k, v, jnp.ones((1, 4096), bool)).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
-    assert "xla.gpu.triton" not in text
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "kv_keys_int8_prepass" in text
+    assert "kv_decode_k2_scores" not in text
+
+
+@pytest.mark.parametrize("heads,zero,s", [(1, True, 2048), (2, False, 1024)], ids=["1q-zero", "2q-symmetric"])
+def test_prepass_kernel_equals_prepare(heads, zero, s):
+    """The Triton prepass (interpret mode) computes `prepare`'s B, alpha and offset: B's columns in
+    CHANNEL_ROWS order (the tensor-core permutation is exact), B and alpha bit for bit, the offset up
+    to the order of its fp32 sums; 4 steps a program (2048 tokens) and 2 (1024)."""
+    rng = np.random.default_rng(10 + heads)
+    k = _store(rng, 2, s, 2, 32, 32, 1, d=128, channel_words=True, zero=zero)
+    q = jnp.asarray(rng.normal(size=(2, k.codes.shape[1], heads, 128)).astype(np.float32))
+    b8, ao = kk.prepass(q, k, scale=0.1, interpret=True)
+    want_b, want_alpha, want_offset = kk.prepare(q, k, scale=0.1)
+    np.testing.assert_array_equal(np.asarray(b8), np.asarray(want_b)[..., kk.CHANNEL_ROWS])
+    got_b, got_alpha, got_offset = kk.from_prepass(b8, ao)
+    np.testing.assert_array_equal(np.asarray(got_b), np.asarray(want_b))
+    np.testing.assert_array_equal(np.asarray(got_alpha), np.asarray(want_alpha))
+    np.testing.assert_allclose(np.asarray(got_offset), np.asarray(want_offset), rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_limits_are_named():
@@ -189,6 +208,8 @@ def test_kernel_limits_are_named():
     assert kk.kernel_problem(k, 2) is None and kk.kernel_problem(k, 2, block=2048) is None
     assert "exceed the kernel's 32 columns" in kk.kernel_problem(k, 4)
     assert "not whole steps of 512" in kk.kernel_problem(k, 1, block=256)
+    k64 = _store(rng, 1, S, 2, 32, 64, 1, d=128, channel_words=True)  # 8 key groups a step
+    assert kk.kernel_problem(k64, 1) is None and "power of two query heads" in kk.kernel_problem(k64, 3)
     v = _store(rng, 1, S, 2, 32, 1, 32, d=128, channel_words=True)
     with pytest.raises(Exception, match=r"keys='int8'.*exceed the kernel's 32 columns.*use keys='cuda'"):
         da.quantized_decode_partials(jnp.ones((1, k.codes.shape[1], 4, 128)), k, v, jnp.ones((1, S), bool), 1000,
