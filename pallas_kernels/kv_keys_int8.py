@@ -378,23 +378,35 @@ def _score_rows(ctx, acc_lo, acc_hi, ao_ref, bias_ref, out_ref, valid, top, *, h
 # ------------------------------------------------------------------------------------------ the prepass
 PREPASS_STEPS = 4  # 512-token steps a prepass program takes (fewer where the capacity's steps do not divide)
 PREPASS_WARPS = 4
+PREPASS_PERMUTE = "dot"  # how B's columns take CHANNEL_ROWS order (`_prepass_kernel`)
 
 
-def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: float):
+def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: float, permute: str):
     """One program: `groups` key groups of one kv head (scale_ref [128, groups] fp16: the store's [D, T]
-    layout). B^T [groups, heads, 128] int8 with its columns in `CHANNEL_ROWS` order (a product with a 0/1
-    permutation matrix on the tensor cores: exact for |B| <= 127), alpha and offset [2, groups, heads]:
-    `prepare`'s arithmetic, op for op."""
+    layout). B^T [groups, heads, 128] int8 with its columns in `CHANNEL_ROWS` order, alpha and offset
+    [2, groups, heads]: `prepare`'s arithmetic, op for op. permute: how the columns get that order,
+    "transpose" (the scales' and q's rows reordered by a reshape and transpose before the arithmetic)
+    or "dot" (B times a 0/1 permutation matrix on the tensor cores, exact for |B| <= 127)."""
     zero_ref = rest[0] if with_zero else None
     b_ref, ao_ref = rest[-2:]
     s = scale_ref[...].astype(jnp.float32)  # [D, groups]
-    d = s.shape[0]
-    channel = jax.lax.broadcasted_iota(jnp.int32, (d, d), 0)
-    k = jax.lax.broadcasted_iota(jnp.int32, (d, d), 1)
-    rows = 16 * (k // 16) + 8 * ((k % 4) // 2) + 2 * ((k % 16) // 4) + k % 2  # channel_row(k)
-    permute = (channel == rows).astype(jnp.bfloat16)  # [channel, k]
+    d, groups = s.shape
+
+    def reorder(x):  # rows c = (ct, i1, t, i0) -> row k = (ct, t, i1, i0) holds channel CHANNEL_ROWS[k]
+        return x.reshape(d // 16, 2, 4, 2, -1).transpose(0, 2, 1, 3, 4).reshape(d, -1)
+
+    if permute == "transpose":
+        s = reorder(s)
+    else:
+        channel = jax.lax.broadcasted_iota(jnp.int32, (d, d), 0)
+        k = jax.lax.broadcasted_iota(jnp.int32, (d, d), 1)
+        rows = 16 * (k // 16) + 8 * ((k % 4) // 2) + 2 * ((k % 16) // 4) + k % 2  # channel_row(k)
+        matrix = (channel == rows).astype(jnp.bfloat16)  # [channel, k]
+    z = zero_ref[...].astype(jnp.float32) if with_zero else None
     for q in range(heads):
         qs = qs_ref[q, :]
+        if permute == "transpose":
+            qs = reorder(qs[:, None])[:, 0]
         v = s * qs[:, None]  # [D, groups]
         amax = jnp.max(jnp.abs(v), axis=0)
         positive = amax > 0
@@ -402,18 +414,22 @@ def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: 
         inverse = jnp.where(positive, B_MAX / jnp.where(positive, amax, 1.0), 0.0)
         b8 = jnp.floor(v * inverse[None, :] + 0.5)
         offset = CODE_MEAN * (jnp.sum(v, axis=0) - alpha * jnp.sum(b8, axis=0))
-        if with_zero:
-            offset = offset + jnp.sum(qs[:, None] * zero_ref[...].astype(jnp.float32), axis=0)
+        if with_zero:  # q . zero: the order of the channels does not matter to the sum
+            offset = offset + jnp.sum(qs_ref[q, :][:, None] * z, axis=0)
         else:
             offset = offset - mid * jnp.sum(v, axis=0)
-        bt = jax.lax.dot_general(b8.astype(jnp.bfloat16), permute, (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)  # [groups, k]
+        if permute == "transpose":
+            bt = b8.T
+        else:
+            bt = jax.lax.dot_general(b8.astype(jnp.bfloat16), matrix, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)  # [groups, k]
         b_ref[:, q, :] = bt.astype(jnp.int8)
         ao_ref[0, :, q] = alpha
         ao_ref[1, :, q] = offset
 
 
-def prepass(q, k, *, scale: float, interpret: bool = False):
+def prepass(q, k, *, scale: float, interpret: bool = False, steps_per_program: int = PREPASS_STEPS,
+            warps: int = PREPASS_WARPS, permute: str = PREPASS_PERMUTE):
     """The keys pass's prepass as a Pallas (Triton) kernel, one program a kv head and PREPASS_STEPS steps
     of key groups, reading the key scales (and zero points) where the store keeps them: (B int8 [B, K,
     steps, N, 128], columns in CHANNEL_ROWS order, and alpha, offset f32 [B, K, 2, steps x N]); `prepare`
@@ -427,7 +443,7 @@ def prepass(q, k, *, scale: float, interpret: bool = False):
     groups_total = k.capacity // k.token_group
     per_step = STEP_TOKENS // k.token_group
     steps = k.capacity // STEP_TOKENS
-    per_program = next(p for p in (PREPASS_STEPS, 2, 1) if steps % p == 0)
+    per_program = next(p for p in (steps_per_program, 2, 1) if steps % p == 0)
     groups = per_step * per_program
     with_zero = k.zero is not None
     qs = q.astype(jnp.float32) * (scale * LOG2E)
@@ -438,14 +454,15 @@ def prepass(q, k, *, scale: float, interpret: bool = False):
     if with_zero:
         specs.append(meta_spec(k.zero))
     b8, ao = pl.pallas_call(
-        functools.partial(_prepass_kernel, heads=heads, with_zero=with_zero, mid=float(1 << (k.bits - 1))),
+        functools.partial(_prepass_kernel, heads=heads, with_zero=with_zero, mid=float(1 << (k.bits - 1)),
+                          permute=permute),
         grid=(b, kv_heads, groups_total // groups),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, groups, heads, d), lambda i, h, t: (i, h, t, 0, 0)),
                    pl.BlockSpec((None, None, 2, groups, heads), lambda i, h, t: (i, h, 0, t, 0))],
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads, groups_total, heads, d), jnp.int8),
                    jax.ShapeDtypeStruct((b, kv_heads, 2, groups_total, heads), jnp.float32)],
-        compiler_params=None if interpret else _compiler_params(PREPASS_WARPS, 1),  # Triton, not Mosaic GPU
+        compiler_params=None if interpret else _compiler_params(warps, 1),  # Triton, not Mosaic GPU
         interpret=interpret,
         name="kv_keys_int8_prepass",
     )(*inputs)
