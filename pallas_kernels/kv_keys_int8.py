@@ -388,8 +388,9 @@ def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: 
     """One program: `groups` key groups of one kv head (scale_ref [128, groups] fp16: the store's [D, T]
     layout). B^T [groups, heads, 128] int8 with its columns in `CHANNEL_ROWS` order, alpha and offset
     [2, groups, heads]: `prepare`'s arithmetic, op for op. permute: how the columns get that order,
-    "transpose" (the scales' and q's rows reordered by a reshape and transpose before the arithmetic)
-    or "dot" (B times a 0/1 permutation matrix on the tensor cores, exact for |B| <= 127)."""
+    "transpose" (the scales' and q's rows reordered by a reshape and transpose, B transposed at the end),
+    "rows" (the same, the scales transposed first: the sums run along a row) or "dot" (B times a 0/1
+    permutation matrix on the tensor cores, exact for |B| <= 127)."""
     zero_ref = rest[0] if with_zero else None
     b_ref, ao_ref = rest[-2:]
     s = scale_ref[...].astype(jnp.float32)  # [D, groups]
@@ -398,34 +399,36 @@ def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: 
     def reorder(x):  # rows c = (ct, i1, t, i0) -> row k = (ct, t, i1, i0) holds channel CHANNEL_ROWS[k]
         return x.reshape(d // 16, 2, 4, 2, -1).transpose(0, 2, 1, 3, 4).reshape(d, -1)
 
+    axis = 0
     if permute == "transpose":
         s = reorder(s)
+    elif permute == "rows":
+        s, axis = reorder(s).T, 1  # [groups, D]
     else:
         channel = jax.lax.broadcasted_iota(jnp.int32, (d, d), 0)
         k = jax.lax.broadcasted_iota(jnp.int32, (d, d), 1)
         rows = 16 * (k // 16) + 8 * ((k % 4) // 2) + 2 * ((k % 16) // 4) + k % 2  # channel_row(k)
         matrix = (channel == rows).astype(jnp.bfloat16)  # [channel, k]
     z = zero_ref[...].astype(jnp.float32) if with_zero else None
+    expand = (lambda x: x[:, None]) if axis == 0 else (lambda x: x[None, :])  # noqa: E731  along the channels
     for q in range(heads):
         qs = qs_ref[q, :]
-        if permute == "transpose":
-            qs = reorder(qs[:, None])[:, 0]
-        v = s * qs[:, None]  # [D, groups]
-        amax = jnp.max(jnp.abs(v), axis=0)
+        v = s * expand(reorder(qs[:, None])[:, 0] if permute != "dot" else qs)
+        amax = jnp.max(jnp.abs(v), axis=axis)
         positive = amax > 0
         alpha = jnp.where(positive, amax / B_MAX, 1.0)
         inverse = jnp.where(positive, B_MAX / jnp.where(positive, amax, 1.0), 0.0)
-        b8 = jnp.floor(v * inverse[None, :] + 0.5)
-        offset = CODE_MEAN * (jnp.sum(v, axis=0) - alpha * jnp.sum(b8, axis=0))
+        b8 = jnp.floor(v * (inverse[None, :] if axis == 0 else inverse[:, None]) + 0.5)
+        offset = CODE_MEAN * (jnp.sum(v, axis=axis) - alpha * jnp.sum(b8, axis=axis))
         if with_zero:  # q . zero: the order of the channels does not matter to the sum
             offset = offset + jnp.sum(qs_ref[q, :][:, None] * z, axis=0)
         else:
-            offset = offset - mid * jnp.sum(v, axis=0)
-        if permute == "transpose":
-            bt = b8.T
-        else:
+            offset = offset - mid * jnp.sum(v, axis=axis)
+        if permute == "dot":
             bt = jax.lax.dot_general(b8.astype(jnp.bfloat16), matrix, (((0,), (0,)), ((), ())),
                                      preferred_element_type=jnp.float32)  # [groups, k]
+        else:
+            bt = b8.T if axis == 0 else b8
         b_ref[:, q, :] = bt.astype(jnp.int8)
         ao_ref[0, :, q] = alpha
         ao_ref[1, :, q] = offset
