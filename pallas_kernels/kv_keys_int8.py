@@ -377,65 +377,47 @@ def _score_rows(ctx, acc_lo, acc_hi, ao_ref, bias_ref, out_ref, valid, top, *, h
 
 # ------------------------------------------------------------------------------------------ the prepass
 # The prepass's tuning (H200, KIVI-2 at 32k, Llama-2-7B heads, kv_notes run 23, us at batch 8 / 1):
-# 4 steps a program, 4 warps and the transpose 79.3 / 14.5; the permutation product 106.9 / 17.2; 2 or 8
-# steps 105-199 / 17-31. XLA's `prepare` took 122.3 / 23.3, its q . zero einsum alone 21.0 / 4.2.
+# 4 steps a program and 4 warps, the tile transposed before the sums: 62.6 / 14.2; with 2 or 8 steps or 8
+# warps 87-123 / 14-18. Sums down the columns (the tile transposed at the end) took 79.3-80.0 / 14.4;
+# B times a 0/1 permutation matrix instead of the reshape, 106.9 / 17.2. XLA's `prepare` took 122.3 /
+# 23.3, the default path's q . zero einsum alone 21.0 / 4.2 (it reads half the bytes).
 PREPASS_STEPS = 4  # 512-token steps a prepass program takes (fewer where the capacity's steps do not divide)
 PREPASS_WARPS = 4
-PREPASS_PERMUTE = "transpose"  # how B's columns take CHANNEL_ROWS order (`_prepass_kernel`)
 
 
-def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: float, permute: str):
+def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: float):
     """One program: `groups` key groups of one kv head (scale_ref [128, groups] fp16: the store's [D, T]
-    layout). B^T [groups, heads, 128] int8 with its columns in `CHANNEL_ROWS` order, alpha and offset
-    [2, groups, heads]: `prepare`'s arithmetic, op for op. permute: how the columns get that order,
-    "transpose" (the scales' and q's rows reordered by a reshape and transpose, B transposed at the end),
-    "rows" (the same, the scales transposed first: the sums run along a row) or "dot" (B times a 0/1
-    permutation matrix on the tensor cores, exact for |B| <= 127)."""
+    layout). B [groups, heads, 128] int8 with its columns in `CHANNEL_ROWS` order, alpha and offset
+    [2, groups, heads]: `prepare`'s arithmetic, op for op. The scales' rows take CHANNEL_ROWS order by a
+    reshape and transpose, then the whole tile is transposed, so the sums run along its rows."""
     zero_ref = rest[0] if with_zero else None
     b_ref, ao_ref = rest[-2:]
-    s = scale_ref[...].astype(jnp.float32)  # [D, groups]
-    d, groups = s.shape
+    d = scale_ref.shape[0]
 
     def reorder(x):  # rows c = (ct, i1, t, i0) -> row k = (ct, t, i1, i0) holds channel CHANNEL_ROWS[k]
         return x.reshape(d // 16, 2, 4, 2, -1).transpose(0, 2, 1, 3, 4).reshape(d, -1)
 
-    axis = 0
-    if permute == "transpose":
-        s = reorder(s)
-    elif permute == "rows":
-        s, axis = reorder(s).T, 1  # [groups, D]
-    else:
-        channel = jax.lax.broadcasted_iota(jnp.int32, (d, d), 0)
-        k = jax.lax.broadcasted_iota(jnp.int32, (d, d), 1)
-        rows = 16 * (k // 16) + 8 * ((k % 4) // 2) + 2 * ((k % 16) // 4) + k % 2  # channel_row(k)
-        matrix = (channel == rows).astype(jnp.bfloat16)  # [channel, k]
+    s = reorder(scale_ref[...].astype(jnp.float32)).T  # [groups, k]
     z = zero_ref[...].astype(jnp.float32) if with_zero else None
-    expand = (lambda x: x[:, None]) if axis == 0 else (lambda x: x[None, :])  # noqa: E731  along the channels
     for q in range(heads):
-        qs = qs_ref[q, :]
-        v = s * expand(reorder(qs[:, None])[:, 0] if permute != "dot" else qs)
-        amax = jnp.max(jnp.abs(v), axis=axis)
+        v = s * reorder(qs_ref[q, :][:, None]).T  # [groups, k]
+        amax = jnp.max(jnp.abs(v), axis=1)
         positive = amax > 0
         alpha = jnp.where(positive, amax / B_MAX, 1.0)
         inverse = jnp.where(positive, B_MAX / jnp.where(positive, amax, 1.0), 0.0)
-        b8 = jnp.floor(v * (inverse[None, :] if axis == 0 else inverse[:, None]) + 0.5)
-        offset = CODE_MEAN * (jnp.sum(v, axis=axis) - alpha * jnp.sum(b8, axis=axis))
+        b8 = jnp.floor(v * inverse[:, None] + 0.5)
+        offset = CODE_MEAN * (jnp.sum(v, axis=1) - alpha * jnp.sum(b8, axis=1))
         if with_zero:  # q . zero: the order of the channels does not matter to the sum
             offset = offset + jnp.sum(qs_ref[q, :][:, None] * z, axis=0)
         else:
-            offset = offset - mid * jnp.sum(v, axis=axis)
-        if permute == "dot":
-            bt = jax.lax.dot_general(b8.astype(jnp.bfloat16), matrix, (((0,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.float32)  # [groups, k]
-        else:
-            bt = b8.T if axis == 0 else b8
-        b_ref[:, q, :] = bt.astype(jnp.int8)
+            offset = offset - mid * jnp.sum(v, axis=1)
+        b_ref[:, q, :] = b8.astype(jnp.int8)
         ao_ref[0, :, q] = alpha
         ao_ref[1, :, q] = offset
 
 
 def prepass(q, k, *, scale: float, interpret: bool = False, steps_per_program: int = PREPASS_STEPS,
-            warps: int = PREPASS_WARPS, permute: str = PREPASS_PERMUTE):
+            warps: int = PREPASS_WARPS):
     """The keys pass's prepass as a Pallas (Triton) kernel, one program a kv head and PREPASS_STEPS steps
     of key groups, reading the key scales (and zero points) where the store keeps them: (B int8 [B, K,
     steps, N, 128], columns in CHANNEL_ROWS order, and alpha, offset f32 [B, K, 2, steps x N]); `prepare`
@@ -460,8 +442,7 @@ def prepass(q, k, *, scale: float, interpret: bool = False, steps_per_program: i
     if with_zero:
         specs.append(meta_spec(k.zero))
     b8, ao = pl.pallas_call(
-        functools.partial(_prepass_kernel, heads=heads, with_zero=with_zero, mid=float(1 << (k.bits - 1)),
-                          permute=permute),
+        functools.partial(_prepass_kernel, heads=heads, with_zero=with_zero, mid=float(1 << (k.bits - 1))),
         grid=(b, kv_heads, groups_total // groups),
         in_specs=specs,
         out_specs=[pl.BlockSpec((None, None, groups, heads, d), lambda i, h, t: (i, h, t, 0, 0)),

@@ -2,9 +2,10 @@
 XLA ops it stands in for: its plain-JAX model (`prepare`) and the default path's q . zero einsum (the
 only read of the key zero points the f16x2 path makes outside its kernels).
 
-    PYTHONPATH=. python scripts/gpu/kv_prepass_probe.py --batches 1,8 --configs dot:4:4,transpose:8:4 --out probe.json
+    PYTHONPATH=. python scripts/gpu/kv_prepass_probe.py --batches 1,8 --configs 4:4,8:4 --out probe.json
 
-A configuration is permute:steps_per_program:warps. CUPTI kernel time a call (the inputs cycled through
+A configuration is steps_per_program:warps (kv_notes run 23 also timed two other orientations of the
+prepass kernel, since removed: commit 2d76406 holds all three). CUPTI kernel time a call (the inputs cycled through
 buffers larger than the L2), on random Llama-2-7B-shaped KIVI-2 key stores at 32k tokens."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--tokens", type=int, default=32768)
-    p.add_argument("--configs", default="dot:4:4")
+    p.add_argument("--configs", default="4:4")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rng = np.random.default_rng(0)
@@ -51,9 +52,9 @@ def main():
                "xla q.zero einsum": lambda q, k: da._cw_inputs(q, k, jnp.ones((q.shape[0], k.capacity), bool), k.capacity,
                                                                scale, centred=True, mid_in_kernel=True)[1]}
         for cfg in args.configs.split(","):
-            permute, steps, warps = cfg.split(":")
-            fns[f"prepass {cfg}"] = (lambda q, k, permute=permute, steps=int(steps), warps=int(warps):
-                                     kk.prepass(q, k, scale=scale, permute=permute, steps_per_program=steps, warps=warps))
+            steps, warps = cfg.split(":")
+            fns[f"prepass {cfg}"] = (lambda q, k, steps=int(steps), warps=int(warps):
+                                     kk.prepass(q, k, scale=scale, steps_per_program=steps, warps=warps))
         for name, fn in fns.items():
             row = dict(batch=batch, name=name)
             try:
