@@ -910,10 +910,12 @@ class Cw2Config:
     values_lop3: its conversion's and-or as one PTX lop3 (run 21's SASS: two LOP3 a pair from arith).
     Run 22, Llama-2 at batch 8: 191.7 us with neither, 166.6 with lop3, 159.0 with both (2 stages).
     keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
-    int8 q x key scale on Hopper's tensor cores, after an XLA prepass; 2-bit keys, head_dim 128, one
-    program a kv head for all its query heads, in interpret mode its plain-JAX model). int8 rounds q x
-    scale to 8 bits a key group (a logit error about a sixth of KIVI-2's own, kv_notes run 22), so it
-    is an option, not the default. keys_stages: its steps of loads in flight.
+    int8 q x key scale on Hopper's tensor cores, after a Triton prepass. It takes 2-bit keys, head_dim
+    128 and at most 2 query heads a kv head, one program a kv head for all of them; in interpret mode,
+    its plain-JAX model). H200, KIVI-2 at 32k, Llama-2-7B heads, kv_notes run 23: 350.3 against 364.7 us
+    of kernels at batch 8, 72.9 against 70.5 at batch 1. int8 rounds q x scale to 8 bits a key group:
+    attention error 5.4e-3 against 1.7e-3 on random layers. So it is an option, not the default.
+    keys_stages: its steps of loads in flight.
     """
 
     value_channels: int | None = None

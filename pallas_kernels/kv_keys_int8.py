@@ -44,12 +44,16 @@ streams the step's words [128 channels, 32 word columns], B, alpha and offset, a
   alpha, adds the offset and the mask's bias, and writes the score at (slot, column) of the step's
   code-order tile, so the output is cw2's code order with no permutation after the kernel.
 
-**Measured** (H200, KIVI-2 at 32k, Llama-2-7B heads, kv_notes run 23): the kernel alone took 106 us at
-batch 8 against the f16x2 keys pass's 163 (and 16 against 29 at batch 1), but its B from an XLA
-prepass cost 250 us more; computing B inside the kernel (commit 7ec2e22) made the pass 204 us. The
-Triton `prepass` is what replaced both. Attention through int8 scores is about 3x further from the float
-reference than through the f16x2 pass on random layers (5.4e-3 against 1.7e-3): an option, not the
-default (`Cw2Config(keys="int8")`).
+**Measured** (H200, KIVI-2 at 32k, Llama-2-7B heads, against XLA's bf16 attention; kv_notes run 23):
+- The decode with `Cw2Config(keys="int8")`, in kernel time:
+  - batch 8: 350.3 us, 3.49x (the f16x2 keys pass: 364.7, 3.35x);
+  - batch 1: 72.9 us, 2.29x (70.5, 2.37x).
+- The kernel alone: about 105 us at batch 8 against the f16x2 pass's 163, and 16 against 29 at batch
+  1. The prepass: 59.6 / 12.2 us, against the default's 19.6 / 1 us q . zero einsum.
+- Other homes for B, measured and taken out: an XLA prepass, 253 us at batch 8; B computed in the
+  kernel (commit 7ec2e22), 204 us for the whole pass.
+- Attention through int8 scores lies about 3x further from the float reference than through the f16x2
+  pass, on random layers: 5.4e-3 against 1.7e-3. So it is an option, not the default.
 """
 
 from __future__ import annotations
