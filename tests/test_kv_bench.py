@@ -129,7 +129,7 @@ def test_attention_benchmark_rows_and_table():
 def test_kernel_variants_parse_the_cw2_option():
     """--kernel-variants items warps:stages:splits[:path[:cw2]]: vcN sets cw2's value channel rows,
     kz / nokz its keys pass's zero term, colN its tile width, kwN / vwN its warps, kpN its keys pass's
-    prefetch steps; anything else there
+    prefetch steps, ki8 / ksN the int8 keys pass and its stages; anything else there
     is a clear error."""
     from pallas_kernels.decode_attention import Cw2Config
 
@@ -142,6 +142,8 @@ def test_kernel_variants_parse_the_cw2_option():
     assert bench_kv.parse_variants("4:2:0:auto:col256+kw4+vw8")["w4-s2-xauto-col256+kw4+vw8"]["cw2"] == \
         Cw2Config(columns=256, key_warps=4, value_warps=8)
     assert bench_kv.parse_variants("4:2:0:auto:kp2")["w4-s2-xauto-kp2"]["cw2"] == Cw2Config(key_prefetch=2)
+    assert bench_kv.parse_variants("4:2:0:cw2:ki8+ks3")["w4-s2-xauto-cw2-ki8+ks3"]["cw2"] == \
+        Cw2Config(keys="int8", keys_stages=3)
     with pytest.raises(SystemExit, match="cw2 option 'zz2'"):
         bench_kv.parse_variants("4:2:0:auto:zz2")
 
