@@ -3,6 +3,20 @@ import os
 # Tests run on the CPU; keep XLA from grabbing every core's worth of threads per process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One XLA compilation cache for the session, in a fresh folder removed at the end: programs that
+# lower to the same HLO under another jit key (a new jax.jit of the same function, a static option
+# that does not change the kernel, e.g. Cw2Config(keys_zero=True) on a small grid) load the
+# executable the first compile wrote instead of compiling again (the Pallas interpret-mode
+# kernels take 10-20 s each to compile on the CPU). Nothing outlives the session, so no run reads
+# another's executables.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcompress-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 
