@@ -212,8 +212,9 @@ def test_cuda_core_bodies_equal_reference(bits, d, g, s, length, kg, vg, zero, s
     q = jnp.asarray(rng.normal(size=(B, K, g, d)).astype(np.float32))
     mask = jnp.asarray(rng.random((B, s)) < 0.8)
     ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
+    # cw2 given explicitly: the k2v2-d128 case then compiles once for the _cw2_case tests below too
     out = da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
-                                                   num_splits=splits, interpret=True, path=path)])
+                                                   num_splits=splits, interpret=True, path=path, cw2=da.Cw2Config())])
     assert out.shape == (B, K, g, d)
     top = float(jnp.abs(ref).max())
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=CW_TOLERANCE[path](bits) * top)
