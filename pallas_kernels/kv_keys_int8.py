@@ -102,8 +102,8 @@ def supports(k, heads: int) -> str | None:
     if k.channel_group != 1 or k.token_group % SLOTS or STEP_TOKENS % k.token_group:
         return (f"keys quantized per channel in groups of {k.token_group} tokens; the int8 keys pass needs "
                 f"per-channel keys in groups of a multiple of {SLOTS} tokens dividing {STEP_TOKENS}")
-    if k.rows % (STEP_TOKENS // SLOTS):
-        return f"the store's tiles of {k.rows} word columns are not whole steps of {STEP_TOKENS // SLOTS}"
+    if k.rows % STEP_COLUMNS:
+        return f"the store's tiles of {k.rows} word columns are not whole steps of {STEP_COLUMNS}"
     if k.scale.dtype != jnp.float16 or (k.zero is not None and k.zero.dtype != jnp.float16):
         return "the key scales and zero points are not fp16"
     if b_rows(heads, k.token_group) > 256:
@@ -263,7 +263,7 @@ def _prmt(a, b, selector: int):
 
 
 def _thread():
-    """(w, lane, t = lane % 4, j = 8 w + lane // 4) of this thread, i32 values."""
+    """(t = lane % 4, j = 8 w + lane // 4) of thread 32 w + lane, i32 values."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -272,7 +272,7 @@ def _thread():
     ci = lambda v: arith.constant(i32, v)  # noqa: E731
     tid = arith.remui(mgpu_utils.thread_idx(), ci(128))
     w, lane = arith.shrui(tid, ci(5)), arith.andi(tid, ci(31))
-    return w, lane, arith.andi(lane, ci(3)), arith.ori(arith.shli(w, ci(3)), arith.shrui(lane, ci(2)))
+    return arith.andi(lane, ci(3)), arith.ori(arith.shli(w, ci(3)), arith.shrui(lane, ci(2)))
 
 
 def _gather_a(ctx, words_ref, *, half: int):
@@ -290,7 +290,7 @@ def _gather_a(ctx, words_ref, *, half: int):
     i32, i8 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(8)
     index = ir.IndexType.get()
     ci = lambda v: arith.constant(i32, v)  # noqa: E731
-    _, _, t, j = _thread()
+    t, j = _thread()
     chunk, in_chunk = arith.shrui(j, ci(2)), arith.andi(j, ci(3))
     reg_ty = ir.VectorType.get((4,), i8)
     shape = fa.WGMMA_LAYOUT_8BIT.registers_shape((HALF_ROWS, HEAD_DIM))
@@ -340,8 +340,9 @@ def _score_rows(ctx, acc_lo, acc_hi, ao_ref, bias_ref, out_ref, valid, top, *, h
     index = ir.IndexType.get()
     ci = lambda v: arith.constant(i32, v)  # noqa: E731
     ix = lambda v: arith.index_cast(index, v)  # noqa: E731
-    _, _, t, j = _thread()
+    t, j = _thread()
     group = arith.divui(j, ci(columns_per_group))
+    choices = [(c8, b) for c8 in range(n_pad // 8) for b in range(2)]  # this thread's columns of a row
     ok = valid.registers.item()
     (top_regs,) = top.registers.flat
     tops = [vector.extract(top_regs, [], [q]) for q in range(heads)]
@@ -349,7 +350,6 @@ def _score_rows(ctx, acc_lo, acc_hi, ao_ref, bias_ref, out_ref, valid, top, *, h
         n = arith.addi(arith.muli(group, ci(heads)), ci(q))
         owner = arith.andi(ok, arith.cmpi(arith.CmpIPredicate.eq, t, arith.shrui(arith.andi(n, ci(7)), ci(1))))
         pick = arith.ori(arith.shli(arith.shrui(n, ci(3)), ci(1)), arith.andi(n, ci(1)))  # 2 (n // 8) + n % 2
-        choices = [(c8, b) for c8 in range(n_pad // 8) for b in range(2)]
         alpha = memref.load(ao_ref, [arith.constant(index, 0), ix(n)])
         offset = memref.load(ao_ref, [arith.constant(index, 1), ix(n)])
         scores = []
@@ -422,8 +422,8 @@ def _prepass_kernel(qs_ref, scale_ref, *rest, heads: int, with_zero: bool, mid: 
 
 def prepass(q, k, *, scale: float, interpret: bool = False, steps_per_program: int = PREPASS_STEPS,
             warps: int = PREPASS_WARPS):
-    """The keys pass's prepass as a Pallas (Triton) kernel, one program a kv head and PREPASS_STEPS steps
-    of key groups, reading the key scales (and zero points) where the store keeps them: (B int8 [B, K,
+    """The keys pass's prepass as a Pallas (Triton) kernel, one program a kv head and `steps_per_program`
+    steps of key groups (fewer where they do not divide the capacity's), reading the key scales (and zero points) where the store keeps them: (B int8 [B, K,
     steps, N, 128], columns in CHANNEL_ROWS order, and alpha, offset f32 [B, K, 2, steps x N]); `prepare`
     computes the same (B's columns in channel order, alpha and offset apart)."""
     from jax.experimental import pallas as pl
@@ -520,6 +520,8 @@ def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split:
     the offset come from `prepass`. stages: steps of TMA loads in flight."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    from pallas_kernels.kv_values_wgmma import _code_order_view
+
     b, kv_heads, heads, _ = q.shape
     problem = kernel_problem(k, heads, block)
     if problem:
@@ -528,7 +530,6 @@ def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split:
     b8, ao = prepass(q, k, scale=scale)
     n_pad = b8.shape[-2]
     words = jax.lax.bitcast_convert_type(k.codes, jnp.int32)  # [B, K, D, S / 16]
-    view = lambda x: x.reshape(*x.shape[:-1], s // (SLOTS * k.rows), SLOTS, k.rows)  # noqa: E731  code-order tiles
     body = functools.partial(_kernel, heads=heads, n_pad=n_pad, rows=k.rows, block=block,
                              blocks_per_split=blocks_per_split, stages=stages, token_group=k.token_group)
     scores, top = plgpu.kernel(
@@ -537,6 +538,6 @@ def keys_pass(q, k, bias, length, *, scale: float, block: int, blocks_per_split:
                   jax.ShapeDtypeStruct((b, kv_heads, n_splits, 128 * heads), jnp.float32)),
         grid=(b, kv_heads, n_splits), grid_names=("b", "h", "s"),
         scratch_types=[plgpu.SMEM((128 * heads,), jnp.float32)],
-    )(jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), words, b8, ao, view(bias))
+    )(jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), words, b8, ao, _code_order_view(bias, k.rows))
     top = top.reshape(b, kv_heads, n_splits, 128, heads).max(axis=-2)
     return scores.reshape(b, kv_heads, heads, s), top
