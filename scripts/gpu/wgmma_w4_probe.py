@@ -129,10 +129,10 @@ def parse_configs(text: str) -> list[tuple]:
 
 
 def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 4, group: int = 128) -> tuple:
-    """A parsed config, with "default[+ovl|fold|lop3|arith|xla|cluster|gemm[+nobal]]" made concrete for this point: the
+    """A parsed config, with "default[+ovl|fold|loads|lop3|arith|xla|cluster|gemm[+nobal]]" made concrete for this point: the
     weight as `repack_for_wgmma` lays it out (`stored_layout`), `default_config` at batch m, then
     the flags (ovl: `overlap_mma` with the codes scaled in bf16; fold: `offset_on_acc`; gemm:
-    `gemm_config` at any batch; nobal: without its balanced batch tiles)."""
+    `gemm_config` at any batch; nobal: without its balanced batch tiles; loads: its loads only)."""
     if cand[0] != "default":
         return cand
     flags = cand[1]
@@ -144,6 +144,8 @@ def resolve_default(cand: tuple, k: int, n: int, m: int, grid: str, bits: int = 
         cfg = dataclasses.replace(cfg, overlap_mma=True, scale_on_acc=False)
     if "fold" in flags:
         cfg = dataclasses.replace(cfg, offset_on_acc=True)
+    if "loads" in flags:  # the default's pipeline with its arithmetic left out
+        cfg = dataclasses.replace(cfg, loads_only=True)
     if lop3_flag(flags) is not None:
         cfg = dataclasses.replace(cfg, lop3=lop3_flag(flags))
     if "xla" in flags or "cluster" in flags:
