@@ -178,7 +178,7 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
 
 def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: int, rows: int,
             block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int, pieces: int,
-            lop3: bool, piecewise: bool = False):
+            lop3: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -220,17 +220,12 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
         part = write_b(s_smem, vs_smem, *([z_smem] if with_zero else []), b_smem, part, valid, *tops)
         new = []
         for r in range(blocks):
-            # piecewise: each piece's wgmma is waited for before the next piece is converted
-            groups_ = [[pr] for pr in piece_refs(c_smem, r)] if piecewise else [piece_refs(c_smem, r)]
-            acc = accs[r]
-            for refs_ in groups_:
-                operands_ = [(convert(_load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)), b) for codes, b in refs_]
+            operands_ = [(convert(_load(codes, layout=plgpu.Layout.WGMMA_UPCAST_4X)), b) for codes, b in piece_refs(c_smem, r)]
 
-                def mma(acc_ref, operands_=operands_):
-                    for a, b in operands_:
-                        plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
-                acc = pl.run_state(mma)(plgpu.ACC.init(acc))
-            new.append(acc)
+            def mma(acc_ref, operands_=operands_):
+                for a, b in operands_:
+                    plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
+            new.append(pl.run_state(mma)(plgpu.ACC.init(accs[r])))
         return tuple(new), part
 
     def piece_refs(c_smem, r):
@@ -267,16 +262,14 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 
 
 def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
-                stages: int = 2, pieces: int = 2, lop3: bool = True, piecewise: bool = False):
+                stages: int = 2, pieces: int = 2, lop3: bool = True):
     """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
     (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
     `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
     pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
     token; both pieces' converted codes are live at once, 64 more registers); lop3: the conversion's
-    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`); piecewise: each piece converted and its
-    wgmma waited for in turn, so only one piece's converted codes are live (64 registers fewer: at
-    255 registers the default holds 2 programs an SM, kv_notes run 24's ncu)."""
+    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     problem = supports(v, heads, pieces, block)
@@ -294,7 +287,7 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
         operands.append(_code_order_view(v.zero, v.rows))
     body = functools.partial(_kernel, heads=heads, groups=groups, rows=v.rows, block=block,
                              blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d,
-                             pieces=pieces, lop3=lop3, piecewise=piecewise)
+                             pieces=pieces, lop3=lop3)
     o_raw, part = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, hc, n_splits, d, n_pad), jnp.float32),
