@@ -178,7 +178,7 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
 
 def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: int, rows: int,
             block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int, pieces: int,
-            lop3: bool, step_sums: bool = True):
+            lop3: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -225,14 +225,7 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
             def mma(acc_ref, operands_=operands_):
                 for a, b in operands_:
                     plgpu.wgmma(acc_ref, a, b.transpose((1, 0)))
-
-            def step_sum(acc_ref):
-                mma(acc_ref)
-                return acc_ref[...]
-            if step_sums:  # this step's sum from zero on the tensor cores, added to the split's in fp32 here
-                new.append(accs[r] + pl.run_scoped(step_sum, plgpu.ACC((ROW_BLOCK, n_pad), jnp.float32)))
-            else:  # the split's sum carried through the tensor cores' accumulator
-                new.append(pl.run_state(mma)(plgpu.ACC.init(accs[r])))
+            new.append(pl.run_state(mma)(plgpu.ACC.init(accs[r])))
         return tuple(new), part
 
     def piece_refs(c_smem, r):
@@ -269,16 +262,14 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 
 
 def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
-                stages: int = 2, pieces: int = 2, lop3: bool = True, step_sums: bool = True):
+                stages: int = 2, pieces: int = 2, lop3: bool = True):
     """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
     (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
     `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
     pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
     token; both pieces' converted codes are live at once, 64 more registers); lop3: the conversion's
-    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`); step_sums: each step's wgmma sums start from
-    zero and are added to the split's sums in fp32 by the threads, instead of riding in the tensor
-    cores' accumulator through the whole split."""
+    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     problem = supports(v, heads, pieces, block)
@@ -296,7 +287,7 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
         operands.append(_code_order_view(v.zero, v.rows))
     body = functools.partial(_kernel, heads=heads, groups=groups, rows=v.rows, block=block,
                              blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d,
-                             pieces=pieces, lop3=lop3, step_sums=step_sums)
+                             pieces=pieces, lop3=lop3)
     o_raw, part = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, hc, n_splits, d, n_pad), jnp.float32),

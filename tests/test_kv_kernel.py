@@ -409,14 +409,13 @@ def test_wgmma_values_index_map_is_the_fragment_order():
         np.testing.assert_array_equal(halves[1], codes[:, c + 8] - 2)
 
 
-@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4)),
-                                       (1, dict(values_step_sums=False))],
-                         ids=["g1", "g4", "g1-256-arith", "g1-tc-accumulator"])
+@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4))],
+                         ids=["g1", "g4", "g1-256-arith"])
 def test_wgmma_values_pass_lowers_for_cuda(g, options):
     """The Mosaic GPU values pass traces and lowers for CUDA beside cw2's Triton keys pass: one
     kernel of each, for one query a kv head and for 4 (one program takes them all), in the default
     steps of 512 tokens with the conversion's and-or as PTX lop3 and in run 21's 256-token steps with
-    arith's and + or; each step's sums added in fp32 (the default) or carried in wgmma's accumulator."""
+    arith's and + or."""
     from jax import export
 
     rng = np.random.default_rng(2)
