@@ -909,10 +909,6 @@ class Cw2Config:
     loads in flight; values_pieces: 256-token pieces a step (2 halves the per-step overhead a token);
     values_lop3: its conversion's and-or as one PTX lop3 (run 21's SASS: two LOP3 a pair from arith).
     Run 22, Llama-2 at batch 8: 191.7 us with neither, 166.6 with lop3, 159.0 with both (2 stages).
-    values_mirror: B's columns twice, the copy negated, the output half the difference: on an H200 the
-    tensor-core pass's error grows with the tokens a split (kv_notes run 24: 2.0e-3 at 2048, 8.6e-3 at
-    32768 on random layers, against a flat 5.5e-4 for the f16x2 pass), as a bias of the tensor cores'
-    fp32 sums would; the copy's bias has the same sign, so the difference cancels it.
     keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
     int8 q x key scale on Hopper's tensor cores, after a Triton prepass. It takes 2-bit keys, head_dim
     128 and at most 2 query heads a kv head, one program a kv head for all of them; in interpret mode,
@@ -932,7 +928,6 @@ class Cw2Config:
     values_stages: int = 2
     values_pieces: int = 2
     values_lop3: bool = True
-    values_mirror: bool = False
     keys: str = "cuda"
     keys_stages: int = 2
 
@@ -1071,7 +1066,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         run = kvw.emulate_values if interpret else kvw.values_pass
         o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=key_blocks,
                       **({} if interpret else dict(stages=config.values_stages, pieces=config.values_pieces,
-                                                   lop3=config.values_lop3, mirror=config.values_mirror)))
+                                                   lop3=config.values_lop3)))
         return _split_partials(o, l, m, g)
 
     # values grid: (K * chunks) * parts, part = hh % parts

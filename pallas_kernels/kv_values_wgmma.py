@@ -88,11 +88,11 @@ def supports(v, heads: int, pieces: int = 1, block: int | None = None) -> str | 
     return None
 
 
-def _columns(heads: int, groups: int, mirror: bool = False) -> tuple[int, int]:
-    """(B's columns, zero-filled to a multiple of 8: heads x groups, twice with `mirror`; fp32 partial
-    sums a thread: heads denominators and heads x groups zero-point terms, padded to a power of 2)."""
+def _columns(heads: int, groups: int) -> tuple[int, int]:
+    """(B's columns, zero-filled to a multiple of 8; fp32 partial sums a thread: heads
+    denominators and heads x groups zero-point terms, padded to a power of 2)."""
     n = heads * groups
-    return -(-n * (1 + mirror) // 8) * 8, 1 << (heads + n - 1).bit_length()
+    return -(-n // 8) * 8, 1 << (heads + n - 1).bit_length()
 
 
 def _code_order_view(x, rows: int):
@@ -101,7 +101,7 @@ def _code_order_view(x, rows: int):
 
 
 def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid: float, with_zero: bool,
-             pieces: int = 1, mirror: bool = False):
+             pieces: int = 1):
     """One step's B into the 128-byte-swizzled tile b_ref [n_pad, 256 pieces] (fp16), and the thread's
     fp32 partial sums: in each 256-token piece p thread t takes word column j = 16 p + t % 16 and slots
     c, c + 8 (c = t // 16), two tokens that are adjacent columns of B (`b_column`), so one 32-bit
@@ -167,10 +167,7 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
                         zsum = arith.addf(zsum, arith.mulf(p[e], offset))
                 sums[heads + n] = zsum
                 store_pair(n, h, *ps)
-                if mirror:  # -B in column n + heads x groups (`finish_values` halves the difference)
-                    neg = arith.negf(vector.from_elements(pair_ty, ps))
-                    store_pair(n + heads * groups, h, *(vector.extract(neg, [], [e]) for e in range(2)))
-        for n in range(heads * groups * (1 + mirror), n_pad):  # zero columns
+        for n in range(heads * groups, n_pad):  # zero columns
             store_pair(n, h, zero16, zero16)
     mgpu_utils.commit_shared()  # fence for wgmma's (async proxy) reads, then the warpgroup barrier
     new = vector.from_elements(regs.type, sums)
@@ -181,7 +178,7 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
 
 def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: int, rows: int,
             block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int, pieces: int,
-            lop3: bool, mirror: bool = False):
+            lop3: bool):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -189,7 +186,7 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 
     vz_g = rest[0] if with_zero else None
     o_g, part_g, b_smem, o_smem, part_smem = rest[int(with_zero):]
-    n_pad, n_part = _columns(heads, groups, mirror)
+    n_pad, n_part = _columns(heads, groups)
     bi, hh, si = (jax.lax.axis_index(a) for a in ("b", "h", "s"))
     step_tokens, step_columns = STEP_TOKENS * pieces, STEP_COLUMNS * pieces
     per_block = block // step_tokens
@@ -209,7 +206,7 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
         return_type=plgpu.ShapeDtypeStruct((128 * n_part,), jnp.float32,
                                            layout=plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part)),
     )(functools.partial(_write_b, heads=heads, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero,
-                        pieces=pieces, mirror=mirror))
+                        pieces=pieces))
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((ROW_BLOCK, STEP_TOKENS), jnp.float16, layout=plgpu.Layout.WGMMA),
@@ -265,15 +262,14 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 
 
 def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
-                stages: int = 2, pieces: int = 2, lop3: bool = True, mirror: bool = False):
+                stages: int = 2, pieces: int = 2, lop3: bool = True):
     """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
     (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
     `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
     pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
     token; both pieces' converted codes are live at once, 64 more registers); lop3: the conversion's
-    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`); mirror: B's columns twice, the second time
-    negated, and the output half the difference (`finish_values`)."""
+    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     problem = supports(v, heads, pieces, block)
@@ -282,7 +278,7 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
     b, hc, _, s = scores.shape
     n_splits = top.shape[2]
     d, groups = v.head_dim, v.head_dim // v.channel_group
-    n_pad, n_part = _columns(heads, groups, mirror)
+    n_pad, n_part = _columns(heads, groups)
     with_zero = v.zero is not None
     codes = jax.lax.bitcast_convert_type(v.codes, jnp.int4).reshape(*v.codes.shape[:3], -1)  # [B, K, D, S / 2]
     operands = [_code_order_view(scores, v.rows), top, jnp.reshape(jnp.asarray(length, jnp.int32), (1,)), codes,
@@ -291,7 +287,7 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
         operands.append(_code_order_view(v.zero, v.rows))
     body = functools.partial(_kernel, heads=heads, groups=groups, rows=v.rows, block=block,
                              blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d,
-                             pieces=pieces, lop3=lop3, mirror=mirror)
+                             pieces=pieces, lop3=lop3)
     o_raw, part = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, hc, n_splits, d, n_pad), jnp.float32),
@@ -301,20 +297,18 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
                                   transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
                        plgpu.SMEM((d, n_pad), jnp.float32), plgpu.SMEM((128 * n_part,), jnp.float32)],
     )(*operands)
-    return finish_values(o_raw, part, top, heads=heads, groups=groups, channel_group=v.channel_group, mirror=mirror)
+    return finish_values(o_raw, part, top, heads=heads, groups=groups, channel_group=v.channel_group)
 
 
-def finish_values(o_raw, part, top, *, heads: int, groups: int, channel_group: int, mirror: bool = False):
+def finish_values(o_raw, part, top, *, heads: int, groups: int, channel_group: int):
     """The kernel's per-program outputs -> (o [.., heads, D], l [.., heads], m [.., heads]): each
     channel row's column of its own group, plus that group's zero-point sum; the threads' partial
-    sums added. mirror: half the difference of each column and its negated copy."""
+    sums added."""
     sums = part.reshape(*part.shape[:-1], 128, -1).sum(-2)  # [.., n_part]
     l = sums[..., :heads]
     zterm = sums[..., heads:heads + heads * groups].reshape(*sums.shape[:-1], heads, groups)
     d = o_raw.shape[-2]
-    n = heads * groups
-    cols = (o_raw[..., :n] - o_raw[..., n:2 * n]) / 2 if mirror else o_raw[..., :n]
-    cols = cols.reshape(*o_raw.shape[:-1], heads, groups)  # [.., D, heads, groups]
+    cols = o_raw[..., :heads * groups].reshape(*o_raw.shape[:-1], heads, groups)  # [.., D, heads, groups]
     own = jax.nn.one_hot(jnp.arange(d) // channel_group, groups, dtype=jnp.float32)  # [D, groups]
     o = jnp.einsum("...dqg,dg->...qd", cols, own) + jnp.einsum("...qg,dg->...qd", zterm, own)
     return o, l, top / LOG2E

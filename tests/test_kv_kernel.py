@@ -409,40 +409,13 @@ def test_wgmma_values_index_map_is_the_fragment_order():
         np.testing.assert_array_equal(halves[1], codes[:, c + 8] - 2)
 
 
-def test_wgmma_values_mirror_cancels_a_bias_common_to_both_copies():
-    """`values_mirror`: B's heads x groups columns, then the same negated; `finish_values` takes half
-    their difference, so a bias the tensor cores add to both copies alike cancels, and the output is the
-    plain columns' where there is none. N stays a multiple of 8 (Llama-2: 4 columns -> 8, no more)."""
-    from pallas_kernels.kv_values_wgmma import _columns, finish_values
-
-    assert _columns(1, 4) == (8, 8) and _columns(1, 4, mirror=True) == (8, 8)
-    assert _columns(4, 4, mirror=True) == (32, 32) and _columns(3, 2, mirror=True) == (16, 16)
-    rng = np.random.default_rng(4)
-    heads, groups, d = 3, 2, 64
-    n_pad, n_part = _columns(heads, groups, mirror=True)
-    x = rng.normal(size=(2, 5, 1, d, heads * groups)).astype(np.float32)
-    bias = np.float32(1e-3) * rng.random(size=x.shape).astype(np.float32)
-    pad = np.zeros(x.shape[:-1] + (n_pad - 2 * heads * groups,), np.float32)
-    o_raw = jnp.asarray(np.concatenate([x + bias, -x + bias, pad], -1))
-    part = jnp.asarray(rng.normal(size=(2, 5, 1, 128 * n_part)).astype(np.float32))
-    top = jnp.zeros((2, 5, 1, heads))
-    kw = dict(heads=heads, groups=groups, channel_group=d // groups)
-    mirrored = finish_values(o_raw, part, top, mirror=True, **kw)
-    exact = finish_values(jnp.asarray(np.concatenate([x, pad, pad[..., :heads * groups]], -1)), part, top, **kw)
-    biased = finish_values(o_raw, part, top, **kw)
-    np.testing.assert_allclose(np.asarray(mirrored[0]), np.asarray(exact[0]), rtol=0, atol=1e-6)
-    assert float(jnp.max(jnp.abs(biased[0] - exact[0]))) > 1e-4  # the plain columns keep the bias
-    np.testing.assert_array_equal(np.asarray(mirrored[1]), np.asarray(exact[1]))
-
-
-@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4)),
-                                       (1, dict(values_mirror=True)), (4, dict(values_mirror=True))],
-                         ids=["g1", "g4", "g1-256-arith", "g1-mirror", "g4-mirror"])
+@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4))],
+                         ids=["g1", "g4", "g1-256-arith"])
 def test_wgmma_values_pass_lowers_for_cuda(g, options):
     """The Mosaic GPU values pass traces and lowers for CUDA beside cw2's Triton keys pass: one
     kernel of each, for one query a kv head and for 4 (one program takes them all), in the default
     steps of 512 tokens with the conversion's and-or as PTX lop3 and in run 21's 256-token steps with
-    arith's and + or; with B's columns mirrored (negated copies) too."""
+    arith's and + or."""
     from jax import export
 
     rng = np.random.default_rng(2)

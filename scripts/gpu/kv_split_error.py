@@ -35,7 +35,6 @@ def main() -> None:
     ap.add_argument("--splits", default="2,16")
     ap.add_argument("--values", default="wgmma,cuda")
     ap.add_argument("--keys", default="cuda")
-    ap.add_argument("--mirror", default="0", help="values_mirror settings to run, e.g. 0,1")
     ap.add_argument("--kv-heads", type=int, default=0, help="fewer kv heads than Llama-2-7B's 32 (a CPU check)")
     ap.add_argument("--interpret", action="store_true", help="the kernels' CPU models (interpret mode)")
     args = ap.parse_args()
@@ -49,11 +48,9 @@ def main() -> None:
     scale = cfg.head_dim ** -0.5
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, args.context, scale=scale)])
     n_blocks = k.capacity // (da.KEY_COLUMNS * 16)  # cw2's blocks of 2048 tokens (code order permutes inside one)
-    for values, mirror in ((v, int(m)) for v in args.values.split(",") for m in args.mirror.split(",")):
-        if mirror and values != "wgmma":
-            continue
+    for values in args.values.split(","):
         for splits in (int(s) for s in args.splits.split(",")):
-            config = da.Cw2Config(values=values, keys=args.keys, values_mirror=bool(mirror))
+            config = da.Cw2Config(values=values, keys=args.keys)
             part = da.quantized_decode_partials(q, k, v, mask, args.context, scale=scale, path="cw2",
                                                 num_splits=splits, cw2=config, merge=False, interpret=args.interpret)
             got = da.combine([part])
@@ -66,7 +63,7 @@ def main() -> None:
                 worst_o = max(worst_o, relative_error(o_k / l_k[..., None], ref.o / ref.l[..., None]))
                 lse = lambda l, m: jnp.log(l) + m  # noqa: E731
                 worst_lse = max(worst_lse, float(jnp.max(jnp.abs(lse(l_k, m_k) - lse(ref.l, ref.m)))))
-            print(f"values={values}{'+mirror' if mirror else ''} keys={args.keys} splits={n_splits} ({per_split} blocks): output rel err "
+            print(f"values={values} keys={args.keys} splits={n_splits} ({per_split} blocks): output rel err "
                   f"{relative_error(got, want):.2e}; worst split: normalized o rel err {worst_o:.2e}, "
                   f"log-sum-exp abs err {worst_lse:.2e}; finite {bool(jnp.isfinite(got).all())}", flush=True)
 
