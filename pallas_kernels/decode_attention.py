@@ -909,6 +909,12 @@ class Cw2Config:
     loads in flight; values_pieces: 256-token pieces a step (2 halves the per-step overhead a token);
     values_lop3: its conversion's and-or as one PTX lop3 (run 21's SASS: two LOP3 a pair from arith).
     Run 22, Llama-2 at batch 8: 191.7 us with neither, 166.6 with lop3, 159.0 with both (2 stages).
+    values_balanced: its codes centred on their middle, 1.5 (`kv_values_wgmma.slot_mids`), not 2. On an
+    H200 the pass's error grew with the tokens a split (kv_notes run 24, random layers at 32k: 2.0e-3
+    at 2048 tokens, 8.6e-3 at 32768; the f16x2 pass 5.5e-4 at both): wgmma's sum of B x (code - 2)
+    leans one way and came out about 2e-4 off relative to itself, and the zero-point term cancels most
+    of it. Centred codes leave a sum about 10x smaller (that run's data). Written and CPU-tested, not
+    yet run on a GPU: off until it is.
     keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
     int8 q x key scale on Hopper's tensor cores, after a Triton prepass. It takes 2-bit keys, head_dim
     128 and at most 2 query heads a kv head, one program a kv head for all of them; in interpret mode,
@@ -928,6 +934,7 @@ class Cw2Config:
     values_stages: int = 2
     values_pieces: int = 2
     values_lop3: bool = True
+    values_balanced: bool = False
     keys: str = "cuda"
     keys_stages: int = 2
 
@@ -1065,6 +1072,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         top = jnp.moveaxis(top.reshape(b, kv_heads, chunks, n_splits, chunk), 3, 2).reshape(b, kv_heads, n_splits, g)
         run = kvw.emulate_values if interpret else kvw.values_pass
         o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=key_blocks,
+                      balanced=config.values_balanced,
                       **({} if interpret else dict(stages=config.values_stages, pieces=config.values_pieces,
                                                    lop3=config.values_lop3)))
         return _split_partials(o, l, m, g)

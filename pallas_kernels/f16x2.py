@@ -112,14 +112,27 @@ def inline_ptx(asm: str, args: list, constraints: str, dtypes: list) -> list:
                                         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, t) for t in dtypes])
 
 
-def h2_pair_constants(bits: int, o):
+def h2_pair_constants(bits: int, o, balanced: bool = False):
     """(mask, magic, centre) f16x2 words of the code pair at offset o of each half-word: centre is
-    magic's value 2**(10 - o) plus the mid code 2**(bits - 1)."""
+    magic's value 2**(10 - o) plus the mid code 2**(bits - 1), or with `balanced` plus
+    `balanced_mids(bits, o)` (o a Python int then)."""
     field = jnp.int32((1 << bits) - 1) << o
     e = (25 - o) << 10  # fp16 exponent word of 2**(10 - o)
     magic = e | (e << 16)
+    if balanced:  # each half's mid in mantissa units: bit o is 1, bit o - 1 is 1/2
+        lo, hi = (int(m * (1 << o)) for m in balanced_mids(bits, o))
+        return field | (field << 16), magic, magic | jnp.int32(lo) | (jnp.int32(hi) << 16)
     mid = jnp.int32(1 << (bits - 1)) << o  # the mid code, in the mantissa
     return field | (field << 16), magic, magic | mid | (mid << 16)
+
+
+def balanced_mids(bits: int, o: int) -> tuple[float, float]:
+    """(low half, high half) mids a *balanced* pair at offset o subtracts: the codes' middle
+    2**(bits - 1) - 1/2 where fp16 holds it (o >= 1: the unit of 2**(10 - o) is at most 1/2), else
+    2**(bits - 1) and 2**(bits - 1) - 1, the middle on average over the pair. Uniform codes less these
+    sum to about zero, so a sum of weights times them has no part that grows with the count."""
+    mid = 1 << (bits - 1)
+    return (mid - 0.5, mid - 0.5) if o >= 1 else (float(mid), float(mid - 1))
 
 
 def h2_codes(words, mask, magic, center, asm: bool):

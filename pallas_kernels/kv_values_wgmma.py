@@ -88,6 +88,20 @@ def supports(v, heads: int, pieces: int = 1, block: int | None = None) -> str | 
     return None
 
 
+def slot_mids(balanced: bool = False) -> np.ndarray:
+    """[16] the mid the conversion subtracts from the code in each slot of a word: 2 (the codes
+    centred as 0..3 -> -2..1), or with `balanced` `f16x2.balanced_mids` of the slot's pair (slots c
+    and c + 8 are pair c, at offset `h2_positions(2)[c]`): 1.5, but 2 and 1 for slots 0 and 8."""
+    from pallas_kernels.f16x2 import balanced_mids, h2_positions
+
+    if not balanced:
+        return np.full(SLOTS, 2.0)
+    pairs = [balanced_mids(2, o) for _, o in h2_positions(2)]
+    mids = np.array([pairs[slot % 8][slot // 8] for slot in range(SLOTS)])
+    assert len(set(mids[1:8])) == len(set(mids[9:])) == 1  # `_write_b` selects pair 0's or the rest's
+    return mids
+
+
 def _columns(heads: int, groups: int) -> tuple[int, int]:
     """(B's columns, zero-filled to a multiple of 8; fp32 partial sums a thread: heads
     denominators and heads x groups zero-point terms, padded to a power of 2)."""
@@ -100,8 +114,8 @@ def _code_order_view(x, rows: int):
     return x.reshape(*x.shape[:-1], x.shape[-1] // (SLOTS * rows), SLOTS, rows)
 
 
-def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid: float, with_zero: bool,
-             pieces: int = 1):
+def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, with_zero: bool,
+             pieces: int = 1, balanced: bool = False):
     """One step's B into the 128-byte-swizzled tile b_ref [n_pad, 256 pieces] (fp16), and the thread's
     fp32 partial sums: in each 256-token piece p thread t takes word column j = 16 p + t % 16 and slots
     c, c + 8 (c = t // 16), two tokens that are adjacent columns of B (`b_column`), so one 32-bit
@@ -128,6 +142,10 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
     c = arith.shrui(t, ci(4))
     q2 = arith.shli(arith.andi(j0, ci(3)), ci(1))
     slots = (c, arith.addi(c, ci(8)))
+    # the mid the slots' codes are centred on (`slot_mids`; only pair 0, slots 0 and 8, may differ)
+    table = slot_mids(balanced)
+    first_pair = arith.cmpi(arith.CmpIPredicate.eq, c, ci(0))
+    mids = [arith.select(first_pair, cf(float(table[8 * e])), cf(float(table[8 * e + 1]))) for e in (0, 1)]
     ok = valid.registers.item()
     (regs,) = part.registers.flat
     sums = [vector.extract(regs, [], [n]) for n in range(ir.VectorType(regs.type).shape[0])]
@@ -162,8 +180,13 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
                 for e, i in enumerate(slots):
                     scale = arith.extf(f32, load(vs_ref, g, i, j))
                     ps.append(arith.truncf(f16, arith.mulf(p[e], scale)))
-                    if with_zero:  # value = (code - mid) * scale + (zero + mid * scale)
-                        offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(cf(mid), scale))
+                    # value = (code - mid) * scale + offset: offset = zero + mid * scale (asymmetric),
+                    # (mid - 2) * scale (symmetric: none unless balanced)
+                    if with_zero:
+                        offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(mids[e], scale))
+                        zsum = arith.addf(zsum, arith.mulf(p[e], offset))
+                    elif balanced:
+                        offset = arith.mulf(arith.subf(mids[e], cf(2.0)), scale)
                         zsum = arith.addf(zsum, arith.mulf(p[e], offset))
                 sums[heads + n] = zsum
                 store_pair(n, h, *ps)
@@ -178,7 +201,7 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, mid
 
 def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: int, rows: int,
             block: int, blocks_per_split: int, stages: int, with_zero: bool, head_dim: int, pieces: int,
-            lop3: bool):
+            lop3: bool, balanced: bool = False):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -205,12 +228,12 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
                    plgpu.Layout.WG_SPLAT(()), *[plgpu.Layout.WG_SPLAT(())] * heads),
         return_type=plgpu.ShapeDtypeStruct((128 * n_part,), jnp.float32,
                                            layout=plgpu.Layout.WG_STRIDED((128 * n_part,), vec_size=n_part)),
-    )(functools.partial(_write_b, heads=heads, groups=groups, n_pad=n_pad, mid=2.0, with_zero=with_zero,
-                        pieces=pieces))
+    )(functools.partial(_write_b, heads=heads, groups=groups, n_pad=n_pad, with_zero=with_zero,
+                        pieces=pieces, balanced=balanced))
     convert = plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_UPCAST_4X,),
         return_type=plgpu.ShapeDtypeStruct((ROW_BLOCK, STEP_TOKENS), jnp.float16, layout=plgpu.Layout.WGMMA),
-    )(functools.partial(_convert_lop3, dtype="float16", bits=2, in_place=True, lop3=lop3))
+    )(functools.partial(_convert_lop3, dtype="float16", bits=2, in_place=True, lop3=lop3, balanced=balanced))
     blocks = head_dim // ROW_BLOCK
 
     def body(idx, s_smem, c_smem, vs_smem, *rest_):
@@ -262,14 +285,15 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 
 
 def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
-                stages: int = 2, pieces: int = 2, lop3: bool = True):
+                stages: int = 2, pieces: int = 2, lop3: bool = True, balanced: bool = False):
     """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
     (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
     `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
     pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
     token; both pieces' converted codes are live at once, 64 more registers); lop3: the conversion's
-    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`)."""
+    and-or as one PTX lop3 (`wgmma_matmul._word_pairs`); balanced: the codes centred on their middle
+    (`slot_mids`), so that wgmma's sums carry no part that grows with the tokens (see `emulate_values`)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     problem = supports(v, heads, pieces, block)
@@ -287,7 +311,7 @@ def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_sp
         operands.append(_code_order_view(v.zero, v.rows))
     body = functools.partial(_kernel, heads=heads, groups=groups, rows=v.rows, block=block,
                              blocks_per_split=blocks_per_split, stages=stages, with_zero=with_zero, head_dim=d,
-                             pieces=pieces, lop3=lop3)
+                             pieces=pieces, lop3=lop3, balanced=balanced)
     o_raw, part = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((b, hc, n_splits, d, n_pad), jnp.float32),
@@ -314,12 +338,19 @@ def finish_values(o_raw, part, top, *, heads: int, groups: int, channel_group: i
     return o, l, top / LOG2E
 
 
-def emulate_values(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int):
+def emulate_values(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
+                   balanced: bool = False):
     """The kernel's arithmetic in plain JAX: each step's codes at the logical columns the hardware's
     fragment gives them (`crumb_permutation`, as the 2-bit weights of `wgmma_matmul`), B written at
     the columns `b_column` names (what `_write_b` does), fp16 products, fp32 sums. A wrong
     `b_column` pairs codes with other tokens' weights here as in the kernel. Returns what
-    `values_pass` returns."""
+    `values_pass` returns.
+
+    balanced: the codes less `slot_mids(True)` (their middle) instead of 2, the zero-point term with
+    the same mids. Exact arithmetic gives the same output either way; the GPU's does not: on an H200
+    wgmma's sum of B x (code - 2) over a split, whose terms lean one way (the codes' mean is 1.5), came
+    out about 2e-4 off relative to itself, and the zero-point term cancels most of that sum, so the
+    output's error grew with the tokens a split (kv_notes run 24)."""
     from pallas_kernels.wgmma_matmul import crumb_permutation
 
     b, hc, _, s = scores.shape
@@ -336,7 +367,9 @@ def emulate_values(scores, top, length, v, *, heads: int, block: int, blocks_per
     shifts = jnp.arange(SLOTS, dtype=jnp.int32) * 2
     physical = ((words[..., None] >> shifts) & 3).reshape(b, hc, d, steps, STEP_TOKENS)  # word-major, then slot
     logical_of = (np.arange(STEP_TOKENS) // 64) * 64 + crumb_permutation()[np.arange(STEP_TOKENS) % 64]
-    codes = jnp.zeros_like(physical).at[..., logical_of].set(physical).astype(jnp.float32) - 2.0
+    mids = slot_mids(balanced)
+    centred = physical.astype(jnp.float32) - jnp.asarray(np.tile(mids, STEP_TOKENS // SLOTS))  # physical p: slot p % 16
+    codes = jnp.zeros_like(centred).at[..., logical_of].set(centred)
 
     def per_step(x):  # code-order [.., S] -> [.., steps, 256 logical]
         x = _code_order_view(x, v.rows)  # [.., tiles, 16, rows]
@@ -360,9 +393,10 @@ def emulate_values(scores, top, length, v, *, heads: int, block: int, blocks_per
     onehot = jax.nn.one_hot(split, n_splits, dtype=jnp.float32)  # [steps, splits]
     o_raw = jnp.einsum("bhdsk,bhqgsk,sx->bhxdqg", codes, ps, onehot)
     l = jnp.einsum("bhqsk,sx->bhxq", p, onehot)
-    zterm = jnp.zeros(l.shape + (groups,), jnp.float32)
-    if vz is not None:
-        zterm = jnp.einsum("bhqsk,bhgsk,sx->bhxqg", p, vz + 2.0 * vs, onehot)
+    # value = (code - mid) * scale + offset: zero + mid * scale, or (mid - 2) * scale without zero points
+    mid_k = jnp.asarray(mids[order // STEP_COLUMNS], jnp.float32)  # logical column k: slot order[k] // 16
+    offset = vz + mid_k * vs if vz is not None else (mid_k - 2.0) * vs
+    zterm = jnp.einsum("bhqsk,bhgsk,sx->bhxqg", p, offset, onehot)
     own = jax.nn.one_hot(jnp.arange(d) // v.channel_group, groups, dtype=jnp.float32)
     o = jnp.einsum("bhxdqg,dg->bhxqd", o_raw, own) + jnp.einsum("bhxqg,dg->bhxqd", zterm, own)
     return o, l, top / LOG2E

@@ -756,7 +756,7 @@ def _lop3(a, b, c, table: int):
 
 
 def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, in_place: bool = False,
-                lop3: bool = False) -> list:
+                lop3: bool = False, balanced: bool = False) -> list:
     """The 16 / field bf16 (fp16) pairs of a 32-bit word of codes in `field`-bit fields, the codes'
     `value_bits` low bits of each: pair c is fields (c, c + 16 / field), ((word >> field c) & mask) |
     magic = (base + code, base + code') exactly (one shift, one lop3), less base + mid (one
@@ -765,6 +765,8 @@ def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, 
     in_place (fp16, field == value_bits): each pair is masked where it lies, at offset o, and OR-ed
     into the fp16 whose unit is its lowest bit, 2**(10 - o) (`f16x2.h2_positions`; the top pairs come
     from word >> 8), less 2**(10 - o) + mid: one shift a word instead of one a pair.
+    balanced (in place only): less `f16x2.balanced_mids` instead of mid (codes centred on their
+    middle, exactly).
     lop3: the and-or written as PTX `lop3`. From arith's and + or ptxas emits two LOP3, as the mask
     and the magic word are two 32-bit immediates and one LOP3 takes one (kv_notes run 21's SASS)."""
     from jax._src.lib.mlir import ir
@@ -784,6 +786,8 @@ def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, 
             return _lop3(w, mask, magic, LOP3_AND_OR)
         return arith.ori(arith.andi(w, mask), magic)
 
+    if balanced and not in_place:
+        raise ValueError("balanced mids are the in-place fp16 pairs' (f16x2.balanced_mids)")
     if in_place:
         if dtype != "float16" or field != value_bits or not offset:
             raise ValueError(f"in-place pairs are fp16 codes filling their fields, centred: got {dtype}, "
@@ -791,7 +795,7 @@ def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, 
         shifted = arith.shrui(word, c(H2_SHIFT))
         return [arith.subf(mgpu_utils.bitcast(masked(shifted if sh else word, c(m), c(g)), pair),
                            mgpu_utils.bitcast(c(centre), pair))
-                for sh, (m, g, centre) in ((sh, h2_pair_constants(field, o)) for sh, o in h2_positions(field))]
+                for sh, (m, g, centre) in ((sh, h2_pair_constants(field, o, balanced)) for sh, o in h2_positions(field))]
     mask = ((1 << value_bits) - 1) * 0x00010001
     offset_pair = arith.constant(pair, ir.DenseElementsAttr.get_splat(
         pair, ir.FloatAttr.get(elt, base + (1 << (value_bits - 1)))))
@@ -804,7 +808,7 @@ def _word_pairs(word, *, field: int, value_bits: int, dtype: str, offset: bool, 
 
 
 def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: int = 4, in_place: bool = False,
-                  lop3: bool = False):
+                  lop3: bool = False, balanced: bool = False):
     """int4 bits of codes 0..15 in WGMMA_LAYOUT_UPCAST_4X -> code - 8 in WGMMA_LAYOUT, in bf16 or fp16.
 
     Pair c of a 32-bit word is nibbles (c, c + 4) (`_word_pairs`, which also says what `in_place` and
@@ -821,7 +825,7 @@ def _convert_lop3(ctx, a4, dtype: str = "bfloat16", offset: bool = True, bits: i
         if idx not in cache:
             word = mgpu_utils.bitcast(a4.registers[idx], i32)
             cache[idx] = _word_pairs(word, field=bits, value_bits=bits, dtype=dtype, offset=offset,
-                                     in_place=in_place, lop3=lop3)
+                                     in_place=in_place, lop3=lop3, balanced=balanced)
         return cache[idx]
 
     rows, cols = a4.shape

@@ -366,13 +366,17 @@ def test_cw2_key_prefetch_keeps_the_arithmetic():
 # with the codes at the logical columns the hardware's fragment gives them (`crumb_permutation`) and
 # B written where `b_column` says, so a wrong index map fails here. Llama-2's one query a kv head,
 # 4 queries (one program takes them all) with symmetric values, head_dim 64 with 3 queries.
-WGMMA_VALUE_CASES = [  # G, head_dim, capacity, length, value zero points, splits
-    (1, 128, 1024, 700, True, 2), (4, 128, 1024, 1000, False, None), (3, 64, 2048, 1500, True, 3)]
+# `values_balanced` (codes centred on their middle, the zero-point term to match) on an asymmetric and a
+# symmetric store, where it adds a term of its own.
+WGMMA_VALUE_CASES = [  # G, head_dim, capacity, length, value zero points, splits, balanced
+    (1, 128, 1024, 700, True, 2, False), (4, 128, 1024, 1000, False, None, False), (3, 64, 2048, 1500, True, 3, False),
+    (1, 128, 1024, 700, True, 2, True), (4, 128, 1024, 1000, False, None, True)]
 
 
-@pytest.mark.parametrize("g,d,s,length,zero,splits", WGMMA_VALUE_CASES,
-                         ids=[f"g{c[0]}-d{c[1]}-{'asym' if c[4] else 'sym'}" for c in WGMMA_VALUE_CASES])
-def test_wgmma_values_model_equals_reference(g, d, s, length, zero, splits):
+@pytest.mark.parametrize("g,d,s,length,zero,splits,balanced", WGMMA_VALUE_CASES,
+                         ids=[f"g{c[0]}-d{c[1]}-{'asym' if c[4] else 'sym'}{'-balanced' if c[6] else ''}"
+                              for c in WGMMA_VALUE_CASES])
+def test_wgmma_values_model_equals_reference(g, d, s, length, zero, splits, balanced):
     rng = np.random.default_rng(g + d)
     k = _store(rng, B, s, 2, 32, 32, 1, d=d, channel_words=True)
     v = _store(rng, B, s, 2, 32, 1, 32, zero=zero, d=d, channel_words=True)
@@ -381,7 +385,7 @@ def test_wgmma_values_model_equals_reference(g, d, s, length, zero, splits):
     ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=d ** -0.5)])
     out = da.combine([da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=d ** -0.5,
                                                    num_splits=splits, interpret=True, path="cw2",
-                                                   cw2=da.Cw2Config(values="wgmma"))])
+                                                   cw2=da.Cw2Config(values="wgmma", values_balanced=balanced))])
     top = float(jnp.abs(ref).max())
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=CW_TOLERANCE["cw2"](2) * top)
 
@@ -389,9 +393,10 @@ def test_wgmma_values_model_equals_reference(g, d, s, length, zero, splits):
 def test_wgmma_values_index_map_is_the_fragment_order():
     """`b_column`, where B takes token (word column j, slot i) of a step, is the logical column the
     2-bit fragment gives that code (`crumb_permutation`, chunk by chunk of 4 word columns); the
-    conversion's pairs, in `h2_positions` order, are slots (c, c + 8) less 2, exactly."""
+    conversion's pairs, in `h2_positions` order, are slots (c, c + 8) less 2, exactly, or with balanced
+    mids less `slot_mids(True)`: 1.5 (a half fp16 holds at offsets >= 2), 2 and 1 for slots 0 and 8."""
     from pallas_kernels.f16x2 import H2_SHIFT, h2_codes, h2_pair_constants, h2_positions
-    from pallas_kernels.kv_values_wgmma import b_column
+    from pallas_kernels.kv_values_wgmma import b_column, slot_mids
     from pallas_kernels.wgmma_matmul import crumb_permutation
 
     perm = crumb_permutation()
@@ -407,15 +412,25 @@ def test_wgmma_values_index_map_is_the_fragment_order():
         halves = [(u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)]
         np.testing.assert_array_equal(halves[0], codes[:, c] - 2)
         np.testing.assert_array_equal(halves[1], codes[:, c + 8] - 2)
+    mids = slot_mids(balanced=True)
+    np.testing.assert_array_equal(mids, [2.0] + [1.5] * 7 + [1.0] + [1.5] * 7)
+    for c, (shifted, o) in enumerate(h2_positions(2)):
+        pair = h2_codes(jnp.right_shift(words, H2_SHIFT) if shifted else words, *h2_pair_constants(2, o, balanced=True),
+                        asm=False)
+        u = np.asarray(pair).view(np.uint32)
+        halves = [(u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)]
+        np.testing.assert_array_equal(halves[0], codes[:, c] - mids[c])
+        np.testing.assert_array_equal(halves[1], codes[:, c + 8] - mids[c + 8])
 
 
-@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4))],
-                         ids=["g1", "g4", "g1-256-arith"])
+@pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4)),
+                                       (1, dict(values_balanced=True))],
+                         ids=["g1", "g4", "g1-256-arith", "g1-balanced"])
 def test_wgmma_values_pass_lowers_for_cuda(g, options):
     """The Mosaic GPU values pass traces and lowers for CUDA beside cw2's Triton keys pass: one
     kernel of each, for one query a kv head and for 4 (one program takes them all), in the default
     steps of 512 tokens with the conversion's and-or as PTX lop3 and in run 21's 256-token steps with
-    arith's and + or."""
+    arith's and + or; with balanced codes."""
     from jax import export
 
     rng = np.random.default_rng(2)

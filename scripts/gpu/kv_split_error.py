@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--splits", default="2,16")
     ap.add_argument("--values", default="wgmma,cuda")
     ap.add_argument("--keys", default="cuda")
+    ap.add_argument("--balanced", default="0", help="Cw2Config.values_balanced settings to run, e.g. 0,1")
     ap.add_argument("--kv-heads", type=int, default=0, help="fewer kv heads than Llama-2-7B's 32 (a CPU check)")
     ap.add_argument("--interpret", action="store_true", help="the kernels' CPU models (interpret mode)")
     args = ap.parse_args()
@@ -48,9 +49,11 @@ def main() -> None:
     scale = cfg.head_dim ** -0.5
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, args.context, scale=scale)])
     n_blocks = k.capacity // (da.KEY_COLUMNS * 16)  # cw2's blocks of 2048 tokens (code order permutes inside one)
-    for values in args.values.split(","):
+    for values, balanced in ((v, int(b)) for v in args.values.split(",") for b in args.balanced.split(",")):
+        if balanced and values != "wgmma":
+            continue
         for splits in (int(s) for s in args.splits.split(",")):
-            config = da.Cw2Config(values=values, keys=args.keys)
+            config = da.Cw2Config(values=values, keys=args.keys, values_balanced=bool(balanced))
             part = da.quantized_decode_partials(q, k, v, mask, args.context, scale=scale, path="cw2",
                                                 num_splits=splits, cw2=config, merge=False, interpret=args.interpret)
             got = da.combine([part])
@@ -63,7 +66,7 @@ def main() -> None:
                 worst_o = max(worst_o, relative_error(o_k / l_k[..., None], ref.o / ref.l[..., None]))
                 lse = lambda l, m: jnp.log(l) + m  # noqa: E731
                 worst_lse = max(worst_lse, float(jnp.max(jnp.abs(lse(l_k, m_k) - lse(ref.l, ref.m)))))
-            print(f"values={values} keys={args.keys} splits={n_splits} ({per_split} blocks): output rel err "
+            print(f"values={values}{'+balanced' if balanced else ''} keys={args.keys} splits={n_splits} ({per_split} blocks): output rel err "
                   f"{relative_error(got, want):.2e}; worst split: normalized o rel err {worst_o:.2e}, "
                   f"log-sum-exp abs err {worst_lse:.2e}; finite {bool(jnp.isfinite(got).all())}", flush=True)
 
