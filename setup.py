@@ -24,8 +24,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # Tests compare against transformers' PyTorch models; the CPU build of torch 2.13.0 lies on
-    # the CI machines' disk (a plain `torch` would pull a multi-GB CUDA build).
-    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "torch==2.13.0", "lm-eval==0.4.13", "accelerate>=1.0"],
+    # the CI machines' disk (a plain `torch` would pull a multi-GB CUDA build). pytest-xdist: the
+    # README's test command runs the suite in two worker processes (`-n 2`).
+    "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "torch==2.13.0", "lm-eval==0.4.13",
+            "accelerate>=1.0"],
     # `lm_eval --model jaxcompress` (see jaxcompress/eval/lm_eval_adapter.py).
     "lm-eval": ["lm-eval>=0.4.13,<0.5"],
 }

@@ -9,12 +9,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # executable the first compile wrote instead of compiling again (the Pallas interpret-mode
 # kernels take 10-20 s each to compile on the CPU). Nothing outlives the session, so no run reads
 # another's executables.
+# Under pytest-xdist (the README's `-n 2`) this runs first in the controller, before it starts the
+# workers: they inherit the variables, skip this block and share the one folder, and only the
+# controller removes it, at its exit, after the workers have ended. JAX takes a file lock around
+# each read and write of an entry only when the cache has a size limit, so one is set, far above
+# what a session writes: no worker reads an executable another is still writing, and no two write
+# one entry at once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit  # noqa: E402
     import shutil  # noqa: E402
     import tempfile  # noqa: E402
 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcompress-tests-xla-")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**40))
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402

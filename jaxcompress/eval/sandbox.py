@@ -175,9 +175,15 @@ def run_program(source: str, limits: Limits = Limits(), *, stdin: str = "") -> O
 _RUNS = itertools.count()
 
 
+def caller_uids() -> range:
+    """The uids this process gives its sandboxed programs (other processes get other blocks)."""
+    base = SANDBOX_UID_BASE + (os.getpid() % 1000) * 1000
+    return range(base, base + 1000)
+
+
 def _next_uid() -> int:
     """A uid for one run: distinct across concurrent runs of this and other processes."""
-    return SANDBOX_UID_BASE + (os.getpid() % 1000) * 1000 + next(_RUNS) % 1000
+    return caller_uids()[next(_RUNS) % 1000]
 
 
 SETUP_FAILED = 97  # the launcher's exit status when it could not isolate the program
