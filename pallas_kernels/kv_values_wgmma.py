@@ -182,11 +182,12 @@ def _write_b(ctx, s_ref, vs_ref, *rest, heads: int, groups: int, n_pad: int, wit
                     ps.append(arith.truncf(f16, arith.mulf(p[e], scale)))
                     # value = (code - mid) * scale + offset: offset = zero + mid * scale (asymmetric),
                     # (mid - 2) * scale (symmetric: none unless balanced)
+                    offset = None
                     if with_zero:
                         offset = arith.addf(arith.extf(f32, load(vz_ref, g, i, j)), arith.mulf(mids[e], scale))
-                        zsum = arith.addf(zsum, arith.mulf(p[e], offset))
                     elif balanced:
                         offset = arith.mulf(arith.subf(mids[e], cf(2.0)), scale)
+                    if offset is not None:
                         zsum = arith.addf(zsum, arith.mulf(p[e], offset))
                 sums[heads + n] = zsum
                 store_pair(n, h, *ps)

@@ -406,21 +406,17 @@ def test_wgmma_values_index_map_is_the_fragment_order():
     assert sorted(b_column(i, j) for i in range(16) for j in range(16)) == list(range(256))
     codes = np.random.default_rng(0).integers(0, 4, size=(64, 16))
     words = jnp.asarray((codes << (2 * np.arange(16))).sum(1).astype(np.uint32).view(np.int32))
-    for c, (shifted, o) in enumerate(h2_positions(2)):
-        pair = h2_codes(jnp.right_shift(words, H2_SHIFT) if shifted else words, *h2_pair_constants(2, o), asm=False)
-        u = np.asarray(pair).view(np.uint32)
-        halves = [(u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)]
-        np.testing.assert_array_equal(halves[0], codes[:, c] - 2)
-        np.testing.assert_array_equal(halves[1], codes[:, c + 8] - 2)
-    mids = slot_mids(balanced=True)
-    np.testing.assert_array_equal(mids, [2.0] + [1.5] * 7 + [1.0] + [1.5] * 7)
-    for c, (shifted, o) in enumerate(h2_positions(2)):
-        pair = h2_codes(jnp.right_shift(words, H2_SHIFT) if shifted else words, *h2_pair_constants(2, o, balanced=True),
-                        asm=False)
-        u = np.asarray(pair).view(np.uint32)
-        halves = [(u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)]
-        np.testing.assert_array_equal(halves[0], codes[:, c] - mids[c])
-        np.testing.assert_array_equal(halves[1], codes[:, c + 8] - mids[c + 8])
+    np.testing.assert_array_equal(slot_mids(), [2.0] * 16)
+    np.testing.assert_array_equal(slot_mids(balanced=True), [2.0] + [1.5] * 7 + [1.0] + [1.5] * 7)
+    for balanced in (False, True):
+        mids = slot_mids(balanced)
+        for c, (shifted, o) in enumerate(h2_positions(2)):
+            pair = h2_codes(jnp.right_shift(words, H2_SHIFT) if shifted else words,
+                            *h2_pair_constants(2, o, balanced=balanced), asm=False)
+            u = np.asarray(pair).view(np.uint32)
+            halves = [(u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)]
+            np.testing.assert_array_equal(halves[0], codes[:, c] - mids[c])
+            np.testing.assert_array_equal(halves[1], codes[:, c + 8] - mids[c + 8])
 
 
 @pytest.mark.parametrize("g,options", [(1, {}), (4, {}), (1, dict(values_pieces=1, values_lop3=False, values_stages=4)),

@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxcompress.kv import KIVICodec  # noqa: E402
 from jaxcompress.kv.bench import filled_layer, relative_error  # noqa: E402
+from jaxcompress.kv.store import codes_per_word  # noqa: E402
 from jaxcompress.models.presets import preset  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 
@@ -48,7 +49,8 @@ def main() -> None:
     mask = jnp.ones((args.batch, k.capacity), bool)
     scale = cfg.head_dim ** -0.5
     want = da.combine([da.quantized_decode_reference(q, k, v, mask, args.context, scale=scale)])
-    n_blocks = k.capacity // (da.KEY_COLUMNS * 16)  # cw2's blocks of 2048 tokens (code order permutes inside one)
+    block = da._key_columns(k) * codes_per_word(k.bits)  # cw2's blocks (code order permutes inside one)
+    n_blocks = k.capacity // block
     for values, balanced in ((v, int(b)) for v in args.values.split(",") for b in args.balanced.split(",")):
         if balanced and values != "wgmma":
             continue
@@ -60,7 +62,7 @@ def main() -> None:
             n_splits, per_split = da._splits(args.batch, cfg.num_kv_heads, n_blocks, splits)
             worst_o = worst_lse = 0.0
             for j in range(n_splits):  # each split against the reference over its own tokens
-                tokens = jnp.arange(k.capacity) // (da.KEY_COLUMNS * 16) // per_split == j
+                tokens = jnp.arange(k.capacity) // block // per_split == j
                 ref = da.quantized_decode_reference(q, k, v, mask & tokens[None], args.context, scale=scale)
                 o_k, l_k, m_k = part.o[:, :, j], part.l[:, :, j], part.m[:, :, j]
                 worst_o = max(worst_o, relative_error(o_k / l_k[..., None], ref.o / ref.l[..., None]))
