@@ -32,6 +32,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -45,6 +46,7 @@ from pallas_kernels.quant_matmul import MAGIC, inplace_positions
 NEG_INF = -1e30          # finite: a fully masked tile must not produce NaN
 MIN_DOT_ROWS = 16        # tensor-core dots need >= 16 rows: GQA query heads are padded to this
 TARGET_PROGRAMS = 528    # ~4 programs per SM on an H100 (132 SMs): enough splits to fill it
+VALUE_SLOTS = 264        # the tensor-core values pass's programs in one wave: 2 an SM (255 registers), 132 SMs
 DENSE_ROWS = 64          # slots per step of the bf16 kernel
 
 
@@ -913,8 +915,14 @@ class Cw2Config:
     H200 the pass's error grew with the tokens a split (kv_notes run 24, random layers at 32k: 2.0e-3
     at 2048 tokens, 8.6e-3 at 32768; the f16x2 pass 5.5e-4 at both): wgmma's sum of B x (code - 2)
     leans one way and came out about 2e-4 off relative to itself, and the zero-point term cancels most
-    of it. Centred codes leave a sum about 10x smaller (that run's data). Written and CPU-tested, not
-    yet run on a GPU: off until it is.
+    of it. Centred codes leave a sum about 10x smaller, and on the GPU (run 25, batch 1) the error
+    stays flat: 9.7e-4 with one split of 32768 tokens, 4.8e-4 with splits of 2048, in the same time.
+    So it is the default; False keeps run 24's codes less 2 for comparison.
+    values_splits: the tensor-core values pass's splits, which need not be the keys pass's: a values
+    split's maximum is the largest of the keys splits it overlaps (`values_top`). None: `num_splits`
+    where the caller names it, else the most that fit one wave of VALUE_SLOTS programs (the keys pass
+    wants more, shorter programs; run 25: the values pass 22.2 against 25.2 us at batch 1 with 8 splits
+    instead of 16, 143.8 against 159.0 at batch 8 with 2 instead of 3).
     keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
     int8 q x key scale on Hopper's tensor cores, after a Triton prepass. It takes 2-bit keys, head_dim
     128 and at most 2 query heads a kv head, one program a kv head for all of them; in interpret mode,
@@ -934,7 +942,8 @@ class Cw2Config:
     values_stages: int = 2
     values_pieces: int = 2
     values_lop3: bool = True
-    values_balanced: bool = False
+    values_balanced: bool = True
+    values_splits: int | None = None
     keys: str = "cuda"
     keys_stages: int = 2
 
@@ -949,6 +958,9 @@ class Cw2Config:
             raise ConfigError(f"Cw2Config.values={self.values!r} must be one of {VALUES_PASSES}")
         if self.keys not in KEYS_PASSES:
             raise ConfigError(f"Cw2Config.keys={self.keys!r} must be one of {KEYS_PASSES}")
+        if self.values_splits is not None and self.values_splits < 1:
+            raise ConfigError(f"Cw2Config.values_splits={self.values_splits} must be a positive number of splits "
+                              "(None: one wave of the values pass's programs)")
         if self.key_prefetch not in (None, 1, 2, 4):
             raise ConfigError(f"Cw2Config.key_prefetch={self.key_prefetch} must be 1, 2 or 4 (steps of loads in "
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
@@ -1070,8 +1082,11 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
             raise ConfigError(f"Cw2Config(values='wgmma') cannot read these values: {problem}; use values='cuda'")
         scores = scores.reshape(b, kv_heads, g, s)  # program heads kv * chunks + j hold queries j * chunk ..
         top = jnp.moveaxis(top.reshape(b, kv_heads, chunks, n_splits, chunk), 3, 2).reshape(b, kv_heads, n_splits, g)
+        value_splits = config.values_splits or num_splits or max(1, VALUE_SLOTS // (b * kv_heads))
+        _, value_blocks = _splits(b, kv_heads, s // (kcols * c), value_splits)
+        top = values_top(top, s // (kcols * c), key_blocks, value_blocks)
         run = kvw.emulate_values if interpret else kvw.values_pass
-        o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=key_blocks,
+        o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=value_blocks,
                       balanced=config.values_balanced,
                       **({} if interpret else dict(stages=config.values_stages, pieces=config.values_pieces,
                                                    lop3=config.values_lop3)))
@@ -1105,6 +1120,19 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         name=f"kv_decode_v{v.bits}_values",
     )(*inputs)
     return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
+
+
+def values_top(top, n_blocks: int, key_blocks: int, value_blocks: int):
+    """The keys pass's split maxima top [B, K, splits, G] (`n_blocks` blocks in splits of `key_blocks`)
+    -> the maxima of splits of `value_blocks` blocks: each the largest of the keys splits it overlaps. Any bound
+    between a split's own maximum and the global one gives the same softmax once the splits are merged
+    (exp2(score - bound) <= 1, and what underflows lies 126 below the global maximum)."""
+    if value_blocks == key_blocks:
+        return top
+    key_lo = np.arange(top.shape[2]) * key_blocks
+    value_lo = np.arange(-(-n_blocks // value_blocks)) * value_blocks
+    overlap = (key_lo[None] < value_lo[:, None] + value_blocks) & (key_lo[None] + key_blocks > value_lo[:, None])
+    return jnp.max(jnp.where(overlap[:, :, None], top[:, :, None], NEG_INF), axis=3)
 
 
 def _int8_keys(q, k: QTokens, bias, length, *, scale: float, block: int, blocks_per_split: int, n_splits: int,

@@ -57,7 +57,7 @@ def parse_cw2(text: str):
     channel rows a program), kz / nokz (the keys pass sums q . zero, or XLA does; default: on small grids),
     colN (word columns of a tile), kwN / vwN (warps a keys / values program), kpN (steps of loads the
     keys pass keeps in flight), vwg / vcu (the values pass on Hopper's tensor cores, `kv_values_wgmma`, or the f16x2 one), vsN
-    (its stages of loads), vpN (its 256-token pieces a step), vbal (its codes centred on their middle), vlop3 / varith (its conversion's and-or as one
+    (its stages of loads), vpN (its 256-token pieces a step), vbal / vmid2 (its codes centred on their middle, the default, or less 2), vxN (its splits), vlop3 / varith (its conversion's and-or as one
     PTX lop3, the default, or as arith's and + or), ki8 / kcu (the keys pass on the int8 tensor cores,
     `kv_keys_int8`, or the f16x2 one), ksN (the int8 keys pass's stages of loads)."""
     from pallas_kernels.decode_attention import Cw2Config
@@ -82,8 +82,10 @@ def parse_cw2(text: str):
             options["values_pieces"] = int(item[2:])
         elif item in ("vlop3", "varith"):
             options["values_lop3"] = item == "vlop3"
-        elif item == "vbal":
-            options["values_balanced"] = True
+        elif item in ("vbal", "vmid2"):
+            options["values_balanced"] = item == "vbal"
+        elif item.startswith("vx") and item[2:].isdigit():
+            options["values_splits"] = int(item[2:])
         elif item in ("ki8", "kcu"):
             options["keys"] = "int8" if item == "ki8" else "cuda"
         elif item.startswith("ks") and item[2:].isdigit():
@@ -92,7 +94,7 @@ def parse_cw2(text: str):
             raise SystemExit(f"--kernel-variants cw2 option {item!r}: expected vcN (value channel rows a program), "
                              f"kz / nokz (zero-point term in the keys pass or not), colN (word columns of a tile) or kwN / vwN "
                              f"(warps a keys / values program), kpN (keys-pass prefetch steps), vwg / vcu (the values "
-                             f"pass on the tensor cores or the f16x2 one), vsN / vpN (its stages / 256-token pieces a step), vbal, vlop3 / varith, "
+                             f"pass on the tensor cores or the f16x2 one), vsN / vpN (its stages / 256-token pieces a step), vbal / vmid2, vxN, vlop3 / varith, "
                              f"ki8 / kcu (the keys pass on the int8 tensor cores or the f16x2 one) or ksN (its stages), joined by '+'")
     return Cw2Config(**options)
 
@@ -351,7 +353,8 @@ def main(argv=None):
                         "a program; kz / nokz, q . zero summed in the keys pass or by XLA; colN, word columns of a tile; kwN / vwN, warps a keys / "
                         "values program; kpN, steps of loads the keys pass keeps in flight; vwg / vcu, the values pass on the "
                         "tensor cores or the f16x2 one; vsN / vpN / vlop3 / varith, its stages, 256-token pieces a step and "
-                        "the conversion's and-or as one lop3 or as and + or; ki8 / kcu, the keys pass on the int8 tensor "
+                        "the conversion's and-or as one lop3 or as and + or; vbal / vmid2, its codes centred on their middle or less 2; vxN, "
+                        "its splits; ki8 / kcu, the keys pass on the int8 tensor "
                         "cores or the f16x2 one; ksN, its stages), "
                         "e.g. 4:2:0,4:2:0:cw16,4:2:0:auto:vc32; default: the kernel's defaults. The body follows the "
                         "codec's store layout (a recipe name + ':token_rows' forces KIVI's tensor-core body)")

@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--splits", default="2,16")
     ap.add_argument("--values", default="wgmma,cuda")
     ap.add_argument("--keys", default="cuda")
-    ap.add_argument("--balanced", default="0", help="Cw2Config.values_balanced settings to run, e.g. 0,1")
+    ap.add_argument("--balanced", default="1", help="Cw2Config.values_balanced settings to run, e.g. 0,1 (0: codes less 2)")
     ap.add_argument("--kv-heads", type=int, default=0, help="fewer kv heads than Llama-2-7B's 32 (a CPU check)")
     ap.add_argument("--interpret", action="store_true", help="the kernels' CPU models (interpret mode)")
     args = ap.parse_args()

@@ -232,15 +232,15 @@ def test_cw2_tiles_on_gpu_equal_reference(config):
 # Its products p * scale round to fp16 once (2**-11) and wgmma sums them in fp32, so it sits inside
 # cw2's f16x2 bound; lengths inside a block and past a split, a batch of 2, 1 and 4 splits, and
 # SmolLM2's GQA heads (3 queries a kv head, head_dim 64: one 64-row block, 2 channel groups); 4 and 2
-# stages of loads in flight, and steps of 512 tokens with the conversion's lop3 written out; codes centred
-# on their middle (`values_balanced`, not yet run on a GPU).
+# stages of loads in flight, and steps of 512 tokens with the conversion's lop3 written out; codes less 2
+# (run 24's, before `values_balanced`); one values split over the keys pass's own (`values_splits`).
 @pytest.mark.parametrize("cfg,batch,context,length,splits", [
     (LLAMA2, 2, 3001, 2964, None), (LLAMA2, 1, 8192, 8192, 4), (LLAMA2, 2, 4096, 1000, 1),
     (LLAMA2, 1, 2048, 300, None), (SMOL, 2, 3001, 2990, None)],
     ids=["llama2-b2-3001", "llama2-b1-8192-x4", "llama2-b2-4096-len1000-x1", "llama2-b1-2048-len300", "smol-gqa-b2-3001"])
 @pytest.mark.parametrize("config", [{}, dict(values_stages=4), dict(values_pieces=1, values_lop3=False, values_stages=4),
-                                    dict(values_balanced=True)],
-                         ids=["default", "stages4", "256-arith", "balanced"])
+                                    dict(values_balanced=False), dict(values_splits=1)],
+                         ids=["default", "stages4", "256-arith", "less-2", "values-x1"])
 def test_cw2_wgmma_values_on_gpu_equal_reference(cfg, batch, context, length, splits, config):
     _, k, v, q, mask = _random_layer(cfg, "kivi-k2v2", batch, context, seed=13, q_seed=5, mask_seed=6)
     kw = dict(scale=cfg.head_dim ** -0.5, path="cw2", num_splits=splits)
