@@ -921,14 +921,15 @@ class Cw2Config:
     values_splits: the tensor-core values pass's splits, which need not be the keys pass's: a values
     split's maximum is the largest of the keys splits it overlaps (`values_top`). None: `num_splits`
     where the caller names it, else the most that fit one wave of VALUE_SLOTS programs (the keys pass
-    wants more, shorter programs; run 25: the values pass 22.2 against 25.2 us at batch 1 with 8 splits
-    instead of 16, 143.8 against 159.0 at batch 8 with 2 instead of 3).
+    wants more, shorter programs; run 25: the values pass 22.4 against 24.9 us at batch 1 with 8 splits
+    instead of 16, 142.8 against 157.4 at batch 8 with 1 instead of 3; all kernels 3.54x XLA's bf16
+    attention at batch 8, 2.53x at batch 1).
     keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
     int8 q x key scale on Hopper's tensor cores, after a Triton prepass. It takes 2-bit keys, head_dim
     128 and at most 2 query heads a kv head, one program a kv head for all of them; in interpret mode,
-    its plain-JAX model). H200, KIVI-2 at 32k, Llama-2-7B heads, kv_notes run 23: 350.3 against 364.7 us
-    of kernels at batch 8, 72.9 against 70.5 at batch 1. int8 rounds q x scale to 8 bits a key group:
-    attention error 5.4e-3 against 1.7e-3 on random layers. So it is an option, not the default.
+    its plain-JAX model). H200, KIVI-2 at 32k, Llama-2-7B heads, kv_notes run 25: 328.0 against 344.0 us
+    of kernels at batch 8, 68.7 against 66.3 at batch 1. int8 rounds q x scale to 8 bits a key group:
+    attention error 5.5e-3 against 1.9e-3 on random layers. So it is an option, not the default.
     keys_stages: its steps of loads in flight.
     """
 

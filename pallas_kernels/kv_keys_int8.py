@@ -45,9 +45,9 @@ streams the step's words [128 channels, 32 word columns], B, alpha and offset, a
   code-order tile, so the output is cw2's code order with no permutation after the kernel.
 
 **Measured** (H200, KIVI-2 at 32k, Llama-2-7B heads, against XLA's bf16 attention; kv_notes run 23):
-- The decode with `Cw2Config(keys="int8")`, in kernel time:
-  - batch 8: 350.3 us, 3.49x (the f16x2 keys pass: 364.7, 3.35x);
-  - batch 1: 72.9 us, 2.29x (70.5, 2.37x).
+- The decode with `Cw2Config(keys="int8")`, in kernel time (run 25, the values pass in splits of its own):
+  - batch 8: 328.0 us, 3.72x (the f16x2 keys pass: 344.0, 3.54x; run 23: 350.3 against 364.7);
+  - batch 1: 68.7 us, 2.44x (66.3, 2.53x).
 - The kernel alone: about 105 us at batch 8 against the f16x2 pass's 163, and 16 against 29 at batch
   1. The prepass: 59.6 / 12.2 us, against the default's 19.6 / 1 us q . zero einsum.
 - Other homes for B, measured and taken out: an XLA prepass, 253 us at batch 8; B computed in the

@@ -300,8 +300,7 @@ def test_cw2_int8_keys_on_gpu_equal_model_and_reference(cfg, batch, context, len
     assert float(jnp.max(jnp.abs(top - want_top))) < 1e-4
 
     g = q.shape[2]
-    o, l, m = kvw.emulate_values(want_s, want_top, length, v, heads=g, block=block, blocks_per_split=per_split,
-                                  balanced=da.Cw2Config().values_balanced)
+    o, l, m = kvw.emulate_values(want_s, want_top, length, v, heads=g, block=block, blocks_per_split=per_split)
     model = da.combine([da._split_partials(o, l, m, g)])
     got = da.combine([da.quantized_decode_partials(q, k, v, mask, length, scale=scale, path="cw2", num_splits=splits,
                                                    cw2=da.Cw2Config(keys="int8", keys_stages=stages))])
