@@ -920,10 +920,10 @@ class Cw2Config:
     So it is the default; False keeps run 24's codes less 2 for comparison.
     values_splits: the tensor-core values pass's splits, which need not be the keys pass's: a values
     split's maximum is the largest of the keys splits it overlaps (`values_top`). None: `num_splits`
-    where the caller names it, else the most that fit one wave of VALUE_SLOTS programs (the keys pass
-    wants more, shorter programs; run 25: the values pass 22.4 against 24.9 us at batch 1 with 8 splits
-    instead of 16, 142.8 against 157.4 at batch 8 with 1 instead of 3; all kernels 3.54x XLA's bf16
-    attention at batch 8, 2.53x at batch 1).
+    where the caller names it, else the blocks spread evenly over one wave of VALUE_SLOTS programs
+    (`_value_blocks`; the keys pass wants more, shorter programs). Run 25, 32k: the values pass 22.4
+    against 24.9 us at batch 1 with 8 splits instead of 16, 142.8 against 157.4 at batch 8 with 1
+    instead of 3; all kernels 3.54x XLA's bf16 attention at batch 8, 2.53x at batch 1.
     keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
     int8 q x key scale on Hopper's tensor cores, after a Triton prepass. It takes 2-bit keys, head_dim
     128 and at most 2 query heads a kv head, one program a kv head for all of them; in interpret mode,
@@ -1083,8 +1083,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
             raise ConfigError(f"Cw2Config(values='wgmma') cannot read these values: {problem}; use values='cuda'")
         scores = scores.reshape(b, kv_heads, g, s)  # program heads kv * chunks + j hold queries j * chunk ..
         top = jnp.moveaxis(top.reshape(b, kv_heads, chunks, n_splits, chunk), 3, 2).reshape(b, kv_heads, n_splits, g)
-        value_splits = config.values_splits or num_splits or max(1, VALUE_SLOTS // (b * kv_heads))
-        _, value_blocks = _splits(b, kv_heads, s // (kcols * c), value_splits)
+        value_blocks = _value_blocks(b * kv_heads, s // (kcols * c), config.values_splits or num_splits)
         top = values_top(top, s // (kcols * c), key_blocks, value_blocks)
         run = kvw.emulate_values if interpret else kvw.values_pass
         o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=value_blocks,
@@ -1121,6 +1120,16 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
         name=f"kv_decode_v{v.bits}_values",
     )(*inputs)
     return _split_partials(*(_heads_last(x, b, kv_heads, chunks, n_splits, chunk) for x in (o, l, m)), g)
+
+
+def _value_blocks(programs: int, n_blocks: int, num_splits: int | None) -> int:
+    """Blocks a split of the tensor-core values pass: `num_splits` splits where named, else the
+    `programs` heads' blocks spread evenly over one wave of VALUE_SLOTS programs, rounded (H200, kv_notes
+    run 25, batch 1: 16 blocks in 8 splits of 2, 22.4 against 24.9 us in 16 of 1; 17 blocks in 9 splits
+    of 2, 24.9 us, against 30.0 in 6 of 3 and 26.5 in 17 of 1; batch 8: 1 split)."""
+    if num_splits:
+        return _splits(1, 1, n_blocks, num_splits)[1]
+    return max(1, min(n_blocks, int(n_blocks * programs / VALUE_SLOTS + 0.5)))
 
 
 def values_top(top, n_blocks: int, key_blocks: int, value_blocks: int):

@@ -340,6 +340,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama2-7b", help="a preset (head shapes, weights size)")
     p.add_argument("--contexts", default="32768")
+    p.add_argument("--extra-slots", type=int, default=0,
+                   help="attention over caches of context + this many slots, as a decode loop's (its context plus the "
+                        "tokens it writes; KIVI rounds up to whole 2048-slot tiles): --extra-slots 16 at 32768 gives "
+                        "KIVI-2 34816 slots, 17 blocks")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--codecs", default="kivi_k2v2,kivi_k4v4", help="kv_cache recipes to time")
     p.add_argument("--calls", type=int, default=32,
@@ -418,7 +422,7 @@ def main(argv=None):
                 rows += attention_benchmark(cfg, codecs, batch, context, args.calls, args.repeats, bandwidth,
                                             kernel_variants=variants or None,
                                             kernel_only=batch in _ints(args.kernel_only),
-                                            on_row=checkpoint, loop=not args.no_loop)
+                                            on_row=checkpoint, loop=not args.no_loop, extra_slots=args.extra_slots)
         if args.best_env:
             write_text(args.best_env, best_env(rows))
     if args.write:

@@ -113,8 +113,10 @@ def test_attention_benchmark_rows_and_table():
 
     bench_kv = _bench_kv_script()
     codec = KIVICodec(2, 2, group_size=32, residual=32, attention="interpret")
-    rows = attention_benchmark(SMOL, {"kivi": codec}, 1, 256, calls=2, repeats=1, bandwidth=1e11, log=None)
+    rows = attention_benchmark(SMOL, {"kivi": codec}, 1, 256, calls=2, repeats=1, bandwidth=1e11, log=None,
+                               extra_slots=64)  # a decode loop's cache: 64 slots past the context, masked
     assert [r["variant"] for r in rows] == ["xla-bf16", "pallas-bf16", "kivi"]
+    assert [r["slots"] for r in rows] == [320] * 3 and rows[0]["bytes"] == 2 * 320 * SMOL.num_kv_heads * SMOL.head_dim * 2
     xla = rows[0]["us"]
     for r in rows:
         assert r["us"] > 0 and r["us_loop"] > 0 and r["device_us"] is None  # no CUPTI on the CPU
@@ -144,6 +146,8 @@ def test_kernel_variants_parse_the_cw2_option():
     assert bench_kv.parse_variants("4:2:0:auto:kp2")["w4-s2-xauto-kp2"]["cw2"] == Cw2Config(key_prefetch=2)
     assert bench_kv.parse_variants("4:2:0:cw2:ki8+ks3")["w4-s2-xauto-cw2-ki8+ks3"]["cw2"] == \
         Cw2Config(keys="int8", keys_stages=3)
+    assert bench_kv.parse_variants("4:2:0:cw2:vx8+vmid2")["w4-s2-xauto-cw2-vx8+vmid2"]["cw2"] == \
+        Cw2Config(values_splits=8, values_balanced=False)
     with pytest.raises(SystemExit, match="cw2 option 'zz2'"):
         bench_kv.parse_variants("4:2:0:auto:zz2")
 

@@ -399,11 +399,23 @@ def test_values_top_is_the_largest_overlapping_keys_split():
     assert da.values_top(top, 7, 3, 3) is top
 
 
-@pytest.mark.parametrize("splits,values_splits", [(3, 1), (2, 8), (8, 3), (None, None)])
-def test_wgmma_values_splits_apart_from_the_keys_pass(splits, values_splits):
+def test_value_blocks_spread_a_wave():
+    """The values pass's blocks a split: the heads' blocks over VALUE_SLOTS = 264 programs, rounded.
+    Llama-2-7B at 32k (16 blocks): batch 1 (32 heads) 2 blocks, 8 splits; batch 8 (256) all 16, one
+    split; a decode loop's 17 blocks at batch 1, 2 (9 splits); a named split count wins."""
+    assert da.VALUE_SLOTS == 264
+    assert [da._value_blocks(p, n, None) for p, n in ((32, 16), (32, 17), (256, 16), (64, 16), (4, 8))] == [2, 2, 16, 4, 1]
+    assert da._value_blocks(32, 16, 3) == 6 and da._value_blocks(256, 16, 16) == 1
+
+
+@pytest.mark.parametrize("keys,splits,values_splits", [("int8", 3, 1), ("int8", 2, 8), ("int8", 8, 3),
+                                                        ("int8", None, None), ("cuda", 3, 1)])
+def test_wgmma_values_splits_apart_from_the_keys_pass(keys, splits, values_splits):
     """The values pass in splits of its own (`Cw2Config.values_splits`): 8 blocks of 512 tokens, keys
-    splits of 3, 2, 8 blocks against values splits that cut across them; the default (num_splits
-    unnamed) takes one wave of VALUE_SLOTS programs. Equal to the reference to cw2's bound."""
+    splits of 3, 2 and 8 blocks against values splits that cut across them; unnamed, one wave of
+    VALUE_SLOTS programs (here 8 splits of a block). Equal to the reference to cw2's bound, and to the
+    values pass in the keys pass's splits up to p x scale's one fp16 rounding against another maximum
+    (2**-11). The int8 keys pass's CPU model is plain JAX, 10x faster here than the f16x2 pass's."""
     rng = np.random.default_rng(7)
     s, length = 4096, 3900
     k = _store(rng, B, s, 2, 32, 32, 1, d=128, channel_words=True)
@@ -411,13 +423,19 @@ def test_wgmma_values_splits_apart_from_the_keys_pass(splits, values_splits):
     q = jnp.asarray(rng.normal(size=(B, K, 1, 128)).astype(np.float32))
     mask = jnp.asarray(rng.random((B, s)) < 0.9)
     ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=128 ** -0.5)])
-    config = da.Cw2Config(values="wgmma", columns=32, values_splits=values_splits)
-    part = da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=128 ** -0.5, num_splits=splits,
-                                        interpret=True, path="cw2", cw2=config, merge=False)
+
+    def attend(values_splits):
+        config = da.Cw2Config(values="wgmma", columns=32, values_splits=values_splits, keys=keys)
+        return da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=128 ** -0.5, num_splits=splits,
+                                            interpret=True, path="cw2", cw2=config, merge=False)
+
+    part = attend(values_splits)
     assert part.o.shape[2] == (-(-8 // -(-8 // values_splits)) if values_splits else 8)
-    out = da.combine([part])
-    top = float(jnp.abs(ref).max())
+    out, top = da.combine([part]), float(jnp.abs(ref).max())
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=CW_TOLERANCE["cw2"](2) * top)
+    if values_splits:
+        together = da.combine([attend(None)])
+        np.testing.assert_allclose(np.asarray(out), np.asarray(together), rtol=0, atol=2 ** -11 * top)
 
 
 def test_wgmma_values_index_map_is_the_fragment_order():

@@ -253,7 +253,7 @@ def write_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, s
 def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: int, calls: int = 32,
                         repeats: int = 5, bandwidth: float | None = None, log=print,
                         kernel_variants: dict[str, dict] | None = None, kernel_only: bool = False,
-                        on_row=None, loop: bool = True) -> list[dict]:
+                        on_row=None, loop: bool = True, extra_slots: int = 0) -> list[dict]:
     """Rows of {variant, batch, context, us, device_us, us_loop, kernels, bytes, GBps,
     roofline_fraction, rel_err, speedup_vs_xla_bf16, speedup_vs_pallas_bf16, device_speedup_vs_*}
     for the bf16 baselines and each codec (with each of `kernel_variants`: name -> kernel
@@ -265,14 +265,16 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
     as a decode step makes them), `device_us` the kernels' own time a call (CUPTI; None off
     GPUs), `kernels` that time per kernel name. With `loop`, `us_loop` is the older harness's
     time a call (`time_attention`: the calls in a `lax.map` loop), kept so that records compare
-    with earlier runs."""
+    with earlier runs. `extra_slots`: cache slots past the context (a decode loop's cache holds the
+    context and the tokens it will write; KIVI's store may round that up to whole tiles)."""
     bandwidth = bandwidth or copy_bandwidth()
     q = jax.random.normal(jax.random.key(1), (batch, 1, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     rows = []
-    dense = filled_layer(cfg, None, batch, context)
+    slots = context + extra_slots
+    dense = filled_layer(cfg, None, batch, context, slots)
     plans = [("xla-bf16", dense), ("pallas-bf16", dense)] + list(codecs.items())
     for name, plan in plans:
-        inputs = plan if isinstance(plan, DecodeInputs) else filled_layer(cfg, plan, batch, context)
+        inputs = plan if isinstance(plan, DecodeInputs) else filled_layer(cfg, plan, batch, context, slots)
         baseline = name in ("xla-bf16", "pallas-bf16")
         ref = reference_output(inputs, cfg, q)
         todo = [("", None, "codec")] if baseline or not kernel_variants else \
@@ -297,7 +299,7 @@ def attention_benchmark(cfg, codecs: dict[str, KVCodec], batch: int, context: in
             nbytes = cache_read_bytes(inputs)
             label = f"{name}/{suffix}" if suffix else name
             seconds = timing.wall_us * 1e-6
-            row = {"variant": label, "batch": batch, "context": context, "us": timing.wall_us,
+            row = {"variant": label, "batch": batch, "context": context, "slots": slots, "us": timing.wall_us,
                    "device_us": timing.device_us, "us_loop": loop_us, "kernels": timing.kernels,
                    "bytes": nbytes, "GBps": nbytes / seconds / 1e9, "roofline_fraction": nbytes / bandwidth / seconds,
                    "rel_err": err, "kernel_options": _jsonable(options), "setup_s": round(time.time() - start, 1)}
