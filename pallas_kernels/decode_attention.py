@@ -1244,7 +1244,8 @@ def quantized_decode_partials(q: jax.Array, k: QTokens, v: QTokens, mask: jax.Ar
     dot_dtype: operands of the two matmuls of the "mma" path (bf16 on the tensor cores; fp32
     for exact tests); the CUDA-core "cw" path computes in fp32, "cw16" and "cw2" in f16x2 with fp32
     sums; with fp32, "auto" picks the exact "cw" over them (fp32 models get exact arithmetic).
-    num_splits: slot splits per (row, kv head); default: enough programs to fill an H100.
+    num_splits: slot splits per (row, kv head); default: enough programs to fill an H100 (cw2's
+    tensor-core values pass picks its own unless named: `Cw2Config.values_splits`).
     path: "mma" (tensor-core dots, token_rows stores), "cw" / "cw16" / "cw2" (CUDA-core, channel_words
     stores, fp32 / f16x2 arithmetic, see above) or "auto" (`kernel_path`). num_warps None: $JAXCOMPRESS_KV_NUM_WARPS, else 4
     (read when the function is traced: the benchmark's choice for later model runs); cw2 takes its

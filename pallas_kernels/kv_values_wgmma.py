@@ -288,8 +288,9 @@ def _kernel(scores_g, top_g, len_g, codes_g, vs_g, *rest, heads: int, groups: in
 def values_pass(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
                 stages: int = 2, pieces: int = 2, lop3: bool = True, balanced: bool = True):
     """cw2's values pass on the tensor cores, one program a kv head and split. scores [B, K, heads, S]
-    (log2 units, code order) and top [B, K, splits, heads] from cw2's keys pass; splits of `blocks_per_split` blocks of
-    `block` tokens, as the keys pass read them. Returns (o [.., splits, heads, D], l, m) as
+    (log2 units, code order) and top [B, K, splits, heads], an upper bound of each split's scores (cw2's keys pass's
+    maxima, or `decode_attention.values_top`'s for splits other than the keys pass's); splits of `blocks_per_split`
+    blocks of `block` tokens. Returns (o [.., splits, heads, D], l, m) as
     `_cw2_values_kernel`'s outputs (m in natural-log units). stages: steps of TMA loads in flight;
     pieces: 256-token pieces a step (1 or 2: half the per-step barriers, pipeline and B bookkeeping a
     token; both pieces' converted codes are live at once, 64 more registers); lop3: the conversion's

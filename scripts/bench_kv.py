@@ -343,7 +343,8 @@ def main(argv=None):
     p.add_argument("--extra-slots", type=int, default=0,
                    help="attention over caches of context + this many slots, as a decode loop's (its context plus the "
                         "tokens it writes; KIVI rounds up to whole 2048-slot tiles): --extra-slots 16 at 32768 gives "
-                        "KIVI-2 34816 slots, 17 blocks")
+                        "KIVI-2 34816 slots, 17 blocks. The Pallas bf16 baseline takes multiples of 64 slots (else it "
+                        "is reported as failed)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--codecs", default="kivi_k2v2,kivi_k4v4", help="kv_cache recipes to time")
     p.add_argument("--calls", type=int, default=32,
