@@ -366,15 +366,15 @@ def test_cw2_key_prefetch_keeps_the_arithmetic():
 # with the codes at the logical columns the hardware's fragment gives them (`crumb_permutation`) and
 # B written where `b_column` says, so a wrong index map fails here. Llama-2's one query a kv head,
 # 4 queries (one program takes them all) with symmetric values, head_dim 64 with 3 queries.
-# `values_balanced` (codes centred on their middle, the zero-point term to match) on an asymmetric and a
-# symmetric store, where it adds a term of its own.
-WGMMA_VALUE_CASES = [  # G, head_dim, capacity, length, value zero points, splits, balanced
-    (1, 128, 1024, 700, True, 2, False), (4, 128, 1024, 1000, False, None, False), (3, 64, 2048, 1500, True, 3, False),
-    (1, 128, 1024, 700, True, 2, True), (4, 128, 1024, 1000, False, None, True)]
+# All with `values_balanced` (the default: codes centred on their middle, the zero-point term to match;
+# on the symmetric store it adds a term of its own), and run 24's codes less 2 on an asymmetric one.
+WGMMA_VALUE_CASES = [  # G, head_dim, capacity, length, value zero points, splits, balanced (the default)
+    (1, 128, 1024, 700, True, 2, True), (4, 128, 1024, 1000, False, None, True), (3, 64, 2048, 1500, True, 3, True),
+    (1, 128, 1024, 700, True, 2, False)]
 
 
 @pytest.mark.parametrize("g,d,s,length,zero,splits,balanced", WGMMA_VALUE_CASES,
-                         ids=[f"g{c[0]}-d{c[1]}-{'asym' if c[4] else 'sym'}{'-balanced' if c[6] else ''}"
+                         ids=[f"g{c[0]}-d{c[1]}-{'asym' if c[4] else 'sym'}{'' if c[6] else '-less-2'}"
                               for c in WGMMA_VALUE_CASES])
 def test_wgmma_values_model_equals_reference(g, d, s, length, zero, splits, balanced):
     rng = np.random.default_rng(g + d)
@@ -408,14 +408,15 @@ def test_value_blocks_spread_a_wave():
     assert da._value_blocks(32, 16, 3) == 6 and da._value_blocks(256, 16, 16) == 1
 
 
-@pytest.mark.parametrize("keys,splits,values_splits", [("int8", 3, 1), ("int8", 2, 8), ("int8", 8, 3),
-                                                        ("int8", None, None), ("cuda", 3, 1)])
-def test_wgmma_values_splits_apart_from_the_keys_pass(keys, splits, values_splits):
+@pytest.mark.parametrize("splits,values_splits", [(3, 1), (2, 8), (8, 3), (None, None)])
+def test_wgmma_values_splits_apart_from_the_keys_pass(splits, values_splits):
     """The values pass in splits of its own (`Cw2Config.values_splits`): 8 blocks of 512 tokens, keys
     splits of 3, 2 and 8 blocks against values splits that cut across them; unnamed, one wave of
     VALUE_SLOTS programs (here 8 splits of a block). Equal to the reference to cw2's bound, and to the
     values pass in the keys pass's splits up to p x scale's one fp16 rounding against another maximum
-    (2**-11). The int8 keys pass's CPU model is plain JAX, 10x faster here than the f16x2 pass's."""
+    (2**-11). The keys come from the int8 keys pass's CPU model, plain JAX, 10x faster here than the
+    f16x2 pass's interpret mode; the split maxima it hands on are the same kind (the GPU tests run the
+    f16x2 pass with the values pass's own splits)."""
     rng = np.random.default_rng(7)
     s, length = 4096, 3900
     k = _store(rng, B, s, 2, 32, 32, 1, d=128, channel_words=True)
@@ -425,7 +426,7 @@ def test_wgmma_values_splits_apart_from_the_keys_pass(keys, splits, values_split
     ref = da.combine([da.quantized_decode_reference(q, k, v, mask, length, scale=128 ** -0.5)])
 
     def attend(values_splits):
-        config = da.Cw2Config(values="wgmma", columns=32, values_splits=values_splits, keys=keys)
+        config = da.Cw2Config(values="wgmma", columns=32, values_splits=values_splits, keys="int8")
         return da.quantized_decode_partials(q, k, v, mask, jnp.int32(length), scale=128 ** -0.5, num_splits=splits,
                                             interpret=True, path="cw2", cw2=config, merge=False)
 
