@@ -3,6 +3,7 @@ KVQuant's pre-RoPE algebra, exact outliers and sink, the kernel path inside the 
 no-op codec's bit-identical generation, and clear errors."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -417,6 +418,30 @@ def test_kivi_store_layout_choice():
         KIVICodec(4, 2, layout="channel_words")
     with pytest.raises(ConfigError, match="columns=12 must be 4, 8, 16, 32 or 64"):
         KIVICodec(columns=12)
+
+
+def test_kivi_values_pass_reaches_the_decode_kernel():
+    """`values_pass` (recipe `kv_cache.values_pass`) picks the cw2 body's values pass: wgmma gives
+    bit for bit what the kernel gives with `Cw2Config(values="wgmma")` named (its CPU model here; the
+    default on the CPU, the f16x2 pass, rounds otherwise); anything else is a clear error."""
+    from jaxcompress.kv.bench import filled_layer
+    from jaxcompress.kv.recipe import normalize_section
+    from pallas_kernels.decode_attention import Cw2Config
+
+    cfg = preset("smollm2-135m")
+    q = jax.random.normal(jax.random.key(3), (1, 1, cfg.num_heads, cfg.head_dim), jnp.float32).astype(jnp.bfloat16)
+    codec = KIVICodec(2, 2, group_size=32, residual=32, attention="interpret", values_pass="wgmma")
+    assert codec.decode_kernel_options() == {"cw2": Cw2Config(values="wgmma")}
+    assert dataclasses.replace(codec, values_pass="auto").decode_kernel_options() == {}
+    inputs = filled_layer(cfg, codec, 1, 512)
+    attend = functools.partial(codec.attend_decode, inputs.state, q, inputs.mask, cfg.head_dim ** -0.5)
+    wgmma = np.asarray(attend().astype(jnp.float32))
+    named = dataclasses.replace(codec, values_pass="auto").attend_decode(
+        inputs.state, q, inputs.mask, cfg.head_dim ** -0.5, cw2=Cw2Config(values="wgmma"))
+    np.testing.assert_array_equal(wgmma, np.asarray(named.astype(jnp.float32)))
+    assert normalize_section({"method": "kivi", "values_pass": "cuda"})["values_pass"] == "cuda"
+    with pytest.raises(ConfigError, match="KIVI values_pass='tensor' must be one of"):
+        normalize_section({"method": "kivi", "values_pass": "tensor"})
 
 
 def test_kivi_flushes_all_layers_under_one_conditional():

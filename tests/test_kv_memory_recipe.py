@@ -71,7 +71,8 @@ def test_recipe_section_normalization_and_errors():
 
     r = load_recipe("kivi_k4v2")["kv_cache"]
     assert r == {"method": "kivi", "key_bits": 4, "value_bits": 2, "group_size": 32, "residual": 128,
-                 "sink": 0, "attention": "auto", "layout": "auto", "columns": 32, "flush_per_step": True}
+                 "sink": 0, "attention": "auto", "layout": "auto", "columns": 32, "flush_per_step": True,
+                 "values_pass": "auto"}
     with pytest.raises(ConfigError, match="layout=channel_words needs key_bits == value_bits"):
         load_recipe("kivi_k4v2", ["kv_cache.layout=channel_words"])
     assert load_recipe("kv_int4", ["kv_cache.granularity=tensor"])["kv_cache"]["calibration"]["num_samples"] == 16

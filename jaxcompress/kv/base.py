@@ -172,9 +172,15 @@ class PackedCodec(KVCodec):
             k = rotate_keys(k)
         return reference_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale)
 
+    def decode_kernel_options(self) -> dict:
+        """The codec's own options for `quantized_decode_partials` (none here; KIVI's values pass)."""
+        return {}
+
     def attend_decode(self, state, q, mask, scale, rotate_keys=None, **kernel_options):
         """One query per row (q [B, 1, H, D]) through the Pallas kernel; `kernel_options` go
-        to `quantized_decode_partials` (num_warps, num_stages, num_splits, path)."""
+        to `quantized_decode_partials` (num_warps, num_stages, num_splits, path, cw2), over the
+        codec's own (`decode_kernel_options`)."""
+        kernel_options = {**self.decode_kernel_options(), **kernel_options}
         from jaxcompress.models.rope import apply_rope
         from pallas_kernels.decode_attention import combine, quantized_decode_partials
 

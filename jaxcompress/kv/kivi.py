@@ -54,9 +54,15 @@ class KIVICodec(PackedCodec):
     layout: str = "auto"  # the stores' layout: auto | channel_words | token_rows (see store_layout)
     columns: int = WORD_COLUMNS  # channel_words: word columns of a decode-kernel tile (a tuning knob)
     flush_per_step: bool = True  # decode: one conditional flushes all layers (see `prepare`)
+    values_pass: str = "auto"  # channel_words decode: auto | wgmma | cuda (`Cw2Config.values`)
 
     def __post_init__(self):
+        from pallas_kernels.decode_attention import VALUES_PASSES
+
         check_bits(self.key_bits, "key_bits")
+        if self.values_pass not in VALUES_PASSES:
+            raise ConfigError(f"KIVI values_pass={self.values_pass!r} must be one of {VALUES_PASSES} (the decode "
+                              "kernel's values pass: Hopper's tensor cores, the CUDA cores, or auto)")
         check_bits(self.value_bits, "value_bits")
         check_attention_mode(self.attention)
         if self.layout not in ("auto", CHANNEL_WORDS, TOKEN_ROWS):
@@ -76,6 +82,12 @@ class KIVICodec(PackedCodec):
             raise ConfigError(f"KIVI layout={CHANNEL_WORDS} needs key_bits == value_bits in (2, 4, 8), group_size a "
                               f"multiple of the codes per word and tiles of columns={self.columns} words holding whole "
                               f"groups; got k{self.key_bits}v{self.value_bits} g{self.group_size}: use layout=auto")
+
+    def decode_kernel_options(self) -> dict:
+        """`values_pass` as the cw2 body's `Cw2Config(values=...)` (only where it is not auto)."""
+        from pallas_kernels.decode_attention import Cw2Config
+
+        return {} if self.values_pass == "auto" else {"cw2": Cw2Config(values=self.values_pass)}
 
     @property
     def name(self) -> str:

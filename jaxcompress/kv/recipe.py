@@ -14,6 +14,8 @@
       layout: auto          # kivi: auto | channel_words | token_rows (the stores' layout, i.e. the decode kernel)
       columns: 32           # kivi, channel_words: word columns of a decode-kernel tile
       flush_per_step: true  # kivi: one conditional a decode step flushes every layer (false: one a layer)
+      values_pass: auto     # kivi, channel_words: the decode kernel's values pass, auto | wgmma (Hopper's
+                            # tensor cores) | cuda (paired fp16 on the CUDA cores)
       calibration:          # kvquant, int/tensor: activations the codec is fitted on
         source: wikitext2
         num_samples: 16
@@ -42,7 +44,7 @@ from jaxcompress.models.cache import IdentityCodec
 
 METHODS = {
     "kivi": {"key_bits": 2, "value_bits": 2, "group_size": 32, "residual": 128, "sink": 0, "attention": "auto",
-             "layout": "auto", "columns": 32, "flush_per_step": True},
+             "layout": "auto", "columns": 32, "flush_per_step": True, "values_pass": "auto"},
     "kvquant": {"key_bits": 3, "value_bits": 3, "outlier_fraction": 0.01, "sink": 1, "attention": "auto"},
     "int": {"key_bits": 8, "value_bits": 8, "symmetric": False, "granularity": "head", "attention": "auto"},
     "none": {"attention": "auto"},  # the bf16 cache; attention: auto (Pallas decode kernel on GPU) | reference
