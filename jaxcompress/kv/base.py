@@ -180,9 +180,10 @@ class PackedCodec(KVCodec):
         """One query per row (q [B, 1, H, D]) through the Pallas kernel; `kernel_options` go
         to `quantized_decode_partials` (num_warps, num_stages, num_splits, path, cw2), over the
         codec's own (`decode_kernel_options`)."""
-        kernel_options = {**self.decode_kernel_options(), **kernel_options}
         from jaxcompress.models.rope import apply_rope
         from pallas_kernels.decode_attention import combine, quantized_decode_partials
+
+        kernel_options = {**self.decode_kernel_options(), **kernel_options}
 
         b, _, h, d = q.shape
         kstore, vstore = state["k"], state["v"]

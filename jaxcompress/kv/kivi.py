@@ -60,11 +60,11 @@ class KIVICodec(PackedCodec):
         from pallas_kernels.decode_attention import VALUES_PASSES
 
         check_bits(self.key_bits, "key_bits")
+        check_bits(self.value_bits, "value_bits")
+        check_attention_mode(self.attention)
         if self.values_pass not in VALUES_PASSES:
             raise ConfigError(f"KIVI values_pass={self.values_pass!r} must be one of {VALUES_PASSES} (the decode "
                               "kernel's values pass: Hopper's tensor cores, the CUDA cores, or auto)")
-        check_bits(self.value_bits, "value_bits")
-        check_attention_mode(self.attention)
         if self.layout not in ("auto", CHANNEL_WORDS, TOKEN_ROWS):
             raise ConfigError(f"KIVI layout={self.layout!r} must be auto, {CHANNEL_WORDS} or {TOKEN_ROWS}")
         g = self.group_size
