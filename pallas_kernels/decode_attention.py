@@ -1033,7 +1033,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
     if channels < vwidth and vwidth % channels:
         channels = math.gcd(channels, vwidth)
     parts = d // channels
-    n_splits, key_blocks = _splits(b, kv_heads * chunks, s // (kcols * c), num_splits, TARGET_PROGRAMS)
+    n_blocks = s // (kcols * c)
+    n_splits, key_blocks = _splits(b, kv_heads * chunks, n_blocks, num_splits, TARGET_PROGRAMS)
     _check_fp16_meta(k, v, "cw2")
     prefetch = key_prefetch_of(config, d)
     # The zero-point term q . zero: summed by the keys pass on small grids, an XLA einsum on large
@@ -1083,8 +1084,8 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
             raise ConfigError(f"Cw2Config(values='wgmma') cannot read these values: {problem}; use values='cuda'")
         scores = scores.reshape(b, kv_heads, g, s)  # program heads kv * chunks + j hold queries j * chunk ..
         top = jnp.moveaxis(top.reshape(b, kv_heads, chunks, n_splits, chunk), 3, 2).reshape(b, kv_heads, n_splits, g)
-        value_blocks = _value_blocks(b * kv_heads, s // (kcols * c), config.values_splits or num_splits)
-        top = values_top(top, s // (kcols * c), key_blocks, value_blocks)
+        value_blocks = _value_blocks(b * kv_heads, n_blocks, config.values_splits or num_splits)
+        top = values_top(top, n_blocks, key_blocks, value_blocks)
         run = kvw.emulate_values if interpret else kvw.values_pass
         o, l, m = run(scores, top, length, v, heads=g, block=kcols * c, blocks_per_split=value_blocks,
                       balanced=config.values_balanced,
