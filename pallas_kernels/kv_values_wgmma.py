@@ -335,11 +335,13 @@ def finish_values(o_raw, part, top, *, heads: int, groups: int, channel_group: i
     zterm = sums[..., heads:heads + heads * groups].reshape(*sums.shape[:-1], heads, groups)
     d = o_raw.shape[-2]
     cols = o_raw[..., :heads * groups].reshape(*o_raw.shape[:-1], heads, groups)  # [.., D, heads, groups]
-    # A select and a 4-term sum, not a dot with a one-hot matrix: XLA fuses it with its neighbours
-    # (a dot was a cuBLAS kernel a layer and a copy of the slice, and rounded its operand to TF32).
-    own = (np.arange(d) // channel_group)[:, None, None] == np.arange(groups)  # [D, 1, groups]
-    o = jnp.swapaxes(jnp.sum(jnp.where(own, cols, 0.0), axis=-1), -1, -2)  # [.., heads, D]
-    return o + jnp.repeat(zterm, channel_group, axis=-1), l, top / LOG2E
+    # Selects only: XLA fuses them into the split merge that reads o. (A dot with a one-hot matrix was a
+    # cuBLAS kernel and a copy a layer, and rounded to TF32; a sum over the groups, a reduction kernel.)
+    group_of = (np.arange(d) // channel_group)[:, None]  # [D, 1]
+    o = cols[..., 0]
+    for g in range(1, groups):
+        o = jnp.where(group_of == g, cols[..., g], o)
+    return jnp.swapaxes(o, -1, -2) + jnp.repeat(zterm, channel_group, axis=-1), l, top / LOG2E
 
 
 def emulate_values(scores, top, length, v, *, heads: int, block: int, blocks_per_split: int,
