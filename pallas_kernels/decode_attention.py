@@ -904,7 +904,8 @@ class Cw2Config:
     values: "cuda" (the f16x2 values pass above), "wgmma" (the values pass on Hopper's tensor cores,
     `kv_values_wgmma`: 2-bit values only, one program a kv head for all its query heads; in interpret
     mode its plain-JAX model `emulate_values`, since Mosaic GPU has no CPU interpreter) or "auto"
-    (`values_pass_of`: wgmma wherever it runs, a Hopper GPU and a store it reads). H200, KIVI-2 at 32k,
+    (`values_pass_of`: wgmma wherever it runs, a Hopper GPU and a store it reads, except with one query a
+    kv head on a small grid, where a decode step measured slower with it). H200, KIVI-2 at 32k,
     kv_notes run 22, values pass us against the f16x2 pass: Llama-2-7B (one query a kv head) 25.1
     against 29.3 at batch 1 and 159.0 against 170.4 at batch 8; Llama-3-8B (4 query heads a kv head)
     59.8 against 160.8 at batch 8 (run 21: 13.4 against 30.1 at batch 1). values_stages: its steps of
@@ -967,15 +968,21 @@ class Cw2Config:
                               "flight; the head dimension's steps of 8 channel rows split evenly)")
 
 
-def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool, block: int) -> str:
+def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool, block: int,
+                   kv_heads: int | None = None) -> str:
     """The values pass `config.values` resolves to: "auto" takes the tensor-core pass where it runs
     (a Hopper GPU, not interpret mode, a store it reads in the config's steps, keys-pass blocks of
-    whole steps), else the f16x2 pass."""
+    whole steps) and pays, else the f16x2 pass. It does not pay with one query a kv head on a small grid
+    (`kv_heads`, batch x kv heads, at most SMALL_GRID_HEADS): H200, Llama-2-7B at 32k, batch 1, kv_notes
+    run 26: its kernel is 5 us a layer faster, yet a decode step took 7.17 ms against the f16x2 pass's
+    6.97-7.15 (three processes), and 5.86 against 5.39 with W4 weights."""
     if config.values != "auto":
         return config.values
     from pallas_kernels import kv_values_wgmma as kvw
     from pallas_kernels.wgmma_matmul import hopper_is_default_device
 
+    if g == 1 and kv_heads is not None and kv_heads <= SMALL_GRID_HEADS:
+        return "cuda"
     wgmma = not interpret and kvw.supports(v, g, config.values_pieces, block) is None and hopper_is_default_device()
     return "wgmma" if wgmma else "cuda"
 
@@ -1076,7 +1083,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
             name=f"kv_decode_k{k.bits}_scores",
         )(*key_inputs)
 
-    if values_pass_of(config, v, g, interpret, kcols * c) == "wgmma":  # one program a kv head and split: all its g queries
+    if values_pass_of(config, v, g, interpret, kcols * c, b * kv_heads) == "wgmma":  # one program a kv head and split: all its g queries
         from pallas_kernels import kv_values_wgmma as kvw
 
         problem = kvw.supports(v, g, config.values_pieces)

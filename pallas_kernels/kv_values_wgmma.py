@@ -18,7 +18,8 @@ f16x2 pass's 30.1 at batch 1 (kv_notes run 21) and 59.8 against 160.8 at batch 8
 Llama-2's one it first lost (run 21: 194.6 against 169.6 at batch 8): the conversion is most of either
 pass's instructions, and both are issue-bound. The and-or as one PTX lop3 and 512-token steps (run 22)
 made it 25.1 against 29.3 at batch 1 and 159.0 against 170.4 at batch 8, so
-`decode_attention.values_pass_of` now takes it wherever it runs.
+`decode_attention.values_pass_of` takes it wherever it runs, except with one query a kv head on a
+small grid (batch 1 of Llama-2: a decode step measured 0.2 ms slower with it, kv_notes run 26).
 
 **Layout.** The value store is read as it is (channel_words: channel rows of 32-bit words of 16
 tokens each, the per-token scales, zero points and the keys pass's scores in *code order*). TMA

@@ -497,8 +497,8 @@ def test_wgmma_values_pass_lowers_for_cuda(g, options):
 
 
 def test_values_pass_choice_and_errors(monkeypatch):
-    """"auto" takes the tensor-core values pass for grouped queries on a Hopper GPU only; stores it
-    cannot read and unknown passes are clear errors."""
+    """"auto" takes the tensor-core values pass on a Hopper GPU only, and with one query a kv head on
+    large grids only; stores it cannot read and unknown passes are clear errors."""
     from pallas_kernels import wgmma_matmul
 
     rng = np.random.default_rng(3)
@@ -509,6 +509,12 @@ def test_values_pass_choice_and_errors(monkeypatch):
     monkeypatch.setattr(wgmma_matmul, "hopper_is_default_device", lambda: True)
     assert da.values_pass_of(auto, v2, 4, interpret=False, block=2048) == "wgmma"
     assert da.values_pass_of(auto, v2, 1, interpret=False, block=2048) == "wgmma"  # one query a kv head too (run 22)
+    # ... but not on a small grid, where a decode step measured slower with it (run 26): batch 1 of
+    # Llama-2's 32 kv heads takes the f16x2 pass, batch 8 the tensor cores; grouped queries keep them
+    assert [da.values_pass_of(auto, v2, 1, interpret=False, block=2048, kv_heads=n) for n in (32, 256)] == \
+        ["cuda", "wgmma"]
+    assert da.values_pass_of(auto, v2, 4, interpret=False, block=2048, kv_heads=8) == "wgmma"
+    assert da.values_pass_of(da.Cw2Config(values="wgmma"), v2, 1, interpret=False, block=2048, kv_heads=32) == "wgmma"
     assert da.values_pass_of(auto, v2, 8, interpret=False, block=2048) == "cuda"  # 8 x 4 columns: more sums than it holds
     assert da.values_pass_of(auto, v2, 4, interpret=True, block=2048) == "cuda"
     assert da.values_pass_of(auto, v4, 4, interpret=False, block=2048) == "cuda"
