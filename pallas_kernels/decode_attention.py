@@ -924,7 +924,7 @@ class Cw2Config:
     where the caller names it, else the blocks spread evenly over one wave of VALUE_SLOTS programs
     (`_value_blocks`; the keys pass wants more, shorter programs). Run 25, 32k: the values pass 22.4
     against 24.9 us at batch 1 with 8 splits instead of 16, 142.8 against 157.4 at batch 8 with 1
-    instead of 3; all kernels 3.54x XLA's bf16 attention at batch 8, 2.53x at batch 1.
+    instead of 3; all kernels 3.54x XLA's bf16 attention at batch 8, 2.53x at batch 1 (with this pass).
     keys: "cuda" (the f16x2 keys pass above) or "int8" (`kv_keys_int8.keys_pass`: the codes times
     int8 q x key scale on Hopper's tensor cores, after a Triton prepass. It takes 2-bit keys, head_dim
     128 and at most 2 query heads a kv head, one program a kv head for all of them; in interpret mode,
