@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jaxcompress.errors import ConfigError
 from jaxcompress.kv.store import PASS_COLUMNS, QTokens, codes_per_word, to_code_order
 from pallas_kernels.f16x2 import (H2_SHIFT, h2_code_fma, h2_fma, h2_join, h2_mul, h2_pack, h2_pair_constants,
-                                  h2_positions, h2_unpack)
+                                  h2_positions, h2_unpack, h2_zeros)
 from pallas_kernels.hints import hinted_load
 from pallas_kernels.quant_matmul import MAGIC, inplace_positions
 
@@ -621,8 +621,8 @@ def _cw16_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, cz_ref, vw_ref, vs_re
         cz = [cz_ref[jnp.full((1, 1), h, jnp.int32), group] for h in range(heads)]  # [1, cols]
         kwords = [kw_ref[pl.ds(r * rows, rows), pl.ds(col0, cols)] for r in range(slices)]
         vwords = [vw_ref[pl.ds(r * rows, rows), pl.ds(col0, cols)] for r in range(slices)]
-        zero2 = jnp.zeros((rows, cols), jnp.int32)
-        zero_cols2 = jnp.zeros((1, cols), jnp.int32)
+        zero2 = h2_zeros((rows, cols), asm)
+        zero_cols2 = h2_zeros((1, cols), asm)
 
         def pairs_from(first, last, kw, vw, o_shift, carry):
             def pair(j, carry):
@@ -733,7 +733,7 @@ def _cw2_keys_kernel(q_ref, bias_ref, len_ref, kw_ref, ks_ref, zero_ref, s_ref, 
     def body(blk, top):
         col = blk * cols + lane                  # word column of each lane
         group = col // (token_group // c)        # its key group
-        zero2 = jnp.zeros((cols,), jnp.int32)
+        zero2 = h2_zeros((cols,), asm)
 
         def load(ci):  # words, key scales (and zero points) of channel rows [ci * 8, ci * 8 + 8) (ci clamped)
             r0 = jnp.minimum(ci, steps - 1) * KEY_ROWS_F16
@@ -840,7 +840,7 @@ def _cw2_values_kernel(s_ref, ms_ref, len_ref, vw_ref, vs_ref, *rest, bits: int,
             else:  # value = (code - mid) * scale + (zero + mid * scale)
                 new_az.append([az[h][g] + functools.reduce(jnp.add, [p[j] * (vz[g][j] + mid * vs[g][j]) for j in range(c)])
                                for g in range(n_groups)])
-        zero2 = jnp.zeros((cols,), jnp.int32)
+        zero2 = h2_zeros((cols,), asm)
         new_acc = [list(a) for a in acc]
         for r in range(channels):
             words = hinted_load(vw_ref.at[ch0 + r, pl.ds(blk * cols, cols)], evict)

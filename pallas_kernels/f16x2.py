@@ -30,18 +30,30 @@ def h2_positions(bits: int) -> list[tuple[bool, int]]:
     return [(False, o) if o + bits <= H2_MANTISSA else (True, o - H2_SHIFT) for o in offs]
 
 
-# f16x2 values travel as int32 arrays (Triton's inline assembly takes signless integers).
+# On the GPU f16x2 values travel as int32 arrays (Triton's inline assembly takes signless integers).
+# In interpret mode a helper's f16x2 result is the pair (low, high) of fp32 arrays that hold fp16
+# values: the same roundings as packed words, without packing and unpacking the bits at every step
+# (the CPU compiles the kernels op by op: half the ops, half the compile time). The helpers take
+# either form: int32 words (codes and meta read from memory, constants) or such a pair.
 def _h2_halves(x):
-    """int32 f16x2 -> (low, high) as fp32 (interpret mode)."""
+    """f16x2 -> (low, high) as fp32 (interpret mode): int32 words, or a helper's (low, high) pair."""
+    if isinstance(x, tuple):
+        return x
     u = lax.bitcast_convert_type(x, jnp.uint32)
     half = lambda h: lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)  # noqa: E731
     return half(u & 0xFFFF), half(u >> 16)
 
 
 def _h2_join(low, high):
-    """Two fp32 arrays -> int32 f16x2, each rounded to nearest (interpret mode)."""
-    bits = lambda f: lax.bitcast_convert_type(f.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)  # noqa: E731
-    return lax.bitcast_convert_type(bits(low) | (bits(high) << 16), jnp.int32)
+    """Two fp32 arrays -> interpret mode's f16x2 value: each rounded to the nearest fp16."""
+    return low.astype(jnp.float16).astype(jnp.float32), high.astype(jnp.float16).astype(jnp.float32)
+
+
+def h2_zeros(shape, asm: bool):
+    """f16x2 zeros (0, 0) of `shape`: int32 words on the GPU, interpret mode's pair otherwise."""
+    if asm:
+        return jnp.zeros(shape, jnp.int32)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
 
 def h2_pack(low, high, asm: bool):

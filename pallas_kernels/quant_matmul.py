@@ -65,7 +65,7 @@ from jaxcompress.errors import ConfigError, UserError
 from jaxcompress.ops.linear import dense_linear
 from jaxcompress.quant.qarray import QArray
 from pallas_kernels.f16x2 import (H2_SHIFT, h2_codes, h2_fma, h2_pack, h2_pair_constants, h2_positions,
-                                  h2_sum_halves)
+                                  h2_sum_halves, h2_zeros)
 from pallas_kernels.hints import NO_HINTS, LoadHints, hinted_load
 from pallas_kernels.layout import CodeLayout, TiledQArray, grid_values_at, kernel_layout
 
@@ -506,7 +506,7 @@ def _kernel(*refs, lay: CodeLayout, cfg: TileConfig, m: int, ops: _Operands, hin
         they are scaled and (z - mid) times that sum is subtracted once per tile."""
         w = lax.bitcast_convert_type(words[0], jnp.int32)
         shifted = lax.shift_right_logical(w, jnp.int32(H2_SHIFT)) if any(sh for _, sh, _ in h2_pairs) else None
-        sums = [jnp.zeros((rows, bn), jnp.int32) for _ in range(bm)]
+        sums = [h2_zeros((rows, bn), asm) for _ in range(bm)]
         xsum = [None] * bm
         for j, sh, consts in h2_pairs:
             codes = h2_codes(shifted if sh else w, *consts, asm)

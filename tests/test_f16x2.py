@@ -64,3 +64,26 @@ def test_codes_and_sum_halves():
     s = f16x2.h2_sum_halves(f16x2.h2_pack(jnp.asarray(lo), jnp.asarray(hi), asm=False), asm=False)
     want = (lo.astype(np.float16).astype(np.float32) + hi.astype(np.float16).astype(np.float32)).astype(np.float16)
     np.testing.assert_array_equal(np.asarray(s), want.astype(np.float32))
+
+
+def test_interpret_pairs_and_packed_words_agree():
+    """Interpret mode's f16x2 value is a (low, high) pair of fp32 arrays holding fp16 values; the
+    helpers take packed int32 words too (fp16 meta read from memory) and give the same numbers
+    either way; h2_zeros is (0, 0) in both forms."""
+    rng = np.random.default_rng(2)
+    lo, hi, c_lo, c_hi = (rng.normal(size=(3, 5)).astype(np.float16) for _ in range(4))
+    pack = lambda a, b: jnp.asarray((a.view(np.uint16).astype(np.uint32) | b.view(np.uint16).astype(np.uint32) << 16)  # noqa: E731
+                                    .view(np.int32))
+    pair = f16x2.h2_pack(jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32), asm=False)
+    c_pair = f16x2.h2_pack(jnp.asarray(c_lo, jnp.float32), jnp.asarray(c_hi, jnp.float32), asm=False)
+    from_words = f16x2.h2_unpack(f16x2.h2_fma(pack(lo, hi), pack(lo, hi), pack(c_lo, c_hi), asm=False), asm=False)
+    from_pairs = f16x2.h2_unpack(f16x2.h2_fma(pair, pair, c_pair, asm=False), asm=False)
+    want = [(x.astype(np.float32) ** 2 + c.astype(np.float32)).astype(np.float16) for x, c in ((lo, c_lo), (hi, c_hi))]
+    for got in (from_words, from_pairs):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), w.astype(np.float32))
+    zero_pair = f16x2.h2_zeros((3, 5), asm=False)
+    np.testing.assert_array_equal(np.asarray(f16x2.h2_mul(pair, zero_pair, asm=False)[0]), 0.0)
+    words = f16x2.h2_zeros((3, 5), asm=True)
+    assert words.dtype == jnp.int32 and not np.asarray(words).any()
+    assert [np.asarray(x).tolist() for x in f16x2.h2_unpack(words, asm=False)] == [np.zeros((3, 5)).tolist()] * 2

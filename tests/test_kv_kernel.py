@@ -449,7 +449,7 @@ def test_wgmma_values_index_map_is_the_fragment_order():
     2-bit fragment gives that code (`crumb_permutation`, chunk by chunk of 4 word columns); the
     conversion's pairs, in `h2_positions` order, are slots (c, c + 8) less 2, exactly, or with balanced
     mids less `slot_mids(True)`: 1.5 (a half fp16 holds at offsets >= 2), 2 and 1 for slots 0 and 8."""
-    from pallas_kernels.f16x2 import H2_SHIFT, h2_codes, h2_pair_constants, h2_positions
+    from pallas_kernels.f16x2 import H2_SHIFT, h2_codes, h2_pair_constants, h2_positions, h2_unpack
     from pallas_kernels.kv_values_wgmma import b_column, slot_mids
     from pallas_kernels.wgmma_matmul import crumb_permutation
 
@@ -465,10 +465,8 @@ def test_wgmma_values_index_map_is_the_fragment_order():
     for balanced in (False, True):
         mids = slot_mids(balanced)
         for c, (shifted, o) in enumerate(h2_positions(2)):
-            pair = h2_codes(jnp.right_shift(words, H2_SHIFT) if shifted else words,
-                            *h2_pair_constants(2, o, balanced=balanced), asm=False)
-            u = np.asarray(pair).view(np.uint32)
-            halves = [(u & 0xFFFF).astype(np.uint16).view(np.float16), (u >> 16).astype(np.uint16).view(np.float16)]
+            halves = h2_unpack(h2_codes(jnp.right_shift(words, H2_SHIFT) if shifted else words,
+                                        *h2_pair_constants(2, o, balanced=balanced), asm=False), asm=False)
             np.testing.assert_array_equal(halves[0], codes[:, c] - mids[c])
             np.testing.assert_array_equal(halves[1], codes[:, c + 8] - mids[c + 8])
 
