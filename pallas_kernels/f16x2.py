@@ -32,9 +32,10 @@ def h2_positions(bits: int) -> list[tuple[bool, int]]:
 
 # On the GPU f16x2 values travel as int32 arrays (Triton's inline assembly takes signless integers).
 # In interpret mode a helper's f16x2 result is the pair (low, high) of fp32 arrays that hold fp16
-# values: the same roundings as packed words, without packing and unpacking the bits at every step
-# (the CPU compiles the kernels op by op: half the ops, half the compile time). The helpers take
-# either form: int32 words (codes and meta read from memory, constants) or such a pair.
+# values: the same roundings as packed words, without packing and unpacking the bits at every step.
+# Interpret mode lowers and compiles the kernels op by op, so that matters: cw2 at head_dim 128 took
+# 17.1 s instead of 22.7 on the CPU. The helpers take either form: int32 words (codes and meta read
+# from memory, constants) or such a pair.
 def _h2_halves(x):
     """f16x2 -> (low, high) as fp32 (interpret mode): int32 words, or a helper's (low, high) pair."""
     if isinstance(x, tuple):

@@ -336,8 +336,9 @@ def finish_values(o_raw, part, top, *, heads: int, groups: int, channel_group: i
     zterm = sums[..., heads:heads + heads * groups].reshape(*sums.shape[:-1], heads, groups)
     d = o_raw.shape[-2]
     cols = o_raw[..., :heads * groups].reshape(*o_raw.shape[:-1], heads, groups)  # [.., D, heads, groups]
-    # Selects only: XLA fuses them into the split merge that reads o. (A dot with a one-hot matrix was a
-    # cuBLAS kernel and a copy a layer, and rounded to TF32; a sum over the groups, a reduction kernel.)
+    # Selects only, which XLA can fuse into the split merge that reads o. On an H200 (kv_notes run 26) a
+    # dot with a one-hot matrix here was a cuBLAS kernel and a copy a layer, and rounded to TF32; a sum
+    # over the groups, a reduction kernel of its own.
     group_of = (np.arange(d) // channel_group)[:, None]  # [D, 1]
     o = cols[..., 0]
     for g in range(1, groups):
