@@ -337,7 +337,7 @@ def finish_values(o_raw, part, top, *, heads: int, groups: int, channel_group: i
     d = o_raw.shape[-2]
     cols = o_raw[..., :heads * groups].reshape(*o_raw.shape[:-1], heads, groups)  # [.., D, heads, groups]
     # Selects only, which XLA can fuse into the split merge that reads o. On an H200 (kv_notes run 26) a
-    # dot with a one-hot matrix here was a cuBLAS kernel and a copy a layer, and rounded to TF32; a sum
+    # dot with a one-hot matrix here was a TF32 GEMM kernel and a copy a layer (and rounded to TF32); a sum
     # over the groups, a reduction kernel of its own.
     group_of = (np.arange(d) // channel_group)[:, None]  # [D, 1]
     o = cols[..., 0]
