@@ -969,11 +969,11 @@ class Cw2Config:
 
 
 def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool, block: int,
-                   kv_heads: int | None = None) -> str:
+                   small_grid: bool = False) -> str:
     """The values pass `config.values` resolves to: "auto" takes the tensor-core pass where it runs
     (a Hopper GPU, not interpret mode, a store it reads in the config's steps, keys-pass blocks of
     whole steps) and pays, else the f16x2 pass. It does not pay with one query a kv head on a small grid
-    (`kv_heads`, batch x kv heads, at most SMALL_GRID_HEADS): H200, Llama-2-7B at 32k, batch 1, kv_notes
+    (batch x kv heads at most SMALL_GRID_HEADS, `_cw2_call`'s small_grid): H200, Llama-2-7B at 32k, batch 1, kv_notes
     run 26: its kernel is 5 us a layer faster, yet a decode step took 7.17 ms against the f16x2 pass's
     6.97-7.15 (three processes), and 5.86 against 5.39 with W4 weights."""
     if config.values != "auto":
@@ -981,7 +981,7 @@ def values_pass_of(config: Cw2Config, v: QTokens, g: int, interpret: bool, block
     from pallas_kernels import kv_values_wgmma as kvw
     from pallas_kernels.wgmma_matmul import hopper_is_default_device
 
-    if g == 1 and kv_heads is not None and kv_heads <= SMALL_GRID_HEADS:
+    if g == 1 and small_grid:
         return "cuda"
     wgmma = not interpret and kvw.supports(v, g, config.values_pieces, block) is None and hopper_is_default_device()
     return "wgmma" if wgmma else "cuda"
@@ -1083,7 +1083,7 @@ def _cw2_call(q, k: QTokens, v: QTokens, mask, length, *, scale: float, num_spli
             name=f"kv_decode_k{k.bits}_scores",
         )(*key_inputs)
 
-    if values_pass_of(config, v, g, interpret, kcols * c, b * kv_heads) == "wgmma":  # one program a kv head and split: all its g queries
+    if values_pass_of(config, v, g, interpret, kcols * c, small_grid) == "wgmma":  # one program a kv head and split: all its g queries
         from pallas_kernels import kv_values_wgmma as kvw
 
         problem = kvw.supports(v, g, config.values_pieces)
