@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests run on the CPU; keep XLA from grabbing every core's worth of threads per process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,13 +19,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # what a session writes: no worker reads an executable another is still writing, and no two write
 # one entry at once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import atexit  # noqa: E402
-    import shutil  # noqa: E402
-    import tempfile  # noqa: E402
-
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcompress-tests-xla-")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**40))
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+# jaxcompress's own cache (jaxcompress.cache: evaluation results, GGUF tokenizers), the same way:
+# one folder for the session, so SmolLM2's tokenizer is built from the GGUF once (about 15 s) and
+# the other loads read it, and no test reads or writes the user's ~/.cache.
+if "JAXCOMPRESS_CACHE" not in os.environ:
+    os.environ["JAXCOMPRESS_CACHE"] = tempfile.mkdtemp(prefix="jaxcompress-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXCOMPRESS_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -74,8 +74,26 @@ def write(path, arch: str, meta: dict, tensors: dict, raw_types: dict | None = N
     return str(path)
 
 
-def from_hf(hf_model, path, dtype=np.float32, rope_freqs=None) -> str:
-    """A GGUF file of a transformers Llama/Mistral/Qwen2 model, as llama.cpp would convert it."""
+def byte_level_vocab() -> dict:
+    """The tokenizer metadata of a tiny byte-level BPE vocabulary (llama.cpp's `gpt2` model, as
+    SmolLM2's file has): GPT-2's 256 byte symbols, three merges ("Ġ t", "h e", "Ġt he") and
+    ChatML's control tokens, with a chat template. 262 tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"]
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3] * len(specials) + [1] * (len(tokens) - len(specials)),
+            "tokenizer.ggml.merges": ["Ġ t", "h e", "Ġt he"], "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
+            "tokenizer.chat_template": template}
+
+
+def from_hf(hf_model, path, dtype=np.float32, rope_freqs=None, extra_meta: dict | None = None) -> str:
+    """A GGUF file of a transformers Llama/Mistral/Qwen2 model, as llama.cpp would convert it
+    (plus `extra_meta`, e.g. `byte_level_vocab()`)."""
     cfg = hf_model.config
     arch = "qwen2" if cfg.model_type == "qwen2" else "llama"
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -105,4 +123,4 @@ def from_hf(hf_model, path, dtype=np.float32, rope_freqs=None) -> str:
         tensors[f"blk.{layer}.{LAYER_NAMES[rest]}"] = array
     if rope_freqs is not None:
         tensors["rope_freqs.weight"] = rope_freqs
-    return write(path, arch, meta, tensors)
+    return write(path, arch, {**meta, **(extra_meta or {})}, tensors)

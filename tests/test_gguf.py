@@ -2,6 +2,9 @@
 block layouts of ggml (ggml-common.h / ggml-quants.c), and tiny llama.cpp-style GGUF models
 against transformers (which proves the q/k un-permutation and the config mapping)."""
 
+import logging
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ from gguf import GGMLQuantizationType as T
 import gguf_models
 import hf_models
 from jaxcompress.errors import CheckpointError, ConfigError
-from jaxcompress.io.gguf import SUPPORTED_TYPES, dequantize, load_gguf, open_gguf, unpermute_qk
+from jaxcompress.io.gguf import (SUPPORTED_TYPES, _tokenizer_cache_folder, dequantize, load_gguf, load_gguf_tokenizer,
+                                 metadata, open_gguf, unpermute_qk)
 from jaxcompress.models.config import RopeScaling
 
 QK_K = 256
@@ -287,3 +291,52 @@ def test_linear_rope_scaling_and_refusals(tmp_path):
     freqs = gguf_models.write(tmp_path / "freqs.gguf", "llama", meta, {**tensors, "rope_freqs.weight": odd})
     with pytest.raises(ConfigError, match=r"freqs\.gguf.*rope_freqs"):
         load_gguf(freqs)
+
+
+def _vocab_file(tmp_path) -> str:
+    vocab = gguf_models.byte_level_vocab()
+    hf = hf_models.build("llama", vocab_size=len(vocab["tokenizer.ggml.tokens"]))
+    return gguf_models.from_hf(hf, tmp_path / "tiny.gguf", extra_meta=vocab)
+
+
+def test_gguf_tokenizer_is_cached_and_the_cache_gives_the_same_tokenizer(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("JAXCOMPRESS_CACHE", str(tmp_path / "cache"))
+    path = _vocab_file(tmp_path)
+    meta = metadata(open_gguf(path))
+    built = load_gguf_tokenizer(path, meta)  # from the GGUF's vocabulary and merges
+    folder = _tokenizer_cache_folder(path)
+    assert str(tmp_path / "cache" / "tokenizers") in folder and os.path.isfile(os.path.join(folder, "tokenizer.json"))
+    assert os.listdir(os.path.dirname(folder)) == [os.path.basename(folder)]  # no temporary folder left
+
+    cached = load_gguf_tokenizer(path, meta)
+    texts = ["the the tether", " leading space\n\ttab ünï 日本 🙂", "<|im_start|>user\nhe<|im_end|>", ""]
+    for text in texts:
+        ids = built(text)["input_ids"]
+        assert cached(text)["input_ids"] == ids and cached.decode(ids) == built.decode(ids)
+    assert built(" the")["input_ids"] == [261]  # the merges apply: one token, "Ġthe"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert (cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == built.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id) == (1, 2, 0)
+
+    # The second load read the cache: a damaged entry is noticed, rebuilt and replaced.
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write("{")
+    with caplog.at_level(logging.WARNING, logger="jaxcompress.io.gguf"):
+        again = load_gguf_tokenizer(path, meta)
+    assert "ignoring the cached tokenizer" in caplog.text and again("the the")["input_ids"] == built("the the")["input_ids"]
+    assert load_gguf_tokenizer(path, meta)("the")["input_ids"] == built("the")["input_ids"]
+
+    # A changed file is another entry.
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert _tokenizer_cache_folder(path) != folder
+
+
+def test_gguf_tokenizer_without_a_writable_cache(tmp_path, monkeypatch, caplog):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("JAXCOMPRESS_CACHE", str(tmp_path / "a_file" / "cache"))  # cannot become a folder
+    path = _vocab_file(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="jaxcompress.io.gguf"):
+        tokenizer = load_gguf_tokenizer(path, metadata(open_gguf(path)))
+    assert tokenizer(" the")["input_ids"] == [261] and "not caching the tokenizer" in caplog.text

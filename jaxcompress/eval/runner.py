@@ -24,11 +24,11 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from jaxcompress.cache import cache_root
 from jaxcompress.eval.registry import TaskOptions, get_task
 from jaxcompress.io.atomic import write_json
 from jaxcompress.provenance import provenance
 
-CACHE_ENV = "JAXCOMPRESS_CACHE"
 # Task options that change how fast a result comes, not what it is: left out of the cache key.
 SPEED_OPTIONS = ("batch_tokens", "chunk_size", "batch_size", "share_context")
 # Packages whose code can change a number; their sources make up the code version.
@@ -37,7 +37,7 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def default_cache_dir() -> str:
-    return os.path.join(os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/jaxcompress"), "eval")
+    return os.path.join(cache_root(), "eval")
 
 
 @functools.lru_cache(maxsize=1)

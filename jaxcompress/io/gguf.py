@@ -17,14 +17,21 @@ Layout notes:
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
+import tempfile
 from typing import Any, Iterator
 
 import numpy as np
 
+from jaxcompress.cache import cache_root
 from jaxcompress.errors import CheckpointError, ConfigError, UserError
 from jaxcompress.models.build import Path, model_from_tensors
 from jaxcompress.models.config import ModelConfig, RopeScaling
+
+log = logging.getLogger(__name__)
 
 GGUF_INSTALL = "pip install gguf (on the GPU machine: source scripts/gpu_prelude.sh)"
 
@@ -235,18 +242,61 @@ def iter_gguf_tensors(reader, cfg: ModelConfig, path: str) -> Iterator[tuple[Pat
 
 
 def load_gguf_tokenizer(path: str, meta: dict):
-    """The tokenizer stored in the file (chat template, bos/eos kept), or None when it has none."""
+    """The tokenizer stored in the file (chat template, bos/eos kept), or None when it has none.
+
+    transformers builds it from the GGUF's vocabulary and merges, which reads the whole file again
+    and takes about 15 s for SmolLM2's 49k tokens on a CPU. The result is saved once under
+    `<cache root>/tokenizers/` (see jaxcompress.cache), keyed by the file (path, size, mtime) and
+    the transformers and tokenizers versions, and later loads read that instead (under a second)."""
     if "tokenizer.ggml.tokens" not in meta:
         return None
     from transformers import AutoTokenizer
 
+    cached = _tokenizer_cache_folder(path)
+    if os.path.isdir(cached):
+        try:
+            return AutoTokenizer.from_pretrained(cached)
+        except Exception as e:  # a damaged entry (tokenizers raises plain Exceptions): rebuild it below
+            log.warning("%s: ignoring the cached tokenizer %s (%s: %s); rebuilding it", path, cached,
+                        type(e).__name__, e)
+            shutil.rmtree(cached, ignore_errors=True)
     try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                             gguf_file=os.path.basename(path))
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                                  gguf_file=os.path.basename(path))
     except (ValueError, KeyError, NotImplementedError) as e:
         model = meta.get("tokenizer.ggml.model")
         raise CheckpointError(f"{path}: cannot build the tokenizer (tokenizer.ggml.model={model!r}) with "
                               f"transformers' GGUF support ({type(e).__name__}: {e})") from None
+    _save_tokenizer(tokenizer, cached)
+    return tokenizer
+
+
+def _tokenizer_cache_folder(path: str) -> str:
+    import tokenizers
+    import transformers
+
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}:{tokenizers.__version__}"
+    name = f"{os.path.basename(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return os.path.join(cache_root(), "tokenizers", name)
+
+
+def _save_tokenizer(tokenizer, folder: str) -> None:
+    """Saves into a temporary folder, then renames it into place: a reader never sees half an
+    entry, and of two processes saving at once one wins. A cache that cannot be written (a
+    read-only home) only costs the next load its 15 s."""
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    except OSError as e:
+        log.warning("not caching the tokenizer in %s: %s", parent, e)
+        return
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, folder)
+    except OSError:  # another process saved it first, or the disk refused
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_gguf(path: str, param_dtype=None, dtype=None, sharding=None):
