@@ -29,9 +29,13 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     """Softmax attention in fp32; returns [B, T, H, D] in q's dtype."""
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    # Queries as [B, K, G, T, D], and the output in that order until the end: both products then
+    # run as plain batched matmuls. With [B, T, K, G, D] operands XLA's CPU dots took twice as long
+    # at 2048 tokens (0.85 against 0.38 s a SmolLM2 layer, same bits). k and v keep their layout:
+    # transposing them would copy a decode step's whole cache.
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
