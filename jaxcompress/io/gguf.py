@@ -295,8 +295,10 @@ def _save_tokenizer(tokenizer, folder: str) -> None:
     try:
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, folder)
-    except OSError:  # another process saved it first, or the disk refused
+    except Exception as e:  # another process saved it first, or saving failed: the cache is best effort
         shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(folder):
+            log.warning("not caching the tokenizer in %s: %s", folder, e)
 
 
 def load_gguf(path: str, param_dtype=None, dtype=None, sharding=None):
