@@ -247,7 +247,8 @@ def load_gguf_tokenizer(path: str, meta: dict):
     transformers builds it from the GGUF's vocabulary and merges, which reads the whole file again
     and takes about 15 s for SmolLM2's 49k tokens on a CPU. The result is saved once under
     `<cache root>/tokenizers/` (see jaxcompress.cache), keyed by the file (path, size, mtime) and
-    the transformers and tokenizers versions, and later loads read that instead (under a second)."""
+    the transformers and tokenizers versions, and later loads read that instead (half a second once
+    transformers is imported)."""
     if "tokenizer.ggml.tokens" not in meta:
         return None
     from transformers import AutoTokenizer
