@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from jaxcompress.cache import cache_root
+from jaxcompress.cache import cache_root, file_fingerprint, folder_fingerprint
 from jaxcompress.eval.registry import TaskOptions, get_task
 from jaxcompress.io.atomic import write_json
 from jaxcompress.provenance import provenance
@@ -70,9 +70,9 @@ def weights_fingerprint(spec: str, dtype: str) -> str:
     if spec == io_load.DEFAULT_MODEL:
         path = io_load.smollm2_gguf_path()
     if os.path.isfile(path):
-        return "file-" + io_load._file_fingerprint(path) + f"-{dtype}"
+        return "file-" + file_fingerprint(path) + f"-{dtype}"
     if os.path.isdir(path):
-        return "dir-" + io_load._folder_fingerprint(path) + f"-{dtype}"
+        return "dir-" + folder_fingerprint(path) + f"-{dtype}"
     return f"hub-{spec}-{dtype}"  # a hub id: the revision is not known without a download
 
 

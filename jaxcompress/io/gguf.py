@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jaxcompress.cache import cache_root
+from jaxcompress.cache import cache_root, file_fingerprint
 from jaxcompress.errors import CheckpointError, ConfigError, UserError
 from jaxcompress.models.build import Path, model_from_tensors
 from jaxcompress.models.config import ModelConfig, RopeScaling
@@ -276,8 +276,7 @@ def _tokenizer_cache_folder(path: str) -> str:
     import tokenizers
     import transformers
 
-    st = os.stat(path)
-    key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}:{tokenizers.__version__}"
+    key = f"{file_fingerprint(path)}:{transformers.__version__}:{tokenizers.__version__}"
     name = f"{os.path.basename(path)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     return os.path.join(cache_root(), "tokenizers", name)
 

@@ -11,12 +11,12 @@ spec is one of
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
 import jax.numpy as jnp
 
+from jaxcompress.cache import file_fingerprint, folder_fingerprint
 from jaxcompress.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -63,21 +63,6 @@ def smollm2_gguf_path() -> str:
     return os.path.join(folder, files[0])
 
 
-def _file_fingerprint(path: str) -> str:
-    st = os.stat(path)
-    return hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-def _folder_fingerprint(folder: str) -> str:
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(folder)):
-        for f in sorted(files):
-            p = os.path.join(root, f)
-            st = os.stat(p)
-            h.update(f"{os.path.relpath(p, folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, param_dtype=None, sharding=None) -> LoadedModel:
     """Loads `spec` (see module doc). `param_dtype` is the storage dtype (default fp32 on CPU,
     bf16 for random models), `dtype` the compute dtype (default: param_dtype)."""
@@ -98,13 +83,13 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, param_dtype=None, shard
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such GGUF file")
         model, tokenizer = load_gguf(path, param_dtype=param_dtype, dtype=dtype, sharding=sharding)
-        return LoadedModel(model, tokenizer, spec, "gguf-" + _file_fingerprint(path))
+        return LoadedModel(model, tokenizer, spec, "gguf-" + file_fingerprint(path))
     if os.path.isdir(path):
         if is_checkpoint(path):
             model, tokenizer, _ = load_checkpoint(path)
-            return LoadedModel(model, tokenizer, spec, "ckpt-" + _folder_fingerprint(path))
+            return LoadedModel(model, tokenizer, spec, "ckpt-" + folder_fingerprint(path))
         model, _ = hf.load_hf_folder(path, param_dtype=param_dtype, dtype=dtype, sharding=sharding)
-        return LoadedModel(model, hf.load_tokenizer(path), spec, "hf-" + _folder_fingerprint(path))
+        return LoadedModel(model, hf.load_tokenizer(path), spec, "hf-" + folder_fingerprint(path))
     if os.path.exists(path) or "/" not in spec or spec.startswith((".", "/")):
         raise UserError(f"{spec}: not a model: expected {DEFAULT_MODEL}, random:<preset>, a .gguf file, "
                         f"a checkpoint folder or a Hugging Face hub id")
